@@ -1,0 +1,112 @@
+"""Context managers that make an introspection pass invisible to training."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` and every submodule in eval mode; restore each flag afterwards.
+
+    Restoring per submodule (not ``module.train(previous)``) matters: a user may have frozen a
+    BatchNorm in eval mode inside a model that trains.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+        >>> net[1].eval()  # doctest: +ELLIPSIS
+        Dropout(...)
+        >>> with eval_mode(net):
+        ...     assert not net.training
+        >>> net.training, net[1].training
+        (True, False)
+    """
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        yield module
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _cuda_devices() -> list[int]:
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return []
+    return [torch.cuda.current_device()]
+
+
+@contextlib.contextmanager
+def fork_global_rng() -> Iterator[None]:
+    """Run a block without changing the global torch RNG state (CPU and the current CUDA device).
+
+    Needed around anything of ours that may draw from the global RNG, e.g. creating an iterator over
+    a ``DataLoader`` (it draws a base seed).
+    """
+    with torch.random.fork_rng(devices=_cuda_devices()):
+        yield
+
+
+@contextlib.contextmanager
+def gradients_on(device: torch.device | str | None = None) -> Iterator[None]:
+    """Allow ``torch.autograd.grad`` even inside Lightning validation hooks.
+
+    Leaves ``torch.inference_mode`` and ``torch.no_grad`` and switches autocast off for the device
+    type, so attributions are computed in fp32 whatever the trainer's precision.
+    """
+    device_type = torch.device(device).type if device is not None else "cpu"
+    autocast_types = {"cpu", device_type} if device_type in ("cuda", "cpu", "xpu", "mps") else {"cpu"}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        for kind in sorted(autocast_types):
+            stack.enter_context(torch.autocast(device_type=kind, enabled=False))
+        yield
+
+
+@contextlib.contextmanager
+def introspection_mode(module: nn.Module, *, grad: bool = True) -> Iterator[nn.Module]:
+    """Eval mode + (optionally) gradients on + a forked global RNG: the standard introspection pass.
+
+    Example:
+        >>> net = nn.Linear(3, 1)
+        >>> with torch.no_grad(), introspection_mode(net):
+        ...     x = torch.ones(1, 3, requires_grad=True)
+        ...     (g,) = torch.autograd.grad(net(x).sum(), x)
+        >>> g.shape, net.weight.grad is None
+        (torch.Size([1, 3]), True)
+    """
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(fork_global_rng())
+        stack.enter_context(eval_mode(module))
+        if grad:
+            stack.enter_context(gradients_on(device))
+        else:
+            stack.enter_context(torch.no_grad())
+        yield module
+
+
+def fresh_input(x: torch.Tensor, *, requires_grad: bool = True, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A detached, cloned, normal (non-inference) copy of ``x`` that autograd can differentiate.
+
+    Floating inputs are cast to fp32 unless ``dtype`` says otherwise; integer inputs keep their type
+    and never require grad.
+    """
+    with torch.inference_mode(False):
+        out = x.detach().clone()
+        if out.is_floating_point():
+            out = out.to(dtype or torch.float32)
+            out.requires_grad_(requires_grad)
+    return out
+
+
+def private_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` of our own, so our randomness never touches the global RNG."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return gen

@@ -1,0 +1,54 @@
+"""Hook registration that always cleans up, and execution-order discovery."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+@contextlib.contextmanager
+def hooks() -> Iterator[list[RemovableHandle]]:
+    """Collect hook handles; every one is removed on exit, also when the block raises.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> with hooks() as handles:
+        ...     handles.append(net.register_forward_hook(lambda m, i, o: None))
+        >>> len(net._forward_hooks)
+        0
+    """
+    handles: list[RemovableHandle] = []
+    try:
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def record_execution_order(model: nn.Module, example_input: torch.Tensor, *, leaves_only: bool = False) -> list[str]:
+    """Names of the submodules in the order their forward runs on ``example_input``.
+
+    Runs one forward pass in eval mode under ``no_grad`` with the global RNG forked. A module called
+    twice is listed once (first call).
+    """
+    from lightning_introspect._torch.guards import introspection_mode
+
+    names = {m: n for n, m in model.named_modules() if n}
+    order: list[str] = []
+
+    def record(module: nn.Module, _inputs: object) -> None:
+        name = names.get(module)
+        if name is not None and name not in order:
+            order.append(name)
+
+    with introspection_mode(model, grad=False), hooks() as handles:
+        for module, name in names.items():
+            if leaves_only and any(True for _ in module.children()):
+                continue
+            handles.append(module.register_forward_pre_hook(record))
+        model(example_input)
+    return order

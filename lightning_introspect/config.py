@@ -1,0 +1,126 @@
+"""Switch every callback on or off from one config: ``IntrospectionConfig`` and ``introspection_callbacks``.
+
+Each callback has one section, a dataclass generated from the callback's own keyword arguments (one
+source of truth for names, types and defaults), plus ``enabled``. Sections can be given as
+dataclasses, dicts, or a YAML file (read with ``yaml.safe_load``)::
+
+    per_class_metrics:
+      num_classes: 10
+    attributions:
+      enabled: false
+
+Example:
+    >>> cfg = IntrospectionConfig.from_dict({})
+    >>> isinstance(introspection_callbacks(cfg), list)
+    True
+
+Every callback is also usable on its own from LightningCLI YAML
+(``trainer.callbacks: [{class_path: lightning_introspect.WeightHistograms, init_args: {...}}]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import os
+from collections.abc import Mapping
+from typing import Any
+
+# section name -> "module:Class". A section appears here when its callback lands.
+CALLBACKS: dict[str, str] = {}
+
+# Sections switched off unless the config enables them (they need arguments only the user knows).
+_OFF_BY_DEFAULT: set[str] = set()
+
+
+def callback_class(section: str) -> type:
+    """The callback class of a config section."""
+    if section not in CALLBACKS:
+        raise ValueError(f"Unknown config section {section!r}; valid sections: {', '.join(sorted(CALLBACKS))}.")
+    module, name = CALLBACKS[section].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _section_dataclass(section: str) -> type:
+    cls = callback_class(section)
+    fields = []
+    for param in inspect.signature(cls.__init__).parameters.values():
+        if param.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        default = param.default
+        if isinstance(default, (list, dict, set)):
+            fields.append((param.name, Any, dataclasses.field(default_factory=lambda d=default: type(d)(d))))
+        else:
+            fields.append((param.name, Any, dataclasses.field(default=default)))
+    if "enabled" not in {f[0] for f in fields}:
+        fields.insert(0, ("enabled", bool, dataclasses.field(default=True)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
+
+
+@dataclasses.dataclass
+class IntrospectionConfig:
+    """All sections. ``sections`` maps a section name (see ``CALLBACKS``) to its options dataclass."""
+
+    sections: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> IntrospectionConfig:
+        """Build from ``{section: {option: value}}``; unknown sections or options raise ``ValueError``."""
+        data = dict(data or {})
+        unknown = sorted(set(data) - set(CALLBACKS))
+        if unknown:
+            raise ValueError(f"Unknown config section(s) {unknown}; valid sections: {', '.join(sorted(CALLBACKS))}.")
+        sections = {}
+        for section in CALLBACKS:
+            options = data.get(section)
+            if options is None:
+                options = {"enabled": section not in _OFF_BY_DEFAULT} if section in _OFF_BY_DEFAULT else {}
+            if isinstance(options, bool):
+                options = {"enabled": options}
+            if not isinstance(options, Mapping):
+                raise ValueError(f"Expected the config section {section!r} to be a mapping of options, but got {options!r}.")
+            klass = _section_dataclass(section)
+            valid = {f.name for f in dataclasses.fields(klass)}
+            bad = sorted(set(options) - valid)
+            if bad:
+                raise ValueError(f"Unknown option(s) {bad} in config section {section!r}; valid options: {', '.join(sorted(valid))}.")
+            opts = dict(options)
+            if section in _OFF_BY_DEFAULT and "enabled" not in opts:
+                opts["enabled"] = False
+            sections[section] = klass(**opts)
+        return cls(sections=sections)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> IntrospectionConfig:
+        """Read a YAML file with ``yaml.safe_load`` (never the unsafe loader)."""
+        import yaml
+
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, Mapping):
+            raise ValueError(f"Expected the YAML file {os.fspath(path)!r} to hold a mapping of sections, but got {type(data).__name__}.")
+        return cls.from_dict(data.get("introspection", data))
+
+
+def introspection_callbacks(config: IntrospectionConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None) -> list[Any]:
+    """The enabled callbacks of a config (an ``IntrospectionConfig``, a dict, or a YAML path).
+
+    Example:
+        >>> introspection_callbacks({})  # doctest: +SKIP
+        [PerClassMetrics(...), WeightHistograms(...), ...]
+    """
+    if config is None or isinstance(config, Mapping):
+        config = IntrospectionConfig.from_dict(config)
+    elif isinstance(config, (str, os.PathLike)):
+        config = IntrospectionConfig.from_yaml(config)
+    callbacks = []
+    for section, options in config.sections.items():
+        kwargs = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
+        if not kwargs.get("enabled", True):
+            continue
+        cls = callback_class(section)
+        if "enabled" not in inspect.signature(cls.__init__).parameters:
+            kwargs.pop("enabled", None)
+        callbacks.append(cls(**kwargs))
+    return callbacks
