@@ -6,9 +6,9 @@ with scikit-learn).
 Example:
     >>> dm = DigitsDataModule(batch_size=32)
     >>> dm.setup("fit")
-    >>> x, y = next(iter(dm.val_dataloader()))
+    >>> x, y = next(iter(dm.val_dataloader()))  # validation batches are 4x the batch size
     >>> x.shape, y.dtype
-    (torch.Size([32, 1, 32, 32]), torch.int64)
+    (torch.Size([128, 1, 32, 32]), torch.int64)
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def record_execution_order(model: nn.Module, example_input: torch.Tensor, *, lea
             order.append(name)
 
     with introspection_mode(model, grad=False), hooks() as handles:
-        for module, name in names.items():
+        for module in names:
             if leaves_only and any(True for _ in module.children()):
                 continue
             handles.append(module.register_forward_pre_hook(record))
