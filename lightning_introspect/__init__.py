@@ -1,11 +1,34 @@
 """lightning_introspect: PyTorch Lightning callbacks to see inside a network while it trains.
 
-Public names: the callbacks, :func:`introspection_callbacks` and ``__version__``.
+Public names: the callbacks, :class:`IntrospectionConfig`, :func:`introspection_callbacks` and
+``__version__``. They are imported lazily, so ``import lightning_introspect.methods`` (pure torch)
+never imports Lightning.
 """
 
-from lightning_introspect.callbacks.base import IntrospectionCallback
-from lightning_introspect.config import IntrospectionConfig, introspection_callbacks
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["IntrospectionCallback", "IntrospectionConfig", "__version__", "introspection_callbacks"]
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "IntrospectionCallback": "lightning_introspect.callbacks.base",
+    "IntrospectionConfig": "lightning_introspect.config",
+    "introspection_callbacks": "lightning_introspect.config",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightning_introspect' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

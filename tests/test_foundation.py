@@ -1,0 +1,293 @@
+"""The foundation: logger adapter, base callback, guards, config, layering rules."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_introspect._lightning import Callback, LightningModule, pl
+from lightning_introspect._torch import eval_mode, fresh_input, gradients_on, hooks, introspection_mode, resolve_layers
+from lightning_introspect.callbacks.base import IntrospectionCallback, draw_samples, split_batch
+from lightning_introspect.config import IntrospectionConfig, introspection_callbacks
+from lightning_introspect.loggers import FileWriter, TensorBoardWriter, safe_relative_path, writer_for
+from tests.helpers import quick_trainer, read_events
+
+
+# ------------------------------------------------------------------------------------ layering
+def test_methods_never_import_lightning():
+    code = (
+        "import pkgutil, importlib, sys\n"
+        "import lightning_introspect.methods as m\n"
+        "for info in pkgutil.walk_packages(m.__path__, m.__name__ + '.'):\n"
+        "    importlib.import_module(info.name)\n"
+        "import lightning_introspect.render, lightning_introspect._torch\n"
+        "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('pytorch_lightning', 'lightning'))\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_callbacks_are_lightning_callbacks():
+    assert issubclass(IntrospectionCallback, Callback)
+
+
+# ------------------------------------------------------------------------------------ guards
+def test_eval_mode_restores_each_flag_also_on_error():
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Dropout())
+    net[1].eval()
+    with pytest.raises(RuntimeError), eval_mode(net):
+        assert not any(m.training for m in net.modules())
+        raise RuntimeError("boom")
+    assert [m.training for m in net.modules()] == [True, True, False, True]
+
+
+def test_hooks_removed_when_block_raises():
+    net = nn.Linear(2, 2)
+    with pytest.raises(ValueError), hooks() as handles:
+        handles.append(net.register_forward_hook(lambda *a: None))
+        raise ValueError
+    assert not net._forward_hooks
+
+
+def test_gradients_inside_inference_mode_and_rng_untouched():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    before = torch.get_rng_state()
+    with torch.inference_mode():
+        x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+        with introspection_mode(net):
+            xi = fresh_input(x)
+            (g,) = torch.autograd.grad(net(xi).sum(), xi)
+            torch.rand(3)  # a draw inside the forked RNG must not leak out
+    assert g.shape == (2, 3) and torch.isfinite(g).all()
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_gradients_on_disables_autocast():
+    with torch.autocast("cpu", dtype=torch.bfloat16), gradients_on("cpu"):
+        y = nn.Linear(2, 2)(torch.ones(1, 2))
+    assert y.dtype == torch.float32
+
+
+def test_resolve_layers_globs_and_errors():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Sequential(nn.Linear(2, 2)))
+    assert list(resolve_layers(net, "2.*")) == ["2.0"]
+    assert list(resolve_layers(net, ["0", "2.0"])) == ["0", "2.0"]
+    with pytest.raises(ValueError, match=r"`layers`.*'2\.0'"):
+        resolve_layers(net, "2.1")
+    with pytest.raises(ValueError, match="pattern"):
+        resolve_layers(net, "features.*")
+
+
+# ------------------------------------------------------------------------------------ loggers
+@pytest.mark.parametrize("tag", ["../../escape", "/etc/passwd", "a/../../b", "..", "introspect/ok/tag name"])
+def test_file_writer_never_leaves_root(tmp_path, tag):
+    root = tmp_path / "logs"
+    writer = FileWriter(root)
+    writer.text(tag, "hello", 3)
+    written = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
+    assert written and all(os.path.commonpath([str(root), p]) == str(root) for p in written)
+    assert ".." not in safe_relative_path(tag).split("/")
+
+
+def test_file_writer_formats(tmp_path):
+    writer = FileWriter(tmp_path)
+    writer.image("introspect/x/img", torch.rand(3, 8, 8), 1)
+    writer.image("introspect/x/hwc", np.zeros((8, 8, 3), dtype=np.uint8), 1)
+    writer.histogram("introspect/x/h", [1, 2, 3], [0.0, 1.0, 2.0, 3.0], 2)
+    writer.scalar("introspect/x/s", 0.5, 4)
+    assert (tmp_path / "introspect/x/img/00000001.png").exists()
+    assert (tmp_path / "introspect/x/h/00000002.json").exists()
+    assert "introspect/x/s,4,0.5" in (tmp_path / "scalars.csv").read_text()
+
+
+def test_tensorboard_writer_round_trip(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    import matplotlib.pyplot as plt
+
+    sw = SummaryWriter(str(tmp_path))
+    writer = TensorBoardWriter(sw)
+    writer.scalar("introspect/t/s", 1.5, 7)
+    writer.image("introspect/t/img", torch.rand(1, 8, 8), 7)
+    writer.image_grid("introspect/t/grid", torch.rand(4, 3, 8, 8), 7, nrow=2)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    writer.figure("introspect/t/fig", fig, 7)
+    writer.histogram("introspect/t/h", [1, 0, 3], [0.0, 1.0, 2.0, 3.0], 7)
+    writer.text("introspect/t/md", "| a |\n|---|\n| 1 |", 7)
+    writer.register_layout({"t": ()})
+    sw.close()
+    ev = read_events(str(tmp_path))
+    assert ev["scalars"]["introspect/t/s"] == [(7, 1.5)]
+    assert {"introspect/t/img", "introspect/t/grid", "introspect/t/fig"} <= set(ev["images"])
+    (step, buckets), = ev["histograms"]["introspect/t/h"]
+    assert step == 7 and list(buckets) == [1.0, 0.0, 3.0]
+    assert "introspect/t/md/text_summary" in ev["text"]
+
+
+def test_histogram_edges_must_match_counts(tmp_path):
+    with pytest.raises(ValueError, match="edges"):
+        FileWriter(tmp_path).histogram("t", [1, 2], [0.0, 1.0], 0)
+
+
+# ------------------------------------------------------------------------------------ base callback
+class _Model(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, idx):
+        x, y = batch
+        return self(x)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _loaders(n=64):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    y = (x[:, 0] > 0).long()
+    ds = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(ds, batch_size=16, shuffle=True), torch.utils.data.DataLoader(ds, batch_size=16)
+
+
+class _Recorder(IntrospectionCallback):
+    name = "recorder"
+
+    def __init__(self, *, fail_at: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.fail_at = fail_at
+        self.ran: list[int] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.active(trainer) and self.is_scheduled(trainer):
+            self.run(trainer, self._work, trainer, pl_module)
+
+    def _work(self, trainer, pl_module):
+        if trainer.current_epoch == self.fail_at:
+            raise RuntimeError("introspection exploded")
+        x, _ = self.fixed_samples(trainer)
+        self.ran.append(trainer.current_epoch)
+        assert x.shape[0] == self.num_samples
+
+
+def test_schedule_every_n_and_fractions(tmp_path):
+    cb = _Recorder(every_n_epochs=3, at=(0.5,), num_samples=4)
+    train, val = _loaders()
+    quick_trainer(tmp_path, [cb], epochs=7).fit(_Model(), train, val)
+    # every 3rd epoch (2, 5), the 0.5 fraction (epoch 3) and the last epoch (6)
+    assert cb.ran == [2, 3, 5, 6]
+    ev = read_events(str(tmp_path))
+    assert len(ev["scalars"]["introspect/recorder/seconds"]) == 4
+
+
+def test_fraction_epochs_from_max_steps(tmp_path):
+    cb = _Recorder(every_n_epochs=None, at=(0.0, 0.5, 1.0))
+    trainer = quick_trainer(tmp_path, [cb], epochs=None, max_steps=8)
+    train, val = _loaders()
+    trainer.fit(_Model(), train, val)  # 4 batches an epoch -> 2 epochs
+    assert cb.fraction_epochs(trainer) == {0.0: -1, 0.5: 0, 1.0: 1}
+    assert cb.ran == [0, 1]
+
+
+def test_on_error_warn_disables_and_training_continues(tmp_path):
+    cb = _Recorder(fail_at=1, num_samples=4)
+    train, val = _loaders()
+    with pytest.warns(UserWarning, match="(?s)_Recorder failed.*introspection exploded"):
+        trainer = quick_trainer(tmp_path, [cb], epochs=4)
+        trainer.fit(_Model(), train, val)
+    assert cb.ran == [0] and cb.disabled and trainer.current_epoch == 4
+
+
+def test_on_error_raise_surfaces_cause(tmp_path):
+    cb = _Recorder(fail_at=0, on_error="raise")
+    train, val = _loaders()
+    with pytest.raises(RuntimeError, match="introspection exploded"):
+        quick_trainer(tmp_path, [cb], epochs=2).fit(_Model(), train, val)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every_n_epochs": 0}, "`every_n_epochs` to be a positive int or None, but got 0"),
+        ({"on_error": "ignore"}, "`on_error` to be one of 'warn', 'raise'"),
+        ({"at": (1.5,)}, "`at`"),
+        ({"num_samples": -1}, "`num_samples`"),
+    ],
+)
+def test_base_argument_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _Recorder(**kwargs)
+
+
+def test_fixed_samples_private_rng_and_state_round_trip(tmp_path):
+    train, val = _loaders()
+    before = torch.get_rng_state()
+    x1, y1 = draw_samples(val, 5, seed=3)
+    assert torch.equal(torch.get_rng_state(), before)
+    x2, _ = draw_samples(val, 5, seed=3)
+    assert torch.equal(x1, x2) and y1.shape == (5,)
+    per_class_x, per_class_y = draw_samples(val, 4, seed=3, per_class=2)
+    assert sorted(per_class_y.tolist()) == [0, 0, 1, 1]
+    cb = _Recorder(num_samples=5)
+    cb._samples = (x1, y1)
+    state = cb.state_dict()
+    other = _Recorder(num_samples=5)
+    other.load_state_dict(state)
+    assert torch.equal(other._samples[0], x1)
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    torch.load(path, weights_only=True)
+
+
+def test_split_batch_kinds():
+    x, y = torch.zeros(2, 3), torch.ones(2)
+    assert split_batch({"image": x, "label": y})[1] is y
+    assert split_batch(x)[1] is None
+    with pytest.raises(ValueError, match="dict batch"):
+        split_batch({"foo": x})
+
+
+def test_writer_selection(tmp_path):
+    csv_logger = __import__(f"{pl.__name__}.loggers", fromlist=["CSVLogger"]).CSVLogger(str(tmp_path))
+    cb = _Recorder(num_samples=4)
+    train, val = _loaders()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quick_trainer(tmp_path, [cb], epochs=1, logger=csv_logger).fit(_Model(), train, val)
+    assert any("no TensorBoardLogger" in str(w.message) for w in caught)
+    metrics = next(p for p in tmp_path.rglob("metrics.csv"))
+    assert "introspect/recorder/seconds" in metrics.read_text()
+    trainer = quick_trainer(tmp_path / "none", [_Recorder(num_samples=4)], epochs=1, logger=False)
+    trainer.fit(_Model(), train, val)
+    assert isinstance(writer_for(trainer), FileWriter)
+    assert list((tmp_path / "none").rglob("scalars.csv"))
+
+
+# ------------------------------------------------------------------------------------ config
+def test_config_errors_and_yaml(tmp_path):
+    with pytest.raises(ValueError, match="Unknown config section"):
+        IntrospectionConfig.from_dict({"no_such_callback": {}})
+    path = tmp_path / "c.yaml"
+    path.write_text("!!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(Exception, match="(?i)constructor|could not determine"):
+        introspection_callbacks(str(path))
+    path.write_text("{}\n")
+    assert all(isinstance(cb, IntrospectionCallback) for cb in introspection_callbacks(str(path)))
