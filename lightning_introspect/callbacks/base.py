@@ -24,7 +24,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from lightning_introspect._lightning import Callback, rank_zero_warn
+from lightning_introspect._lightning import CALLBACK_BASES, rank_zero_warn
 from lightning_introspect._torch.guards import fork_global_rng, private_generator
 from lightning_introspect.loggers.adapter import IntrospectionWriter, TensorBoardWriter, writer_for
 
@@ -76,7 +76,7 @@ def check_choice(value: Any, argument: str, choices: Sequence[Any]) -> None:
         raise ValueError(f"Expected `{argument}` to be one of {', '.join(repr(c) for c in choices)}, but got {value!r}.")
 
 
-class IntrospectionCallback(Callback):
+class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
     """Base class of every lightning_introspect callback.
 
     Args:

@@ -1,0 +1,330 @@
+"""Cheap image statistics, image perturbations and error rates by statistic, for error analysis.
+
+Everything works on batches ``(N, C, H, W)`` of floats (any value range) in pure torch:
+
+* statistics (one number per image): ``sharpness`` (variance of the Laplacian of the grey image),
+  ``noise`` (Immerkaer's fast noise-sigma estimate), ``brightness`` (mean grey level), ``contrast``
+  (standard deviation of the grey level, RMS contrast) and ``saturation`` (mean chroma, max - min over
+  the RGB channels; only for 3-channel images);
+* perturbations: :func:`gaussian_blur` (sigma in pixels), :func:`gaussian_noise` (private generator)
+  and :func:`color_filter` (an "Instagram-like" fade: contrast towards the image mean, for RGB also
+  desaturation and a warm cast);
+* :func:`error_rate_by_bin`: the error rate in each quantile bin of a statistic, so "errors
+  concentrate on blurry images" is a number;
+* :func:`perturbation_accuracy`: per-class accuracy of a classifier under each perturbation and strength.
+
+Example:
+    >>> x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    >>> stats = image_statistics(x)
+    >>> sorted(stats), stats["sharpness"].shape
+    (['brightness', 'contrast', 'noise', 'saturation', 'sharpness'], torch.Size([4]))
+    >>> bool((image_statistics(gaussian_blur(x, 1.0))["sharpness"] < stats["sharpness"]).all())
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+STATISTICS = ("sharpness", "noise", "brightness", "contrast", "saturation")
+PERTURBATIONS = ("blur", "noise", "color")
+
+_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+_NOISE_MASK = torch.tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]])
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _check_images(x: torch.Tensor, argument: str = "images") -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"Expected `{argument}` to be a tensor of shape (N, C, H, W), but got {shape}.")
+    if x.shape[-1] < 3 or x.shape[-2] < 3:
+        raise ValueError(f"Expected `{argument}` to be at least 3x3 pixels, but got {tuple(x.shape)}.")
+    return x.detach().float()
+
+
+def to_gray(x: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` -> ``(N, 1, H, W)``: ITU-R 601 luma for 3 channels, the channel mean otherwise."""
+    x = _check_images(x)
+    if x.shape[1] == 3:
+        weights = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x * weights).sum(dim=1, keepdim=True)
+    return x.mean(dim=1, keepdim=True)
+
+
+def _filter(gray: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(gray, kernel.to(gray.device, gray.dtype).view(1, 1, 3, 3))  # "valid": no border effects
+
+
+def sharpness(x: torch.Tensor) -> torch.Tensor:
+    """Variance of the Laplacian of each grey image (valid region): low = blurry. ``(N,)``."""
+    return _filter(to_gray(x), _LAPLACIAN).flatten(1).var(dim=1, unbiased=False)
+
+
+def noise_level(x: torch.Tensor) -> torch.Tensor:
+    """Immerkaer's (1996) estimate of the Gaussian noise sigma of each grey image. ``(N,)``.
+
+    ``sigma = sqrt(pi / 2) / (6 (W - 2) (H - 2)) * sum |I * M|`` with ``M`` the difference of two
+    Laplacians, which cancels image structure of up to second order.
+    """
+    response = _filter(to_gray(x), _NOISE_MASK).abs().flatten(1)
+    return math.sqrt(math.pi / 2.0) * response.mean(dim=1) / 6.0
+
+
+def brightness(x: torch.Tensor) -> torch.Tensor:
+    """Mean grey level of each image. ``(N,)``."""
+    return to_gray(x).flatten(1).mean(dim=1)
+
+
+def contrast(x: torch.Tensor) -> torch.Tensor:
+    """RMS contrast: standard deviation of the grey level of each image. ``(N,)``."""
+    return to_gray(x).flatten(1).std(dim=1, unbiased=False)
+
+
+def saturation(x: torch.Tensor) -> torch.Tensor:
+    """Mean chroma (max - min over the RGB channels) of each 3-channel image: 0 for grey images. ``(N,)``."""
+    x = _check_images(x)
+    if x.shape[1] != 3:
+        raise ValueError(f"Expected 3-channel images for `saturation`, but got {x.shape[1]} channel(s).")
+    return (x.amax(dim=1) - x.amin(dim=1)).flatten(1).mean(dim=1)
+
+
+_STAT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "sharpness": sharpness,
+    "noise": noise_level,
+    "brightness": brightness,
+    "contrast": contrast,
+    "saturation": saturation,
+}
+
+
+def image_statistics(x: torch.Tensor, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """The statistics ``names`` (default: all of :data:`STATISTICS`) of each image, as ``{name: (N,)}``.
+
+    ``saturation`` is silently left out for images that do not have 3 channels.
+    """
+    names = STATISTICS if names is None else tuple(names)
+    bad = [n for n in names if n not in _STAT_FNS]
+    if bad:
+        raise ValueError(f"Expected `statistics` to be among {', '.join(map(repr, STATISTICS))}, but got {bad}.")
+    x = _check_images(x)
+    return {n: _STAT_FNS[n](x) for n in names if n != "saturation" or x.shape[1] == 3}
+
+
+# ------------------------------------------------------------------------------------- perturbations
+def gaussian_kernel1d(sigma: float, *, radius: int | None = None) -> torch.Tensor:
+    """A normalised 1-D Gaussian of standard deviation ``sigma`` pixels (radius ``ceil(3 sigma)``)."""
+    if sigma <= 0:
+        raise ValueError(f"Expected `sigma` to be positive, but got {sigma!r}.")
+    radius = max(1, math.ceil(3.0 * sigma)) if radius is None else radius
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur each channel with a separable Gaussian of ``sigma`` pixels (replicate padding); 0 = copy."""
+    if sigma < 0 or math.isnan(sigma):
+        raise ValueError(f"Expected the blur `sigma` to be >= 0, but got {sigma!r}.")
+    x = _check_images(x)
+    if sigma == 0:
+        return x.clone()
+    k = gaussian_kernel1d(sigma).to(x.device, x.dtype)
+    r = k.numel() // 2
+    c = x.shape[1]
+    out = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(F.pad(out, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def gaussian_noise(x: torch.Tensor, std: float, *, generator: torch.Generator) -> torch.Tensor:
+    """``x`` plus i.i.d. Gaussian noise of standard deviation ``std`` drawn from ``generator`` (on CPU).
+
+    The global RNG is never used: pass :func:`lightning_introspect._torch.guards.private_generator`.
+    """
+    if std < 0 or math.isnan(std):
+        raise ValueError(f"Expected the noise `std` to be >= 0, but got {std!r}.")
+    x = _check_images(x)
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device)
+    return x + std * noise.to(x.device)
+
+
+def color_filter(x: torch.Tensor, strength: float) -> torch.Tensor:
+    """A faded "Instagram-like" filter of ``strength`` in [0, 1] (0 = copy).
+
+    The contrast of each image shrinks towards its mean by ``strength`` (``1`` = flat image); for RGB
+    the colours are also desaturated towards grey by ``strength`` and shifted warm (red up, blue down)
+    by ``0.1 * strength`` of the image's value range.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"Expected the colour filter `strength` to be in [0, 1], but got {strength!r}.")
+    x = _check_images(x)
+    if strength == 0:
+        return x.clone()
+    out = x
+    if x.shape[1] == 3:
+        gray = to_gray(x)
+        out = (1.0 - strength) * out + strength * gray
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = mean + (1.0 - strength) * (out - mean)
+    if x.shape[1] == 3:
+        span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(-1, 1, 1, 1)
+        cast = torch.tensor([1.0, 0.0, -1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        out = out + 0.1 * strength * span * cast
+    return out
+
+
+def perturb(x: torch.Tensor, kind: str, strength: float, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Apply one perturbation: ``"blur"`` (sigma px), ``"noise"`` (std, needs ``generator``) or ``"color"``."""
+    if kind == "blur":
+        return gaussian_blur(x, strength)
+    if kind == "noise":
+        if generator is None:
+            raise ValueError("The 'noise' perturbation needs a private `generator`.")
+        return gaussian_noise(x, strength, generator=generator)
+    if kind == "color":
+        return color_filter(x, strength)
+    raise ValueError(f"Expected `perturbations` entries to be one of {', '.join(map(repr, PERTURBATIONS))}, but got {kind!r}.")
+
+
+# --------------------------------------------------------------------------------- error analysis
+@dataclass
+class BinnedErrors:
+    """Error rate by quantile bin of one statistic.
+
+    Attributes:
+        edges: ``len(counts) + 1`` bin edges (quantiles; tied quantiles are merged, so there may be
+            fewer bins than asked for).
+        counts: samples per bin.
+        errors: wrong predictions per bin.
+        rate: ``errors / counts`` per bin (``None`` for an empty bin).
+    """
+
+    edges: list[float]
+    counts: list[int]
+    errors: list[int]
+    rate: list[float | None]
+
+
+def error_rate_by_bin(values: torch.Tensor, wrong: torch.Tensor, *, num_bins: int = 5) -> BinnedErrors:
+    """Split ``values`` into ``num_bins`` quantile bins and report the error rate of each.
+
+    Bin ``i`` holds ``edges[i] <= v < edges[i + 1]`` (the last bin includes its upper edge).
+
+    Example:
+        >>> v = torch.arange(10.0)
+        >>> b = error_rate_by_bin(v, v < 3, num_bins=2)
+        >>> b.counts, b.rate
+        ([5, 5], [0.6, 0.0])
+    """
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
+        raise ValueError(f"Expected `num_bins` to be a positive int, but got {num_bins!r}.")
+    v = values.detach().flatten().double().cpu()
+    w = wrong.detach().flatten().bool().cpu()
+    if v.shape != w.shape:
+        raise ValueError(f"Expected `values` and `wrong` to have the same length, but got {v.numel()} and {w.numel()}.")
+    keep = torch.isfinite(v)
+    v, w = v[keep], w[keep]
+    if v.numel() == 0:
+        return BinnedErrors(edges=[], counts=[], errors=[], rate=[])
+    q = torch.quantile(v, torch.linspace(0, 1, num_bins + 1, dtype=torch.float64))
+    edges = torch.unique(q)  # sorted; ties merged
+    if edges.numel() == 1:
+        edges = torch.cat([edges, edges])
+    idx = torch.bucketize(v, edges[1:-1], right=True)
+    nb = edges.numel() - 1
+    counts = torch.bincount(idx, minlength=nb)
+    errors = torch.bincount(idx, weights=w.double(), minlength=nb).round().long()
+    rate = [None if int(c) == 0 else float(e) / float(c) for c, e in zip(counts, errors)]
+    return BinnedErrors(edges=edges.tolist(), counts=counts.tolist(), errors=errors.tolist(), rate=rate)
+
+
+def per_class_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> list[float | None]:
+    """Accuracy (recall) of each class; ``None`` for a class with no samples."""
+    pred, target = pred.flatten().long().cpu(), target.flatten().long().cpu()
+    total = torch.bincount(target, minlength=num_classes)[:num_classes]
+    right = torch.bincount(target[pred == target], minlength=num_classes)[:num_classes]
+    return [None if int(t) == 0 else float(r) / float(t) for r, t in zip(right, total)]
+
+
+@dataclass
+class PerturbationResult:
+    """Accuracy under one perturbation at each strength.
+
+    Attributes:
+        kind: ``"blur"``, ``"noise"`` or ``"color"``.
+        strengths: the strengths, ``0.0`` (clean) first.
+        accuracy: overall accuracy at each strength.
+        per_class: per strength, one accuracy per class (``None``: no sample of that class).
+    """
+
+    kind: str
+    strengths: list[float]
+    accuracy: list[float]
+    per_class: list[list[float | None]]
+
+
+@torch.no_grad()
+def perturbation_accuracy(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    num_classes: int,
+    strengths: Mapping[str, Sequence[float]],
+    seed: int = 0,
+    noise_scale: float = 1.0,
+    batch_size: int = 256,
+) -> dict[str, PerturbationResult]:
+    """Per-class accuracy of ``predict`` (inputs -> logits ``(N, C)``) under each perturbation and strength.
+
+    Args:
+        predict: the model; called on chunks of ``batch_size`` perturbed inputs (on ``x``'s device).
+        x: ``(N, C, H, W)`` inputs; ``y``: ``(N,)`` labels.
+        num_classes: number of classes.
+        strengths: ``{kind: [strength, ...]}``; the clean accuracy (strength 0) is always included.
+        seed: seed of the private generator of the noise (the same noise at every call).
+        noise_scale: noise strengths are multiplied by it (e.g. the inputs' standard deviation, so a
+            strength is a fraction of the data's spread).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+        >>> res = perturbation_accuracy(net, torch.rand(8, 1, 4, 4), torch.zeros(8, dtype=torch.long),
+        ...                             num_classes=2, strengths={"blur": [1.0]})
+        >>> res["blur"].strengths
+        [0.0, 1.0]
+    """
+    x = _check_images(x, "x")
+    y = y.flatten().long()
+    if y.numel() != x.shape[0]:
+        raise ValueError(f"Expected one label per input, but got {y.numel()} labels for {x.shape[0]} inputs.")
+
+    def accuracy_of(inputs: torch.Tensor) -> tuple[float, list[float | None]]:
+        preds = []
+        for start in range(0, inputs.shape[0], batch_size):
+            logits = predict(inputs[start : start + batch_size])
+            preds.append(logits.detach().float().reshape(logits.shape[0], -1).argmax(dim=1).cpu())
+        pred = torch.cat(preds)
+        return float((pred == y.cpu()).float().mean()), per_class_accuracy(pred, y, num_classes)
+
+    bad = [k for k in strengths if k not in PERTURBATIONS]
+    if bad:
+        raise ValueError(f"Expected `perturbations` entries to be among {', '.join(map(repr, PERTURBATIONS))}, but got {bad}.")
+    clean = accuracy_of(x)
+    out: dict[str, PerturbationResult] = {}
+    for kind, values in strengths.items():
+        levels = sorted({float(s) for s in values if float(s) != 0.0})
+        result = PerturbationResult(kind=kind, strengths=[0.0], accuracy=[clean[0]], per_class=[clean[1]])
+        for s in levels:
+            gen = torch.Generator().manual_seed(int(seed))
+            scaled = s * noise_scale if kind == "noise" else s
+            acc, per_class = accuracy_of(perturb(x, kind, scaled, generator=gen))
+            result.strengths.append(s)
+            result.accuracy.append(acc)
+            result.per_class.append(per_class)
+        out[kind] = result
+    return out
