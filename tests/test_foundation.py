@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 from lightning_introspect._lightning import Callback, LightningModule, pl
-from lightning_introspect._torch import eval_mode, fresh_input, gradients_on, hooks, introspection_mode, resolve_layers
+from lightning_introspect._torch import (
+    eval_mode,
+    fresh_input,
+    gradients_on,
+    hooks,
+    introspection_mode,
+    resolve_layers,
+)
 from lightning_introspect.callbacks.base import IntrospectionCallback, draw_samples, split_batch
 from lightning_introspect.config import IntrospectionConfig, introspection_callbacks
 from lightning_introspect.loggers import FileWriter, TensorBoardWriter, safe_relative_path, writer_for
@@ -110,9 +117,8 @@ def test_file_writer_formats(tmp_path):
 
 
 def test_tensorboard_writer_round_trip(tmp_path):
-    from torch.utils.tensorboard import SummaryWriter
-
     import matplotlib.pyplot as plt
+    from torch.utils.tensorboard import SummaryWriter
 
     sw = SummaryWriter(str(tmp_path))
     writer = TensorBoardWriter(sw)
@@ -132,6 +138,25 @@ def test_tensorboard_writer_round_trip(tmp_path):
     (step, buckets), = ev["histograms"]["introspect/t/h"]
     assert step == 7 and list(buckets) == [1.0, 0.0, 3.0]
     assert "introspect/t/md/text_summary" in ev["text"]
+
+
+def test_batched_histograms_are_one_event_and_one_flush(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    sw = SummaryWriter(str(tmp_path))
+    writer = TensorBoardWriter(sw)
+    flushes = []
+    sw.flush = lambda: flushes.append(1)
+    with writer.batch():
+        for i in range(20):
+            writer.histogram(f"introspect/t/h{i}", [i, 1.0], [0.0, 1.0, 2.0], 3)
+        with writer.batch():
+            writer.histogram("introspect/t/nested", [1.0], [0.0, 1.0], 3)
+    assert len(flushes) == 1
+    del sw.flush
+    sw.close()
+    ev = read_events(str(tmp_path))
+    assert len(ev["histograms"]) == 21 and ev["histograms"]["introspect/t/h7"] == [(3, [7.0, 1.0])]
 
 
 def test_histogram_edges_must_match_counts(tmp_path):

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from torch import nn
 
 
-def _close(name: str, valid: Sequence[str], n: int = 5) -> str:
+def close_matches(name: str, valid: Sequence[str], n: int = 5) -> str:
+    """The valid names closest to ``name``, quoted and comma-separated, for error messages."""
     matches = difflib.get_close_matches(name, valid, n=n, cutoff=0.4)
     shown = matches or list(valid)[:10]
     suffix = "" if matches or len(valid) <= 10 else f" (and {len(valid) - 10} more)"
@@ -36,7 +37,7 @@ def get_layer(model: nn.Module, name: str, *, argument: str = "layer") -> nn.Mod
         valid = [n for n in modules if n]
         raise ValueError(
             f"Expected `{argument}` to name a submodule of the model, but got {name!r}. "
-            f"Closest valid names: {_close(str(name), valid)}."
+            f"Closest valid names: {close_matches(str(name), valid)}."
         )
     return modules[name]
 
@@ -76,7 +77,7 @@ def resolve_layers(
             if not hits:
                 raise ValueError(
                     f"Expected the pattern {pattern!r} in `{argument}` to match at least one submodule. "
-                    f"Valid names include: {_close(pattern, list(modules))}."
+                    f"Valid names include: {close_matches(pattern, list(modules))}."
                 )
             for n in hits:
                 out[n] = modules[n]

@@ -14,12 +14,13 @@ Only global rank zero writes: on other ranks :func:`writer_for` returns a :class
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -113,6 +114,14 @@ class IntrospectionWriter:
     def flush(self) -> None:
         """Make written data visible now (TensorBoard polls the files)."""
 
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[IntrospectionWriter]:
+        """Group many writes (e.g. a histogram per layer) into one: flushed once, at the end.
+
+        Nested use is fine; only the outermost context writes and flushes.
+        """
+        yield self
+
     @staticmethod
     def _hist_stats(counts: Sequence[float], edges: Sequence[float], stats: Mapping[str, float]) -> dict[str, float]:
         c = np.asarray(counts, dtype=np.float64)
@@ -165,6 +174,31 @@ class TensorBoardWriter(IntrospectionWriter):
     def __init__(self, experiment: Any, other_loggers: Sequence[Any] = ()) -> None:
         self.experiment = experiment
         self.other_loggers = list(other_loggers)
+        self._depth = 0
+        self._pending: dict[int, list[Any]] = {}
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[IntrospectionWriter]:
+        """Histograms written inside go out as ONE event per step (one checksum, one flush).
+
+        TensorBoard's event writer costs about as much per event as our binning does per tensor, so
+        161 histograms in one event instead of 161 events is most of the speed-up over
+        ``add_histogram``.
+        """
+        self._depth += 1
+        try:
+            yield self
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                pending, self._pending = self._pending, {}
+                if pending:
+                    from tensorboard.compat.proto.summary_pb2 import Summary
+
+                    file_writer = self.experiment._get_file_writer()
+                    for step, values in pending.items():
+                        file_writer.add_summary(Summary(value=values), step)
+                self.flush()
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         for tag, value in values.items():
@@ -178,8 +212,10 @@ class TensorBoardWriter(IntrospectionWriter):
         self.flush()
 
     def histogram(self, tag: str, counts: Sequence[float], edges: Sequence[float], step: int, **stats: float) -> None:
+        from torch.utils.tensorboard.summary import histogram_raw
+
         s = self._hist_stats(counts, edges, stats)
-        self.experiment.add_histogram_raw(
+        summary = histogram_raw(
             tag,
             min=s["min"],
             max=s["max"],
@@ -188,8 +224,11 @@ class TensorBoardWriter(IntrospectionWriter):
             sum_squares=s["sum_squares"],
             bucket_limits=[float(x) for x in list(edges)[1:]],
             bucket_counts=[float(x) for x in counts],
-            global_step=step,
         )
+        if self._depth:
+            self._pending.setdefault(int(step), []).extend(summary.value)
+            return
+        self.experiment._get_file_writer().add_summary(summary, step)
         self.flush()
 
     def text(self, tag: str, markdown: str, step: int) -> None:
@@ -197,7 +236,8 @@ class TensorBoardWriter(IntrospectionWriter):
         self.flush()
 
     def flush(self) -> None:
-        self.experiment.flush()
+        if not self._depth:
+            self.experiment.flush()
 
     def register_layout(self, groups: Mapping[str, Sequence[str]]) -> None:
         """A TensorBoard custom-scalars layout: one chart per callback, matching its scalar tags."""

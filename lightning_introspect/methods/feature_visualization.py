@@ -5,7 +5,7 @@ Instead of changing the weights to lower a loss, we change an image to raise an 
 so three kinds of regulariser are offered (Olah et al. 2017, "Feature Visualization", Distill):
 
 * **frequency penalisation** -- ``frequency_penalty`` weighs total variation (``penalty="tv"``) or
-  the spectral energy weighted by the squared frequency (``penalty="highfreq"``); works with either
+  the amplitude of the image above half the Nyquist frequency (``penalty="highfreq"``); works with either
   parameterisation. A *Fourier parameterisation* (``param="fourier"``: the image is the inverse FFT of
   a spectrum scaled by 1/f, with colour decorrelation for 3-channel images) is a softer form of it.
 * **transformation robustness** -- ``transforms``: every step sees the image randomly padded,
@@ -149,6 +149,24 @@ def _check_layer_name(name: object, argument: str = "layer") -> str:
     return name
 
 
+class _IndexCache:
+    """Remembers the last checked index tensor of an objective (the same every optimisation step)."""
+
+    def __init__(self, spec: ChannelSpec, argument: str) -> None:
+        self.spec, self.argument = spec, argument
+        self.key: tuple | None = None
+        self.value: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
+
+    def __call__(self, n: int, size: int, what: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (n, size, str(device))
+        if key != self.key or self.value is None or self.rows is None:
+            self.value = _per_image_index(self.spec, n, size, argument=self.argument, what=what, device=device)
+            self.rows = torch.arange(n, device=device)
+            self.key = key
+        return self.rows, self.value
+
+
 def _per_image_index(spec: ChannelSpec, n: int, size: int, *, argument: str, what: str, device: torch.device) -> torch.Tensor:
     """Normalise an int / list of ints to ``(n,)`` long indices, each checked against ``size``."""
     if isinstance(spec, bool):
@@ -183,11 +201,12 @@ def channel(layer: str, channel: ChannelSpec) -> Objective:
         [0.5, 6.5]
     """
     name = _check_layer_name(layer)
+    index = _IndexCache(channel, "channel")
 
     def fn(acts: Mapping[str, torch.Tensor], _out: torch.Tensor | None) -> torch.Tensor:
         a = _activation(acts, name)
-        idx = _per_image_index(channel, a.shape[0], a.shape[1], argument="channel", what=f"layer {name!r} has {a.shape[1]} channels", device=a.device)
-        picked = a[torch.arange(a.shape[0], device=a.device), idx]
+        rows, idx = index(a.shape[0], a.shape[1], f"layer {name!r} has {a.shape[1]} channels", a.device)
+        picked = a[rows, idx]
         return picked.flatten(1).mean(1) if picked.ndim > 1 else picked
 
     return Objective(fn, [name], f"channel({name}, {_short(channel)})")
@@ -205,10 +224,12 @@ def neuron(layer: str, channel: ChannelSpec, y: int | None = None, x: int | None
         if val is not None and (isinstance(val, bool) or not isinstance(val, int)):
             raise ValueError(f"Expected `{arg}` to be an int position or None (the centre), but got {val!r}.")
 
+    index = _IndexCache(channel, "channel")
+
     def fn(acts: Mapping[str, torch.Tensor], _out: torch.Tensor | None) -> torch.Tensor:
         a = _activation(acts, name)
-        idx = _per_image_index(channel, a.shape[0], a.shape[1], argument="channel", what=f"layer {name!r} has {a.shape[1]} channels", device=a.device)
-        picked = a[torch.arange(a.shape[0], device=a.device), idx]
+        rows, idx = index(a.shape[0], a.shape[1], f"layer {name!r} has {a.shape[1]} channels", a.device)
+        picked = a[rows, idx]
         if picked.ndim == 1:
             return picked
         if picked.ndim != 3:
@@ -247,11 +268,13 @@ def class_logit(class_id: ChannelSpec) -> Objective:
         [2.0, 3.0]
     """
 
+    index = _IndexCache(class_id, "class_id")
+
     def fn(_acts: Mapping[str, torch.Tensor], out: torch.Tensor | None) -> torch.Tensor:
         if out is None or out.ndim < 2:
             raise ValueError(f"`class_logit` needs a model output of shape (N, num_classes), but got {None if out is None else tuple(out.shape)}.")
-        idx = _per_image_index(class_id, out.shape[0], out.shape[1], argument="class_id", what=f"the model outputs {out.shape[1]} classes", device=out.device)
-        picked = out[torch.arange(out.shape[0], device=out.device), idx]
+        rows, idx = index(out.shape[0], out.shape[1], f"the model outputs {out.shape[1]} classes", out.device)
+        picked = out[rows, idx]
         return picked.flatten(1).mean(1) if picked.ndim > 1 else picked
 
     return Objective(fn, [OUTPUT], f"class_logit({_short(class_id)})")
@@ -275,6 +298,33 @@ def diversity(layer: str) -> Objective:
         return -(sim.sum(1) - sim.diagonal()) / (n - 1)
 
     return Objective(fn, [name], f"diversity({name})")
+
+
+def stack_objectives(parts: Sequence[tuple[Objective, int]]) -> Objective:
+    """One batch, several objectives: the first ``k_0`` images get ``parts[0]``, the next ``k_1`` the next...
+
+    Lets one optimisation serve many visualisations (e.g. channels of two layers and some classes).
+
+    Example:
+        >>> obj = stack_objectives([(channel("0", [0, 1]), 2), (class_logit(1), 1)])
+        >>> acts = {"0": torch.arange(6.0).view(3, 2)}
+        >>> obj(acts, torch.tensor([[0.0, 1.0], [0.0, 2.0], [0.0, 3.0]])).tolist()
+        [0.0, 3.0, 3.0]
+    """
+    parts = [(obj, int(k)) for obj, k in parts]
+    if not parts or any(not isinstance(obj, Objective) or k < 1 for obj, k in parts):
+        raise ValueError("Expected `parts` to be a non-empty list of (Objective, number of images >= 1) pairs.")
+
+    def fn(acts: Mapping[str, torch.Tensor], out: torch.Tensor | None) -> torch.Tensor:
+        values, start = [], 0
+        for obj, k in parts:
+            sl = slice(start, start + k)
+            values.append(obj({name: a[sl] for name, a in acts.items()}, None if out is None else out[sl]))
+            start += k
+        return torch.cat(values)
+
+    layers = [name for obj, _ in parts for name in obj.layers]
+    return Objective(fn, layers, " | ".join(f"{k}x {obj.description}" for obj, k in parts))
 
 
 def _short(spec: object) -> str:
@@ -310,7 +360,7 @@ def high_frequency_fraction(images: torch.Tensor, *, cutoff: float = 0.25) -> to
     Example:
         >>> checker = (torch.arange(8).view(1, -1) + torch.arange(8).view(-1, 1)) % 2
         >>> wave = torch.cos(torch.arange(8) * 2 * math.pi / 8).view(1, -1).expand(8, -1)
-        >>> high_frequency_fraction(torch.stack([checker, wave]).float().unsqueeze(1)).tolist()
+        >>> high_frequency_fraction(torch.stack([checker, wave]).float().unsqueeze(1)).round(decimals=3).tolist()
         [1.0, 0.0]
     """
     if images.ndim != 4:
@@ -331,12 +381,17 @@ def total_variation(images: torch.Tensor) -> torch.Tensor:
     return dx + dy
 
 
-def high_frequency_energy(images: torch.Tensor) -> torch.Tensor:
-    """Spectral energy weighted by ``(|f| / f_Nyquist)^2``, per pixel, per image: ``(N,)`` (differentiable)."""
+def high_frequency_energy(images: torch.Tensor, *, cutoff: float = 0.25) -> torch.Tensor:
+    """Root-mean-square of the image's high-pass part (frequencies above ``cutoff`` cycles/pixel): ``(N,)``.
+
+    Differentiable; in the image's units (like total variation), so the two penalties take weights of
+    a similar size. It penalises exactly the energy :func:`high_frequency_fraction` counts.
+    """
     h, w = images.shape[-2:]
     spec = torch.fft.rfft2(images, norm="ortho")
-    weight = (_radial_frequency(h, w, images.device) / 0.5).pow(2) * _rfft_weights(h, w, images.device)
-    return (spec.real.pow(2) + spec.imag.pow(2)).mul(weight).flatten(1).sum(1) / (h * w)
+    mask = (_radial_frequency(h, w, images.device) > cutoff).to(images.dtype) * _rfft_weights(h, w, images.device)
+    energy = (spec.real.pow(2) + spec.imag.pow(2)).mul(mask).flatten(1).sum(1) / images[0].numel()
+    return torch.sqrt(energy + 1e-12)
 
 
 def frequency_penalty_of(images: torch.Tensor, kind: str = "tv") -> torch.Tensor:
@@ -692,6 +747,7 @@ def objective_values(
     Use it to check robustness: the value of a visualisation under fresh random jitter.
     """
     device = next((p.device for p in model.parameters()), images.device)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     gen = private_generator(seed)
     with introspection_mode(model, grad=False), ActivationRecorder(model, objective) as rec:
         x = images.detach().to(device=device, dtype=torch.float32)
@@ -699,7 +755,7 @@ def objective_values(
             x = transforms(x, gen)
         c = x.shape[1]
         x = (x - _as_channel_tensor(mean, c, device, "mean")) / _as_channel_tensor(std, c, device, "std")
-        acts, out = rec(x)
+        acts, out = rec(x.to(dtype))
         return objective(acts, out).detach().float().cpu()
 
 
@@ -730,10 +786,10 @@ def visualize_features(
 ) -> FeatureVisualizationResult:
     """Optimise images (or a prior's latent codes) to maximise ``objective`` on a frozen ``model``.
 
-    Each step: image = parameterisation (in ``value_range``); penalty on the image; random transform
-    (if ``transforms``); ``(image - mean) / std`` into the model; loss = ``-objective +
-    frequency_penalty * penalty + latent_penalty * mean(latent^2)`` per image; Adam step on the
-    image parameters only.
+    Each step: image = parameterisation (in ``value_range``); random transform (if ``transforms``);
+    ``(image - mean) / std`` into the model; per image, loss = ``-objective + |objective| *
+    (frequency_penalty * penalty(image) + latent_penalty * mean(latent^2))`` (``|objective|`` detached);
+    Adam step on the image parameters (or the latent) only.
 
     Args:
         model: the network (left as it was: modes, ``requires_grad``, no ``.grad``, hooks).
@@ -743,18 +799,21 @@ def visualize_features(
         steps: optimisation steps.
         lr: Adam learning rate.
         param: ``"pixels"`` or ``"fourier"`` (1/f-scaled spectrum; decorrelated colour for C = 3).
-        frequency_penalty: weight of ``penalty`` on the image in [0, 1] units (0 = off). The objective
-            is in the layer's own units, so a useful weight depends on it (e.g. 0.1-1 x the objective
-            reached without a penalty).
-        penalty: ``"tv"`` (mean absolute neighbour difference) or ``"highfreq"`` (spectral energy weighted
-            by squared frequency).
+        frequency_penalty: weight of ``penalty`` (computed on the image in [0, 1] units; 0 = off).
+            Relative: each image's penalty is multiplied by its current ``|objective|`` (detached), so
+            the same weight suits a layer whose activations are 2 and a logit that reaches 50 (for a
+            positive objective it amounts to maximising ``log(objective) - weight * penalty``). 1-4 is
+            a useful range with ``"tv"``.
+        penalty: ``"tv"`` (mean absolute neighbour difference) or ``"highfreq"`` (root-mean-square of the
+            part of the image above half the Nyquist frequency).
         transforms: ``None``/``False``; ``True``/``"auto"`` for :meth:`TransformRobustness.for_size`; a
             float strength; or a :class:`TransformRobustness`.
         prior: a decoder ``latent (N, latent_dim) -> image (N, C, H, W)`` in ``value_range`` (end it with
             a sigmoid for [0, 1]); its latent is optimised instead of pixels (``param`` is then unused).
             The decoder's mode is set to eval and restored, its weights are not changed.
         latent_dim: the prior's latent size (default: inferred from a leading ``nn.Linear``).
-        latent_penalty: weight of the mean squared latent (keeps the code where the decoder was trained).
+        latent_penalty: weight of the mean squared latent (keeps the code where the decoder was trained);
+            relative to ``|objective|`` like ``frequency_penalty``.
         latent_std: standard deviation of the initial latent codes.
         value_range: the valid range of the images in display space (e.g. ``(0, 1)`` for digits).
         range_fn: ``"sigmoid"`` (smooth squashing into the range) or ``"clamp"`` (hard; for pixels a
@@ -808,6 +867,7 @@ def visualize_features(
         get_layer(model, name, argument="layer")
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     gen = private_generator(seed)
     settings = {"param": "prior" if prior is not None else param, "frequency_penalty": float(frequency_penalty), "penalty": penalty, "transforms": robust, "steps": steps, "lr": float(lr), "seed": seed}
 
@@ -833,26 +893,27 @@ def visualize_features(
             opt = torch.optim.Adam(params, lr=float(lr))
 
             def evaluate(img: torch.Tensor) -> torch.Tensor:
-                acts, out = rec((img - m_t) / s_t)
-                values = objective(acts, out)
+                acts, out = rec(((img - m_t) / s_t).to(dtype))
+                values = objective(acts, out).float()
                 if not isinstance(values, torch.Tensor) or values.shape != (n,):
                     raise ValueError(f"Expected the objective to give one value per image, shape ({n},), but got {getattr(values, 'shape', values)!r}.")
                 return values
 
             with torch.no_grad():
                 initial = evaluate(image_fn()).detach().float().cpu()
-            trace = torch.empty(steps, n)
-            for step in range(steps):
+            trace = []  # kept on the device: no host sync per step
+            for _ in range(steps):
                 img = image_fn()
-                loss_terms = torch.zeros(n, device=device)
+                values = evaluate(robust(img, gen) if robust is not None else img)
+                trace.append(values.detach())
+                penalties = torch.zeros(n, device=device)
                 if frequency_penalty > 0:
-                    loss_terms = loss_terms + float(frequency_penalty) * frequency_penalty_of((img - lo) / (hi - lo), penalty)
+                    penalties = penalties + float(frequency_penalty) * frequency_penalty_of((img - lo) / (hi - lo), penalty)
                 if prior is not None and latent_penalty > 0:
-                    loss_terms = loss_terms + float(latent_penalty) * image_fn.latent.pow(2).mean(1)
-                seen = robust(img, gen) if robust is not None else img
-                values = evaluate(seen)
-                trace[step] = values.detach().float().cpu()
-                grads = torch.autograd.grad((loss_terms - values).sum(), params)
+                    penalties = penalties + float(latent_penalty) * image_fn.latent.pow(2).mean(1)
+                # Penalties are relative to the objective's current size, so one weight suits any layer.
+                loss = (values.detach().abs() * penalties - values).sum()
+                grads = torch.autograd.grad(loss, params)
                 for p, g in zip(params, grads):
                     p.grad = g
                 opt.step()
@@ -870,7 +931,7 @@ def visualize_features(
         images=images,
         objective=final,
         initial_objective=initial,
-        trace=trace,
+        trace=torch.stack(trace).float().cpu(),
         high_frequency_fraction=high_frequency_fraction(images),
         model_inputs=model_inputs,
         latents=latents,
@@ -943,7 +1004,8 @@ def fit_autoencoder_prior(
         for _ in range(steps):
             batch = data[torch.randint(0, n, (min(batch_size, n),), generator=gen)]
             code = encoder(batch)
-            loss = F.binary_cross_entropy(decoder.decode_raw(code), batch) + 1e-3 * code.pow(2).mean()
+            logits = decoder.net(code).view_as(batch)
+            loss = F.binary_cross_entropy_with_logits(logits, batch) + 1e-3 * code.pow(2).mean()
             for p, g in zip(params, torch.autograd.grad(loss, params)):
                 p.grad = g
             opt.step()
@@ -979,6 +1041,7 @@ __all__ = [
     "neuron",
     "objective_values",
     "resolve_transforms",
+    "stack_objectives",
     "total_variation",
     "visualize_features",
 ]

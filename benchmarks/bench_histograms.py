@@ -1,0 +1,193 @@
+"""Histogram logging of every parameter of a ResNet-50-sized model: ours vs ``SummaryWriter.add_histogram``.
+
+Measured in one run, interleaved (naive, ours, naive, ours, ...), medians and minima printed:
+
+* naive: ``SummaryWriter.add_histogram(name, param, step)`` for every parameter (TensorBoard's
+  default bins: it copies to numpy float64 and bins with ``numpy.histogram``);
+* ours: :func:`lightning_introspect.methods.weights.histograms` (32 bins, on the parameters' device,
+  one transfer per phase) + ``TensorBoardWriter.histogram`` per parameter (raw histogram, flushed);
+* context: drift from a snapshot of the initial weights (what ``WeightHistograms`` adds per
+  evaluation) and one SGD training step of the same model.
+
+Usage::
+
+    python benchmarks/bench_histograms.py            # ResNet-50-like, CPU (or CUDA if available)
+    python benchmarks/bench_histograms.py --arch resnet18 --repeats 5 --device cpu --threads 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+from lightning_introspect.callbacks.weight_histograms import write_histograms
+from lightning_introspect.loggers.adapter import TensorBoardWriter
+from lightning_introspect.methods.weights import drift, histograms
+
+
+# ------------------------------------------------------------------------ a ResNet written in torch
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + (x if self.down is None else self.down(x)))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + (x if self.down is None else self.down(x)))
+
+
+def resnet(arch: str = "resnet50", num_classes: int = 1000) -> nn.Module:
+    block, depths = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}[arch]
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    cin = 64
+    for i, (width, depth) in enumerate(zip([64, 128, 256, 512], depths)):
+        for j in range(depth):
+            layers.append(block(cin, width, 2 if (j == 0 and i > 0) else 1))
+            cin = width * block.expansion
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+
+
+# ----------------------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bins", type=int, default=32, help="our bins (WeightHistograms' default is 32)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64, help="image side of the training step")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (default 1: numpy's binning in add_histogram is single-threaded, and a "
+        "shared machine makes multi-threaded timings erratic); 0 keeps torch's default",
+    )
+    args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = resnet(args.arch).to(device)
+    params = {n: p for n, p in model.named_parameters()}
+    n_values = sum(p.numel() for p in params.values())
+    initial = {n: p.detach().cpu().clone() for n, p in params.items()}
+    print(
+        f"model: {args.arch}-like in plain torch, {n_values / 1e6:.2f}M parameters in {len(params)} tensors; "
+        f"device: {device} ({torch.get_num_threads()} CPU threads); torch {torch.__version__}"
+    )
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    log_dir = tempfile.mkdtemp(prefix="bench_hist_")
+    sw = SummaryWriter(log_dir)
+    writer = TensorBoardWriter(sw)
+
+    def naive(step: int) -> None:
+        for name, p in params.items():
+            sw.add_histogram(f"naive/{name}", p, step)
+        sw.flush()
+
+    def ours(step: int) -> None:  # what WeightHistograms does per evaluation, minus drift
+        hists = histograms(params, bins=args.bins)
+        write_histograms(writer, {f"ours/{name}": h for name, h in hists.items()}, step)
+
+    def ours_compute(step: int) -> None:
+        histograms(params, bins=args.bins)
+
+    def drift_only(step: int) -> None:
+        drift(params, initial)
+
+    def timed(fn, step: int) -> tuple[float, float]:  # noqa: ANN001
+        """(wall seconds, process CPU seconds): CPU time is robust to other jobs on a shared machine."""
+        _sync(device)
+        start, cpu = time.perf_counter(), time.process_time()
+        fn(step)
+        _sync(device)
+        return time.perf_counter() - start, time.process_time() - cpu
+
+    for fn in (naive, ours, ours_compute, drift_only):  # warm-up
+        fn(0)
+    times: dict[str, list[tuple[float, float]]] = {"naive": [], "ours": [], "ours_compute": [], "drift": []}
+    for r in range(1, args.repeats + 1):
+        times["naive"].append(timed(naive, r))
+        times["ours"].append(timed(ours, r))
+        times["ours_compute"].append(timed(ours_compute, r))
+        times["drift"].append(timed(drift_only, r))
+
+    # one SGD training step of the same model, for context
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    y = torch.randint(0, 1000, (args.batch,), device=device)
+
+    def train_step(_: int) -> None:
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    train_step(0)
+    times["train_step"] = [timed(train_step, r) for r in range(args.repeats)]
+    sw.close()
+
+    wall = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
+
+    def fmt(key: str) -> str:
+        return f"wall {wall[key] * 1e3:8.1f} ms   CPU {cpu[key] * 1e3:8.1f} ms"
+
+    print(f"medians of {args.repeats} interleaved runs (CPU = process CPU time, all threads):")
+    print(f"  naive SummaryWriter.add_histogram, every tensor : {fmt('naive')}")
+    print(f"  ours: histograms() + raw writes, every tensor   : {fmt('ours')}")
+    print(f"    of which histograms() alone ({args.bins} bins)      : {fmt('ours_compute')}")
+    print(f"  drift() from the initial snapshot (context)     : {fmt('drift')}")
+    print(f"  one SGD training step, batch {args.batch}x3x{args.size}x{args.size}    : {fmt('train_step')}")
+    print(
+        f"ratio naive / ours: wall {wall['naive'] / wall['ours']:.1f}x, CPU {cpu['naive'] / cpu['ours']:.1f}x; "
+        f"ours / one training step: wall {wall['ours'] / wall['train_step']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

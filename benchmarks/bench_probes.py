@@ -1,0 +1,158 @@
+"""Benchmark: linear-probe fitting cost against one training epoch of the digits demo.
+
+Measures, in one run on this machine:
+
+1. one training epoch (with its validation pass) of the demo (DigitsCNN, all digits, 32 px, batch 64);
+2. fitting probes on 4 layers x 10k cached samples (synthetic features of realistic pooled widths
+   64 / 128 / 256 / 512, 10 classes) with each solver, and 10k x 2048 (one layer; the GPU anchor shape);
+3. the same on the real digits features of the 4 auto layers (all 1797 digits; there are no more);
+4. whole demo fits (3 epochs) without probes, with the sklearn (background) path and with the torch
+   path: the extra wall time and the time LinearProbes blocked the training thread.
+
+Run: ``python benchmarks/bench_probes.py [--quick]``. Prints ratios; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+
+import torch
+
+from lightning_introspect._lightning import Callback, Trainer, pl
+from lightning_introspect.callbacks.linear_probes import LinearProbes, auto_probe_layers
+from lightning_introspect.demo import DigitsCNN, DigitsDataModule, load_digits_tensors
+from lightning_introspect.methods.probes import blas_threads, fit_probes, pool_activation
+
+warnings.filterwarnings("ignore")
+
+
+class EpochTimer(Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # after the epoch's validation pass
+        self.times.append(time.perf_counter() - self._start)
+
+
+def demo_fit(epochs: int, callbacks: list) -> tuple[float, EpochTimer, DigitsCNN]:
+    pl.seed_everything(0, verbose=False)
+    dm = DigitsDataModule(batch_size=64, seed=0)
+    timer = EpochTimer()
+    model = DigitsCNN()
+    trainer = Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer, *callbacks],
+    )
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    return time.perf_counter() - start, timer, model
+
+
+def synthetic(n: int, widths: list[int], classes: int = 10, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Class-dependent Gaussian features; later "layers" separate the classes better (like a trained net)."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    feats = {}
+    for i, d in enumerate(widths):
+        centers = torch.randn(classes, d, generator=gen) * (0.15 + 0.1 * i)
+        feats[f"layer{i}_{d}"] = (centers[y] + torch.randn(n, d, generator=gen)).relu()
+    return feats, y
+
+
+def time_solver(features: dict[str, torch.Tensor], labels: torch.Tensor, solver: str, *, blas: int | None = 1) -> tuple[float, dict]:
+    start = time.perf_counter()
+    if solver == "sklearn":
+        with blas_threads(blas):
+            results = fit_probes({k: v.numpy() for k, v in features.items()}, labels.numpy(), solver="sklearn")
+    else:
+        results = fit_probes(features, labels, solver="torch")
+        if labels.device.type == "cuda":
+            torch.cuda.synchronize()
+    return time.perf_counter() - start, results
+
+
+def fmt(results: dict) -> str:
+    return ", ".join(f"{k}: acc {r.accuracy:.3f} ({r.n_iter} it)" for k, r in results.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and a 2-epoch fit comparison")
+    args = parser.parse_args()
+    epochs = 2 if args.quick else 3
+    print(f"machine: {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
+          f"cuda {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
+
+    # 1. one demo epoch
+    _, timer, model = demo_fit(2, [])
+    epoch = min(timer.times)
+    print(f"\n[1] demo training epoch (train + validation, 1257 + 540 digits, batch 64): {epoch:.2f} s")
+
+    # 2. synthetic 4 layers x 10k
+    print("\n[2] probes on 4 layers x 10k cached samples (widths 64/128/256/512, 10 classes), max_iter=100")
+    feats, labels = synthetic(10_000, [64, 128, 256, 512])
+    for solver, blas in (("sklearn", 1), ("sklearn", None), ("torch", None)):
+        best, results = min((time_solver(feats, labels, solver, blas=blas) for _ in range(1 if args.quick else 2)), key=lambda r: r[0])
+        label = solver + (" (1 BLAS thread, as in the background worker)" if blas == 1 else " (default BLAS threads)" if solver == "sklearn" else " (CPU)")
+        print(f"  {label}: {best:.2f} s = {best / epoch:.2f} x one demo epoch | {fmt(results)}")
+    wide, wide_y = synthetic(10_000, [2048], seed=1)
+    for solver in ("sklearn", "torch"):
+        t, results = time_solver(wide, wide_y, solver, blas=None)
+        print(f"  10k x 2048, one layer, {solver} (CPU, all threads): {t:.2f} s | {fmt(results)}")
+    if torch.cuda.is_available():
+        gpu = {k: v.cuda() for k, v in wide.items()}
+        time_solver(gpu, wide_y.cuda(), "torch")  # warm-up
+        t, results = time_solver(gpu, wide_y.cuda(), "torch")
+        print(f"  10k x 2048, one layer, torch on {torch.cuda.get_device_name()}: {t:.3f} s | {fmt(results)}")
+
+    # 3. real digits features of the 4 auto layers (all 1797 digits), from the model trained 2 epochs
+    x, y = load_digits_tensors(32)
+    dm = DigitsDataModule()
+    dm.setup("fit")
+    x = (x - dm.mean) / dm.std
+    model.eval()
+    names = auto_probe_layers(model, x[:2])
+    captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: captured[n].append(pool_activation(o))) for n in names]
+    try:
+        with torch.no_grad():
+            for chunk in x.split(512):
+                model(chunk)
+    finally:
+        for h in handles:
+            h.remove()
+    real = {n: torch.cat(v) for n, v in captured.items()}
+    print(f"\n[3] real digits features, layers {names} (widths {[v.shape[1] for v in real.values()]}), 1797 samples")
+    for solver in ("sklearn", "torch"):
+        t, results = time_solver(real, y, solver)
+        print(f"  {solver}: {t:.2f} s = {t / epoch:.2f} x one demo epoch | {fmt(results)}")
+
+    # 4. whole fits
+    print(f"\n[4] demo fit, {epochs} epochs, LinearProbes(layers='auto') every epoch + init/input baselines")
+    base, _, _ = demo_fit(epochs, [])
+    print(f"  no probes: {base:.1f} s")
+    for solver in ("sklearn", "torch"):
+        probes = LinearProbes(solver=solver, on_error="raise")
+        total, _, _ = demo_fit(epochs, [probes])
+        t = probes.timings
+        blocking = t["capture"] + t["baseline_pass"] + t["fit_inline"] + t["submit"] + t["wait"] + t["log"]
+        solver_time = sum(r.seconds for res in probes.results.values() for r in res.values())
+        print(
+            f"  {solver}: {total:.1f} s ({total / base:.2f} x), blocked the training thread {blocking:.2f} s "
+            f"({blocking / epochs / epoch:.2f} x one epoch per epoch); solver time {solver_time:.2f} s"
+            + (" (in the background)" if solver == "sklearn" else " (inline)")
+        )
+        print("    blocking by kind: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items() if v))
+        print(f"    best layer {probes.best_layer}; " + "; ".join(probes.summary_lines()))
+
+
+if __name__ == "__main__":
+    main()

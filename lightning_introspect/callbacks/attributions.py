@@ -1,0 +1,475 @@
+"""``Attributions``: saliency, guided backprop, Grad-CAM and LRP maps of fixed samples, epoch by epoch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lightning_introspect._torch.guards import introspection_mode
+from lightning_introspect._torch.layers import get_layer
+from lightning_introspect.callbacks.base import IntrospectionCallback, check_choice, check_positive_int
+from lightning_introspect.methods.attribution import (
+    LAYER_METHODS,
+    SIGNED_METHODS,
+    _check_methods,
+    attribute,
+    auto_layer,
+    lrp_available,
+)
+from lightning_introspect.methods.targets import target_indices
+
+log = logging.getLogger(__name__)
+
+NORMALIZE_CHOICES = ("per_map", "per_batch")
+TARGET_CHOICES = ("pred", "true", "all")
+MAX_CLASSES = 32
+MAX_BATCH = 128  # samples x targets explained in one pass
+DEFAULT_METHODS = ("saliency", "guided_backprop", "grad_cam", "lrp")
+
+
+def _check_display_stats(value: Any, argument: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    values = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    if not isinstance(values, (list, tuple)) or not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        raise ValueError(f"Expected `{argument}` to be a float, a list of floats (one per channel) or None, but got {value!r}.")
+    return tuple(float(v) for v in values)
+
+
+class Attributions(IntrospectionCallback):
+    """Attribution maps of the same fixed samples over training: which pixels the model uses, and how that evolves.
+
+    At fit start (the untrained model, ``at=(0.0,)``) and every ``every_n_epochs`` epochs (at the end of
+    validation, or at the end of the training epoch when no validation ran) the callback explains a
+    fixed set of validation samples with each method in ``methods`` (one shared forward pass, see
+    :func:`lightning_introspect.methods.attribution.attribute`) and logs one overlay grid per method.
+    The captions give the true class, the prediction, the explained class and the model's
+    probability for it. Signed methods (input x gradient, guided backprop, deconvnet, LRP) use a
+    diverging colormap centred on 0.
+
+    Inputs ``(N, F)`` (tabular) get a bar chart per method of the mean ``|attribution|`` per feature
+    instead (Grad-CAM methods are dropped with a warning); inputs of other ranks than 2 and 4 are
+    skipped with one warning.
+
+    Args:
+        methods: names from ``METHODS``: ``saliency``, ``input_x_gradient``, ``guided_backprop``,
+            ``deconvnet``, ``grad_cam``, ``guided_grad_cam``, ``lrp``. ``lrp`` is skipped with one
+            warning when ``lightning_introspect.methods.lrp`` is not available or fails on the model.
+        layer: the feature map for Grad-CAM (and guided backprop's ``top_k``): a dotted module name or
+            ``"auto"`` (the last conv feature map, see ``auto_layer``; the choice is logged as text).
+        targets: what each sample is explained for: ``"pred"`` (its predicted class), ``"true"`` (its
+            label), a list of class ids (also one grid per class), or ``"all"`` (one grid per class, up
+            to 32 classes). With a list or ``"all"``, the main grid explains the prediction.
+        class_names: names for the captions and the ``class_<name>`` tags (default: the class ids).
+        per_class: draw up to this many samples of each class instead of ``num_samples`` random ones.
+        mean: per-channel mean used to normalise the inputs, to un-normalise them for display
+            (with ``std``); ``None``: min-max per image.
+        std: per-channel std, see ``mean``.
+        colormap: matplotlib colormap of unsigned maps.
+        signed_colormap: diverging matplotlib colormap of signed maps.
+        normalize: ``"per_map"`` (each map scaled by its own max) or ``"per_batch"`` (one scale for all
+            maps of a grid, so magnitudes compare across samples).
+        alpha: opacity of the heat map over the (grey) input.
+        top_k: guided backprop keeps only the K strongest positions at ``layer`` (see
+            ``guided_backprop``); ``None``: plain guided backprop.
+        lrp_rule: ``"epsilon"``, ``"zplus"`` or ``"alpha_beta"`` (passed as ``rule`` to ``lrp``).
+        enabled: switch the callback off.
+        every_n_epochs: run every n-th epoch (the last epoch always runs).
+        at: fractions of training to run at as well; the default ``(0.0,)`` logs the untrained model
+            at fit start.
+        num_samples: number of fixed samples (ignored with ``per_class``).
+        seed: seed of the private generator that draws the samples.
+        on_error: ``"warn"`` (disable the callback with a warning, training goes on) or ``"raise"``.
+
+    Tags:
+        * ``introspect/attributions/<method>`` -- overlay grid (bar chart for tabular inputs);
+        * ``introspect/attributions/<method>/class_<name>`` -- one grid per class for a list / ``"all"``
+          (tiles in the same order as the main grid);
+        * ``introspect/attributions/inputs`` -- the fixed samples, once;
+        * ``introspect/attributions/layer`` -- text: the Grad-CAM layer and how it was chosen, once;
+        * ``introspect/attributions/seconds`` -- wall time of each run.
+
+    Results on the instance:
+        * ``maps``: ``{method: Tensor}`` of the latest run (CPU, raw maps, batch order of the samples);
+        * ``class_maps``: ``{method: {class_id: Tensor}}`` of the latest run (list / ``"all"``);
+        * ``layer``: the resolved layer name (or ``None``);
+        * ``history``: one dict per run: ``step``, ``epoch`` (-1 before training), ``explained``,
+          ``predicted``, ``confidence`` (lists per sample), ``seconds``.
+
+    Example:
+        >>> from lightning_introspect.demo import DigitsCNN, DigitsDataModule  # doctest: +SKIP
+        >>> cb = Attributions(methods=["saliency", "grad_cam"], targets=[3, 8], num_samples=8)  # doctest: +SKIP
+        >>> Trainer(max_epochs=2, callbacks=[cb]).fit(DigitsCNN(), datamodule=DigitsDataModule())  # doctest: +SKIP
+        >>> cb.maps["grad_cam"].shape  # doctest: +SKIP
+        torch.Size([8, 1, 32, 32])
+    """
+
+    name = "attributions"
+
+    def __init__(
+        self,
+        *,
+        methods: Sequence[str] = DEFAULT_METHODS,
+        layer: str = "auto",
+        targets: str | list[int] = "pred",
+        class_names: list[str] | None = None,
+        per_class: int | None = None,
+        mean: float | list[float] | None = None,
+        std: float | list[float] | None = None,
+        colormap: str = "inferno",
+        signed_colormap: str = "bwr",
+        normalize: str = "per_map",
+        alpha: float = 0.5,
+        top_k: int | None = None,
+        lrp_rule: str = "epsilon",
+        enabled: bool = True,
+        every_n_epochs: int | None = 1,
+        at: Sequence[float] | None = (0.0,),
+        num_samples: int = 8,
+        seed: int = 0,
+        on_error: str = "warn",
+    ) -> None:
+        super().__init__(enabled=enabled, every_n_epochs=every_n_epochs, at=at, num_samples=num_samples, seed=seed, on_error=on_error)
+        self.methods = _check_methods(list(methods) if not isinstance(methods, str) else [methods])
+        if not isinstance(layer, str) or not layer:
+            raise ValueError(f"Expected `layer` to be 'auto' or a dotted module name, but got {layer!r}.")
+        if isinstance(targets, str):
+            check_choice(targets, "targets", TARGET_CHOICES)
+        elif not isinstance(targets, (list, tuple)) or not targets or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in targets):
+            raise ValueError(f"Expected `targets` to be one of 'pred', 'true', 'all' or a non-empty list of class ids (ints >= 0), but got {targets!r}.")
+        if class_names is not None and (not isinstance(class_names, (list, tuple)) or not all(isinstance(n, str) for n in class_names)):
+            raise ValueError(f"Expected `class_names` to be a list of str or None, but got {class_names!r}.")
+        check_positive_int(per_class, "per_class", allow_none=True)
+        check_positive_int(top_k, "top_k", allow_none=True)
+        check_choice(normalize, "normalize", NORMALIZE_CHOICES)
+        check_choice(lrp_rule, "lrp_rule", ("epsilon", "zplus", "alpha_beta"))
+        self.mean = _check_display_stats(mean, "mean")
+        self.std = _check_display_stats(std, "std")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError(f"Expected `mean` and `std` to be given together (or both None), but got mean={mean!r}, std={std!r}.")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError(f"Expected every `std` entry to be > 0, but got {std!r}.")
+        import matplotlib
+
+        for argument, cmap in (("colormap", colormap), ("signed_colormap", signed_colormap)):
+            if cmap not in matplotlib.colormaps:
+                raise ValueError(f"Expected `{argument}` to be a matplotlib colormap name (e.g. 'inferno', 'viridis', 'bwr'), but got {cmap!r}.")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"Expected `alpha` to be a float in [0, 1], but got {alpha!r}.")
+        self.layer_spec = layer
+        self.targets = targets if isinstance(targets, str) else list(targets)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.per_class = per_class
+        self.colormap = colormap
+        self.signed_colormap = signed_colormap
+        self.normalize = normalize
+        self.alpha = float(alpha)
+        self.top_k = top_k
+        self.lrp_rule = lrp_rule
+        # results
+        self.layer: str | None = None
+        self.maps: dict[str, torch.Tensor] = {}
+        self.class_maps: dict[str, dict[int, torch.Tensor]] = {}
+        self.history: list[dict[str, Any]] = []
+        self._active_methods: list[str] | None = None
+        self._last_epoch: int | None = None
+        self._logged_static = False
+        self._layer_note: str | None = None
+
+    # ------------------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str | None = None) -> None:
+        if self.enabled and self.layer_spec != "auto":
+            get_layer(pl_module, self.layer_spec, argument="layer")
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.active(trainer) and self._prepare(trainer, pl_module) and -1 in self.fraction_epochs(trainer).values():
+            self.run(trainer, self._log, trainer, pl_module, -1)
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._due(trainer):
+            self.run(trainer, self._log, trainer, pl_module, trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._due(trainer):
+            self.run(trainer, self._log, trainer, pl_module, trainer.current_epoch)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.active(trainer) and -2 in self.fraction_epochs(trainer).values() and self._last_epoch != trainer.current_epoch:
+            self.run(trainer, self._log, trainer, pl_module, trainer.current_epoch)
+
+    # ------------------------------------------------------------------------------------ helpers
+    def _due(self, trainer: Any) -> bool:
+        return self.active(trainer) and self._last_epoch != trainer.current_epoch and self.is_scheduled(trainer)
+
+    def _prepare(self, trainer: Any, pl_module: Any) -> bool:
+        """Draw the samples and resolve the layer and methods; user errors raise ``ValueError`` here,
+        before the first training step. Other failures are left to the error policy of :meth:`run`."""
+        if self._active_methods is not None:
+            return True
+        try:
+            x, _ = self.fixed_samples(trainer, per_class=self.per_class)
+            with introspection_mode(pl_module, grad=False):
+                out = pl_module(x[:1].to(pl_module.device))
+        except ValueError:
+            raise
+        except Exception:  # data or model not ready yet: retried (under the error policy) at the first run
+            return True
+        self._resolve(trainer, pl_module, x, out)
+        return True
+
+    def _resolve(self, trainer: Any, pl_module: Any, x: torch.Tensor, out: torch.Tensor) -> None:
+        methods = list(self.methods)
+        if x.ndim not in (2, 4):
+            self.warn_once(
+                "shape",
+                f"Attributions: inputs of shape {tuple(x.shape)} are neither images (N, C, H, W) nor tabular (N, F); "
+                "the callback skips them.",
+            )
+            self._active_methods = []
+            return
+        if x.ndim == 2 and any(m in LAYER_METHODS for m in methods):
+            dropped = [m for m in methods if m in LAYER_METHODS]
+            self.warn_once("tabular", f"Attributions: {dropped} need a spatial feature map; tabular inputs (N, F) skip them.")
+            methods = [m for m in methods if m not in LAYER_METHODS]
+        if "lrp" in methods and not lrp_available():
+            self.warn_once("lrp-missing", "Attributions: `lightning_introspect.methods.lrp` is not available; 'lrp' is skipped.")
+            methods.remove("lrp")
+        if not isinstance(out, torch.Tensor) or out.ndim < 2:
+            raise ValueError(f"Attributions needs a model output of shape (N, C, ...), but got {getattr(out, 'shape', type(out))}.")
+        num_classes = int(out.shape[1])
+        if isinstance(self.targets, list):
+            bad = [t for t in self.targets if t >= num_classes]
+            if bad:
+                raise ValueError(f"Expected `targets` class ids in [0, {num_classes - 1}] (the model outputs {num_classes} classes), but got {bad}.")
+        if self.class_names is not None and len(self.class_names) < num_classes:
+            raise ValueError(f"Expected `class_names` to name all {num_classes} classes, but got {len(self.class_names)}.")
+        needs_layer = any(m in LAYER_METHODS for m in methods) or ("guided_backprop" in methods and self.top_k is not None)
+        if needs_layer:
+            how = "given"
+            if self.layer_spec == "auto":
+                self.layer = auto_layer(pl_module, x[:1].to(pl_module.device))
+                how = "chosen automatically (last convolutional feature map)"
+            else:
+                get_layer(pl_module, self.layer_spec, argument="layer")
+                self.layer = self.layer_spec
+            log.info("Attributions: Grad-CAM layer %r (%s).", self.layer, how)
+            self._layer_note = f"Grad-CAM layer `{self.layer}` ({how})."
+        self._active_methods = methods
+
+    def _class_name(self, c: int) -> str:
+        return self.class_names[c] if self.class_names is not None and c < len(self.class_names) else str(c)
+
+    def _options(self) -> dict[str, dict[str, Any]]:
+        opts: dict[str, dict[str, Any]] = {}
+        if self.top_k is not None:
+            opts["guided_backprop"] = {"top_k": self.top_k}
+        opts["lrp"] = {"rule": self.lrp_rule}
+        return opts
+
+    def _attribute(self, model: Any, x: torch.Tensor, target: Any, methods: list[str]) -> dict[str, torch.Tensor]:
+        opts = {k: v for k, v in self._options().items() if k in methods}
+        plain = [m for m in methods if m != "lrp"]
+        maps = attribute(model, x, target, plain, layer=self.layer, options={k: v for k, v in opts.items() if k != "lrp"}) if plain else {}
+        if "lrp" in methods:
+            try:
+                maps.update(attribute(model, x, target, ["lrp"], options={"lrp": opts.get("lrp", {})}))
+            except (TypeError, ValueError, NotImplementedError, RuntimeError) as err:
+                if self.on_error == "raise":
+                    raise
+                self.warn_once("lrp-failed", f"Attributions: LRP failed on this model and is skipped from now on: {err}")
+                assert self._active_methods is not None
+                self._active_methods = [m for m in self._active_methods if m != "lrp"]
+        return {m: maps[m] for m in methods if m in maps}
+
+    # ---------------------------------------------------------------------------------------- work
+    def _log(self, trainer: Any, pl_module: Any, epoch: int) -> None:
+        import time
+
+        start = time.perf_counter()
+        self._last_epoch = trainer.current_epoch if epoch >= 0 else None
+        x, y = self.fixed_samples(trainer, per_class=self.per_class)
+        device = pl_module.device
+        with introspection_mode(pl_module, grad=False):
+            out = pl_module(x.to(device)).float()
+        if self._active_methods is None:
+            self._resolve(trainer, pl_module, x, out)
+        methods = list(self._active_methods or [])
+        if not methods:
+            return
+        step = int(trainer.global_step)
+        writer = self.writer(trainer)
+        if not self._logged_static:
+            self._logged_static = True
+            if x.ndim == 4:
+                writer.image_grid(self.tag("inputs"), self._display(x), step)
+            if self._layer_note:
+                writer.text(self.tag("layer"), self._layer_note, step)
+
+        # classification: softmax probability; dense outputs (segmentation): mean per-pixel probability
+        probs = F.softmax(out, dim=1) if out.ndim == 2 else F.softmax(out, dim=1).flatten(2).mean(-1)
+        predicted = target_indices(out, "pred").cpu()
+        explained = predicted
+        if self.targets == "true":
+            if y is not None and y.ndim == 1 and not y.is_floating_point() and y.numel() == x.shape[0]:
+                explained = y.long().cpu()
+            else:
+                self.warn_once("true", "Attributions: targets='true' needs one class id per sample; explaining the predictions instead.")
+        classes: list[int] = []
+        if self.targets == "all":
+            classes = list(range(min(out.shape[1], MAX_CLASSES)))
+            if out.shape[1] > MAX_CLASSES:
+                self.warn_once("all", f"Attributions: targets='all' logs the first {MAX_CLASSES} of {out.shape[1]} classes.")
+        elif isinstance(self.targets, list):
+            classes = list(self.targets)
+        # every target (the main one, then each class) in as few passes as possible: the fixed samples are
+        # repeated once per target and explained as one batch (eval mode: samples are independent)
+        n = x.shape[0]
+        targets = [explained] + [torch.full((n,), c, dtype=torch.long) for c in classes]
+        per_chunk = max(1, MAX_BATCH // n)
+        pieces: dict[str, list[torch.Tensor]] = {}
+        for i in range(0, len(targets), per_chunk):
+            chunk = targets[i : i + per_chunk]
+            got = self._attribute(pl_module, x.repeat(len(chunk), *([1] * (x.ndim - 1))), torch.cat(chunk).to(device), methods)
+            for m, v in got.items():
+                pieces.setdefault(m, []).append(v.detach().cpu())
+        methods = [m for m in methods if m in pieces and sum(p.shape[0] for p in pieces[m]) == n * len(targets)]
+        split = {m: torch.cat(pieces[m]).split(n) for m in methods}
+
+        confidence = probs.gather(1, explained.to(probs.device).view(-1, 1)).squeeze(1).cpu()
+        labels = y.long().cpu() if (y is not None and y.ndim == 1 and not y.is_floating_point()) else None
+        captions = [
+            (f"true {self._class_name(int(labels[i]))} " if labels is not None else "")
+            + f"pred {self._class_name(int(predicted[i]))}\nexpl {self._class_name(int(explained[i]))} p={float(confidence[i]):.2f}"
+            for i in range(n)
+        ]
+        self.maps = {m: split[m][0] for m in methods}
+        self.class_maps = {m: {c: split[m][j + 1] for j, c in enumerate(classes)} for m in methods} if classes else {}
+        for m in methods:
+            self._write(writer, self.tag(m), x, self.maps[m], m, step, captions=captions, title=f"{m} (step {step})")
+            for c, v in self.class_maps.get(m, {}).items():
+                self._write(writer, self.tag(m, f"class_{self._class_name(c)}"), x, v, m, step, captions=None, title=f"{m}: class {self._class_name(c)}")
+        self.history.append(
+            {
+                "step": step,
+                "epoch": epoch,
+                "explained": explained.tolist(),
+                "predicted": predicted.tolist(),
+                "confidence": [round(float(c), 6) for c in confidence],
+                "seconds": time.perf_counter() - start,
+            }
+        )
+
+    # ------------------------------------------------------------------------------------ rendering
+    def _display(self, x: torch.Tensor) -> torch.Tensor:
+        from lightning_introspect.render import to_display
+
+        mean, std = self.mean, self.std
+        if mean is not None and std is not None and len(mean) not in (1, x.shape[1]):
+            self.warn_once("mean", f"Attributions: `mean`/`std` have {len(mean)} entries for {x.shape[1]} channels; showing min-max scaled inputs.")
+            mean = std = None
+        disp = to_display(x, mean=mean, std=std)
+        return disp if disp.shape[1] in (1, 3) else disp.mean(dim=1, keepdim=True)
+
+    def _write(self, writer: Any, tag: str, x: torch.Tensor, maps: torch.Tensor, method: str, step: int, *, captions: list[str] | None, title: str) -> None:
+        signed = method in SIGNED_METHODS
+        if x.ndim == 2:
+            writer.figure(tag, _bar_chart(maps, title=title), step)
+            return
+        from lightning_introspect.render import colorize, normalize_maps, overlay
+
+        heat2d = maps.float().sum(dim=1)  # (N, H, W): channels summed (signed maps keep their sign)
+        norm = normalize_maps(heat2d, mode=self.normalize, signed=signed)
+        heat = colorize(norm, cmap=self.signed_colormap if signed else self.colormap, signed=signed)
+        images = overlay(self._display(x), heat, alpha=self.alpha)
+        if captions is None:  # per-class grids: fast torch grid, tiles in the main grid's order
+            writer.image_grid(tag, images, step, nrow=8)
+        else:
+            writer.image(tag, _captioned_mosaic(images, captions, nrow=8, title=title), step)
+
+    # --------------------------------------------------------------------------------- state / text
+    def extra_state(self) -> dict[str, Any]:
+        return {"layer": self.layer, "history": [{k: v for k, v in h.items()} for h in self.history]}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.layer = state.get("layer", self.layer)
+        self.history = list(state.get("history", []))
+
+    def summary_lines(self) -> list[str]:
+        if not self.history:
+            return ["no attribution maps logged"]
+        last = self.history[-1]
+        n = len(last["explained"])
+        lines = [f"{len(self.history)} logs of {', '.join(self.maps) or 'no methods'} on {n} fixed samples"]
+        if self.layer is not None:
+            lines.append(f"Grad-CAM layer {self.layer}")
+        lines.append(f"last run {last['seconds']:.2f} s; mean confidence in the explained class {sum(last['confidence']) / max(n, 1):.2f}")
+        return lines
+
+
+def _captioned_mosaic(
+    images: torch.Tensor, captions: Sequence[str], *, nrow: int = 8, title: str | None = None, cell_inches: float = 1.4
+) -> Any:
+    """A grid of images with a caption under each, as an HWC uint8 array: ``render.captioned_grid``'s output,
+    drawn as one ``imshow`` of a torch mosaic plus text (no subplot per tile), about 3x faster."""
+    import math
+
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from lightning_introspect.loggers.adapter import figure_to_array
+
+    n, c, h, w = images.shape
+    ncol = max(1, min(nrow, n))
+    nrows = max(1, math.ceil(n / ncol))
+    pad, band = max(1, h // 16), max(8, round(h * 0.5))  # band: room for two caption lines under a tile
+    height, width = nrows * (h + band) + pad, ncol * (w + pad) + pad
+    tiles = images.detach().float().cpu().clamp(0, 1)
+    tiles = tiles.expand(-1, 3, -1, -1) if c == 1 else tiles[:, :3]
+    canvas = torch.ones(3, height, width)
+    spots = []
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        top, left = pad + r * (h + band), pad + col * (w + pad)
+        canvas[:, top : top + h, left : left + w] = tiles[i]
+        spots.append((left + w / 2 - 0.5, top + h + 0.5))
+    fig_w = cell_inches * ncol
+    fig_h = fig_w * height / width
+    title_h = 0.3 if title else 0.0
+    fig = Figure(figsize=(fig_w, fig_h + title_h), dpi=100)
+    ax = fig.add_axes((0.0, 0.0, 1.0, fig_h / (fig_h + title_h)))
+    ax.imshow(np.ascontiguousarray(canvas.permute(1, 2, 0).numpy()), interpolation="nearest", aspect="auto")
+    ax.set_axis_off()
+    for (cx, cy), text in zip(spots, captions):
+        ax.text(cx, cy, text, ha="center", va="top", fontsize=7, linespacing=1.1)
+    if title:
+        fig.suptitle(title, fontsize=9, y=0.99)
+    return figure_to_array(fig, close=False)
+
+
+def _bar_chart(maps: torch.Tensor, *, title: str, max_features: int = 40) -> Any:
+    """Mean |attribution| per feature of ``(N, F)`` maps as a matplotlib bar chart (strongest features if many)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    importance = maps.detach().float().abs().mean(dim=0)
+    idx = torch.arange(importance.numel())
+    if importance.numel() > max_features:
+        idx = importance.topk(max_features).indices.sort().values
+    fig, ax = plt.subplots(figsize=(max(3.0, 0.25 * idx.numel() + 1.0), 2.6))
+    ax.bar(range(idx.numel()), importance[idx].numpy(), color="#4c72b0")
+    ax.set_xticks(range(idx.numel()))
+    ax.set_xticklabels([str(int(i)) for i in idx], fontsize=6, rotation=90)
+    ax.set_xlabel("feature")
+    ax.set_ylabel("mean |attribution|")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+__all__ = ["Attributions"]

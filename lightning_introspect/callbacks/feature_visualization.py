@@ -1,0 +1,535 @@
+"""``FeatureVisualization``: what do channels and classes respond to, and which regulariser shows it best?"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_introspect._torch.guards import introspection_mode
+from lightning_introspect._torch.hooks import hooks
+from lightning_introspect._torch.layers import resolve_layers
+from lightning_introspect.callbacks.base import IntrospectionCallback, check_choice, check_positive_int
+from lightning_introspect.methods.feature_visualization import (
+    PARAMS,
+    PENALTIES,
+    FeatureVisualizationResult,
+    Objective,
+    TransformRobustness,
+    channel,
+    class_logit,
+    infer_latent_dim,
+    stack_objectives,
+    visualize_features,
+)
+from lightning_introspect.render.grid import make_grid
+
+REGULARIZERS = ("frequency", "transform", "prior")
+_MAX_AUTO_CLASSES = 10
+
+
+def resolve_prior(spec: str | nn.Module | None, *, argument: str = "prior") -> nn.Module | None:
+    """An ``nn.Module`` decoder from ``None``, a module, or an import path ``"pkg.module:attr"`` / ``"pkg.module.attr"``.
+
+    The attribute may be a module instance or a zero-argument callable (a class or a factory) that
+    returns one.
+    """
+    if spec is None or isinstance(spec, nn.Module):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"Expected `{argument}` to be None, an nn.Module or an import path 'package.module:attribute', but got {spec!r}.")
+    path = spec.strip()
+    module_name, attr = path.split(":", 1) if ":" in path else path.rsplit(".", 1) if "." in path else (path, "")
+    if not attr:
+        raise ValueError(f"Expected `{argument}` as 'package.module:attribute', but got {spec!r}.")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"Cannot import `{argument}` {spec!r}: {err}.") from err
+    if not isinstance(obj, nn.Module) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, nn.Module):
+        raise ValueError(f"Expected `{argument}` {spec!r} to give an nn.Module decoder (latent -> image), but got {type(obj).__name__}.")
+    return obj
+
+
+def _float_list(value: Any, argument: str, *, length: int | None = None) -> list[float] | None:
+    if value is None:
+        return None
+    values = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else list(value)
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"Expected `{argument}` to be a number or a list of numbers, but got {value!r}.") from err
+    if length is not None and len(out) != length or not out or any(math.isnan(v) for v in out):
+        need = f"{length} numbers" if length is not None else "a number or a list of numbers"
+        raise ValueError(f"Expected `{argument}` to be {need}, but got {value!r}.")
+    return out
+
+
+class FeatureVisualization(IntrospectionCallback):
+    """Activation maximisation at train-epoch end: images that drive chosen channels and class logits.
+
+    For each chosen ``(layer, channel)`` and class, images are optimised to maximise the channel's
+    mean activation / the class logit, once per *regulariser setting*, and logged side by side: by
+    default ``none`` (plain pixels, the high-frequency optimum), each regulariser alone, and ``all``
+    together. There is no rule for which regulariser suits a model and data set -- the grid lets you
+    see it, and the high-frequency fraction (a "how natural" number: spectral energy above half the
+    Nyquist frequency) and the final objective measure it.
+
+    Regularisers (the column names):
+
+    * ``frequency``: the ``frequency_param`` parameterisation (default ``"fourier"``: 1/f-scaled spectrum)
+      plus a ``frequency_penalty`` (total variation by default);
+    * ``transform``: random pad / jitter / scale / rotation every step, scaled to the image size
+      (``transform_strength``);
+    * ``prior``: optimise the latent of a decoder ``prior`` (an ``nn.Module`` or an import path);
+      only when a prior is given.
+
+    Runs at train-epoch end on global rank zero (never inside validation: it needs gradients), in
+    eval mode, with the global RNG forked; the model's weights, modes, hooks and ``.grad`` are left as
+    they were (see :func:`~lightning_introspect.methods.feature_visualization.visualize_features`).
+
+    Args:
+        layers: layer names / glob patterns, or ``"auto"``: ``num_layers`` conv layers spread over the
+            network, the last one included (logged in ``introspect/featviz/table``). ``[]`` for classes only.
+        channels: a list of channel ids used for every layer, or ``"auto"``: the ``num_channels``
+            channels with the largest activation spread over the fixed samples at the first run (then kept).
+        classes: class ids to visualise (class logits), ``"auto"`` (the first 10 classes of a
+            classifier's ``(N, C)`` output; nothing for other outputs) or ``None``.
+        regularizers: a subset of ``"frequency"``, ``"transform"``, ``"prior"``; default: the first two,
+            plus ``"prior"`` when a ``prior`` is given.
+        compare: log ``none``, each regulariser and ``all`` (True) or only ``all`` (False).
+        steps: optimisation steps per setting.
+        lr: Adam learning rate.
+        image_size: side of the optimised images (default: the size of the data).
+        frequency_param: parameterisation of the ``frequency`` setting: ``"fourier"`` or ``"pixels"``.
+        frequency_penalty: relative weight of the frequency penalty (see ``visualize_features``).
+        penalty: ``"tv"`` or ``"highfreq"``.
+        transform_strength: scales the transformation-robustness amounts (1 = Lucid's defaults scaled to
+            the image size: at 32 px pad 3, jitter 2, scale 0.9-1.1, rotate 10 degrees, jitter 1).
+        prior: a decoder ``latent -> image`` in ``value_range`` (an ``nn.Module``, or an import path
+            ``"package.module:attribute"`` naming a module or a zero-argument factory). Moved to the
+            model's device; its weights are not changed.
+        latent_dim: the prior's latent size (default: inferred from a leading ``nn.Linear``).
+        latent_penalty: relative weight of the mean squared latent.
+        mean: the data normalisation's mean (number or per channel); with ``std`` and ``value_range``.
+        std: the data normalisation's std.
+        value_range: the valid image range in display space, e.g. ``[0.0, 1.0]``. When ``mean``, ``std``
+            and ``value_range`` are all ``None``, images are optimised directly in the model's input
+            space within the min / max of the fixed samples.
+        num_layers: layers chosen by ``layers="auto"``.
+        num_channels: channels per layer chosen by ``channels="auto"``.
+        enabled, every_n_epochs, at, num_samples, seed, on_error: see ``IntrospectionCallback``. By
+            default it runs at half of training and at the last epoch (it costs seconds, not milliseconds).
+
+    Tags written:
+        * ``introspect/featviz/<layer>/<channel>`` -- image: one tile per setting, columns in the order
+          of ``columns`` (e.g. none, frequency, transform, all);
+        * ``introspect/featviz/class/<class>`` -- image: the same for a class logit;
+        * ``introspect/featviz/objective/<setting>/<layer>/<channel>`` and ``.../objective/<setting>/class/<class>``
+          -- the final objective of each image (untransformed);
+        * ``introspect/featviz/hf_fraction/<setting>/<layer>/<channel>`` and ``.../class/<class>`` -- its
+          high-frequency energy fraction;
+        * ``introspect/featviz/hf_fraction/<setting>`` -- the mean over the setting's images;
+        * ``introspect/featviz/table`` -- text: the chosen units and a table of objective and
+          high-frequency fraction per setting;
+        * ``introspect/featviz/seconds`` -- wall time of each run.
+
+    Results on the instance:
+        ``columns`` (setting names), ``chosen`` (layer -> channel ids), ``classes_chosen``,
+        ``images`` (unit key ``"<layer>/<channel>"`` or ``"class/<c>"`` -> ``(S, C, H, W)`` tensor in
+        ``value_range``, one image per setting), ``results`` (setting -> ``FeatureVisualizationResult`` of
+        the latest run), ``history`` (list of dicts: epoch, step, unit, setting, objective,
+        initial_objective, hf_fraction).
+
+    Example:
+        >>> from lightning_introspect.demo import DigitsCNN, DigitsDataModule
+        >>> from lightning_introspect._lightning import Trainer
+        >>> cb = FeatureVisualization(layers=["features.8"], channels=[0, 1], classes=[3], steps=4)
+        >>> trainer = Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, callbacks=[cb],
+        ...                   logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False)
+        >>> trainer.fit(DigitsCNN(), datamodule=DigitsDataModule(limit=64))  # doctest: +SKIP
+        >>> cb.columns, sorted(cb.images)  # doctest: +SKIP
+        (['none', 'frequency', 'transform', 'all'], ['class/3', 'features.8/0', 'features.8/1'])
+    """
+
+    name = "featviz"
+
+    def __init__(
+        self,
+        *,
+        layers: str | list[str] = "auto",
+        channels: str | list[int] = "auto",
+        classes: str | list[int] | None = "auto",
+        regularizers: list[str] | None = None,
+        compare: bool = True,
+        steps: int = 32,
+        lr: float = 0.1,
+        image_size: int | None = None,
+        frequency_param: str = "fourier",
+        frequency_penalty: float = 2.0,
+        penalty: str = "tv",
+        transform_strength: float = 1.0,
+        prior: str | nn.Module | None = None,
+        latent_dim: int | None = None,
+        latent_penalty: float = 0.1,
+        mean: float | list[float] | None = None,
+        std: float | list[float] | None = None,
+        value_range: list[float] | tuple[float, float] | None = None,
+        num_layers: int = 2,
+        num_channels: int = 3,
+        enabled: bool = True,
+        every_n_epochs: int | None = None,
+        at: list[float] | tuple[float, ...] | None = (0.5,),
+        num_samples: int = 32,
+        seed: int = 0,
+        on_error: str = "warn",
+    ) -> None:
+        super().__init__(enabled=enabled, every_n_epochs=every_n_epochs, at=at, num_samples=num_samples, seed=seed, on_error=on_error)
+        if not (isinstance(layers, str) or (isinstance(layers, (list, tuple)) and all(isinstance(n, str) for n in layers))):
+            raise ValueError(f"Expected `layers` to be 'auto', a layer name or a list of names, but got {layers!r}.")
+        if isinstance(channels, str):
+            check_choice(channels, "channels", ("auto",))
+        elif not (isinstance(channels, (list, tuple)) and channels and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in channels)):
+            raise ValueError(f"Expected `channels` to be 'auto' or a non-empty list of channel ids (ints >= 0), but got {channels!r}.")
+        if isinstance(classes, str):
+            check_choice(classes, "classes", ("auto",))
+        elif classes is not None and not (isinstance(classes, (list, tuple)) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in classes)):
+            raise ValueError(f"Expected `classes` to be 'auto', None or a list of class ids (ints >= 0), but got {classes!r}.")
+        self.prior_module = resolve_prior(prior)
+        if regularizers is None:
+            regs = ["frequency", "transform"] + (["prior"] if self.prior_module is not None else [])
+        else:
+            if isinstance(regularizers, str) or not isinstance(regularizers, (list, tuple)):
+                raise ValueError(f"Expected `regularizers` to be a list drawn from {list(REGULARIZERS)}, but got {regularizers!r}.")
+            for r in regularizers:
+                check_choice(r, "regularizers", REGULARIZERS)
+            regs = [r for r in REGULARIZERS if r in regularizers]
+            if "prior" in regs and self.prior_module is None:
+                raise ValueError("`regularizers` contains 'prior' but no `prior` decoder was given; pass `prior` or drop 'prior'.")
+        check_positive_int(steps, "steps")
+        check_positive_int(image_size, "image_size", allow_none=True)
+        check_positive_int(num_layers, "num_layers")
+        check_positive_int(num_channels, "num_channels")
+        check_positive_int(latent_dim, "latent_dim", allow_none=True)
+        check_choice(frequency_param, "frequency_param", PARAMS)
+        check_choice(penalty, "penalty", PENALTIES)
+        for argument, value in (("lr", lr), ("frequency_penalty", frequency_penalty), ("transform_strength", transform_strength), ("latent_penalty", latent_penalty)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (argument == "lr" and value == 0):
+                raise ValueError(f"Expected `{argument}` to be a {'positive' if argument == 'lr' else 'non-negative'} number, but got {value!r}.")
+        self.mean = _float_list(mean, "mean")
+        self.std = _float_list(std, "std")
+        if self.std is not None and any(s == 0 for s in self.std):
+            raise ValueError(f"Expected `std` to be non-zero, but got {std!r}.")
+        vr = _float_list(value_range, "value_range", length=2)
+        if vr is not None and not vr[0] < vr[1]:
+            raise ValueError(f"Expected `value_range` to be [low, high] with low < high, but got {value_range!r}.")
+        self.value_range = None if vr is None else (vr[0], vr[1])
+        self.layers = layers
+        self.channels = channels
+        self.classes = classes
+        self.regularizers = regs
+        self.compare = bool(compare)
+        self.steps = steps
+        self.lr = float(lr)
+        self.image_size = image_size
+        self.frequency_param = frequency_param
+        self.frequency_penalty = float(frequency_penalty)
+        self.penalty = penalty
+        self.transform_strength = float(transform_strength)
+        self.latent_dim = latent_dim
+        self.latent_penalty = float(latent_penalty)
+        self.num_layers = num_layers
+        self.num_channels = num_channels
+        if not regs and not self.compare:
+            self.columns = ["none"]
+        elif not self.compare:
+            self.columns = ["all"]
+        else:
+            self.columns = ["none", *regs] + (["all"] if len(regs) > 1 else [])
+        # results
+        self.layer_names: list[str] = []
+        self.chosen: dict[str, list[int]] = {}
+        self.classes_chosen: list[int] = []
+        self.images: dict[str, torch.Tensor] = {}
+        self.results: dict[str, FeatureVisualizationResult] = {}
+        self.history: list[dict[str, Any]] = []
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._validated = False
+
+    # ------------------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit" or not self.enabled:
+            return
+        self.resolve(pl_module)  # bad layer names fail here, before any training step
+        try:
+            x, _ = self.fixed_samples(trainer)
+        except Exception:  # no data reachable yet: checked at the first run instead
+            return
+        self.validate(pl_module, x)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.active(trainer) and -1 in self.fraction_epochs(trainer).values():
+            self.run(trainer, self.visualize, trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.active(trainer) and self.is_scheduled(trainer):
+            self.run(trainer, self.visualize, trainer, pl_module)
+
+    # ------------------------------------------------------------------------------------ choices
+    def auto_layers(self, model: nn.Module) -> list[str]:
+        """``num_layers`` conv layers spread evenly over the network, ending with the last one."""
+        convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        if not convs:
+            convs = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:-1]
+        if not convs:
+            raise ValueError("`layers='auto'` found no nn.Conv2d (or hidden nn.Linear) layers; name the layers in `layers`.")
+        k = min(self.num_layers, len(convs))
+        picks = sorted({math.ceil((i + 1) * len(convs) / k) - 1 for i in range(k)})
+        return [convs[i] for i in picks]
+
+    def resolve(self, model: nn.Module) -> list[str]:
+        """Resolve ``layers`` to names (ValueError with the closest names for a bad one)."""
+        if isinstance(self.layers, (list, tuple)) and not self.layers:
+            self.layer_names = []
+        else:
+            auto = self.auto_layers(model) if self.layers == "auto" else None
+            self.layer_names = list(resolve_layers(model, self.layers, argument="layers", auto=auto))
+        return self.layer_names
+
+    def _display(self, x: torch.Tensor) -> tuple[tuple[float, float], list[float], list[float]]:
+        """(value_range, mean, std) for the optimisation, inferred from the samples where not given."""
+        if self.mean is None and self.std is None and self.value_range is None:
+            return (float(x.min()), float(x.max())), [0.0], [1.0]
+        return self.value_range or (0.0, 1.0), self.mean or [0.0], self.std or [1.0]
+
+    def _input_shape(self, x: torch.Tensor) -> tuple[int, int, int]:
+        if x.ndim != 4:
+            raise ValueError(f"FeatureVisualization needs image inputs (N, C, H, W); the data gives {tuple(x.shape)}.")
+        h, w = x.shape[-2:]
+        if self.image_size is not None:
+            h = w = self.image_size
+        return int(x.shape[1]), int(h), int(w)
+
+    def _record_shapes(self, model: nn.Module, x: torch.Tensor) -> tuple[dict[str, tuple[int, ...]], tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        modules = dict(model.named_modules())
+
+        def hook(name: str) -> Any:
+            def record(_m: nn.Module, _i: Any, out: Any) -> None:
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                shapes[name] = tuple(out.shape)
+
+            return record
+
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        with introspection_mode(model, grad=False), hooks() as handles:
+            for name in self.layer_names:
+                handles.append(modules[name].register_forward_hook(hook(name)))
+            out = model(x.to(device=device, dtype=dtype))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return shapes, tuple(out.shape)
+
+    def validate(self, pl_module: nn.Module, x: torch.Tensor) -> None:
+        """Check channels, classes and the prior against the model (one forward on 2 samples ``x``)."""
+        c, h, w = self._input_shape(x)
+        probe = F.interpolate(x[:2].float(), size=(h, w), mode="bilinear", align_corners=False) if (h, w) != tuple(x.shape[-2:]) else x[:2]
+        shapes, out_shape = self._record_shapes(pl_module, probe)
+        self._shapes = shapes
+        for name in self.layer_names:
+            if len(shapes.get(name, ())) < 2:
+                raise ValueError(f"Expected layer {name!r} in `layers` to output (N, C, ...) tensors, but got shape {shapes.get(name)}.")
+            n_ch = shapes[name][1]
+            if isinstance(self.channels, (list, tuple)):
+                bad = [ch for ch in self.channels if ch >= n_ch]
+                if bad:
+                    raise ValueError(f"Expected `channels` in [0, {n_ch - 1}] (layer {name!r} has {n_ch} channels), but got {bad}.")
+        if isinstance(self.classes, (list, tuple)) and self.classes:
+            if len(out_shape) != 2:
+                raise ValueError(f"`classes` needs a classifier output (N, num_classes), but the model gives {out_shape}; set classes=None.")
+            bad = [k for k in self.classes if k >= out_shape[1]]
+            if bad:
+                raise ValueError(f"Expected `classes` in [0, {out_shape[1] - 1}] (the model outputs {out_shape[1]} classes), but got {bad}.")
+        if self.classes == "auto":
+            self.classes_chosen = list(range(min(out_shape[1], _MAX_AUTO_CLASSES))) if len(out_shape) == 2 else []
+        elif self.classes is None:
+            self.classes_chosen = []
+        else:
+            self.classes_chosen = list(self.classes)
+        if self.prior_module is not None and "prior" in self.regularizers:
+            dim = self.latent_dim or infer_latent_dim(self.prior_module)
+            pdev = next((p.device for p in self.prior_module.parameters()), torch.device("cpu"))
+            with introspection_mode(self.prior_module, grad=False):
+                decoded = self.prior_module(torch.zeros(1, dim, device=pdev))
+            if tuple(decoded.shape[1:]) != (c, h, w):
+                raise ValueError(f"Expected `prior` to decode latents of size {dim} to images of shape {(c, h, w)}, but it gives {tuple(decoded.shape[1:])}.")
+        self._validated = True
+
+    def choose_channels(self, model: nn.Module, x: torch.Tensor) -> dict[str, list[int]]:
+        """``channels="auto"``: per layer the ``num_channels`` channels whose activation varies most."""
+        if isinstance(self.channels, (list, tuple)):
+            return {name: list(self.channels) for name in self.layer_names}
+        spread: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+
+        def hook(name: str) -> Any:
+            def record(_m: nn.Module, _i: Any, out: Any) -> None:
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                a = out.detach().float().transpose(0, 1).flatten(1)
+                spread[name] = a.std(dim=1) if a.shape[1] > 1 else a.abs().flatten()
+
+            return record
+
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        with introspection_mode(model, grad=False), hooks() as handles:
+            for name in self.layer_names:
+                handles.append(modules[name].register_forward_hook(hook(name)))
+            model(x.to(device=device, dtype=dtype))
+        chosen = {}
+        for name in self.layer_names:
+            k = min(self.num_channels, spread[name].numel())
+            top = torch.argsort(spread[name], descending=True, stable=True)[:k]
+            chosen[name] = sorted(int(i) for i in top)
+        return chosen
+
+    # ------------------------------------------------------------------------------------ the work
+    def setting_kwargs(self, setting: str, size: int) -> dict[str, Any]:
+        """``visualize_features`` keyword arguments of one column."""
+        on = set(self.regularizers) if setting == "all" else ({setting} if setting in REGULARIZERS else set())
+        kwargs: dict[str, Any] = {"param": "pixels"}
+        if "frequency" in on:
+            kwargs.update(param=self.frequency_param, frequency_penalty=self.frequency_penalty, penalty=self.penalty)
+        if "transform" in on and self.transform_strength > 0:
+            kwargs["transforms"] = TransformRobustness.for_size(size, strength=self.transform_strength)
+        if "prior" in on:
+            kwargs.update(prior=self.prior_module, latent_dim=self.latent_dim, latent_penalty=self.latent_penalty)
+        return kwargs
+
+    def units(self) -> list[tuple[str, Objective, int]]:
+        """(unit key prefix, objective, number of images) parts of the batch."""
+        parts: list[tuple[str, Objective, int]] = []
+        for name in self.layer_names:
+            chans = self.chosen.get(name, [])
+            if chans:
+                parts.append((name, channel(name, chans), len(chans)))
+        if self.classes_chosen:
+            parts.append(("class", class_logit(self.classes_chosen), len(self.classes_chosen)))
+        return parts
+
+    def unit_keys(self) -> list[str]:
+        keys = [f"{name}/{ch}" for name in self.layer_names for ch in self.chosen.get(name, [])]
+        return keys + [f"class/{k}" for k in self.classes_chosen]
+
+    def visualize(self, trainer: Any, pl_module: nn.Module) -> dict[str, FeatureVisualizationResult]:
+        """Optimise one batch per setting (all chosen channels and classes at once) and log the grids."""
+        x, _ = self.fixed_samples(trainer)
+        if not self._validated:
+            self.resolve(pl_module)
+            self.validate(pl_module, x)
+        if any(name not in self.chosen for name in self.layer_names):
+            fresh = self.choose_channels(pl_module, x)
+            self.chosen.update({n: c for n, c in fresh.items() if n not in self.chosen})
+        parts = self.units()
+        if not parts:
+            self.warn_once("nothing", "FeatureVisualization has no channels or classes to visualise; set `layers`/`channels` or `classes`.")
+            return {}
+        objective = stack_objectives([(obj, k) for _, obj, k in parts])
+        c, h, w = self._input_shape(x)
+        value_range, mean, std = self._display(x)
+        n = sum(k for _, _, k in parts)
+        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        if self.prior_module is not None and "prior" in self.regularizers:
+            self.prior_module.to(device)
+        results: dict[str, FeatureVisualizationResult] = {}
+        for setting in self.columns:
+            results[setting] = visualize_features(
+                pl_module,
+                objective,
+                shape=(n, c, h, w),
+                steps=self.steps,
+                lr=self.lr,
+                value_range=value_range,
+                mean=mean,
+                std=std,
+                seed=self.seed,
+                **self.setting_kwargs(setting, min(h, w)),
+            )
+        self.results = results
+        self.log_results(trainer, results, value_range)
+        return results
+
+    def log_results(self, trainer: Any, results: dict[str, FeatureVisualizationResult], value_range: tuple[float, float]) -> None:
+        writer = self.writer(trainer)
+        step, epoch = trainer.global_step, trainer.current_epoch
+        keys = self.unit_keys()
+        lo, hi = value_range
+        scale = max(1, math.ceil(64 / max(results[self.columns[0]].images.shape[-2:])))
+        scalars: dict[str, float] = {}
+        for i, key in enumerate(keys):
+            tiles = torch.stack([results[s].images[i] for s in self.columns])
+            self.images[key] = tiles.clone()
+            shown = ((tiles - lo) / (hi - lo)).clamp(0, 1)
+            if scale > 1:
+                shown = F.interpolate(shown, scale_factor=scale, mode="nearest")
+            writer.image(self.tag(key), make_grid(shown, nrow=len(self.columns), padding=2), step)
+            for s in self.columns:
+                r = results[s]
+                obj, hf = float(r.objective[i]), float(r.high_frequency_fraction[i])
+                scalars[self.tag("objective", s, key)] = obj
+                scalars[self.tag("hf_fraction", s, key)] = hf
+                self.history.append({"epoch": epoch, "step": step, "unit": key, "setting": s, "objective": obj, "initial_objective": float(r.initial_objective[i]), "hf_fraction": hf})
+        for s in self.columns:
+            scalars[self.tag("hf_fraction", s)] = float(results[s].high_frequency_fraction.mean())
+        writer.scalars(scalars, step)
+        writer.text(self.tag("table"), self.table(keys, results), step)
+
+    def table(self, keys: Sequence[str], results: dict[str, FeatureVisualizationResult]) -> str:
+        """A markdown table: one row per unit, objective and high-frequency fraction per setting."""
+        lines = [
+            f"Columns (left to right): {', '.join(self.columns)}. Steps {self.steps}, lr {self.lr:g}.",
+            "",
+            "Chosen: " + "; ".join([f"{n}: channels {self.chosen.get(n, [])}" for n in self.layer_names] + ([f"classes {self.classes_chosen}"] if self.classes_chosen else [])),
+            "",
+            "| unit | " + " | ".join(f"{s} objective | {s} hf" for s in self.columns) + " |",
+            "|---|" + "---|---|" * len(self.columns),
+        ]
+        for i, key in enumerate(keys):
+            cells = " | ".join(f"{float(results[s].objective[i]):.3g} | {float(results[s].high_frequency_fraction[i]):.2f}" for s in self.columns)
+            lines.append(f"| {key} | {cells} |")
+        return "\n".join(lines)
+
+    # ---------------------------------------------------------------------------------- reporting
+    def summary_lines(self) -> list[str]:
+        if not self.results:
+            return []
+        base = self.results.get("none")
+        parts = []
+        for s in self.columns:
+            r = self.results[s]
+            text = f"{s}: hf {float(r.high_frequency_fraction.mean()):.2f}"
+            if base is not None and s != "none":
+                ratio = (r.objective / base.objective.abs().clamp_min(1e-6)).median()
+                text += f", objective x{float(ratio):.2f} of none"
+            parts.append(text)
+        return [f"{len(self.unit_keys())} units; " + "; ".join(parts)]
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"chosen": {k: list(v) for k, v in self.chosen.items()}, "history": list(self.history)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.chosen = {str(k): [int(c) for c in v] for k, v in dict(state.get("chosen", {})).items()}
+        self.history = list(state.get("history", []))
+
+
+__all__ = ["FeatureVisualization", "resolve_prior"]

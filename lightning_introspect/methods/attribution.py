@@ -1,0 +1,734 @@
+"""Gradient attributions: saliency, input x gradient, guided backprop (with top-K), deconvnet, Grad-CAM.
+
+Every function takes ``(model, inputs, target)`` and returns a detached map per sample, in batch order:
+
+* :func:`saliency`, :func:`input_x_gradient`, :func:`guided_backprop`, :func:`deconvnet` and
+  :func:`guided_grad_cam` return maps of the inputs' shape;
+* :func:`grad_cam` returns ``(N, 1, *spatial)`` (the input's spatial size when ``upsample=True``).
+
+:func:`attribute` computes several methods sharing one forward pass: one ``torch.autograd.grad`` w.r.t.
+``[input, activation]`` serves saliency, input x gradient and Grad-CAM; guided backprop and deconvnet
+are further backward passes over the same graph with the ReLU backward rule switched (the rule is read
+at backward time); LRP (``lightning_introspect.methods.lrp``) runs its own pass.
+
+``target`` is anything :func:`lightning_introspect.methods.targets.target_scores` accepts: an int, one
+class id per sample (list / tensor), ``"pred"``, a callable on the output, or a ``RegionTarget``
+(segmentation). Every sample is explained with its own target.
+
+Invariants (DESIGN.md): gradients only through ``torch.autograd.grad`` w.r.t. the inputs / one
+activation (parameter ``.grad`` untouched), eval mode with every submodule's flag restored, the global
+RNG forked, hooks removed in ``finally`` (also when the model raises), fresh fp32 input copies outside
+autocast, and it works inside ``torch.inference_mode()`` (Lightning validation hooks).
+
+ReLU backward rules (``g`` the incoming gradient, ``y`` the ReLU output):
+
+* plain gradient: ``g * 1[y > 0]``;
+* guided backprop (Springenberg et al. 2015): ``g * 1[y > 0] * 1[g > 0]``;
+* deconvnet (Zeiler & Fergus 2014): ``relu(g)`` (the forward mask is ignored).
+
+They are applied to every ReLU the forward pass computes -- ``nn.ReLU`` modules (also
+``inplace=True``), ``F.relu`` / ``F.relu_``, ``torch.relu`` and ``Tensor.relu`` -- by a
+``torch.overrides.TorchFunctionMode`` that is active only during our forward pass and swaps those calls
+for an autograd function with a switchable backward. ReLUs written another way (``clamp(min=0)``,
+``torch.maximum``) and other activations (GELU, SiLU, LeakyReLU ...) keep their plain gradient: the
+methods warn when they see such activations or no ReLU at all (then guided backprop *is* the gradient).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from lightning_introspect._torch.guards import fresh_input, introspection_mode
+from lightning_introspect._torch.hooks import hooks
+from lightning_introspect._torch.layers import get_layer
+from lightning_introspect.methods.targets import Target, target_scores
+
+__all__ = [
+    "METHODS",
+    "SIGNED_METHODS",
+    "attribute",
+    "auto_layer",
+    "deconvnet",
+    "grad_cam",
+    "guided_backprop",
+    "guided_grad_cam",
+    "input_x_gradient",
+    "saliency",
+]
+
+LayerSpec = str | nn.Module | None
+
+# ----------------------------------------------------------------------------------------------------
+# Switchable ReLU backward
+# ----------------------------------------------------------------------------------------------------
+_RELU_FUNCS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
+_INPLACE_RELU_FUNCS = {torch.relu_, torch.Tensor.relu_}
+# Activations whose backward the guided / deconvnet rules do NOT modify (warned about).
+_OTHER_ACTIVATIONS = {
+    F.gelu: "gelu",
+    F.silu: "silu",
+    F.leaky_relu: "leaky_relu",
+    F.elu: "elu",
+    F.selu: "selu",
+    F.relu6: "relu6",
+    F.hardtanh: "hardtanh",
+    F.hardswish: "hardswish",
+    F.mish: "mish",
+    F.softplus: "softplus",
+    torch.tanh: "tanh",
+    torch.sigmoid: "sigmoid",
+    torch.Tensor.tanh: "tanh",
+    torch.Tensor.sigmoid: "sigmoid",
+}
+
+
+@dataclass
+class _ReluSwitch:
+    """Which backward rule the ReLUs of one forward pass apply; read at backward time."""
+
+    rule: str = "plain"
+    relus: int = 0
+    others: set[str] = field(default_factory=set)
+
+
+class _SwitchableReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, switch: _ReluSwitch, inplace: bool) -> torch.Tensor:
+        if inplace:
+            out = torch.relu_(x)
+            ctx.mark_dirty(x)
+        else:
+            out = torch.relu(x)
+        ctx.switch = switch
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        (out,) = ctx.saved_tensors
+        rule = ctx.switch.rule
+        if rule == "deconvnet":
+            return grad.clamp_min(0), None, None
+        if rule == "guided":
+            grad = grad.clamp_min(0)
+        return grad.masked_fill(out <= 0, 0), None, None
+
+
+class _ReluInterceptor(TorchFunctionMode):
+    """Routes every ReLU call of the forward pass through :class:`_SwitchableReLU`."""
+
+    def __init__(self, switch: _ReluSwitch) -> None:
+        super().__init__()
+        self.switch = switch
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _RELU_FUNCS and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            self.switch.relus += 1
+            inplace = func in _INPLACE_RELU_FUNCS or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
+            return _SwitchableReLU.apply(args[0], self.switch, inplace)
+        name = _OTHER_ACTIVATIONS.get(func)
+        if name is not None:
+            self.switch.others.add(name)
+        return func(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shared forward pass
+# ----------------------------------------------------------------------------------------------------
+def _input_dtype(model: nn.Module) -> torch.dtype:
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if not dtypes or torch.float32 in dtypes or len(dtypes) > 1:
+        return torch.float32
+    return dtypes.pop()  # a model held entirely in half / bfloat16 cannot take fp32 inputs
+
+
+def _model_device(model: nn.Module, inputs: torch.Tensor) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return inputs.device
+
+
+def _layer_module(model: nn.Module, layer: LayerSpec, argument: str = "layer") -> tuple[str, nn.Module]:
+    if isinstance(layer, nn.Module):
+        for name, module in model.named_modules():
+            if module is layer:
+                return name, module
+        raise ValueError(f"Expected `{argument}` to be a submodule of the model (or its dotted name), but got a {type(layer).__name__} that is not part of it.")
+    if not isinstance(layer, str):
+        raise ValueError(f"Expected `{argument}` to be a dotted layer name (str) or a submodule, but got {layer!r}.")
+    return layer, get_layer(model, layer, argument=argument)
+
+
+@dataclass
+class _Forward:
+    """One forward pass: the input leaf, the output, the per-sample scores, the captured activation."""
+
+    x: torch.Tensor
+    output: torch.Tensor
+    scores: torch.Tensor
+    switch: _ReluSwitch
+    layer_name: str | None = None
+    activation: torch.Tensor | None = None
+    calls: int = 0
+    handles: list[Any] = field(default_factory=list)
+
+    def grad(self, wrt: Sequence[torch.Tensor], *, rule: str = "plain", retain: bool = True) -> tuple[torch.Tensor, ...]:
+        self.switch.rule = rule
+        grads = torch.autograd.grad(self.scores.sum(), list(wrt), retain_graph=retain, allow_unused=True)
+        return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads))
+
+
+def _check_inputs(inputs: Any) -> None:
+    if not isinstance(inputs, torch.Tensor):
+        raise ValueError(f"Expected `inputs` to be a tensor of shape (N, ...), but got {type(inputs).__name__}.")
+    if inputs.ndim < 2:
+        raise ValueError(f"Expected `inputs` of shape (N, ...) with a batch dimension, but got {tuple(inputs.shape)}.")
+    if not inputs.is_floating_point():
+        raise ValueError(f"Expected floating-point `inputs` (gradients w.r.t. them are needed), but got dtype {inputs.dtype}.")
+
+
+@contextlib.contextmanager
+def _forward(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: Target,
+    *,
+    layer: LayerSpec = None,
+    modified_relu: bool = False,
+) -> Iterator[_Forward]:
+    """Run one forward pass under the introspection guards; hooks are removed when the block exits."""
+    _check_inputs(inputs)
+    layer_name, module = _layer_module(model, layer) if layer is not None else (None, None)
+    with introspection_mode(model), hooks() as handles:
+        device = _model_device(model, inputs)
+        x = fresh_input(inputs.to(device), dtype=_input_dtype(model))
+        captured: list[torch.Tensor] = []
+
+        def capture(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
+            if not isinstance(output, torch.Tensor):
+                raise ValueError(f"Expected the layer {layer_name!r} to output one tensor, but got {type(output).__name__}.")
+            captured.append(output)
+            # Hand a copy downstream: an in-place op after the layer (ReLU(inplace=True)) must not
+            # overwrite the activation we differentiate w.r.t.
+            return output.clone()
+
+        if module is not None:
+            handles.append(module.register_forward_hook(capture))
+        switch = _ReluSwitch()
+        # The model gets a clone of the leaf, so an in-place first op cannot touch the leaf.
+        with _ReluInterceptor(switch) if modified_relu else contextlib.nullcontext():
+            output = model(x.clone())
+        if not isinstance(output, torch.Tensor):
+            raise ValueError(f"Expected the model to return one tensor (N, C, ...), but got {type(output).__name__}.")
+        output = output.float()
+        scores = target_scores(output, target)
+        if module is not None and not captured:
+            raise ValueError(f"The layer {layer_name!r} did not run in the forward pass; choose a layer the model calls.")
+        fwd = _Forward(
+            x=x,
+            output=output,
+            scores=scores,
+            switch=switch,
+            layer_name=layer_name,
+            activation=captured[-1] if captured else None,
+            calls=len(captured),
+            handles=handles,
+        )
+        if fwd.calls > 1:
+            warnings.warn(
+                f"The layer {layer_name!r} ran {fwd.calls} times in one forward pass; its last call is used.",
+                stacklevel=3,
+            )
+        yield fwd
+
+
+def _warn_relu_coverage(fwd: _Forward, method: str) -> None:
+    others = ", ".join(sorted(fwd.switch.others))
+    if fwd.switch.relus == 0:
+        seen = f" (it uses {others}, whose backward is not modified)" if others else ""
+        warnings.warn(
+            f"{method}: the forward pass computed no ReLU (nn.ReLU, F.relu, torch.relu, Tensor.relu){seen}, so the "
+            f"modified backward rule never applied and {method} equals the plain gradient for this model.",
+            stacklevel=3,
+        )
+    elif others:
+        warnings.warn(
+            f"{method}: the model also uses {others}; only ReLUs get the {method} backward rule, those "
+            "activations keep their plain gradient.",
+            stacklevel=3,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pieces shared by the public functions and `attribute`
+# ----------------------------------------------------------------------------------------------------
+def _cam(activation: torch.Tensor, grad: torch.Tensor, *, relu: bool) -> torch.Tensor:
+    if activation.ndim < 3:
+        raise ValueError(
+            f"Grad-CAM needs a layer with spatial dimensions, output (N, C, H, W), but the layer gave {tuple(activation.shape)}; "
+            "pass a convolutional `layer`."
+        )
+    spatial = tuple(range(2, activation.ndim))
+    alpha = grad.mean(dim=spatial, keepdim=True)
+    cam = (alpha * activation).sum(dim=1, keepdim=True)
+    return F.relu(cam) if relu else cam
+
+
+def _upsample(cam: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    size = tuple(inputs.shape[2:])
+    if cam.ndim != inputs.ndim or tuple(cam.shape[2:]) == size:
+        return cam
+    mode = {3: "linear", 4: "bilinear", 5: "trilinear"}.get(cam.ndim)
+    if mode is None:
+        return cam
+    return F.interpolate(cam, size=size, mode=mode, align_corners=False)
+
+
+def _check_top_k(top_k: Any) -> None:
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"Expected `top_k` to be a positive int or None, but got {top_k!r}.")
+
+
+def _top_k_hook(activation: torch.Tensor, k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    act = activation.detach()
+
+    def keep_top_k(grad: torch.Tensor) -> torch.Tensor:
+        strength = act * grad
+        n = strength.shape[0]
+        # positions: spatial locations (channels summed) for (N, C, *S) maps, features for (N, F)
+        per_position = strength.sum(dim=1) if strength.ndim >= 3 else strength
+        flat = per_position.reshape(n, -1)
+        k_eff = min(k, flat.shape[1])
+        idx = flat.topk(k_eff, dim=1).indices
+        mask = torch.zeros_like(flat).scatter_(1, idx, 1.0).view_as(per_position)
+        return grad * (mask.unsqueeze(1) if strength.ndim >= 3 else mask)
+
+    return keep_top_k
+
+
+def _guided_grad(fwd: _Forward, *, top_k: int | None, retain: bool) -> torch.Tensor:
+    handle = None
+    if top_k is not None:
+        assert fwd.activation is not None  # internal: the caller captured the layer
+        handle = fwd.activation.register_hook(_top_k_hook(fwd.activation, top_k))
+        fwd.handles.append(handle)
+    try:
+        (g,) = fwd.grad([fwd.x], rule="guided", retain=retain)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return g
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public methods
+# ----------------------------------------------------------------------------------------------------
+def saliency(model: nn.Module, inputs: torch.Tensor, target: Target, *, abs: bool = True) -> torch.Tensor:  # noqa: A002
+    """Vanilla gradient of the target score w.r.t. the inputs (Simonyan et al. 2014), as captum ``Saliency``.
+
+    Args:
+        model: any ``nn.Module`` returning ``(N, C, ...)`` scores.
+        inputs: ``(N, ...)`` floating inputs (not modified).
+        target: int, per-sample ids, ``"pred"``, callable or ``RegionTarget``.
+        abs: return ``|gradient|`` (captum's default) instead of the signed gradient.
+
+    Returns:
+        A detached tensor of the inputs' shape.
+
+    Example:
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+        >>> saliency(net, torch.ones(2, 1, 2, 2), [0, 2]).shape
+        torch.Size([2, 1, 2, 2])
+    """
+    with _forward(model, inputs, target) as fwd:
+        (g,) = fwd.grad([fwd.x], retain=False)
+    return (g.abs() if abs else g).detach()
+
+
+def input_x_gradient(model: nn.Module, inputs: torch.Tensor, target: Target) -> torch.Tensor:
+    """Inputs times the gradient of the target score (signed), as captum ``InputXGradient``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+        >>> input_x_gradient(net, torch.ones(2, 4), "pred").shape
+        torch.Size([2, 4])
+    """
+    with _forward(model, inputs, target) as fwd:
+        (g,) = fwd.grad([fwd.x], retain=False)
+        return (fwd.x * g).detach()
+
+
+def guided_backprop(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: Target,
+    *,
+    top_k: int | None = None,
+    layer: LayerSpec = None,
+) -> torch.Tensor:
+    """Guided backpropagation: ReLUs pass back only positive gradients where their output was positive.
+
+    Equals captum ``GuidedBackprop`` on models whose ReLUs are ``nn.ReLU`` modules, and also covers
+    ``F.relu`` / ``torch.relu`` / in-place ReLUs, which captum does not see (see the module docstring).
+
+    Top-K variant (``top_k=K``): at ``layer`` (default :func:`auto_layer`, the deepest feature map) the
+    guided gradient ``G`` arriving from the target score is multiplied by the activation ``A`` of that
+    layer. For an ``(N, C, *S)`` feature map a *position* is a spatial location and its strength is
+    ``sum_c A[n, c, s] * G[n, c, s]``; for an ``(N, F)`` layer each feature is a position with strength
+    ``A * G``. For each sample the K positions of largest strength keep their gradient (all channels),
+    the gradient at every other position is set to zero, and the guided backward continues from there
+    to the input. The map shows which input pixels drive the layer's K most score-relevant responses.
+    ``K >= number of positions`` gives plain guided backprop.
+
+    Args:
+        model: the model.
+        inputs: ``(N, ...)`` floating inputs (not modified).
+        target: int, per-sample ids, ``"pred"``, callable or ``RegionTarget``.
+        top_k: keep only the K strongest positions at ``layer`` (``None``: no masking).
+        layer: dotted name or submodule for ``top_k`` (ignored without ``top_k``).
+
+    Returns:
+        A detached signed tensor of the inputs' shape.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+        >>> guided_backprop(net, torch.randn(2, 1, 4, 4), 1, top_k=2, layer="1").shape
+        torch.Size([2, 1, 4, 4])
+    """
+    _check_top_k(top_k)
+    if top_k is not None and layer is None:
+        layer = auto_layer(model, inputs)
+    with _forward(model, inputs, target, layer=layer if top_k is not None else None, modified_relu=True) as fwd:
+        _warn_relu_coverage(fwd, "guided_backprop")
+        return _guided_grad(fwd, top_k=top_k, retain=False).detach()
+
+
+def deconvnet(model: nn.Module, inputs: torch.Tensor, target: Target) -> torch.Tensor:
+    """Deconvnet: ReLUs pass back ``relu(gradient)``, ignoring the forward mask; as captum ``Deconvolution``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> deconvnet(net, torch.randn(2, 4), [0, 1]).shape
+        torch.Size([2, 4])
+    """
+    with _forward(model, inputs, target, modified_relu=True) as fwd:
+        _warn_relu_coverage(fwd, "deconvnet")
+        (g,) = fwd.grad([fwd.x], rule="deconvnet", retain=False)
+    return g.detach()
+
+
+def grad_cam(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: Target,
+    layer: LayerSpec,
+    *,
+    relu: bool = True,
+    upsample: bool = True,
+) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al. 2017): ``ReLU(sum_k alpha_k A^k)``, ``alpha_k`` the spatial mean of ``d score / d A^k``.
+
+    ``A`` is the output of ``layer`` and the score the pre-softmax target score. Equals captum
+    ``LayerGradCam(relu_attributions=relu)``; with ``upsample`` the map is resized bilinearly
+    (``align_corners=False``) to the input's spatial size, as captum's ``LayerAttribution.interpolate``
+    with ``"bilinear"`` (captum's own default is ``"nearest"``). The absolute scale is kept (no
+    min-max normalisation).
+
+    Args:
+        model: the model.
+        inputs: ``(N, C, H, W)`` inputs (1-D / 3-D spatial inputs work too).
+        target: int, per-sample ids, ``"pred"``, callable or ``RegionTarget``.
+        layer: dotted name or submodule whose output ``(N, K, h, w)`` is explained ("auto" is resolved
+            by :func:`auto_layer`).
+        relu: apply the ReLU to the weighted sum.
+        upsample: resize to the input's spatial size.
+
+    Returns:
+        A detached ``(N, 1, H, W)`` tensor (``(N, 1, h, w)`` without upsampling).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        ...                     nn.Flatten(), nn.Linear(4, 3))
+        >>> grad_cam(net, torch.randn(2, 1, 8, 8), "pred", "1").shape
+        torch.Size([2, 1, 8, 8])
+    """
+    if isinstance(layer, str) and layer == "auto":
+        layer = auto_layer(model, inputs)
+    if layer is None:
+        raise ValueError("Expected `layer` to name the feature map Grad-CAM explains (or 'auto'), but got None.")
+    with _forward(model, inputs, target, layer=layer) as fwd:
+        assert fwd.activation is not None
+        (g,) = fwd.grad([fwd.activation], retain=False)
+        cam = _cam(fwd.activation.detach(), g, relu=relu)
+    return (_upsample(cam, inputs) if upsample else cam).detach()
+
+
+def guided_grad_cam(model: nn.Module, inputs: torch.Tensor, target: Target, layer: LayerSpec) -> torch.Tensor:
+    """Guided Grad-CAM: guided backprop times the (ReLU'd, bilinearly upsampled) Grad-CAM map.
+
+    One forward pass and two backward passes (captum ``GuidedGradCam`` needs two of each). Equals
+    captum ``GuidedGradCam(...).attribute(..., interpolate_mode="bilinear")``.
+
+    Returns:
+        A detached signed tensor of the inputs' shape.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        ...                     nn.Flatten(), nn.Linear(4, 3))
+        >>> guided_grad_cam(net, torch.randn(2, 1, 8, 8), 0, "1").shape
+        torch.Size([2, 1, 8, 8])
+    """
+    out = attribute(model, inputs, target, ["guided_grad_cam"], layer=layer)
+    return out["guided_grad_cam"]
+
+
+def _lrp(model: nn.Module, inputs: torch.Tensor, target: Target, **options: Any) -> torch.Tensor:
+    """Layer-wise relevance propagation; see ``lightning_introspect.methods.lrp.lrp`` (imported lazily)."""
+    from lightning_introspect.methods.lrp import lrp
+
+    return lrp(model, inputs, target, **options)
+
+
+def lrp_available() -> bool:
+    """Whether ``lightning_introspect.methods.lrp`` can be imported."""
+    try:
+        from lightning_introspect.methods.lrp import lrp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+METHODS: dict[str, Callable[..., torch.Tensor]] = {
+    "saliency": saliency,
+    "input_x_gradient": input_x_gradient,
+    "guided_backprop": guided_backprop,
+    "deconvnet": deconvnet,
+    "grad_cam": grad_cam,
+    "guided_grad_cam": guided_grad_cam,
+    "lrp": _lrp,
+}
+"""Name -> function. ``grad_cam`` and ``guided_grad_cam`` take the layer as 4th argument."""
+
+SIGNED_METHODS: frozenset[str] = frozenset({"input_x_gradient", "guided_backprop", "deconvnet", "guided_grad_cam", "lrp"})
+"""Methods whose maps take both signs (show them with a diverging colormap centred on 0).
+
+``saliency`` is unsigned with its default ``abs=True``; ``grad_cam`` with its default ``relu=True``."""
+
+LAYER_METHODS: frozenset[str] = frozenset({"grad_cam", "guided_grad_cam"})
+"""Methods that explain a layer (need ``layer``)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# attribute: several methods, one forward pass
+# ----------------------------------------------------------------------------------------------------
+def _check_methods(methods: Any, argument: str = "methods") -> list[str]:
+    if isinstance(methods, str):
+        methods = [methods]
+    if not isinstance(methods, (list, tuple)) or not methods:
+        raise ValueError(f"Expected `{argument}` to be a non-empty list of method names from {', '.join(METHODS)}, but got {methods!r}.")
+    out: list[str] = []
+    for name in methods:
+        if name not in METHODS:
+            raise ValueError(f"Expected every entry of `{argument}` to be one of {', '.join(repr(m) for m in METHODS)}, but got {name!r}.")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def attribute(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: Target,
+    methods: Sequence[str],
+    *,
+    layer: LayerSpec = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Several attribution methods for the same inputs and target, sharing one forward pass.
+
+    One forward pass serves every gradient method asked for: saliency, input x gradient and Grad-CAM
+    share one ``torch.autograd.grad`` w.r.t. ``[input, activation]``; guided backprop, guided Grad-CAM
+    and deconvnet are extra backward passes over the same graph with the ReLU rule switched. LRP runs
+    its own pass. The results equal the single-method functions.
+
+    Args:
+        model: the model.
+        inputs: ``(N, ...)`` floating inputs (not modified).
+        target: int, per-sample ids, ``"pred"``, callable or ``RegionTarget``; ``"pred"`` is taken from
+            the shared forward pass, so every method explains the same classes.
+        methods: names from :data:`METHODS`.
+        layer: the feature map for ``grad_cam`` / ``guided_grad_cam`` and for guided backprop's ``top_k``
+            (``None`` or ``"auto"``: :func:`auto_layer`).
+        options: per-method keyword options, e.g. ``{"saliency": {"abs": False}, "guided_backprop":
+            {"top_k": 4}, "grad_cam": {"relu": True, "upsample": True}, "lrp": {"rule": "epsilon"}}``.
+
+    Returns:
+        ``{method: map}`` in the order of ``methods``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        ...                     nn.Flatten(), nn.Linear(4, 3))
+        >>> maps = attribute(net, torch.randn(2, 1, 8, 8), "pred", ["saliency", "grad_cam"])
+        >>> {k: tuple(v.shape) for k, v in maps.items()}
+        {'saliency': (2, 1, 8, 8), 'grad_cam': (2, 1, 8, 8)}
+    """
+    names = _check_methods(methods)
+    options = {k: dict(v) for k, v in (options or {}).items()}
+    unknown = sorted(set(options) - set(METHODS))
+    if unknown:
+        raise ValueError(f"Expected the keys of `options` to be method names from {', '.join(METHODS)}, but got {unknown}.")
+    sal_opts = options.get("saliency", {})
+    cam_opts = options.get("grad_cam", {})
+    guided_opts = options.get("guided_backprop", {})
+    for method, allowed in (("saliency", {"abs"}), ("grad_cam", {"relu", "upsample"}), ("guided_backprop", {"top_k", "layer"})):
+        bad = sorted(set(options.get(method, {})) - allowed)
+        if bad:
+            raise ValueError(f"Unknown option(s) {bad} for {method!r} in `options`; valid: {', '.join(sorted(allowed))}.")
+    for method in ("input_x_gradient", "deconvnet", "guided_grad_cam"):
+        if options.get(method):
+            raise ValueError(f"{method!r} takes no options, but `options` gives {sorted(options[method])}.")
+    top_k = guided_opts.get("top_k")
+    _check_top_k(top_k)
+
+    gradient_names = [m for m in names if m != "lrp"]
+    needs_layer = any(m in LAYER_METHODS for m in gradient_names) or ("guided_backprop" in gradient_names and top_k is not None)
+    if isinstance(layer, str) and layer == "auto":
+        layer = None
+    if needs_layer and layer is None:
+        layer = auto_layer(model, inputs)
+    if "guided_backprop" in gradient_names and guided_opts.get("layer") is not None and top_k is not None:
+        if "grad_cam" in gradient_names or "guided_grad_cam" in gradient_names:
+            if _layer_module(model, guided_opts["layer"])[1] is not _layer_module(model, layer)[1]:
+                raise ValueError("`options['guided_backprop']['layer']` must equal `layer` when Grad-CAM shares the pass.")
+        else:
+            layer = guided_opts["layer"]
+
+    results: dict[str, torch.Tensor] = {}
+    if gradient_names:
+        want_plain_x = any(m in ("saliency", "input_x_gradient") for m in gradient_names)
+        want_cam = any(m in LAYER_METHODS for m in gradient_names)
+        want_guided = "guided_backprop" in gradient_names
+        want_guided_plain = "guided_grad_cam" in gradient_names and (not want_guided or top_k is not None)
+        want_deconv = "deconvnet" in gradient_names
+        modified = want_guided or want_guided_plain or want_deconv
+        steps = [s for s, on in (("plain", want_plain_x or want_cam), ("guided", want_guided), ("guided_plain", want_guided_plain), ("deconvnet", want_deconv)) if on]
+        target_for_pass = target
+        with _forward(model, inputs, target_for_pass, layer=layer if needs_layer else None, modified_relu=modified) as fwd:
+            if modified:
+                for name in ("guided_backprop", "deconvnet", "guided_grad_cam"):
+                    if name in gradient_names:
+                        _warn_relu_coverage(fwd, name)
+            grads: dict[str, torch.Tensor] = {}
+            cam = None
+            for i, step in enumerate(steps):
+                retain = i < len(steps) - 1
+                if step == "plain":
+                    wrt = ([fwd.x] if want_plain_x else []) + ([fwd.activation] if want_cam else [])
+                    got = fwd.grad(wrt, retain=retain)  # type: ignore[arg-type]
+                    if want_plain_x:
+                        grads["x"] = got[0]
+                    if want_cam:
+                        assert fwd.activation is not None
+                        cam = _cam(fwd.activation.detach(), got[-1], relu=bool(cam_opts.get("relu", True)))
+                elif step == "guided":
+                    grads["guided"] = _guided_grad(fwd, top_k=top_k, retain=retain)
+                elif step == "guided_plain":
+                    grads["guided_plain"] = _guided_grad(fwd, top_k=None, retain=retain)
+                else:
+                    (grads["deconvnet"],) = fwd.grad([fwd.x], rule="deconvnet", retain=retain)
+            x = fwd.x.detach()
+        for name in gradient_names:
+            if name == "saliency":
+                g = grads["x"]
+                results[name] = g.abs() if sal_opts.get("abs", True) else g
+            elif name == "input_x_gradient":
+                results[name] = x * grads["x"]
+            elif name == "guided_backprop":
+                results[name] = grads["guided"]
+            elif name == "deconvnet":
+                results[name] = grads["deconvnet"]
+            elif name == "grad_cam":
+                assert cam is not None
+                results[name] = _upsample(cam, inputs) if cam_opts.get("upsample", True) else cam
+            elif name == "guided_grad_cam":
+                assert cam is not None
+                plain_cam = cam if cam_opts.get("relu", True) else F.relu(cam)
+                guided = grads.get("guided_plain", grads.get("guided"))
+                results[name] = guided * _upsample(plain_cam, inputs)
+    if "lrp" in names:
+        results["lrp"] = _lrp(model, inputs, target, **options.get("lrp", {}))
+    return {name: results[name].detach() for name in names}
+
+
+# ----------------------------------------------------------------------------------------------------
+# auto_layer
+# ----------------------------------------------------------------------------------------------------
+def auto_layer(model: nn.Module, example_input: torch.Tensor) -> str:
+    """The feature map Grad-CAM explains by default: the last convolution's output, as late as it stays.
+
+    Runs one forward pass (eval mode, no grad, global RNG forked) recording every module call as it
+    completes. Takes the last call of a 2-D (more generally N-D spatial) convolution, then moves on
+    through the calls that follow it while the output keeps that shape (BatchNorm, the ReLU, a residual
+    block or stage that ends there), and returns the last of those modules that runs once per forward.
+    Without a convolution: the last module whose output has spatial dimensions larger than 1.
+    For :class:`~lightning_introspect.demo.DigitsCNN` this is ``"features.9"`` (the ReLU after the last
+    conv); for a torchvision-style ResNet ``"layer4"``.
+
+    Raises:
+        ValueError: if no module outputs a spatial feature map.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 2))
+        >>> auto_layer(net, torch.zeros(1, 1, 8, 8))
+        '1'
+    """
+    _check_inputs(example_input)
+    names = {m: n for n, m in model.named_modules() if n}
+    calls: list[tuple[str, tuple[int, ...] | None, bool]] = []
+
+    def record(module: nn.Module, _inputs: Any, output: Any) -> None:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+        calls.append((names[module], shape, isinstance(module, nn.modules.conv._ConvNd)))
+
+    with introspection_mode(model, grad=False), hooks() as handles:
+        for module in names:
+            handles.append(module.register_forward_hook(record))
+        model(example_input[:1].to(_model_device(model, example_input)))
+    counts: dict[str, int] = {}
+    for name, _, _ in calls:
+        counts[name] = counts.get(name, 0) + 1
+
+    def spatial(shape: tuple[int, ...] | None) -> bool:
+        return shape is not None and len(shape) >= 3 and any(s > 1 for s in shape[2:])
+
+    conv_idx = [i for i, (_, shape, is_conv) in enumerate(calls) if is_conv and spatial(shape)]
+    if conv_idx:
+        start = conv_idx[-1]
+        shape = calls[start][1]
+        best = calls[start][0] if counts[calls[start][0]] == 1 else None
+        for name, s, _ in calls[start + 1 :]:
+            if s != shape:
+                break
+            if counts[name] == 1:
+                best = name
+        if best is not None:
+            return best
+    candidates = [name for name, shape, _ in calls if spatial(shape) and counts[name] == 1]
+    if not candidates:
+        raise ValueError(
+            "Cannot choose a layer automatically: no submodule outputs a spatial feature map (N, C, H, W). "
+            "Pass `layer` with the dotted name of a convolutional layer."
+        )
+    return candidates[-1]

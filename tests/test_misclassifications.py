@@ -1,0 +1,148 @@
+"""Misclassifications: gallery and statistics checked against the model, perturbations on a trained CNN."""
+
+from __future__ import annotations
+
+import copy
+import io
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_introspect._lightning import Trainer, pl
+from lightning_introspect.callbacks.misclassifications import Misclassifications
+from lightning_introspect.methods.image_stats import error_rate_by_bin, image_statistics
+from tests.helpers import quick_trainer, read_events
+from tests.test_per_class_metrics import TinyDigits, digits8
+
+
+def test_fit_logs_gallery_statistics_and_perturbations_that_match_the_model(tmp_path: Any) -> None:
+    pl.seed_everything(0, verbose=False)
+    dm = digits8(limit=192)
+    model = TinyDigits(lr=1e-2)
+    cb = Misclassifications(top_k=6, per_class=2, num_samples=96, blur_sigmas=[0.5, 1.0], noise_stds=[0.5],
+                            color_strengths=[0.5], mean=dm.mean, std=dm.std, on_error="raise")
+    trainer = quick_trainer(tmp_path, [cb], epochs=2)
+    trainer.fit(model, datamodule=dm)
+
+    # the report agrees with the final model on the whole validation set
+    x, y = dm.val_set.tensors
+    model.eval()
+    with torch.no_grad():
+        probs = model(x).softmax(1)
+    conf, pred = probs.max(1)
+    wrong = pred != y
+    report = cb.report
+    assert report["epoch"] == 1 and report["num_samples"] == len(y)
+    assert report["error_rate"] == pytest.approx(float(wrong.float().mean()))
+    idx = wrong.nonzero().flatten()
+    expected = sorted(idx.tolist(), key=lambda i: (-float(conf[i]), i))[:6]
+    assert [r["index"] for r in report["wrong"]] == expected
+    for row in report["wrong"]:
+        assert row["confidence"] == pytest.approx(float(conf[row["index"]]), abs=1e-6)
+        assert (row["label"], row["pred"]) == (int(y[row["index"]]), int(pred[row["index"]]))
+    raw = x * dm.std + dm.mean
+    assert torch.allclose(cb.wrong_images, raw[expected], atol=1e-5)  # the un-normalised inputs
+    assert report["confidence_wrong"] < report["confidence_right"]
+
+    stats = image_statistics(raw)
+    assert set(report["bins"]) == {"sharpness", "noise", "brightness", "contrast"}  # no saturation for grey
+    for name, b in report["bins"].items():
+        ref = error_rate_by_bin(stats[name], wrong, num_bins=5)
+        assert b["counts"] == ref.counts and b["errors"] == ref.errors
+        assert sum(b["counts"]) == len(y) and sum(b["errors"]) == int(wrong.sum())
+
+    fx, fy = cb.fixed_samples(trainer)
+    with torch.no_grad():
+        clean = float((model(fx).argmax(1) == fy).float().mean())
+    blur = report["perturbations"]["blur"]
+    assert blur["strengths"] == [0.0, 0.5, 1.0] and blur["accuracy"][0] == pytest.approx(clean)
+    assert set(report["perturbations"]) == {"blur", "noise", "color"}
+    assert len(blur["per_class"][0]) == 10
+    assert len(cb.history) == 2 and any("concentrate" in line or "blur" in line for line in cb.summary_lines())
+
+    events = read_events(trainer.logger.log_dir)
+    steps = [h["step"] for h in cb.history]
+    for tag in ("gallery", "gallery_per_class", "statistics_figure", "perturbations_figure"):
+        assert events["images"][f"introspect/misclassifications/{tag}"] == steps
+    for tag in ("top_wrong", "statistics", "perturbations"):
+        assert events["text"][f"introspect/misclassifications/{tag}/text_summary"] == steps
+    scalars = events["scalars"]
+    assert dict(scalars["introspect/misclassifications/error_rate/overall"])[steps[-1]] == pytest.approx(report["error_rate"])
+    assert "introspect/misclassifications/error_rate/sharpness/q1" in scalars
+    assert dict(scalars["introspect/misclassifications/perturbation/blur/1"])[steps[-1]] == pytest.approx(blur["accuracy"][2])
+
+    buffer = io.BytesIO()  # the checkpoint state holds only plain types
+    torch.save(cb.state_dict(), buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["history"][-1]["error_rate"] == report["error_rate"]
+
+
+def test_perturbation_accuracy_falls_with_blur_and_noise_on_a_trained_cnn(trained_digits: Any, tmp_path: Any) -> None:
+    model, dm = trained_digits
+    model = copy.deepcopy(model)
+    cb = Misclassifications(perturbations=["blur", "noise"], blur_sigmas=[0.5, 1.0, 2.0, 3.0], noise_stds=[0.5, 1.0, 2.0],
+                            num_samples=256, statistics=["sharpness"], figures=False, mean=dm.mean, std=dm.std,
+                            on_error="raise")
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[cb], default_root_dir=str(tmp_path))
+    trainer.validate(model, datamodule=dm, verbose=False)  # reviewing a trained model works outside fit too
+    for kind, drop in (("blur", 0.3), ("noise", 0.2)):
+        acc = cb.report["perturbations"][kind]["accuracy"]
+        assert acc[0] > 0.85, acc
+        assert all(b <= a + 0.02 for a, b in zip(acc, acc[1:])), (kind, acc)  # falls with strength
+        assert acc[-1] < acc[0] - drop, (kind, acc)
+
+
+def test_non_image_inputs_skip_the_gallery_with_one_warning(tmp_path: Any) -> None:
+    pl.seed_everything(0, verbose=False)
+    dm = digits8(limit=64)
+    (xt, yt), (xv, yv) = dm.train_set.tensors, dm.val_set.tensors
+    train = DataLoader(TensorDataset(xt.flatten(1), yt), batch_size=16)
+    val = DataLoader(TensorDataset(xv.flatten(1), yv), batch_size=32)
+    cb = Misclassifications(top_k=4, on_error="raise")
+    trainer = quick_trainer(tmp_path, [cb], epochs=2)
+    with pytest.warns(UserWarning, match="not images") as record:
+        trainer.fit(TinyDigits(), train, val)
+    assert sum("not images" in str(w.message) for w in record) == 1
+    assert cb.report["bins"] == {} and cb.report["perturbations"] == {}
+    assert len(cb.report["wrong"]) == 4 and cb.wrong_images is None
+    events = read_events(trainer.logger.log_dir)
+    assert not any(t.startswith("introspect/misclassifications") for t in events["images"])
+    assert "introspect/misclassifications/top_wrong/text_summary" in events["text"]
+    assert "introspect/misclassifications/error_rate/class/0" in events["scalars"]
+
+
+def test_labels_out_of_range_raise(tmp_path: Any) -> None:
+    cb = Misclassifications(target_transform=lambda batch: batch[1] + 3)
+    with pytest.raises(ValueError, match=r"Labels out of range.*\[0, 9\]"):
+        quick_trainer(tmp_path, [cb], epochs=1, logger=False).fit(TinyDigits(), datamodule=digits8(limit=32))
+
+
+def test_binary_logit_becomes_two_class_probabilities() -> None:
+    probs = Misclassifications._probabilities(torch.tensor([-2.0, 3.0]))
+    assert torch.allclose(probs[:, 1], torch.sigmoid(torch.tensor([-2.0, 3.0])))
+    assert torch.allclose(probs.sum(1), torch.ones(2))
+    with pytest.raises(ValueError, match=r"\(N, C\)"):
+        Misclassifications._probabilities(torch.zeros(2, 3, 4, 4))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"top_k": 0}, "`top_k`"),
+        ({"per_class": -1}, "`per_class`"),
+        ({"statistics": ["blurriness"]}, "`statistics`.*'sharpness'"),
+        ({"perturbations": ["jpeg"]}, "`perturbations`.*'blur'"),
+        ({"color_strengths": [1.5]}, "`color_strengths`"),
+        ({"blur_sigmas": [-1.0]}, "`blur_sigmas`"),
+        ({"mean": 0.5}, "`mean` and `std`"),
+        ({"mean": 0.5, "std": 0.0}, "`std`"),
+        ({"num_bins": 0}, "`num_bins`"),
+        ({"on_error": "ignore"}, "`on_error`"),
+    ],
+)
+def test_invalid_arguments_name_the_argument(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Misclassifications(**kwargs)

@@ -1,0 +1,160 @@
+"""The SanityChecks callback: non-interference, tags written, on-demand check, errors, state, CLI types."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lightning_introspect._lightning import pl
+from lightning_introspect.callbacks.sanity_checks import SanityChecks
+from lightning_introspect.demo import DigitsCNN, DigitsDataModule
+from lightning_introspect.methods.randomization import DEFAULT_METHODS, SanityReport
+from tests.helpers import quick_trainer, read_events
+
+FAST = dict(methods=["saliency", "grad_cam"], num_samples=4, layers=2, repeats=1, progress=False, on_error="raise")
+
+
+def _fit(tmp_path, callbacks, epochs=2):
+    pl.seed_everything(0, verbose=False)
+    dm = DigitsDataModule(batch_size=32, limit=96, seed=0)
+    dm.setup("fit")
+    model = DigitsCNN(width=8)
+    trainer = quick_trainer(tmp_path, callbacks, epochs=epochs)
+    trainer.fit(model, datamodule=dm)
+    return model, trainer
+
+
+@pytest.mark.slow
+def test_fit_is_bitwise_unchanged_and_every_tag_is_written(tmp_path):
+    plain, _ = _fit(tmp_path / "plain", [])
+    rng_plain = torch.get_rng_state()
+    cb = SanityChecks(mode="both", every_n_epochs=1, metrics=["spearman_abs", "ssim"], **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        watched, trainer = _fit(tmp_path / "watched", [cb])
+    assert torch.equal(rng_plain, torch.get_rng_state()), "global torch RNG drifted"
+    a, b = plain.state_dict(), watched.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+    assert all(p.grad is None or torch.equal(p.grad, q.grad) for p, q in zip(plain.parameters(), watched.parameters()))
+    assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in watched.modules())
+
+    # once mid-fit (every_n_epochs=1, epoch 0) and once at fit end (not twice for the last epoch)
+    assert [step for step, _ in cb.history] == [3, 6]
+    report = cb.report
+    assert isinstance(report, SanityReport) and report.layers == ["classifier", "features.8"]
+    assert set(report.verdicts) == {"saliency", "grad_cam"} and set(report.verdicts.values()) <= {"pass", "fail"}
+    assert set(report.class_sensitivity_verdicts) == {"saliency", "grad_cam"}
+
+    events = read_events(str(tmp_path / "watched"))
+    scalars, images, text = events["scalars"], events["images"], events["text"]
+    for method in ("saliency", "grad_cam"):
+        for mode in ("cascading", "independent"):
+            for metric in ("spearman_abs", "spearman", "ssim"):  # spearman: needed by the verdict
+                for layer in ("classifier", "features.8"):
+                    assert f"introspect/sanity/{method}/{metric}/{mode}/{layer}" in scalars
+        for what in ("score", "passed", "class_score", "class_passed"):
+            assert [s for s, _ in scalars[f"introspect/sanity/{method}/{what}"]] == [3, 6]
+        assert scalars[f"introspect/sanity/{method}/passed"][-1][1] == float(report.verdicts[method] == "pass")
+    assert "introspect/sanity/seconds" in scalars
+    for mode in ("cascading", "independent"):
+        assert images[f"introspect/sanity/maps/{mode}"] == [3, 6]
+        for metric in ("spearman_abs", "ssim"):  # the metrics asked for
+            assert images[f"introspect/sanity/curve/{mode}/{metric}"] == [3, 6]
+        assert f"introspect/sanity/curve/{mode}/spearman" not in images
+    assert images["introspect/sanity/class_maps"] == [3, 6]
+    assert any(tag.startswith("introspect/sanity/verdicts") for tag in text)
+
+
+def test_on_demand_check_leaves_the_model_untouched_and_round_trips_state(tmp_path, capsys):
+    model = DigitsCNN(width=8).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    cb = SanityChecks(methods=["saliency", "guided_backprop"], num_samples=3, layers=1, repeats=2, progress=True)
+    x = torch.randn(3, 1, 32, 32)
+    with pytest.warns(UserWarning, match=r"\[batchnorm\]"):
+        report = cb.check(model, x)
+    assert cb.report is report and report.num_samples == 3 and report.repeats == 2 and report.layers == ["classifier"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [m.training for m in model.modules()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    err = capsys.readouterr().err
+    assert "[SanityChecks] cascading randomisation 1/1: classifier (repeat 2/2)" in err and "done:" in err
+    with warnings.catch_warnings():  # each caveat kind warns once per callback
+        warnings.simplefilter("error")
+        cb.progress = False
+        cb.check(model, x)
+
+    path = tmp_path / "state.pt"
+    torch.save(cb.state_dict(), path)
+    fresh = SanityChecks()
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    assert fresh.report is not None and fresh.report.to_dict() == cb.report.to_dict()
+    assert fresh.summary_lines() == cb.summary_lines() and cb.summary_lines()[0].startswith("SanityChecks randomisation")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"methods": ["smoothgrad"]}, "methods"),
+        ({"methods": []}, "methods"),
+        ({"mode": "random"}, "mode"),
+        ({"bn_mode": "reset"}, "bn_mode"),
+        ({"verdict_metric": "hog"}, "verdict_metric"),
+        ({"verdict_depth": 0}, "verdict_depth"),
+        ({"target": "all"}, "target"),
+        ({"layers": 0}, "layers"),
+        ({"layers": []}, "layers"),
+        ({"thresholds": {"randomisation": 0.5}}, "thresholds"),
+        ({"thresholds": 1.5}, "thresholds"),
+        ({"others": ["third"]}, "others"),
+        ({"metrics": ["hog"]}, "metrics"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"repeats": 0}, "repeats"),
+    ],
+)
+def test_bad_arguments_raise_at_construction(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}"):
+        SanityChecks(**kwargs)
+
+
+def test_bad_layer_names_raise_before_training(tmp_path):
+    for kwargs, argument in (({"layers": ["features.99"]}, "layers"), ({"layer": "featurs.9"}, "layer")):
+        cb = SanityChecks(**kwargs)
+        model = DigitsCNN(width=8)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        trainer = quick_trainer(tmp_path, [cb], epochs=1, logger=False)
+        with pytest.raises(ValueError, match=f"`{argument}`.*features.9"):
+            trainer.fit(model, datamodule=DigitsDataModule(limit=64))
+        assert trainer.global_step == 0
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_default_methods_follow_the_attributions_callback(tmp_path):
+    from lightning_introspect.callbacks.attributions import Attributions
+
+    cb = SanityChecks()
+    trainer = quick_trainer(tmp_path, [Attributions(methods=["saliency", "grad_cam"]), cb], logger=False)
+    cb.setup(trainer, DigitsCNN(width=8), "fit")
+    assert cb._resolved_methods == ["saliency", "grad_cam"]
+    alone = SanityChecks()
+    alone.setup(quick_trainer(tmp_path, [alone], logger=False), DigitsCNN(width=8), "fit")
+    assert alone._resolved_methods == list(DEFAULT_METHODS)
+
+
+def test_constructor_types_work_with_lightning_cli_yaml():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(SanityChecks, "sanity")
+    cfg = parser.parse_string(
+        "sanity:\n  methods: [saliency, grad_cam]\n  layers: [classifier, features.8]\n  mode: both\n"
+        "  thresholds: {randomization: 0.4, class_sensitivity: 0.7}\n  bn_mode: keep\n  num_samples: 4\n"
+    )
+    init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
+    cb = init.sanity
+    assert isinstance(cb, SanityChecks)
+    assert cb.layers == ["classifier", "features.8"] and cb.thresholds == {"randomization": 0.4, "class_sensitivity": 0.7}
+    assert cb.mode == "both" and cb.bn_mode == "keep" and cb.num_samples == 4

@@ -1,0 +1,217 @@
+"""``WeightHistograms`` on short digits fits: event files, drift, not-learning flags, NaN, resume, non-interference."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_introspect._lightning import pl
+from lightning_introspect.callbacks.weight_histograms import WeightHistograms
+from lightning_introspect.demo import DigitsCNN, DigitsDataModule
+from tests.helpers import quick_trainer, read_events
+
+CONV_LINEAR = ["features.0", "features.4", "features.8", "classifier"]
+EPOCHS = 2  # 128 training samples / batch 32 = 4 steps per epoch
+
+
+def _model(seed: int = 0) -> DigitsCNN:
+    """DigitsCNN with a frozen conv (``features.4``) and an unused layer holding a NaN and an Inf."""
+    torch.manual_seed(seed)
+    model = DigitsCNN()
+    model.features[4].weight.requires_grad_(False)
+    model.features[4].bias.requires_grad_(False)
+    model.unused = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.unused.weight[0, 0] = float("nan")
+        model.unused.weight[1, 1] = float("inf")
+    return model
+
+
+def _fit(tmp_path, callbacks, *, epochs=EPOCHS, model=None, ckpt_path=None, **trainer_kwargs):
+    pl.seed_everything(0, verbose=False)
+    dm = DigitsDataModule(batch_size=32, limit=128, seed=0)
+    dm.setup("fit")
+    model = _model() if model is None else model
+    trainer = quick_trainer(tmp_path, callbacks, epochs=epochs, **trainer_kwargs)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return model, trainer
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory):
+    """One fit with every option on, shared by the tests that read what it logged."""
+    tmp = tmp_path_factory.mktemp("weights")
+    cb = WeightHistograms(every_n_steps=5, include_bias=True, include_gradients=True, on_error="raise")
+    with pytest.warns(UserWarning, match="non-finite"):
+        model, trainer = _fit(tmp, [cb])
+    return cb, model, trainer, read_events(str(tmp)), tmp
+
+
+def test_histograms_for_every_conv_and_linear_layer_in_event_files(watched):
+    cb, _, _, events, _ = watched
+    hist_tags = set(events["histograms"])
+    for layer in CONV_LINEAR + ["features.1", "features.5"]:  # BatchNorm weights are tracked too
+        assert f"introspect/weights/{layer}" in hist_tags
+        assert f"introspect/weights/bias/{layer}" in hist_tags
+        assert f"introspect/weights/drift/{layer}" in events["scalars"]
+        assert f"introspect/weights/cosine/{layer}" in events["scalars"]
+        assert f"introspect/weights/wasserstein/{layer}" in events["scalars"]
+    for layer in ["features.0", "features.8", "classifier"]:
+        assert f"introspect/weights/grad/{layer}" in hist_tags
+    assert "introspect/weights/grad/features.4" not in hist_tags  # frozen: no gradient to show
+    assert {"introspect/weights/drift_by_depth", "introspect/weights/initial_vs_current"} <= set(events["images"])
+    assert len(events["images"]["introspect/weights/drift_by_depth"]) == EPOCHS
+    assert any(t.startswith("introspect/weights/summary") for t in events["text"])
+    # evaluations: fit start (step 0), every 5 steps, every epoch end (steps 4, 8)
+    assert cb.steps == [0, 4, 5, 8]
+    assert [s for s, _ in events["histograms"]["introspect/weights/features.8"]] == cb.steps
+    assert cb.layers[: len(CONV_LINEAR) + 2] == ["features.0", "features.1", "features.4", "features.5", "features.8", "classifier"]
+
+
+def test_logged_counts_equal_numpy_histogram_of_the_final_weights(watched):
+    cb, model, _, events, _ = watched
+    for layer in ["features.8", "classifier"]:
+        w = dict(model.named_modules())[layer].weight.detach().double().numpy().ravel()
+        step, buckets = events["histograms"][f"introspect/weights/{layer}"][-1]
+        assert step == 8
+        counts, _ = np.histogram(w, bins=cb.bins, range=(w.min(), w.max()))
+        assert len(buckets) == cb.bins == 32
+        assert np.abs(np.asarray(buckets) - counts).sum() <= 2, layer
+
+
+def test_drift_grows_from_zero(watched):
+    cb, _, _, events, _ = watched
+    for layer in ["features.0", "features.8", "classifier"]:
+        values = cb.drift[layer]
+        assert values[0] == 0.0 and cb.cosine[layer][0] == pytest.approx(0.0, abs=1e-6)
+        assert values[-1] > values[1] > 0.0, (layer, values)
+        assert values[-1] > 0.01
+        assert all(b >= a * 0.9 for a, b in zip(values[1:], values[2:])), values  # grows (Adam, few steps)
+        scalars = dict(events["scalars"][f"introspect/weights/drift/{layer}"])
+        assert scalars[0] == 0.0 and scalars[8] == pytest.approx(values[-1], rel=1e-5)
+
+
+def test_frozen_layer_is_flagged_as_not_learning(watched):
+    cb, _, _, _, _ = watched
+    assert cb.drift["features.4"] == [0.0] * len(cb.steps)
+    assert cb.summary["not_learning"] == ["features.4"]
+    assert cb.summary["frozen"] == ["features.4"]
+    assert cb.summary["checked"] and cb.summary["epoch"] == EPOCHS - 1
+    assert any("not learning" in line and "features.4" in line for line in cb.summary_lines())
+
+
+def test_nonfinite_weights_are_counted_and_do_not_break_binning(watched):
+    cb, _, _, events, _ = watched
+    h = cb.histograms["unused"]
+    assert (h.nan, h.posinf, h.num) == (1, 1, 10)
+    assert cb.summary["nonfinite"] == {"unused": 2}
+    assert dict(events["scalars"]["introspect/weights/nonfinite"])[8] == 2.0
+    assert dict(events["scalars"]["introspect/weights/nonfinite/unused"])[8] == 2.0
+    assert "introspect/weights/unused" in events["histograms"]  # the finite values are still shown
+    assert math.isnan(cb.drift["unused"][-1]) and "unused" not in cb.summary["not_learning"]
+
+
+def test_gradient_histograms_follow_the_schedule(watched):
+    cb, _, _, _, _ = watched
+    # every 5 steps (0, 5) and the last batch of each epoch (global_step 3 and 7 before their update)
+    assert [g["step"] for g in cb.grad_history] == [0, 3, 5, 7]
+    assert set(cb.grad_history[0]["weights"]) >= {"features.0", "features.8", "classifier"}
+    assert "features.4" not in cb.grad_history[0]["weights"]
+
+
+def test_training_is_bitwise_unchanged_with_gradients_on(watched, tmp_path):
+    _, watched_model, watched_trainer, _, _ = watched
+    plain, plain_trainer = _fit(tmp_path, [])
+    a, b = plain.state_dict(), watched_model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]) or (torch.isnan(a[key]).any() and torch.equal(a[key].nan_to_num(), b[key].nan_to_num())), key
+    for (name, p), q in zip(plain.named_parameters(), watched_model.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        assert p.grad is None or torch.equal(p.grad, q.grad), name
+    opt_a = plain_trainer.optimizers[0].state_dict()["state"]
+    opt_b = watched_trainer.optimizers[0].state_dict()["state"]
+    for idx in opt_a:
+        for key, value in opt_a[idx].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b[idx][key])), (idx, key)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in watched_model.modules())
+    assert [m.training for m in plain.modules()] == [m.training for m in watched_model.modules()]
+
+
+def test_a_fit_stopped_early_still_gets_its_final_evaluation(tmp_path):
+    class StopAfterFirstEpoch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    cb = WeightHistograms(every_n_epochs=None, layers="classifier", on_error="raise")
+    _fit(tmp_path, [cb, StopAfterFirstEpoch()], epochs=3, limit_val_batches=0)
+    assert cb.steps == [0, 4] and cb.epochs == [-1, 0]  # epoch 0 is not scheduled; on_fit_end evaluates
+    assert cb.summary["epoch"] == 0 and cb.summary["step"] == 4 and cb.drift["classifier"][-1] > 0
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_true_initial_weights(tmp_path):
+    first = WeightHistograms(on_error="raise", layers=["features.*", "classifier"])
+    model, trainer = _fit(tmp_path / "a", [first], epochs=1)
+    ckpt = str(tmp_path / "one_epoch.ckpt")
+    trainer.save_checkpoint(ckpt)
+    init = first.initial
+    assert set(init) == {"features.0", "features.1", "features.4", "features.5", "features.8", "classifier"}
+
+    resumed = WeightHistograms(on_error="raise", layers=["features.*", "classifier"])
+    other = _model(seed=123)  # different random init; the checkpoint restores the trained weights
+    _fit(tmp_path / "b", [resumed], epochs=2, model=other, ckpt_path=ckpt)
+    assert set(resumed.initial) == set(init)
+    for name, w0 in init.items():
+        assert torch.equal(resumed.initial[name], w0), f"{name}: W0 was re-taken on resume"
+    assert resumed.steps[: len(first.steps)] == first.steps and resumed.steps[-1] == 8
+    assert resumed.drift["features.8"][: len(first.steps)] == first.drift["features.8"]
+    # measured from the true init: a fresh snapshot at resume would give a smaller drift than before
+    assert resumed.drift["features.8"][-1] > first.drift["features.8"][-1] > 0
+
+
+def test_bad_layer_names_fail_at_setup_with_close_matches():
+    model = DigitsCNN()
+    with pytest.raises(ValueError, match="`layers`.*'features.8'"):
+        WeightHistograms(layers=["features.88"]).setup(None, model, "fit")
+    with pytest.raises(ValueError, match="has none.*features"):
+        WeightHistograms(layers="features.2").setup(None, model, "fit")  # a ReLU
+    with pytest.raises(ValueError, match="pattern 'pool\\*'"):
+        WeightHistograms(layers="pool*").setup(None, model, "fit")
+    with pytest.raises(ValueError, match="pattern 'nothing\\*'"):
+        WeightHistograms(layers=["nothing*"]).setup(None, model, "fit")
+    cb = WeightHistograms(layers=["classifier", "features.[04]"])
+    cb.setup(None, model, "fit")
+    assert cb.layers == ["features.0", "features.4", "classifier"]  # registration order
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"bins": 0}, "bins"),
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"drift_threshold": -1.0}, "drift_threshold"),
+        ({"drift_threshold": float("nan")}, "drift_threshold"),
+        ({"include_gradients": "yes"}, "include_gradients"),
+        ({"layers": []}, "layers"),
+        ({"layers": [3]}, "layers"),
+        ({"on_error": "ignore"}, "on_error"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        WeightHistograms(**kwargs)
+
+
+def test_constructor_is_keyword_only_with_primitive_defaults():
+    params = list(inspect.signature(WeightHistograms.__init__).parameters.values())[1:]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params)
+    assert all(isinstance(p.default, (str, int, float, bool, list, tuple, type(None))) for p in params)
+    assert WeightHistograms.name == "weights"
+
+
