@@ -34,7 +34,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="classifier training epochs")
     parser.add_argument("--steps", type=int, default=48, help="optimisation steps per visualisation")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is as fast and never oversubscribes)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
     pl.seed_everything(args.seed, verbose=False)

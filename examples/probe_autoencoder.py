@@ -84,7 +84,7 @@ def main() -> None:
     trainer = Trainer(
         max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=[probes],
         logger=loggers.TensorBoardLogger(args.out, name="autoencoder"),
-        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
     )
     trainer.fit(ConvAutoencoder(), train_dataloaders=unlabelled_train, val_dataloaders=unlabelled_val)
 

@@ -28,7 +28,11 @@ from collections.abc import Mapping
 from typing import Any
 
 # section name -> "module:Class". A section appears here when its callback lands.
-CALLBACKS: dict[str, str] = {}
+CALLBACKS: dict[str, str] = {
+    "weight_histograms": "lightning_introspect.callbacks.weight_histograms:WeightHistograms",
+    "attributions": "lightning_introspect.callbacks.attributions:Attributions",
+    "sanity_checks": "lightning_introspect.callbacks.sanity_checks:SanityChecks",
+}
 
 # Sections switched off unless the config enables them (they need arguments only the user knows).
 _OFF_BY_DEFAULT: set[str] = set()

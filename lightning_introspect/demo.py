@@ -131,11 +131,42 @@ class DigitsCNN(LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
-def demo_config(*, fast: bool = False, mean: float = 0.0, std: float = 1.0) -> dict[str, Any]:
-    """The introspection config of the demo: every callback that exists, on, sized for 2 CPU cores."""
+def demo_config(*, fast: bool = False, mean: float = 0.0, std: float = 1.0, defaults: bool = False) -> dict[str, Any]:
+    """The introspection config of the demo: every callback that exists, on, sized for 2 CPU cores.
+
+    Args:
+        fast: tiny settings for tests (seconds).
+        mean: the data's normalisation mean, to show inputs as they are.
+        std: the data's normalisation std.
+        defaults: every callback with its own default options plus only what the task requires
+            (number of classes, normalisation): what ``benchmarks/`` measures as "the default set".
+    """
     from lightning_introspect.config import CALLBACKS
 
-    config: dict[str, Any] = {}
+    if defaults:
+        config: dict[str, Any] = {
+            "attributions": {"mean": mean, "std": std},
+        }
+        return {k: v for k, v in config.items() if k in CALLBACKS} | {k: {} for k in CALLBACKS if k not in config}
+    config = {
+        "weight_histograms": {"bins": 32, "include_gradients": True},
+        "attributions": {
+            "methods": ["saliency", "guided_backprop", "grad_cam", "lrp"],
+            "targets": [3, 8],
+            "per_class": 1,
+            "every_n_epochs": 2,
+            "mean": mean,
+            "std": std,
+        },
+        "sanity_checks": {
+            "methods": ["saliency", "guided_backprop", "grad_cam", "input_x_gradient", "guided_grad_cam"],
+            "num_samples": 8,
+            "repeats": 2,
+        },
+    }
+    if fast:
+        config["attributions"].update(every_n_epochs=1, per_class=None, num_samples=4)
+        config["sanity_checks"].update(methods=["saliency", "guided_backprop", "grad_cam"], num_samples=4, layers=1, repeats=1)
     return {k: v for k, v in config.items() if k in CALLBACKS}
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread is as fast and does not thrash a shared box
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 

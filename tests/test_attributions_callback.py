@@ -225,3 +225,18 @@ def test_model_dependent_errors_raise_before_the_first_training_step(tmp_path, k
     with pytest.raises(ValueError, match=match):
         quick_trainer(tmp_path, [cb], epochs=1).fit(model, datamodule=_small_dm())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_lrp_failing_on_a_model_is_dropped_and_the_rest_goes_on(tmp_path):
+    if not lrp_available():
+        pytest.skip("lightning_introspect.methods.lrp not available")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 1, 8, 8, generator=gen)
+    y = (x.mean((1, 2, 3)) > 0).long()
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GELU(), nn.Flatten(), nn.Linear(256, 2))  # no LRP rule for GELU
+    cb = Attributions(methods=["saliency", "lrp"], num_samples=4, at=None)  # on_error="warn"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quick_trainer(tmp_path, [cb], epochs=2).fit(_Generic(net, x, y))
+    assert sum("LRP failed" in str(w.message) for w in caught) == 1
+    assert not cb.disabled and len(cb.history) == 2 and list(cb.maps) == ["saliency"]

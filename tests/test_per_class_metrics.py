@@ -377,20 +377,24 @@ _DDP_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {root!r})
     torch.set_num_threads(1)
     from lightning_introspect._lightning import Trainer, pl
+    from lightning_introspect.callbacks.misclassifications import Misclassifications
     from lightning_introspect.callbacks.per_class_metrics import PerClassMetrics
     from tests.test_per_class_metrics import TinyDigits, digits8
 
     pl.seed_everything(0, verbose=False)
     model = TinyDigits()
     cb = PerClassMetrics(num_classes=10, confusion_matrix=False, bar_chart=False, on_error="raise")
+    mis = Misclassifications(top_k=4, every_n_epochs=2, statistics=["sharpness"], perturbations=["blur"],
+                             blur_sigmas=[1.0], num_samples=32, figures=False, on_error="raise")  # rank zero only
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, limit_train_batches=4, callbacks=[cb])
+                      num_sanity_val_steps=0, limit_train_batches=4, callbacks=[cb, mis])
     trainer.fit(model, datamodule=digits8(limit=128, batch_size=16))
     if trainer.is_global_zero:
         torch.save(model.state_dict(), sys.argv[1] + ".pt")
         with open(sys.argv[1], "w") as fh:
-            json.dump(dict(snapshots=cb.snapshots, epochs=cb.snapshot_epochs, world=trainer.world_size), fh)
+            json.dump(dict(snapshots=cb.snapshots, epochs=cb.snapshot_epochs, world=trainer.world_size,
+                           reviewed=mis.report["num_samples"]), fh)
     """
 )
 
@@ -415,6 +419,7 @@ def test_ddp_two_processes_match_a_single_process(tmp_path: Any) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["world"] == 2
+    assert result["reviewed"] == 64  # Misclassifications runs on rank zero only: its half of the 128 samples
     dm = digits8(limit=128, batch_size=16)
     pl.seed_everything(0, verbose=False)
     initial = TinyDigits()  # the same seed: the weights every rank started from
@@ -429,3 +434,21 @@ def test_ddp_two_processes_match_a_single_process(tmp_path: Any) -> None:
     pl.seed_everything(0, verbose=False)
     quick_trainer(tmp_path, [single], epochs=1, logger=False, limit_train_batches=1).fit(TinyDigits(), datamodule=dm)
     assert single.snapshots["start"] == snaps["start"]
+
+
+def test_segmentation_logits_count_pixels_and_skip_ignore_index() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, 5, generator=gen)
+    mask = torch.randint(0, 3, (2, 5, 5), generator=gen)
+    mask[0, 0, :] = 255
+    cb = PerClassMetrics(num_classes=3, ignore_index=255)
+    cb._update(logits, (torch.zeros(2, 1, 5, 5), mask))
+    values, table = cb._compute()
+    keep = mask != 255
+    truth, pred = mask[keep].numpy(), logits.argmax(1)[keep].numpy()
+    p, r, f, s = precision_recall_fscore_support(truth, pred, labels=[0, 1, 2], zero_division=0)
+    assert values["recall"] == pytest.approx(list(r), abs=1e-6)
+    assert values["precision"] == pytest.approx(list(p), abs=1e-6)
+    assert values["support"] == [int(v) for v in s] and sum(map(sum, table)) == int(keep.sum())
+    with pytest.raises(ValueError, match=r"Expected labels of shape \(2, 5, 5\)"):
+        cb._update(logits, (torch.zeros(2, 1, 5, 5), mask[:, :4]))

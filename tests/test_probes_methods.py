@@ -212,3 +212,13 @@ def test_fit_probe_errors():
         fit_probe(torch.randn(10, 3), torch.zeros(10, dtype=torch.long))
     with pytest.raises(ValueError, match="`solver`"):
         fit_probe(torch.randn(10, 3), torch.arange(10) % 2, solver="saga")
+
+
+def test_projection_and_torch_solver_stay_fp32_under_autocast():
+    proj = RandomProjection(100, 10, seed=0)
+    x = torch.randn(6, 100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = proj(x)
+        result = fit_probe(*noisy_blobs(n=200, d=6), solver="torch")
+    assert out.dtype == torch.float32 and torch.allclose(out, x @ proj.matrix)
+    assert result.accuracy == fit_probe(*noisy_blobs(n=200, d=6), solver="torch").accuracy

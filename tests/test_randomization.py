@@ -372,6 +372,8 @@ def test_report_round_trips_through_weights_only_checkpoint(tmp_path):
     # with name-derived seeds the top block is re-initialised identically by both modes
     top = report.layers[0]
     assert report.curves["cascading"]["gradient"]["spearman"][top] == report.curves["independent"]["gradient"]["spearman"][top]
+    again = run_sanity_checks(model, x, methods={"gradient": gradient}, mode="both", layers=2, warn=False)
+    assert again.to_dict() == report.to_dict()  # same seed, same report
     path = tmp_path / "report.pt"
     torch.save(report.to_dict(), path)
     loaded = SanityReport.from_dict(torch.load(path, weights_only=True))
@@ -446,6 +448,7 @@ def test_headline_gradient_and_gradcam_pass_guided_backprop_fails(trained_digits
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Setting backward hooks")
 def test_machinery_with_captum_methods_agrees_with_ours(trained_digits):
     """The same check run with captum's Saliency / GuidedBackprop as explain callables gives the same numbers."""
     captum_attr = pytest.importorskip("captum.attr")

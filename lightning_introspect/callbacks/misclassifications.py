@@ -19,6 +19,7 @@ from lightning_introspect.callbacks.base import IntrospectionCallback, check_pos
 from lightning_introspect.callbacks.per_class_metrics import (
     IntrospectionInputError,
     OutputCapture,
+    _prime_writer,
     extract_logits,
     extract_targets,
     run_strict,
@@ -206,10 +207,12 @@ class Misclassifications(IntrospectionCallback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
             self.report, self.history, self.wrong_images = None, [], None
+        if self.enabled:
+            _prime_writer(self, trainer)  # under DDP: every rank, or rank zero's first write could hang
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self.active(trainer) and (self._validating(trainer) or self.is_scheduled(trainer)):
-            self.run(trainer, self._begin, pl_module)
+            self._begin(pl_module)  # cheap: reset the buffers, attach the output hook
 
     def on_validation_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0

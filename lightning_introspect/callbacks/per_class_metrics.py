@@ -130,6 +130,26 @@ def run_strict(callback: IntrospectionCallback, trainer: Any, fn: Callable[..., 
     return result
 
 
+def _prime_writer(callback: IntrospectionCallback, trainer: Any) -> None:
+    """Resolve the writer on every rank together (we run on all ranks under DDP).
+
+    Without a TensorBoard logger, :func:`writer_for` reads ``trainer.log_dir`` on rank zero, and under
+    DDP that property broadcasts: rank zero alone would wait forever. Here rank zero resolves (and
+    caches) its writer while the other ranks join the same broadcast.
+    """
+    if getattr(trainer, "world_size", 1) <= 1:
+        return
+    if trainer.is_global_zero:
+        callback.writer(trainer)
+        return
+    loggers = list(getattr(trainer, "loggers", []) or [])
+    if any(type(lg).__name__ == "TensorBoardLogger" for lg in loggers):
+        return
+    if loggers and (getattr(loggers[0], "log_dir", None) or getattr(loggers[0], "save_dir", None)):
+        return
+    _ = trainer.log_dir  # the matching half of rank zero's broadcast
+
+
 def snapshot_label(fraction: float) -> str:
     """``0.0`` -> ``"start"``, ``0.5`` -> ``"middle"``, ``1.0`` -> ``"end"``, others ``"at_0.25"``."""
     return {0.0: "start", 0.5: "middle", 1.0: "end"}.get(float(fraction), f"at_{float(fraction):g}")
@@ -329,6 +349,8 @@ class PerClassMetrics(IntrospectionCallback):
         if stage == "fit":
             self._reset_results()  # a resumed fit restores them from the checkpoint after setup
             self._metric_objs = None
+            if self.enabled:
+                _prime_writer(self, trainer)
             if self.enabled and trainer.limit_val_batches == 0:
                 self.warn_once(
                     "no-val", "PerClassMetrics: `limit_val_batches=0`, so there is no validation data to measure; "
@@ -341,7 +363,7 @@ class PerClassMetrics(IntrospectionCallback):
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self.active(trainer) and self._fitting(trainer):
-            self._run_strict(trainer, self._begin_collecting, pl_module)
+            self._begin_collecting(pl_module)  # cheap: reset the metric states, attach the output hook
 
     def on_validation_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -354,13 +376,13 @@ class PerClassMetrics(IntrospectionCallback):
             self._run_strict(trainer, self._end_collecting, trainer)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.enabled and not self.disabled:
+        if self.enabled and not self.disabled and self._end_pending():
             self.run(trainer, self._finish, trainer)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._collecting = False
         self._capture.detach()
-        if self.enabled and not self.disabled and not isinstance(exception, IntrospectionInputError):
+        if self.enabled and not self.disabled and not isinstance(exception, IntrospectionInputError) and self._end_pending():
             self.run(trainer, self._finish, trainer)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -614,12 +636,16 @@ class PerClassMetrics(IntrospectionCallback):
             self._log_scalars(trainer, values, step)
             self._log_confusion(trainer, table, step, title=f"epoch {epoch}")
 
+    def _end_pending(self) -> bool:
+        """Whether the last validation of the fit is newer than the "end" snapshot (or there is none)."""
+        if 1.0 not in self.at or self.latest is None:
+            return False
+        end = self.snapshot_epochs.get("end")
+        return end is None or (end["step"], end["epoch"]) != (self.latest["step"], self.latest["epoch"])
+
     def _finish(self, trainer: Any) -> None:
         """Fit end (also early stop / interrupt): "end" becomes the last validation of the fit."""
-        if 1.0 not in self.at or self.latest is None:
-            return
-        end = self.snapshot_epochs.get("end")
-        if end is not None and end["step"] == self.latest["step"] and end["epoch"] == self.latest["epoch"]:
+        if not self._end_pending():
             return
         self._store("end", (self.latest["values"], self.latest["confusion"]), epoch=self.latest["epoch"], step=self.latest["step"])
         self._log_snapshots(trainer, ["end"], step=self.latest["step"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from collections.abc import Sequence
@@ -309,6 +310,12 @@ class SanityChecks(IntrospectionCallback):
 
     # ------------------------------------------------------------------------------- logging
     def _log(self, writer: IntrospectionWriter, report: SanityReport, inputs: torch.Tensor, step: int) -> None:
+        batch = getattr(writer, "batch", None)
+        with batch() if batch is not None else contextlib.nullcontext():  # one flush for the whole check
+            self._write(writer, report, inputs, step)
+        writer.flush()
+
+    def _write(self, writer: IntrospectionWriter, report: SanityReport, inputs: torch.Tensor, step: int) -> None:
         scalars: dict[str, float] = {}
         for mode, per_method in report.curves.items():
             for method, per_metric in per_method.items():
@@ -333,7 +340,6 @@ class SanityChecks(IntrospectionCallback):
         if class_grid is not None:
             writer.image(self.tag("class_maps"), class_grid, step)
         writer.text(self.tag("verdicts"), report.markdown(), step)
-        writer.flush()
 
     def _plotted_metrics(self, report: SanityReport, mode: str) -> list[str]:
         present = {m for per_metric in report.curves[mode].values() for m in per_metric}

@@ -116,11 +116,12 @@ class _SwitchableReLU(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         (out,) = ctx.saved_tensors
         rule = ctx.switch.rule
-        if rule == "deconvnet":
+        if rule == "deconvnet":  # relu(g)
             return grad.clamp_min(0), None, None
-        if rule == "guided":
-            grad = grad.clamp_min(0)
-        return grad.masked_fill(out <= 0, 0), None, None
+        # threshold_backward(g, t, 0) = g where t > 0 else 0: the native ReLU backward kernel.
+        # guided: min(y, g) > 0 <=> y > 0 and g > 0
+        gate = torch.minimum(out, grad) if rule == "guided" else out
+        return torch.ops.aten.threshold_backward(grad, gate, 0), None, None
 
 
 class _ReluInterceptor(TorchFunctionMode):

@@ -132,6 +132,13 @@ def downsample_input(x: torch.Tensor, max_features: int = 512, size: int = 8) ->
     return x.reshape(x.shape[0], -1).float()
 
 
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast support
+        return contextlib.nullcontext()
+
+
 class RandomProjection:
     """A seeded linear map from ``in_features`` to ``out_features`` that roughly preserves distances.
 
@@ -199,10 +206,11 @@ class RandomProjection:
         if x.device != self.device:
             self.to(x.device)
         x = x.float()
-        if self.matrix is not None:
-            return x @ self.matrix
-        out = x.new_zeros(x.shape[0], self.out_features)
-        return out.index_add_(1, self.buckets, x * self.signs)
+        with _no_autocast(x.device):  # hooks run inside the model's autocast region: keep fp32
+            if self.matrix is not None:
+                return x @ self.matrix
+            out = x.new_zeros(x.shape[0], self.out_features)
+            return out.index_add_(1, self.buckets, x * self.signs)
 
 
 class FeatureCache:
@@ -490,7 +498,12 @@ def _fit_torch(
 ) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, Any]]:
     device = x.device
     small_cpu = device.type == "cpu" and x.numel() <= _SMALL_CPU_PROBLEM
-    with torch.inference_mode(False), torch.enable_grad(), _torch_threads(1 if small_cpu else None):
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        _no_autocast(device),
+        _torch_threads(1 if small_cpu else None),
+    ):
         tr = torch.as_tensor(train, device=device)
         te = torch.as_tensor(test, device=device)
         x = x.detach().float().clone()

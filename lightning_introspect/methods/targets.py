@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
@@ -40,7 +39,7 @@ class RegionTarget:
     mask: torch.Tensor
 
 
-Target = Union[int, Sequence[int], torch.Tensor, str, Callable[[torch.Tensor], torch.Tensor], RegionTarget]
+Target = int | Sequence[int] | torch.Tensor | str | Callable[[torch.Tensor], torch.Tensor] | RegionTarget
 
 
 def _class_ids(output: torch.Tensor, target: object, argument: str) -> torch.Tensor:
