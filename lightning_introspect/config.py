@@ -29,8 +29,12 @@ from typing import Any
 
 # section name -> "module:Class". A section appears here when its callback lands.
 CALLBACKS: dict[str, str] = {
+    "per_class_metrics": "lightning_introspect.callbacks.per_class_metrics:PerClassMetrics",
+    "misclassifications": "lightning_introspect.callbacks.misclassifications:Misclassifications",
     "weight_histograms": "lightning_introspect.callbacks.weight_histograms:WeightHistograms",
+    "linear_probes": "lightning_introspect.callbacks.linear_probes:LinearProbes",
     "attributions": "lightning_introspect.callbacks.attributions:Attributions",
+    "feature_visualization": "lightning_introspect.callbacks.feature_visualization:FeatureVisualization",
     "sanity_checks": "lightning_introspect.callbacks.sanity_checks:SanityChecks",
 }
 

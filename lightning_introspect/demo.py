@@ -145,11 +145,26 @@ def demo_config(*, fast: bool = False, mean: float = 0.0, std: float = 1.0, defa
 
     if defaults:
         config: dict[str, Any] = {
+            "per_class_metrics": {"num_classes": 10},
+            "misclassifications": {"mean": mean, "std": std},
             "attributions": {"mean": mean, "std": std},
+            "feature_visualization": {"mean": mean, "std": std, "value_range": [0.0, 1.0]},
         }
         return {k: v for k, v in config.items() if k in CALLBACKS} | {k: {} for k in CALLBACKS if k not in config}
     config = {
+        "per_class_metrics": {"num_classes": 10, "class_names": DIGIT_NAMES, "every_n_epochs": 1},
+        "misclassifications": {
+            "every_n_epochs": 3,
+            "top_k": 16,
+            "num_samples": 200,
+            "mean": mean,
+            "std": std,
+            "class_names": DIGIT_NAMES,
+            "noise_stds": [0.05, 0.1, 0.25],
+            "color_strengths": [0.05, 0.1, 0.25],
+        },
         "weight_histograms": {"bins": 32, "include_gradients": True},
+        "linear_probes": {"max_samples": 2000},
         "attributions": {
             "methods": ["saliency", "guided_backprop", "grad_cam", "lrp"],
             "targets": [3, 8],
@@ -158,6 +173,15 @@ def demo_config(*, fast: bool = False, mean: float = 0.0, std: float = 1.0, defa
             "mean": mean,
             "std": std,
         },
+        "feature_visualization": {
+            "mean": mean,
+            "std": std,
+            "value_range": [0.0, 1.0],
+            "steps": 32,
+            "num_channels": 3,
+            "classes": "auto",
+            "at": [0.5],
+        },
         "sanity_checks": {
             "methods": ["saliency", "guided_backprop", "grad_cam", "input_x_gradient", "guided_grad_cam"],
             "num_samples": 8,
@@ -165,7 +189,9 @@ def demo_config(*, fast: bool = False, mean: float = 0.0, std: float = 1.0, defa
         },
     }
     if fast:
+        config["misclassifications"].update(num_samples=64, every_n_epochs=None)
         config["attributions"].update(every_n_epochs=1, per_class=None, num_samples=4)
+        config["feature_visualization"].update(steps=6, num_channels=2, classes=[0, 1, 2])
         config["sanity_checks"].update(methods=["saliency", "guided_backprop", "grad_cam"], num_samples=4, layers=1, repeats=1)
     return {k: v for k, v in config.items() if k in CALLBACKS}
 

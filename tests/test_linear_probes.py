@@ -327,3 +327,10 @@ def test_hooks_removed_when_validation_raises(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=16, limit=160))
     assert forward_hook_count(model) == 0 and probes._stack is None
+
+
+def test_without_validation_it_warns_and_probes_nothing(tmp_path):
+    probes = LinearProbes(layers=["features.9"], on_error="raise")
+    with pytest.warns(UserWarning, match="no validation data"):
+        small_fit(tmp_path, [probes], epochs=1, limit_train_batches=1, limit_val_batches=0)
+    assert probes.history == {} and probes.timings["baseline_pass"] == 0.0

@@ -233,7 +233,15 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
     def val_dataloader(trainer: Any) -> Any:
         """The first validation loader, loading it early if Lightning has not yet; else the train loader."""
         loaders = getattr(trainer, "val_dataloaders", None)
-        if loaders is None and getattr(trainer, "fit_loop", None) is not None:
+        if loaders is None and getattr(trainer, "world_size", 1) > 1:
+            # setup_data() holds a barrier: a rank-zero-only caller would deadlock. Ask the source directly.
+            source = getattr(trainer, "datamodule", None) or getattr(trainer, "lightning_module", None)
+            try:
+                with fork_global_rng():
+                    loaders = source.val_dataloader()
+            except Exception:  # no validation data configured
+                loaders = None
+        elif loaders is None and getattr(trainer, "fit_loop", None) is not None:
             try:
                 with fork_global_rng():
                     trainer.fit_loop.epoch_loop.val_loop.setup_data()

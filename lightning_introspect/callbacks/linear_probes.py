@@ -305,25 +305,31 @@ class LinearProbes(IntrospectionCallback):
             if example is None:
                 return  # resolved at fit start, when the data exists
             x = _to_device(example[0], _device_of(pl_module))
-            names = auto_probe_layers(pl_module, x)
+            try:
+                names = auto_probe_layers(pl_module, x)
+            except Exception as exc:
+                raise ValueError(
+                    "`layers='auto'` runs `model(inputs)` on two samples to find the layers, and that failed "
+                    f"({type(exc).__name__}: {exc}); name the layers explicitly."
+                ) from exc
             if not names:
                 raise ValueError("`layers='auto'` found no layer to probe in this model; name the layers explicitly.")
         self._modules = resolve_layers(pl_module, names or self.layers, argument="layers")
         order = list(self._modules)
-        if example is not None:
+        if example is not None and names is None:
             try:
                 executed = record_execution_order(pl_module, _to_device(example[0], _device_of(pl_module)))
                 rank = {n: i for i, n in enumerate(executed)}
                 order.sort(key=lambda n: rank.get(n, len(rank)))
             except Exception:  # the model's forward does not take the bare inputs: keep the given order
                 pass
-            if example[1] is None and self.target_transform is None:
-                raise ValueError(
-                    "LinearProbes needs labels, but the "
-                    + ("`probe_dataloader`" if self.probe_dataloader is not None else "validation")
-                    + " batches carry none. Pass `probe_dataloader` (a labelled DataLoader) or `target_transform` "
-                    "(batch -> labels)."
-                )
+        if example is not None and example[1] is None and self.target_transform is None:
+            raise ValueError(
+                "LinearProbes needs labels, but the "
+                + ("`probe_dataloader`" if self.probe_dataloader is not None else "validation")
+                + " batches carry none. Pass `probe_dataloader` (a labelled DataLoader) or `target_transform` "
+                "(batch -> labels)."
+            )
         self.layer_names = order
         self._modules = {n: self._modules[n] for n in order}
 
@@ -342,6 +348,13 @@ class LinearProbes(IntrospectionCallback):
         self._input_cache = FeatureCache(self.max_samples, policy=self.cache, seed=self.seed, device=cache_device)
         if solver == "sklearn" and self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="linear-probes")
+        if self.probe_dataloader is None and not self._has_validation(trainer):
+            self.warn_once(
+                "no-validation",
+                "LinearProbes probes the validation pass, but this fit has no validation data (or "
+                "limit_val_batches=0): nothing will be probed. Pass `probe_dataloader` or validation data.",
+            )
+            return
         want_init = self.include_init and INIT_KEY not in self.history
         want_input = self.include_input and INPUT_KEY not in self.history
         if want_init or want_input:
@@ -353,6 +366,13 @@ class LinearProbes(IntrospectionCallback):
             if want_init:
                 self._fit(trainer, INIT_KEY, self._cache, trainer.global_step)
             self._drain(trainer)
+
+    def _has_validation(self, trainer: Any) -> bool:
+        self.val_dataloader(trainer)  # sets up the validation data if Lightning has not yet
+        if getattr(trainer, "val_dataloaders", None) is None:
+            return False
+        counts = list(getattr(trainer, "num_val_batches", None) or [])
+        return not counts or counts[0] != 0
 
     # ------------------------------------------------------------------------------------ capture
     def _should_capture(self, trainer: Any) -> bool:

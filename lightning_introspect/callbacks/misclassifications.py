@@ -19,7 +19,6 @@ from lightning_introspect.callbacks.base import IntrospectionCallback, check_pos
 from lightning_introspect.callbacks.per_class_metrics import (
     IntrospectionInputError,
     OutputCapture,
-    _prime_writer,
     extract_logits,
     extract_targets,
     run_strict,
@@ -145,8 +144,8 @@ class Misclassifications(IntrospectionCallback):
         num_bins: int = 5,
         perturbations: Sequence[str] = PERTURBATIONS,
         blur_sigmas: Sequence[float] = (0.5, 1.0, 2.0),
-        noise_stds: Sequence[float] = (0.25, 0.5, 1.0),
-        color_strengths: Sequence[float] = (0.25, 0.5, 0.75),
+        noise_stds: Sequence[float] = (0.1, 0.25, 0.5),
+        color_strengths: Sequence[float] = (0.1, 0.25, 0.5),
         num_samples: int = 256,
         class_names: Sequence[str] | None = None,
         output_transform: Callable[[Any], Any] | None = None,
@@ -207,8 +206,6 @@ class Misclassifications(IntrospectionCallback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
             self.report, self.history, self.wrong_images = None, [], None
-        if self.enabled:
-            _prime_writer(self, trainer)  # under DDP: every rank, or rank zero's first write could hang
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self.active(trainer) and (self._validating(trainer) or self.is_scheduled(trainer)):
@@ -368,7 +365,12 @@ class Misclassifications(IntrospectionCallback):
         self._conf.append(conf)
         self._pred.append(pred)
         self._label.append(target)
-        x = split_batch(batch)[0] if self._images else None
+        x = None
+        if self._images:
+            try:
+                x = split_batch(batch)[0]
+            except ValueError:  # a batch structure we cannot read inputs from: treat as non-image
+                x = None
         if self._images and not self._is_image(x):
             self._images = False
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -569,8 +571,11 @@ class Misclassifications(IntrospectionCallback):
 
 
 # ----------------------------------------------------------------------------- text & figures
-def strongest_bin(bins: dict[str, dict[str, Any]], overall: float) -> str | None:
-    """One sentence on the statistic bin where errors concentrate most (relative to the overall rate)."""
+def strongest_bin(bins: dict[str, dict[str, Any]], overall: float, *, ratio: float = 1.5) -> str | None:
+    """One sentence on the statistic bin with the highest error rate (bins of at least 5 samples).
+
+    It says "errors concentrate" only when that rate is at least ``ratio`` times the overall rate.
+    """
     best = None
     for stat, b in bins.items():
         n = len(b["rate"])
@@ -578,13 +583,15 @@ def strongest_bin(bins: dict[str, dict[str, Any]], overall: float) -> str | None
             if rate is None or count < 5:
                 continue
             if best is None or rate > best[0]:
-                where = "lowest" if i == 0 else "highest" if i == n - 1 else f"bin {i + 1} of {n}"
-                best = (rate, stat, where, b["edges"][i], b["edges"][i + 1])
+                side = " (lowest values)" if i == 0 else " (highest values)" if i == n - 1 else ""
+                best = (rate, f"{stat} quantile bin q{i + 1} of {n}{side}", b["edges"][i], b["edges"][i + 1])
     if best is None or overall <= 0:
         return None
-    rate, stat, where, lo, hi = best
-    return (f"errors concentrate in the {where} {stat} quantile bin [{lo:.3g}, {hi:.3g}]: "
-            f"{rate:.1%} vs {overall:.1%} overall ({rate / overall:.1f}x)")
+    rate, where, lo, hi = best
+    detail = f"{where}, values [{lo:.3g}, {hi:.3g}]: error rate {rate:.1%} vs {overall:.1%} overall ({rate / overall:.1f}x)"
+    if rate >= ratio * overall:
+        return f"errors concentrate in {detail}"
+    return f"no statistic bin stands out; the worst is {detail}"
 
 
 def statistics_markdown(bins: dict[str, dict[str, Any]], overall: float) -> str:

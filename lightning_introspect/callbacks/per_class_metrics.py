@@ -130,26 +130,6 @@ def run_strict(callback: IntrospectionCallback, trainer: Any, fn: Callable[..., 
     return result
 
 
-def _prime_writer(callback: IntrospectionCallback, trainer: Any) -> None:
-    """Resolve the writer on every rank together (we run on all ranks under DDP).
-
-    Without a TensorBoard logger, :func:`writer_for` reads ``trainer.log_dir`` on rank zero, and under
-    DDP that property broadcasts: rank zero alone would wait forever. Here rank zero resolves (and
-    caches) its writer while the other ranks join the same broadcast.
-    """
-    if getattr(trainer, "world_size", 1) <= 1:
-        return
-    if trainer.is_global_zero:
-        callback.writer(trainer)
-        return
-    loggers = list(getattr(trainer, "loggers", []) or [])
-    if any(type(lg).__name__ == "TensorBoardLogger" for lg in loggers):
-        return
-    if loggers and (getattr(loggers[0], "log_dir", None) or getattr(loggers[0], "save_dir", None)):
-        return
-    _ = trainer.log_dir  # the matching half of rank zero's broadcast
-
-
 def snapshot_label(fraction: float) -> str:
     """``0.0`` -> ``"start"``, ``0.5`` -> ``"middle"``, ``1.0`` -> ``"end"``, others ``"at_0.25"``."""
     return {0.0: "start", 0.5: "middle", 1.0: "end"}.get(float(fraction), f"at_{float(fraction):g}")
@@ -196,8 +176,8 @@ class PerClassMetrics(IntrospectionCallback):
       first snapshot and the support;
     * ``introspect/per_class/summary`` -- markdown: the classes that improved least, classes with no support;
     * ``introspect/per_class/bars`` -- grouped bar chart (classes x snapshots, one panel per metric);
-    * ``introspect/per_class/confusion`` -- the confusion matrix as an image (rows: true, columns:
-      predicted, colour = row share); for multilabel one row per label with TN / FP / FN / TP shares;
+    * ``introspect/per_class/confusion`` -- at each snapshot, the confusion matrix as an image (rows: true,
+      columns: predicted, colour = row share); for multilabel one row per label with TN / FP / FN / TP shares;
     * ``introspect/per_class/update_seconds`` and ``introspect/per_class/seconds`` -- own wall time.
 
     Results on the instance:
@@ -349,8 +329,6 @@ class PerClassMetrics(IntrospectionCallback):
         if stage == "fit":
             self._reset_results()  # a resumed fit restores them from the checkpoint after setup
             self._metric_objs = None
-            if self.enabled:
-                _prime_writer(self, trainer)
             if self.enabled and trainer.limit_val_batches == 0:
                 self.warn_once(
                     "no-val", "PerClassMetrics: `limit_val_batches=0`, so there is no validation data to measure; "
@@ -633,8 +611,7 @@ class PerClassMetrics(IntrospectionCallback):
         if due:
             self._log_snapshots(trainer, due, step=step)
         elif per_epoch:
-            self._log_scalars(trainer, values, step)
-            self._log_confusion(trainer, table, step, title=f"epoch {epoch}")
+            self._log_scalars(trainer, values, step)  # curves only: images and tables at the snapshots
 
     def _end_pending(self) -> bool:
         """Whether the last validation of the fit is newer than the "end" snapshot (or there is none)."""

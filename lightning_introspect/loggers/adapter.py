@@ -324,7 +324,8 @@ def writer_for(trainer: Any) -> IntrospectionWriter:
     if loggers:
         log_dir = getattr(loggers[0], "log_dir", None) or getattr(loggers[0], "save_dir", None)
     if log_dir is None:
-        log_dir = getattr(trainer, "log_dir", None) or getattr(trainer, "default_root_dir", None) or os.getcwd()
+        # not `trainer.log_dir`: it broadcasts, and only rank zero gets here (a DDP deadlock)
+        log_dir = getattr(trainer, "default_root_dir", None) or os.getcwd()
     root = os.path.join(log_dir, "introspect")
     if root not in _WARNED_FALLBACK:
         _WARNED_FALLBACK.add(root)
