@@ -14,7 +14,14 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
+    "Attributions": "lightning_introspect.callbacks.attributions",
+    "FeatureVisualization": "lightning_introspect.callbacks.feature_visualization",
     "IntrospectionCallback": "lightning_introspect.callbacks.base",
+    "LinearProbes": "lightning_introspect.callbacks.linear_probes",
+    "Misclassifications": "lightning_introspect.callbacks.misclassifications",
+    "PerClassMetrics": "lightning_introspect.callbacks.per_class_metrics",
+    "SanityChecks": "lightning_introspect.callbacks.sanity_checks",
+    "WeightHistograms": "lightning_introspect.callbacks.weight_histograms",
     "IntrospectionConfig": "lightning_introspect.config",
     "introspection_callbacks": "lightning_introspect.config",
 }

@@ -316,3 +316,20 @@ def test_config_errors_and_yaml(tmp_path):
         introspection_callbacks(str(path))
     path.write_text("{}\n")
     assert all(isinstance(cb, IntrospectionCallback) for cb in introspection_callbacks(str(path)))
+
+
+def test_public_names_resolve():
+    import lightning_introspect
+    import lightning_introspect.methods as methods
+    from lightning_introspect.config import CALLBACKS, callback_class
+
+    for name in lightning_introspect.__all__:
+        assert getattr(lightning_introspect, name) is not None
+    for name in methods.__all__:
+        assert getattr(methods, name) is not None, name
+    for section in CALLBACKS:
+        cls = callback_class(section)
+        assert getattr(lightning_introspect, cls.__name__) is cls
+        assert issubclass(cls, IntrospectionCallback)
+    with pytest.raises(AttributeError):
+        lightning_introspect.NoSuchThing  # noqa: B018

@@ -1,3 +1,65 @@
-"""Pure torch (+ numpy / sklearn) introspection methods. No Lightning import: usable in a notebook."""
+"""Pure torch (+ numpy / sklearn) introspection methods. No Lightning import: usable in a notebook.
 
-__all__: list[str] = []
+Names are imported lazily from their modules, so ``from lightning_introspect.methods import grad_cam``
+does not pay for scikit-learn or torchmetrics.
+
+Example:
+    >>> import torch
+    >>> from lightning_introspect.methods import saliency
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    >>> saliency(net, torch.randn(2, 4), target=[0, 2]).shape
+    torch.Size([2, 4])
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_MODULES: dict[str, tuple[str, ...]] = {
+    "attribution": (
+        "METHODS", "SIGNED_METHODS", "attribute", "auto_layer", "deconvnet", "grad_cam", "guided_backprop",
+        "guided_grad_cam", "input_x_gradient", "saliency",
+    ),
+    "lrp": ("LRP_RULES", "fold_batchnorm", "lrp"),
+    "localization": ("chance_level", "energy_in_mask", "pointing_game"),
+    "targets": ("RegionTarget", "target_indices", "target_scores"),
+    "weights": (
+        "DriftStats", "HistogramStats", "cosine_distance", "drift", "histogram", "histograms", "relative_change",
+        "wasserstein_1d",
+    ),
+    "probes": (
+        "FeatureCache", "ProbeResult", "RandomProjection", "classification_scores", "fit_probe", "fit_probes",
+        "pool_activation", "probe_split",
+    ),
+    "image_stats": (
+        "PERTURBATIONS", "STATISTICS", "BinnedErrors", "PerturbationResult", "brightness", "color_filter", "contrast",
+        "error_rate_by_bin", "gaussian_blur", "gaussian_noise", "image_statistics", "noise_level",
+        "per_class_accuracy", "perturb", "perturbation_accuracy", "saturation", "sharpness",
+    ),
+    "feature_visualization": (
+        "FeatureVisualizationResult", "MLPDecoder", "Objective", "TransformRobustness", "channel", "class_logit",
+        "diversity", "fit_autoencoder_prior", "high_frequency_fraction", "layer", "neuron", "objective_values",
+        "stack_objectives", "visualize_features",
+    ),
+    "randomization": (
+        "Caveat", "SanityCaveatWarning", "SanityReport", "cascading_randomization", "class_sensitivity",
+        "decide_verdicts", "detect_caveats", "independent_randomization", "map_similarity", "randomization_blocks",
+        "reinitialize_", "run_sanity_checks", "spearman_similarity", "ssim_similarity", "verdict_score",
+    ),
+}
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
