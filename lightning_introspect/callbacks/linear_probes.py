@@ -149,9 +149,11 @@ class LinearProbes(IntrospectionCallback):
         >>> probes = LinearProbes(layers=["features.2", "features.9"], solver="torch")
         >>> trainer = Trainer(max_epochs=1, callbacks=[probes], logger=False, enable_checkpointing=False,
         ...                   enable_progress_bar=False, enable_model_summary=False, limit_train_batches=2)
-        >>> trainer.fit(DigitsCNN(), datamodule=DigitsDataModule(limit=128))  # doctest: +SKIP
-        >>> sorted(probes.history, key=str)  # doctest: +SKIP
+        >>> trainer.fit(DigitsCNN(), datamodule=DigitsDataModule(limit=128))
+        >>> sorted(probes.history, key=str)
         [0, 'init', 'input']
+        >>> probes.best_layer in probes.layer_names
+        True
     """
 
     name = "probes"
