@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 import time
 import warnings
 
@@ -52,6 +53,7 @@ def demo_fit(epochs: int, callbacks: list) -> tuple[float, EpochTimer, DigitsCNN
     trainer = Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer, *callbacks],
+        default_root_dir=tempfile.mkdtemp(prefix="bench_probes_"),  # the file fallback writes figures there
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)

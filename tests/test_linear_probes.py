@@ -4,6 +4,12 @@ non-interference and errors."""
 from __future__ import annotations
 
 import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -17,6 +23,8 @@ from lightning_introspect.callbacks.linear_probes import LinearProbes, auto_prob
 from lightning_introspect.demo import DigitsCNN, DigitsDataModule, load_digits_tensors
 from lightning_introspect.methods.probes import fit_probe
 from tests.helpers import quick_trainer, read_events
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class SpyCNN(DigitsCNN):
@@ -334,3 +342,48 @@ def test_without_validation_it_warns_and_probes_nothing(tmp_path):
     with pytest.warns(UserWarning, match="no validation data"):
         small_fit(tmp_path, [probes], epochs=1, limit_train_batches=1, limit_val_batches=0)
     assert probes.history == {} and probes.timings["baseline_pass"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------- DDP
+_DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    sys.path.insert(0, {root!r})
+    torch.set_num_threads(1)
+    from lightning_introspect._lightning import Trainer, pl
+    from lightning_introspect.callbacks.linear_probes import LinearProbes
+    from lightning_introspect.demo import DigitsCNN, DigitsDataModule
+
+    pl.seed_everything(0, verbose=False)
+    probes = LinearProbes(solver="sklearn", on_error="raise")
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, limit_train_batches=2, callbacks=[probes], default_root_dir=sys.argv[2])
+    trainer.fit(DigitsCNN(), datamodule=DigitsDataModule(batch_size=16, limit=128, size=16))
+    with open(sys.argv[1] + str(trainer.global_rank), "w") as fh:
+        json.dump(dict(keys=sorted(map(str, probes.history)), world=trainer.world_size, layers=probes.layer_names,
+                       hooks=sum(len(m._forward_hooks) for m in trainer.lightning_module.modules())), fh)
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_rank_zero_probes_without_collectives(tmp_path):
+    """Two CPU processes (gloo): the fit finishes (no deadlock), rank zero probes, rank one does nothing."""
+    script = tmp_path / "ddp_probes.py"
+    script.write_text(_DDP_SCRIPT.format(root=ROOT))
+    out = tmp_path / "result"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": ROOT}
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, str(script), str(out), str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"result{r}").read_text()) for r in (0, 1))
+    assert rank0["world"] == 2
+    assert rank0["keys"] == ["0", "1", "init", "input"] and rank1["keys"] == []
+    assert rank0["layers"] == ["features.2", "features.6", "features.9", "flatten"]
+    assert rank0["hooks"] == rank1["hooks"] == 0

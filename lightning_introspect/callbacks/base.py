@@ -183,8 +183,12 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
         return total is not None and epoch == total - 1
 
     # ------------------------------------------------------------------------------- running
-    def run(self, trainer: Any, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
-        """Call ``fn`` under the error policy, time it and log ``introspect/<name>/seconds``."""
+    def run(self, trainer: Any, fn: Callable[..., T], *args: Any, log_seconds: bool = True, **kwargs: Any) -> T | None:
+        """Call ``fn`` under the error policy, time it and log ``introspect/<name>/seconds``.
+
+        ``log_seconds=False`` for cheap per-batch work (the time still adds to ``seconds_total``).
+        On failure with ``on_error="warn"`` the callback disables itself and :meth:`on_disable` runs.
+        """
         if self.disabled:
             return None
         start = time.perf_counter()
@@ -192,8 +196,10 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
             result = fn(*args, **kwargs)
         except Exception:
             if self.on_error == "raise":
+                self.on_disable()
                 raise
             self.disabled = True
+            self.on_disable()
             rank_zero_warn(
                 f"{type(self).__name__} failed and is disabled for the rest of this fit (on_error='warn'); "
                 f"training continues and what was already logged is kept.\n{traceback.format_exc()}"
@@ -201,8 +207,12 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
             return None
         elapsed = time.perf_counter() - start
         self.seconds_total += elapsed
-        self.writer(trainer).scalar(self.tag("seconds"), elapsed, trainer.global_step)
+        if log_seconds:
+            self.writer(trainer).scalar(self.tag("seconds"), elapsed, trainer.global_step)
         return result
+
+    def on_disable(self) -> None:
+        """Release what the callback holds (hooks, workers) when a failure stops it. Default: nothing."""
 
     def warn_once(self, key: str, message: str) -> None:
         """Warn with ``message`` the first time ``key`` is seen by this callback."""

@@ -6,14 +6,12 @@ import concurrent.futures
 import contextlib
 import math
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_introspect._lightning import rank_zero_warn
 from lightning_introspect._torch.guards import introspection_mode
 from lightning_introspect._torch.hooks import hooks, record_execution_order
 from lightning_introspect._torch.layers import resolve_layers
@@ -144,11 +142,13 @@ class LinearProbes(IntrospectionCallback):
             (``seed`` seeds the projection, the reservoir and the probe split).
 
     Example:
+        >>> import tempfile
         >>> from lightning_introspect.demo import DigitsCNN, DigitsDataModule
         >>> from lightning_introspect._lightning import Trainer
         >>> probes = LinearProbes(layers=["features.2", "features.9"], solver="torch")
         >>> trainer = Trainer(max_epochs=1, callbacks=[probes], logger=False, enable_checkpointing=False,
-        ...                   enable_progress_bar=False, enable_model_summary=False, limit_train_batches=2)
+        ...                   enable_progress_bar=False, enable_model_summary=False, limit_train_batches=2,
+        ...                   default_root_dir=tempfile.mkdtemp())  # figures and tables go to files there
         >>> trainer.fit(DigitsCNN(), datamodule=DigitsDataModule(limit=128))
         >>> sorted(probes.history, key=str)
         [0, 'init', 'input']
@@ -257,13 +257,13 @@ class LinearProbes(IntrospectionCallback):
 
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._stack is not None:
-            self._quiet(self._batch_start, batch, dataloader_idx)
+            self.run(trainer, self._batch_start, batch, dataloader_idx, log_seconds=False)
 
     def on_validation_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if self._stack is not None:
-            self._quiet(self._batch_end)
+            self.run(trainer, self._batch_end, log_seconds=False)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self._stack is not None:
@@ -370,8 +370,11 @@ class LinearProbes(IntrospectionCallback):
             self._drain(trainer)
 
     def _has_validation(self, trainer: Any) -> bool:
-        self.val_dataloader(trainer)  # sets up the validation data if Lightning has not yet
-        if getattr(trainer, "val_dataloaders", None) is None:
+        limit = getattr(trainer, "limit_val_batches", 1.0)
+        if limit is not None and not isinstance(limit, bool) and limit == 0:
+            return False
+        loader = self.val_dataloader(trainer)  # loads the validation data early (without a barrier under DDP)
+        if loader is None or loader is getattr(trainer, "train_dataloader", None):  # the base falls back to training data
             return False
         counts = list(getattr(trainer, "num_val_batches", None) or [])
         return not counts or counts[0] != 0
@@ -688,29 +691,8 @@ class LinearProbes(IntrospectionCallback):
         return [" | ".join(parts), f"by depth: {curve}"]
 
     # ------------------------------------------------------------------------------------ plumbing
-    def _quiet(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """:meth:`run`'s error policy without the per-call timing scalar (for per-batch hooks)."""
-        if self.disabled:
-            return None
-        try:
-            return fn(*args)
-        except Exception:
-            if self.on_error == "raise":
-                self._remove_hooks()
-                raise
-            self.disabled = True
-            self._remove_hooks()
-            rank_zero_warn(
-                f"{type(self).__name__} failed and is disabled for the rest of this fit (on_error='warn'); "
-                f"training continues and what was already logged is kept.\n{traceback.format_exc()}"
-            )
-            return None
-
-    def run(self, trainer: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        result = super().run(trainer, fn, *args, **kwargs)
-        if self.disabled:
-            self._remove_hooks()
-        return result
+    def on_disable(self) -> None:
+        self._remove_hooks()
 
     def _shutdown(self, *, wait: bool) -> None:
         executor, self._executor = self._executor, None

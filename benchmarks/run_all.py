@@ -1,0 +1,104 @@
+"""Run every benchmark in this folder, one after the other, and print one table of ratios.
+
+    python benchmarks/run_all.py [--quick] [--device cpu|cuda]
+
+Each benchmark runs in its own process; its full output is printed under a header, then a summary
+table collects the headline ratio of each one (all measured in this run, on this machine). Run by
+hand, not by CI: on 2 CPU cores the whole set takes about 10-15 minutes (``--quick``: about 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# script, extra args (normal / quick), [(label, regex with one or two groups, format)]
+BENCHMARKS: list[tuple[str, list[str], list[str], list[tuple[str, str]]]] = [
+    (
+        "bench_fit_overhead.py",
+        [],
+        ["--repeats", "1", "--epochs", "3"],
+        [
+            ("fit time, default callback set / none", r"RATIO fit_overhead_default ([\d.]+)"),
+            ("peak memory, default callback set / none", r"RATIO peak_memory_default ([\d.]+)"),
+        ],
+    ),
+    (
+        "bench_histograms.py",
+        [],
+        ["--repeats", "1", "--arch", "resnet18"],
+        [
+            ("histograms: naive add_histogram / ours (CPU time)", r"ratio naive / ours: wall [\d.]+x, CPU ([\d.]+)x"),
+            ("histograms: ours / one training step (wall)", r"ours / one training step: wall ([\d.]+)"),
+        ],
+    ),
+    (
+        "bench_attributions.py",
+        [],
+        ["--repeats", "5"],
+        [
+            ("saliency+Grad-CAM: ours / captum (DigitsCNN)", r"DigitsCNN\s+saliency \+ grad_cam\s+[\d.]+\s+[\d.]+\s+([\d.]+)"),
+            ("saliency+Grad-CAM: ours / fwd+bwd (DigitsCNN)", r"DigitsCNN\s+saliency \+ grad_cam\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)"),
+            ("saliency+Grad-CAM: ours / captum (SmallResNet)", r"SmallResNet\s+saliency \+ grad_cam\s+[\d.]+\s+[\d.]+\s+([\d.]+)"),
+            ("guided Grad-CAM: ours / captum (SmallResNet)", r"SmallResNet\s+guided_grad_cam\s+[\d.]+\s+[\d.]+\s+([\d.]+)"),
+            ("LRP epsilon: ours / fwd+bwd (SmallResNet)", r"SmallResNet\s+lrp \(epsilon\)\s+[\d.]+\s+\S+\s+\S+\s+([\d.]+)"),
+        ],
+    ),
+    (
+        "bench_lrp.py",
+        [],
+        ["--repeats", "5"],
+        [("LRP: ours / captum LRP (captum-compatible CNN)", r"captum LRP\s+([\d.]+) ms")],
+    ),
+    (
+        "bench_probes.py",
+        [],
+        ["--quick"],
+        [
+            ("probes 4 layers x 10k, sklearn (1 BLAS thread) / one demo epoch", r"sklearn \(1 BLAS thread[^)]*\): [\d.]+ s = ([\d.]+) x"),
+            ("probes 4 layers x 10k, torch L-BFGS / one demo epoch", r"torch \(CPU\): [\d.]+ s = ([\d.]+) x"),
+        ],
+    ),
+    (
+        "bench_featviz.py",
+        [],
+        ["--repeats", "2", "--steps", "20"],
+        [("feature vis. batch 16, fourier+tv+transforms, steps/s", r"batch 16[\s\S]*?fourier \+ tv \+ transforms\s+([\d.]+)")],
+    ),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller models")
+    args = parser.parse_args()
+    rows: list[tuple[str, str]] = []
+    start = time.perf_counter()
+    for script, normal, quick, patterns in BENCHMARKS:
+        cmd = [sys.executable, os.path.join(HERE, script), *(quick if args.quick else normal)]
+        print(f"\n===== {script} {' '.join(cmd[2:])}", flush=True)
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        print(res.stdout.rstrip())
+        if res.returncode != 0:
+            print(res.stderr[-3000:])
+        print(f"({time.perf_counter() - t0:.0f} s)")
+        for label, pattern in patterns:
+            match = re.search(pattern, res.stdout)
+            rows.append((label, match.group(1) if match else "n/a"))
+    print(f"\n===== summary ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{time.perf_counter() - start:.0f} s in all)")
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
