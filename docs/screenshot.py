@@ -80,9 +80,9 @@ class Shot:
 
 
 SHOTS = [
-    Shot("tensorboard_attributions.png", "images", r"^introspect/attributions/(inputs|grad_cam)$", 1500, True),
-    Shot("tensorboard_per_class.png", "images", r"^introspect/per_class/bars$", 1400, True),
-    Shot("tensorboard_probes.png", "scalars", r"^introspect/probes/.*accuracy$", 1400, optional=True),
+    Shot("tensorboard_attributions.png", "images", r"^introspect/attributions/grad_cam$", 1540, actual_size=True),
+    Shot("tensorboard_per_class.png", "images", r"^introspect/per_class/bars$", 1380, actual_size=True),
+    Shot("tensorboard_probes.png", "scalars", r"^introspect/probes/(features\.\d+|flatten)/accuracy$", 1200, optional=True),
 ]
 
 # Helpers evaluated in the page. TensorBoard's dashboards are Polymer elements inside shadow roots, so
@@ -127,16 +127,24 @@ JS_ACTUAL_SIZE = r"""(() => {
   return 'property';
 })()"""
 
+# The Scalars dashboard clips the y axis to hide outliers by default, which cuts off the first (untrained)
+# probe points: untick "Ignore outliers in chart scaling" (a setting kept in this throwaway profile only).
+JS_KEEP_OUTLIERS = r"""(() => {
+  const [dash] = firstView('tf-scalar-dashboard');
+  const box = deepAll(dash, 'paper-checkbox').find((c) => /ignore outliers/i.test(c.textContent));
+  if (box) { if (box.checked) box.click(); return 'clicked'; }
+  dash._ignoreYOutliers = false;
+  return 'property';
+})()"""
+
 JS_SCALARS_STATE = r"""(() => {
   const [dash, view] = firstView('tf-scalar-dashboard');
   if (!view) return {ready: false, why: dash ? 'no category yet' : 'no scalars dashboard yet'};
   const cards = deepAll(view, 'tf-scalar-card');
   const charts = cards.map((c) => deepAll(c, 'vz-line-chart2')[0]).filter((c) => c);
-  // Plottable draws each series as an SVG path; a chart has data once a line path has a long ``d``.
-  const drawn = charts.filter((c) => Array.from(c.shadowRoot ? c.shadowRoot.querySelectorAll('path') : [])
-      .concat(Array.from(c.querySelectorAll('path'))).some((p) => (p.getAttribute('d') || '').length > 40));
-  const spinning = deepAll(view, 'paper-spinner-lite').some((s) => s.active);
-  return {ready: cards.length > 0 && drawn.length === cards.length && !spinning, present: cards.length >= EXPECTED,
+  // Plottable draws into SVG: an empty chart has only its axis path; data adds a line (or a lone point).
+  const drawn = charts.filter((c) => deepAll(c, 'path').filter((p) => (p.getAttribute('d') || '').length > 0).length >= 2);
+  return {ready: cards.length > 0 && drawn.length === cards.length, present: cards.length >= EXPECTED,
           why: `${drawn.length}/${cards.length} charts drawn`, cards: cards.length, view: box(view),
           cardBoxes: cards.map(box)};
 })()"""
@@ -356,10 +364,12 @@ def _shrink(png: bytes, max_kb: int) -> tuple[bytes, str]:
 
 
 def _clip(state: dict[str, Any], width: int, height: int, margin: int = 16) -> tuple[float, float, float, float]:
-    """The top of the page (TensorBoard's header and the sidebar) down to the filtered cards' bottom edge."""
+    """The whole width, from the top (TensorBoard's header, the sidebar) down to the filtered cards' bottom."""
     bottom = max([state["view"][3]] + [b[3] for b in state["cardBoxes"]]) + margin
-    right = max([b[2] for b in state["cardBoxes"]]) + 4 * margin
-    return 0.0, 0.0, float(min(width, max(right, 0.6 * width))), float(min(height, bottom))
+    right = max(b[2] for b in state["cardBoxes"])
+    if right > width:
+        print(f"  note: the cards reach x={right:.0f}, wider than the {width}px viewport (raise Shot.width)", file=sys.stderr)
+    return 0.0, 0.0, float(width), float(min(height, bottom))
 
 
 def _take(browser: Chromium, base: str, shot: Shot, cards: int, timeout: float) -> bytes:
@@ -373,7 +383,8 @@ def _take(browser: Chromium, base: str, shot: Shot, cards: int, timeout: float) 
     state = browser.wait_for(expression, timeout, key="present", settle=0.5)
     if shot.actual_size:
         browser.evaluate(JS_ACTUAL_SIZE)
-        state = browser.wait_for(expression, timeout)
+    if shot.plugin == "scalars":
+        browser.evaluate(JS_KEEP_OUTLIERS)
     # Make the viewport tall enough for every filtered card (off-screen charts may not draw), then wait.
     needed = int(max([state["view"][3]] + [b[3] for b in state["cardBoxes"]])) + 40
     if needed > height:

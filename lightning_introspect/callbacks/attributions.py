@@ -187,7 +187,9 @@ class Attributions(IntrospectionCallback):
             get_layer(pl_module, self.layer_spec, argument="layer")
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.active(trainer) and self._prepare(trainer, pl_module) and -1 in self.fraction_epochs(trainer).values():
+        # `at=0.0` is "before training": a fit resumed from a checkpoint (global_step > 0) has it already
+        before_training = trainer.global_step == 0 and -1 in self.fraction_epochs(trainer).values()
+        if self.active(trainer) and self._prepare(trainer, pl_module) and before_training:
             self.run(trainer, self._log, trainer, pl_module, -1)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:

@@ -275,10 +275,16 @@ class FeatureVisualization(IntrospectionCallback):
             x, _ = self.fixed_samples(trainer)
         except Exception:  # no data reachable yet: checked at the first run instead
             return
-        self.validate(pl_module, x)
+        try:
+            self.validate(pl_module, x)  # bad channels / classes / prior raise ValueError here
+        except ValueError:
+            raise
+        except Exception:  # the model itself failed on the samples: left to `on_error` at the first run
+            self._validated = False
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.active(trainer) and -1 in self.fraction_epochs(trainer).values():
+        # `at=0.0` is "before training": not again in a fit resumed from a checkpoint (global_step > 0)
+        if self.active(trainer) and trainer.global_step == 0 and -1 in self.fraction_epochs(trainer).values():
             self.run(trainer, self.visualize, trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:

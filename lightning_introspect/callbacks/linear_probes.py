@@ -117,9 +117,9 @@ class LinearProbes(IntrospectionCallback):
     * ``timings``: seconds spent, by kind (``capture``, ``baseline_pass``, ``own_pass``, ``fit_inline``,
       ``submit``, ``wait``, ``log``), all in the training thread.
 
-    ``history``, ``macro_f1`` and ``best_layer`` are in the checkpoint (a resumed fit keeps them and
-    does not redo the init baseline). A background fit still running when a checkpoint is written is not
-    in that checkpoint.
+    ``history``, ``macro_f1``, ``best_layer`` and the probes' warm-start weights are in the checkpoint
+    (a resumed fit keeps them, does not redo the init baseline and fits the next epochs as an
+    uninterrupted fit would). Writing a checkpoint waits for a background fit still running.
 
     Args:
         layers: ``"auto"`` (activation modules in execution order plus the penultimate layer, at most 7),
@@ -551,6 +551,12 @@ class LinearProbes(IntrospectionCallback):
             )
             return
         names = cache.names
+        broken = [n for n in names if not bool(torch.isfinite(cache.features(n)).all())]
+        if broken:
+            raise ValueError(
+                f"LinearProbes: the activations of {broken} hold NaN / Inf values at {key!r} (non-finite weights or "
+                "inputs?), so no probe can be fitted."
+            )
         if self._resolved_solver == "torch":
             start = time.perf_counter()
             results = self._solve({n: cache.features(n) for n in names}, labels, key)
@@ -703,7 +709,9 @@ class LinearProbes(IntrospectionCallback):
 
     # ------------------------------------------------------------------------------------ state
     def extra_state(self) -> dict[str, Any]:
-        self._collect(wait=False)
+        # A checkpoint is written right after the validation pass that submitted this epoch's fit: wait
+        # for it, so a resumed fit has every finished epoch (and the warm start the next fit begins from).
+        self._collect(wait=True)
         for key, _step, results in self._to_log:  # finished but not yet logged: keep them in the checkpoint
             self._record(key, results)
         return {
@@ -711,6 +719,11 @@ class LinearProbes(IntrospectionCallback):
             "macro_f1": [[k, dict(v)] for k, v in self.macro_f1.items()],
             "best_layer": self.best_layer or "",
             "layer_names": list(self.layer_names),
+            "warm": {
+                n: {k: (v if isinstance(v, str) else torch.as_tensor(v)) for k, v in st.items()}
+                for n, st in self._warm.items()
+                if st is not None
+            },
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -719,6 +732,10 @@ class LinearProbes(IntrospectionCallback):
         self.best_layer = state.get("best_layer") or None
         if state.get("layer_names") and not self.layer_names:
             self.layer_names = list(state["layer_names"])
+        self._warm = {
+            n: {k: (v if isinstance(v, str) else torch.as_tensor(v).numpy()) for k, v in st.items()}
+            for n, st in dict(state.get("warm", {})).items()
+        }
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -15,7 +15,12 @@ import torch
 
 from lightning_introspect._lightning import rank_zero_warn
 from lightning_introspect._torch.guards import introspection_mode
-from lightning_introspect.callbacks.base import IntrospectionCallback, check_positive_int, split_batch
+from lightning_introspect.callbacks.base import (
+    IntrospectionCallback,
+    check_positive_int,
+    draw_samples,
+    split_batch,
+)
 from lightning_introspect.callbacks.per_class_metrics import (
     IntrospectionInputError,
     OutputCapture,
@@ -207,6 +212,10 @@ class Misclassifications(IntrospectionCallback):
         if stage == "fit":
             self.report, self.history, self.wrong_images = None, [], None
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.class_names is not None and self.active(trainer):
+            run_strict(self, trainer, self._check_names, trainer, pl_module)  # a wrong length fails before training
+
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self.active(trainer) and (self._validating(trainer) or self.is_scheduled(trainer)):
             self._begin(pl_module)  # cheap: reset the buffers, attach the output hook
@@ -327,6 +336,18 @@ class Misclassifications(IntrospectionCallback):
         return logits.softmax(dim=1)
 
     # -------------------------------------------------------------------------------- work
+    def _check_names(self, trainer: Any, pl_module: Any) -> None:
+        """``class_names`` against the logits' width of two validation samples (skipped if they cannot run)."""
+        try:
+            x, _ = draw_samples(self.val_dataloader(trainer), 2, seed=self.seed)
+            device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+            with introspection_mode(pl_module, grad=False):
+                logits = extract_logits(pl_module(x.to(device)), self.output_transform)
+        except Exception:  # no data or a model that does not take the bare inputs: checked at the first review
+            return
+        if isinstance(logits, torch.Tensor) and logits.ndim == 2:
+            self.names(2 if logits.shape[1] == 1 else int(logits.shape[1]))
+
     def _begin(self, pl_module: Any) -> None:
         self._reset_epoch()
         self._capture.attach(pl_module)

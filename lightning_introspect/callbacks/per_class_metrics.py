@@ -23,6 +23,7 @@ from lightning_introspect.callbacks.base import (
     IntrospectionCallback,
     check_choice,
     check_positive_int,
+    draw_samples,
     split_batch,
 )
 
@@ -338,6 +339,8 @@ class PerClassMetrics(IntrospectionCallback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.active(trainer) and 0.0 in self.at and "start" not in self.snapshots:
             self._run_strict(trainer, self._start_snapshot, trainer, pl_module)
+        elif self.active(trainer) and trainer.global_step == 0:
+            self._run_strict(trainer, self._check_output, trainer, pl_module)  # no start pass: check the config now
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self.active(trainer) and self._fitting(trainer):
@@ -580,6 +583,23 @@ class PerClassMetrics(IntrospectionCallback):
             return
         self._store("start", computed, epoch=-1, step=int(trainer.global_step))
         self._log_snapshots(trainer, ["start"], step=int(trainer.global_step))
+
+    def _check_output(self, trainer: Any, pl_module: Any) -> None:
+        """Two validation samples through the model: a wrong ``num_classes`` / ``class_names`` fails before training."""
+        if trainer.limit_val_batches == 0 or self.target_transform is not None:
+            return
+        loader = self.val_dataloader(trainer)
+        if loader is None:
+            return
+        try:
+            x, y = draw_samples(loader, 2, seed=self.seed)
+            with introspection_mode(pl_module, grad=False):
+                output = pl_module(trainer.strategy.batch_to_device(x))
+        except Exception:  # the model does not take the bare inputs: checked at the first validation instead
+            return
+        logits = extract_logits(output, self.output_transform)
+        if logits is not None and y is not None:
+            self._prepare(logits, y)
 
     def _begin_collecting(self, pl_module: Any) -> None:
         if self._metric_objs is not None:

@@ -262,9 +262,18 @@ class SanityChecks(IntrospectionCallback):
             writer: where to log (figures, grid, table, scalars); ``None``: nothing is logged.
             step: the step the logs are written at.
             trainer: the trainer, if any (its ``Attributions`` callback gives the default methods).
+
+        Raises:
+            ValueError: a bad layer name, or NaN / Inf weights in ``model`` (the maps would be meaningless).
         """
         if self._resolved_methods is None or trainer is not None:
             self._validate_model(model, trainer)
+        broken = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+        if broken:  # NaN maps become zeros in the similarity measures: every method would "pass"
+            raise ValueError(
+                f"SanityChecks: the model has NaN / Inf weights in {broken[:5]}{' ...' if len(broken) > 5 else ''}; "
+                "attribution maps and verdicts would be meaningless, so the check is not run."
+            )
         methods = list(self._resolved_methods or DEFAULT_METHODS)
         layer = None if self.layer == "auto" and not any(m in ("grad_cam", "guided_grad_cam") for m in methods) else self.layer
         report = run_sanity_checks(

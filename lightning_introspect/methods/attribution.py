@@ -217,13 +217,25 @@ def _forward(
         x = fresh_input(inputs.to(device), dtype=_input_dtype(model))
         captured: list[torch.Tensor] = []
 
-        def capture(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
-            if not isinstance(output, torch.Tensor):
-                raise ValueError(f"Expected the layer {layer_name!r} to output one tensor, but got {type(output).__name__}.")
-            captured.append(output)
+        def capture(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+            # A tuple / list output (e.g. an LSTM's (out, state), a block's (out, aux)): its first
+            # element is the feature map, as in the probes and feature visualisation.
+            packed = isinstance(output, (tuple, list)) and bool(output) and isinstance(output[0], torch.Tensor)
+            tensor = output[0] if packed else output
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(
+                    f"Expected the layer {layer_name!r} to output a tensor (or a tuple whose first element is one), "
+                    f"but got {type(output).__name__}; choose another layer."
+                )
+            captured.append(tensor)
             # Hand a copy downstream: an in-place op after the layer (ReLU(inplace=True)) must not
             # overwrite the activation we differentiate w.r.t.
-            return output.clone()
+            if not packed:
+                return tensor.clone()
+            rest = list(output[1:])
+            if isinstance(output, list):
+                return [tensor.clone(), *rest]
+            return type(output)(tensor.clone(), *rest) if hasattr(output, "_fields") else type(output)((tensor.clone(), *rest))
 
         if module is not None:
             handles.append(module.register_forward_hook(capture))
