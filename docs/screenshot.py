@@ -80,9 +80,21 @@ class Shot:
 
 
 SHOTS = [
-    Shot("tensorboard_attributions.png", "images", r"^introspect/attributions/grad_cam$", 1540, actual_size=True),
+    Shot(
+        "tensorboard_attributions.png",
+        "images",
+        r"^introspect/attributions/grad_cam$",
+        1540,
+        actual_size=True,
+    ),
     Shot("tensorboard_per_class.png", "images", r"^introspect/per_class/bars$", 1380, actual_size=True),
-    Shot("tensorboard_probes.png", "scalars", r"^introspect/probes/(features\.\d+|flatten)/accuracy$", 1200, optional=True),
+    Shot(
+        "tensorboard_probes.png",
+        "scalars",
+        r"^introspect/probes/(features\.\d+|flatten)/accuracy$",
+        1200,
+        optional=True,
+    ),
 ]
 
 # Helpers evaluated in the page. TensorBoard's dashboards are Polymer elements inside shadow roots, so
@@ -167,7 +179,13 @@ class Chromium:
         os.close(from_browser_w)
         log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         null = os.open(os.devnull, os.O_RDWR)
-        argv = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"]
+        argv = [
+            binary,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            "--remote-debugging-pipe",
+            "about:blank",
+        ]
         try:
             self.pid = os.posix_spawn(
                 binary,
@@ -206,7 +224,9 @@ class Chromium:
         raw, self._buffer = self._buffer.split(b"\0", 1)
         return json.loads(raw)
 
-    def call(self, method: str, params: dict[str, Any] | None = None, *, page: bool = True, timeout: float = 30.0) -> Any:
+    def call(
+        self, method: str, params: dict[str, Any] | None = None, *, page: bool = True, timeout: float = 30.0
+    ) -> Any:
         self._id += 1
         message: dict[str, Any] = {"id": self._id, "method": method, "params": params or {}}
         if page:
@@ -234,18 +254,28 @@ class Chromium:
         self._target = self._session = None
 
     def resize(self, width: int, height: int) -> None:
-        self.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
 
     def navigate(self, url: str) -> None:
         self.call("Page.navigate", {"url": url})
 
     def evaluate(self, expression: str) -> Any:
-        result = self.call("Runtime.evaluate", {"expression": f"(() => {{{JS_LIB}\nreturn {expression};\n}})()", "returnByValue": True})
+        result = self.call(
+            "Runtime.evaluate",
+            {"expression": f"(() => {{{JS_LIB}\nreturn {expression};\n}})()", "returnByValue": True},
+        )
         if "exceptionDetails" in result:
-            raise RuntimeError(f"JavaScript error: {result['exceptionDetails'].get('exception', result['exceptionDetails'])}")
+            raise RuntimeError(
+                f"JavaScript error: {result['exceptionDetails'].get('exception', result['exceptionDetails'])}"
+            )
         return result["result"].get("value")
 
-    def wait_for(self, expression: str, timeout: float, *, key: str = "ready", settle: float = 1.0) -> dict[str, Any]:
+    def wait_for(
+        self, expression: str, timeout: float, *, key: str = "ready", settle: float = 1.0
+    ) -> dict[str, Any]:
         """Poll ``expression`` (returning ``{ready, present, why, ...}``) until ``key`` holds twice, ``settle`` s apart."""
         deadline = time.monotonic() + timeout
         state: dict[str, Any] = {"why": "not evaluated"}
@@ -261,7 +291,10 @@ class Chromium:
 
     def screenshot(self, clip: tuple[float, float, float, float]) -> bytes:
         x0, y0, x1, y1 = clip
-        params = {"format": "png", "clip": {"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0, "scale": 1}}
+        params = {
+            "format": "png",
+            "clip": {"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0, "scale": 1},
+        }
         return base64.b64decode(self.call("Page.captureScreenshot", params, timeout=60)["data"])
 
     def stop(self) -> None:
@@ -314,7 +347,9 @@ def _get_json(url: str, timeout: float = 10.0) -> Any:
         return json.loads(response.read())
 
 
-def _wait_for_tags(base: str, proc: subprocess.Popen, needed: dict[str, list[str]], timeout: float) -> dict[str, list[str]]:
+def _wait_for_tags(
+    base: str, proc: subprocess.Popen, needed: dict[str, list[str]], timeout: float
+) -> dict[str, list[str]]:
     """Wait until TensorBoard serves, for the demo run, a tag matching every pattern; return the matches."""
     deadline = time.monotonic() + timeout
     missing: list[str] = list(needed)
@@ -358,17 +393,24 @@ def _shrink(png: bytes, max_kb: int) -> tuple[bytes, str]:
         else:
             scale = 0.85**step
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-            candidate = image.resize(size, Image.Resampling.LANCZOS).quantize(colors=256, dither=Image.Dither.NONE)
+            candidate = image.resize(size, Image.Resampling.LANCZOS).quantize(
+                colors=256, dither=Image.Dither.NONE
+            )
             note = f"256 colours, scaled to {size[0]}x{size[1]}"
     raise RuntimeError(f"could not bring the image below {max_kb} KB")
 
 
-def _clip(state: dict[str, Any], width: int, height: int, margin: int = 16) -> tuple[float, float, float, float]:
+def _clip(
+    state: dict[str, Any], width: int, height: int, margin: int = 16
+) -> tuple[float, float, float, float]:
     """The whole width, from the top (TensorBoard's header, the sidebar) down to the filtered cards' bottom."""
     bottom = max([state["view"][3]] + [b[3] for b in state["cardBoxes"]]) + margin
     right = max(b[2] for b in state["cardBoxes"])
     if right > width:
-        print(f"  note: the cards reach x={right:.0f}, wider than the {width}px viewport (raise Shot.width)", file=sys.stderr)
+        print(
+            f"  note: the cards reach x={right:.0f}, wider than the {width}px viewport (raise Shot.width)",
+            file=sys.stderr,
+        )
     return 0.0, 0.0, float(width), float(min(height, bottom))
 
 
@@ -379,7 +421,9 @@ def _take(browser: Chromium, base: str, shot: Shot, cards: int, timeout: float) 
     height = 900
     browser.resize(shot.width, height)
     browser.navigate(f"{base}/#{hash_}")
-    expression = (JS_IMAGES_STATE if shot.plugin == "images" else JS_SCALARS_STATE).replace("EXPECTED", str(cards))
+    expression = (JS_IMAGES_STATE if shot.plugin == "images" else JS_SCALARS_STATE).replace(
+        "EXPECTED", str(cards)
+    )
     state = browser.wait_for(expression, timeout, key="present", settle=0.5)
     if shot.actual_size:
         browser.evaluate(JS_ACTUAL_SIZE)
@@ -402,15 +446,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logdir", help="reuse this existing demo log root and skip training")
     parser.add_argument("--fast", action="store_true", help="pass --fast to the demo (a dry run)")
     parser.add_argument("--epochs", type=int, help="pass --epochs to the demo (its default: 6)")
-    parser.add_argument("--images-dir", default=str(HERE / "images"), help="where the PNGs go (default: docs/images)")
+    parser.add_argument(
+        "--images-dir", default=str(HERE / "images"), help="where the PNGs go (default: docs/images)"
+    )
     parser.add_argument("--chromium", default=None, help="Chromium binary (default: chromium on PATH)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each page / for TensorBoard")
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for each page / for TensorBoard"
+    )
     parser.add_argument("--max-kb", type=int, default=400, help="largest PNG size in KB (default: 400)")
     args = parser.parse_args(argv)
 
     chromium = args.chromium or shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium or not os.access(chromium, os.X_OK):
-        print("Chromium not found: apt-get update && apt-get install -y chromium  (or pass --chromium)", file=sys.stderr)
+        print(
+            "Chromium not found: apt-get update && apt-get install -y chromium  (or pass --chromium)",
+            file=sys.stderr,
+        )
         return 2
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be a positive int, got {args.epochs}")
@@ -424,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.logdir:
             logdir = Path(args.logdir)
         else:
-            logdir = Path(args.out) if args.out else work / "runs"
+            logdir = Path(args.out) if args.out else work / "introspect_runs"
             demo = [sys.executable, "-m", "lightning_introspect.cli", "demo", "--out", str(logdir)]
             demo += ["--fast"] if args.fast else []
             demo += ["--epochs", str(args.epochs)] if args.epochs is not None else []
@@ -435,10 +486,23 @@ def main(argv: list[str] | None = None) -> int:
 
         port = _free_port()
         base = f"http://127.0.0.1:{port}"
-        command = [*_tensorboard_command(), "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)]
-        print("$", " ".join(command), flush=True)
+        # Started from the log root's parent with a relative --logdir, so the sidebar shows a name like the
+        # README's ``tensorboard --logdir introspect_runs`` rather than a temporary path.
+        logdir = logdir.resolve()
+        command = [
+            *_tensorboard_command(),
+            "--logdir",
+            logdir.name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        print(f"$ cd {logdir.parent} && {' '.join(command)}", flush=True)
         tb_log = open(work / "tensorboard.log", "wb")  # noqa: SIM115 - closed with the process below
-        tensorboard = subprocess.Popen(command, stdout=tb_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        tensorboard = subprocess.Popen(
+            command, cwd=logdir.parent, stdout=tb_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
         tb_log.close()
         needed: dict[str, list[str]] = {}
         for shot in SHOTS:
@@ -451,9 +515,14 @@ def main(argv: list[str] | None = None) -> int:
         browser.open_page(1400, 900)
         images_dir.mkdir(parents=True, exist_ok=True)
         for shot in SHOTS:
-            print(f"{shot.file}: #{shot.plugin} filtered to {shot.tag_filter} ({len(matches[shot.tag_filter])} tags)", flush=True)
+            print(
+                f"{shot.file}: #{shot.plugin} filtered to {shot.tag_filter} ({len(matches[shot.tag_filter])} tags)",
+                flush=True,
+            )
             try:
-                png, note = _shrink(_take(browser, base, shot, len(matches[shot.tag_filter]), args.timeout), args.max_kb)
+                png, note = _shrink(
+                    _take(browser, base, shot, len(matches[shot.tag_filter]), args.timeout), args.max_kb
+                )
             except (TimeoutError, RuntimeError, KeyError) as error:
                 failures.append(f"{shot.file}: {error}")
                 print(f"  FAILED: {error}", file=sys.stderr)
@@ -472,7 +541,11 @@ def main(argv: list[str] | None = None) -> int:
                 tensorboard.wait(timeout=10)
         for name in ("tensorboard.log", "chromium.log"):
             if failures and (work / name).exists():
-                print(f"--- last lines of {name} ---\n" + "\n".join((work / name).read_text(errors="replace").splitlines()[-15:]), file=sys.stderr)
+                print(
+                    f"--- last lines of {name} ---\n"
+                    + "\n".join((work / name).read_text(errors="replace").splitlines()[-15:]),
+                    file=sys.stderr,
+                )
         shutil.rmtree(work, ignore_errors=True)
     optional = {shot.file for shot in SHOTS if shot.optional}
     hard = [failure for failure in failures if failure.split(":", 1)[0] not in optional]

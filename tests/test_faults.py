@@ -130,6 +130,13 @@ def fit_recording_warnings(trainer: Any, model: Any, dm: Any) -> list[str]:
     return [str(w.message) for w in caught]
 
 
+def events_of(log_dir: str) -> dict[str, Any]:
+    """``read_events`` with text tags as written (TensorBoard stores them as ``<tag>/text_summary``)."""
+    events = read_events(log_dir)
+    events["text"] = {tag.removesuffix("/text_summary"): steps for tag, steps in events["text"].items()}
+    return events
+
+
 def failure_warnings(messages: list[str], name: str) -> list[str]:
     return [m for m in messages if m.startswith(f"{name} failed and is disabled")]
 
@@ -165,7 +172,7 @@ def test_forward_raising_in_introspection_with_warn_disables_those_callbacks_and
         assert torch.equal(a, b), key
 
     # nothing already logged is lost: epoch 0's images and the failing run's first writes are on disk
-    events = read_events(trainer.logger.log_dir)
+    events = events_of(trainer.logger.log_dir)
     assert events["images"]["introspect/attributions/grad_cam"] == [0, 2]
     assert events["images"]["introspect/featviz/class/0"] == [2]
     assert events["text"]["introspect/misclassifications/top_wrong"] == [4]  # written before the perturbation test
@@ -173,30 +180,46 @@ def test_forward_raising_in_introspection_with_warn_disables_those_callbacks_and
     assert [s for s, _ in events["scalars"]["introspect/per_class/recall/0"]] == [0, 2, 4]
 
 
+def _fast(name: str, dm: DigitsDataModule) -> Any:
+    (cb,) = [c for c in full_set(dm, "raise") if type(c).__name__ == name]
+    return cb
+
+
+# callback -> its first forward pass of its own (the model raises there)
 _EXPLODING_PASS = {
-    "PerClassMetrics": "start pass",
-    "Misclassifications": "perturbation test",
-    "LinearProbes": "init / input baseline pass",
-    "Attributions": "attribution pass",
-    "FeatureVisualization": "activation maximisation",
-    "SanityChecks": "randomisation check",
+    "PerClassMetrics": lambda dm: _fast("PerClassMetrics", dm),  # the start pass
+    "Misclassifications": lambda dm: _fast("Misclassifications", dm),  # the perturbation test
+    "LinearProbes": lambda dm: LinearProbes(layers=["features.9"], on_error="raise"),  # the init baseline pass
+    "Attributions": lambda dm: _fast("Attributions", dm),  # the at=0.0 maps
+    "FeatureVisualization": lambda dm: _fast("FeatureVisualization", dm),  # activation maximisation
+    "SanityChecks": lambda dm: _fast("SanityChecks", dm),  # the fit-end check
 }
 
 
 @pytest.mark.parametrize("name", sorted(_EXPLODING_PASS))
 def test_forward_raising_in_introspection_with_raise_surfaces_the_models_error(tmp_path: Any, name: str) -> None:
     dm = small_dm()
-    (cb,) = [c for c in full_set(dm, "raise") if type(c).__name__ == name]
+    cb = _EXPLODING_PASS[name](dm)
     model = IntrospectionOnlyFault()
     model.explode = True  # from the start: each callback's first pass of its own fails
     trainer = quick_trainer(tmp_path, [cb], epochs=1, logger=False)
     with pytest.raises(RuntimeError, match=BOOM) as info:
         trainer.fit(model, datamodule=dm)
     # the model's own exception object, raised from our code (not swallowed, not re-wrapped)
-    files = [entry.path for entry in info.traceback]
-    assert any("lightning_introspect" in str(f) for f in files)
-    assert str(files[-1]).endswith("test_faults.py")
+    files = [str(entry.path) for entry in info.traceback]
+    assert any("lightning_introspect" in f for f in files)
+    assert files[-1].endswith("test_faults.py")
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_auto_probe_layers_need_a_working_forward_at_setup(tmp_path: Any) -> None:
+    dm = small_dm()
+    model = IntrospectionOnlyFault()
+    model.explode = True
+    trainer = quick_trainer(tmp_path, [LinearProbes(layers="auto")], epochs=1, logger=False)  # on_error="warn"
+    with pytest.raises(ValueError, match=r"`layers='auto'` runs `model\(inputs\)`.*failed \(RuntimeError: boom") as info:
+        trainer.fit(model, datamodule=dm)
+    assert isinstance(info.value.__cause__, RuntimeError) and trainer.global_step == 0
 
 
 def test_weight_histograms_only_needs_a_forward_for_the_depth_order(tmp_path: Any) -> None:
@@ -232,7 +255,7 @@ def test_nan_weights_with_warn_training_goes_on_and_the_callbacks_say_why(tmp_pa
     assert cbs["SanityChecks"].report is None  # no "pass" verdicts for a broken model
     assert cbs["PerClassMetrics"].snapshot_epochs["end"]["epoch"] == 1
 
-    events = read_events(trainer.logger.log_dir)
+    events = events_of(trainer.logger.log_dir)
     nonfinite = dict(events["scalars"]["introspect/weights/nonfinite"])
     assert nonfinite[2] == 0 and nonfinite[4] > 0  # epoch 0 clean, epoch 1 counted
     assert [s for s, _ in events["scalars"]["introspect/probes/features.9/accuracy"]] == [0, 2]  # kept
@@ -336,7 +359,7 @@ def test_keyboard_interrupt_mid_epoch_stops_cleanly_and_keeps_what_was_logged(tm
     assert cbs["LinearProbes"]._executor is None  # background worker shut down
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
-    events = read_events(trainer.logger.log_dir)
+    events = events_of(trainer.logger.log_dir)
     assert events["text"]["introspect/per_class/table"][-1] == 2  # the "end" table, written on the interrupt
     assert events["images"]["introspect/attributions/grad_cam"] == [0, 2]
     assert [s for s, _ in events["scalars"]["introspect/weights/drift/features.0"]] == [0, 2]
@@ -346,7 +369,7 @@ def test_keyboard_interrupt_mid_epoch_stops_cleanly_and_keeps_what_was_logged(tm
 _CONFIG_ERRORS = [
     # (callback factory, message pattern: names the argument and lists the valid choices)
     ("WeightHistograms-layers", lambda: WeightHistograms(layers=["features.99"]),
-     r"`layers`.*'features.99'.*Closest valid names: 'features.9', 'features.0'"),
+     r"`layers`.*'features.99'.*Closest valid names: 'features.9', 'features.8'"),
     ("WeightHistograms-no-weight", lambda: WeightHistograms(layers=["pool"]),
      r"`layers` to name modules with their own `weight`.*'pool'.*Closest layers with weights: "),
     ("LinearProbes-layers", lambda: LinearProbes(layers=["features.9", "clasifier"]),
