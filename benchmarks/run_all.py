@@ -55,7 +55,7 @@ BENCHMARKS: list[tuple[str, list[str], list[str], list[tuple[str, str]]]] = [
         "bench_lrp.py",
         [],
         ["--repeats", "5"],
-        [("LRP: ours / captum LRP (captum-compatible CNN)", r"captum LRP\s+([\d.]+) ms")],
+        [("LRP epsilon: ours / captum LRP (captum-compatible CNN)", r"captum-compatible[\s\S]*?lrp epsilon\s+([\d.]+) ms[\s\S]*?captum LRP\s+([\d.]+) ms")],
     ),
     (
         "bench_probes.py",
@@ -92,7 +92,12 @@ def main() -> None:
         print(f"({time.perf_counter() - t0:.0f} s)")
         for label, pattern in patterns:
             match = re.search(pattern, res.stdout)
-            rows.append((label, match.group(1) if match else "n/a"))
+            if match is None:
+                rows.append((label, "n/a"))
+            elif match.lastindex == 2:  # two timings: print their ratio
+                rows.append((label, f"{float(match.group(1)) / float(match.group(2)):.2f}"))
+            else:
+                rows.append((label, match.group(1)))
     print(f"\n===== summary ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{time.perf_counter() - start:.0f} s in all)")
     width = max(len(label) for label, _ in rows)

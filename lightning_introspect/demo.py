@@ -242,5 +242,6 @@ def run_demo(
     summary = [f"val_acc {float(trainer.callback_metrics.get('val_acc', float('nan'))):.3f} after {epochs} epochs ({seconds:.1f} s)"]
     for cb in callbacks:
         lines = cb.summary_lines() if hasattr(cb, "summary_lines") else []
-        summary.extend(f"[{type(cb).__name__}] {line}" for line in lines)
+        name = type(cb).__name__
+        summary.extend(f"[{name}] {line.removeprefix(name).lstrip(' :')}" for line in lines)
     return {"log_dir": logger.log_dir, "root": out, "callbacks": callbacks, "summary": summary, "seconds": seconds, "trainer": trainer, "model": model}

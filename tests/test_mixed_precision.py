@@ -1,0 +1,67 @@
+"""The full callback set with ``precision="bf16-mixed"`` on CPU: every callback runs (``on_error="raise"``)
+and writes its tags, read back from the TensorBoard event files. Attribution and the other gradient
+methods run in fp32 outside autocast, so their maps are fp32 and finite."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_introspect._lightning import pl
+from lightning_introspect.config import introspection_callbacks
+from lightning_introspect.demo import DigitsCNN, DigitsDataModule, demo_config
+from tests.helpers import quick_trainer, read_events
+
+
+def test_full_set_with_bf16_mixed_precision_on_cpu(tmp_path: Any) -> None:
+    pl.seed_everything(0, verbose=False)
+    dm = DigitsDataModule(batch_size=32, limit=64, seed=0)
+    dm.setup("fit")
+    callbacks = introspection_callbacks(demo_config(fast=True, mean=dm.mean, std=dm.std))
+    for cb in callbacks:
+        cb.on_error = "raise"
+        if hasattr(cb, "progress"):
+            cb.progress = False
+    trainer = quick_trainer(tmp_path, callbacks, epochs=2, precision="bf16-mixed")
+    trainer.fit(DigitsCNN(), datamodule=dm)
+    assert trainer.precision == "bf16-mixed" and trainer.global_step == 4
+
+    cbs = {type(cb).__name__: cb for cb in callbacks}
+    assert not any(cb.disabled for cb in callbacks)
+    for method, maps in cbs["Attributions"].maps.items():
+        assert maps.dtype == torch.float32 and torch.isfinite(maps).all(), method
+    assert cbs["SanityChecks"].report is not None and cbs["SanityChecks"].report.verdicts
+    assert sorted(cbs["LinearProbes"].history, key=str) == [0, 1, "init", "input"]
+
+    events = read_events(trainer.logger.log_dir)
+    text = {tag.removesuffix("/text_summary") for tag in events["text"]}
+    expected = {
+        "scalars": [
+            "introspect/per_class/recall/0",
+            "introspect/misclassifications/error_rate/overall",
+            "introspect/weights/drift/features.0",
+            "introspect/probes/features.9/accuracy",
+            "introspect/featviz/hf_fraction/all",
+            "introspect/sanity/saliency/score",
+            "introspect/attributions/seconds",
+        ],
+        "images": [
+            "introspect/per_class/confusion",
+            "introspect/misclassifications/gallery",
+            "introspect/weights/drift_by_depth",
+            "introspect/probes/accuracy_vs_depth",
+            "introspect/attributions/grad_cam",
+            "introspect/attributions/lrp",
+            "introspect/featviz/class/0",
+            "introspect/sanity/maps/cascading",
+        ],
+        "histograms": ["introspect/weights/features.0", "introspect/weights/grad/features.0"],
+    }
+    for kind, tags in expected.items():
+        missing = [t for t in tags if t not in events[kind]]
+        assert not missing, f"{kind} missing: {missing}"
+    assert {"introspect/per_class/table", "introspect/weights/summary", "introspect/sanity/verdicts"} <= text
+    for tag, values in events["scalars"].items():
+        if tag.startswith("introspect/") and not tag.startswith("introspect/weights/nonfinite"):
+            assert all(v == v for _, v in values), f"NaN in {tag}"  # bf16 did not turn anything into NaN
