@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 
 from lightning_introspect._lightning import pl
@@ -14,6 +15,7 @@ from lightning_introspect.demo import DigitsCNN, DigitsDataModule, demo_config
 from tests.helpers import quick_trainer, read_events
 
 
+@pytest.mark.slow
 def test_full_set_with_bf16_mixed_precision_on_cpu(tmp_path: Any) -> None:
     pl.seed_everything(0, verbose=False)
     dm = DigitsDataModule(batch_size=32, limit=64, seed=0)
