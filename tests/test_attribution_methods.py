@@ -27,13 +27,6 @@ from lightning_introspect.methods.targets import RegionTarget
 captum_attr = pytest.importorskip("captum.attr")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores: OpenMP with 2 threads on a loaded machine is ~40x slower for these tiny convs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

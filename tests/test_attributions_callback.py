@@ -19,14 +19,6 @@ from lightning_introspect.methods.attribution import attribute, lrp_available
 from tests.helpers import quick_trainer, read_events
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class _Recording(Attributions):
     """Keeps a copy of every run's maps and of the model weights the run saw."""
 

@@ -13,14 +13,6 @@ from lightning_introspect.methods.attribution import grad_cam
 from lightning_introspect.methods.localization import chance_level, energy_in_mask, pointing_game
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_pointing_game_rules():
     mask = torch.zeros(3, 6, 6, dtype=torch.bool)
     mask[:, 1:3, 1:3] = True

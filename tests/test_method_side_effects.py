@@ -17,14 +17,6 @@ from torch import nn
 from lightning_introspect.methods.attribution import METHODS, attribute, lrp_available
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class _Net(nn.Module):
     def __init__(self, fail: bool = False) -> None:
         super().__init__()
