@@ -52,3 +52,31 @@ def record_execution_order(model: nn.Module, example_input: torch.Tensor, *, lea
             handles.append(module.register_forward_pre_hook(record))
         model(example_input)
     return order
+
+
+def layer_outputs(model: nn.Module, example_input: torch.Tensor, names: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One eval-mode, ``no_grad`` forward pass returning the outputs of the named submodules and the model.
+
+    A module or model that returns a tuple / list contributes its first element. The input is moved to
+    the model's device and floating dtype; hooks are removed afterwards and the global RNG is forked.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+        >>> outs, y = layer_outputs(net, torch.ones(2, 3), ["0"])
+        >>> outs["0"].shape, y.shape
+        (torch.Size([2, 4]), torch.Size([2, 4]))
+    """
+    from lightning_introspect._torch.guards import introspection_mode
+
+    def first(out: object) -> torch.Tensor:
+        return out[0] if isinstance(out, (tuple, list)) else out  # type: ignore[return-value]
+
+    modules = dict(model.named_modules())
+    captured: dict[str, torch.Tensor] = {}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    with introspection_mode(model, grad=False), hooks() as handles:
+        for name in names:
+            handles.append(modules[name].register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, first(out))))
+        output = first(model(example_input.to(device=device, dtype=dtype)))
+    return captured, output

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_introspect._torch.guards import introspection_mode
-from lightning_introspect._torch.hooks import hooks
+from lightning_introspect._torch.hooks import layer_outputs
 from lightning_introspect._torch.layers import resolve_layers
 from lightning_introspect.callbacks.base import IntrospectionCallback, check_choice, check_positive_int
 from lightning_introspect.methods.feature_visualization import (
@@ -327,24 +327,8 @@ class FeatureVisualization(IntrospectionCallback):
         return int(x.shape[1]), int(h), int(w)
 
     def _record_shapes(self, model: nn.Module, x: torch.Tensor) -> tuple[dict[str, tuple[int, ...]], tuple[int, ...]]:
-        shapes: dict[str, tuple[int, ...]] = {}
-        modules = dict(model.named_modules())
-
-        def hook(name: str) -> Any:
-            def record(_m: nn.Module, _i: Any, out: Any) -> None:
-                out = out[0] if isinstance(out, (tuple, list)) else out
-                shapes[name] = tuple(out.shape)
-
-            return record
-
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        with introspection_mode(model, grad=False), hooks() as handles:
-            for name in self.layer_names:
-                handles.append(modules[name].register_forward_hook(hook(name)))
-            out = model(x.to(device=device, dtype=dtype))
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        return shapes, tuple(out.shape)
+        outs, out = layer_outputs(model, x, self.layer_names)
+        return {name: tuple(o.shape) for name, o in outs.items()}, tuple(out.shape)
 
     def validate(self, pl_module: nn.Module, x: torch.Tensor) -> None:
         """Check channels, classes and the prior against the model (one forward on 2 samples ``x``)."""
@@ -385,23 +369,11 @@ class FeatureVisualization(IntrospectionCallback):
         """``channels="auto"``: per layer the ``num_channels`` channels whose activation varies most."""
         if isinstance(self.channels, (list, tuple)):
             return {name: list(self.channels) for name in self.layer_names}
+        outs, _ = layer_outputs(model, x, self.layer_names)
         spread: dict[str, torch.Tensor] = {}
-        modules = dict(model.named_modules())
-
-        def hook(name: str) -> Any:
-            def record(_m: nn.Module, _i: Any, out: Any) -> None:
-                out = out[0] if isinstance(out, (tuple, list)) else out
-                a = out.detach().float().transpose(0, 1).flatten(1)
-                spread[name] = a.std(dim=1) if a.shape[1] > 1 else a.abs().flatten()
-
-            return record
-
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        with introspection_mode(model, grad=False), hooks() as handles:
-            for name in self.layer_names:
-                handles.append(modules[name].register_forward_hook(hook(name)))
-            model(x.to(device=device, dtype=dtype))
+        for name, out in outs.items():
+            a = out.detach().float().transpose(0, 1).flatten(1)
+            spread[name] = a.std(dim=1) if a.shape[1] > 1 else a.abs().flatten()
         chosen = {}
         for name in self.layer_names:
             k = min(self.num_channels, spread[name].numel())
