@@ -226,7 +226,7 @@ def test_lrp_failing_on_a_model_is_dropped_and_the_rest_goes_on(tmp_path):
     x = torch.randn(32, 1, 8, 8, generator=gen)
     y = (x.mean((1, 2, 3)) > 0).long()
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GELU(), nn.Flatten(), nn.Linear(256, 2))  # no LRP rule for GELU
-    cb = Attributions(methods=["saliency", "lrp"], num_samples=4, at=None)  # on_error="warn"
+    cb = Attributions(methods=["saliency", "lrp"], num_samples=4, every_n_epochs=1, at=None)  # on_error="warn"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quick_trainer(tmp_path, [cb], epochs=2).fit(_Generic(net, x, y))

@@ -186,6 +186,18 @@ def test_background_results_arrive_with_their_epoch_step(small_fits):
     assert events["images"]["introspect/probes/accuracy_vs_depth"] == steps
 
 
+@pytest.mark.parametrize(("figures_every_n_epochs", "figure_epochs"), [(None, [1, 2]), (1, [0, 1, 2])])
+def test_figure_at_fractions_and_last_epoch_scalars_every_epoch(tmp_path, figures_every_n_epochs, figure_epochs):
+    # 3 epochs: the default `at=(0.5,)` is epoch 1; the last epoch (2) always draws
+    probes = LinearProbes(solver="torch", figures_every_n_epochs=figures_every_n_epochs, on_error="raise")
+    _, trainer = small_fit(tmp_path, [probes], epochs=3, limit_train_batches=2)
+    events = read_events(trainer.logger.log_dir)
+    steps = [2 * (e + 1) for e in range(3)]
+    assert [s for s, _ in events["scalars"][f"introspect/probes/{probes.layer_names[0]}/accuracy"]] == [0, *steps]
+    assert events["text"]["introspect/probes/table/text_summary"] == steps
+    assert events["images"]["introspect/probes/accuracy_vs_depth"] == [2 * (e + 1) for e in figure_epochs]
+
+
 def test_background_results_logged_before_fit_end_when_ready(tmp_path):
     """A finished background fit is logged by the next training hook, not only at fit end."""
     probes = LinearProbes(solver="sklearn", layers=["features.9"], include_input=False, on_error="raise")

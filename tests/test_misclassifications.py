@@ -26,7 +26,7 @@ def test_fit_logs_gallery_statistics_and_perturbations_that_match_the_model(tmp_
     dm = digits8(limit=192)
     model = TinyDigits(lr=1e-2)
     cb = Misclassifications(top_k=6, per_class=2, num_samples=96, blur_sigmas=[0.5, 1.0], noise_stds=[0.5],
-                            color_strengths=[0.5], mean=dm.mean, std=dm.std, every_n_epochs=2, on_error="raise")
+                            color_strengths=[0.5], mean=dm.mean, std=dm.std, every_n_epochs=2, at=None, on_error="raise")
     trainer = quick_trainer(tmp_path, [cb], epochs=2)
     trainer.fit(model, datamodule=dm)
 

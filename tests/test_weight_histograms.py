@@ -215,3 +215,20 @@ def test_constructor_is_keyword_only_with_primitive_defaults():
     assert WeightHistograms.name == "weights"
 
 
+
+
+@pytest.mark.parametrize(("figures_every_n_epochs", "figure_epochs"), [(None, [1, 3]), (1, [0, 1, 2, 3])])
+def test_figures_follow_their_own_schedule_and_histograms_every_epoch(tmp_path, figures_every_n_epochs, figure_epochs):
+    # 4 epochs of 2 steps: default figures at the 0.5 fraction (epoch 1) and the last epoch (3)
+    cb = WeightHistograms(figures_every_n_epochs=figures_every_n_epochs, on_error="raise")
+    pl.seed_everything(0, verbose=False)
+    dm = DigitsDataModule(batch_size=32, limit=64, seed=0)
+    trainer = quick_trainer(tmp_path, [cb], epochs=4)
+    trainer.fit(DigitsCNN(), datamodule=dm)
+    events = read_events(str(tmp_path))
+    epoch_end_steps = [2 * (e + 1) for e in range(4)]
+    assert [s for s, _ in events["histograms"]["introspect/weights/features.8"]] == [0, *epoch_end_steps]
+    assert [s for s, _ in events["scalars"]["introspect/weights/drift/features.8"]] == [0, *epoch_end_steps]
+    assert len(events["text"]["introspect/weights/summary/text_summary"]) == 4
+    for tag in ("drift_by_depth", "initial_vs_current"):
+        assert events["images"][f"introspect/weights/{tag}"] == [2 * (e + 1) for e in figure_epochs]

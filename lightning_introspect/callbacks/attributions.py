@@ -11,7 +11,12 @@ import torch.nn.functional as F
 
 from lightning_introspect._torch.guards import introspection_mode
 from lightning_introspect._torch.layers import get_layer
-from lightning_introspect.callbacks.base import IntrospectionCallback, check_choice, check_positive_int
+from lightning_introspect.callbacks.base import (
+    NONFINITE_CAUSE,
+    IntrospectionCallback,
+    check_choice,
+    check_positive_int,
+)
 from lightning_introspect.methods.attribution import (
     LAYER_METHODS,
     SIGNED_METHODS,
@@ -44,8 +49,9 @@ def _check_display_stats(value: Any, argument: str) -> tuple[float, ...] | None:
 class Attributions(IntrospectionCallback):
     """Attribution maps of the same fixed samples over training: which pixels the model uses, and how that evolves.
 
-    At fit start (the untrained model, ``at=(0.0,)``) and every ``every_n_epochs`` epochs (at the end of
-    validation, or at the end of the training epoch when no validation ran) the callback explains a
+    At fit start (the untrained model, ``at`` fraction 0.0), half way, at the last epoch and every
+    ``every_n_epochs`` epochs if set (at the end of validation, or at the end of the training epoch when
+    no validation ran) the callback explains a
     fixed set of validation samples with each method in ``methods`` (one shared forward pass, see
     :func:`lightning_introspect.methods.attribution.attribute`) and logs one overlay grid per method.
     The captions give the true class, the prediction, the explained class and the model's
@@ -79,9 +85,10 @@ class Attributions(IntrospectionCallback):
             ``guided_backprop``); ``None``: plain guided backprop.
         lrp_rule: ``"epsilon"``, ``"zplus"`` or ``"alpha_beta"`` (passed as ``rule`` to ``lrp``).
         enabled: switch the callback off.
-        every_n_epochs: run every n-th epoch (the last epoch always runs).
-        at: fractions of training to run at as well; the default ``(0.0,)`` logs the untrained model
-            at fit start.
+        every_n_epochs: run every n-th epoch as well (``None``, the default: only at ``at`` and the last
+            epoch; each run renders one captioned grid per method and class, so per-epoch runs cost).
+        at: fractions of training to run at; the default ``(0.0, 0.5)`` logs the untrained model at fit
+            start and the model half way (the last epoch always runs).
         num_samples: number of fixed samples (ignored with ``per_class``).
         seed: seed of the private generator that draws the samples.
         on_error: ``"warn"`` (disable the callback with a warning, training goes on) or ``"raise"``.
@@ -92,14 +99,24 @@ class Attributions(IntrospectionCallback):
           (tiles in the same order as the main grid);
         * ``introspect/attributions/inputs`` -- the fixed samples, once;
         * ``introspect/attributions/layer`` -- text: the Grad-CAM layer and how it was chosen, once;
+        * ``introspect/attributions/warnings`` -- text, only when a grid holds NaN / Inf (non-finite weights
+          or inputs): which grids were not logged at that step and why (see "Non-finite values" below);
         * ``introspect/attributions/seconds`` -- wall time of each run.
 
     Results on the instance:
         * ``maps``: ``{method: Tensor}`` of the latest run (CPU, raw maps, batch order of the samples);
         * ``class_maps``: ``{method: {class_id: Tensor}}`` of the latest run (list / ``"all"``);
         * ``layer``: the resolved layer name (or ``None``);
+        * ``nonfinite``: the grids of the latest run that held NaN / Inf and were not logged (``"outputs"``
+          when the model's outputs on the samples were non-finite; empty when all was finite);
         * ``history``: one dict per run: ``step``, ``epoch`` (-1 before training), ``explained``,
           ``predicted``, ``confidence`` (lists per sample), ``seconds``.
+
+    Non-finite values: when the maps of a method (or of one class) hold NaN / Inf, that grid is not
+    logged (it would be a silently wrong picture); when the model's outputs on the samples are
+    non-finite, no main grid is logged (its captions and ``"pred"`` targets rest on them) while finite
+    per-class grids still are. The callback warns once, writes a note to ``introspect/attributions/warnings``
+    at each such step, stays on and logs the grids again as soon as they are finite.
 
     Example:
         >>> from lightning_introspect.demo import DigitsCNN, DigitsDataModule  # doctest: +SKIP
@@ -128,8 +145,8 @@ class Attributions(IntrospectionCallback):
         top_k: int | None = None,
         lrp_rule: str = "epsilon",
         enabled: bool = True,
-        every_n_epochs: int | None = 1,
-        at: Sequence[float] | None = (0.0,),
+        every_n_epochs: int | None = None,
+        at: Sequence[float] | None = (0.0, 0.5),
         num_samples: int = 8,
         seed: int = 0,
         on_error: str = "warn",
@@ -180,6 +197,7 @@ class Attributions(IntrospectionCallback):
         self._last_epoch: int | None = None
         self._logged_static = False
         self._layer_note: str | None = None
+        self.nonfinite: list[str] = []
 
     # ------------------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str | None = None) -> None:
@@ -340,7 +358,8 @@ class Attributions(IntrospectionCallback):
             for m, v in got.items():
                 pieces.setdefault(m, []).append(v.detach().cpu())
         methods = [m for m in methods if m in pieces and sum(p.shape[0] for p in pieces[m]) == n * len(targets)]
-        split = {m: torch.cat(pieces[m]).split(n) for m in methods}
+        flat = {m: torch.cat(pieces[m]) for m in methods}
+        split = {m: flat[m].split(n) for m in methods}
 
         confidence = probs.gather(1, explained.to(probs.device).view(-1, 1)).squeeze(1).cpu()
         labels = y.long().cpu() if (y is not None and y.ndim == 1 and not y.is_floating_point()) else None
@@ -351,10 +370,16 @@ class Attributions(IntrospectionCallback):
         ]
         self.maps = {m: split[m][0] for m in methods}
         self.class_maps = {m: {c: split[m][j + 1] for j, c in enumerate(classes)} for m in methods} if classes else {}
+        broken = self._nonfinite_grids(probs, flat, classes)
+        skip = set(self._skipped(broken))
         for m in methods:
-            self._write(writer, self.tag(m), x, self.maps[m], m, step, captions=captions, title=f"{m} (step {step})")
+            if m not in skip:
+                self._write(writer, self.tag(m), x, self.maps[m], m, step, captions=captions, title=f"{m} (step {step})")
             for c, v in self.class_maps.get(m, {}).items():
-                self._write(writer, self.tag(m, f"class_{self._class_name(c)}"), x, v, m, step, captions=None, title=f"{m}: class {self._class_name(c)}")
+                if f"{m}/class_{self._class_name(c)}" not in skip:
+                    self._write(writer, self.tag(m, f"class_{self._class_name(c)}"), x, v, m, step, captions=None, title=f"{m}: class {self._class_name(c)}")
+        if broken:
+            self._report_nonfinite(writer, step, broken, n)
         self.history.append(
             {
                 "step": step,
@@ -365,6 +390,58 @@ class Attributions(IntrospectionCallback):
                 "seconds": time.perf_counter() - start,
             }
         )
+
+    # ------------------------------------------------------------------------------- non-finite values
+    def _nonfinite_grids(self, probs: torch.Tensor, flat: dict[str, torch.Tensor], classes: list[int]) -> list[str]:
+        """What holds NaN / Inf: one ``isfinite`` check on the probabilities and one per method on its maps.
+
+        ``"outputs"`` when the probabilities of the samples are non-finite; ``<method>`` /
+        ``<method>/class_<name>`` for non-finite maps (a method's per-target parts are only looked at
+        when its whole batch is not finite). Kept as :attr:`nonfinite`.
+        """
+        n = probs.shape[0]
+        broken = [] if bool(torch.isfinite(probs).all()) else ["outputs"]
+        for m, maps in flat.items():
+            if bool(torch.isfinite(maps).all()):
+                continue
+            parts = maps.split(n)
+            if not bool(torch.isfinite(parts[0]).all()):
+                broken.append(m)
+            broken += [f"{m}/class_{self._class_name(c)}" for c, v in zip(classes, parts[1:]) if not bool(torch.isfinite(v).all())]
+        self.nonfinite = broken
+        return broken
+
+    def _skipped(self, broken: list[str]) -> list[str]:
+        """The grids not logged: the non-finite ones, and every main grid when the outputs are non-finite
+        (its captions and ``"pred"`` targets rest on them)."""
+        return [*(m for m in self.maps if "outputs" in broken and m not in broken), *(b for b in broken if b != "outputs")]
+
+    def _grid_list(self, grids: list[str]) -> str:
+        """``"saliency (all grids), grad_cam/class_3"``: a method whose main and per-class grids are all listed
+        is named once."""
+        names: list[str] = []
+        for m in self.maps:
+            own = [g for g in grids if g == m or g.startswith(f"{m}/class_")]
+            every = 1 + len(self.class_maps.get(m, {}))
+            names += [f"{m} (all grids)"] if every > 1 and len(own) == every else own
+        return ", ".join(names)
+
+    def _report_nonfinite(self, writer: Any, step: int, broken: list[str], n: int) -> None:
+        """Warn once, and note at this step, which grids were not logged because of NaN / Inf values."""
+        grids = [b for b in broken if b != "outputs"]
+        what = " and ".join(
+            ([f"the model's outputs on the {n} fixed samples"] if "outputs" in broken else [])
+            + ([f"the maps of {self._grid_list(grids)}"] if grids else [])
+        )
+        skipped = self._grid_list(self._skipped(broken))
+        cause = NONFINITE_CAUSE
+        self.warn_once(
+            "nonfinite",
+            f"Attributions: non-finite values (NaN / Inf) in {what} at step {step}. {cause} Not logged: {skipped}; "
+            f"a note goes to `{self.tag('warnings')}` instead, at every step where this happens. The callback stays on "
+            "and logs these grids again once they are finite. (Warned once.)",
+        )
+        writer.text(self.tag("warnings"), f"**Not logged at step {step}:** {skipped}. Non-finite values (NaN / Inf) in {what}. {cause}", step)
 
     # ------------------------------------------------------------------------------------ rendering
     def _display(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,11 @@ from lightning_introspect.loggers.adapter import IntrospectionWriter, TensorBoar
 T = TypeVar("T")
 
 ON_ERROR_CHOICES = ("warn", "raise")
+#: the advice every callback gives when what it computed holds NaN / Inf
+NONFINITE_CAUSE = (
+    "Likely cause: non-finite weights or inputs (see WeightHistograms' `introspect/weights/nonfinite` counts, "
+    "or run a training step under `torch.autograd.detect_anomaly()`)."
+)
 _INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "data", "features")
 _TARGET_KEYS = ("y", "target", "targets", "label", "labels", "mask", "masks")
 
@@ -174,8 +179,14 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     def is_scheduled(self, trainer: Any, epoch: int | None = None) -> bool:
         """Whether the epoch (default: the current one) is due: every n-th, an ``at`` fraction, or the last."""
+        return self.is_due(trainer, self.every_n_epochs, epoch)
+
+    def is_due(self, trainer: Any, every_n_epochs: int | None, epoch: int | None = None) -> bool:
+        """Like :meth:`is_scheduled` with another period: every ``every_n_epochs``-th epoch (``None``:
+        none), an ``at`` fraction, or the last epoch. Callbacks use it to draw their figures less often
+        than they log scalars (``figures_every_n_epochs``)."""
         epoch = trainer.current_epoch if epoch is None else epoch
-        if self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0:
+        if every_n_epochs is not None and (epoch + 1) % every_n_epochs == 0:
             return True
         if epoch in self.fraction_epochs(trainer).values():
             return True

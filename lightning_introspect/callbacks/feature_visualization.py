@@ -14,7 +14,12 @@ from torch import nn
 from lightning_introspect._torch.guards import introspection_mode
 from lightning_introspect._torch.hooks import layer_outputs
 from lightning_introspect._torch.layers import resolve_layers
-from lightning_introspect.callbacks.base import IntrospectionCallback, check_choice, check_positive_int
+from lightning_introspect.callbacks.base import (
+    NONFINITE_CAUSE,
+    IntrospectionCallback,
+    check_choice,
+    check_positive_int,
+)
 from lightning_introspect.methods.feature_visualization import (
     PARAMS,
     PENALTIES,
@@ -141,14 +146,23 @@ class FeatureVisualization(IntrospectionCallback):
         * ``introspect/featviz/hf_fraction/<setting>`` -- the mean over the setting's images;
         * ``introspect/featviz/table`` -- text: the chosen units and a table of objective and
           high-frequency fraction per setting;
+        * ``introspect/featviz/warnings`` -- text, only when a unit's images or objective hold NaN / Inf
+          (non-finite weights or inputs): which units were not logged at that step and why;
         * ``introspect/featviz/seconds`` -- wall time of each run.
+
+    Non-finite values: a unit (channel or class) whose optimised image or final objective holds NaN / Inf
+    in any setting is not drawn (it would be a silently wrong picture) and its non-finite scalars are
+    not written; the table shows ``non-finite`` there. The callback warns once, writes a note to
+    ``introspect/featviz/warnings`` at each such step and stays on: later runs log the unit again once
+    it is finite. ``channels="auto"`` does not keep a choice made from non-finite activations.
 
     Results on the instance:
         ``columns`` (setting names), ``chosen`` (layer -> channel ids), ``classes_chosen``,
         ``images`` (unit key ``"<layer>/<channel>"`` or ``"class/<c>"`` -> ``(S, C, H, W)`` tensor in
         ``value_range``, one image per setting), ``results`` (setting -> ``FeatureVisualizationResult`` of
         the latest run), ``history`` (list of dicts: epoch, step, unit, setting, objective,
-        initial_objective, hf_fraction).
+        initial_objective, hf_fraction), ``nonfinite`` (unit key -> the settings whose image or objective
+        held NaN / Inf in the latest run; empty when all was finite).
 
     Example:
         >>> from lightning_introspect.demo import DigitsCNN, DigitsDataModule
@@ -265,6 +279,8 @@ class FeatureVisualization(IntrospectionCallback):
         self.history: list[dict[str, Any]] = []
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._validated = False
+        self.nonfinite: dict[str, list[str]] = {}
+        self._unsettled: set[str] = set()  # layers whose "auto" channels came from non-finite activations
 
     # ------------------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -375,6 +391,7 @@ class FeatureVisualization(IntrospectionCallback):
             a = out.detach().float().transpose(0, 1).flatten(1)
             spread[name] = a.std(dim=1) if a.shape[1] > 1 else a.abs().flatten()
         chosen = {}
+        self._unsettled = {name for name, v in spread.items() if not bool(torch.isfinite(v).all())}
         for name in self.layer_names:
             k = min(self.num_channels, spread[name].numel())
             top = torch.argsort(spread[name], descending=True, stable=True)[:k]
@@ -445,6 +462,9 @@ class FeatureVisualization(IntrospectionCallback):
             )
         self.results = results
         self.log_results(trainer, results, value_range)
+        for name in self._unsettled:  # chosen from NaN / Inf activations: choose again at the next run
+            self.chosen.pop(name, None)
+        self._unsettled = set()
         return results
 
     def log_results(self, trainer: Any, results: dict[str, FeatureVisualizationResult], value_range: tuple[float, float]) -> None:
@@ -454,23 +474,65 @@ class FeatureVisualization(IntrospectionCallback):
         lo, hi = value_range
         scale = max(1, math.ceil(64 / max(results[self.columns[0]].images.shape[-2:])))
         scalars: dict[str, float] = {}
+        self.nonfinite = self._nonfinite_units(keys, results)
         for i, key in enumerate(keys):
             tiles = torch.stack([results[s].images[i] for s in self.columns])
             self.images[key] = tiles.clone()
-            shown = ((tiles - lo) / (hi - lo)).clamp(0, 1)
-            if scale > 1:
-                shown = F.interpolate(shown, scale_factor=scale, mode="nearest")
-            writer.image(self.tag(key), make_grid(shown, nrow=len(self.columns), padding=2), step)
+            if key not in self.nonfinite:  # a NaN / Inf image would be drawn as a silently wrong picture
+                shown = ((tiles - lo) / (hi - lo)).clamp(0, 1)
+                if scale > 1:
+                    shown = F.interpolate(shown, scale_factor=scale, mode="nearest")
+                writer.image(self.tag(key), make_grid(shown, nrow=len(self.columns), padding=2), step)
             for s in self.columns:
                 r = results[s]
                 obj, hf = float(r.objective[i]), float(r.high_frequency_fraction[i])
-                scalars[self.tag("objective", s, key)] = obj
-                scalars[self.tag("hf_fraction", s, key)] = hf
+                if s not in self.nonfinite.get(key, ()):
+                    scalars[self.tag("objective", s, key)] = obj
+                    scalars[self.tag("hf_fraction", s, key)] = hf
                 self.history.append({"epoch": epoch, "step": step, "unit": key, "setting": s, "objective": obj, "initial_objective": float(r.initial_objective[i]), "hf_fraction": hf})
         for s in self.columns:
-            scalars[self.tag("hf_fraction", s)] = float(results[s].high_frequency_fraction.mean())
+            good = [i for i, key in enumerate(keys) if s not in self.nonfinite.get(key, ())]
+            if good:
+                scalars[self.tag("hf_fraction", s)] = float(results[s].high_frequency_fraction[good].mean())
         writer.scalars(scalars, step)
         writer.text(self.tag("table"), self.table(keys, results), step)
+        if self.nonfinite:
+            self._report_nonfinite(writer, step)
+
+    def _nonfinite_units(self, keys: Sequence[str], results: dict[str, FeatureVisualizationResult]) -> dict[str, list[str]]:
+        """Unit key -> the settings whose image or final objective holds NaN / Inf (one check per setting on
+        what :func:`visualize_features` returned; units are looked at only for a setting that is not finite)."""
+        out: dict[str, list[str]] = {}
+        for s in self.columns:
+            r = results[s]
+            if bool(torch.isfinite(r.images).all()) and bool(torch.isfinite(r.objective).all()):
+                continue
+            finite = torch.isfinite(r.images.flatten(1)).all(dim=1) & torch.isfinite(r.objective)
+            for i, key in enumerate(keys):
+                if not bool(finite[i]):
+                    out.setdefault(key, []).append(s)
+        return out
+
+    def _report_nonfinite(self, writer: Any, step: int) -> None:
+        """Warn once, and note at this step, which units were not logged because of NaN / Inf values."""
+        if all(settings == self.columns for settings in self.nonfinite.values()):
+            units = f"{', '.join(self.nonfinite)} ({'every setting' if len(self.columns) > 1 else self.columns[0]})"
+        else:
+            units = "; ".join(f"{key} ({', '.join(settings)})" for key, settings in self.nonfinite.items())
+        cause = NONFINITE_CAUSE
+        self.warn_once(
+            "nonfinite",
+            f"FeatureVisualization: non-finite values (NaN / Inf) in the optimised images or final objective of "
+            f"{units} at step {step}. {cause} Their images and non-finite objective / hf_fraction scalars are not "
+            f"logged; a note goes to `{self.tag('warnings')}` instead, at every step where this happens. The callback "
+            "stays on and logs these units again once they are finite. (Warned once.)",
+        )
+        writer.text(
+            self.tag("warnings"),
+            f"**Not logged at step {step}:** the images of {units}. Non-finite values (NaN / Inf) in "
+            f"their optimised images or final objective. {cause}",
+            step,
+        )
 
     def table(self, keys: Sequence[str], results: dict[str, FeatureVisualizationResult]) -> str:
         """A markdown table: one row per unit, objective and high-frequency fraction per setting."""
@@ -483,7 +545,11 @@ class FeatureVisualization(IntrospectionCallback):
             "|---|" + "---|---|" * len(self.columns),
         ]
         for i, key in enumerate(keys):
-            cells = " | ".join(f"{float(results[s].objective[i]):.3g} | {float(results[s].high_frequency_fraction[i]):.2f}" for s in self.columns)
+            cells = " | ".join(
+                "non-finite | -" if s in self.nonfinite.get(key, ())
+                else f"{float(results[s].objective[i]):.3g} | {float(results[s].high_frequency_fraction[i]):.2f}"
+                for s in self.columns
+            )
             lines.append(f"| {key} | {cells} |")
         return "\n".join(lines)
 

@@ -101,8 +101,8 @@ class LinearProbes(IntrospectionCallback):
       the "init" probe is written at the fit's first step (0), so each curve starts at its baseline;
     * ``introspect/probes/<layer>/macro_f1``: macro-averaged F1, same steps;
     * ``introspect/probes/input/accuracy``, ``introspect/probes/input/macro_f1``: the raw-input baseline;
-    * ``introspect/probes/accuracy_vs_depth``: one figure per evaluated epoch (accuracy vs layer depth,
-      with the init curve and the input baseline);
+    * ``introspect/probes/accuracy_vs_depth``: a figure (accuracy vs layer depth, with the init curve and
+      the input baseline) at the ``at`` fractions, the last epoch and every ``figures_every_n_epochs``-th;
     * ``introspect/probes/table``: a markdown table per evaluated epoch;
     * ``introspect/probes/fit_seconds``: solver time of each evaluation (in the background for sklearn);
     * ``introspect/probes/seconds``: time this callback spent in the training loop's thread (base class).
@@ -138,6 +138,9 @@ class LinearProbes(IntrospectionCallback):
             models trained without labels). Not expressible in YAML; pass it from Python.
         target_transform: ``f(batch) -> (N,) int tensor``: the labels of a batch, where ``split_batch``
             (the second element of a tuple, or a ``y``/``label``/``target`` key) is not right.
+        figures_every_n_epochs: draw the accuracy-vs-depth figure every n-th evaluated epoch as well
+            (``None``, the default: only at the ``at`` fractions and the last epoch; the scalars and the
+            table are written at every evaluated epoch).
         enabled, every_n_epochs, at, num_samples, seed, on_error: see :class:`IntrospectionCallback`
             (``seed`` seeds the projection, the reservoir and the probe split).
 
@@ -174,9 +177,10 @@ class LinearProbes(IntrospectionCallback):
         include_init: bool = True,
         probe_dataloader: Any = None,
         target_transform: Callable[[Any], torch.Tensor] | None = None,
+        figures_every_n_epochs: int | None = None,
         enabled: bool = True,
         every_n_epochs: int | None = 1,
-        at: Sequence[float] | None = None,
+        at: Sequence[float] | None = (0.5,),
         num_samples: int = 16,
         seed: int = 0,
         on_error: str = "warn",
@@ -192,6 +196,7 @@ class LinearProbes(IntrospectionCallback):
         check_positive_int(max_samples, "max_samples")
         check_positive_int(max_features, "max_features")
         check_positive_int(max_iter, "max_iter")
+        check_positive_int(figures_every_n_epochs, "figures_every_n_epochs", allow_none=True)
         if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0.0 < test_fraction < 1.0:
             raise ValueError(f"Expected `test_fraction` to be a float in (0, 1), but got {test_fraction!r}.")
         if isinstance(C, bool) or not isinstance(C, (int, float)) or not C > 0 or math.isinf(C):
@@ -213,6 +218,7 @@ class LinearProbes(IntrospectionCallback):
         self.include_init = bool(include_init)
         self.probe_dataloader = probe_dataloader
         self.target_transform = target_transform
+        self.figures_every_n_epochs = figures_every_n_epochs
 
         self.history: dict[int | str, dict[str, float]] = {}
         self.macro_f1: dict[int | str, dict[str, float]] = {}
@@ -629,7 +635,8 @@ class LinearProbes(IntrospectionCallback):
         if not isinstance(key, int):
             return
         writer.scalar(self.tag("fit_seconds"), sum(r.seconds for r in results.values()), step)
-        writer.figure(self.tag("accuracy_vs_depth"), self._figure(key), step)
+        if self.is_due(trainer, self.figures_every_n_epochs, key):
+            writer.figure(self.tag("accuracy_vs_depth"), self._figure(key), step)
         writer.text(self.tag("table"), self.table(key), step)
 
     # ------------------------------------------------------------------------------------ rendering

@@ -16,6 +16,7 @@ import torch
 from lightning_introspect._lightning import rank_zero_warn
 from lightning_introspect._torch.guards import introspection_mode
 from lightning_introspect.callbacks.base import (
+    NONFINITE_CAUSE,
     IntrospectionCallback,
     check_positive_int,
     draw_samples,
@@ -35,6 +36,7 @@ from lightning_introspect.methods.image_stats import (
     image_statistics,
     perturbation_accuracy,
 )
+from lightning_introspect.render.figures import set_margins
 from lightning_introspect.render.heatmap import to_display
 
 _KIND_LABEL = {"blur": "blur sigma", "noise": "noise std", "color": "colour filter"}
@@ -97,17 +99,29 @@ class Misclassifications(IntrospectionCallback):
     * ``introspect/misclassifications/perturbation/<kind>/<strength>`` -- scalar, accuracy on the subset;
     * ``introspect/misclassifications/perturbations`` -- markdown table (classes x kind@strength) and
       ``.../perturbations_figure`` -- figure (accuracy vs strength, one line per class);
+    * ``introspect/misclassifications/warnings`` -- markdown, only when the model's outputs hold NaN / Inf
+      (non-finite weights or inputs): what was left out of the review at that step and why;
     * ``introspect/misclassifications/seconds`` -- own wall time.
 
-    Results on the instance: ``report`` (the latest run: ``epoch``, ``step``, ``error_rate``,
+    Non-finite values: validation samples whose probabilities hold NaN / Inf (from non-finite logits) are
+    left out of the review (``report["nonfinite"]`` counts them); when every sample is non-finite nothing
+    but the note is logged that epoch (no report). When the perturbation test's outputs are non-finite
+    its results are not logged. Each case warns once and writes a note to
+    ``introspect/misclassifications/warnings`` at each such step; the callback stays on and reviews
+    normally again once the outputs are finite.
+
+    Results on the instance: ``report`` (the latest run: ``epoch``, ``step``, ``num_samples`` (reviewed),
+    ``nonfinite`` (samples left out for NaN / Inf outputs), ``error_rate``,
     ``per_class_error``, ``wrong`` (top-K rows ``{"index", "label", "pred", "confidence"}``), ``bins``
     ``{statistic: {"edges", "counts", "errors", "rate"}}``, ``perturbations`` ``{kind: {"strengths",
     "accuracy", "per_class"}}``), ``history`` (every report) and ``wrong_images`` (the top-K inputs).
     ``history`` is kept in the ``state_dict``.
 
     Args:
-        every_n_epochs: run every n-th validation epoch (the last epoch always runs).
-        at: fractions of training at which to run as well.
+        every_n_epochs: run every n-th validation epoch as well (``None``, the default: only at ``at``
+            and the last epoch; a run renders a gallery and two figures and makes ``1 + sum(strengths)``
+            forward passes over ``num_samples`` images, so per-epoch runs cost).
+        at: fractions of training at which to run; default ``(0.5,)``: half way (and the last epoch).
         top_k: number of confidently wrong examples in the gallery.
         per_class: wrong examples kept per true class for the per-class gallery (0: off).
         statistics: image statistics among ``"sharpness"``, ``"noise"``, ``"brightness"``, ``"contrast"``,
@@ -141,8 +155,8 @@ class Misclassifications(IntrospectionCallback):
     def __init__(
         self,
         *,
-        every_n_epochs: int | None = 1,
-        at: Sequence[float] | None = None,
+        every_n_epochs: int | None = None,
+        at: Sequence[float] | None = (0.5,),
         top_k: int = 16,
         per_class: int = 0,
         statistics: Sequence[str] = STATISTICS,
@@ -287,6 +301,7 @@ class Misclassifications(IntrospectionCallback):
         self._num_classes: int | None = None
         self._top: dict[str, Any] | None = None
         self._top_per_class: dict[int, dict[str, Any]] = {}
+        self._nonfinite = 0  # validation samples left out this epoch: their probabilities hold NaN / Inf
 
     def names(self, n: int) -> list[str]:
         if self.class_names is not None:
@@ -380,9 +395,16 @@ class Misclassifications(IntrospectionCallback):
             )
         conf, pred = probs.max(dim=1)
         conf, pred, target = conf.cpu(), pred.cpu(), target.cpu()
-        wrong = pred != target
         index = torch.arange(self._seen, self._seen + n)
         self._seen += n
+        keep = None
+        if not bool(torch.isfinite(probs).all()):  # NaN / Inf logits: leave those samples out of the review
+            keep = torch.isfinite(probs).all(dim=1).cpu()
+            self._nonfinite += int((~keep).sum())
+            if not bool(keep.any()):
+                return
+            conf, pred, target, index = conf[keep], pred[keep], target[keep], index[keep]
+        wrong = pred != target
         self._conf.append(conf)
         self._pred.append(pred)
         self._label.append(target)
@@ -403,6 +425,8 @@ class Misclassifications(IntrospectionCallback):
         raw = None
         if self._images:
             raw = self._raw(x)
+            if keep is not None:
+                raw = raw[keep.to(raw.device)]
             for key, value in image_statistics(raw, self.statistics).items():
                 self._stats.setdefault(key, []).append(value.cpu())
         if not bool(wrong.any()):
@@ -433,6 +457,8 @@ class Misclassifications(IntrospectionCallback):
 
     def _finish(self, trainer: Any, pl_module: Any) -> None:
         self._stop()
+        if self._nonfinite:
+            self._report_nonfinite(trainer)
         if not self._conf:
             return
         step, epoch = int(trainer.global_step), int(trainer.current_epoch)
@@ -463,6 +489,7 @@ class Misclassifications(IntrospectionCallback):
             "wrong": wrong_rows,
             "bins": {},
             "perturbations": {},
+            "nonfinite": self._nonfinite,
         }
         scalars = {self.tag("error_rate", "overall"): error_rate}
         scalars.update({self.tag("error_rate", "class", n.replace("/", "_")): v for n, v in zip(names, per_class_error) if v is not None})
@@ -509,21 +536,62 @@ class Misclassifications(IntrospectionCallback):
         raw = self._raw(x)
         spread = float(raw.std()) or 1.0
 
+        nonfinite: list[int] = []  # samples with NaN / Inf probabilities, per call of `predict`
+
         def predict(inputs: torch.Tensor) -> torch.Tensor:
             logits = extract_logits(pl_module(self._normalized(inputs).to(device)), self.output_transform)
             if logits is None:
                 raise IntrospectionInputError("Misclassifications: the model's forward output holds no logits; pass `output_transform`.")
-            return self._probabilities(logits)
+            probs = self._probabilities(logits)
+            if not bool(torch.isfinite(probs).all()):
+                nonfinite.append(int((~torch.isfinite(probs).all(dim=1)).sum()))
+            return probs
 
         strengths = {kind: self.strengths[kind] for kind in self.perturbations}
         with introspection_mode(pl_module, grad=False):
             results = perturbation_accuracy(
                 predict, raw, y, num_classes=n_classes, strengths=strengths, seed=self.seed, noise_scale=spread
             )
+        if nonfinite:  # argmax over NaN is arbitrary: such accuracies would be silently wrong numbers
+            self._report_nonfinite_perturbation(trainer, max(nonfinite), int(x.shape[0]))
+            return {}
         return {
             kind: {"strengths": r.strengths, "accuracy": r.accuracy, "per_class": r.per_class}
             for kind, r in results.items()
         }
+
+    # ------------------------------------------------------------------------- non-finite values
+    _CAUSE = NONFINITE_CAUSE
+
+    def _report_nonfinite(self, trainer: Any) -> None:
+        """Warn once, and note at this step, that validation samples with NaN / Inf outputs were left out."""
+        step, k, total = int(trainer.global_step), self._nonfinite, self._seen
+        what = f"the model's outputs (probabilities) are non-finite (NaN / Inf) for {k} of {total} validation samples"
+        if k >= total:
+            action = ("Nothing of this review is logged (no gallery, error rates, statistics or perturbation test, "
+                      "no report)")
+        else:
+            action = "Those samples are left out of the review (error rates, gallery, statistics; `report['nonfinite']`)"
+        self.warn_once(
+            "nonfinite",
+            f"Misclassifications: {what} at step {step}. {self._CAUSE} {action}; a note goes to "
+            f"`{self.tag('warnings')}` instead, at every step where this happens. The callback stays on and reviews "
+            "normally again once the outputs are finite. (Warned once.)",
+        )
+        self.writer(trainer).text(self.tag("warnings"), f"**Step {step}:** {what}. {action}. {self._CAUSE}", step)
+
+    def _report_nonfinite_perturbation(self, trainer: Any, k: int, total: int) -> None:
+        """Warn once, and note at this step, that the perturbation test's results were dropped for NaN / Inf outputs."""
+        step = int(trainer.global_step)
+        what = (f"the model's outputs (probabilities) in the perturbation test are non-finite (NaN / Inf) for up to "
+                f"{k} of its {total} fixed samples")
+        action = "The perturbation test's accuracies are not logged at this step"
+        self.warn_once(
+            "nonfinite-perturbation",
+            f"Misclassifications: {what} at step {step}. {self._CAUSE} {action}; a note goes to `{self.tag('warnings')}` "
+            "instead, at every step where this happens. The callback stays on. (Warned once.)",
+        )
+        self.writer(trainer).text(self.tag("warnings"), f"**Step {step}:** {what}. {action}. {self._CAUSE}", step)
 
     # ------------------------------------------------------------------------------ render
     def _display(self, raw: torch.Tensor) -> torch.Tensor:
@@ -655,7 +723,7 @@ def statistics_figure(bins: dict[str, dict[str, Any]], overall: float) -> Any:
         ax.set_title(stat, fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
     axes[0][0].set_ylabel("error rate", fontsize=8)
-    fig.tight_layout()
+    set_margins(fig, left=0.55, bottom=0.35, top=0.3)
     return fig
 
 
@@ -709,5 +777,5 @@ def perturbation_figure(results: dict[str, dict[str, Any]], names: list[str]) ->
         ax.tick_params(labelsize=7)
     axes[0][0].set_ylabel("accuracy", fontsize=8)
     axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
+    set_margins(fig, left=0.55, right=1.2, bottom=0.45, top=0.15, wspace=0.25)
     return fig

@@ -26,6 +26,7 @@ from lightning_introspect.callbacks.base import (
     draw_samples,
     split_batch,
 )
+from lightning_introspect.render.figures import set_margins
 
 TASKS = ("multiclass", "multilabel", "binary")
 METRICS = ("precision", "recall", "f1", "accuracy", "specificity")
@@ -809,7 +810,7 @@ def confusion_figure(table: Sequence[Sequence[int]], names: Sequence[str], *, mu
                         color="white" if shares[r, c] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title(title or "confusion matrix", fontsize=8)
-    fig.tight_layout()
+    set_margins(fig, left=0.25 + 0.07 * max(map(len, map(str, names)), default=1), bottom=0.75, top=0.3, right=0.3)
     return fig
 
 

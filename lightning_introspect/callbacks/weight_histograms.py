@@ -87,9 +87,11 @@ class WeightHistograms(IntrospectionCallback):
     * the 1-D Wasserstein distance between the value distributions of ``W`` and ``W0`` (in weight units;
       up to 8192 values per tensor, at fixed random positions).
 
-    At epoch-end evaluations it also draws the drift by depth (layers in execution order, input side
-    to output side; registration order if the order cannot be traced) and an overlay of the initial
-    vs the current histogram of up to 16 layers, and writes a summary. A layer whose relative change
+    At each epoch-end evaluation it writes a summary; at the ``at`` fractions, the last epoch and every
+    ``figures_every_n_epochs``-th epoch it also draws the drift by depth (layers in execution order,
+    input side to output side; registration order if the order cannot be traced) and an overlay of the
+    initial vs the current histogram of up to 16 layers (two matplotlib figures, ~0.3 s of CPU, most of
+    the callback's cost on a small model, hence not every epoch by default). A layer whose relative change
     is below ``drift_threshold`` at an epoch-end evaluation from the second epoch on (or at the end of
     a one-epoch fit) is flagged as *not learning* (frozen layers, ``requires_grad=False``, are marked
     as such). Execution order is traced once, at the first training batch, with one extra forward
@@ -115,8 +117,9 @@ class WeightHistograms(IntrospectionCallback):
     * ``introspect/weights/nonfinite`` -- scalar: NaN + Inf values over all tracked tensors;
       ``introspect/weights/nonfinite/<layer>`` (``.../nonfinite/bias/<layer>``) when a tensor has any;
       ``introspect/weights/grad/nonfinite`` (and per layer) for gradients;
-    * ``introspect/weights/drift_by_depth`` -- figure: relative change and cosine distance per layer by depth;
-    * ``introspect/weights/initial_vs_current`` -- figure: initial vs current histogram per layer;
+    * ``introspect/weights/drift_by_depth`` -- figure: relative change and cosine distance per layer by
+      depth (figure epochs, see ``figures_every_n_epochs``);
+    * ``introspect/weights/initial_vs_current`` -- figure: initial vs current histogram per layer (figure epochs);
     * ``introspect/weights/summary`` -- markdown table per layer + the not-learning list (epoch ends);
     * ``introspect/weights/layers`` -- markdown: the tracked layers (fit start);
     * ``introspect/weights/seconds`` -- the callback's own wall time per call.
@@ -144,6 +147,8 @@ class WeightHistograms(IntrospectionCallback):
         include_bias: also log bias histograms (drift is measured on weights only).
         include_gradients: also log gradient histograms (see above).
         drift_threshold: relative change under which a layer is flagged as not learning.
+        figures_every_n_epochs: draw the two figures every n-th epoch as well (``None``, the default:
+            only at the ``at`` fractions and the last epoch; ``1``: at every evaluated epoch end).
         enabled, every_n_epochs, at, seed, on_error: see :class:`IntrospectionCallback`
             (``seed`` picks the Wasserstein sample positions).
 
@@ -170,9 +175,10 @@ class WeightHistograms(IntrospectionCallback):
         include_bias: bool = False,
         include_gradients: bool = False,
         drift_threshold: float = 1e-3,
+        figures_every_n_epochs: int | None = None,
         enabled: bool = True,
         every_n_epochs: int | None = 1,
-        at: list[float] | None = None,
+        at: list[float] | tuple[float, ...] | None = (0.5,),
         seed: int = 0,
         on_error: str = "warn",
     ) -> None:
@@ -186,6 +192,7 @@ class WeightHistograms(IntrospectionCallback):
             )
         check_positive_int(every_n_steps, "every_n_steps", allow_none=True)
         check_positive_int(bins, "bins")
+        check_positive_int(figures_every_n_epochs, "figures_every_n_epochs", allow_none=True)
         for arg, value in (("include_bias", include_bias), ("include_gradients", include_gradients)):
             if not isinstance(value, bool):
                 raise ValueError(f"Expected `{arg}` to be a bool, but got {value!r}.")
@@ -199,6 +206,7 @@ class WeightHistograms(IntrospectionCallback):
         self.include_bias = include_bias
         self.include_gradients = include_gradients
         self.drift_threshold = float(drift_threshold)
+        self.figures_every_n_epochs = figures_every_n_epochs
 
         self._modules: dict[str, nn.Module] = {}
         self._ordered = False
@@ -257,7 +265,7 @@ class WeightHistograms(IntrospectionCallback):
     def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
         # a fit stopped early (EarlyStopping, should_stop) before its last scheduled epoch: final state
         if self.active(trainer) and self._initial is not None and self._last_step != trainer.global_step:
-            self.run(trainer, self._epoch_end, trainer, epoch=max(trainer.current_epoch - 1, 0))
+            self.run(trainer, self._epoch_end, trainer, epoch=max(trainer.current_epoch - 1, 0), figures=True)
 
     # ---------------------------------------------------------------------------- resolution
     def resolve(self, model: nn.Module) -> dict[str, nn.Module]:
@@ -451,7 +459,7 @@ class WeightHistograms(IntrospectionCallback):
             }
         )
 
-    def _epoch_end(self, trainer: Any, epoch: int | None = None) -> None:
+    def _epoch_end(self, trainer: Any, epoch: int | None = None, figures: bool = False) -> None:
         epoch = trainer.current_epoch if epoch is None else epoch
         if trainer.global_step != self._last_step:
             self._evaluate(trainer, epoch=epoch)
@@ -478,8 +486,9 @@ class WeightHistograms(IntrospectionCallback):
         writer = self.writer(trainer)
         with writer.batch():
             writer.text(self.tag("summary"), self._summary_markdown(weights), step)
-            writer.figure(self.tag("drift_by_depth"), self._drift_figure(), step)
-            writer.figure(self.tag("initial_vs_current"), self._overlay_figure(), step)
+            if figures or self.is_due(trainer, self.figures_every_n_epochs, epoch):
+                writer.figure(self.tag("drift_by_depth"), self._drift_figure(), step)
+                writer.figure(self.tag("initial_vs_current"), self._overlay_figure(), step)
 
     # ---------------------------------------------------------------------------- reporting
     def _status(self, n: str, weights: Mapping[str, torch.Tensor]) -> str:

@@ -1,9 +1,11 @@
-"""Image grids in torch, and captioned grids through matplotlib."""
+"""Image grids in torch, and captioned grids (text drawn with PIL)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +31,19 @@ def make_grid(images: torch.Tensor, *, nrow: int = 8, padding: int = 2, pad_valu
     return grid
 
 
+@functools.lru_cache(maxsize=8)
+def _font(size: int) -> Any:
+    """A TrueType font of ``size`` pixels: matplotlib's bundled DejaVu Sans (PIL's default if absent)."""
+    from PIL import ImageFont
+
+    try:
+        from matplotlib import font_manager
+
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+    except Exception:  # no matplotlib font / no FreeType: PIL's own (always present)
+        return ImageFont.load_default()
+
+
 def captioned_grid(
     images: torch.Tensor | Sequence[torch.Tensor],
     captions: Sequence[str] | None = None,
@@ -41,17 +56,16 @@ def captioned_grid(
     """A grid of images with a caption under each (and optional row labels), as an HWC uint8 array.
 
     ``images`` are ``(N, C, H, W)`` floats in [0, 1] (C = 1 or 3). Use it where the caption carries
-    meaning (true / predicted label, confidence): TensorBoard images have no per-tile text. The tiles
-    are assembled in torch and drawn as ONE ``imshow`` plus text (no subplot per tile), which keeps a
-    64-tile grid well under a second.
+    meaning (true / predicted label, confidence): TensorBoard images have no per-tile text. Tiles are
+    upscaled by an integer factor (nearest neighbour, so pixels stay sharp) to about
+    ``cell_inches * 100`` pixels, assembled in torch, and the text is drawn with PIL: a 64-tile grid
+    takes milliseconds (a matplotlib figure with one text per tile took ~0.1 s).
 
     Example:
         >>> captioned_grid(torch.rand(3, 1, 8, 8), ["a", "b", "c"], nrow=3).dtype
         dtype('uint8')
     """
-    from matplotlib.figure import Figure
-
-    from lightning_introspect.loggers.adapter import figure_to_array
+    from PIL import Image, ImageDraw
 
     imgs = torch.stack(list(images)) if not isinstance(images, torch.Tensor) else images
     if imgs.ndim != 4:
@@ -59,30 +73,35 @@ def captioned_grid(
     n, c, h, w = imgs.shape
     ncol = max(1, min(nrow, n))
     nrows = max(1, math.ceil(n / ncol))
+    # the layout is built at the tiles' own resolution and then enlarged `scale` times as a whole
+    scale = max(1, round(cell_inches * 100 / max(h, w)))
+    font, title_font = _font(10), _font(13)
+    lines = max((str(t).count("\n") + 1 for t in captions or ()), default=0)
     pad = max(1, h // 16)
-    band = max(8, round(h * 0.5)) if captions else pad  # room for two caption lines under a tile
-    left_margin = max(8, round(w * 0.6)) if row_labels else 0
-    height, width = nrows * (h + band) + pad, left_margin + ncol * (w + pad) + pad
-    tiles = imgs.detach().float().cpu().clamp(0, 1)
+    band = math.ceil((lines * 12 + 6) / scale) if lines else pad
+    label_w = max((font.getlength(str(t)) for t in row_labels or ()), default=0.0)
+    left_margin = math.ceil((label_w + 8) / scale) if row_labels else 0
+    top_margin = math.ceil(20 / scale) if title else 0
+    height = top_margin + nrows * (h + band) + pad
+    width = left_margin + ncol * (w + pad) + pad
+    tiles = (imgs.detach().float().cpu().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
     tiles = tiles.expand(-1, 3, -1, -1) if c == 1 else tiles[:, :3]
-    canvas = torch.ones(3, height, width)
+    canvas = torch.full((height, width, 3), 255, dtype=torch.uint8)
     spots = []
     for i in range(n):
         r, col = divmod(i, ncol)
-        top, left = pad + r * (h + band), left_margin + pad + col * (w + pad)
-        canvas[:, top : top + h, left : left + w] = tiles[i]
-        spots.append((left + w / 2 - 0.5, top + h + 0.5))
-    fig_w = cell_inches * ncol + (cell_inches * 0.6 if row_labels else 0.0)
-    fig_h = fig_w * height / width
-    title_h = 0.3 if title else 0.0
-    fig = Figure(figsize=(fig_w, fig_h + title_h), dpi=100)
-    ax = fig.add_axes((0.0, 0.0, 1.0, fig_h / (fig_h + title_h)))
-    ax.imshow(np.ascontiguousarray(canvas.permute(1, 2, 0).numpy()), interpolation="nearest", aspect="auto")
-    ax.set_axis_off()
+        top, left = top_margin + pad + r * (h + band), left_margin + pad + col * (w + pad)
+        canvas[top : top + h, left : left + w] = tiles[i].permute(1, 2, 0)
+        spots.append(((left + w / 2) * scale, (top + h) * scale + 2))
+    image = Image.fromarray(canvas.numpy(), mode="RGB")
+    if scale > 1:
+        image = image.resize((width * scale, height * scale), Image.Resampling.NEAREST)
+    draw = ImageDraw.Draw(image)
     for (cx, cy), text in zip(spots, captions or ()):
-        ax.text(cx, cy, text, ha="center", va="top", fontsize=7, linespacing=1.1)
+        draw.multiline_text((cx, cy), str(text), fill=(0, 0, 0), font=font, anchor="ma", align="center", spacing=2)
     for r, label in enumerate(list(row_labels or ())[:nrows]):
-        ax.text(left_margin - 1, pad + r * (h + band) + h / 2, label, ha="right", va="center", fontsize=7)
+        cy = (top_margin + pad + r * (h + band) + h / 2) * scale
+        draw.text((left_margin * scale - 4, cy), str(label), fill=(0, 0, 0), font=font, anchor="rm")
     if title:
-        fig.suptitle(title, fontsize=9, y=0.99)
-    return figure_to_array(fig, close=False)
+        draw.text((width * scale / 2, 3), title, fill=(0, 0, 0), font=title_font, anchor="ma")
+    return np.asarray(image).copy()
