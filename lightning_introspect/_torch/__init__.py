@@ -15,6 +15,7 @@ from lightning_introspect._torch.guards import (
     fresh_input,
     gradients_on,
     introspection_mode,
+    module_device,
     private_generator,
 )
 from lightning_introspect._torch.hooks import hooks, record_execution_order
@@ -28,6 +29,7 @@ __all__ = [
     "gradients_on",
     "hooks",
     "introspection_mode",
+    "module_device",
     "private_generator",
     "record_execution_order",
     "resolve_layers",

@@ -68,6 +68,16 @@ def gradients_on(device: torch.device | str | None = None) -> Iterator[None]:
         yield
 
 
+def module_device(module: nn.Module, default: torch.device | str = "cpu") -> torch.device:
+    """The device of the module's first parameter (``default`` for a module without parameters).
+
+    Example:
+        >>> module_device(nn.Linear(2, 1)), module_device(nn.ReLU())
+        (device(type='cpu'), device(type='cpu'))
+    """
+    return next((p.device for p in module.parameters()), torch.device(default))
+
+
 @contextlib.contextmanager
 def introspection_mode(module: nn.Module, *, grad: bool = True) -> Iterator[nn.Module]:
     """Eval mode + (optionally) gradients on + a forked global RNG: the standard introspection pass.
@@ -80,7 +90,7 @@ def introspection_mode(module: nn.Module, *, grad: bool = True) -> Iterator[nn.M
         >>> g.shape, net.weight.grad is None
         (torch.Size([1, 3]), True)
     """
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    device = module_device(module)
     with contextlib.ExitStack() as stack:
         stack.enter_context(fork_global_rng())
         stack.enter_context(eval_mode(module))

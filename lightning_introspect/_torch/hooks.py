@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_introspect._torch.guards import module_device
+
 
 @contextlib.contextmanager
 def hooks() -> Iterator[list[RemovableHandle]]:
@@ -73,7 +75,7 @@ def layer_outputs(model: nn.Module, example_input: torch.Tensor, names: list[str
 
     modules = dict(model.named_modules())
     captured: dict[str, torch.Tensor] = {}
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = module_device(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     with introspection_mode(model, grad=False), hooks() as handles:
         for name in names:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_introspect._torch.guards import introspection_mode
+from lightning_introspect._torch.guards import introspection_mode, module_device
 from lightning_introspect._torch.hooks import layer_outputs
 from lightning_introspect._torch.layers import resolve_layers
 from lightning_introspect.callbacks.base import (
@@ -374,7 +374,7 @@ class FeatureVisualization(IntrospectionCallback):
             self.classes_chosen = list(self.classes)
         if self.prior_module is not None and "prior" in self.regularizers:
             dim = self.latent_dim or infer_latent_dim(self.prior_module)
-            pdev = next((p.device for p in self.prior_module.parameters()), torch.device("cpu"))
+            pdev = module_device(self.prior_module)
             with introspection_mode(self.prior_module, grad=False):
                 decoded = self.prior_module(torch.zeros(1, dim, device=pdev))
             if tuple(decoded.shape[1:]) != (c, h, w):
@@ -443,7 +443,7 @@ class FeatureVisualization(IntrospectionCallback):
         c, h, w = self._input_shape(x)
         value_range, mean, std = self._display(x)
         n = sum(k for _, _, k in parts)
-        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        device = module_device(pl_module)
         if self.prior_module is not None and "prior" in self.regularizers:
             self.prior_module.to(device)
         results: dict[str, FeatureVisualizationResult] = {}

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_introspect._torch.guards import introspection_mode
+from lightning_introspect._torch.guards import introspection_mode, module_device
 from lightning_introspect._torch.hooks import hooks, record_execution_order
 from lightning_introspect._torch.layers import resolve_layers
 from lightning_introspect.callbacks.base import (
@@ -749,7 +749,7 @@ def _device_of(module: nn.Module) -> torch.device:
     device = getattr(module, "device", None)
     if isinstance(device, torch.device):
         return device
-    return next((p.device for p in module.parameters()), torch.device("cpu"))
+    return module_device(module)
 
 
 def _to_device(x: Any, device: torch.device) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from lightning_introspect._lightning import rank_zero_warn
-from lightning_introspect._torch.guards import introspection_mode
+from lightning_introspect._torch.guards import introspection_mode, module_device
 from lightning_introspect.callbacks.base import (
     NONFINITE_CAUSE,
     IntrospectionCallback,
@@ -355,7 +355,7 @@ class Misclassifications(IntrospectionCallback):
         """``class_names`` against the logits' width of two validation samples (skipped if they cannot run)."""
         try:
             x, _ = draw_samples(self.val_dataloader(trainer), 2, seed=self.seed)
-            device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+            device = module_device(pl_module)
             with introspection_mode(pl_module, grad=False):
                 logits = extract_logits(pl_module(x.to(device)), self.output_transform)
         except Exception:  # no data or a model that does not take the bare inputs: checked at the first review
@@ -532,7 +532,7 @@ class Misclassifications(IntrospectionCallback):
             self.warn_once("perturb-no-labels", "Misclassifications: the fixed samples have no labels or are not images; "
                            "the perturbation test is skipped.")
             return {}
-        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        device = module_device(pl_module)
         raw = self._raw(x)
         spread = float(raw.std()) or 1.0
 

@@ -43,6 +43,7 @@ from lightning_introspect._torch.guards import (
     fork_global_rng,
     gradients_on,
     introspection_mode,
+    module_device,
     private_generator,
 )
 from lightning_introspect._torch.hooks import hooks
@@ -746,7 +747,7 @@ def objective_values(
 
     Use it to check robustness: the value of a visualisation under fresh random jitter.
     """
-    device = next((p.device for p in model.parameters()), images.device)
+    device = module_device(model, images.device)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     gen = private_generator(seed)
     with introspection_mode(model, grad=False), ActivationRecorder(model, objective) as rec:
@@ -866,7 +867,7 @@ def visualize_features(
     for name in objective.module_layers:  # fail early, with the closest valid names
         get_layer(model, name, argument="layer")
 
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = module_device(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     gen = private_generator(seed)
     settings = {"param": "prior" if prior is not None else param, "frequency_penalty": float(frequency_penalty), "penalty": penalty, "transforms": robust, "steps": steps, "lr": float(lr), "seed": seed}

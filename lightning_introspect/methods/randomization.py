@@ -97,6 +97,7 @@ from lightning_introspect._torch.guards import (
     fork_global_rng,
     fresh_input,
     gradients_on,
+    module_device,
     private_generator,
 )
 from lightning_introspect._torch.hooks import hooks, record_execution_order
@@ -522,7 +523,7 @@ class RandomizationCurves:
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
+    return module_device(model)
 
 
 def _model_input(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
