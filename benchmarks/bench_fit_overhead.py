@@ -13,6 +13,7 @@ The 10 % target of the issue is a statement about the default schedules: the rec
 share of an epoch, and the one-off part amortised over a fit (``one-off / (target * epoch)`` epochs).
 
     python benchmarks/bench_fit_overhead.py [--epochs 6] [--long-epochs 30] [--repeats 3] [--config demo|default]
+                                            [--device cpu|cuda] [--precision 32-true|bf16-mixed|...]
 
 ``--config default`` (the default) is ``introspection_callbacks`` with every callback at its own
 defaults plus the few arguments the digits task needs; ``demo`` is the demo's set (denser schedules).
@@ -30,6 +31,7 @@ CHILD = r"""
 import json, resource, sys, time, tempfile
 import torch
 torch.set_num_threads(int(sys.argv[4]))
+accelerator, precision = sys.argv[5], sys.argv[6]
 from lightning_introspect._lightning import Trainer, pl
 from lightning_introspect.config import introspection_callbacks
 from lightning_introspect.demo import DigitsCNN, DigitsDataModule, demo_config
@@ -44,7 +46,7 @@ else:
     callbacks = introspection_callbacks(demo_config(mean=dm.mean, std=dm.std, defaults=True))
 loggers = __import__(f"{pl.__name__}.loggers", fromlist=["TensorBoardLogger"])
 with tempfile.TemporaryDirectory() as tmp:
-    trainer = Trainer(max_epochs=epochs, accelerator="cpu", logger=loggers.TensorBoardLogger(tmp), callbacks=callbacks,
+    trainer = Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, precision=precision, logger=loggers.TensorBoardLogger(tmp), callbacks=callbacks,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       num_sanity_val_steps=0, log_every_n_steps=5)
     start = time.perf_counter()
@@ -56,9 +58,11 @@ print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource
 """
 
 
-def run(mode: str, epochs: int, config: str, threads: int) -> dict:
+def run(mode: str, epochs: int, config: str, threads: int, device: str, precision: str) -> dict:
+    accelerator = "gpu" if device == "cuda" else "cpu"
     res = subprocess.run(
-        [sys.executable, "-c", CHILD, mode, str(epochs), config, str(threads)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", CHILD, mode, str(epochs), config, str(threads), accelerator, precision],
+        capture_output=True, text=True, check=True,
     )
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -70,16 +74,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--config", choices=("demo", "default"), default="default")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
     args = parser.parse_args()
     lengths = [args.epochs] + ([args.long_epochs] if args.long_epochs > args.epochs else [])
     results: dict[tuple[str, int], list[dict]] = {(m, e): [] for e in lengths for m in ("none", "callbacks")}
     for _ in range(args.repeats):
         for epochs in lengths:
             for mode in ("none", "callbacks"):
-                results[mode, epochs].append(run(mode, epochs, args.config, args.threads))
+                results[mode, epochs].append(run(mode, epochs, args.config, args.threads, args.device, args.precision))
     seconds = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
     print(f"callbacks ({args.config}): {', '.join(results['callbacks', args.epochs][0]['callbacks'])}")
-    print(f"torch threads {args.threads}, median of {args.repeats}")
+    print(f"device {args.device}, precision {args.precision}, torch threads {args.threads}, median of {args.repeats}")
     print(f"{'':28s}{'none':>10s}{'callbacks':>12s}{'ratio':>8s}")
     for epochs in lengths:
         none_s, cb_s = seconds["none", epochs], seconds["callbacks", epochs]

@@ -77,15 +77,21 @@ BENCHMARKS: list[tuple[str, list[str], list[str], list[tuple[str, str]]]] = [
     ),
 ]
 
+# the scripts with a --device option (bench_probes measures the sklearn thread vs torch on the CPU)
+TAKES_DEVICE = {"bench_fit_overhead.py", "bench_histograms.py", "bench_attributions.py", "bench_lrp.py", "bench_featviz.py"}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller models")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device of the benchmarks that take one")
     args = parser.parse_args()
     rows: list[tuple[str, str]] = []
     start = time.perf_counter()
     for script, normal, quick, patterns in BENCHMARKS:
         cmd = [sys.executable, os.path.join(HERE, script), *(quick if args.quick else normal)]
+        if script in TAKES_DEVICE:
+            cmd += ["--device", args.device]
         print(f"\n===== {script} {' '.join(cmd[2:])}", flush=True)
         t0 = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True)

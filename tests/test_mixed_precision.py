@@ -1,6 +1,10 @@
-"""The full callback set with ``precision="bf16-mixed"`` on CPU: every callback runs (``on_error="raise"``)
-and writes its tags, read back from the TensorBoard event files. Attribution and the other gradient
-methods run in fp32 outside autocast, so their maps are fp32 and finite."""
+"""The full callback set under mixed precision: every callback runs (``on_error="raise"``) and writes its
+tags, read back from the TensorBoard event files. Attribution and the other gradient methods run in fp32
+outside autocast, so their maps are fp32 and finite.
+
+The same test runs with ``bf16-mixed`` on the CPU (always) and, marked ``gpu``, with ``bf16-mixed`` and
+``16-mixed`` on a CUDA device (``pytest -m gpu`` on a machine with one): the model trains on the GPU, the
+callbacks compute there, and what they keep (results and checkpoint state) is on the CPU."""
 
 from __future__ import annotations
 
@@ -15,8 +19,29 @@ from lightning_introspect.demo import DigitsCNN, DigitsDataModule, demo_config
 from tests.helpers import quick_trainer, read_events
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
 @pytest.mark.slow
-def test_full_set_with_bf16_mixed_precision_on_cpu(tmp_path: Any) -> None:
+@pytest.mark.parametrize(
+    ("accelerator", "precision"),
+    [
+        ("cpu", "bf16-mixed"),
+        pytest.param("gpu", "bf16-mixed", marks=[pytest.mark.gpu, CUDA]),
+        pytest.param("gpu", "16-mixed", marks=[pytest.mark.gpu, CUDA]),
+    ],
+)
+def test_full_set_with_mixed_precision(tmp_path: Any, accelerator: str, precision: str) -> None:
     pl.seed_everything(0, verbose=False)
     dm = DigitsDataModule(batch_size=32, limit=64, seed=0)
     dm.setup("fit")
@@ -25,14 +50,20 @@ def test_full_set_with_bf16_mixed_precision_on_cpu(tmp_path: Any) -> None:
         cb.on_error = "raise"
         if hasattr(cb, "progress"):
             cb.progress = False
-    trainer = quick_trainer(tmp_path, callbacks, epochs=2, precision="bf16-mixed")
-    trainer.fit(DigitsCNN(), datamodule=dm)
-    assert trainer.precision == "bf16-mixed" and trainer.global_step == 4
+    model = DigitsCNN()
+    trainer = quick_trainer(tmp_path, callbacks, epochs=2, precision=precision, accelerator=accelerator)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.precision == precision and trainer.global_step == 4
+    device = "cuda" if accelerator == "gpu" else "cpu"
+    assert all(p.device.type == device for p in model.parameters())  # nothing moved the model
 
     cbs = {type(cb).__name__: cb for cb in callbacks}
     assert not any(cb.disabled for cb in callbacks)
     for method, maps in cbs["Attributions"].maps.items():
-        assert maps.dtype == torch.float32 and torch.isfinite(maps).all(), method
+        assert maps.dtype == torch.float32 and torch.isfinite(maps).all() and maps.device.type == "cpu", method
+    assert all(w.device.type == "cpu" for w in cbs["WeightHistograms"].initial.values())
+    for cb in callbacks:  # checkpoint state is device-independent: it loads on a machine without a GPU
+        assert all(t.device.type == "cpu" for t in _tensors(cb.state_dict())), type(cb).__name__
     assert cbs["SanityChecks"].report is not None and cbs["SanityChecks"].report.verdicts
     assert sorted(cbs["LinearProbes"].history, key=str) == [0, 1, "init", "input"]
 

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The one prepared GPU run of issue #9, for a machine with a CUDA device (run from the repository root):
+#   1. the test suite's gpu-marked tests (full callback set on a CUDA model with bf16-mixed / 16-mixed,
+#      CUDA histograms equal to CPU ones);
+#   2. the demo on CUDA with every callback on, bf16-mixed;
+#   3. the benchmark suite on CUDA (--quick).
+# Writes everything under ${OUT:-gpu_check_out}; the benchmark table is the last thing printed.
+set -euo pipefail
+OUT="${OUT:-gpu_check_out}"
+mkdir -p "$OUT"
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
+export MPLBACKEND=Agg
+python -m pytest -q -m gpu -p no:cacheprovider -rs 2>&1 | tee "$OUT/pytest_gpu.txt"
+lightning-introspect demo --accelerator gpu --precision bf16-mixed --out "$OUT/demo" 2>&1 | tee "$OUT/demo.txt"
+python benchmarks/run_all.py --quick --device cuda 2>&1 | tee "$OUT/benchmarks.txt"
