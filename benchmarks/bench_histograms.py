@@ -1,24 +1,40 @@
 """Histogram logging of every parameter of a ResNet-50-sized model: ours vs ``SummaryWriter.add_histogram``.
 
-Measured in one run, interleaved (naive, ours, naive, ours, ...), medians and minima printed:
+Measured in one run, interleaved (naive, ours, naive, ours, ...):
 
 * naive: ``SummaryWriter.add_histogram(name, param, step)`` for every parameter (TensorBoard's
-  default bins: it copies to numpy float64 and bins with ``numpy.histogram``);
+  default bins: it copies to numpy float64 and bins with ``numpy.histogram``), on its own
+  ``SummaryWriter`` with TensorBoard's stock record writer (pure-Python CRC-32C, checked below);
 * ours: :func:`lightning_introspect.methods.weights.histograms` (32 bins, on the parameters' device,
-  one transfer per phase) + ``TensorBoardWriter.histogram`` per parameter (raw histogram, flushed);
-* context: drift from a snapshot of the initial weights (what ``WeightHistograms`` adds per
-  evaluation) and one SGD training step of the same model.
+  one transfer per phase) + ``write_histograms`` through ``TensorBoardWriter`` (raw histograms, one
+  event per step, flushed) on a second ``SummaryWriter``, which ``TensorBoardWriter`` switches to
+  our numpy CRC-32C (``loggers/_crc32c.py``; same bytes, checked below with TensorBoard's own CRC);
+* context: the CRC of ours' one histogram event with TensorBoard's pure-Python ``masked_crc32c`` vs
+  ours, drift from a snapshot of the initial weights (what ``WeightHistograms`` adds per evaluation)
+  and one SGD training step of the same model.
+
+CPU times are process CPU time, so they include TensorBoard's writer thread (where the CRC runs).
+``--threads N`` (default 1) gives torch AND numpy's BLAS N threads. Left at its default, numpy's
+OpenBLAS busy-waits after each of ``add_histogram``'s dot products: on a 2-core machine that about
+doubled naive's CPU and wall time and billed the step after it (ours) 30-40 ms, so single-threaded
+figures from before this option (naive ~1300 ms) are not comparable with the ones it prints.
+The ratio of medians is the headline; the ratio of minima is printed too (shared machines are noisy).
 
 Usage::
 
-    python benchmarks/bench_histograms.py            # ResNet-50-like, CPU (or CUDA if available)
-    python benchmarks/bench_histograms.py --arch resnet18 --repeats 5 --device cpu --threads 0
+    python benchmarks/bench_histograms.py            # ResNet-50-like, CPU (or CUDA if available), 1 thread
+    python benchmarks/bench_histograms.py --threads 0 --repeats 7   # the libraries' default threads
+    python benchmarks/bench_histograms.py --arch resnet18 --repeats 5 --device cpu
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import os
+import shutil
 import statistics
+import struct
 import tempfile
 import time
 
@@ -101,12 +117,21 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="image side of the training step")
     parser.add_argument(
         "--threads", type=int, default=1,
-        help="torch CPU threads (default 1: numpy's binning in add_histogram is single-threaded, and a "
-        "shared machine makes multi-threaded timings erratic); 0 keeps torch's default",
+        help="torch and numpy-BLAS CPU threads (default 1: numpy's binning in add_histogram is single-threaded, "
+        "and a shared machine makes multi-threaded timings erratic); 0 keeps the libraries' defaults",
     )
     args = parser.parse_args()
+    blas_note = "BLAS threads: default"
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+        try:  # numpy's BLAS too: its idle worker threads spin after add_histogram's dot product, and that
+            # CPU time (and the stolen core) would be charged to whatever runs next -- here, ours
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(args.threads, user_api="blas")
+            blas_note = f"numpy BLAS threads: {args.threads}"
+        except ImportError:
+            blas_note = "numpy BLAS threads: default (no threadpoolctl)"
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -116,14 +141,15 @@ def main() -> None:
     initial = {n: p.detach().cpu().clone() for n, p in params.items()}
     print(
         f"model: {args.arch}-like in plain torch, {n_values / 1e6:.2f}M parameters in {len(params)} tensors; "
-        f"device: {device} ({torch.get_num_threads()} CPU threads); torch {torch.__version__}"
+        f"device: {device} ({torch.get_num_threads()} torch CPU threads, {blas_note}); torch {torch.__version__}"
     )
 
     from torch.utils.tensorboard import SummaryWriter
 
     log_dir = tempfile.mkdtemp(prefix="bench_hist_")
-    sw = SummaryWriter(log_dir)
-    writer = TensorBoardWriter(sw)
+    sw = SummaryWriter(os.path.join(log_dir, "naive"))  # stays stock: nothing of ours touches it
+    sw_ours = SummaryWriter(os.path.join(log_dir, "ours"))
+    writer = TensorBoardWriter(sw_ours)
 
     def naive(step: int) -> None:
         for name, p in params.items():
@@ -169,7 +195,20 @@ def main() -> None:
 
     train_step(0)
     times["train_step"] = [timed(train_step, r) for r in range(args.repeats)]
+    crc_kinds = {"naive": _record_writer_kind(sw), "ours": _record_writer_kind(sw_ours)}
     sw.close()
+    sw_ours.close()
+
+    # every record of both files passes TensorBoard's own (pure-Python) CRC check; time the CRC of ours' event
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as stock_crc
+
+    from lightning_introspect.loggers._crc32c import masked_crc32c as fast_crc
+
+    records = {kind: _checked_records(os.path.join(log_dir, kind), stock_crc) for kind in ("naive", "ours")}
+    event = max(records["ours"], key=len)
+    times["crc_stock"] = [timed(lambda _: stock_crc(event), r) for r in range(args.repeats)]
+    times["crc_ours"] = [timed(lambda _: fast_crc(event), r) for r in range(args.repeats)]
+    shutil.rmtree(log_dir, ignore_errors=True)
 
     wall = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
     cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
@@ -177,16 +216,53 @@ def main() -> None:
     def fmt(key: str) -> str:
         return f"wall {wall[key] * 1e3:8.1f} ms   CPU {cpu[key] * 1e3:8.1f} ms"
 
+    def row(label: str, key: str) -> None:
+        print(f"  {label:<50}: {fmt(key)}")
+
+    kb = f"{len(event) / 1e3:.0f} KB"
     print(f"medians of {args.repeats} interleaved runs (CPU = process CPU time, all threads):")
-    print(f"  naive SummaryWriter.add_histogram, every tensor : {fmt('naive')}")
-    print(f"  ours: histograms() + raw writes, every tensor   : {fmt('ours')}")
-    print(f"    of which histograms() alone ({args.bins} bins)      : {fmt('ours_compute')}")
-    print(f"  drift() from the initial snapshot (context)     : {fmt('drift')}")
-    print(f"  one SGD training step, batch {args.batch}x3x{args.size}x{args.size}    : {fmt('train_step')}")
+    row("naive SummaryWriter.add_histogram, every tensor", "naive")
+    row("ours: histograms() + raw writes, every tensor", "ours")
+    row(f"  of which histograms() alone ({args.bins} bins)", "ours_compute")
+    row(f"  CRC of its one {kb} event, with our numpy CRC", "crc_ours")
+    row("  (the same CRC with TensorBoard's pure Python)", "crc_stock")
+    row("drift() from the initial snapshot (context)", "drift")
+    row(f"one SGD training step, batch {args.batch}x3x{args.size}x{args.size}", "train_step")
     print(
-        f"ratio naive / ours: wall {wall['naive'] / wall['ours']:.1f}x, CPU {cpu['naive'] / cpu['ours']:.1f}x; "
-        f"ours / one training step: wall {wall['ours'] / wall['train_step']:.2f}"
+        f"record writers: naive {crc_kinds['naive']}, ours {crc_kinds['ours']}; "
+        f"all {len(records['naive'])} + {len(records['ours'])} records pass TensorBoard's CRC check"
     )
+    cpu_min = {k: min(c for _, c in v) for k, v in times.items()}
+    print(
+        f"ratio naive / ours: wall {wall['naive'] / wall['ours']:.1f}x, CPU {cpu['naive'] / cpu['ours']:.1f}x "
+        f"(minima: CPU {cpu_min['naive'] * 1e3:.0f} / {cpu_min['ours'] * 1e3:.0f} ms = "
+        f"{cpu_min['naive'] / cpu_min['ours']:.1f}x); ours / one training step: wall {wall['ours'] / wall['train_step']:.2f}"
+    )
+
+
+def _record_writer_kind(summary_writer: object) -> str:
+    """The class name of the record writer behind a ``SummaryWriter`` (stock: ``RecordWriter``)."""
+    record_writer = summary_writer.file_writer.event_writer._async_writer._writer  # type: ignore[attr-defined]
+    return type(record_writer).__name__
+
+
+def _checked_records(log_dir: str, masked_crc32c) -> list[bytes]:  # noqa: ANN001
+    """Every record of the event files under ``log_dir``, each checked with ``masked_crc32c``."""
+    out = []
+    for path in glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        pos = 0
+        while pos < len(raw):
+            header = raw[pos : pos + 8]
+            (length,), (header_crc,) = struct.unpack("<Q", header), struct.unpack("<I", raw[pos + 8 : pos + 12])
+            data = raw[pos + 12 : pos + 12 + length]
+            (data_crc,) = struct.unpack("<I", raw[pos + 12 + length : pos + 16 + length])
+            if masked_crc32c(header) != header_crc or masked_crc32c(data) != data_crc:
+                raise RuntimeError(f"record at byte {pos} of {path} fails TensorBoard's CRC check")
+            out.append(data)
+            pos += 16 + length
+    return out
 
 
 if __name__ == "__main__":

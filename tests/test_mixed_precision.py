@@ -18,7 +18,6 @@ from lightning_introspect.config import introspection_callbacks
 from lightning_introspect.demo import DigitsCNN, DigitsDataModule, demo_config
 from tests.helpers import quick_trainer, read_events
 
-
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
