@@ -142,8 +142,7 @@ class WeightHistograms(IntrospectionCallback):
             of those. Resolved at ``setup``; a wrong name raises ``ValueError`` listing close matches.
         every_n_steps: also evaluate every n optimizer steps (``None``: epoch ends only).
         bins: number of equal-width bins per histogram (over each tensor's own finite range). 32 by
-            default, like TensorBoard's own ~30: each bin adds 16 bytes to every event, and writing
-            the events (TensorBoard's pure-Python checksum) is most of the logging time.
+            default, like TensorBoard's own ~30 (each bin adds 16 bytes to every event).
         include_bias: also log bias histograms (drift is measured on weights only).
         include_gradients: also log gradient histograms (see above).
         drift_threshold: relative change under which a layer is flagged as not learning.
