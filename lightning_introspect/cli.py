@@ -15,7 +15,7 @@ from collections.abc import Sequence
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-introspect", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a small CNN on digits with every callback on (about a minute on 2 cores)")
+    demo = sub.add_parser("demo", help="train a small CNN on digits with every callback on (under a minute on 2 cores)")
     demo.add_argument("--out", default="introspect_runs", help="log root (default: ./introspect_runs)")
     demo.add_argument("--name", default="digits", help="run name under the log root (default: digits)")
     demo.add_argument("--epochs", type=int, default=6, help="training epochs (default: 6)")
