@@ -434,14 +434,13 @@ class Attributions(IntrospectionCallback):
             + ([f"the maps of {self._grid_list(grids)}"] if grids else [])
         )
         skipped = self._grid_list(self._skipped(broken))
-        cause = NONFINITE_CAUSE
         self.warn_once(
             "nonfinite",
-            f"Attributions: non-finite values (NaN / Inf) in {what} at step {step}. {cause} Not logged: {skipped}; "
+            f"Attributions: non-finite values (NaN / Inf) in {what} at step {step}. {NONFINITE_CAUSE} Not logged: {skipped}; "
             f"a note goes to `{self.tag('warnings')}` instead, at every step where this happens. The callback stays on "
             "and logs these grids again once they are finite. (Warned once.)",
         )
-        writer.text(self.tag("warnings"), f"**Not logged at step {step}:** {skipped}. Non-finite values (NaN / Inf) in {what}. {cause}", step)
+        writer.text(self.tag("warnings"), f"**Not logged at step {step}:** {skipped}. Non-finite values (NaN / Inf) in {what}. {NONFINITE_CAUSE}", step)
 
     # ------------------------------------------------------------------------------------ rendering
     def _display(self, x: torch.Tensor) -> torch.Tensor:

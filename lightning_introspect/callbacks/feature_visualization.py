@@ -519,18 +519,17 @@ class FeatureVisualization(IntrospectionCallback):
             units = f"{', '.join(self.nonfinite)} ({'every setting' if len(self.columns) > 1 else self.columns[0]})"
         else:
             units = "; ".join(f"{key} ({', '.join(settings)})" for key, settings in self.nonfinite.items())
-        cause = NONFINITE_CAUSE
         self.warn_once(
             "nonfinite",
             f"FeatureVisualization: non-finite values (NaN / Inf) in the optimised images or final objective of "
-            f"{units} at step {step}. {cause} Their images and non-finite objective / hf_fraction scalars are not "
+            f"{units} at step {step}. {NONFINITE_CAUSE} Their images and non-finite objective / hf_fraction scalars are not "
             f"logged; a note goes to `{self.tag('warnings')}` instead, at every step where this happens. The callback "
             "stays on and logs these units again once they are finite. (Warned once.)",
         )
         writer.text(
             self.tag("warnings"),
             f"**Not logged at step {step}:** the images of {units}. Non-finite values (NaN / Inf) in "
-            f"their optimised images or final objective. {cause}",
+            f"their optimised images or final objective. {NONFINITE_CAUSE}",
             step,
         )
 

@@ -561,8 +561,6 @@ class Misclassifications(IntrospectionCallback):
         }
 
     # ------------------------------------------------------------------------- non-finite values
-    _CAUSE = NONFINITE_CAUSE
-
     def _report_nonfinite(self, trainer: Any) -> None:
         """Warn once, and note at this step, that validation samples with NaN / Inf outputs were left out."""
         step, k, total = int(trainer.global_step), self._nonfinite, self._seen
@@ -574,11 +572,11 @@ class Misclassifications(IntrospectionCallback):
             action = "Those samples are left out of the review (error rates, gallery, statistics; `report['nonfinite']`)"
         self.warn_once(
             "nonfinite",
-            f"Misclassifications: {what} at step {step}. {self._CAUSE} {action}; a note goes to "
+            f"Misclassifications: {what} at step {step}. {NONFINITE_CAUSE} {action}; a note goes to "
             f"`{self.tag('warnings')}` instead, at every step where this happens. The callback stays on and reviews "
             "normally again once the outputs are finite. (Warned once.)",
         )
-        self.writer(trainer).text(self.tag("warnings"), f"**Step {step}:** {what}. {action}. {self._CAUSE}", step)
+        self.writer(trainer).text(self.tag("warnings"), f"**Step {step}:** {what}. {action}. {NONFINITE_CAUSE}", step)
 
     def _report_nonfinite_perturbation(self, trainer: Any, k: int, total: int) -> None:
         """Warn once, and note at this step, that the perturbation test's results were dropped for NaN / Inf outputs."""
@@ -588,10 +586,10 @@ class Misclassifications(IntrospectionCallback):
         action = "The perturbation test's accuracies are not logged at this step"
         self.warn_once(
             "nonfinite-perturbation",
-            f"Misclassifications: {what} at step {step}. {self._CAUSE} {action}; a note goes to `{self.tag('warnings')}` "
+            f"Misclassifications: {what} at step {step}. {NONFINITE_CAUSE} {action}; a note goes to `{self.tag('warnings')}` "
             "instead, at every step where this happens. The callback stays on. (Warned once.)",
         )
-        self.writer(trainer).text(self.tag("warnings"), f"**Step {step}:** {what}. {action}. {self._CAUSE}", step)
+        self.writer(trainer).text(self.tag("warnings"), f"**Step {step}:** {what}. {action}. {NONFINITE_CAUSE}", step)
 
     # ------------------------------------------------------------------------------ render
     def _display(self, raw: torch.Tensor) -> torch.Tensor:

@@ -48,23 +48,23 @@ def write_histograms(writer: IntrospectionWriter, hists: Mapping[str, HistogramS
             )
 
 
-def own_weight(module: nn.Module) -> torch.Tensor | None:
-    """The module's own ``weight`` parameter (also a parametrized one), else ``None``."""
-    param = module._parameters.get("weight")
+def _own_param(module: nn.Module, name: str) -> torch.Tensor | None:
+    param = module._parameters.get(name)
     if isinstance(param, torch.Tensor):
         return param
-    if parametrize.is_parametrized(module, "weight"):
-        return module.weight
+    if parametrize.is_parametrized(module, name):
+        return getattr(module, name)
     return None
+
+
+def own_weight(module: nn.Module) -> torch.Tensor | None:
+    """The module's own ``weight`` parameter (also a parametrized one), else ``None``."""
+    return _own_param(module, "weight")
 
 
 def own_bias(module: nn.Module) -> torch.Tensor | None:
-    param = module._parameters.get("bias")
-    if isinstance(param, torch.Tensor):
-        return param
-    if parametrize.is_parametrized(module, "bias"):
-        return module.bias
-    return None
+    """The module's own ``bias`` parameter (also a parametrized one), else ``None``."""
+    return _own_param(module, "bias")
 
 
 def _fmt(value: float) -> str:

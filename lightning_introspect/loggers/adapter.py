@@ -216,7 +216,6 @@ class TensorBoardWriter(IntrospectionWriter):
                     from tensorboard.compat.proto.summary_pb2 import Summary
 
                     file_writer = self.experiment._get_file_writer()
-                    self._fast_crc()
                     for step, values in pending.items():
                         file_writer.add_summary(Summary(value=values), step)
                 self.flush()
@@ -229,7 +228,6 @@ class TensorBoardWriter(IntrospectionWriter):
         self.flush()
 
     def image(self, tag: str, image: torch.Tensor | np.ndarray, step: int) -> None:
-        self._fast_crc()  # images are the large records
         self.experiment.add_image(tag, to_uint8_hwc(image), global_step=step, dataformats="HWC")
         self.flush()
 
@@ -250,9 +248,7 @@ class TensorBoardWriter(IntrospectionWriter):
         if self._depth:
             self._pending.setdefault(int(step), []).extend(summary.value)
             return
-        file_writer = self.experiment._get_file_writer()
-        self._fast_crc()
-        file_writer.add_summary(summary, step)
+        self.experiment._get_file_writer().add_summary(summary, step)
         self.flush()
 
     def text(self, tag: str, markdown: str, step: int) -> None:
@@ -261,7 +257,7 @@ class TensorBoardWriter(IntrospectionWriter):
 
     def flush(self) -> None:
         if not self._depth:
-            self._fast_crc()
+            self._fast_crc()  # every write ends here: a reopened file writer is switched at once
             self.experiment.flush()
 
     def register_layout(self, groups: Mapping[str, Sequence[str]]) -> None:
