@@ -399,3 +399,20 @@ def test_ddp_rank_zero_probes_without_collectives(tmp_path):
     assert rank0["keys"] == ["0", "1", "init", "input"] and rank1["keys"] == []
     assert rank0["layers"] == ["features.2", "features.6", "features.9", "flatten"]
     assert rank0["hooks"] == rank1["hooks"] == 0
+
+
+@pytest.mark.parametrize(("inline_limit", "expected"), [(1 << 20, "torch"), (0, "sklearn")])
+def test_auto_solver_on_cpu_fits_small_caches_inline_and_large_ones_in_the_background(
+    tmp_path, monkeypatch, inline_limit, expected
+):
+    monkeypatch.setattr("lightning_introspect.callbacks.linear_probes._INLINE_FIT_VALUES", inline_limit)
+    probes = LinearProbes(on_error="raise")
+    _, trainer = small_fit(tmp_path, [probes], epochs=2, limit_train_batches=2)
+    assert probes._resolved_solver == "auto"
+    assert {r.solver for res in probes.results.values() for r in res.values()} == {expected}
+    assert (probes.timings["fit_inline"] > 0) == (expected == "torch")
+    assert (probes.timings["submit"] > 0) == (expected == "sklearn")
+    assert set(probes.history) == {"input", "init", 0, 1}
+    assert probes._executor is None and not probes._jobs
+    # warm start carried from epoch 0 to epoch 1 with the solver that fitted them
+    assert probes._warm and all(state["solver"] == expected for state in probes._warm.values())

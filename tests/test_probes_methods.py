@@ -11,6 +11,9 @@ from sklearn.metrics import f1_score
 from lightning_introspect.methods.probes import (
     FeatureCache,
     RandomProjection,
+    _lbfgs,
+    _lbfgs_direction,
+    _softmax_objective,
     classification_scores,
     downsample_input,
     fit_probe,
@@ -222,3 +225,85 @@ def test_projection_and_torch_solver_stay_fp32_under_autocast():
         result = fit_probe(*noisy_blobs(n=200, d=6), solver="torch")
     assert out.dtype == torch.float32 and torch.allclose(out, x @ proj.matrix)
     assert result.accuracy == fit_probe(*noisy_blobs(n=200, d=6), solver="torch").accuracy
+
+
+# ------------------------------------------------------------------- the batched torch solver's parts
+def _two_loop(g, pairs, gamma):
+    """Textbook L-BFGS two-loop recursion (Nocedal & Wright, alg. 7.4) for one problem, in float64."""
+    q = g.clone()
+    alphas = []
+    for s, y in reversed(pairs):
+        a = (s @ q) / (y @ s)
+        alphas.append(a)
+        q = q - a * y
+    r = gamma * q
+    for (s, y), a in zip(pairs, reversed(alphas)):
+        b = (y @ r) / (y @ s)
+        r = r + (a - b) * s
+    return -r
+
+
+def test_compact_direction_equals_the_two_loop_recursion():
+    gen = torch.Generator().manual_seed(0)
+    count, m, p = 3, 5, 12
+    a = torch.randn(count, p, p, generator=gen, dtype=torch.float64)
+    hessians = a @ a.transpose(1, 2) + torch.eye(p, dtype=torch.float64)  # SPD: every pair has s.y > 0
+    s_all = torch.randn(count, m, p, generator=gen, dtype=torch.float64)
+    y_all = torch.einsum("lij,lmj->lmi", hessians, s_all)
+    valid = torch.ones(count, m, dtype=torch.bool)
+    valid[1, :2] = False  # problem 1 has only 3 pairs so far, problem 2 skipped its third
+    valid[2, 2] = False
+    keep = valid.to(torch.float64)[..., None]
+    pairs = torch.cat([s_all * keep, y_all * keep], 1)
+    g = torch.randn(count, p, generator=gen, dtype=torch.float64)
+    gamma = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    ours = _lbfgs_direction(g, pairs, valid, gamma)
+    for i in range(count):
+        used = [(s_all[i, j], y_all[i, j]) for j in range(m) if valid[i, j]]
+        torch.testing.assert_close(ours[i], _two_loop(g[i], used, gamma[i]), rtol=1e-9, atol=1e-9)
+
+
+def test_objective_and_gradient_match_autograd_and_sklearns_loss():
+    gen = torch.Generator().manual_seed(1)
+    count, n, d, k = 2, 50, 6, 4
+    z = torch.randn(count, n, d, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, k, (n,), generator=gen)
+    onehot_t = torch.nn.functional.one_hot(y, k).double().T.contiguous()
+    theta = torch.randn(count, k, d + 1, generator=gen, dtype=torch.float64, requires_grad=True)
+    f, grad = _softmax_objective(z.transpose(1, 2).contiguous(), z, onehot_t, theta.detach(), 0.01)
+    logits = z @ theta[..., :-1].transpose(1, 2) + theta[..., -1].unsqueeze(1)
+    reference = torch.stack([
+        torch.nn.functional.cross_entropy(logits[i], y) + 0.01 * theta[i, :, :-1].pow(2).sum() for i in range(count)
+    ])
+    (expected_grad,) = torch.autograd.grad(reference.sum(), theta)
+    torch.testing.assert_close(f, reference.detach())
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_batched_lbfgs_solves_each_problem_on_its_own():
+    # three independent quadratics of different conditioning; one starts at its minimum
+    gen = torch.Generator().manual_seed(2)
+    scales = torch.tensor([[1.0, 2.0, 3.0], [1.0, 10.0, 100.0], [1.0, 1.0, 1.0]])
+    centers = torch.randn(3, 3, generator=gen)
+    start = torch.zeros(3, 3)
+    start[2] = centers[2]
+
+    def fun(theta):
+        diff = theta - centers
+        return 0.5 * (scales * diff * diff).sum(1), scales * diff
+
+    theta, n_iter = _lbfgs(fun, start, max_iter=100, tol=1e-6)
+    torch.testing.assert_close(theta, centers, rtol=0, atol=1e-5)
+    assert n_iter[2] == 0 and n_iter[0] > 0 and n_iter[1] >= n_iter[0]  # the ill-conditioned one needs more
+
+
+def test_batched_fit_equals_each_layer_fitted_alone(digits):
+    x, y = digits
+    layers = {"pixels": x, "half": x[:, ::2].contiguous(), "blobs": noisy_blobs(n=x.shape[0], d=9, seed=3)[0]}
+    together = fit_probes(layers, y, solver="torch")
+    for name, feats in layers.items():
+        alone = fit_probe(feats, y, solver="torch")
+        assert together[name].accuracy == pytest.approx(alone.accuracy, abs=1.5 / alone.n_test)
+        assert together[name].state["coef"].shape == (10, feats.shape[1])  # padding removed
+        gap = np.abs(together[name].state["coef"] - alone.state["coef"]).max()
+        assert gap <= 1e-3 * np.abs(alone.state["coef"]).max()

@@ -42,6 +42,7 @@ _ACTIVATIONS = (
     nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Hardtanh, nn.Softplus,
 )
 _MAX_AUTO_LAYERS = 6
+_INLINE_FIT_VALUES = 1 << 20  # solver="auto" on CPU: fit inline with torch up to this many cached feature values
 
 
 def auto_probe_layers(model: nn.Module, example_input: Any, max_layers: int = _MAX_AUTO_LAYERS) -> list[str]:
@@ -90,10 +91,13 @@ class LinearProbes(IntrospectionCallback):
 
     Fitting: features are standardised, split (stratified, seeded: the same split every epoch) into
     probe-train / probe-test, and a probe per layer is fitted with L-BFGS, warm-started from the previous
-    epoch. ``solver="sklearn"`` fits in a background thread so training continues; results are logged
-    (at the step of the epoch they belong to) as soon as they are ready and at the latest at fit end.
-    ``solver="torch"`` fits the same model inline on the model's device. ``"auto"`` picks torch on an
-    accelerator, sklearn on CPU.
+    epoch. ``solver="torch"`` fits all layers' probes inline, as one batched L-BFGS problem on the
+    model's device (milliseconds for cached features of a few thousand samples). ``solver="sklearn"``
+    fits them one by one with scikit-learn in a background thread so training continues; results are
+    logged (at the step of the epoch they belong to) as soon as they are ready and at the latest at fit
+    end. ``"auto"`` picks torch on an accelerator; on CPU, torch while the cached features hold at most
+    about a million numbers (e.g. 2,000 samples x 512 features in all layers together) and sklearn in
+    the background above that.
 
     Tags written (``<layer>`` is the dotted layer name):
 
@@ -127,7 +131,7 @@ class LinearProbes(IntrospectionCallback):
         pooling: ``"avg"``, ``"max"``, ``"avgmax"`` or ``"flatten"`` (conv maps pooled over space).
         max_samples: the most cached samples (rows) per layer.
         max_features: wider pooled features are reduced to this width by a seeded random projection.
-        solver: ``"auto"``, ``"sklearn"`` (background thread, CPU) or ``"torch"`` (inline, model device).
+        solver: ``"auto"``, ``"torch"`` (batched, inline, model device) or ``"sklearn"`` (background thread, CPU).
         test_fraction: share of each class held out to score the probes.
         max_iter: L-BFGS iterations per probe.
         C: inverse L2 regularisation strength (sklearn's convention).
@@ -348,14 +352,12 @@ class LinearProbes(IntrospectionCallback):
                 raise RuntimeError("LinearProbes could not resolve `layers='auto'`: no data to run an example through.")
         device = _device_of(pl_module)
         solver = self.solver
-        if solver == "auto":
-            solver = "torch" if device.type != "cpu" else "sklearn"
-        self._resolved_solver = solver
+        if solver == "auto" and device.type != "cpu":
+            solver = "torch"
+        self._resolved_solver = solver  # "auto" left on CPU: chosen per evaluation by its size (`_solver_for`)
         cache_device = device if solver == "torch" else torch.device("cpu")
         self._cache = FeatureCache(self.max_samples, policy=self.cache, seed=self.seed, device=cache_device)
         self._input_cache = FeatureCache(self.max_samples, policy=self.cache, seed=self.seed, device=cache_device)
-        if solver == "sklearn" and self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="linear-probes")
         if self.probe_dataloader is None and not self._has_validation(trainer):
             self.warn_once(
                 "no-validation",
@@ -563,25 +565,38 @@ class LinearProbes(IntrospectionCallback):
                 f"LinearProbes: the activations of {broken} hold NaN / Inf values at {key!r} (non-finite weights or "
                 "inputs?), so no probe can be fitted."
             )
-        if self._resolved_solver == "torch":
+        solver = self._solver_for(cache)
+        if solver == "torch":
+            self._collect(wait=True)  # keeps the results in epoch order and the warm start sequential
             start = time.perf_counter()
-            results = self._solve({n: cache.features(n) for n in names}, labels, key)
+            results = self._solve({n: cache.features(n) for n in names}, labels, key, solver)
             self.timings["fit_inline"] += time.perf_counter() - start
             self._to_log.append((key, step, results))
             return
         start = time.perf_counter()
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="linear-probes")
         features = {n: cache.features(n).detach().cpu().numpy().copy() for n in names}
         labels_np = labels.detach().cpu().numpy().copy()
-        self._jobs.append((key, step, self._executor.submit(self._solve, features, labels_np, key)))
+        self._jobs.append((key, step, self._executor.submit(self._solve, features, labels_np, key, solver)))
         self.timings["submit"] += time.perf_counter() - start
 
-    def _solve(self, features: dict[str, Any], labels: Any, key: int | str) -> dict[str, ProbeResult]:
+    def _solver_for(self, cache: FeatureCache) -> str:
+        """The solver of one evaluation. ``"auto"`` on CPU: the batched torch solver inline while the cached
+        features are small (at most ``_INLINE_FIT_VALUES`` numbers: its few milliseconds cost less than a
+        background sklearn fit takes from training's cores), sklearn in the background thread above that."""
+        if self._resolved_solver != "auto":
+            return self._resolved_solver
+        values = cache.size * sum(cache.features(n).shape[1] for n in cache.names)
+        return "torch" if values <= _INLINE_FIT_VALUES else "sklearn"
+
+    def _solve(self, features: dict[str, Any], labels: Any, key: int | str, solver: str) -> dict[str, ProbeResult]:
         """Fit every layer's probe (background thread for sklearn). Only epochs read / write the warm start."""
         trained = isinstance(key, int)
-        limit = blas_threads(1) if self._resolved_solver == "sklearn" else contextlib.nullcontext()
+        limit = blas_threads(1) if solver == "sklearn" else contextlib.nullcontext()
         with limit:
             results = fit_probes(
-                features, labels, solver=self._resolved_solver, test_fraction=self.test_fraction, seed=self.seed,
+                features, labels, solver=solver, test_fraction=self.test_fraction, seed=self.seed,
                 max_iter=self.max_iter, C=self.C, warm_start=self._warm if trained else None,
             )
         if trained:

@@ -31,7 +31,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -492,61 +492,180 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _standardise(x: torch.Tensor, tr: torch.Tensor) -> torch.Tensor:
+    """``(x - mean) / std`` with the probe-train rows' statistics (constant features: std 1)."""
+    mean = x[tr].mean(0)
+    std = x[tr].std(0, unbiased=False)
+    return (x - mean) / torch.where(std < 1e-8, torch.ones_like(std), std)
+
+
+def _softmax_objective(
+    zt: torch.Tensor, z: torch.Tensor, onehot_t: torch.Tensor, theta: torch.Tensor, penalty: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Objective and gradient of ``L`` independent L2-regularised multinomial logistic regressions.
+
+    ``zt``: ``(L, D, n)`` standardised features and ``z`` the same as ``(L, n, D)``; ``onehot_t``: ``(k, n)``
+    targets; ``theta``: ``(L, k, D + 1)`` (weights, then the bias in the last column). The objective is
+    sklearn's: mean cross-entropy plus ``penalty * ||W||^2`` (the bias is not penalised). Logits are kept
+    as ``(L, k, n)`` (the class reductions then run along contiguous rows). Returns ``f`` ``(L,)`` and
+    the gradient, shaped like ``theta``.
+    """
+    n = zt.shape[2]
+    w = theta[..., :-1]
+    logits = torch.baddbmm(theta[..., -1:], w, zt)
+    top = logits.amax(1, keepdim=True)
+    e = (logits - top).exp_()
+    total = e.sum(1, keepdim=True)
+    f = ((total.log() + top).sum((1, 2)) - (logits * onehot_t).sum((1, 2))) / n + penalty * w.pow(2).sum((1, 2))
+    resid = e.div_(total).sub_(onehot_t).div_(n)  # d f / d logits
+    grad = torch.empty_like(theta)
+    torch.baddbmm(w, resid, z, beta=2 * penalty, out=grad[..., :-1])
+    torch.sum(resid, 2, out=grad[..., -1])
+    return f, grad
+
+
+def _lbfgs_direction(g: torch.Tensor, pairs: torch.Tensor, valid: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """``-H g`` for the L-BFGS inverse-Hessian estimate ``H`` of every problem, in compact form.
+
+    Byrd, Nocedal & Schnabel (1994), eq. 3.1: with the pairs ``S``, ``Y`` (oldest first), ``R`` the upper
+    triangle of ``S^T Y`` and ``D`` its diagonal,
+    ``H = gamma I + [S  gamma Y] [[R^-T (D + gamma Y^T Y) R^-1, -R^-T], [-R^-1, 0]] [S  gamma Y]^T``.
+    ``pairs`` is ``(L, 2m, P)``: the ``m`` steps ``s`` then the ``m`` gradient changes ``y``, so three batched
+    products and two triangular solves replace the two-loop recursion's ``4 m`` vector operations.
+    Unused or rejected pairs are zero with ``R_ii = 1``, which makes them drop out exactly. The small
+    ``2m x 2m`` algebra runs in float64.
+    """
+    m = pairs.shape[1] // 2
+    gram = torch.bmm(pairs, pairs.transpose(1, 2)).double()
+    proj = torch.bmm(pairs, g.unsqueeze(2)).double()
+    sy, yy = gram[:, :m, m:], gram[:, m:, m:]
+    r = torch.triu(sy) + torch.diag_embed((~valid).double())
+    gam = gamma.double()[:, None, None]
+    a = torch.linalg.solve_triangular(r, proj[:, :m], upper=True)
+    v = torch.diagonal(sy, dim1=1, dim2=2).unsqueeze(2) * a + gam * (torch.bmm(yy, a) - proj[:, m:])
+    top = torch.linalg.solve_triangular(r.transpose(1, 2), v, upper=False)
+    coeffs = torch.cat([top, -gam * a], 1).to(g.dtype)
+    return -(gamma[:, None] * g + torch.bmm(pairs.transpose(1, 2), coeffs).squeeze(2))
+
+
+def _lbfgs(
+    fun: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    theta: torch.Tensor,
+    *,
+    max_iter: int,
+    tol: float,
+    history: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimise ``L`` independent smooth convex problems at once with L-BFGS; returns ``(theta, n_iter)``.
+
+    ``theta`` is ``(L, ...)``; ``fun(theta) -> (f (L,), grad like theta)`` evaluates every problem in one
+    call (batched tensor ops: the point of fitting all layers' probes together). Each problem has its own
+    curvature pairs, step and stopping rule: it stops when the largest absolute gradient entry is at most
+    ``tol`` (scipy's ``pgtol``, which sklearn's lbfgs uses), when its line search cannot decrease the
+    objective any more, or after ``max_iter`` iterations. Steps come from a backtracking (Armijo) line
+    search from the unit step; pairs without positive curvature are not stored.
+    """
+    shape = theta.shape
+    count = shape[0]
+    theta = theta.reshape(count, -1).clone()
+
+    def flat(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f, g = fun(t.reshape(shape))
+        return f, g.reshape(count, -1)
+
+    f, g = flat(theta)
+    pairs = theta.new_zeros(count, 2 * history, theta.shape[1])  # s_1..s_m, y_1..y_m (oldest first)
+    valid = torch.zeros(count, history, dtype=torch.bool, device=theta.device)
+    gamma = theta.new_ones(count)
+    n_iter = torch.zeros(count, dtype=torch.long, device=theta.device)
+    done = g.abs().amax(1) <= tol
+    for it in range(max_iter):
+        if bool(done.all()):
+            break
+        d = _lbfgs_direction(g, pairs, valid, gamma)
+        slope = (g * d).sum(1)
+        uphill = slope >= 0  # numerical trouble: fall back to steepest descent
+        if bool(uphill.any()):
+            d = torch.where(uphill[:, None], -g, d)
+            slope = torch.where(uphill, -(g * g).sum(1), slope)
+        d = d * (~done).to(d.dtype)[:, None]
+        step = torch.ones_like(f) if it else (1.0 / g.abs().sum(1).clamp_min(1e-12)).clamp_max(1.0)
+        accepted = done
+        new_theta, new_f, new_g = theta, f, g
+        for _ in range(30):
+            trial = theta + step[:, None] * d
+            f_t, g_t = flat(trial)
+            ok = ~accepted & (f_t <= f + 1e-4 * step * slope)
+            new_theta = torch.where(ok[:, None], trial, new_theta)
+            new_f = torch.where(ok, f_t, new_f)
+            new_g = torch.where(ok[:, None], g_t, new_g)
+            accepted = accepted | ok
+            if bool(accepted.all()):
+                break
+            step = torch.where(accepted, step, 0.5 * step)
+        s, y = new_theta - theta, new_g - g
+        sy = (s * y).sum(1)
+        fresh = ~done & accepted & (sy > 1e-10)
+        keep = fresh.to(s.dtype)[:, None, None]
+        pairs = torch.cat([pairs[:, 1:history], s.unsqueeze(1) * keep, pairs[:, history + 1 :], y.unsqueeze(1) * keep], 1)
+        valid = torch.cat([valid[:, 1:], fresh[:, None]], 1)
+        gamma = torch.where(fresh, sy / (y * y).sum(1).clamp_min(1e-30), gamma)
+        n_iter += (~done).long()
+        theta, f, g = new_theta, new_f, new_g
+        done = done | ~accepted | (g.abs().amax(1) <= tol)  # not accepted: no decrease left at float precision
+    return theta.reshape(shape), n_iter
+
+
 def _fit_torch(
-    x: torch.Tensor, y: torch.Tensor, train: np.ndarray, test: np.ndarray, *, C: float, max_iter: int, tol: float,
-    warm_start: Mapping[str, Any] | None,
-) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, Any]]:
-    device = x.device
-    small_cpu = device.type == "cpu" and x.numel() <= _SMALL_CPU_PROBLEM
+    xs: Sequence[torch.Tensor], y: torch.Tensor, train: np.ndarray, test: np.ndarray, *, C: float, max_iter: int,
+    tol: float, warm_starts: Sequence[Mapping[str, Any] | None],
+) -> list[tuple[np.ndarray, np.ndarray, int, dict[str, Any]]]:
+    """Fit one probe per feature matrix in ``xs`` (rows aligned with ``y``) as one batched L-BFGS problem.
+
+    Narrower layers are zero-padded to the widest: a zero feature keeps a zero weight under the L2
+    penalty, so each probe is exactly its own problem. Returns ``(pred_train, pred_test, n_iter, state)``
+    per layer.
+    """
+    device = xs[0].device
+    small_cpu = device.type == "cpu" and sum(x.numel() for x in xs) <= _SMALL_CPU_PROBLEM
     with (
         torch.inference_mode(False),
-        torch.enable_grad(),
+        torch.no_grad(),
         _no_autocast(device),
         _torch_threads(1 if small_cpu else None),
     ):
         tr = torch.as_tensor(train, device=device)
         te = torch.as_tensor(test, device=device)
-        x = x.detach().float().clone()
-        y = y.detach().long().clone()
-        mean = x[tr].mean(0)
-        std = x[tr].std(0, unbiased=False)
-        std = torch.where(std < 1e-8, torch.ones_like(std), std)
-        z = (x - mean) / std
+        y = y.detach().to(device=device, dtype=torch.long).clone()
         classes = torch.unique(y[tr])
-        target = torch.searchsorted(classes, y[tr])
-        k, d = classes.numel(), z.shape[1]
-        weight = torch.zeros(k, d, device=device, requires_grad=True)
-        bias = torch.zeros(k, device=device, requires_grad=True)
         classes_np = classes.cpu().numpy()
-        if _warm_ok(warm_start, "torch", classes_np, d):
-            with torch.no_grad():
-                weight.copy_(torch.as_tensor(np.asarray(warm_start["coef"]), device=device))
-                bias.copy_(torch.as_tensor(np.asarray(warm_start["intercept"]), device=device))
-        ztr = z[tr]
+        k, n = classes.numel(), y.shape[0]
+        widths = [int(x.shape[1]) for x in xs]
+        z = torch.zeros(len(xs), n, max(widths), device=device)
+        theta = torch.zeros(len(xs), k, max(widths) + 1, device=device)  # weights | bias
+        for i, (x, warm) in enumerate(zip(xs, warm_starts, strict=True)):
+            z[i, :, : widths[i]] = _standardise(x.detach().to(device=device, dtype=torch.float32), tr)
+            if _warm_ok(warm, "torch", classes_np, widths[i]):
+                theta[i, :, : widths[i]] = torch.as_tensor(np.asarray(warm["coef"]), dtype=torch.float32, device=device)
+                theta[i, :, -1] = torch.as_tensor(np.asarray(warm["intercept"]), dtype=torch.float32, device=device)
+        ztr = z[:, tr]
+        ztr_t = ztr.transpose(1, 2).contiguous()
+        onehot_t = F.one_hot(torch.searchsorted(classes, y[tr]), k).float().T.contiguous()
         # sklearn's objective: C * sum(cross-entropy) + ||W||^2 / 2, divided by C * n (the bias is not penalised).
-        penalty = 0.5 / (C * max(1, ztr.shape[0]))
-        opt = torch.optim.LBFGS(
-            [weight, bias], lr=1.0, max_iter=max_iter, history_size=10, tolerance_grad=tol,
-            tolerance_change=1e-9, line_search_fn="strong_wolfe",
+        penalty = 0.5 / (C * max(1, ztr.shape[1]))
+        theta, n_iter = _lbfgs(lambda t: _softmax_objective(ztr_t, ztr, onehot_t, t, penalty), theta, max_iter=max_iter, tol=tol)
+        pred = classes[torch.baddbmm(theta[..., -1].unsqueeze(1), z, theta[..., :-1].transpose(1, 2)).argmax(2)]
+        pred_train, pred_test = pred[:, tr].cpu().numpy(), pred[:, te].cpu().numpy()
+        coef, intercept, iters = theta[..., :-1].cpu().numpy(), theta[..., -1].cpu().numpy(), n_iter.tolist()
+    return [
+        (
+            pred_train[i],
+            pred_test[i],
+            int(iters[i]),
+            {"solver": "torch", "classes": classes_np, "coef": coef[i, :, : widths[i]].copy(), "intercept": intercept[i].copy()},
         )
-
-        def closure() -> torch.Tensor:
-            loss = F.cross_entropy(ztr @ weight.T + bias, target) + penalty * weight.pow(2).sum()
-            weight.grad, bias.grad = torch.autograd.grad(loss, [weight, bias])
-            return loss.detach()
-
-        opt.step(closure)
-        n_iter = int(opt.state[weight].get("n_iter", 0))
-        with torch.no_grad():
-            pred_train = classes[(ztr @ weight.T + bias).argmax(1)]
-            pred_test = classes[(z[te] @ weight.T + bias).argmax(1)]
-        state = {
-            "solver": "torch",
-            "classes": classes_np,
-            "coef": weight.detach().cpu().numpy().copy(),
-            "intercept": bias.detach().cpu().numpy().copy(),
-        }
-    return pred_train, pred_test, n_iter, state
+        for i in range(len(xs))
+    ]
 
 
 def fit_probe(
@@ -570,9 +689,9 @@ def fit_probe(
 
     * ``solver="sklearn"``: ``sklearn.linear_model.LogisticRegression(solver="lbfgs")`` on CPU numpy
       arrays (thread-safe; the callback runs it in a background worker);
-    * ``solver="torch"``: the same objective minimised by ``torch.optim.LBFGS`` (strong Wolfe line
-      search) on the features' device; works inside ``torch.inference_mode`` and never calls
-      ``.backward()`` (gradients via ``torch.autograd.grad`` on the probe's own weights).
+    * ``solver="torch"``: the same objective, its gradient written out (no autograd), minimised by our
+      L-BFGS (backtracking line search) on the features' device; works inside ``torch.inference_mode``.
+      :func:`fit_probes` fits several layers' probes as one batched problem with it.
 
     Args:
         features: ``(n, D)`` features (tensor or array).
@@ -592,45 +711,10 @@ def fit_probe(
     Raises:
         ValueError: bad ``solver``, or fewer than two classes in the probe-train split.
     """
-    _check_choice(solver, "solver", SOLVER_CHOICES)
-    start = time.perf_counter()
-    train, test = split if split is not None else probe_split(labels, test_fraction, seed)
-    y_np = _as_numpy(labels, np.int64)
-    if np.unique(y_np[train]).size < 2 or test.size == 0:
-        raise ValueError(
-            f"A probe needs at least two classes and a non-empty test split, but got classes {np.unique(y_np).tolist()} "
-            f"in {y_np.size} samples."
-        )
-    n_features = int(features.shape[1])
-    if solver == "sklearn":
-        x = _as_numpy(features, np.float32)
-        pred_train, pred_test, n_iter, state = _fit_sklearn(
-            x, y_np, train, test, C=C, max_iter=max_iter, tol=tol, warm_start=warm_start
-        )
-        y_train, y_test = y_np[train], y_np[test]
-    else:
-        x_t = features if isinstance(features, torch.Tensor) else torch.as_tensor(np.asarray(features, dtype=np.float32))
-        y_t = torch.as_tensor(y_np, device=x_t.device)
-        pred_train, pred_test, n_iter, state = _fit_torch(
-            x_t, y_t, train, test, C=C, max_iter=max_iter, tol=tol, warm_start=warm_start
-        )
-        y_train, y_test = y_np[train], y_np[test]
-        pred_train, pred_test = pred_train.cpu().numpy(), pred_test.cpu().numpy()
-    accuracy, macro_f1 = classification_scores(y_test, pred_test)
-    train_accuracy = float((pred_train == y_train).mean())
-    return ProbeResult(
-        accuracy=accuracy,
-        macro_f1=macro_f1,
-        train_accuracy=train_accuracy,
-        n_train=int(train.size),
-        n_test=int(test.size),
-        n_features=n_features,
-        n_classes=int(np.unique(y_np[train]).size),
-        n_iter=n_iter,
-        seconds=time.perf_counter() - start,
-        solver=solver,
-        state=state,
-    )
+    return fit_probes(
+        {"probe": features}, labels, solver=solver, test_fraction=test_fraction, seed=seed, max_iter=max_iter, C=C,
+        tol=tol, warm_start={"probe": warm_start} if warm_start is not None else None, split=split,
+    )["probe"]
 
 
 def fit_probes(
@@ -643,18 +727,29 @@ def fit_probes(
     max_iter: int = 100,
     C: float = 1.0,
     tol: float = 1e-4,
-    warm_start: Mapping[str, Mapping[str, Any]] | None = None,
+    warm_start: Mapping[str, Mapping[str, Any] | None] | None = None,
+    split: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, ProbeResult]:
     """:func:`fit_probe` for several layers on the same samples, with one shared split.
+
+    With ``solver="torch"`` all layers are fitted together, as one batched L-BFGS problem (a few dozen
+    small tensor ops per iteration for every layer at once instead of per layer); each layer keeps its
+    own step, history and stopping rule, so the result is each layer's own fit. ``ProbeResult.seconds``
+    is then the shared time divided equally among the layers. With ``"sklearn"`` the layers are fitted
+    one after the other.
 
     Args:
         features: layer name -> ``(n, D_layer)`` features (rows aligned with ``labels``).
         labels: ``(n,)`` integer labels.
         warm_start: layer name -> ``ProbeResult.state`` of the previous fit (missing layers start cold).
+        split: precomputed ``(train, test)`` indices (default: :func:`probe_split`).
         solver, test_fraction, seed, max_iter, C, tol: as in :func:`fit_probe`.
 
     Returns:
         Layer name -> :class:`ProbeResult`, in the order of ``features``.
+
+    Raises:
+        ValueError: bad ``solver``, no features, or fewer than two classes in the probe-train split.
 
     Example:
         >>> x = torch.randn(200, 16)
@@ -663,12 +758,53 @@ def fit_probes(
         >>> results["a"].accuracy > results["b"].accuracy
         True
     """
-    split = probe_split(labels, test_fraction, seed)
-    warm_start = warm_start or {}
-    return {
-        name: fit_probe(
-            x, labels, solver=solver, seed=seed, max_iter=max_iter, C=C, tol=tol,
-            warm_start=warm_start.get(name), split=split,
+    _check_choice(solver, "solver", SOLVER_CHOICES)
+    if not features:
+        raise ValueError("Expected `features` to map at least one layer name to its features, but got none.")
+    start = time.perf_counter()
+    train, test = split if split is not None else probe_split(labels, test_fraction, seed)
+    y_np = _as_numpy(labels, np.int64)
+    if np.unique(y_np[train]).size < 2 or test.size == 0:
+        raise ValueError(
+            f"A probe needs at least two classes and a non-empty test split, but got classes {np.unique(y_np).tolist()} "
+            f"in {y_np.size} samples."
         )
-        for name, x in features.items()
-    }
+    warm_start = warm_start or {}
+    names = list(features)
+    fits: list[tuple[np.ndarray, np.ndarray, int, dict[str, Any]]] = []
+    seconds: list[float] = []
+    if solver == "sklearn":
+        for name in names:
+            begin = time.perf_counter()
+            fits.append(_fit_sklearn(
+                _as_numpy(features[name], np.float32), y_np, train, test, C=C, max_iter=max_iter, tol=tol,
+                warm_start=warm_start.get(name),
+            ))
+            seconds.append(time.perf_counter() - begin + (begin - start if not seconds else 0.0))
+    else:
+        xs = [
+            x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, dtype=np.float32))
+            for x in (features[name] for name in names)
+        ]
+        fits = _fit_torch(
+            xs, torch.as_tensor(y_np), train, test, C=C, max_iter=max_iter, tol=tol,
+            warm_starts=[warm_start.get(name) for name in names],
+        )
+        seconds = [(time.perf_counter() - start) / len(names)] * len(names)
+    results = {}
+    for name, (pred_train, pred_test, n_iter, state), secs in zip(names, fits, seconds, strict=True):
+        accuracy, macro_f1 = classification_scores(y_np[test], pred_test)
+        results[name] = ProbeResult(
+            accuracy=accuracy,
+            macro_f1=macro_f1,
+            train_accuracy=float((pred_train == y_np[train]).mean()),
+            n_train=int(train.size),
+            n_test=int(test.size),
+            n_features=int(features[name].shape[1]),
+            n_classes=int(np.unique(y_np[train]).size),
+            n_iter=n_iter,
+            seconds=secs,
+            solver=solver,
+            state=state,
+        )
+    return results
