@@ -156,3 +156,17 @@ def test_perturbation_accuracy_structure_and_validation() -> None:
         perturbation_accuracy(net, x, y, num_classes=3, strengths={"jpeg": [1.0]})
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         perturbation_accuracy(net, x.flatten(1), y, num_classes=3, strengths={})
+
+
+def test_image_statistics_equal_the_single_functions_bitwise() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for shape in ((5, 1, 9, 11), (4, 3, 8, 8)):
+        x = torch.randn(shape, generator=gen)
+        stats = image_statistics(x)
+        singles = {"sharpness": sharpness, "noise": noise_level, "brightness": brightness, "contrast": contrast}
+        if shape[1] == 3:
+            singles["saturation"] = saturation
+        assert list(stats) == [n for n in ("sharpness", "noise", "brightness", "contrast", "saturation") if n in singles]
+        for name, fn in singles.items():
+            assert torch.equal(stats[name], fn(x)), name
+        assert list(image_statistics(x, ["contrast", "sharpness"])) == ["contrast", "sharpness"]

@@ -452,3 +452,54 @@ def test_segmentation_logits_count_pixels_and_skip_ignore_index() -> None:
     assert values["support"] == [int(v) for v in s] and sum(map(sum, table)) == int(keep.sum())
     with pytest.raises(ValueError, match=r"Expected labels of shape \(2, 5, 5\)"):
         cb._update(logits, (torch.zeros(2, 1, 5, 5), mask[:, :4]))
+
+
+# ------------------------------------------------------------------------------------ rendering
+def test_confusion_image_colours_cells_by_row_share_and_prints_counts() -> None:
+    import matplotlib
+    import numpy as np
+
+    from lightning_introspect.callbacks.per_class_metrics import confusion_image
+
+    table = [[9, 1, 0], [0, 10, 0], [2, 3, 5]]
+    image = confusion_image(table, ["a", "b", "c"], title="end")
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3
+    colours = {tuple(c) for c in image.reshape(-1, 3).tolist()}
+    blues = matplotlib.colormaps["Blues"]
+    for share in (0.9, 0.1, 1.0, 0.2, 0.3, 0.5, 0.0):  # every row share is a cell colour in the image
+        assert tuple(int(v * 255.0 + 0.5) for v in blues(share)[:3]) in colours, share
+    # a single-cell block of the "1.0" colour is a square of `cell` pixels with a count printed on it
+    dark = np.all(image == np.array([int(v * 255.0 + 0.5) for v in blues(1.0)[:3]], dtype=np.uint8), axis=-1)
+    assert 0.5 * 44 * 44 < dark.sum() < 44 * 44  # the white "10" covers part of the cell
+    multilabel = confusion_image([[5, 1, 2, 3]], ["x"], multilabel=True)
+    assert multilabel.shape[1] > multilabel.shape[0]  # four columns (TN / FP / FN / TP), one row
+    with pytest.raises(ValueError, match="table"):
+        confusion_image([], ["a"])
+
+
+def test_bar_polygons_draw_the_same_pixels_as_axes_bar() -> None:
+    import numpy as np
+    from matplotlib.collections import PolyCollection
+    from matplotlib.figure import Figure
+
+    from lightning_introspect.callbacks.per_class_metrics import bar_polygons, bars_figure
+    from lightning_introspect.loggers.adapter import figure_to_array
+
+    heights = [0.2, 0.9, 0.0, 0.55]
+    images = []
+    for use_bar in (True, False):
+        fig = Figure(figsize=(3, 2))
+        ax = fig.subplots()
+        if use_bar:
+            ax.bar(np.arange(4) + 0.1, heights, 0.3, alpha=0.6)
+        else:
+            bars = PolyCollection(bar_polygons(np.arange(4) + 0.1, heights, 0.3), facecolors="C0", edgecolors="none", alpha=0.6)
+            bars.sticky_edges.y.append(0.0)
+            ax.add_collection(bars)
+            ax.autoscale_view()
+        images.append(figure_to_array(fig))
+    assert np.array_equal(images[0], images[1])
+    snaps = {"start": {"f1": [0.1, None]}, "end": {"f1": [0.8, 0.4]}}
+    fig = bars_figure(snaps, ["f1"], ["a", "b"])
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["start", "end"]
+    assert len(fig.axes[0].collections) == 2

@@ -25,6 +25,7 @@ from lightning_introspect.callbacks.base import (
 from lightning_introspect.callbacks.per_class_metrics import (
     IntrospectionInputError,
     OutputCapture,
+    bar_polygons,
     extract_logits,
     extract_targets,
     run_strict,
@@ -704,19 +705,28 @@ def statistics_markdown(bins: dict[str, dict[str, Any]], overall: float) -> str:
 
 
 def statistics_figure(bins: dict[str, dict[str, Any]], overall: float) -> Any:
-    """Bar chart per statistic: error rate in each quantile bin, the overall rate dashed."""
-    import matplotlib
+    """Bar chart per statistic: error rate in each quantile bin, the overall rate dashed.
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    A plain ``Figure`` (no pyplot state); each panel's bars are one ``PolyCollection``.
+    """
+    from matplotlib.collections import PolyCollection
+    from matplotlib.figure import Figure
 
     stats = list(bins)
-    fig, axes = plt.subplots(1, max(1, len(stats)), figsize=(2.6 * max(1, len(stats)), 2.6), squeeze=False)
+    fig = Figure(figsize=(2.6 * max(1, len(stats)), 2.6))
+    axes = fig.subplots(1, max(1, len(stats)), squeeze=False)
     for ax, stat in zip(axes[0], stats):
         b = bins[stat]
         rates = [0.0 if r is None else r for r in b["rate"]]
-        ax.bar(range(len(rates)), rates, color="tab:red", alpha=0.7)
+        bars = PolyCollection(bar_polygons(range(len(rates)), rates, 0.8), facecolors="tab:red", edgecolors="none",
+                              alpha=0.7)
+        bars.sticky_edges.y.append(0.0)  # no margin below zero, as with ``ax.bar``
+        ax.add_collection(bars)
         ax.axhline(overall, color="black", linestyle="--", linewidth=1)
+        if max(rates, default=0.0) > 0 or overall > 0:
+            ax.autoscale_view()
+        else:  # nothing above zero: the symmetric range ``ax.bar`` falls back to
+            ax.set_ylim(-0.055, 0.055)
         ax.set_xticks(range(len(rates)), [f"q{i + 1}" for i in range(len(rates))], fontsize=7)
         ax.set_title(stat, fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
@@ -753,13 +763,12 @@ def perturbation_markdown(results: dict[str, dict[str, Any]], names: list[str]) 
 def perturbation_figure(results: dict[str, dict[str, Any]], names: list[str]) -> Any:
     """Accuracy vs strength, one panel per perturbation: a thin line per class, the overall in black."""
     import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     kinds = list(results)
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3.0 * len(kinds) + 1.2, 2.8), squeeze=False)
-    cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    fig = Figure(figsize=(3.0 * len(kinds) + 1.2, 2.8))
+    axes = fig.subplots(1, len(kinds), squeeze=False)
+    cmap = matplotlib.colormaps["tab20" if len(names) > 10 else "tab10"]
     for ax, kind in zip(axes[0], kinds):
         res = results[kind]
         s = res["strengths"]

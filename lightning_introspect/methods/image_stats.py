@@ -61,9 +61,26 @@ def _filter(gray: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return F.conv2d(gray, kernel.to(gray.device, gray.dtype).view(1, 1, 3, 3))  # "valid": no border effects
 
 
+def _sharpness_gray(gray: torch.Tensor) -> torch.Tensor:
+    return _filter(gray, _LAPLACIAN).flatten(1).var(dim=1, unbiased=False)
+
+
+def _noise_gray(gray: torch.Tensor) -> torch.Tensor:
+    response = _filter(gray, _NOISE_MASK).abs().flatten(1)
+    return math.sqrt(math.pi / 2.0) * response.mean(dim=1) / 6.0
+
+
+def _brightness_gray(gray: torch.Tensor) -> torch.Tensor:
+    return gray.flatten(1).mean(dim=1)
+
+
+def _contrast_gray(gray: torch.Tensor) -> torch.Tensor:
+    return gray.flatten(1).std(dim=1, unbiased=False)
+
+
 def sharpness(x: torch.Tensor) -> torch.Tensor:
     """Variance of the Laplacian of each grey image (valid region): low = blurry. ``(N,)``."""
-    return _filter(to_gray(x), _LAPLACIAN).flatten(1).var(dim=1, unbiased=False)
+    return _sharpness_gray(to_gray(x))
 
 
 def noise_level(x: torch.Tensor) -> torch.Tensor:
@@ -72,18 +89,17 @@ def noise_level(x: torch.Tensor) -> torch.Tensor:
     ``sigma = sqrt(pi / 2) / (6 (W - 2) (H - 2)) * sum |I * M|`` with ``M`` the difference of two
     Laplacians, which cancels image structure of up to second order.
     """
-    response = _filter(to_gray(x), _NOISE_MASK).abs().flatten(1)
-    return math.sqrt(math.pi / 2.0) * response.mean(dim=1) / 6.0
+    return _noise_gray(to_gray(x))
 
 
 def brightness(x: torch.Tensor) -> torch.Tensor:
     """Mean grey level of each image. ``(N,)``."""
-    return to_gray(x).flatten(1).mean(dim=1)
+    return _brightness_gray(to_gray(x))
 
 
 def contrast(x: torch.Tensor) -> torch.Tensor:
     """RMS contrast: standard deviation of the grey level of each image. ``(N,)``."""
-    return to_gray(x).flatten(1).std(dim=1, unbiased=False)
+    return _contrast_gray(to_gray(x))
 
 
 def saturation(x: torch.Tensor) -> torch.Tensor:
@@ -101,19 +117,33 @@ _STAT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "contrast": contrast,
     "saturation": saturation,
 }
+_GRAY_STAT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {  # the same, from a grey image
+    "sharpness": _sharpness_gray,
+    "noise": _noise_gray,
+    "brightness": _brightness_gray,
+    "contrast": _contrast_gray,
+}
 
 
 def image_statistics(x: torch.Tensor, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """The statistics ``names`` (default: all of :data:`STATISTICS`) of each image, as ``{name: (N,)}``.
 
-    ``saturation`` is silently left out for images that do not have 3 channels.
+    ``saturation`` is silently left out for images that do not have 3 channels. The grey image is
+    computed once for all the statistics that use it (the same values as the single functions).
     """
     names = STATISTICS if names is None else tuple(names)
     bad = [n for n in names if n not in _STAT_FNS]
     if bad:
         raise ValueError(f"Expected `statistics` to be among {', '.join(map(repr, STATISTICS))}, but got {bad}.")
     x = _check_images(x)
-    return {n: _STAT_FNS[n](x) for n in names if n != "saturation" or x.shape[1] == 3}
+    gray = to_gray(x) if any(n in _GRAY_STAT_FNS for n in names) else None
+    out = {}
+    for n in names:
+        if n in _GRAY_STAT_FNS:
+            out[n] = _GRAY_STAT_FNS[n](gray)
+        elif x.shape[1] == 3:
+            out[n] = _STAT_FNS[n](x)
+    return out
 
 
 # ------------------------------------------------------------------------------------- perturbations

@@ -32,7 +32,7 @@ def make_grid(images: torch.Tensor, *, nrow: int = 8, padding: int = 2, pad_valu
 
 
 @functools.lru_cache(maxsize=8)
-def _font(size: int) -> Any:
+def font(size: int) -> Any:
     """A TrueType font of ``size`` pixels: matplotlib's bundled DejaVu Sans (PIL's default if absent)."""
     from PIL import ImageFont
 
@@ -75,11 +75,11 @@ def captioned_grid(
     nrows = max(1, math.ceil(n / ncol))
     # the layout is built at the tiles' own resolution and then enlarged `scale` times as a whole
     scale = max(1, round(cell_inches * 100 / max(h, w)))
-    font, title_font = _font(10), _font(13)
+    text_font, title_font = font(10), font(13)
     lines = max((str(t).count("\n") + 1 for t in captions or ()), default=0)
     pad = max(1, h // 16)
     band = math.ceil((lines * 12 + 6) / scale) if lines else pad
-    label_w = max((font.getlength(str(t)) for t in row_labels or ()), default=0.0)
+    label_w = max((text_font.getlength(str(t)) for t in row_labels or ()), default=0.0)
     left_margin = math.ceil((label_w + 8) / scale) if row_labels else 0
     top_margin = math.ceil(20 / scale) if title else 0
     height = top_margin + nrows * (h + band) + pad
@@ -98,10 +98,10 @@ def captioned_grid(
         image = image.resize((width * scale, height * scale), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(image)
     for (cx, cy), text in zip(spots, captions or ()):
-        draw.multiline_text((cx, cy), str(text), fill=(0, 0, 0), font=font, anchor="ma", align="center", spacing=2)
+        draw.multiline_text((cx, cy), str(text), fill=(0, 0, 0), font=text_font, anchor="ma", align="center", spacing=2)
     for r, label in enumerate(list(row_labels or ())[:nrows]):
         cy = (top_margin + pad + r * (h + band) + h / 2) * scale
-        draw.text((left_margin * scale - 4, cy), str(label), fill=(0, 0, 0), font=font, anchor="rm")
+        draw.text((left_margin * scale - 4, cy), str(label), fill=(0, 0, 0), font=text_font, anchor="rm")
     if title:
         draw.text((width * scale / 2, 3), title, fill=(0, 0, 0), font=title_font, anchor="ma")
     return np.asarray(image).copy()
