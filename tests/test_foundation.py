@@ -333,3 +333,27 @@ def test_public_names_resolve():
         assert issubclass(cls, IntrospectionCallback)
     with pytest.raises(AttributeError):
         lightning_introspect.NoSuchThing  # noqa: B018
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_tensorboard_images_decode_to_the_written_pixels(tmp_path, channels):
+    # our writer encodes the PNG itself (zlib level 1): TensorBoard must read back exactly the same pixels
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_introspect.loggers.adapter import TensorBoardWriter, to_uint8_hwc
+
+    image = torch.rand(channels, 20, 30, generator=torch.Generator().manual_seed(channels))
+    sw = SummaryWriter(str(tmp_path))
+    TensorBoardWriter(sw).image("introspect/t/img", image, 7)
+    sw.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    acc.Reload()
+    (event,) = acc.Images("introspect/t/img")
+    expected = to_uint8_hwc(image)
+    assert (event.step, event.height, event.width) == (7, 20, 30)
+    decoded = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
+    assert decoded.shape == expected.shape and np.array_equal(decoded, expected)
