@@ -5,10 +5,12 @@ Measured in one run, interleaved (naive, ours, naive, ours, ...):
 * naive: ``SummaryWriter.add_histogram(name, param, step)`` for every parameter (TensorBoard's
   default bins: it copies to numpy float64 and bins with ``numpy.histogram``), on its own
   ``SummaryWriter`` with TensorBoard's stock record writer (pure-Python CRC-32C, checked below);
-* ours: :func:`lightning_introspect.methods.weights.histograms` (32 bins, on the parameters' device,
-  one transfer per phase) + ``write_histograms`` through ``TensorBoardWriter`` (raw histograms, one
-  event per step, flushed) on a second ``SummaryWriter``, which ``TensorBoardWriter`` switches to
-  our numpy CRC-32C (``loggers/_crc32c.py``; same bytes, checked below with TensorBoard's own CRC);
+* ours: :func:`lightning_introspect.methods.weights.histograms` (32 bins, on the parameters' device;
+  on the CPU one min / max pass per tensor, then cache-sized numpy chunks for the bin indices and the
+  sums, one bincount per tensor) + ``write_histograms`` through ``TensorBoardWriter`` (raw histograms,
+  one event per step with its ``Summary`` encoded in one go, flushed) on a second ``SummaryWriter``,
+  which ``TensorBoardWriter`` switches to our numpy CRC-32C (``loggers/_crc32c.py``; same bytes,
+  checked below with TensorBoard's own CRC);
 * context: the CRC of ours' one histogram event with TensorBoard's pure-Python ``masked_crc32c`` vs
   ours, drift from a snapshot of the initial weights (what ``WeightHistograms`` adds per evaluation)
   and one SGD training step of the same model.

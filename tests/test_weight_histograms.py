@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_introspect._lightning import pl
-from lightning_introspect.callbacks.weight_histograms import WeightHistograms
+from lightning_introspect.callbacks.weight_histograms import WeightHistograms, write_histograms
 from lightning_introspect.demo import DigitsCNN, DigitsDataModule
 from tests.helpers import quick_trainer, read_events
 
@@ -232,3 +232,50 @@ def test_figures_follow_their_own_schedule_and_histograms_every_epoch(tmp_path, 
     assert len(events["text"]["introspect/weights/summary/text_summary"]) == 4
     for tag in ("drift_by_depth", "initial_vs_current"):
         assert events["images"][f"introspect/weights/{tag}"] == [2 * (e + 1) for e in figure_epochs]
+
+
+def _summaries(log_dir) -> list[tuple[int, bytes]]:
+    """(step, serialized Summary) of every summary event under ``log_dir``, as written."""
+    import glob
+    import os
+
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    paths = glob.glob(os.path.join(str(log_dir), "events.out.tfevents.*"))
+    return [(e.step, e.summary.SerializeToString()) for p in paths for e in LegacyEventFileLoader(p).Load() if e.HasField("summary")]
+
+
+def test_one_encoded_event_equals_the_per_histogram_writer_path(tmp_path):
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_introspect.loggers.adapter import TensorBoardWriter
+    from lightning_introspect.methods.weights import histograms
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "introspect/weights/conv": torch.randn(64, 3, 3, 3, generator=g) * 0.1,
+        "introspect/weights/bias/ünïcode": torch.randn(70_000, generator=g) * 1e-3,  # multi-byte tag, 2-byte lengths
+        "introspect/weights/const": torch.full((5,), -0.0),
+        "introspect/weights/all_nan": torch.full((4,), math.nan),  # no finite value: skipped by both paths
+        "introspect/weights/mixed": torch.tensor([1.0, math.inf, -3.0, math.nan]),
+    }
+    hists = histograms(tensors, bins=200)
+
+    class PerHistogram(TensorBoardWriter):  # a subclass: write_histograms calls writer.histogram per tensor
+        pass
+
+    written = {}
+    for name, cls in (("encoded", TensorBoardWriter), ("per_histogram", PerHistogram)):
+        experiment = SummaryWriter(str(tmp_path / name))
+        write_histograms(cls(experiment), hists, 7)
+        experiment.close()
+        written[name] = _summaries(tmp_path / name)
+    assert written["encoded"] == written["per_histogram"]  # byte for byte
+    [(step, raw)] = written["encoded"]  # one event
+    values = Summary.FromString(raw).value
+    assert step == 7 and [v.tag for v in values] == [t for t in tensors if t != "introspect/weights/all_nan"]
+    for v in values:
+        h = hists[v.tag]
+        assert list(v.histo.bucket) == h.counts.tolist() and list(v.histo.bucket_limit) == h.edges.tolist()[1:]
+        assert (v.histo.min, v.histo.max, v.histo.num, v.histo.sum) == (h.min, h.max, h.num, h.sum)

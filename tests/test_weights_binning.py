@@ -1,4 +1,5 @@
-"""``methods.weights`` binning internals: small CPU tensors binned together equal the per-tensor path."""
+"""``methods.weights`` CPU internals: the chunked numpy binning equals the documented float formula bit for bit,
+small tensors binned together equal the per-tensor path, the numpy drift equals the torch formulas."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from lightning_introspect.methods import weights
-from lightning_introspect.methods.weights import histogram, histograms
+from lightning_introspect.methods.weights import drift, histogram, histograms
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -77,3 +78,137 @@ def test_many_batches_and_mixed_dtypes(monkeypatch):
         counts, _ = np.histogram(t.double().numpy(), bins=8)
         assert np.abs(out[i].counts.numpy() - counts).sum() <= 2, i
         assert out[i].num == t.numel()
+
+
+# ------------------------------------------------------------------- the chunked CPU path vs a reference
+def _reference(x: torch.Tensor, bins: int) -> tuple[list[int], tuple[int, int, int], float, float]:
+    """The documented formula, written plainly in torch: floor((x - lo) * (bins / (hi - lo))) in the tensor's
+    float precision (float64 for a float32 range wider than float32 can scale), top edge in the last bin."""
+    x = x.detach().reshape(-1)
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    nonfinite = (int(torch.isnan(x).sum()), int((x == math.inf).sum()), int((x == -math.inf).sum()))
+    x = x[torch.isfinite(x)]
+    if x.numel() == 0:
+        return [0] * bins, nonfinite, 0.0, 1.0
+    lo, hi = weights._bin_range(float(x.min()), float(x.max()))
+    if not math.isfinite(hi - lo):  # float64 data more than DBL_MAX wide: halves
+        pos = (x.double() / 2 - lo / 2) / (hi / 2 - lo / 2) * bins
+    elif not math.isfinite(bins / (hi - lo)):  # a denormal width: divide first
+        pos = (x.double() - lo) / (hi - lo) * bins
+    else:
+        wide = weights._needs_float64(lo, hi) or bins / (hi - lo) > weights._F32_MAX
+        pos = (x.to(torch.float64 if wide else x.dtype) - lo) * (bins / (hi - lo))
+    idx = pos.to(torch.int64).clamp_(0, bins)
+    counts = torch.bincount(idx, minlength=bins + 1)
+    counts[bins - 1] += counts[bins]
+    return counts[:bins].tolist(), nonfinite, lo, hi
+
+
+def _edge_cases() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    n = 3 * 1000 + 17  # several chunks (the chunk size is made small below) and a partial last one
+    return {
+        "normal": torch.randn(n, generator=g),
+        "uniform_f64": torch.rand(n, generator=g, dtype=torch.float64) * 4 - 2,
+        "on_edges": torch.linspace(-1.0, 1.0, 32 * 50 + 1).repeat(3),  # every bin edge of 32 bins, many times
+        "thirds": torch.randint(-9, 10, (n,), generator=g).float() / 3,
+        "constant": torch.full((n,), -0.7),
+        "huge_f32": torch.randn(n, generator=g) * 3e37,  # range beyond float32 scaling: float64 positions
+        "huge_const": torch.full((n,), 3e38),
+        "large_squares": torch.randn(n, generator=g) * 1e25,  # float32 squares overflow: sums redone in float64
+        "denormal_range": torch.tensor([0.0, 1e-45, 1e-45, 3e-45] * 800),  # bins / width overflows float32
+        "f64_extreme": torch.tensor([-1e308, 0.0, 1e308, 5e307] * 800, dtype=torch.float64),  # width overflows
+        "f64_denormal": torch.tensor([0.0, 5e-324, 1e-323] * 900, dtype=torch.float64),  # bins / width overflows
+        "nonfinite": torch.cat([torch.randn(n, generator=g), torch.tensor([math.nan, math.inf, -math.inf, math.nan])]),
+        "all_nan": torch.full((3000,), math.nan),
+        "ints": torch.randint(-300, 300, (n,), generator=g, dtype=torch.int32),
+        "half": torch.randn(n, generator=g).half(),
+        "strided": torch.randn(2 * n, generator=g)[::2],
+    }
+
+
+@pytest.mark.parametrize("bins", [1, 2, 32, 254, 255, 1000])
+def test_chunked_cpu_binning_equals_the_reference_formula(bins, monkeypatch):
+    monkeypatch.setattr(weights, "_CHUNK", 1000)
+    tensors = _edge_cases()
+    out = histograms(tensors, bins=bins)
+    for key, x in tensors.items():
+        counts, (nan, posinf, neginf), lo, hi = _reference(x, bins)
+        h = out[key]
+        assert h.counts.tolist() == counts, key
+        assert (h.nan, h.posinf, h.neginf, h.num, h.numel) == (nan, posinf, neginf, sum(counts), x.numel()), key
+        assert h.edges[0].item() == lo and h.edges[-1].item() == hi, key
+        finite = x.double().reshape(-1)
+        finite = finite[torch.isfinite(finite)]
+        if finite.numel():
+            assert (h.min, h.max) == (float(finite.min()), float(finite.max())), key
+        if finite.numel() and key != "f64_extreme":  # its sums overflow float64 whatever the order
+            assert h.sum == pytest.approx(float(finite.sum()), rel=1e-5, abs=1e-6 * float(finite.abs().sum())), key
+            assert h.sum_squares == pytest.approx(float((finite * finite).sum()), rel=1e-5), key  # inf only if it is
+
+
+def test_values_on_edges_land_where_numpy_puts_them():
+    # exactly representable edges (multiples of 1/4 over [-4, 4] with 32 bins): no rounding anywhere
+    x = torch.arange(-16, 17, dtype=torch.float32).repeat_interleave(5) / 4
+    h = histogram(x, bins=32)
+    counts, edges = np.histogram(x.numpy(), bins=32)
+    assert h.counts.tolist() == counts.tolist() and h.edges.tolist() == edges.tolist()
+    assert h.counts.tolist() == [5] * 31 + [10]  # the top edge belongs to the last bin
+
+
+def test_extreme_ranges_give_sensible_bins():
+    h = histogram(torch.tensor([-1e308, 0.0, 1e308, 5e307], dtype=torch.float64), bins=4)
+    assert h.counts.tolist() == [1, 0, 1, 2]  # edges -1e308, -5e307, 0, 5e307, 1e308: 0 and 5e307 open bins 2 and 3
+    h = histogram(torch.tensor([0.0, 5e-324, 1e-323], dtype=torch.float64), bins=2)
+    assert h.counts.tolist() == [1, 2]
+    h = histogram(torch.tensor([1e25, -1e25, 3e25]), bins=2)
+    assert h.sum == pytest.approx(3e25, rel=1e-6) and h.sum_squares == pytest.approx(11e50, rel=1e-6)
+
+
+def test_one_bin_holds_every_finite_value():
+    x = torch.cat([torch.randn(70_000, generator=torch.Generator().manual_seed(8)), torch.tensor([math.inf])])
+    h = histogram(x, bins=1)
+    assert h.counts.tolist() == [70_000] and h.posinf == 1
+
+
+def test_a_reused_workspace_does_not_leak_between_tensors():
+    g = torch.Generator().manual_seed(9)
+    tensors = {"big": torch.randn(50_000, generator=g), "small_after": torch.rand(4_000, generator=g) + 5}
+    together = histograms(tensors, bins=16)
+    for key, x in tensors.items():
+        assert together[key].counts.tolist() == histogram(x, bins=16).counts.tolist() == _reference(x, 16)[0], key
+
+
+# ----------------------------------------------------------------------------- the numpy drift path
+def _torch_drift(w: torch.Tensor, w0: torch.Tensor, max_samples: int, seed: int) -> tuple[float, float, float, float]:
+    a, b = w.double().reshape(-1), w0.double().reshape(-1)
+    d, n, n0 = (float(torch.linalg.vector_norm(v)) for v in (a - b, a, b))
+    idx = weights._sample_index(a.numel(), max_samples, seed)
+    if idx is not None:
+        a, b = a[idx], b[idx]
+    return d, n, n0, float((a.sort().values - b.sort().values).abs().mean())
+
+
+def test_cpu_drift_equals_the_torch_formulas():
+    g = torch.Generator().manual_seed(10)
+    initial = {
+        "conv": torch.randn(32, 16, 3, 3, generator=g) * 0.05,  # 4608 values: every value
+        "fc": torch.randn(200, 100, generator=g) * 0.02,  # 20000 > max_samples: fixed sample positions
+        "f64": torch.randn(300, generator=g, dtype=torch.float64),
+        "half": torch.randn(50, generator=g).half(),
+    }
+    current = {k: (v.double() * 1.1 + 0.01).to(v.dtype) for k, v in initial.items()}
+    out = drift(current, initial, max_samples=8192, seed=3)
+    for key in initial:
+        d, n, n0, w1 = _torch_drift(current[key], initial[key], 8192, weights._key_seed(3, key))
+        s = out[key]
+        assert (s.distance, s.norm, s.initial_norm) == pytest.approx((d, n, n0), rel=1e-5), key
+        assert s.wasserstein == pytest.approx(w1, rel=1e-5), key
+        assert s.relative_change == pytest.approx(d / n0, rel=1e-5), key
+
+
+def test_sample_positions_are_cached_and_fixed():
+    fresh = torch.randint(20_000, (8192,), generator=torch.Generator().manual_seed(5))
+    first = weights._sample_index(20_000, 8192, 5)
+    assert torch.equal(first, fresh) and weights._sample_index(20_000, 8192, 5) is first
+    assert weights._sample_index(100, 8192, 5) is None

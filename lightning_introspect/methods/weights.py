@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Hashable, Mapping, Sequence
@@ -50,7 +51,8 @@ DEFAULT_MAX_SAMPLES = 8192
 _F32_MAX = float(torch.finfo(torch.float32).max)
 _SMALL_NUMEL = 2048  # CPU tensors up to this size are binned together (per-call overhead dominates them)
 _BATCH_NUMEL = 1 << 20  # values concatenated at most per batch of small tensors
-_CHUNK = 1 << 18  # CPU binning works through tensors in chunks of 1 MiB of float32 (they stay in cache)
+_CHUNK = 1 << 16  # CPU binning works through tensors in chunks of 256 KiB of float32 (they stay in L2)
+_KEPT_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -146,11 +148,11 @@ def _as_items(tensors: Mapping[Hashable, torch.Tensor] | Sequence[torch.Tensor])
 
 
 def _flat_float(t: torch.Tensor) -> torch.Tensor:
-    """A detached flat floating view (copy only for non-float dtypes); float64 stays float64."""
+    """A detached flat floating view (copy only for other dtypes); float32 and float64 stay as they are."""
     t = t.detach()
-    if t.is_complex():
-        raise ValueError("Histograms of complex tensors are not supported; pass `t.real` / `t.abs()`.")
-    if not t.is_floating_point() or t.dtype in (torch.float16, torch.bfloat16):
+    if t.dtype not in _KEPT_DTYPES:
+        if t.is_complex():
+            raise ValueError("Histograms of complex tensors are not supported; pass `t.real` / `t.abs()`.")
         t = t.float()
     return t.reshape(-1)
 
@@ -164,20 +166,6 @@ def _bin_range(lo: float, hi: float) -> tuple[float, float]:
     return lo, hi
 
 
-class _Workspace:
-    """Reusable CPU scratch buffers, so binning many tensors allocates (and page-faults) once."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[torch.dtype, torch.Tensor] = {}
-
-    def get(self, n: int, dtype: torch.dtype) -> torch.Tensor:
-        buf = self.buffers.get(dtype)
-        if buf is None or buf.numel() < n:
-            buf = torch.empty(n, dtype=dtype)
-            self.buffers[dtype] = buf
-        return buf[:n]
-
-
 def _counts_by_sorting(idx: torch.Tensor, bins: int) -> torch.Tensor:
     """Counts of the integers ``0 .. bins-1`` in ``idx`` with deterministic kernels only (sort + searchsorted)."""
     ordered = idx.reshape(-1).sort().values
@@ -188,6 +176,11 @@ def _counts_by_sorting(idx: torch.Tensor, bins: int) -> torch.Tensor:
 def _acc_dtype(device: torch.device) -> torch.dtype:
     """float64 for the few numbers that travel to the CPU, except where the device has none (MPS)."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _needs_float64(lo: float, hi: float) -> bool:
+    """A float32 range whose width overflows would put everything in one bin (see :func:`_bin_counts`)."""
+    return hi - lo > _F32_MAX or max(abs(lo), abs(hi)) > _F32_MAX / 4
 
 
 def _bin_counts(x: torch.Tensor, bins: int, lo: float, hi: float) -> torch.Tensor:
@@ -207,98 +200,224 @@ def _bin_counts(x: torch.Tensor, bins: int, lo: float, hi: float) -> torch.Tenso
     return torch.histc(x.to(dtype), bins=bins, min=lo, max=hi).to(torch.int64)
 
 
-def _cpu_counts(x: torch.Tensor, bins: int, lo: float, hi: float, work: _Workspace) -> tuple[torch.Tensor, float, float]:
-    """CPU: the counts (as :func:`_bin_counts`), the sum and the sum of squares of ``x`` (all finite).
+# ---------------------------------------------------------------------------------- CPU binning
+class _Workspace:
+    """Reusable CPU scratch arrays, so binning many tensors allocates (and page-faults) once."""
 
-    ``x`` is read from memory once, in chunks of ``_CHUNK`` values: everything after the first pass over
-    a chunk (its sums, the scaling, the cast, the bincount) runs on data that is still in the CPU cache.
-    Per chunk: ``pos = (x - lo) * (bins / (hi - lo))`` into a reused buffer; values are >= lo, so the
-    cast truncates to the floor (numpy's float -> uint8 cast, SIMD, about 3x faster than torch's
-    ``copy_``); ``x == hi`` gives index ``bins``, folded into the last bin. Sums accumulate in float64.
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, np.dtype], np.ndarray] = {}
+
+    def get(self, n: int, dtype: type | np.dtype, what: str = "scratch") -> np.ndarray:
+        key = (what, np.dtype(dtype))
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape[0] < n:
+            buf = np.ones(n, dtype=key[1]) if what == "ones" else np.empty(n, dtype=key[1])
+            self.buffers[key] = buf
+        return buf[:n]
+
+
+def _cpu_float_type(lo: float, hi: float, bins: int, dtype: np.dtype) -> type | None:
+    """The float type the CPU computes bin positions in (that of the data, float64 for a float32 range that
+    needs it); ``None`` for a range whose width or scale overflows float64 (:func:`_extreme_positions`)."""
+    span = hi - lo
+    if not math.isfinite(span) or not math.isfinite(bins / span):
+        return None
+    if dtype == np.float64 or _needs_float64(lo, hi) or bins / span > _F32_MAX:
+        return np.float64
+    return np.float32
+
+
+def _index_type(bins: int) -> type:
+    return np.uint8 if bins < 255 else np.int16 if bins < 32767 else np.int32
+
+
+def _count_indices(idx: np.ndarray, bins: int) -> np.ndarray:
+    """int64 counts of the bin indices ``idx`` (in ``0 .. bins``; ``bins`` is ``x == hi``, folded into the last bin)."""
+    counts = torch.bincount(torch.from_numpy(idx), minlength=bins + 1).numpy()
+    counts[bins - 1] += counts[bins]
+    return counts[:bins]
+
+
+def _extreme_positions(a: np.ndarray, bins: int, lo: float, hi: float) -> np.ndarray:
+    """Bin positions in float64 where ``hi - lo`` or ``bins / (hi - lo)`` overflows (~1e308 or denormal data)."""
+    x = np.asarray(a, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        if math.isfinite(hi - lo):  # a denormal width: divide before scaling
+            pos = (x - lo) / (hi - lo) * bins
+        else:  # a width beyond float64: halve everything first
+            pos = (0.5 * x - 0.5 * lo) / (0.5 * hi - 0.5 * lo) * bins
+    return np.clip(pos, 0, bins, out=pos)
+
+
+def _cpu_counts(a: np.ndarray, bins: int, lo: float, hi: float, work: _Workspace) -> tuple[np.ndarray, float, float]:
+    """CPU: the counts (as :func:`_bin_counts`), the sum and the sum of squares of ``a`` (all finite, 1-D).
+
+    ``a`` is read from memory once more (after the min / max pass), in chunks of ``_CHUNK`` values that
+    stay in the L2 cache for the rest of the work on them. Per chunk: ``pos = (a - lo) * (bins / (hi - lo))``
+    into a reused buffer (numpy: a third of torch's per-call cost, and the same IEEE operations and
+    roundings as ``torch.sub`` / ``mul_`` with float scalars); values are ``>= lo``, so the cast to the
+    integer index truncates to the floor (``x == hi`` gives ``bins``, folded into the last bin); the
+    chunk's sum and sum of squares (BLAS dots, accumulated in float64 over chunks). The indices of the
+    whole tensor (1 byte per value for up to 254 bins) are counted at the end with one bincount.
     """
+    n = a.shape[0]
+    if n == 0:
+        return np.zeros(bins, dtype=np.int64), 0.0, 0.0
+    ftype = _cpu_float_type(lo, hi, bins, a.dtype)
+    idx = work.get(n, _index_type(bins), "index")
+    if ftype is None:
+        idx[:] = _extreme_positions(a, bins, lo, hi)  # assignment casts unsafely: truncation
+        return (_count_indices(idx, bins), *_wide_sums(a))
+    lo_f, scale_f = ftype(lo), ftype(bins / (hi - lo))
+    size = min(n, _CHUNK)
+    pos, ones = work.get(size, ftype), work.get(size, ftype, "ones")
+    wide = work.get(size, ftype, "wide") if a.dtype != ftype else None  # float32 data with a float64 range
+    total = squares = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):  # a float32 sum of squares may overflow: redone below
+        for start in range(0, n, _CHUNK):
+            chunk = a[start : start + _CHUNK]
+            m = chunk.shape[0]
+            if wide is not None:
+                np.copyto(wide[:m], chunk)
+                chunk = wide[:m]
+            p = pos if m == size else pos[:m]
+            np.subtract(chunk, lo_f, out=p)
+            np.multiply(p, scale_f, out=p)
+            idx[start : start + m] = p  # float -> integer assignment truncates (values >= 0: the floor)
+            total += float(chunk.dot(ones if m == size else ones[:m]))  # methods: no dispatch layer
+            squares += float(chunk.dot(chunk))
+    if not (math.isfinite(total) and math.isfinite(squares)):  # |values| above ~1e19 in float32
+        total, squares = _wide_sums(a)
+    return _count_indices(idx, bins), total, squares
+
+
+def _wide_sums(a: np.ndarray) -> tuple[float, float]:
+    """Sum and sum of squares in float64 (for float32 data whose float32 sums overflow)."""
+    wide = a.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(wide.sum()), float(np.dot(wide, wide))
+
+
+_Result = tuple[list[float], tuple[float, float], np.ndarray, int, tuple[int, int, int] | None]
+"""(min, max, sum, sum of squares), bin range, counts, number of finite values, (NaN, +Inf, -Inf) or None."""
+
+
+def _cpu_histogram(x: torch.Tensor, bins: int, work: _Workspace) -> _Result:
+    """One CPU tensor: min / max (one pass), then :func:`_cpu_counts` while the tensor is still in the L3 cache."""
     n = x.numel()
     if n == 0:
-        return torch.zeros(bins, dtype=torch.int64), 0.0, 0.0
-    dtype = torch.float64 if _needs_float64(lo, hi) else x.dtype
-    scale = bins / (hi - lo)
-    counts = torch.zeros(bins + 1, dtype=torch.int64)
-    total = squares = 0.0
-    for start in range(0, n, _CHUNK):
-        chunk = x[start : start + _CHUNK].to(dtype)
-        m = chunk.numel()
-        pos = work.get(m, dtype)
-        torch.sub(chunk, lo, out=pos)
-        total += float(chunk.sum())
-        squares += float(torch.dot(chunk, chunk))
-        pos.mul_(scale)
-        if bins < 255:
-            idx = work.get(m, torch.uint8)
-            np.copyto(idx.numpy(), pos.numpy(), casting="unsafe")
-        else:
-            idx = pos.clamp_(0, bins).to(torch.int64)
-        counts += torch.bincount(idx, minlength=bins + 1)[: bins + 1]
-    counts[bins - 1] += counts[bins]
-    return counts[:bins], total, squares
+        return [0.0, 0.0, 0.0, 0.0], (0.0, 1.0), np.zeros(bins, dtype=np.int64), 0, None
+    mn_t, mx_t = torch.aminmax(x)  # NaN-propagating: finite min and max <=> every value finite
+    mn, mx = mn_t.item(), mx_t.item()
+    nonfinite = None
+    if not (math.isfinite(mn) and math.isfinite(mx)):
+        stacked = torch.stack([torch.isnan(x).sum(), (x == math.inf).sum(), (x == -math.inf).sum()])
+        nan, posinf, neginf = stacked.tolist()
+        nonfinite = (nan, posinf, neginf)
+        x = x[torch.isfinite(x)]
+        n = x.numel()
+        if n == 0:
+            return [0.0, 0.0, 0.0, 0.0], (0.0, 1.0), np.zeros(bins, dtype=np.int64), 0, nonfinite
+        mn_t, mx_t = torch.aminmax(x)
+        mn, mx = mn_t.item(), mx_t.item()
+    lo, hi = _bin_range(mn, mx)
+    counts, total, squares = _cpu_counts(x.numpy(), bins, lo, hi, work)
+    return [mn, mx, total, squares], (lo, hi), counts, n, nonfinite
 
 
-def _needs_float64(lo: float, hi: float) -> bool:
-    """A float32 range whose width overflows would put everything in one bin (see :func:`_bin_counts`)."""
-    return hi - lo > _F32_MAX or max(abs(lo), abs(hi)) > _F32_MAX / 4
+def _batched_small(xs: Sequence[np.ndarray], bins: int) -> list[_Result | None]:
+    """Histograms of many small CPU arrays of one dtype with a few numpy calls for all of them.
 
-
-def _small_cpu_batches(flats: Mapping[Hashable, torch.Tensor]) -> list[list[Hashable]]:
-    """Keys of the small non-empty CPU tensors, grouped by dtype, in batches of at most ``_BATCH_NUMEL`` values."""
-    groups: dict[torch.dtype, list[list[Hashable]]] = {}
-    sizes: dict[torch.dtype, int] = {}
-    for key, x in flats.items():
-        if x.device.type != "cpu" or not 0 < x.numel() <= _SMALL_NUMEL:
-            continue
-        batches = groups.setdefault(x.dtype, [[]])
-        if sizes.get(x.dtype, 0) + x.numel() > _BATCH_NUMEL:
-            batches.append([])
-            sizes[x.dtype] = 0
-        batches[-1].append(key)
-        sizes[x.dtype] = sizes.get(x.dtype, 0) + x.numel()
-    return [batch for batches in groups.values() for batch in batches if batch]
-
-
-def _batched_small(
-    xs: Sequence[torch.Tensor], bins: int
-) -> list[tuple[list[float], tuple[float, float], torch.Tensor] | None]:
-    """Stats, range and counts of many small all-finite CPU tensors of one dtype with one op per step.
-
-    Per tensor, the ~15 torch calls of the general path cost about 200 µs of overhead -- more than the
-    binning of a few thousand values. Here the values are concatenated once and reduced per segment
-    (``scatter_reduce`` / ``index_add_``); the bin index is the same float expression as in
-    :func:`_cpu_counts`, so the counts are identical. ``None`` for a tensor with a non-finite value or
-    an extreme range: the general path handles those.
+    Per tensor, the calls of the general path cost tens of µs of overhead -- more than the binning of a
+    few thousand values. Here the values are concatenated once and reduced per segment (``reduceat``);
+    the bin index is the same float expression as in :func:`_cpu_counts` (same dtype, same scalars), so
+    the counts are identical. ``None`` for an array with a non-finite value or a range the float type of
+    the array cannot scale: the general path handles those.
     """
     k = len(xs)
-    cat = torch.cat(list(xs))
-    seg = torch.repeat_interleave(torch.arange(k), torch.tensor([x.numel() for x in xs]))
-    finite = torch.isfinite(cat)
-    bad = [False] * k
-    if not bool(finite.all()):
-        bad = (torch.bincount(seg[~finite], minlength=k) > 0).tolist()
-        cat, seg = cat[finite], seg[finite]  # bad tensors keep some values; their results are discarded
-    mins = torch.zeros(k, dtype=cat.dtype).scatter_reduce_(0, seg, cat, "amin", include_self=False)
-    maxs = torch.zeros(k, dtype=cat.dtype).scatter_reduce_(0, seg, cat, "amax", include_self=False)
-    wide = cat.double()  # may be `cat` itself: nothing in place
-    sums = torch.zeros(k, dtype=torch.float64).index_add_(0, seg, wide)
-    squares = torch.zeros(k, dtype=torch.float64).index_add_(0, seg, wide * wide)
-    rows = torch.stack([mins.double(), maxs.double(), sums, squares], dim=1).tolist()
-
-    ranges = [_bin_range(mn, mx) for mn, mx, _, _ in rows]
-    for i, (lo, hi) in enumerate(ranges):
-        bad[i] = bad[i] or (cat.dtype != torch.float64 and _needs_float64(lo, hi))
-    lo_t = torch.tensor([lo for lo, _ in ranges], dtype=cat.dtype)
-    scale_t = torch.tensor([bins / (hi - lo) for lo, hi in ranges], dtype=cat.dtype)
-    pos = (cat - lo_t[seg]).mul_(scale_t[seg])
-    idx = pos.to(torch.int64).clamp_(0, bins).add_(seg * (bins + 1))
-    counts = torch.bincount(idx, minlength=k * (bins + 1)).reshape(k, bins + 1)
+    sizes = np.fromiter((x.shape[0] for x in xs), dtype=np.intp, count=k)
+    starts = np.zeros(k, dtype=np.intp)
+    np.cumsum(sizes[:-1], out=starts[1:])
+    cat = np.concatenate(xs)
+    with np.errstate(all="ignore"):  # NaN / Inf values: their arrays are flagged below and redone
+        mins = np.minimum.reduceat(cat, starts)
+        maxs = np.maximum.reduceat(cat, starts)
+        wide = cat.astype(np.float64, copy=False)
+        sums = np.add.reduceat(wide, starts)
+        squares = np.add.reduceat(wide * wide, starts)
+    rows = np.stack([mins.astype(np.float64), maxs.astype(np.float64), sums, squares], axis=1).tolist()
+    good = (np.isfinite(mins) & np.isfinite(maxs)).tolist()
+    ranges: list[tuple[float, float]] = []
+    los, scales = np.zeros(k, dtype=cat.dtype), np.zeros(k, dtype=cat.dtype)
+    for i, row in enumerate(rows):
+        if not good[i]:
+            ranges.append((0.0, 1.0))
+            continue
+        lo, hi = _bin_range(row[0], row[1])
+        ranges.append((lo, hi))
+        if _cpu_float_type(lo, hi, bins, cat.dtype) is not cat.dtype.type:
+            good[i] = False
+            continue
+        los[i], scales[i] = lo, bins / (hi - lo)  # rounded to the array's float type, as numpy does with scalars
+    with np.errstate(all="ignore"):
+        pos = np.subtract(cat, np.repeat(los, sizes))
+        np.multiply(pos, np.repeat(scales, sizes), out=pos)
+        idx = pos.astype(np.intp)
+    np.clip(idx, 0, bins, out=idx)  # only flagged arrays have values outside
+    idx += np.repeat(np.arange(0, k * (bins + 1), bins + 1, dtype=np.intp), sizes)
+    counts = np.bincount(idx, minlength=k * (bins + 1)).reshape(k, bins + 1)
     counts[:, bins - 1] += counts[:, bins]
-    counts = counts[:, :bins]
-    return [None if bad[i] else (rows[i], ranges[i], counts[i]) for i in range(k)]
+    counts = np.ascontiguousarray(counts[:, :bins])
+    return [(rows[i], ranges[i], counts[i], int(sizes[i]), None) if good[i] else None for i in range(k)]
+
+
+def _small_batches(keys: list[int], sizes: list[int]) -> list[list[int]]:
+    """``keys`` in consecutive batches of at most ``_BATCH_NUMEL`` values."""
+    batches: list[list[int]] = [[]]
+    total = 0
+    for key, size in zip(keys, sizes):
+        if total + size > _BATCH_NUMEL and batches[-1]:
+            batches.append([])
+            total = 0
+        batches[-1].append(key)
+        total += size
+    return batches
+
+
+def _device_histograms(xs: Sequence[torch.Tensor], bins: int) -> list[_Result]:
+    """Histograms of tensors on one accelerator: two phases, each ending in one transfer to the CPU.
+
+    (1) min, max, sum, sum of squares of every tensor; (2) the bin counts. Tensors with a NaN or Inf
+    value take a slower path (boolean masking) that counts them separately.
+    """
+    device = xs[0].device
+    acc = _acc_dtype(device)
+    rows = []
+    for x in xs:
+        if x.numel() == 0:
+            rows.append(torch.zeros(4, dtype=acc, device=device))
+            continue
+        mn, mx = torch.aminmax(x)
+        rows.append(torch.stack([mn, mx, x.sum(), torch.dot(x, x)]).to(acc))
+    stats = torch.stack(rows).cpu().double().tolist()
+    xs = list(xs)
+    nonfinite: list[tuple[int, int, int] | None] = [None] * len(xs)
+    for i, (mn, mx, _, _) in enumerate(stats):
+        if math.isfinite(mn) and math.isfinite(mx):
+            continue
+        x = xs[i]
+        counts = torch.stack([torch.isnan(x).sum(), (x == math.inf).sum(), (x == -math.inf).sum()])
+        nonfinite[i] = tuple(int(v) for v in counts.tolist())  # type: ignore[assignment]
+        finite = x[torch.isfinite(x)]
+        xs[i] = finite
+        if finite.numel():
+            fmn, fmx = torch.aminmax(finite)
+            stats[i] = torch.stack([fmn, fmx, finite.sum(), torch.dot(finite, finite)]).cpu().double().tolist()
+        else:
+            stats[i] = [0.0, 0.0, 0.0, 0.0]
+    ranges = [_bin_range(s[0], s[1]) if x.numel() else (0.0, 1.0) for s, x in zip(stats, xs)]
+    counts = torch.stack([_bin_counts(x, bins, *r) for x, r in zip(xs, ranges)]).cpu().numpy()
+    return [(s, r, c, x.numel(), nf) for s, r, c, x, nf in zip(stats, ranges, counts, xs, nonfinite)]
 
 
 def histograms(
@@ -306,12 +425,12 @@ def histograms(
 ) -> dict[Hashable, HistogramStats]:
     """Histograms of many tensors, each over its own finite value range, computed on their devices.
 
-    Two phases, each ending in one small device-to-CPU transfer per device: (1) min, max, sum, sum of
-    squares of every tensor; (2) the bin counts (on the CPU: counts, sum and sum of squares, in
-    cache-sized chunks, so each value is read from memory twice in all). Tensors with a NaN or Inf
-    value take a slower path (boolean masking) that counts them separately. Small CPU tensors (up to 2048 values: biases,
-    norm layers) are concatenated and binned together, a few ops for all of them instead of ~15 each;
-    their counts are the same, their sums are accumulated in float64.
+    On an accelerator: two phases, each ending in one small device-to-CPU transfer per device: (1) min,
+    max, sum, sum of squares of every tensor; (2) the bin counts. On the CPU each tensor is read from
+    memory twice in all: one min / max pass, then cache-sized chunks for everything else (bin indices,
+    sum, sum of squares); small CPU tensors (up to 2048 values: biases, norm layers) are concatenated and
+    binned together, a few numpy calls for all of them, with the same counts and float64 sums. Tensors
+    with a NaN or Inf value take a slower path (boolean masking) that counts them separately.
 
     Args:
         tensors: a mapping ``key -> tensor`` or a sequence of tensors (keys are then 0, 1, ...).
@@ -329,90 +448,59 @@ def histograms(
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"Expected `bins` to be a positive int, but got {bins!r}.")
     items = _as_items(tensors)
-    flats = {key: _flat_float(t) for key, t in items}
+    flats = [_flat_float(t) for _, t in items]
+    numels = [x.numel() for x in flats]
+    results: list[_Result | None] = [None] * len(flats)
 
     with torch.no_grad():
-        stats: dict[Hashable, list[float]] = {}
-        ranges: dict[Hashable, tuple[float, float]] = {}
-        counts_out: dict[Hashable, torch.Tensor] = {}
-        # small CPU tensors (biases, norms): a few batched ops instead of ~15 calls each
-        for batch in _small_cpu_batches(flats):
-            for key, done in zip(batch, _batched_small([flats[k] for k in batch], bins)):
-                if done is not None:
-                    stats[key], ranges[key], counts_out[key] = done
-
-        # phase 1: min / max (NaN-propagating, so "finite min and max" means "all finite"), sum, sum of squares
-        by_device: dict[torch.device, list[Hashable]] = {}
-        for key, x in flats.items():
-            if key not in counts_out:
-                by_device.setdefault(x.device, []).append(key)
-        for device, keys in by_device.items():
-            on_cpu = device.type == "cpu"  # the CPU takes its sums in phase 2, while the values are in cache
-            rows = []
-            for key in keys:
-                x = flats[key]
-                if x.numel() == 0:
-                    rows.append(torch.zeros(2 if on_cpu else 4, dtype=_acc_dtype(x.device), device=x.device))
-                    continue
-                mn, mx = torch.aminmax(x)
-                parts = [mn, mx] if on_cpu else [mn, mx, x.sum(), torch.dot(x, x)]
-                rows.append(torch.stack(parts).to(_acc_dtype(x.device)))
-            for key, row in zip(keys, torch.stack(rows).cpu().double().tolist()):
-                stats[key] = row + [0.0, 0.0] if on_cpu else row
-
-        # non-finite tensors: count what is not finite, keep the finite values
-        nonfinite: dict[Hashable, tuple[int, int, int]] = {}
-        for key, (mn, mx, _, _) in list(stats.items()):
-            if key in counts_out or (math.isfinite(mn) and math.isfinite(mx)):
-                continue
-            x = flats[key]
-            finite_mask = torch.isfinite(x)
-            counts = torch.stack([torch.isnan(x).sum(), (x == math.inf).sum(), (x == -math.inf).sum()])
-            nonfinite[key] = tuple(int(v) for v in counts.tolist())  # type: ignore[assignment]
-            finite = x[finite_mask]
-            flats[key] = finite
-            if finite.numel():
-                fmn, fmx = torch.aminmax(finite)
-                stats[key] = torch.stack([fmn, fmx, finite.sum(), torch.dot(finite, finite)]).cpu().double().tolist()
+        small: dict[torch.dtype, list[int]] = {}
+        large: list[int] = []
+        by_device: dict[torch.device, list[int]] = {}
+        for i, x in enumerate(flats):
+            if not x.is_cpu:
+                by_device.setdefault(x.device, []).append(i)
+            elif 0 < numels[i] <= _SMALL_NUMEL:
+                small.setdefault(x.dtype, []).append(i)
             else:
-                stats[key] = [0.0, 0.0, 0.0, 0.0]
-
-        # phase 2: the counts, on the device, one transfer per device
-        for keys in by_device.values():
-            for key in keys:
-                mn, mx, _, _ = stats[key]
-                ranges[key] = _bin_range(mn, mx) if flats[key].numel() else (0.0, 1.0)
+                large.append(i)
+        # small CPU tensors (biases, norms): a few batched numpy calls instead of ~10 each
+        for keys in small.values():
+            for batch in _small_batches(keys, [numels[i] for i in keys]):
+                for i, done in zip(batch, _batched_small([flats[i].numpy() for i in batch], bins)):
+                    if done is None:
+                        large.append(i)
+                    results[i] = done
         work = _Workspace()
-        for device, keys in by_device.items():
-            if device.type == "cpu":
-                for key in keys:
-                    counts_out[key], total, squares = _cpu_counts(flats[key], bins, *ranges[key], work)
-                    stats[key][2:] = [total, squares]
-                continue
-            stacked = torch.stack([_bin_counts(flats[k], bins, *ranges[k]) for k in keys]).cpu()
-            for key, row in zip(keys, stacked):
-                counts_out[key] = row
+        for i in large:
+            results[i] = _cpu_histogram(flats[i], bins, work)
+        for keys in by_device.values():
+            for i, done in zip(keys, _device_histograms([flats[i] for i in keys], bins)):
+                results[i] = done
 
     # every tensor's edges in one call (row i equals np.linspace(lo_i, hi_i, bins + 1) bit for bit)
-    bounds = np.array([ranges[key] for key, _ in items], dtype=np.float64).reshape(-1, 2)
-    all_edges = torch.from_numpy(np.linspace(bounds[:, 0], bounds[:, 1], bins + 1, axis=-1))
+    done_results: list[_Result] = results  # type: ignore[assignment]
+    bounds = np.array([r[1] for r in done_results], dtype=np.float64).reshape(-1, 2)
+    with np.errstate(over="ignore", invalid="ignore"):
+        edge_rows = np.linspace(bounds[:, 0], bounds[:, 1], bins + 1, axis=-1)
+        beyond = ~np.isfinite(bounds[:, 1] - bounds[:, 0])  # float64 data more than DBL_MAX wide: halve, space, double
+    if beyond.any():
+        edge_rows[beyond] = 2 * np.linspace(bounds[beyond, 0] / 2, bounds[beyond, 1] / 2, bins + 1, axis=-1)
+    all_edges = torch.from_numpy(edge_rows).unbind(0)
     out: dict[Hashable, HistogramStats] = {}
-    for (key, t), edges in zip(items, all_edges):
-        mn, mx, total, squares = stats[key]
-        nan, posinf, neginf = nonfinite.get(key, (0, 0, 0))
-        num = flats[key].numel()
+    for (key, _), numel, edges, (row, _, counts, num, nonfinite) in zip(items, numels, all_edges, done_results):
+        nan, posinf, neginf = nonfinite or (0, 0, 0)
         out[key] = HistogramStats(
-            counts=counts_out[key],
+            counts=torch.from_numpy(counts),
             edges=edges,
-            min=mn if num else 0.0,
-            max=mx if num else 0.0,
+            min=row[0] if num else 0.0,
+            max=row[1] if num else 0.0,
             num=num,
-            sum=total,
-            sum_squares=squares,
+            sum=row[2],
+            sum_squares=row[3],
             nan=nan,
             posinf=posinf,
             neginf=neginf,
-            numel=t.numel(),
+            numel=numel,
         )
     return out
 
@@ -428,8 +516,13 @@ def histogram(tensor: torch.Tensor, *, bins: int = 32) -> HistogramStats:
 
 
 # ------------------------------------------------------------------------------------------------ drift
+@functools.lru_cache(maxsize=256)
 def _sample_index(numel: int, max_samples: int, seed: int) -> torch.Tensor | None:
-    """Fixed random positions (with replacement) from a private generator; ``None``: use every value."""
+    """Fixed random positions (with replacement) from a private generator; ``None``: use every value.
+
+    Cached (the same arguments always give the same positions): a callback asks for the same ones at
+    every evaluation. The tensor is shared: callers index with it and never modify it.
+    """
     if numel <= max_samples:
         return None
     gen = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
@@ -484,6 +577,30 @@ def wasserstein_1d(a: torch.Tensor, b: torch.Tensor, *, max_samples: int = DEFAU
         raise ValueError(f"Expected `max_samples` to be a positive int, but got {max_samples!r}.")
     with torch.no_grad():
         return float(_wasserstein_tensor(a, b, max_samples, seed))
+
+
+def _cpu_drift_row(a: np.ndarray, b: np.ndarray, max_samples: int, seed: int) -> list[float]:
+    """``[||a - b||, ||a||, ||b||, W1(a, b)]`` of two flat CPU arrays of one dtype, in numpy.
+
+    A few BLAS dots and two sorts per tensor: the same maths as the torch path, without torch's per-call
+    overhead (which made most of the drift's cost on small models). Dots accumulate in the arrays'
+    precision (float64 where float32 squares overflow); the mean of ``|sort(a) - sort(b)|`` in float64.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # NaN / Inf weights give NaN / Inf, as in torch
+        diff = a - b
+        squares = [float(diff.dot(diff)), float(a.dot(a)), float(b.dot(b))]
+    if a.dtype != np.float64 and any(math.isinf(v) for v in squares):  # |values| above ~1e19 in float32
+        wide_a, wide_b = a.astype(np.float64), b.astype(np.float64)
+        diff = wide_a - wide_b
+        with np.errstate(over="ignore", invalid="ignore"):
+            squares = [float(diff.dot(diff)), float(wide_a.dot(wide_a)), float(wide_b.dot(wide_b))]
+    idx = _sample_index(a.shape[0], max_samples, seed)
+    if idx is not None:
+        positions = idx.numpy()
+        a, b = a[positions], b[positions]
+    with np.errstate(over="ignore", invalid="ignore"):
+        w1 = float(np.abs(np.sort(a) - np.sort(b)).mean(dtype=np.float64))
+    return [math.sqrt(v) for v in squares] + [w1]
 
 
 def _norms(w: torch.Tensor, w0: torch.Tensor) -> tuple[float, float, float]:
@@ -587,6 +704,14 @@ def drift(
         by_device.setdefault(w.device, []).append(key)
     with torch.no_grad():
         for device, keys in by_device.items():
+            if device.type == "cpu":  # numpy: a fraction of torch's per-call cost, which dominates small layers
+                for key in keys:
+                    a = _flat_float(current[key])
+                    b = _flat_float(initial[key]).to(device)
+                    dtype = torch.promote_types(a.dtype, b.dtype)
+                    a, b = a.to(dtype), b.to(dtype)
+                    raw[key] = _cpu_drift_row(a.numpy(), b.numpy(), max_samples, _key_seed(seed, key)) if a.numel() else [0.0] * 4
+                continue
             rows = []
             for key in keys:
                 a = _flat_float(current[key])
