@@ -357,3 +357,30 @@ def test_tensorboard_images_decode_to_the_written_pixels(tmp_path, channels):
     assert (event.step, event.height, event.width) == (7, 20, 30)
     decoded = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
     assert decoded.shape == expected.shape and np.array_equal(decoded, expected)
+
+
+def test_scalars_inside_a_batch_go_out_as_one_event_per_step(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_introspect.loggers.adapter import TensorBoardWriter
+    from tests.helpers import read_events
+
+    sw = SummaryWriter(str(tmp_path))
+    writer = TensorBoardWriter(sw)
+    with writer.batch():
+        writer.scalars({"introspect/t/a": 1.0, "introspect/t/b": 2.5}, 3)
+        writer.scalar("introspect/t/a", 4.0, 5)
+        writer.histogram("introspect/t/h", [1, 2], [0.0, 1.0, 2.0], 3)
+    writer.scalar("introspect/t/b", 7.0, 6)  # outside a batch: written at once
+    sw.close()
+    events = read_events(str(tmp_path))
+    assert events["scalars"]["introspect/t/a"] == [(3, 1.0), (5, 4.0)]
+    assert events["scalars"]["introspect/t/b"] == [(3, 2.5), (6, 7.0)]
+    assert [s for s, _ in events["histograms"]["introspect/t/h"]] == [3]
+
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    (path,) = [p for p in tmp_path.iterdir() if p.name.startswith("events.out")]
+    summaries = [e for e in EventFileLoader(str(path)).Load() if e.HasField("summary")]
+    # step 3: both scalars and the histogram in one event; step 5 and step 6: one each
+    assert [(e.step, len(e.summary.value)) for e in summaries] == [(3, 3), (5, 1), (6, 1)]

@@ -12,7 +12,6 @@ The maths lives in :mod:`lightning_introspect.methods.weights` (pure torch, batc
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +22,7 @@ from torch.nn.utils import parametrize
 from lightning_introspect._torch.hooks import record_execution_order
 from lightning_introspect._torch.layers import close_matches, resolve_layers
 from lightning_introspect.callbacks.base import IntrospectionCallback, check_positive_int, split_batch
-from lightning_introspect.loggers.adapter import IntrospectionWriter, TensorBoardWriter
+from lightning_introspect.loggers.adapter import IntrospectionWriter
 from lightning_introspect.methods.weights import HistogramStats, drift, histograms
 
 _MAX_OVERLAYS = 16  # layers shown in the initial-vs-current overlay figure (spread over depth)
@@ -31,79 +30,20 @@ _MAX_OVERLAYS = 16  # layers shown in the initial-vs-current overlay figure (spr
 
 # ------------------------------------------------------------------------------------ helpers
 def write_histograms(writer: IntrospectionWriter, hists: Mapping[str, HistogramStats], step: int) -> None:
-    """Write ``tag -> HistogramStats`` as raw histograms (one flush); tensors with no finite value are skipped.
-
-    Through a :class:`TensorBoardWriter` every histogram of the call goes out in ONE event whose ``Summary``
-    is encoded here in one go (:func:`_encode_histogram_summary`) instead of one protobuf object per
-    histogram built field by field (~20 µs each); the bytes written are identical. Other writers get one
-    ``writer.histogram`` call per tensor.
-    """
-    rows = [(tag, h) for tag, h in hists.items() if h.num]
-    with writer.batch():
-        if rows and _write_summary(writer, rows, step):
-            return
-        for tag, h in rows:
-            writer.histogram(
-                tag,
-                h.counts.tolist(),
-                h.edges.tolist(),
-                step,
-                min=h.min,
-                max=h.max,
-                num=float(h.num),
-                sum=h.sum,
-                sum_squares=h.sum_squares,
+    """Write ``tag -> HistogramStats`` as raw histograms in one :meth:`IntrospectionWriter.histograms` call
+    (one TensorBoard event); tensors with no finite value are skipped."""
+    writer.histograms(
+        {
+            tag: (
+                h.counts.numpy(),
+                h.edges.numpy(),
+                {"min": h.min, "max": h.max, "num": float(h.num), "sum": h.sum, "sum_squares": h.sum_squares},
             )
-
-
-_HISTO_HEAD = struct.Struct("<BdBdBdBdBd")  # HistogramProto fields 1-5 (min, max, num, sum, sum_squares): tag byte + double
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _encode_histogram_summary(rows: list[tuple[str, HistogramStats]]) -> bytes:
-    """A serialized TensorBoard ``Summary`` holding one raw histogram per row (protobuf wire format).
-
-    ``Summary.value`` (field 1) = ``Value {tag (1): string, histo (5): HistogramProto}``, and
-    ``HistogramProto {min (1), max (2), num (3), sum (4), sum_squares (5): double; bucket_limit (6),
-    bucket (7): packed double}`` -- the message ``torch.utils.tensorboard.summary.histogram_raw`` builds,
-    with the right edges of the bins as ``bucket_limit`` and the counts as ``bucket``.
-    """
-    parts = []
-    for tag, h in rows:
-        name = tag.encode()
-        limits = h.edges.numpy()[1:].astype("<f8").tobytes()
-        counts = h.counts.numpy().astype("<f8").tobytes()
-        histo = b"".join(
-            (
-                _HISTO_HEAD.pack(0x09, h.min, 0x11, h.max, 0x19, float(h.num), 0x21, h.sum, 0x29, h.sum_squares),
-                b"\x32", _varint(len(limits)), limits,
-                b"\x3a", _varint(len(counts)), counts,
-            )
-        )
-        value = b"".join((b"\x0a", _varint(len(name)), name, b"\x2a", _varint(len(histo)), histo))
-        parts.append(b"\x0a" + _varint(len(value)) + value)
-    return b"".join(parts)
-
-
-def _write_summary(writer: IntrospectionWriter, rows: list[tuple[str, HistogramStats]], step: int) -> bool:
-    """All ``rows`` as one TensorBoard event, if ``writer`` is a plain :class:`TensorBoardWriter`; else ``False``."""
-    if type(writer) is not TensorBoardWriter:  # subclasses may route histograms elsewhere
-        return False
-    get_file_writer = getattr(writer.experiment, "_get_file_writer", None)
-    if get_file_writer is None:
-        return False
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    get_file_writer().add_summary(Summary.FromString(_encode_histogram_summary(rows)), int(step))
-    return True
+            for tag, h in hists.items()
+            if h.num
+        },
+        step,
+    )
 
 
 def _own_param(module: nn.Module, name: str) -> torch.Tensor | None:

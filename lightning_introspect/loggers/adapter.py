@@ -19,6 +19,7 @@ import csv
 import json
 import os
 import re
+import struct
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -89,6 +90,41 @@ def figure_to_array(fig: Any, *, close: bool = True) -> np.ndarray:
     return arr
 
 
+_HISTO_HEAD = struct.Struct("<BdBdBdBdBd")  # HistogramProto fields 1-5 (min .. sum_squares): key byte + double
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_histograms(rows: Sequence[tuple[str, np.ndarray, np.ndarray, Mapping[str, float]]]) -> bytes:
+    """A serialized TensorBoard ``Summary`` with one raw histogram per ``(tag, counts, edges, stats)`` row.
+
+    Protobuf wire format: ``Summary.value`` (field 1) = ``Value {tag (1): string, histo (5):
+    HistogramProto}``; ``HistogramProto {min (1), max (2), num (3), sum (4), sum_squares (5): double;
+    bucket_limit (6), bucket (7): packed double}``, the message ``torch.utils.tensorboard.summary.
+    histogram_raw`` builds (right bin edges as ``bucket_limit``, counts as ``bucket``). ``stats`` holds
+    the five doubles.
+    """
+    parts = []
+    for tag, counts, edges, st in rows:
+        name = tag.encode()
+        limits = np.asarray(edges, dtype="<f8")[1:].tobytes()
+        buckets = np.asarray(counts, dtype="<f8").tobytes()
+        head = _HISTO_HEAD.pack(
+            0x09, st["min"], 0x11, st["max"], 0x19, st["num"], 0x21, st["sum"], 0x29, st["sum_squares"]
+        )
+        histo = b"".join((head, b"\x32", _varint(len(limits)), limits, b"\x3a", _varint(len(buckets)), buckets))
+        value = b"".join((b"\x0a", _varint(len(name)), name, b"\x2a", _varint(len(histo)), histo))
+        parts.append(b"\x0a" + _varint(len(value)) + value)
+    return b"".join(parts)
+
+
 class IntrospectionWriter:
     """The interface every callback writes through. Tags follow ``introspect/<callback>/<what>[/<detail>]``."""
 
@@ -115,6 +151,12 @@ class IntrospectionWriter:
         missing ones are estimated from the bins.
         """
         raise NotImplementedError
+
+    def histograms(self, hists: Mapping[str, tuple[Any, Any, Mapping[str, float]]], step: int) -> None:
+        """Many pre-computed histograms at one step: ``tag -> (counts, edges, stats)`` as in :meth:`histogram`."""
+        with self.batch():
+            for tag, (counts, edges, stats) in hists.items():
+                self.histogram(tag, counts, edges, step, **stats)
 
     def figure(self, tag: str, fig: Any, step: int) -> None:
         """A matplotlib figure (closed after writing)."""
@@ -210,11 +252,11 @@ class TensorBoardWriter(IntrospectionWriter):
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[IntrospectionWriter]:
-        """Histograms written inside go out as ONE event per step (one checksum, one flush).
+        """Scalars and histograms written inside go out as ONE event per step (one checksum, one flush).
 
-        TensorBoard's event writer costs about as much per event as our binning does per tensor, so
-        161 histograms in one event instead of 161 events is most of the speed-up over
-        ``add_histogram``.
+        TensorBoard's event writer costs about as much per event as our binning does per tensor (and
+        more than a scalar is worth), so 161 histograms in one event instead of 161 events is most of the
+        speed-up over ``add_histogram``.
         """
         self._depth += 1
         try:
@@ -232,8 +274,14 @@ class TensorBoardWriter(IntrospectionWriter):
                 self.flush()
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
-        for tag, value in values.items():
-            self.experiment.add_scalar(tag, float(value), global_step=step)
+        if self._depth:
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            pending = self._pending.setdefault(int(step), [])
+            pending.extend(Summary.Value(tag=tag, simple_value=float(value)) for tag, value in values.items())
+        else:
+            for tag, value in values.items():
+                self.experiment.add_scalar(tag, float(value), global_step=step)
         for logger in self.other_loggers:
             logger.log_metrics({k: float(v) for k, v in values.items()}, step=step)
         self.flush()
@@ -265,6 +313,22 @@ class TensorBoardWriter(IntrospectionWriter):
             bucket_limits=[float(x) for x in list(edges)[1:]],
             bucket_counts=[float(x) for x in counts],
         )
+        self._add_summary(summary, step)
+
+    def histograms(self, hists: Mapping[str, tuple[Any, Any, Mapping[str, float]]], step: int) -> None:
+        """All histograms in one event, its ``Summary`` encoded in one go (:func:`encode_histograms`): the
+        same bytes as :meth:`histogram` per tag, without building ~20 protobuf fields in Python per tag."""
+        rows = []
+        for tag, (counts, edges, stats) in hists.items():
+            counts = np.asarray(counts, dtype=np.float64)
+            edges = np.asarray(edges, dtype=np.float64)
+            rows.append((tag, counts, edges, self._hist_stats(counts, edges, stats)))
+        if rows:
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            self._add_summary(Summary.FromString(encode_histograms(rows)), step)
+
+    def _add_summary(self, summary: Any, step: int) -> None:
         if self._depth:
             self._pending.setdefault(int(step), []).extend(summary.value)
             return
