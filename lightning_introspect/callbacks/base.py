@@ -16,6 +16,7 @@ WHERE (``self.writer(trainer)``); this base class owns the rest:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import traceback
@@ -203,23 +204,26 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if self.disabled:
             return None
         start = time.perf_counter()
-        try:
-            result = fn(*args, **kwargs)
-        except Exception:
-            if self.on_error == "raise":
+        writer = self.writer(trainer) if log_seconds else None
+        # one batch: the scalars and histograms of this call (and its seconds) go out as one event, one flush
+        with writer.batch() if writer is not None else contextlib.nullcontext():
+            try:
+                result = fn(*args, **kwargs)
+            except Exception:
+                if self.on_error == "raise":
+                    self.on_disable()
+                    raise
+                self.disabled = True
                 self.on_disable()
-                raise
-            self.disabled = True
-            self.on_disable()
-            rank_zero_warn(
-                f"{type(self).__name__} failed and is disabled for the rest of this fit (on_error='warn'); "
-                f"training continues and what was already logged is kept.\n{traceback.format_exc()}"
-            )
-            return None
-        elapsed = time.perf_counter() - start
-        self.seconds_total += elapsed
-        if log_seconds:
-            self.writer(trainer).scalar(self.tag("seconds"), elapsed, trainer.global_step)
+                rank_zero_warn(
+                    f"{type(self).__name__} failed and is disabled for the rest of this fit (on_error='warn'); "
+                    f"training continues and what was already logged is kept.\n{traceback.format_exc()}"
+                )
+                return None
+            elapsed = time.perf_counter() - start
+            if writer is not None:
+                writer.scalar(self.tag("seconds"), elapsed, trainer.global_step)
+        self.seconds_total += time.perf_counter() - start  # with the batch's write
         return result
 
     def on_disable(self) -> None:
