@@ -7,7 +7,8 @@ Measured in one run, interleaved (naive, ours, naive, ours, ...):
   ``SummaryWriter`` with TensorBoard's stock record writer (pure-Python CRC-32C, checked below);
 * ours: :func:`lightning_introspect.methods.weights.histograms` (32 bins, on the parameters' device;
   on the CPU one min / max pass per tensor, then cache-sized numpy chunks for the bin indices and the
-  sums, one bincount per tensor) + ``write_histograms`` through ``TensorBoardWriter`` (raw histograms,
+  sums, one bincount per tensor; the large tensors in torch's thread count of threads at once) +
+  ``write_histograms`` through ``TensorBoardWriter`` (raw histograms,
   one event per step with its ``Summary`` encoded in one go, flushed) on a second ``SummaryWriter``,
   which ``TensorBoardWriter`` switches to our numpy CRC-32C (``loggers/_crc32c.py``; same bytes,
   checked below with TensorBoard's own CRC);
@@ -15,18 +16,24 @@ Measured in one run, interleaved (naive, ours, naive, ours, ...):
   ours, drift from a snapshot of the initial weights (what ``WeightHistograms`` adds per evaluation)
   and one SGD training step of the same model.
 
-CPU times are process CPU time, so they include TensorBoard's writer thread (where the CRC runs).
-``--threads N`` (default 1) gives torch AND numpy's BLAS N threads. Left at its default, numpy's
-OpenBLAS busy-waits after each of ``add_histogram``'s dot products: on a 2-core machine that about
-doubled naive's CPU and wall time and billed the step after it (ours) 30-40 ms, so single-threaded
-figures from before this option (naive ~1300 ms) are not comparable with the ones it prints.
-The ratio of medians is the headline; the ratio of minima is printed too (shared machines are noisy).
+CPU times are process CPU time (summed over all threads), so they include TensorBoard's writer thread
+(where the CRC runs). Both sides run under one or more torch thread counts, interleaved in one run
+(``--threads-list``, default ``1,N`` with N torch's default, the machine's cores): torch's intra-op
+threads set to each count in turn (``histograms`` bins the large CPU tensors in that many threads),
+numpy's BLAS limited to ONE thread throughout, on both sides. Left at its default, OpenBLAS splits
+``add_histogram``'s float64 dot products over its threads and busy-waits after each: on a 2-core machine
+that about doubled naive's CPU and wall time (figures from before that limit, naive ~1300 ms, are not
+comparable) and billed the step after it (ours) 30-40 ms; one thread is naive's fastest setting, and numpy's
+``np.histogram`` is single-threaded anyway. Headlines: the CPU ratio for one thread (robust to other jobs on
+a shared machine), the wall ratio for several (CPU time is summed over the threads; wall time is what the
+training loop waits for). Medians are the headline; minima are printed too (shared machines are noisy),
+with the load average before and after.
 
 Usage::
 
-    python benchmarks/bench_histograms.py            # ResNet-50-like, CPU (or CUDA if available), 1 thread
-    python benchmarks/bench_histograms.py --threads 0 --repeats 7   # the libraries' default threads
-    python benchmarks/bench_histograms.py --arch resnet18 --repeats 5 --device cpu
+    python benchmarks/bench_histograms.py --repeats 5     # ResNet-50-like, CPU (or CUDA if available), 1 and N threads
+    python benchmarks/bench_histograms.py --threads 1     # one configuration only (0: torch's default)
+    python benchmarks/bench_histograms.py --arch resnet18 --threads-list 1,2,4 --device cpu
 """
 
 from __future__ import annotations
@@ -118,22 +125,30 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=64, help="image side of the training step")
     parser.add_argument(
-        "--threads", type=int, default=1,
-        help="torch and numpy-BLAS CPU threads (default 1: numpy's binning in add_histogram is single-threaded, "
-        "and a shared machine makes multi-threaded timings erratic); 0 keeps the libraries' defaults",
+        "--threads", type=int, default=None,
+        help="run one torch thread count only (0: torch's default); numpy's BLAS runs one thread regardless",
+    )
+    parser.add_argument(
+        "--threads-list", default=None,
+        help="comma-separated torch thread counts, interleaved in one run (default: 1 and torch's default)",
     )
     args = parser.parse_args()
-    blas_note = "BLAS threads: default"
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-        try:  # numpy's BLAS too: its idle worker threads spin after add_histogram's dot product, and that
-            # CPU time (and the stolen core) would be charged to whatever runs next -- here, ours
-            from threadpoolctl import threadpool_limits
+    default_threads = torch.get_num_threads()
+    if args.threads is not None:
+        configs = [args.threads or default_threads]
+    elif args.threads_list:
+        configs = [int(v) or default_threads for v in args.threads_list.split(",")]
+    else:
+        configs = [1, default_threads]
+    configs = list(dict.fromkeys(n for n in configs if n > 0))
+    try:  # numpy's BLAS: one thread on both sides (see the module docstring)
+        from threadpoolctl import threadpool_limits
 
-            threadpool_limits(args.threads, user_api="blas")
-            blas_note = f"numpy BLAS threads: {args.threads}"
-        except ImportError:
-            blas_note = "numpy BLAS threads: default (no threadpoolctl)"
+        threadpool_limits(1, user_api="blas")
+        blas_note = "numpy BLAS: 1 thread"
+    except ImportError:
+        blas_note = "numpy BLAS threads: default (no threadpoolctl)"
+    load_start = os.getloadavg()
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -143,7 +158,8 @@ def main() -> None:
     initial = {n: p.detach().cpu().clone() for n, p in params.items()}
     print(
         f"model: {args.arch}-like in plain torch, {n_values / 1e6:.2f}M parameters in {len(params)} tensors; "
-        f"device: {device} ({torch.get_num_threads()} torch CPU threads, {blas_note}); torch {torch.__version__}"
+        f"device: {device} (torch CPU threads: {', '.join(map(str, configs))} of default {default_threads}; {blas_note}; "
+        f"{os.cpu_count()} cores); torch {torch.__version__}"
     )
 
     from torch.utils.tensorboard import SummaryWriter
@@ -176,14 +192,19 @@ def main() -> None:
         _sync(device)
         return time.perf_counter() - start, time.process_time() - cpu
 
-    for fn in (naive, ours, ours_compute, drift_only):  # warm-up
-        fn(0)
-    times: dict[str, list[tuple[float, float]]] = {"naive": [], "ours": [], "ours_compute": [], "drift": []}
-    for r in range(1, args.repeats + 1):
-        times["naive"].append(timed(naive, r))
-        times["ours"].append(timed(ours, r))
-        times["ours_compute"].append(timed(ours_compute, r))
-        times["drift"].append(timed(drift_only, r))
+    measured = {"naive": naive, "ours": ours, "ours_compute": ours_compute, "drift": drift_only}
+    times: dict[int, dict[str, list[tuple[float, float]]]] = {n: {k: [] for k in measured} for n in configs}
+    step = 0
+    for n in configs:  # warm-up
+        torch.set_num_threads(n)
+        for fn in measured.values():
+            fn(step)
+    for _ in range(args.repeats):
+        for n in configs:
+            torch.set_num_threads(n)
+            for key, fn in measured.items():
+                step += 1
+                times[n][key].append(timed(fn, step))
 
     # one SGD training step of the same model, for context
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -195,8 +216,15 @@ def main() -> None:
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
 
-    train_step(0)
-    times["train_step"] = [timed(train_step, r) for r in range(args.repeats)]
+    for n in configs:
+        torch.set_num_threads(n)
+        train_step(0)
+        times[n]["train_step"] = []
+    for r in range(args.repeats):
+        for n in configs:
+            torch.set_num_threads(n)
+            times[n]["train_step"].append(timed(train_step, r))
+    torch.set_num_threads(default_threads)
     crc_kinds = {"naive": _record_writer_kind(sw), "ours": _record_writer_kind(sw_ours)}
     sw.close()
     sw_ours.close()
@@ -208,38 +236,82 @@ def main() -> None:
 
     records = {kind: _checked_records(os.path.join(log_dir, kind), stock_crc) for kind in ("naive", "ours")}
     event = max(records["ours"], key=len)
-    times["crc_stock"] = [timed(lambda _: stock_crc(event), r) for r in range(args.repeats)]
-    times["crc_ours"] = [timed(lambda _: fast_crc(event), r) for r in range(args.repeats)]
+    crc = {"crc_stock": [timed(lambda _: stock_crc(event), r) for r in range(args.repeats)]}
+    crc["crc_ours"] = [timed(lambda _: fast_crc(event), r) for r in range(args.repeats)]
     shutil.rmtree(log_dir, ignore_errors=True)
+    load_end = os.getloadavg()
 
-    wall = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
-    cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
+    def med(v: list[tuple[float, float]], which: int) -> float:
+        return statistics.median(t[which] for t in v)
 
-    def fmt(key: str) -> str:
-        return f"wall {wall[key] * 1e3:8.1f} ms   CPU {cpu[key] * 1e3:8.1f} ms"
+    def lowest(v: list[tuple[float, float]], which: int) -> float:
+        return min(t[which] for t in v)
 
-    def row(label: str, key: str) -> None:
-        print(f"  {label:<50}: {fmt(key)}")
+    def row(label: str, v: list[tuple[float, float]]) -> None:
+        print(f"  {label:<50}: wall {med(v, 0) * 1e3:8.1f} ms   CPU {med(v, 1) * 1e3:8.1f} ms")
 
-    kb = f"{len(event) / 1e3:.0f} KB"
-    print(f"medians of {args.repeats} interleaved runs (CPU = process CPU time, all threads):")
-    row("naive SummaryWriter.add_histogram, every tensor", "naive")
-    row("ours: histograms() + raw writes, every tensor", "ours")
-    row(f"  of which histograms() alone ({args.bins} bins)", "ours_compute")
-    row(f"  CRC of its one {kb} event, with our numpy CRC", "crc_ours")
-    row("  (the same CRC with TensorBoard's pure Python)", "crc_stock")
-    row("drift() from the initial snapshot (context)", "drift")
-    row(f"one SGD training step, batch {args.batch}x3x{args.size}x{args.size}", "train_step")
+    load = f"load average (1/5/15 min) {' '.join(f'{v:.2f}' for v in load_start)} before, " + " ".join(
+        f"{v:.2f}" for v in load_end
+    ) + f" after, on {os.cpu_count()} cores"
+    print(load)
+    headlines = []
+    for n in configs:
+        t = times[n]
+        print(f"torch threads {n}: medians of {args.repeats} interleaved runs (CPU = process CPU time, all threads):")
+        row("naive SummaryWriter.add_histogram, every tensor", t["naive"])
+        row("ours: histograms() + raw writes, every tensor", t["ours"])
+        row(f"  of which histograms() alone ({args.bins} bins)", t["ours_compute"])
+        row("drift() from the initial snapshot (context)", t["drift"])
+        row(f"one SGD training step, batch {args.batch}x3x{args.size}x{args.size}", t["train_step"])
+        ratio = {w: med(t["naive"], i) / med(t["ours"], i) for i, w in enumerate(("wall", "CPU"))}
+        ratio_min = {w: lowest(t["naive"], i) / lowest(t["ours"], i) for i, w in enumerate(("wall", "CPU"))}
+        headline = "CPU" if n == 1 else "wall"
+        print(
+            f"  ratio naive / ours (headline: {headline}): medians wall {ratio['wall']:.1f}x, CPU {ratio['CPU']:.1f}x; "
+            f"minima wall {lowest(t['naive'], 0) * 1e3:.0f} / {lowest(t['ours'], 0) * 1e3:.0f} ms = {ratio_min['wall']:.1f}x, "
+            f"CPU {lowest(t['naive'], 1) * 1e3:.0f} / {lowest(t['ours'], 1) * 1e3:.0f} ms = {ratio_min['CPU']:.1f}x; "
+            f"ours / one training step: wall {med(t['ours'], 0) / med(t['train_step'], 0):.2f}"
+        )
+        label = "single-threaded (CPU)" if n == 1 else f"with {n} torch threads (wall)"
+        headlines.append(f"{label}: {ratio[headline]:.1f}x (min {ratio_min[headline]:.1f}x)")
+    row(f"CRC of ours' one {len(event) / 1e3:.0f} KB event, with our numpy CRC", crc["crc_ours"])
+    row("  (the same CRC with TensorBoard's pure Python)", crc["crc_stock"])
     print(
         f"record writers: naive {crc_kinds['naive']}, ours {crc_kinds['ours']}; "
         f"all {len(records['naive'])} + {len(records['ours'])} records pass TensorBoard's CRC check"
     )
-    cpu_min = {k: min(c for _, c in v) for k, v in times.items()}
-    print(
-        f"ratio naive / ours: wall {wall['naive'] / wall['ours']:.1f}x, CPU {cpu['naive'] / cpu['ours']:.1f}x "
-        f"(minima: CPU {cpu_min['naive'] * 1e3:.0f} / {cpu_min['ours'] * 1e3:.0f} ms = "
-        f"{cpu_min['naive'] / cpu_min['ours']:.1f}x); ours / one training step: wall {wall['ours'] / wall['train_step']:.2f}"
-    )
+    print("headline ratio naive / ours, medians: " + "; ".join(headlines))
+    for n in configs[1:]:
+        print(
+            f"cores free for {n} threads (a pure numpy loop in {n} threads vs one, measured just now): "
+            f"{_parallel_capacity(n):.2f}x speed-up; a multi-threaded wall time cannot gain more than that here"
+        )
+
+
+def _parallel_capacity(n: int, repeats: int = 5) -> float:
+    """Median wall-time speed-up of ``n`` threads over one on the same GIL-free numpy work (how many cores
+    the other jobs of a shared machine leave free)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    arrays = [np.ones(1 << 20, dtype=np.float32) for _ in range(n)]
+
+    def work(a: np.ndarray) -> None:
+        for _ in range(40):
+            np.multiply(a, 1.0000001, out=a)
+
+    gains = []
+    with ThreadPoolExecutor(n) as pool:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for a in arrays:
+                work(a)
+            serial = time.perf_counter() - start
+            start = time.perf_counter()
+            list(pool.map(work, arrays))
+            gains.append(serial / (time.perf_counter() - start))
+    return statistics.median(gains)
 
 
 def _record_writer_kind(summary_writer: object) -> str:

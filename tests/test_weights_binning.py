@@ -4,6 +4,7 @@ small tensors binned together equal the per-tensor path, the numpy drift equals 
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -212,3 +213,125 @@ def test_sample_positions_are_cached_and_fixed():
     first = weights._sample_index(20_000, 8192, 5)
     assert torch.equal(first, fresh) and weights._sample_index(20_000, 8192, 5) is first
     assert weights._sample_index(100, 8192, 5) is None
+
+
+# ------------------------------------------------------------------------------ threads (CPU)
+@pytest.fixture
+def torch_threads():
+    """Sets torch's intra-op thread count for a test and restores the previous one."""
+    previous = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(previous)
+
+
+def _large_mix() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    out = {f"w{i}": torch.randn(40_000 + 9_000 * i, generator=g) * 10.0**-i for i in range(5)}
+    nonfinite = torch.randn(30_000, generator=g)
+    nonfinite[::997], nonfinite[5::1999], nonfinite[7::2999] = float("nan"), float("inf"), -float("inf")
+    out.update(
+        nonfinite=nonfinite,
+        only_nan=torch.full((3_000,), float("nan")),
+        const=torch.full((25_000,), -1.5),
+        ints=torch.randint(-1000, 1000, (50_000,), generator=g),
+        half=torch.randn(60_000, generator=g).half(),
+        f64=torch.randn(70_000, generator=g, dtype=torch.float64) * 1e3,
+        thirds=torch.randint(-7, 9, (20_000,), generator=g).float() / 3,  # values on the edges
+        bias=torch.randn(64, generator=g),  # small: batched, not threaded
+    )
+    return out
+
+
+def _spy(monkeypatch, *, barrier: threading.Barrier | None = None, fail_in: str | None = None) -> list[tuple[str, int]]:
+    """Wraps ``_cpu_histogram``: records (thread name, torch threads) per call and checks that numpy's BLAS
+    runs one thread; ``barrier``: each of the
+    first two threads waits at its first call until the other arrives (both surely bin a tensor);
+    ``fail_in``: raise in the pool's worker thread (``"worker"``) or in the calling one (``"caller"``)."""
+    calls: list[tuple[str, int]] = []
+    seen: set[str] = set()
+    lock = threading.Lock()
+    original = weights._cpu_histogram
+
+    def spy(x, bins, work):  # noqa: ANN001, ANN202
+        name = threading.current_thread().name
+        with lock:
+            first = name not in seen
+            seen.add(name)
+            calls.append((name, torch.get_num_threads()))
+            blas = weights._blas_controller()
+            assert blas is None or all(lib.num_threads == 1 for lib in blas.lib_controllers)
+        if barrier is not None and first and len(seen) <= 2:
+            barrier.wait(timeout=20)
+        is_worker = name.startswith("introspect-histograms")
+        if fail_in is not None and is_worker == (fail_in == "worker"):
+            raise RuntimeError(f"boom in {fail_in}")
+        return original(x, bins, work)
+
+    monkeypatch.setattr(weights, "_cpu_histogram", spy)
+    return calls
+
+
+def _stats(h: weights.HistogramStats) -> tuple:
+    return (
+        h.counts.tolist(), h.edges.tolist(), h.min, h.max, h.num, h.numel, h.nan, h.posinf, h.neginf,
+        repr(h.sum), repr(h.sum_squares),  # repr: bit-identical floats (and NaN equals NaN)
+    )
+
+
+@pytest.mark.parametrize("bins", [1, 7, 32, 300])
+def test_threaded_binning_equals_the_serial_path_bit_for_bit(bins, monkeypatch, torch_threads):
+    tensors = _large_mix()
+    before = {k: v.clone() for k, v in tensors.items()}
+    torch_threads(2)
+    monkeypatch.setattr(weights, "_PARALLEL_NUMEL", 1 << 62)  # serial, torch's 2 threads otherwise
+    serial = histograms(tensors, bins=bins)
+    monkeypatch.setattr(weights, "_PARALLEL_NUMEL", 0)
+    calls = _spy(monkeypatch, barrier=threading.Barrier(2))
+    threaded = histograms(tensors, bins=bins)
+    assert torch.get_num_threads() == 2
+    assert {name.startswith("introspect-histograms") for name, _ in calls} == {True, False}, "both threads binned"
+    assert {n for _, n in calls} == {1}, "torch ran one intra-op thread in every worker"
+    assert len(calls) == len(tensors) - 1  # every large tensor once; the bias was batched
+    for key in tensors:
+        assert _stats(threaded[key]) == _stats(serial[key]), key
+        torch.testing.assert_close(tensors[key], before[key], rtol=0, atol=0, equal_nan=True, msg=f"{key} was modified")
+    h = threaded["nonfinite"]
+    assert (h.nan, h.posinf, h.neginf) == (
+        int(torch.isnan(tensors["nonfinite"]).sum()), int((tensors["nonfinite"] == math.inf).sum()), int((tensors["nonfinite"] == -math.inf).sum())
+    )
+    assert threaded["only_nan"].num == 0 and threaded["only_nan"].nan == 3_000
+    assert threaded["const"].edges[[0, -1]].tolist() == [-2.0, -1.0]
+
+
+def test_the_serial_path_runs_below_the_threshold_and_with_one_thread(monkeypatch, torch_threads):
+    tensors = _large_mix()
+    torch_threads(2)
+    calls = _spy(monkeypatch)
+    histograms(tensors, bins=8)  # ~0.5M values: below _PARALLEL_NUMEL
+    assert {name for name, _ in calls} == {threading.current_thread().name}
+    assert {n for _, n in calls} == {1}  # torch's OpenMP team is not woken per op
+    calls.clear()
+    torch_threads(1)
+    monkeypatch.setattr(weights, "_PARALLEL_NUMEL", 0)
+    histograms(tensors, bins=8)  # one torch thread: serial whatever the size
+    assert {name for name, _ in calls} == {threading.current_thread().name}
+    assert torch.get_num_threads() == 1
+
+
+def _blas_threads() -> list[int]:
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    return [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+
+
+@pytest.mark.parametrize("fail_in", ["worker", "caller"])
+def test_thread_counts_are_restored_when_a_worker_raises(fail_in, monkeypatch, torch_threads):
+    blas_before = _blas_threads()
+    torch_threads(3)
+    monkeypatch.setattr(weights, "_PARALLEL_NUMEL", 0)
+    calls = _spy(monkeypatch, barrier=threading.Barrier(2), fail_in=fail_in)
+    with pytest.raises(RuntimeError, match=f"boom in {fail_in}"):
+        histograms(_large_mix(), bins=16)
+    assert torch.get_num_threads() == 3
+    assert _blas_threads() == blas_before
+    assert {n for _, n in calls} == {1}
+    assert not [t for t in threading.enumerate() if t.name.startswith("introspect-histograms")], "pool joined"

@@ -27,10 +27,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
 import zlib
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +56,7 @@ _SMALL_NUMEL = 2048  # CPU tensors up to this size are binned together (per-call
 _BATCH_NUMEL = 1 << 20  # values concatenated at most per batch of small tensors
 _CHUNK = 1 << 16  # CPU binning works through tensors in chunks of 256 KiB of float32 (they stay in L2)
 _KEPT_DTYPES = (torch.float32, torch.float64)
+_PARALLEL_NUMEL = 1 << 20  # CPU tensors above _SMALL_NUMEL holding fewer values in all are binned in one thread
 
 
 @dataclass(frozen=True)
@@ -384,6 +388,97 @@ def _small_batches(keys: list[int], sizes: list[int]) -> list[list[int]]:
     return batches
 
 
+@functools.lru_cache(maxsize=1)
+def _blas_controller() -> object | None:
+    """threadpoolctl's controller of numpy's BLAS libraries (found once: the scan costs ~0.5 ms); ``None``
+    without threadpoolctl (it ships with scikit-learn) or without a BLAS it can drive."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        return None
+    controller = ThreadpoolController().select(user_api="blas")
+    return controller if controller.lib_controllers else None
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS limited to one thread while the block runs (process-wide); previous limits restored.
+
+    OpenBLAS splits a float64 dot of a 64K-value chunk over its threads (float32 ones it does not): ~40x
+    slower than one thread (its workers' wake-up and spin-wait), and the sum depends on the thread count.
+    Left as it is when every BLAS already runs one thread.
+    """
+    controller = _blas_controller()
+    if controller is None or all(lib.num_threads <= 1 for lib in controller.lib_controllers):  # type: ignore[attr-defined]
+        yield
+        return
+    with controller.limit(limits=1):  # type: ignore[attr-defined]
+        yield
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` while the block runs; the previous count restored in ``finally``."""
+    previous = torch.get_num_threads()
+    if n == previous:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _cpu_workers(flats: Sequence[torch.Tensor], keys: Sequence[int]) -> int:
+    """Threads for the large CPU tensors: torch's intra-op thread count, at most one per tensor; 1 (serial)
+    when they hold fewer than ``_PARALLEL_NUMEL`` values (starting threads would cost more than they save)."""
+    if sum(flats[i].numel() for i in keys) < _PARALLEL_NUMEL:
+        return 1
+    return max(1, min(torch.get_num_threads(), len(keys)))
+
+
+def _cpu_histograms(flats: Sequence[torch.Tensor], keys: Sequence[int], bins: int, results: list[_Result | None]) -> None:
+    """:func:`_cpu_histogram` of ``flats[i]`` for every ``i`` in ``keys``, into ``results[i]``.
+
+    With one worker (:func:`_cpu_workers`): in order, in this thread. With ``k > 1``: ``k`` threads (this
+    one and ``k - 1`` of a pool) take the tensors largest first from a shared queue, each with its own
+    :class:`_Workspace`; meanwhile torch runs one intra-op thread (aminmax / bincount would otherwise each
+    start a team of threads in every worker) and this thread waits for every worker before restoring it,
+    also when one raises (the others then stop after their current tensor). numpy ufuncs, BLAS dots and
+    torch ops release the GIL. Either way numpy's BLAS runs one thread (:func:`_one_blas_thread`), and
+    each tensor's result is computed by the same code, so it is the same bit for bit.
+    """
+    workers = _cpu_workers(flats, keys)
+    with _one_blas_thread(), _torch_threads(1):
+        if workers <= 1:
+            work = _Workspace()
+            for i in keys:
+                results[i] = _cpu_histogram(flats[i], bins, work)
+            return
+        pending = iter(sorted(keys, key=lambda i: flats[i].numel(), reverse=True))
+        lock, failed = threading.Lock(), threading.Event()
+
+        def drain() -> None:
+            work = _Workspace()
+            while not failed.is_set():
+                with lock:
+                    i = next(pending, None)
+                if i is None:
+                    return
+                try:
+                    results[i] = _cpu_histogram(flats[i], bins, work)
+                except BaseException:
+                    failed.set()
+                    raise
+
+        with ThreadPoolExecutor(workers - 1, thread_name_prefix="introspect-histograms") as pool:
+            futures = [pool.submit(drain) for _ in range(workers - 1)]
+            drain()  # leaving the pool's block waits for the workers (then torch's threads are restored)
+        for future in futures:
+            future.result()  # a worker's exception
+
+
 def _device_histograms(xs: Sequence[torch.Tensor], bins: int) -> list[_Result]:
     """Histograms of tensors on one accelerator: two phases, each ending in one transfer to the CPU.
 
@@ -432,6 +527,15 @@ def histograms(
     binned together, a few numpy calls for all of them, with the same counts and float64 sums. Tensors
     with a NaN or Inf value take a slower path (boolean masking) that counts them separately.
 
+    Threads (CPU): the larger CPU tensors are binned by ``torch.get_num_threads()`` threads at once (the
+    calling thread and a pool started for the call, which waits for them), largest tensor first, when
+    there are several and they hold at least ``2**20`` values in all; otherwise one after the other in the
+    calling thread. While they are binned, torch's intra-op thread count is set to 1 (each binning thread
+    keeps one core busy; with one binning thread too, as an OpenMP team woken for every tensor's min / max
+    mostly spin-waits on a busy machine, ~5x slower there) and numpy's BLAS (OpenBLAS / MKL, through
+    threadpoolctl when installed) to one thread, process-wide; both are restored before returning, also
+    on error. Every result is the same bit for bit whatever the thread count.
+
     Args:
         tensors: a mapping ``key -> tensor`` or a sequence of tensors (keys are then 0, 1, ...).
             Any shape and floating / integer dtype; gradients are not tracked and nothing is modified.
@@ -470,9 +574,8 @@ def histograms(
                     if done is None:
                         large.append(i)
                     results[i] = done
-        work = _Workspace()
-        for i in large:
-            results[i] = _cpu_histogram(flats[i], bins, work)
+        if large:
+            _cpu_histograms(flats, large, bins, results)
         for keys in by_device.values():
             for i, done in zip(keys, _device_histograms([flats[i] for i in keys], bins)):
                 results[i] = done
