@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -120,3 +123,76 @@ def private_generator(seed: int, device: torch.device | str = "cpu") -> torch.Ge
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
     return gen
+
+
+# ------------------------------------------------------------------------------------------ threads
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` while the block runs (``None``: unchanged); restored in ``finally``.
+
+    For small or memory-bound work run from the training thread between steps (probe fits, histogram
+    binning): per-op overhead dominates there, and on a busy machine every multi-threaded op waits for
+    a descheduled worker. Training itself never runs inside the block, and the count it sees is unchanged.
+
+    Example:
+        >>> before = torch.get_num_threads()
+        >>> with torch_threads(1):
+        ...     torch.get_num_threads()
+        1
+        >>> torch.get_num_threads() == before
+        True
+    """
+    previous = torch.get_num_threads()
+    if n is None or n == previous:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+_BLAS_LOCK = threading.Lock()
+_blas_users = 0
+_blas_limiter: Any = None
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller() -> Any:
+    """threadpoolctl's controller of the BLAS libraries numpy loaded (scanned once: ~0.5 ms); ``None``
+    without threadpoolctl (it ships with scikit-learn) or without a BLAS it can drive."""
+    try:
+        import numpy  # noqa: F401  (loads numpy's BLAS before the scan)
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        return None
+    controller = ThreadpoolController().select(user_api="blas")
+    return controller if controller.lib_controllers else None
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS (OpenBLAS / MKL, through threadpoolctl) at one thread while the block runs, process-wide.
+
+    Multi-threaded BLAS competes with training for the same cores and spins on a busy machine (a float64
+    dot of 64K values: ~40x slower with 2 OpenBLAS threads than with one), and a sum then depends on the
+    thread count. Uses may overlap (a background probe fit while histograms are binned) and nest: they
+    share one limit, counted under a lock, and the original counts come back when the last one ends.
+    torch's own thread pool is not touched.
+    """
+    global _blas_users, _blas_limiter
+    with _BLAS_LOCK:
+        if _blas_users == 0:
+            controller = _blas_controller()
+            if controller is not None and any(lib.num_threads > 1 for lib in controller.lib_controllers):
+                _blas_limiter = controller.limit(limits=1)
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _blas_users -= 1
+            if _blas_users == 0 and _blas_limiter is not None:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None

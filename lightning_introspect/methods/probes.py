@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lightning_introspect._torch.guards import private_generator
+from lightning_introspect._torch.guards import one_blas_thread, private_generator, torch_threads
 
 POOLING_CHOICES = ("avg", "max", "avgmax", "flatten")
 SOLVER_CHOICES = ("sklearn", "torch")
@@ -339,21 +339,21 @@ class FeatureCache:
 # ------------------------------------------------------------------------------------------- fitting
 @contextlib.contextmanager
 def blas_threads(n: int | None = 1) -> Iterator[None]:
-    """Limit the BLAS libraries numpy / scipy use (OpenBLAS, MKL of numpy) to ``n`` threads in a block.
-
-    For sklearn fits in a background thread: multi-threaded BLAS there competes with the training
-    loop for the same cores and, on a busy machine, spins. torch's own thread pool is left alone (it is
-    a separate OpenMP runtime, so training numerics do not change). The limit is process-wide while the
-    block runs (numpy code in other threads runs single-threaded meanwhile). ``None``: no limit.
+    """numpy / scipy's BLAS at ``n`` threads in a block (``None``: unchanged), for sklearn fits in a
+    background thread: multi-threaded BLAS there competes with the training loop for the same cores and,
+    on a busy machine, spins. ``n=1`` is the shared, counted limit of
+    :func:`~lightning_introspect._torch.guards.one_blas_thread` (safe while histograms are binned at the
+    same time). torch's own thread pool is left alone, so training numerics do not change.
     """
     if n is None:
         yield
         return
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
-        yield
+    if n == 1:
+        with one_blas_thread():
+            yield
         return
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(limits=n, user_api="blas"):
         yield
 
@@ -472,24 +472,6 @@ def _fit_sklearn(
 
 
 _SMALL_CPU_PROBLEM = 1 << 20  # features (n x D); below this one CPU thread is faster than several
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Run a block with ``n`` torch intra-op threads (``None``: unchanged); the old count is restored.
-
-    Small L-BFGS problems are dominated by per-op overhead, and on a busy machine every multi-threaded
-    op waits for a descheduled worker: one thread is many times faster there.
-    """
-    previous = torch.get_num_threads()
-    if n is None or n == previous:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _standardise(x: torch.Tensor, tr: torch.Tensor) -> torch.Tensor:
@@ -632,7 +614,7 @@ def _fit_torch(
         torch.inference_mode(False),
         torch.no_grad(),
         _no_autocast(device),
-        _torch_threads(1 if small_cpu else None),
+        torch_threads(1 if small_cpu else None),
     ):
         tr = torch.as_tensor(train, device=device)
         te = torch.as_tensor(test, device=device)

@@ -27,17 +27,18 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import threading
 import zlib
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from lightning_introspect._torch.guards import one_blas_thread, torch_threads
 
 __all__ = [
     "DriftStats",
@@ -388,48 +389,6 @@ def _small_batches(keys: list[int], sizes: list[int]) -> list[list[int]]:
     return batches
 
 
-@functools.lru_cache(maxsize=1)
-def _blas_controller() -> object | None:
-    """threadpoolctl's controller of numpy's BLAS libraries (found once: the scan costs ~0.5 ms); ``None``
-    without threadpoolctl (it ships with scikit-learn) or without a BLAS it can drive."""
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
-        return None
-    controller = ThreadpoolController().select(user_api="blas")
-    return controller if controller.lib_controllers else None
-
-
-@contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
-    """numpy's BLAS limited to one thread while the block runs (process-wide); previous limits restored.
-
-    OpenBLAS splits a float64 dot of a 64K-value chunk over its threads (float32 ones it does not): ~40x
-    slower than one thread (its workers' wake-up and spin-wait), and the sum depends on the thread count.
-    Left as it is when every BLAS already runs one thread.
-    """
-    controller = _blas_controller()
-    if controller is None or all(lib.num_threads <= 1 for lib in controller.lib_controllers):  # type: ignore[attr-defined]
-        yield
-        return
-    with controller.limit(limits=1):  # type: ignore[attr-defined]
-        yield
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads set to ``n`` while the block runs; the previous count restored in ``finally``."""
-    previous = torch.get_num_threads()
-    if n == previous:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _cpu_workers(flats: Sequence[torch.Tensor], keys: Sequence[int]) -> int:
     """Threads for the large CPU tensors: torch's intra-op thread count, at most one per tensor; 1 (serial)
     when they hold fewer than ``_PARALLEL_NUMEL`` values (starting threads would cost more than they save)."""
@@ -446,11 +405,11 @@ def _cpu_histograms(flats: Sequence[torch.Tensor], keys: Sequence[int], bins: in
     :class:`_Workspace`; meanwhile torch runs one intra-op thread (aminmax / bincount would otherwise each
     start a team of threads in every worker) and this thread waits for every worker before restoring it,
     also when one raises (the others then stop after their current tensor). numpy ufuncs, BLAS dots and
-    torch ops release the GIL. Either way numpy's BLAS runs one thread (:func:`_one_blas_thread`), and
+    torch ops release the GIL. Either way numpy's BLAS runs one thread (:func:`~lightning_introspect._torch.guards.one_blas_thread`), and
     each tensor's result is computed by the same code, so it is the same bit for bit.
     """
     workers = _cpu_workers(flats, keys)
-    with _one_blas_thread(), _torch_threads(1):
+    with one_blas_thread(), torch_threads(1):
         if workers <= 1:
             work = _Workspace()
             for i in keys:
