@@ -2,8 +2,9 @@
 
 Compares the parameterisations (pixels, Fourier), transformation robustness, the frequency penalty
 and a decoder prior, for a single image and a batch of 16 (what the callback optimises at once for
-3 + 3 channels and 10 classes). Also the forward + backward to the input alone, as the floor.
-Prints a table and ratios to the plain pixel run, all measured in this one run.
+3 + 3 channels and 10 classes). Also the forward + backward to the input alone, as the floor: through the
+module itself, and through ``frozen_params`` (detached, channels-last weights via ``torch.func.functional_call``:
+what ``visualize_features`` runs on CPU). Prints a table and ratios, all measured in this one run.
 
     python benchmarks/bench_featviz.py [--device cpu|cuda] [--steps 40] [--threads 1]
 """
@@ -17,7 +18,12 @@ import time
 import torch
 
 from lightning_introspect.demo import DigitsCNN
-from lightning_introspect.methods.feature_visualization import MLPDecoder, class_logit, visualize_features
+from lightning_introspect.methods.feature_visualization import (
+    MLPDecoder,
+    class_logit,
+    frozen_params,
+    visualize_features,
+)
 
 
 def _rates(fns: dict, steps: int, repeats: int) -> dict[str, float]:
@@ -66,7 +72,17 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
-        fns = {"floor": floor}
+        fast = frozen_params(model)
+
+        def floor_fast(steps: int, batch: int = batch, fast: dict = fast) -> None:
+            x = torch.randn(batch, 1, 32, 32, device=device, requires_grad=True)
+            for _ in range(steps):
+                out = torch.func.functional_call(model, fast, (x,)) if fast else model(x)
+                (g,) = torch.autograd.grad(out[:, 0].sum(), x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        fns = {"floor": floor, "floor_fast": floor_fast}
         for label, kwargs in settings.items():
 
             def run(steps: int, kwargs: dict = kwargs, objective=objective, batch: int = batch) -> None:
@@ -77,7 +93,11 @@ def main() -> None:
             fns[label] = run
         rates = _rates(fns, args.steps, args.repeats)
         floor_rate = rates.pop("floor")
-        print(f"\nbatch {batch}: forward + backward to the input alone: {floor_rate:8.1f} steps/s")
+        fast_rate = rates.pop("floor_fast")
+        print(f"\nbatch {batch}: forward + backward to the input alone: {floor_rate:8.1f} steps/s through the module, "
+              f"{fast_rate:8.1f} through frozen_params ({'channels-last' if fast else 'not used on this device'}; "
+              "visualize_features uses it from 4 x 32 x 32 input values)")
+        print(f"RATIO featviz_frozen_params_floor_speedup_b{batch} {fast_rate / floor_rate:.3f}")
         print(f"  {'setting':28s} {'steps/s':>9s} {'images/s':>9s} {'vs pixels':>9s} {'vs floor':>9s}")
         base = rates["pixels"]
         for label, rate in rates.items():

@@ -11,6 +11,7 @@ from torch import nn
 from lightning_introspect._lightning import pl
 from lightning_introspect.callbacks.feature_visualization import FeatureVisualization, resolve_prior
 from lightning_introspect.demo import DigitsCNN, DigitsDataModule, load_digits_tensors
+from lightning_introspect.methods import feature_visualization as fv
 from lightning_introspect.methods.feature_visualization import (
     MLPDecoder,
     TransformRobustness,
@@ -237,6 +238,62 @@ def test_no_side_effects_on_model_rng_hooks_or_grads(inference):
     assert all(p.grad is None for p in [*net.parameters(), *decoder.parameters()])
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in [*net.modules(), *decoder.modules()])
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # incl. BatchNorm running stats
+
+
+class _ViewNet(nn.Module):
+    """A classic forward that flattens with ``.view``: it needs NCHW-contiguous activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 32 * 32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.conv(x))
+        return self.head(a.view(a.shape[0], -1))
+
+
+def test_fast_pass_gives_the_same_optimum_and_falls_back_for_view_models(monkeypatch):
+    """The channels-last, detached-parameter pass (CPU, batches of >= 4096 input values) optimises the same
+    function as the model itself: the same objective trace to float precision; a model that cannot run it
+    keeps its own parameters."""
+    torch.manual_seed(0)
+    net = _Net().eval()
+    obj = channel("conv", [0, 1, 2, 3]) + 0.5 * class_logit([2, 1, 0, 1])
+    kwargs = dict(shape=(4, 3, 32, 32), steps=10, seed=3, param="fourier", transforms=True, frequency_penalty=1.0)
+    assert all(v.is_contiguous(memory_format=torch.channels_last) for k, v in fv.frozen_params(net).items() if v.ndim == 4)
+    calls = []
+    functional_call = torch.func.functional_call
+    monkeypatch.setattr(torch.func, "functional_call", lambda *a, **k: calls.append(1) or functional_call(*a, **k))
+    fast = visualize_features(net, obj, **kwargs)
+    assert len(calls) >= kwargs["steps"]  # the steps ran through the fast pass
+    monkeypatch.setattr(fv, "frozen_params", lambda model, device=None: {})
+    plain = visualize_features(net, obj, **kwargs)
+    assert torch.equal(fast.initial_objective, plain.initial_objective)  # both measured on the model itself
+    assert torch.allclose(fast.trace, plain.trace, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(fast.objective, plain.objective, rtol=1e-4, atol=1e-4)
+    monkeypatch.undo()
+    view_net = _ViewNet().eval()
+    with pytest.raises(RuntimeError):  # what the fast pass would hit without the fallback
+        with torch.enable_grad():
+            torch.func.functional_call(view_net, fv.frozen_params(view_net), (torch.rand(4, 1, 32, 32, requires_grad=True),))
+    res = visualize_features(view_net, class_logit(1), shape=(4, 1, 32, 32), steps=5, seed=0)
+    assert (res.objective > res.initial_objective).all()
+    assert all(not m._forward_hooks for m in view_net.modules())
+    assert all(p.is_contiguous() for p in view_net.parameters())
+
+
+def test_adam_step_equals_torch_adam_bitwise():
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 4, 5, generator=gen)
+    grads = [torch.randn(3, 4, 5, generator=gen) for _ in range(6)]
+    ours, ref = start.clone().requires_grad_(), start.clone().requires_grad_()
+    opt, torch_opt = fv._Adam([ours], lr=0.1), torch.optim.Adam([ref], lr=0.1)
+    for g in grads:
+        opt.step([g])
+        ref.grad = g.clone()
+        torch_opt.step()
+    assert torch.equal(ours, ref) and ours.grad is None
 
 
 def test_hooks_removed_when_the_objective_raises():

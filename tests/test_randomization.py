@@ -123,6 +123,42 @@ def test_ssim_agrees_with_torchmetrics_and_skips_non_images():
     assert torch.isfinite(ssim_similarity(torch.rand(2, 5, 5), torch.rand(2, 5, 5))).all()  # shrunk window
 
 
+def test_batched_similarities_equal_one_call_per_pair():
+    """The randomisation check measures all its map pairs in a few batched passes (a shared original map
+    ranked once, chunks bounded by a budget): the per-sample values are those of one call per pair."""
+    from lightning_introspect.methods.randomization import _PendingSimilarities, _similarities
+
+    gen = torch.Generator().manual_seed(2)
+    shared = torch.rand(3, 2, 9, 9, generator=gen)
+    shared[:, :, :3] = 0.0  # ties
+    pairs = [(shared, torch.rand(3, 2, 9, 9, generator=gen)) for _ in range(4)]
+    pairs += [(torch.rand(3, 10, generator=gen), torch.rand(3, 10, generator=gen))]  # not images: no SSIM
+    pairs += [(shared, torch.zeros(3, 2, 9, 9)), (torch.rand(2, 1, 5, 5, generator=gen), torch.rand(2, 1, 5, 5, generator=gen))]
+    for budget in (1 << 22, 500):  # one pass per shape / several chunks
+        batched = _similarities(pairs, ["spearman_abs", "spearman", "ssim"], budget=budget)
+        for (a, b), got in zip(pairs, batched):
+            ref = map_similarity(a, b)
+            assert set(got) == set(ref)
+            for metric in ref:
+                assert torch.allclose(got[metric], ref[metric], atol=1e-6), metric
+    pending = _PendingSimilarities(["spearman"], budget=600)
+    for i, (a, b) in enumerate(pairs):
+        pending.add(i, a, b)
+    assert [k for k, _ in pending.results()] == list(range(len(pairs)))
+
+
+def test_ssim_of_large_maps_agrees_with_torchmetrics():
+    """Maps above the band-matrix size take the grouped-convolution path."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.rand(2, 3, 100, 104, generator=gen), torch.rand(2, 3, 100, 104, generator=gen)
+    x, y = a.sum(1), b.sum(1)
+    x, y = x / x.flatten(1).amax(1).view(-1, 1, 1), y / y.flatten(1).amax(1).view(-1, 1, 1)
+    ref = tm_ssim(x.unsqueeze(1), y.unsqueeze(1), data_range=1.0, reduction="none")
+    assert torch.allclose(ssim_similarity(a, b), ref, atol=1e-5)
+
+
 def test_similarity_rejects_bad_arguments():
     with pytest.raises(ValueError, match="same shape"):
         map_similarity(torch.rand(2, 4, 4), torch.rand(3, 4, 4))

@@ -158,3 +158,21 @@ def test_constructor_types_work_with_lightning_cli_yaml():
     assert isinstance(cb, SanityChecks)
     assert cb.layers == ["classifier", "features.8"] and cb.thresholds == {"randomization": 0.4, "class_sensitivity": 0.7}
     assert cb.mode == "both" and cb.bn_mode == "keep" and cb.num_samples == 4
+
+
+def test_curve_figures_on_one_reused_figure_equal_fresh_figures():
+    """All metrics of a mode are drawn on one reused figure: the images are those of a fresh figure each."""
+    from lightning_introspect.callbacks.sanity_checks import curve_figure, curve_figures
+
+    torch.manual_seed(0)
+    cb = SanityChecks(methods=["saliency", "grad_cam"], num_samples=3, layers=3, repeats=2, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = cb.check(DigitsCNN(width=8).eval(), torch.randn(3, 1, 32, 32))
+    metrics = ["spearman_abs", "spearman", "ssim"]
+    reused = curve_figures(report, "cascading", metrics)
+    assert list(reused) == metrics
+    for metric in metrics:
+        fresh = curve_figure(report, "cascading", metric)
+        assert fresh.shape == reused[metric].shape and (fresh == reused[metric]).all(), metric
+    assert not (reused["spearman"] == reused["ssim"]).all()

@@ -25,7 +25,7 @@ from lightning_introspect.methods.randomization import (
     VERDICT_METRICS,
     SanityReport,
     _resolve_thresholds,
-    map_similarity,
+    _similarities,
     run_sanity_checks,
 )
 
@@ -340,8 +340,8 @@ class SanityChecks(IntrospectionCallback):
                 scalars[self.tag(method, "class_passed")] = float(report.class_sensitivity_verdicts[method] == "pass")
         writer.scalars({k: v for k, v in scalars.items() if math.isfinite(v)}, step)
         for mode in report.curves:
-            for metric in self._plotted_metrics(report, mode):
-                writer.image(self.tag("curve", mode, metric), curve_figure(report, mode, metric), step)
+            for metric, image in curve_figures(report, mode, self._plotted_metrics(report, mode)).items():
+                writer.image(self.tag("curve", mode, metric), image, step)
             grid = maps_grid(report, mode, inputs)
             if grid is not None:
                 writer.image(self.tag("maps", mode), grid, step)
@@ -407,6 +407,12 @@ def _input_image(inputs: torch.Tensor) -> torch.Tensor | None:
     return img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
 
 
+def _fill_captions(captions: list[str], slots: Sequence[int], pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write "ρ(|m|) .. ρ(m) .." of each map pair into ``captions[slot]`` (one batched similarity call)."""
+    for slot, sim in zip(slots, _similarities(pairs, ["spearman_abs", "spearman"]) if pairs else []):
+        captions[slot] = f"ρ(|m|) {float(sim['spearman_abs'][0]):.2f}  ρ(m) {float(sim['spearman'][0]):.2f}"
+
+
 def maps_grid(report: SanityReport, mode: str, inputs: torch.Tensor) -> Any:
     """HWC uint8 grid: rows = randomisation depth (original first), columns = input + one per method."""
     per_method = report.maps.get(mode, {})
@@ -417,6 +423,7 @@ def maps_grid(report: SanityReport, mode: str, inputs: torch.Tensor) -> Any:
     steps = [ORIGINAL, *report.layers]
     first = _input_image(inputs)
     images, captions = [], []
+    pairs, slots = [], []  # caption similarities, measured in one batched call below
     for r, step_name in enumerate(steps):
         if first is not None:
             images.append(first if r == 0 else torch.ones_like(first))
@@ -432,8 +439,10 @@ def maps_grid(report: SanityReport, mode: str, inputs: torch.Tensor) -> Any:
             if r == 0:
                 captions.append(method)
             else:
-                sim = map_similarity(maps[ORIGINAL][:1], maps[step_name][:1], ["spearman_abs", "spearman"])
-                captions.append(f"ρ(|m|) {float(sim['spearman_abs'][0]):.2f}  ρ(m) {float(sim['spearman'][0]):.2f}")
+                pairs.append((maps[ORIGINAL][:1], maps[step_name][:1]))
+                slots.append(len(captions))
+                captions.append("")
+    _fill_captions(captions, slots, pairs)
     ncol = len(methods) + (first is not None)
     labels = [ORIGINAL] + [f"{'→ ' if mode == 'cascading' else ''}{name}" for name in report.layers]
     title = f"{mode} randomisation (rows: {'cumulative, output side first' if mode == 'cascading' else 'one block each'})"
@@ -449,6 +458,7 @@ def class_maps_grid(report: SanityReport, inputs: torch.Tensor) -> Any:
     size = tuple(inputs.shape[-2:]) if inputs.ndim == 4 else None
     first = _input_image(inputs)
     images, captions, labels = [], [], []
+    pairs, slots = [], []
     for r, key in enumerate(keys):
         cls = report.classes.get(key, [None])[0]
         labels.append(f"{key}: class {cls}")
@@ -464,8 +474,10 @@ def class_maps_grid(report: SanityReport, inputs: torch.Tensor) -> Any:
             if r == 0:
                 captions.append(method)
             else:
-                sim = map_similarity(report.class_maps[method]["pred"][:1], report.class_maps[method][key][:1], ["spearman_abs", "spearman"])
-                captions.append(f"ρ(|m|) {float(sim['spearman_abs'][0]):.2f}  ρ(m) {float(sim['spearman'][0]):.2f}")
+                pairs.append((report.class_maps[method]["pred"][:1], report.class_maps[method][key][:1]))
+                slots.append(len(captions))
+                captions.append("")
+    _fill_captions(captions, slots, pairs)
     ncol = len(methods) + (first is not None)
     return annotated_grid(torch.stack(images), captions, nrow=ncol, row_labels=labels, title="class sensitivity (first sample)")
 
@@ -519,6 +531,13 @@ def annotated_grid(
 
 def curve_figure(report: SanityReport, mode: str, metric: str) -> Any:
     """HWC uint8 image of the similarity-vs-layer curves of one mode and metric (one line per method)."""
+    return curve_figures(report, mode, [metric])[metric]
+
+
+def curve_figures(report: SanityReport, mode: str, metrics: Sequence[str]) -> dict[str, Any]:
+    """:func:`curve_figure` for several metrics of one mode, drawn on ONE reused matplotlib figure: the axes,
+    ticks, tick labels and title are made once, only the lines, band, threshold, limits and legend change
+    per metric (about half the cost of a fresh figure each)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -528,28 +547,41 @@ def curve_figure(report: SanityReport, mode: str, metric: str) -> Any:
 
     xs = [ORIGINAL, *report.layers]
     fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(xs) + 2.5), 3.4), dpi=90)
-    lowest = 0.0
-    for method in report.methods:
-        values = report.curves.get(mode, {}).get(method, {}).get(metric)
-        if not values:
-            continue
-        ys = [1.0] + [values.get(name, float("nan")) for name in report.layers]
-        std = [0.0] + [report.curves_std.get(mode, {}).get(method, {}).get(metric, {}).get(name, 0.0) for name in report.layers]
-        line = ax.plot(range(len(xs)), ys, marker="o", label=f"{method} ({report.verdicts.get(method, '?')})")[0]
-        lo = [y - s for y, s in zip(ys, std)]
-        ax.fill_between(range(len(xs)), lo, [y + s for y, s in zip(ys, std)], color=line.get_color(), alpha=0.15)
-        lowest = min(lowest, min(v for v in lo if math.isfinite(v)))
-    if metric in ("spearman_abs", "spearman") or report.verdict_metric == metric:
-        ax.axhline(report.thresholds["randomization"], color="grey", ls="--", lw=1, label="pass threshold")
-    ax.set_xticks(range(len(xs)))
-    ax.set_xticklabels(xs, rotation=35, ha="right", fontsize=7)
-    ax.set_ylim(min(-0.1, lowest - 0.05), 1.05)
-    ax.set_ylabel(_METRIC_LABELS.get(metric, metric), fontsize=8)
-    what = "cumulative, from the output" if mode == "cascading" else "one layer at a time"
-    ax.set_title(f"{mode} randomisation ({what})", fontsize=9)
-    ax.legend(fontsize=6, loc="lower left")
-    fig.subplots_adjust(left=0.13, right=0.98, top=0.9, bottom=0.3)  # fixed layout: tight_layout costs more than the plot
-    return figure_to_array(fig)
+    out: dict[str, Any] = {}
+    try:
+        ax.set_xticks(range(len(xs)))
+        ax.set_xticklabels(xs, rotation=35, ha="right", fontsize=7)
+        what = "cumulative, from the output" if mode == "cascading" else "one layer at a time"
+        # y given: the title sits where matplotlib puts it anyway (no ticks on top) without the per-draw
+        # search for overlapping tick labels
+        ax.set_title(f"{mode} randomisation ({what})", fontsize=9, y=1.0)
+        fig.subplots_adjust(left=0.13, right=0.98, top=0.9, bottom=0.3)  # fixed layout: tight_layout costs more than the plot
+        for metric in metrics:
+            ax.set_prop_cycle(None)  # every figure starts at the first colour
+            artists: list[Any] = []
+            lowest = 0.0
+            for method in report.methods:
+                values = report.curves.get(mode, {}).get(method, {}).get(metric)
+                if not values:
+                    continue
+                ys = [1.0] + [values.get(name, float("nan")) for name in report.layers]
+                std = [0.0] + [report.curves_std.get(mode, {}).get(method, {}).get(metric, {}).get(name, 0.0) for name in report.layers]
+                line = ax.plot(range(len(xs)), ys, marker="o", label=f"{method} ({report.verdicts.get(method, '?')})")[0]
+                lo = [y - s for y, s in zip(ys, std)]
+                band = ax.fill_between(range(len(xs)), lo, [y + s for y, s in zip(ys, std)], color=line.get_color(), alpha=0.15)
+                artists += [line, band]
+                lowest = min(lowest, min(v for v in lo if math.isfinite(v)))
+            if metric in ("spearman_abs", "spearman") or report.verdict_metric == metric:
+                artists.append(ax.axhline(report.thresholds["randomization"], color="grey", ls="--", lw=1, label="pass threshold"))
+            ax.set_ylim(min(-0.1, lowest - 0.05), 1.05)
+            ax.set_ylabel(_METRIC_LABELS.get(metric, metric), fontsize=8)
+            artists.append(ax.legend(fontsize=6, loc="lower left"))
+            out[metric] = figure_to_array(fig, close=False)
+            for artist in artists:
+                artist.remove()
+    finally:
+        plt.close(fig)
+    return out
 
 
-__all__ = ["SanityChecks", "annotated_grid", "class_maps_grid", "curve_figure", "maps_grid"]
+__all__ = ["SanityChecks", "annotated_grid", "class_maps_grid", "curve_figure", "curve_figures", "maps_grid"]

@@ -24,6 +24,12 @@ parameters only); forward hooks sit only on the target layers and are removed in
 randomness comes from a private generator and the global RNG is forked. Works from inside
 ``torch.inference_mode()``.
 
+Speed (CPU): the optimisation steps of a batch of at least 4096 input values run the model through
+``torch.func.functional_call`` with detached, channels-last copies of its parameters (:func:`frozen_params`):
+the same function, about a third less CPU time for a small CNN; checked against the model's own pass on the starting images (a model whose
+forward needs NCHW strides keeps its own parameters). Adam is applied with torch's arithmetic minus the
+optimizer wrapper (:class:`_Adam`).
+
 No Lightning import here: usable in a notebook.
 """
 
@@ -58,6 +64,10 @@ OUTPUT = "<output>"  # the pseudo-layer name of the model's output (class logits
 # frequencies are scaled by up to max(H, W), so this keeps the first Adam steps of a comparable size
 # to the pixel parameterisation's (Lucid uses the same constant).
 _FOURIER_DAMP = 4.0
+
+# Below this many input elements a step is dominated by per-op overhead, where `functional_call` adds more
+# than channels-last saves (one 32 px image: ~1.4x slower; four: ~0.6-0.8x of the module's time).
+_FAST_MIN_ELEMENTS = 4 * 32 * 32
 
 ChannelSpec = Union[int, Sequence[int], torch.Tensor]  # noqa: UP007 (a runtime alias on Python 3.10)
 
@@ -667,11 +677,14 @@ class _Stop(Exception):
 class ActivationRecorder:
     """Forward hooks on the objective's layers only; call it like the model to get ``(acts, output)``.
 
-    Use as a context manager: the hooks are removed on exit, also on errors.
+    Use as a context manager: the hooks are removed on exit, also on errors. ``params``: tensors that
+    stand in for some of the model's parameters during the call (``torch.func.functional_call``; the
+    model's own parameters are put back afterwards, also on errors), e.g. :func:`frozen_params`.
     """
 
-    def __init__(self, model: nn.Module, objective: Objective) -> None:
+    def __init__(self, model: nn.Module, objective: Objective, params: Mapping[str, torch.Tensor] | None = None) -> None:
         self.model = model
+        self.params = dict(params) if params else None
         self.needs_output = objective.needs_output
         self.modules = {name: get_layer(model, name, argument="layer") for name in objective.module_layers}
         self.acts: dict[str, torch.Tensor] = {}
@@ -703,7 +716,7 @@ class ActivationRecorder:
         self.acts = {}
         output = None
         try:
-            output = self.model(x)
+            output = self.model(x) if self.params is None else torch.func.functional_call(self.model, self.params, (x,))
         except _Stop:
             pass
         if isinstance(output, (tuple, list)):
@@ -712,6 +725,70 @@ class ActivationRecorder:
         if missing:
             raise ValueError(f"The layer(s) {missing} did not run in the model's forward pass; choose layers that do.")
         return self.acts, output
+
+
+def frozen_params(model: nn.Module, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """On CPU: the model's floating parameters, detached, with 4-D ones (2-D conv weights) in channels-last
+    memory format; ``{}`` on other devices (not measured there).
+
+    Passed to :class:`ActivationRecorder` (``torch.func.functional_call``), they make every convolution,
+    BatchNorm, ReLU and pooling of an optimisation step run on NHWC tensors, and autograd build no graph
+    for the weights: the same values, about a third less CPU time for a small CNN (NCHW max-pooling alone
+    is ~10x slower than NHWC on CPU; an eval-mode BatchNorm backward is ~40 % cheaper when its weight
+    does not require grad). The model itself is not changed (the tensors are detached copies / views).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 1))
+        >>> {k: (v.ndim, v.requires_grad) for k, v in frozen_params(net).items()}
+        {'0.weight': (4, False), '0.bias': (1, False), '3.weight': (2, False), '3.bias': (1, False)}
+        >>> frozen_params(net)["0.weight"].is_contiguous(memory_format=torch.channels_last)
+        True
+    """
+    device = module_device(model) if device is None else torch.device(device)
+    if device.type != "cpu":
+        return {}
+    with torch.inference_mode(False):
+        return {
+            name: p.detach().to(memory_format=torch.channels_last) if p.ndim == 4 else p.detach()
+            for name, p in model.named_parameters()
+            if p.is_floating_point()
+        }
+
+
+class _Adam:
+    """Adam with ``torch.optim.Adam``'s defaults and its single-tensor arithmetic (the same numbers on CPU),
+    without the optimizer wrapper's per-step bookkeeping (~0.5 ms a step, a few % of a 16-image step).
+    Takes the gradients as a list: no ``.grad`` is ever set."""
+
+    def __init__(self, params: Sequence[torch.Tensor], *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params, self.lr, self.eps = list(params), float(lr), float(eps)
+        self.beta1, self.beta2 = (float(b) for b in betas)
+        self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, grads: Sequence[torch.Tensor]) -> None:
+        self.t += 1
+        step = float(self.t)
+        step_size = self.lr / (1 - self.beta1**step)
+        bias_correction2_sqrt = (1 - self.beta2**step) ** 0.5
+        for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
+            m.lerp_(g, 1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            p.addcdiv_(m, (v.sqrt() / bias_correction2_sqrt).add_(self.eps), value=-step_size)
+
+
+def _same_objective(fn: Callable[[], torch.Tensor], reference: torch.Tensor) -> bool:
+    """Whether ``fn()`` (the objective through :func:`frozen_params`) runs and matches ``reference`` (the
+    model's own pass) to float precision; a model whose forward assumes NCHW strides (``x.view(n, -1)``
+    after a conv fails here) or behaves differently then keeps its own parameters."""
+    try:
+        values = fn().detach().float().cpu()
+    except RuntimeError:
+        return False
+    scale = 1.0 + float(reference.abs().max()) if reference.numel() else 1.0
+    return values.shape == reference.shape and bool(torch.allclose(values, reference, rtol=1e-3, atol=1e-4 * scale))
 
 
 def _as_channel_tensor(value: float | Sequence[float], c: int, device: torch.device, argument: str) -> torch.Tensor:
@@ -872,7 +949,7 @@ def visualize_features(
     gen = private_generator(seed)
     settings = {"param": "prior" if prior is not None else param, "frequency_penalty": float(frequency_penalty), "penalty": penalty, "transforms": robust, "steps": steps, "lr": float(lr), "seed": seed}
 
-    with introspection_mode(model, grad=True), ActivationRecorder(model, objective) as rec:
+    with introspection_mode(model, grad=True), ActivationRecorder(model, objective, frozen_params(model, device) if n * c * h * w >= _FAST_MIN_ELEMENTS else None) as rec:
         m_t = _as_channel_tensor(mean, c, device, "mean")
         s_t = _as_channel_tensor(std, c, device, "std")
         if (s_t == 0).any():
@@ -891,7 +968,7 @@ def visualize_features(
                 dec = (param == "fourier") if decorrelate is None else bool(decorrelate)
                 image_fn = _Image((n, c, h, w), param=param, value_range=(lo, hi), range_fn=range_fn, decorrelate=dec, color_correlation=color_correlation, decay_power=decay_power, init_std=init_std, generator=gen, device=device)
             params = [p for p in image_fn.parameters()]
-            opt = torch.optim.Adam(params, lr=float(lr))
+            opt = _Adam(params, lr=float(lr))
 
             def evaluate(img: torch.Tensor) -> torch.Tensor:
                 acts, out = rec(((img - m_t) / s_t).to(dtype))
@@ -901,7 +978,12 @@ def visualize_features(
                 return values
 
             with torch.no_grad():
-                initial = evaluate(image_fn()).detach().float().cpu()
+                start = image_fn()
+                params_fast, rec.params = rec.params, None
+                initial = evaluate(start).detach().float().cpu()  # the model as it is
+            if params_fast:  # the channels-last pass only where it gives the same objective, run as a step runs it
+                rec.params = params_fast
+                rec.params = params_fast if _same_objective(lambda: evaluate(start.detach().requires_grad_(True)), initial) else None
             trace = []  # kept on the device: no host sync per step
             for _ in range(steps):
                 img = image_fn()
@@ -914,12 +996,7 @@ def visualize_features(
                     penalties = penalties + float(latent_penalty) * image_fn.latent.pow(2).mean(1)
                 # Penalties are relative to the objective's current size, so one weight suits any layer.
                 loss = (values.detach().abs() * penalties - values).sum()
-                grads = torch.autograd.grad(loss, params)
-                for p, g in zip(params, grads):
-                    p.grad = g
-                opt.step()
-                for p in params:
-                    p.grad = None
+                opt.step(torch.autograd.grad(loss, params))
                 if isinstance(image_fn, _Image):
                     image_fn.project()
             with torch.no_grad():
