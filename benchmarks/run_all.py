@@ -38,8 +38,9 @@ BENCHMARKS: list[tuple[str, list[str], list[str], list[tuple[str, str]]]] = [
         [],
         ["--repeats", "1", "--arch", "resnet18"],
         [
-            ("histograms: naive add_histogram / ours (CPU time)", r"ratio naive / ours: wall [\d.]+x, CPU ([\d.]+)x"),
-            ("histograms: ours / one training step (wall)", r"ours / one training step: wall ([\d.]+)"),
+            ("histograms: naive add_histogram / ours, 1 torch thread (CPU time)", r"single-threaded \(CPU\): ([\d.]+)x"),
+            ("histograms: naive / ours, torch's default threads (wall)", r"with \d+ torch threads \(wall\): ([\d.]+)x"),
+            ("histograms: ours / one training step (wall, 1 thread)", r"ours / one training step: wall ([\d.]+)"),
         ],
     ),
     (

@@ -288,9 +288,9 @@ def test_batched_lbfgs_solves_each_problem_on_its_own():
     start = torch.zeros(3, 3)
     start[2] = centers[2]
 
-    def fun(theta):
-        diff = theta - centers
-        return 0.5 * (scales * diff * diff).sum(1), scales * diff
+    def fun(theta, rows):
+        diff = theta - centers[list(rows)]
+        return 0.5 * (scales[list(rows)] * diff * diff).sum(1), scales[list(rows)] * diff
 
     theta, n_iter = _lbfgs(fun, start, max_iter=100, tol=1e-6)
     torch.testing.assert_close(theta, centers, rtol=0, atol=1e-5)

@@ -531,7 +531,7 @@ def _lbfgs_direction(g: torch.Tensor, pairs: torch.Tensor, valid: torch.Tensor, 
 
 
 def _lbfgs(
-    fun: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    fun: Callable[[torch.Tensor, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]],
     theta: torch.Tensor,
     *,
     max_iter: int,
@@ -540,29 +540,38 @@ def _lbfgs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise ``L`` independent smooth convex problems at once with L-BFGS; returns ``(theta, n_iter)``.
 
-    ``theta`` is ``(L, ...)``; ``fun(theta) -> (f (L,), grad like theta)`` evaluates every problem in one
-    call (batched tensor ops: the point of fitting all layers' probes together). Each problem has its own
-    curvature pairs, step and stopping rule: it stops when the largest absolute gradient entry is at most
-    ``tol`` (scipy's ``pgtol``, which sklearn's lbfgs uses), when its line search cannot decrease the
-    objective any more, or after ``max_iter`` iterations. Steps come from a backtracking (Armijo) line
-    search from the unit step; pairs without positive curvature are not stored.
+    ``theta`` is ``(L, ...)``; ``fun(theta_rows, rows) -> (f (len(rows),), grad like theta_rows)``
+    evaluates the problems ``rows`` (a tuple of indices into ``L``) in one call: batched tensor ops, the
+    point of fitting all layers' probes together. Each problem has its own curvature pairs, step and
+    stopping rule: it stops when the largest absolute gradient entry is at most ``tol`` (scipy's
+    ``pgtol``, which sklearn's lbfgs uses), when its line search cannot decrease the objective any
+    more, or after ``max_iter`` iterations; finished problems leave the batch (``rows`` shrinks), so
+    they cost nothing more. Steps come from a backtracking (Armijo) line search from the unit step;
+    pairs without positive curvature are not stored.
     """
     shape = theta.shape
-    count = shape[0]
-    theta = theta.reshape(count, -1).clone()
+    out = theta.reshape(shape[0], -1).clone()
+    n_iter = torch.zeros(shape[0], dtype=torch.long, device=theta.device)
+    rows = tuple(range(shape[0]))
 
     def flat(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f, g = fun(t.reshape(shape))
-        return f, g.reshape(count, -1)
+        f, g = fun(t.reshape(len(rows), *shape[1:]), rows)
+        return f, g.reshape(len(rows), -1)
 
+    theta = out.clone()
     f, g = flat(theta)
-    pairs = theta.new_zeros(count, 2 * history, theta.shape[1])  # s_1..s_m, y_1..y_m (oldest first)
-    valid = torch.zeros(count, history, dtype=torch.bool, device=theta.device)
-    gamma = theta.new_ones(count)
-    n_iter = torch.zeros(count, dtype=torch.long, device=theta.device)
+    pairs = theta.new_zeros(len(rows), 2 * history, theta.shape[1])  # s_1..s_m, y_1..y_m (oldest first)
+    valid = torch.zeros(len(rows), history, dtype=torch.bool, device=theta.device)
+    gamma = theta.new_ones(len(rows))
     done = g.abs().amax(1) <= tol
-    for it in range(max_iter):
-        if bool(done.all()):
+    for it in range(max_iter + 1):
+        if bool(done.any()):  # finished problems leave the batch
+            index = torch.as_tensor(rows, device=theta.device)
+            out[index[done]] = theta[done]
+            keep = ~done
+            rows = tuple(r for r, k in zip(rows, keep.tolist()) if k)
+            theta, f, g, pairs, valid, gamma = theta[keep], f[keep], g[keep], pairs[keep], valid[keep], gamma[keep]
+        if not rows or it == max_iter:
             break
         d = _lbfgs_direction(g, pairs, valid, gamma)
         slope = (g * d).sum(1)
@@ -570,9 +579,8 @@ def _lbfgs(
         if bool(uphill.any()):
             d = torch.where(uphill[:, None], -g, d)
             slope = torch.where(uphill, -(g * g).sum(1), slope)
-        d = d * (~done).to(d.dtype)[:, None]
         step = torch.ones_like(f) if it else (1.0 / g.abs().sum(1).clamp_min(1e-12)).clamp_max(1.0)
-        accepted = done
+        accepted = torch.zeros_like(done[: len(rows)])
         new_theta, new_f, new_g = theta, f, g
         for _ in range(30):
             trial = theta + step[:, None] * d
@@ -587,26 +595,64 @@ def _lbfgs(
             step = torch.where(accepted, step, 0.5 * step)
         s, y = new_theta - theta, new_g - g
         sy = (s * y).sum(1)
-        fresh = ~done & accepted & (sy > 1e-10)
-        keep = fresh.to(s.dtype)[:, None, None]
-        pairs = torch.cat([pairs[:, 1:history], s.unsqueeze(1) * keep, pairs[:, history + 1 :], y.unsqueeze(1) * keep], 1)
+        fresh = accepted & (sy > 1e-10)
+        keep_pair = fresh.to(s.dtype)[:, None, None]
+        pairs = torch.cat(
+            [pairs[:, 1:history], s.unsqueeze(1) * keep_pair, pairs[:, history + 1 :], y.unsqueeze(1) * keep_pair], 1
+        )
         valid = torch.cat([valid[:, 1:], fresh[:, None]], 1)
         gamma = torch.where(fresh, sy / (y * y).sum(1).clamp_min(1e-30), gamma)
-        n_iter += (~done).long()
+        n_iter[list(rows)] += 1
         theta, f, g = new_theta, new_f, new_g
-        done = done | ~accepted | (g.abs().amax(1) <= tol)  # not accepted: no decrease left at float precision
-    return theta.reshape(shape), n_iter
+        done = ~accepted | (g.abs().amax(1) <= tol)  # not accepted: no decrease left at float precision
+    if rows:
+        out[torch.as_tensor(rows, device=theta.device)] = theta
+    return out.reshape(shape), n_iter
+
+
+_PAD_FREE_VALUES = 1 << 17  # a probe problem this small (samples x width) costs per-op overhead, not FLOPs
+
+
+def _width_groups(widths: Sequence[int], n: int) -> list[list[int]]:
+    """Layers fitted together (indices, narrowest first): each group is zero-padded to its widest layer,
+    so a layer joins the group of narrower ones when it is at most twice as wide as the group's narrowest,
+    or small enough (``n x width`` at most ``_PAD_FREE_VALUES``) that padding costs nothing measurable."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(widths)), key=lambda j: widths[j]):
+        if groups and (widths[i] <= 2 * widths[groups[-1][0]] or n * widths[i] <= _PAD_FREE_VALUES):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _group_objective(
+    ztr: torch.Tensor, onehot_t: torch.Tensor, penalty: float
+) -> Callable[[torch.Tensor, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`_softmax_objective` over a group's probe-train features ``(L, n, D)``, as :func:`_lbfgs`
+    calls it: the features of the problems still running are sliced out once each time some finish."""
+    ztr_t = ztr.transpose(1, 2).contiguous()
+    subsets = {tuple(range(ztr.shape[0])): (ztr_t, ztr)}
+
+    def objective(theta: torch.Tensor, rows: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        if rows not in subsets:
+            index = torch.as_tensor(rows, device=ztr.device)
+            subsets.clear()
+            subsets[rows] = (ztr_t[index], ztr[index])
+        return _softmax_objective(*subsets[rows], onehot_t, theta, penalty)
+
+    return objective
 
 
 def _fit_torch(
     xs: Sequence[torch.Tensor], y: torch.Tensor, train: np.ndarray, test: np.ndarray, *, C: float, max_iter: int,
     tol: float, warm_starts: Sequence[Mapping[str, Any] | None],
 ) -> list[tuple[np.ndarray, np.ndarray, int, dict[str, Any]]]:
-    """Fit one probe per feature matrix in ``xs`` (rows aligned with ``y``) as one batched L-BFGS problem.
+    """Fit one probe per feature matrix in ``xs`` (rows aligned with ``y``) with batched L-BFGS.
 
-    Narrower layers are zero-padded to the widest: a zero feature keeps a zero weight under the L2
-    penalty, so each probe is exactly its own problem. Returns ``(pred_train, pred_test, n_iter, state)``
-    per layer.
+    Layers of similar width (:func:`_width_groups`) are fitted as one batch, narrower ones zero-padded
+    to the widest: a zero feature keeps a zero weight under the L2 penalty, so each probe is exactly its
+    own problem. Returns ``(pred_train, pred_test, n_iter, state)`` per layer.
     """
     device = xs[0].device
     small_cpu = device.type == "cpu" and sum(x.numel() for x in xs) <= _SMALL_CPU_PROBLEM
@@ -622,32 +668,35 @@ def _fit_torch(
         classes = torch.unique(y[tr])
         classes_np = classes.cpu().numpy()
         k, n = classes.numel(), y.shape[0]
-        widths = [int(x.shape[1]) for x in xs]
-        z = torch.zeros(len(xs), n, max(widths), device=device)
-        theta = torch.zeros(len(xs), k, max(widths) + 1, device=device)  # weights | bias
-        for i, (x, warm) in enumerate(zip(xs, warm_starts, strict=True)):
-            z[i, :, : widths[i]] = _standardise(x.detach().to(device=device, dtype=torch.float32), tr)
-            if _warm_ok(warm, "torch", classes_np, widths[i]):
-                theta[i, :, : widths[i]] = torch.as_tensor(np.asarray(warm["coef"]), dtype=torch.float32, device=device)
-                theta[i, :, -1] = torch.as_tensor(np.asarray(warm["intercept"]), dtype=torch.float32, device=device)
-        ztr = z[:, tr]
-        ztr_t = ztr.transpose(1, 2).contiguous()
         onehot_t = F.one_hot(torch.searchsorted(classes, y[tr]), k).float().T.contiguous()
         # sklearn's objective: C * sum(cross-entropy) + ||W||^2 / 2, divided by C * n (the bias is not penalised).
-        penalty = 0.5 / (C * max(1, ztr.shape[1]))
-        theta, n_iter = _lbfgs(lambda t: _softmax_objective(ztr_t, ztr, onehot_t, t, penalty), theta, max_iter=max_iter, tol=tol)
-        pred = classes[torch.baddbmm(theta[..., -1].unsqueeze(1), z, theta[..., :-1].transpose(1, 2)).argmax(2)]
-        pred_train, pred_test = pred[:, tr].cpu().numpy(), pred[:, te].cpu().numpy()
-        coef, intercept, iters = theta[..., :-1].cpu().numpy(), theta[..., -1].cpu().numpy(), n_iter.tolist()
-    return [
-        (
-            pred_train[i],
-            pred_test[i],
-            int(iters[i]),
-            {"solver": "torch", "classes": classes_np, "coef": coef[i, :, : widths[i]].copy(), "intercept": intercept[i].copy()},
-        )
-        for i in range(len(xs))
-    ]
+        penalty = 0.5 / (C * max(1, tr.numel()))
+        widths = [int(x.shape[1]) for x in xs]
+        fits: list[Any] = [None] * len(xs)
+        for group in _width_groups(widths, n):
+            width = max(widths[i] for i in group)
+            z = torch.zeros(len(group), n, width, device=device)
+            theta = torch.zeros(len(group), k, width + 1, device=device)  # weights | bias
+            for j, i in enumerate(group):
+                z[j, :, : widths[i]] = _standardise(xs[i].detach().to(device=device, dtype=torch.float32), tr)
+                warm = warm_starts[i]
+                if _warm_ok(warm, "torch", classes_np, widths[i]):
+                    theta[j, :, : widths[i]] = torch.as_tensor(np.asarray(warm["coef"]), dtype=torch.float32, device=device)
+                    theta[j, :, -1] = torch.as_tensor(np.asarray(warm["intercept"]), dtype=torch.float32, device=device)
+            objective = _group_objective(z[:, tr], onehot_t, penalty)
+            theta, n_iter = _lbfgs(objective, theta, max_iter=max_iter, tol=tol)
+            pred = classes[torch.baddbmm(theta[..., -1].unsqueeze(1), z, theta[..., :-1].transpose(1, 2)).argmax(2)]
+            pred_train, pred_test = pred[:, tr].cpu().numpy(), pred[:, te].cpu().numpy()
+            coef, intercept, iters = theta[..., :-1].cpu().numpy(), theta[..., -1].cpu().numpy(), n_iter.tolist()
+            for j, i in enumerate(group):
+                state = {
+                    "solver": "torch",
+                    "classes": classes_np,
+                    "coef": coef[j, :, : widths[i]].copy(),
+                    "intercept": intercept[j].copy(),
+                }
+                fits[i] = (pred_train[j], pred_test[j], int(iters[j]), state)
+    return fits
 
 
 def fit_probe(
