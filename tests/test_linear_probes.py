@@ -309,6 +309,8 @@ def test_bad_layer_name_raises_at_setup_with_close_matches(tmp_path):
         ({"max_features": -1}, "`max_features`"),
         ({"test_fraction": 1.5}, "`test_fraction`"),
         ({"C": 0}, "`C`"),
+        ({"tol": 0.0}, "`tol`"),
+        ({"tol": float("inf")}, "`tol`"),
         ({"cache": "lru"}, r"`cache`.*'reservoir'"),
         ({"layers": 3}, "`layers`"),
         ({"target_transform": "y"}, "`target_transform`"),
@@ -416,3 +418,17 @@ def test_auto_solver_on_cpu_fits_small_caches_inline_and_large_ones_in_the_backg
     assert probes._executor is None and not probes._jobs
     # warm start carried from epoch 0 to epoch 1 with the solver that fitted them
     assert probes._warm and all(state["solver"] == expected for state in probes._warm.values())
+
+
+def test_the_callbacks_tolerance_reaches_the_solver_and_reads_the_same_accuracies(tmp_path):
+    # tol=1e-3 (the default) stops earlier than sklearn's 1e-4 and reads the same accuracies within a sample or two
+    loose = LinearProbes(solver="torch", include_input=False, on_error="raise")
+    strict = LinearProbes(solver="torch", include_input=False, tol=1e-4, on_error="raise")
+    small_fit(tmp_path / "loose", [loose], epochs=1, limit_train_batches=2)
+    small_fit(tmp_path / "strict", [strict], epochs=1, limit_train_batches=2)
+    iters = {name: sum(r[k].n_iter for k in r) for name, r in (("loose", loose.results["init"]), ("strict", strict.results["init"]))}
+    assert iters["loose"] < iters["strict"]
+    n_test = next(iter(strict.results["init"].values())).n_test
+    for key in ("init", 0):
+        for layer, acc in strict.history[key].items():
+            assert abs(loose.history[key][layer] - acc) <= 2 / n_test + 1e-9

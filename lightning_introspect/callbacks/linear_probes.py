@@ -134,6 +134,9 @@ class LinearProbes(IntrospectionCallback):
         solver: ``"auto"``, ``"torch"`` (batched, inline, model device) or ``"sklearn"`` (background thread, CPU).
         test_fraction: share of each class held out to score the probes.
         max_iter: L-BFGS iterations per probe.
+        tol: gradient tolerance of the fits (largest absolute entry of the mean loss's gradient; sklearn's
+            default is 1e-4). 1e-3 needs about half the iterations; on the digits demo the probe accuracies
+            moved by at most one test sample (0.006) against 1e-4.
         C: inverse L2 regularisation strength (sklearn's convention).
         cache: ``"reservoir"`` (uniform sample of the whole pass) or ``"first"`` (the first ``max_samples``).
         include_input: fit the raw-input baseline probe (once, at fit start).
@@ -175,6 +178,7 @@ class LinearProbes(IntrospectionCallback):
         solver: str = "auto",
         test_fraction: float = 0.3,
         max_iter: int = 100,
+        tol: float = 1e-3,
         C: float = 1.0,
         cache: str = "reservoir",
         include_input: bool = True,
@@ -203,6 +207,8 @@ class LinearProbes(IntrospectionCallback):
         check_positive_int(figures_every_n_epochs, "figures_every_n_epochs", allow_none=True)
         if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0.0 < test_fraction < 1.0:
             raise ValueError(f"Expected `test_fraction` to be a float in (0, 1), but got {test_fraction!r}.")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
+            raise ValueError(f"Expected `tol` to be a positive finite float, but got {tol!r}.")
         if isinstance(C, bool) or not isinstance(C, (int, float)) or not C > 0 or math.isinf(C):
             raise ValueError(f"Expected `C` to be a positive finite float, but got {C!r}.")
         if target_transform is not None and not callable(target_transform):
@@ -216,6 +222,7 @@ class LinearProbes(IntrospectionCallback):
         self.solver = solver
         self.test_fraction = float(test_fraction)
         self.max_iter = max_iter
+        self.tol = float(tol)
         self.C = float(C)
         self.cache = cache
         self.include_input = bool(include_input)
@@ -597,7 +604,7 @@ class LinearProbes(IntrospectionCallback):
         with limit:
             results = fit_probes(
                 features, labels, solver=solver, test_fraction=self.test_fraction, seed=self.seed,
-                max_iter=self.max_iter, C=self.C, warm_start=self._warm if trained else None,
+                max_iter=self.max_iter, tol=self.tol, C=self.C, warm_start=self._warm if trained else None,
             )
         if trained:
             self._warm = {n: r.state for n, r in results.items()}
