@@ -307,3 +307,28 @@ def test_batched_fit_equals_each_layer_fitted_alone(digits):
         assert together[name].state["coef"].shape == (10, feats.shape[1])  # padding removed
         gap = np.abs(together[name].state["coef"] - alone.state["coef"]).max()
         assert gap <= 1e-3 * np.abs(alone.state["coef"]).max()
+
+
+def test_width_groups_pad_only_similar_or_tiny_layers():
+    from lightning_introspect.methods.probes import _width_groups
+
+    assert _width_groups([64, 128, 256, 512], n=10_000) == [[0, 1], [2, 3]]  # padding stays within 2x
+    assert _width_groups([512, 16, 64, 32], n=200) == [[1, 3, 2, 0]]  # tiny problems: one batch, narrowest first
+    assert _width_groups([512, 16, 64, 32], n=500) == [[1, 3, 2], [0]]  # 500 x 512 is not tiny any more
+    assert _width_groups([8], n=10) == [[0]]
+
+
+def test_split_groups_and_finished_problems_leaving_the_batch_give_each_layers_own_fit(digits, monkeypatch):
+    # force one group per width: layers finish at different iterations and leave their batch early
+    monkeypatch.setattr("lightning_introspect.methods.probes._PAD_FREE_VALUES", 0)
+    x, y = digits
+    layers = {"wide": x, "narrow": x[:, :9].contiguous(), "mid": x[:, :24].contiguous(), "same": x[:, ::3].contiguous()}
+    together = fit_probes(layers, y, solver="torch")
+    iters = {name: r.n_iter for name, r in together.items()}
+    assert len(set(iters.values())) > 1  # they really stopped at different iterations
+    for name, feats in layers.items():
+        alone = fit_probe(feats, y, solver="torch")
+        assert abs(together[name].n_iter - alone.n_iter) <= 3  # padded within a group: rounding differs a little
+        assert together[name].accuracy == pytest.approx(alone.accuracy, abs=1.5 / alone.n_test)
+        gap = np.abs(together[name].state["coef"] - alone.state["coef"]).max()
+        assert gap <= 5e-3 * np.abs(alone.state["coef"]).max()
