@@ -283,19 +283,6 @@ def test_fast_pass_gives_the_same_optimum_and_falls_back_for_view_models(monkeyp
     assert all(p.is_contiguous() for p in view_net.parameters())
 
 
-def test_adam_step_equals_torch_adam_bitwise():
-    gen = torch.Generator().manual_seed(0)
-    start = torch.randn(3, 4, 5, generator=gen)
-    grads = [torch.randn(3, 4, 5, generator=gen) for _ in range(6)]
-    ours, ref = start.clone().requires_grad_(), start.clone().requires_grad_()
-    opt, torch_opt = fv._Adam([ours], lr=0.1), torch.optim.Adam([ref], lr=0.1)
-    for g in grads:
-        opt.step([g])
-        ref.grad = g.clone()
-        torch_opt.step()
-    assert torch.equal(ours, ref) and ours.grad is None
-
-
 def test_hooks_removed_when_the_objective_raises():
     net = _Net()
     with pytest.raises(ValueError, match=r"\[0, 3\]"):

@@ -420,9 +420,8 @@ class WeightHistograms(IntrospectionCallback):
             self.drift.setdefault(n, []).append(d.relative_change)
             self.cosine.setdefault(n, []).append(d.cosine_distance)
             self.wasserstein.setdefault(n, []).append(d.wasserstein)
-        with writer.batch():
-            write_histograms(writer, {self.tag(*key.split("/", 1)): h for key, h in hists.items()}, step)
-            writer.scalars(scalars, step)
+        write_histograms(writer, {self.tag(*key.split("/", 1)): h for key, h in hists.items()}, step)
+        writer.scalars(scalars, step)
         self.steps.append(step)
         self.epochs.append(epoch)
         self.histograms = dict(hists)
@@ -444,9 +443,8 @@ class WeightHistograms(IntrospectionCallback):
             return
         hists = histograms(grads, bins=self.bins)
         writer = self.writer(trainer)
-        with writer.batch():
-            write_histograms(writer, {self.tag("grad", *key.split("/", 1)): h for key, h in hists.items()}, step)
-            writer.scalars(self._nonfinite(trainer, hists, ("grad",), "gradient of"), step)
+        write_histograms(writer, {self.tag("grad", *key.split("/", 1)): h for key, h in hists.items()}, step)
+        writer.scalars(self._nonfinite(trainer, hists, ("grad",), "gradient of"), step)
         self.grad_history.append(
             {
                 "step": step,
@@ -457,12 +455,8 @@ class WeightHistograms(IntrospectionCallback):
         )
 
     def _epoch_end(self, trainer: Any, epoch: int | None = None, figures: bool = False) -> None:
-        # one writer batch for the evaluation, the summary and the figures: one flush (the writer thread
-        # checksums and writes every event before a flush returns) instead of one per part
-        with self.writer(trainer).batch():
-            self._epoch_end_writes(trainer, trainer.current_epoch if epoch is None else epoch, figures)
-
-    def _epoch_end_writes(self, trainer: Any, epoch: int, figures: bool) -> None:
+        # every write below joins the writer batch `run` holds around this call: one flush per epoch
+        epoch = trainer.current_epoch if epoch is None else epoch
         if trainer.global_step != self._last_step:
             self._evaluate(trainer, epoch=epoch)
         if not self.steps:
@@ -486,11 +480,10 @@ class WeightHistograms(IntrospectionCallback):
             "nonfinite": nonfinite,
         }
         writer = self.writer(trainer)
-        with writer.batch():
-            writer.text(self.tag("summary"), self._summary_markdown(weights), step)
-            if figures or self.is_due(trainer, self.figures_every_n_epochs, epoch):
-                writer.figure(self.tag("drift_by_depth"), self._drift_figure(), step)
-                writer.figure(self.tag("initial_vs_current"), self._overlay_figure(), step)
+        writer.text(self.tag("summary"), self._summary_markdown(weights), step)
+        if figures or self.is_due(trainer, self.figures_every_n_epochs, epoch):
+            writer.figure(self.tag("drift_by_depth"), self._drift_figure(), step)
+            writer.figure(self.tag("initial_vs_current"), self._overlay_figure(), step)
 
     # ---------------------------------------------------------------------------- reporting
     def _status(self, n: str, weights: Mapping[str, torch.Tensor]) -> str:

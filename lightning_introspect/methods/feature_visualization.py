@@ -27,8 +27,7 @@ randomness comes from a private generator and the global RNG is forked. Works fr
 Speed (CPU): the optimisation steps of a batch of at least 4096 input values run the model through
 ``torch.func.functional_call`` with detached, channels-last copies of its parameters (:func:`frozen_params`):
 the same function, about a third less CPU time for a small CNN; checked against the model's own pass on the starting images (a model whose
-forward needs NCHW strides keeps its own parameters). Adam is applied with torch's arithmetic minus the
-optimizer wrapper (:class:`_Adam`).
+forward needs NCHW strides keeps its own parameters).
 
 No Lightning import here: usable in a notebook.
 """
@@ -755,30 +754,6 @@ def frozen_params(model: nn.Module, device: torch.device | None = None) -> dict[
         }
 
 
-class _Adam:
-    """Adam with ``torch.optim.Adam``'s defaults and its single-tensor arithmetic (the same numbers on CPU),
-    without the optimizer wrapper's per-step bookkeeping (~0.5 ms a step, a few % of a 16-image step).
-    Takes the gradients as a list: no ``.grad`` is ever set."""
-
-    def __init__(self, params: Sequence[torch.Tensor], *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        self.params, self.lr, self.eps = list(params), float(lr), float(eps)
-        self.beta1, self.beta2 = (float(b) for b in betas)
-        self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
-        self.t = 0
-
-    @torch.no_grad()
-    def step(self, grads: Sequence[torch.Tensor]) -> None:
-        self.t += 1
-        step = float(self.t)
-        step_size = self.lr / (1 - self.beta1**step)
-        bias_correction2_sqrt = (1 - self.beta2**step) ** 0.5
-        for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
-            m.lerp_(g, 1 - self.beta1)
-            v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-            p.addcdiv_(m, (v.sqrt() / bias_correction2_sqrt).add_(self.eps), value=-step_size)
-
-
 def _same_objective(fn: Callable[[], torch.Tensor], reference: torch.Tensor) -> bool:
     """Whether ``fn()`` (the objective through :func:`frozen_params`) runs and matches ``reference`` (the
     model's own pass) to float precision; a model whose forward assumes NCHW strides (``x.view(n, -1)``
@@ -968,7 +943,7 @@ def visualize_features(
                 dec = (param == "fourier") if decorrelate is None else bool(decorrelate)
                 image_fn = _Image((n, c, h, w), param=param, value_range=(lo, hi), range_fn=range_fn, decorrelate=dec, color_correlation=color_correlation, decay_power=decay_power, init_std=init_std, generator=gen, device=device)
             params = [p for p in image_fn.parameters()]
-            opt = _Adam(params, lr=float(lr))
+            opt = torch.optim.Adam(params, lr=float(lr))
 
             def evaluate(img: torch.Tensor) -> torch.Tensor:
                 acts, out = rec(((img - m_t) / s_t).to(dtype))
@@ -996,9 +971,13 @@ def visualize_features(
                     penalties = penalties + float(latent_penalty) * image_fn.latent.pow(2).mean(1)
                 # Penalties are relative to the objective's current size, so one weight suits any layer.
                 loss = (values.detach().abs() * penalties - values).sum()
-                opt.step(torch.autograd.grad(loss, params))
+                for p, g in zip(params, torch.autograd.grad(loss, params)):
+                    p.grad = g  # the image's own parameters, never the model's
+                opt.step()
                 if isinstance(image_fn, _Image):
                     image_fn.project()
+            for p in params:
+                p.grad = None
             with torch.no_grad():
                 final_img = image_fn().detach()
                 final = evaluate(final_img).detach().float().cpu()
