@@ -523,3 +523,13 @@ def test_trained_digits_cnn(trained_digits) -> None:
     # Class-specific: explaining another class gives a different map.
     other = lrp(model, x, (y + 1) % 10)
     assert F.cosine_similarity(other.flatten(1), maps["epsilon"].flatten(1)).mean() < 0.5
+
+
+def test_methods_lrp_is_the_function_whatever_was_imported_before() -> None:
+    import importlib
+
+    importlib.import_module("lightning_introspect.methods.lrp")  # the submodule of the same name
+    from lightning_introspect.methods import lrp as from_package
+    from lightning_introspect.methods.lrp import lrp as from_module
+
+    assert from_package is from_module and callable(from_package)

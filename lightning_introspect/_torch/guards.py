@@ -71,6 +71,27 @@ def gradients_on(device: torch.device | str | None = None) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def eager_mode() -> Iterator[None]:
+    """Run ``torch.compile``-d code eagerly inside the block (``torch.compiler.set_stance("force_eager")``).
+
+    Hooks registered after a function was compiled are not seen by the graph dynamo already cached for
+    it: under ``trainer.fit(torch.compile(model))`` an introspection pass would silently record nothing.
+    Eager execution runs every module call, so every hook fires. The stance is restored on exit (training
+    stays compiled). A no-op on torch versions without ``set_stance`` (before 2.6).
+
+    Example:
+        >>> with eager_mode():
+        ...     pass
+    """
+    set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
+
+
 def module_device(module: nn.Module, default: torch.device | str = "cpu") -> torch.device:
     """The device of the module's first parameter (``default`` for a module without parameters).
 
@@ -83,7 +104,8 @@ def module_device(module: nn.Module, default: torch.device | str = "cpu") -> tor
 
 @contextlib.contextmanager
 def introspection_mode(module: nn.Module, *, grad: bool = True) -> Iterator[nn.Module]:
-    """Eval mode + (optionally) gradients on + a forked global RNG: the standard introspection pass.
+    """Eval mode + (optionally) gradients on + a forked global RNG + eager execution (hooks fire also
+    under ``torch.compile``, see :func:`eager_mode`): the standard introspection pass.
 
     Example:
         >>> net = nn.Linear(3, 1)
@@ -96,6 +118,7 @@ def introspection_mode(module: nn.Module, *, grad: bool = True) -> Iterator[nn.M
     device = module_device(module)
     with contextlib.ExitStack() as stack:
         stack.enter_context(fork_global_rng())
+        stack.enter_context(eager_mode())
         stack.enter_context(eval_mode(module))
         if grad:
             stack.enter_context(gradients_on(device))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,3 +83,47 @@ def layer_outputs(model: nn.Module, example_input: torch.Tensor, names: list[str
             handles.append(modules[name].register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, first(out))))
         output = first(model(example_input.to(device=device, dtype=dtype)))
     return captured, output
+
+
+@contextlib.contextmanager
+def output_as_tensor(model: nn.Module, extract: Callable[[Any], Any]) -> Iterator[nn.Module]:
+    """Inside the block, ``model(x)`` returns ``extract(output)`` (the logits) instead of its own output.
+
+    For models whose ``forward`` returns a tuple, a dict or an output object: the attribution methods
+    need one tensor. A forward hook on ``model`` itself does the replacement, so layer names and
+    parameters stay those of the model, and deep copies made inside the block carry the hook too. It is
+    removed on exit, also when the block raises.
+
+    Args:
+        model: the model.
+        extract: ``output -> tensor | None``; returning the output itself leaves it unchanged.
+
+    Raises:
+        ValueError: (from the forward) when ``extract`` finds no tensor.
+
+    Example:
+        >>> class Pair(nn.Module):
+        ...     def forward(self, x):
+        ...         return x * 2, "aux"
+        >>> net = Pair()
+        >>> with output_as_tensor(net, lambda out: out[0] if isinstance(out, tuple) else out):
+        ...     net(torch.ones(1))
+        tensor([2.])
+        >>> len(net._forward_hooks)
+        0
+    """
+
+    def replace(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        value = extract(output)
+        if value is output:
+            return None
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"The model returns {type(output).__name__} and no logits tensor could be taken from it (a tensor, "
+                "a dict's 'logits' / 'preds', an object's `.logits` or a tuple's first tensor); pass `output_transform`."
+            )
+        return value
+
+    with hooks() as handles:
+        handles.append(model.register_forward_hook(replace))
+        yield model

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from lightning_introspect._torch.guards import introspection_mode
+from lightning_introspect._torch.hooks import output_as_tensor
 from lightning_introspect._torch.layers import get_layer
 from lightning_introspect.callbacks.base import (
     NONFINITE_CAUSE,
@@ -17,6 +18,7 @@ from lightning_introspect.callbacks.base import (
     check_choice,
     check_positive_int,
 )
+from lightning_introspect.callbacks.per_class_metrics import extract_logits
 from lightning_introspect.methods.attribution import (
     LAYER_METHODS,
     SIGNED_METHODS,
@@ -84,6 +86,9 @@ class Attributions(IntrospectionCallback):
         top_k: guided backprop keeps only the K strongest positions at ``layer`` (see
             ``guided_backprop``); ``None``: plain guided backprop.
         lrp_rule: ``"epsilon"``, ``"zplus"`` or ``"alpha_beta"`` (passed as ``rule`` to ``lrp``).
+        output_transform: callable ``forward output -> logits`` for a model that returns more than the
+            logits; without it a tuple's first tensor, a dict's ``"logits"`` / ``"preds"`` or an output
+            object's ``.logits`` is explained (as in :class:`PerClassMetrics`).
         enabled: switch the callback off.
         every_n_epochs: run every n-th epoch as well (``None``, the default: only at ``at`` and the last
             epoch; each run renders one captioned grid per method and class, so per-epoch runs cost).
@@ -144,6 +149,7 @@ class Attributions(IntrospectionCallback):
         alpha: float = 0.5,
         top_k: int | None = None,
         lrp_rule: str = "epsilon",
+        output_transform: Callable[[Any], Any] | None = None,
         enabled: bool = True,
         every_n_epochs: int | None = None,
         at: Sequence[float] | None = (0.0, 0.5),
@@ -188,6 +194,9 @@ class Attributions(IntrospectionCallback):
         self.alpha = float(alpha)
         self.top_k = top_k
         self.lrp_rule = lrp_rule
+        if output_transform is not None and not callable(output_transform):
+            raise ValueError(f"Expected `output_transform` to be a callable or None, but got {output_transform!r}.")
+        self.output_transform = output_transform
         # results
         self.layer: str | None = None
         self.maps: dict[str, torch.Tensor] = {}
@@ -195,6 +204,7 @@ class Attributions(IntrospectionCallback):
         self.history: list[dict[str, Any]] = []
         self._active_methods: list[str] | None = None
         self._last_epoch: int | None = None
+        self._last_step: int | None = None  # global step of the latest run: the fit-end catch-up compares it
         self._logged_static = False
         self._layer_note: str | None = None
         self.nonfinite: list[str] = []
@@ -219,8 +229,9 @@ class Attributions(IntrospectionCallback):
             self.run(trainer, self._log, trainer, pl_module, trainer.current_epoch)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.active(trainer) and -2 in self.fraction_epochs(trainer).values() and self._last_epoch != trainer.current_epoch:
-            self.run(trainer, self._log, trainer, pl_module, trainer.current_epoch)
+        # the final model, when the fit ended before its last scheduled epoch (EarlyStopping, max_time, no max_epochs)
+        if self.active(trainer) and trainer.global_step > 0 and self._last_step != trainer.global_step and self._prepare(trainer, pl_module):
+            self.run(trainer, self._log, trainer, pl_module, self.last_epoch(trainer))
 
     # ------------------------------------------------------------------------------------ helpers
     def _due(self, trainer: Any) -> bool:
@@ -233,7 +244,7 @@ class Attributions(IntrospectionCallback):
             return True
         try:
             x, _ = self.fixed_samples(trainer, per_class=self.per_class)
-            with introspection_mode(pl_module, grad=False):
+            with introspection_mode(pl_module, grad=False), self._logits_only(pl_module):
                 out = pl_module(x[:1].to(pl_module.device))
         except ValueError:
             raise
@@ -256,6 +267,12 @@ class Attributions(IntrospectionCallback):
             dropped = [m for m in methods if m in LAYER_METHODS]
             self.warn_once("tabular", f"Attributions: {dropped} need a spatial feature map; tabular inputs (N, F) skip them.")
             methods = [m for m in methods if m not in LAYER_METHODS]
+        if "lrp" in methods and self.output_transform is not None:
+            self.warn_once(
+                "lrp-transform",
+                "Attributions: LRP propagates through the model's own graph and cannot apply `output_transform`; 'lrp' is skipped.",
+            )
+            methods.remove("lrp")
         if "lrp" in methods and not lrp_available():
             self.warn_once("lrp-missing", "Attributions: `lightning_introspect.methods.lrp` is not available; 'lrp' is skipped.")
             methods.remove("lrp")
@@ -306,12 +323,21 @@ class Attributions(IntrospectionCallback):
                 self._active_methods = [m for m in self._active_methods if m != "lrp"]
         return {m: maps[m] for m in methods if m in maps}
 
+    def _logits_only(self, model: Any) -> Any:
+        """``model(x)`` returns the logits inside (a tuple / dict / output object is reduced to them)."""
+        return output_as_tensor(model, lambda out: extract_logits(out, self.output_transform))
+
     # ---------------------------------------------------------------------------------------- work
     def _log(self, trainer: Any, pl_module: Any, epoch: int) -> None:
+        with self._logits_only(pl_module):
+            self._log_run(trainer, pl_module, epoch)
+
+    def _log_run(self, trainer: Any, pl_module: Any, epoch: int) -> None:
         import time
 
         start = time.perf_counter()
         self._last_epoch = trainer.current_epoch if epoch >= 0 else None
+        self._last_step = int(trainer.global_step)
         x, y = self.fixed_samples(trainer, per_class=self.per_class)
         device = pl_module.device
         with introspection_mode(pl_module, grad=False):
@@ -476,6 +502,7 @@ class Attributions(IntrospectionCallback):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.layer = state.get("layer", self.layer)
         self.history = list(state.get("history", []))
+        self._last_step = self.history[-1].get("step") if self.history else None
 
     def summary_lines(self) -> list[str]:
         if not self.history:

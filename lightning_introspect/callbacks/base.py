@@ -142,6 +142,16 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
             return False
         return trainer.is_global_zero or not self.rank_zero_only
 
+    @staticmethod
+    def last_epoch(trainer: Any) -> int:
+        """The index of the epoch that ran last (or runs now). At ``on_train_end`` ``trainer.current_epoch``
+        already counts a finished epoch, so the started-epochs counter is used where Lightning has it."""
+        progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_progress", None), "current", None)
+        started = getattr(progress, "started", None)
+        if isinstance(started, int) and started > 0:
+            return started - 1
+        return max(int(trainer.current_epoch) - 1, 0)
+
     def total_epochs(self, trainer: Any) -> int | None:
         """The number of epochs this fit will run, from ``max_epochs`` or ``max_steps``; ``None`` if unbounded."""
         max_epochs = getattr(trainer, "max_epochs", None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_introspect._torch.guards import introspection_mode, module_device
-from lightning_introspect._torch.hooks import layer_outputs
+from lightning_introspect._torch.hooks import layer_outputs, output_as_tensor
 from lightning_introspect._torch.layers import resolve_layers
 from lightning_introspect.callbacks.base import (
     NONFINITE_CAUSE,
@@ -20,6 +20,7 @@ from lightning_introspect.callbacks.base import (
     check_choice,
     check_positive_int,
 )
+from lightning_introspect.callbacks.per_class_metrics import extract_logits
 from lightning_introspect.methods.feature_visualization import (
     PARAMS,
     PENALTIES,
@@ -132,6 +133,8 @@ class FeatureVisualization(IntrospectionCallback):
             space within the min / max of the fixed samples.
         num_layers: layers chosen by ``layers="auto"``.
         num_channels: channels per layer chosen by ``channels="auto"``.
+        output_transform: callable ``forward output -> logits`` for a model that returns more than the
+            logits (class objectives; as in :class:`Attributions`).
         enabled, every_n_epochs, at, num_samples, seed, on_error: see ``IntrospectionCallback``. By
             default it runs at half of training and at the last epoch (it costs seconds, not milliseconds).
 
@@ -201,6 +204,7 @@ class FeatureVisualization(IntrospectionCallback):
         value_range: list[float] | tuple[float, float] | None = None,
         num_layers: int = 2,
         num_channels: int = 3,
+        output_transform: Callable[[Any], Any] | None = None,
         enabled: bool = True,
         every_n_epochs: int | None = None,
         at: list[float] | tuple[float, ...] | None = (0.5,),
@@ -264,6 +268,9 @@ class FeatureVisualization(IntrospectionCallback):
         self.latent_penalty = float(latent_penalty)
         self.num_layers = num_layers
         self.num_channels = num_channels
+        if output_transform is not None and not callable(output_transform):
+            raise ValueError(f"Expected `output_transform` to be a callable or None, but got {output_transform!r}.")
+        self.output_transform = output_transform
         if not regs and not self.compare:
             self.columns = ["none"]
         elif not self.compare:
@@ -277,6 +284,7 @@ class FeatureVisualization(IntrospectionCallback):
         self.images: dict[str, torch.Tensor] = {}
         self.results: dict[str, FeatureVisualizationResult] = {}
         self.history: list[dict[str, Any]] = []
+        self._last_step: int | None = None  # global step of the latest run: the fit-end catch-up compares it
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._validated = False
         self.nonfinite: dict[str, list[str]] = {}
@@ -286,11 +294,20 @@ class FeatureVisualization(IntrospectionCallback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit" or not self.enabled:
             return
-        self.resolve(pl_module)  # bad layer names fail here, before any training step
         try:
             x, _ = self.fixed_samples(trainer)
         except Exception:  # no data reachable yet: checked at the first run instead
+            self.resolve(pl_module)  # bad layer names fail here, before any training step
             return
+        if x.ndim != 4:  # like Attributions and SanityChecks: the rest of the set still runs on such data
+            self.warn_once(
+                "shape",
+                f"FeatureVisualization: inputs of shape {tuple(x.shape)} are not images (N, C, H, W), so there is "
+                "nothing to visualise; the callback is skipped for this fit (`enabled=False` silences this).",
+            )
+            self.disabled = True
+            return
+        self.resolve(pl_module)  # bad layer names fail here, before any training step
         try:
             self.validate(pl_module, x)  # bad channels / classes / prior raise ValueError here
         except ValueError:
@@ -306,6 +323,11 @@ class FeatureVisualization(IntrospectionCallback):
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.active(trainer) and self.is_scheduled(trainer):
             self.run(trainer, self.visualize, trainer, pl_module)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        # the final model, when the fit ended before its last scheduled epoch (EarlyStopping, max_time, no max_epochs)
+        if self.active(trainer) and trainer.global_step > 0 and self._last_step != trainer.global_step:
+            self.run(trainer, self.visualize, trainer, pl_module, epoch=self.last_epoch(trainer))
 
     # ------------------------------------------------------------------------------------ choices
     def auto_layers(self, model: nn.Module) -> list[str]:
@@ -348,6 +370,10 @@ class FeatureVisualization(IntrospectionCallback):
 
     def validate(self, pl_module: nn.Module, x: torch.Tensor) -> None:
         """Check channels, classes and the prior against the model (one forward on 2 samples ``x``)."""
+        with output_as_tensor(pl_module, lambda out: extract_logits(out, self.output_transform)):
+            self._validate(pl_module, x)
+
+    def _validate(self, pl_module: nn.Module, x: torch.Tensor) -> None:
         c, h, w = self._input_shape(x)
         probe = F.interpolate(x[:2].float(), size=(h, w), mode="bilinear", align_corners=False) if (h, w) != tuple(x.shape[-2:]) else x[:2]
         shapes, out_shape = self._record_shapes(pl_module, probe)
@@ -426,8 +452,14 @@ class FeatureVisualization(IntrospectionCallback):
         keys = [f"{name}/{ch}" for name in self.layer_names for ch in self.chosen.get(name, [])]
         return keys + [f"class/{k}" for k in self.classes_chosen]
 
-    def visualize(self, trainer: Any, pl_module: nn.Module) -> dict[str, FeatureVisualizationResult]:
-        """Optimise one batch per setting (all chosen channels and classes at once) and log the grids."""
+    def visualize(self, trainer: Any, pl_module: nn.Module, *, epoch: int | None = None) -> dict[str, FeatureVisualizationResult]:
+        """Optimise one batch per setting (all chosen channels and classes at once) and log the grids
+        (recorded under ``epoch``, default ``trainer.current_epoch``)."""
+        with output_as_tensor(pl_module, lambda out: extract_logits(out, self.output_transform)):
+            return self._visualize(trainer, pl_module, epoch)
+
+    def _visualize(self, trainer: Any, pl_module: nn.Module, epoch: int | None) -> dict[str, FeatureVisualizationResult]:
+        self._last_step = int(trainer.global_step)
         x, _ = self.fixed_samples(trainer)
         if not self._validated:
             self.resolve(pl_module)
@@ -461,15 +493,18 @@ class FeatureVisualization(IntrospectionCallback):
                 **self.setting_kwargs(setting, min(h, w)),
             )
         self.results = results
-        self.log_results(trainer, results, value_range)
+        self.log_results(trainer, results, value_range, epoch=epoch)
         for name in self._unsettled:  # chosen from NaN / Inf activations: choose again at the next run
             self.chosen.pop(name, None)
         self._unsettled = set()
         return results
 
-    def log_results(self, trainer: Any, results: dict[str, FeatureVisualizationResult], value_range: tuple[float, float]) -> None:
+    def log_results(
+        self, trainer: Any, results: dict[str, FeatureVisualizationResult], value_range: tuple[float, float], *, epoch: int | None = None
+    ) -> None:
         writer = self.writer(trainer)
-        step, epoch = trainer.global_step, trainer.current_epoch
+        step, epoch = trainer.global_step, trainer.current_epoch if epoch is None else epoch
+        self._last_step = int(step)
         keys = self.unit_keys()
         lo, hi = value_range
         scale = max(1, math.ceil(64 / max(results[self.columns[0]].images.shape[-2:])))
@@ -573,6 +608,7 @@ class FeatureVisualization(IntrospectionCallback):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.chosen = {str(k): [int(c) for c in v] for k, v in dict(state.get("chosen", {})).items()}
         self.history = list(state.get("history", []))
+        self._last_step = self.history[-1].get("step") if self.history else None
 
 
 __all__ = ["FeatureVisualization", "resolve_prior"]

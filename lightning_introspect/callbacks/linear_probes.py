@@ -254,6 +254,7 @@ class LinearProbes(IntrospectionCallback):
         self._jobs: list[tuple[int | str, int, concurrent.futures.Future]] = []
         self._to_log: list[tuple[int | str, int, dict[str, ProbeResult]]] = []
         self._warm: dict[str, dict[str, Any]] = {}
+        self._figure_key: int | None = None  # the epoch of the latest accuracy-vs-depth figure
 
     # ------------------------------------------------------------------------------- lightning hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -296,6 +297,14 @@ class LinearProbes(IntrospectionCallback):
         if self._jobs or self._to_log:
             self.run(trainer, self._drain, trainer, wait=True)
         self._shutdown(wait=True)
+        # a fit that ended before its last scheduled epoch (EarlyStopping, max_time): the figure of its last probes
+        latest = max((k for k in self.history if isinstance(k, int)), default=None)
+        if latest is not None and latest != self._figure_key and self.active(trainer):
+            self.run(trainer, self._final_figure, trainer, latest)
+
+    def _final_figure(self, trainer: Any, key: int) -> None:
+        self.writer(trainer).figure(self.tag("accuracy_vs_depth"), self._figure(key), trainer.global_step)
+        self._figure_key = key
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._remove_hooks()
@@ -353,6 +362,13 @@ class LinearProbes(IntrospectionCallback):
         self._modules = {n: self._modules[n] for n in order}
 
     def _start(self, trainer: Any, pl_module: Any) -> None:
+        if self.probe_dataloader is None and not self._has_validation(trainer):
+            self.warn_once(
+                "no-validation",
+                "LinearProbes probes the validation pass, but this fit has no validation data (or "
+                "limit_val_batches=0): nothing will be probed. Pass `probe_dataloader` or validation data.",
+            )
+            return
         if not self._modules:
             self._resolve(trainer, pl_module)
             if not self._modules:
@@ -365,13 +381,6 @@ class LinearProbes(IntrospectionCallback):
         cache_device = device if solver == "torch" else torch.device("cpu")
         self._cache = FeatureCache(self.max_samples, policy=self.cache, seed=self.seed, device=cache_device)
         self._input_cache = FeatureCache(self.max_samples, policy=self.cache, seed=self.seed, device=cache_device)
-        if self.probe_dataloader is None and not self._has_validation(trainer):
-            self.warn_once(
-                "no-validation",
-                "LinearProbes probes the validation pass, but this fit has no validation data (or "
-                "limit_val_batches=0): nothing will be probed. Pass `probe_dataloader` or validation data.",
-            )
-            return
         want_init = self.include_init and INIT_KEY not in self.history
         want_input = self.include_input and INPUT_KEY not in self.history
         if want_init or want_input:
@@ -659,6 +668,7 @@ class LinearProbes(IntrospectionCallback):
         writer.scalar(self.tag("fit_seconds"), sum(r.seconds for r in results.values()), step)
         if self.is_due(trainer, self.figures_every_n_epochs, key):
             writer.figure(self.tag("accuracy_vs_depth"), self._figure(key), step)
+            self._figure_key = key
         writer.text(self.tag("table"), self.table(key), step)
 
     # ------------------------------------------------------------------------------------ rendering

@@ -217,6 +217,7 @@ class Misclassifications(IntrospectionCallback):
         self.figures = bool(figures)
         self.report: dict[str, Any] | None = None
         self.history: list[dict[str, Any]] = []
+        self._last_step: int | None = None  # global step of the latest review: the fit-end catch-up compares it
         self.wrong_images: torch.Tensor | None = None
         self._capture = OutputCapture()
         self._collecting = False
@@ -225,7 +226,7 @@ class Misclassifications(IntrospectionCallback):
     # ------------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
-            self.report, self.history, self.wrong_images = None, [], None
+            self.report, self.history, self.wrong_images, self._last_step = None, [], None, None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.class_names is not None and self.active(trainer):
@@ -248,6 +249,11 @@ class Misclassifications(IntrospectionCallback):
             finally:
                 self._stop()
 
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        # the final model, when the fit ended before its last scheduled epoch (EarlyStopping, max_time, no max_epochs)
+        if self.active(trainer) and trainer.global_step > 0 and self._last_step != trainer.global_step:
+            run_strict(self, trainer, self._review_now, trainer, pl_module)
+
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._stop()
 
@@ -260,6 +266,7 @@ class Misclassifications(IntrospectionCallback):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.history = list(state.get("history", []))
+        self._last_step = self.history[-1].get("step") if self.history else None
         self.report = self.history[-1] if self.history else None
 
     # ------------------------------------------------------------------------------ helpers
@@ -364,6 +371,25 @@ class Misclassifications(IntrospectionCallback):
         if isinstance(logits, torch.Tensor) and logits.ndim == 2:
             self.names(2 if logits.shape[1] == 1 else int(logits.shape[1]))
 
+    def _review_now(self, trainer: Any, pl_module: Any) -> None:
+        """The review of the model as it is: one own pass (eval mode, no grad) over the validation data."""
+        loader = self.val_dataloader(trainer)
+        if trainer.limit_val_batches == 0 or getattr(trainer, "val_dataloaders", None) is None or loader is None:
+            return
+        max_batches = (trainer.num_val_batches or [math.inf])[0]
+        self._begin(pl_module)
+        try:
+            with introspection_mode(pl_module, grad=False):
+                for i, batch in enumerate(loader):
+                    if i >= max_batches:
+                        break
+                    batch = trainer.strategy.batch_to_device(batch)
+                    pl_module(split_batch(batch)[0])
+                    self._collect(None, batch)
+            self._finish(trainer, pl_module, epoch=self.last_epoch(trainer))
+        finally:
+            self._stop()
+
     def _begin(self, pl_module: Any) -> None:
         self._reset_epoch()
         self._capture.attach(pl_module)
@@ -456,13 +482,14 @@ class Misclassifications(IntrospectionCallback):
         idx = torch.tensor(order, dtype=torch.long)
         return {key: (v[idx] if v is not None else None) for key, v in rows.items()}
 
-    def _finish(self, trainer: Any, pl_module: Any) -> None:
+    def _finish(self, trainer: Any, pl_module: Any, epoch: int | None = None) -> None:
         self._stop()
+        self._last_step = int(trainer.global_step)  # reviewed at this step (also when nothing could be logged)
         if self._nonfinite:
             self._report_nonfinite(trainer)
         if not self._conf:
             return
-        step, epoch = int(trainer.global_step), int(trainer.current_epoch)
+        step, epoch = int(trainer.global_step), int(trainer.current_epoch if epoch is None else epoch)
         writer = self.writer(trainer)
         conf, pred, label = torch.cat(self._conf), torch.cat(self._pred), torch.cat(self._label)
         wrong = pred != label

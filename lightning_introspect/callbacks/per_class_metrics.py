@@ -490,9 +490,14 @@ class PerClassMetrics(IntrospectionCallback):
                     f"but got {len(self.class_names)}."
                 )
         if width is not None and width != self.num_classes:
+            fix = (
+                "for one logit per sample (binary classification) pass `task='binary'`"
+                if width == 1 and self.task == "multiclass"
+                else f"set `num_classes` to {width} or fix `output_transform`"
+            )
             raise IntrospectionInputError(
                 f"Expected logits with `num_classes`={self.num_classes} columns (dim 1), but got logits of shape "
-                f"{tuple(logits.shape)}; set `num_classes` to {width} or fix `output_transform`."
+                f"{tuple(logits.shape)}; {fix}."
             )
         if self.task == "multilabel":
             if target.shape != logits.shape:

@@ -5,15 +5,19 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from lightning_introspect._torch.guards import introspection_mode
+from lightning_introspect._torch.hooks import output_as_tensor
 from lightning_introspect._torch.layers import get_layer, resolve_layers
 from lightning_introspect.callbacks.base import IntrospectionCallback, check_choice, check_positive_int
+from lightning_introspect.callbacks.per_class_metrics import extract_logits
 from lightning_introspect.loggers.adapter import IntrospectionWriter
+from lightning_introspect.methods.attribution import LAYER_METHODS
 from lightning_introspect.methods.randomization import (
     BN_MODES,
     DEFAULT_METHODS,
@@ -84,6 +88,8 @@ class SanityChecks(IntrospectionCallback):
             of a small head are noisy: Grad-CAM's score varies by about 0.15 between draws on the digits
             CNN). The cost grows linearly.
         progress: print a progress line (stderr) while the check runs.
+        output_transform: callable ``forward output -> logits`` for a model that returns more than the
+            logits (as in :class:`Attributions`; default: a tuple's first tensor, a dict's ``"logits"``).
         enabled: switch the callback off.
         every_n_epochs: also run at the end of every n-th training epoch (``None``: only at fit end).
         at: also run at the end of the epochs at these fractions of training (0.0, the untrained model, is
@@ -136,6 +142,7 @@ class SanityChecks(IntrospectionCallback):
         metrics: list[str] | None = None,
         repeats: int = 3,
         progress: bool = True,
+        output_transform: Callable[[Any], Any] | None = None,
         enabled: bool = True,
         every_n_epochs: int | None = None,
         at: list[float] | None = None,
@@ -191,6 +198,9 @@ class SanityChecks(IntrospectionCallback):
         self.metrics = metrics
         self.repeats = repeats
         self.progress = bool(progress)
+        if output_transform is not None and not callable(output_transform):
+            raise ValueError(f"Expected `output_transform` to be a callable or None, but got {output_transform!r}.")
+        self.output_transform = output_transform
         self.report: SanityReport | None = None
         self.history: list[tuple[int, SanityReport]] = []
         self._resolved_methods: list[str] | None = None
@@ -236,8 +246,15 @@ class SanityChecks(IntrospectionCallback):
         last = total is not None and trainer.current_epoch == total - 1
         return not last and self.is_scheduled(trainer)  # the last epoch is covered by on_fit_end
 
-    def _check_trainer(self, trainer: Any, pl_module: Any) -> SanityReport:
+    def _check_trainer(self, trainer: Any, pl_module: Any) -> SanityReport | None:
         x, y = self.fixed_samples(trainer)
+        if x.ndim not in (2, 4):
+            self.warn_once(
+                "shape",
+                f"SanityChecks: inputs of shape {tuple(x.shape)} are neither images (N, C, H, W) nor tabular (N, F); "
+                "the checks are skipped.",
+            )
+            return None
         targets = y if self.target == "true" and y is not None else None
         if self.target == "true" and y is None:
             self.warn_once("no-labels", "SanityChecks: target='true' but the validation data has no labels; explaining the predictions.")
@@ -264,8 +281,13 @@ class SanityChecks(IntrospectionCallback):
             trainer: the trainer, if any (its ``Attributions`` callback gives the default methods).
 
         Raises:
-            ValueError: a bad layer name, or NaN / Inf weights in ``model`` (the maps would be meaningless).
+            ValueError: a bad layer name, inputs that are neither images ``(N, C, H, W)`` nor tabular
+                ``(N, F)``, or NaN / Inf weights in ``model`` (the maps would be meaningless).
         """
+        if inputs.ndim not in (2, 4):
+            raise ValueError(
+                f"SanityChecks needs `inputs` of shape (N, C, H, W) (images) or (N, F) (tabular), but got {tuple(inputs.shape)}."
+            )
         if self._resolved_methods is None or trainer is not None:
             self._validate_model(model, trainer)
         broken = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
@@ -275,8 +297,46 @@ class SanityChecks(IntrospectionCallback):
                 "attribution maps and verdicts would be meaningless, so the check is not run."
             )
         methods = list(self._resolved_methods or DEFAULT_METHODS)
+        if "lrp" in methods and self.output_transform is not None:
+            self.warn_once(
+                "lrp-transform",
+                "SanityChecks: LRP propagates through the model's own graph and cannot apply `output_transform`; 'lrp' is skipped.",
+            )
+            methods.remove("lrp")
+        if inputs.ndim == 2 and any(m in LAYER_METHODS for m in methods):
+            dropped = [m for m in methods if m in LAYER_METHODS]
+            self.warn_once("tabular", f"SanityChecks: {dropped} need a spatial feature map; tabular inputs (N, F) skip them.")
+            methods = [m for m in methods if m not in LAYER_METHODS]
+            if not methods:
+                raise ValueError(
+                    f"SanityChecks: every method in `methods` ({dropped}) needs a spatial feature map, which tabular inputs "
+                    "(N, F) do not have; add e.g. 'saliency' or 'input_x_gradient'."
+                )
         layer = None if self.layer == "auto" and not any(m in ("grad_cam", "guided_grad_cam") for m in methods) else self.layer
-        report = run_sanity_checks(
+        with output_as_tensor(model, lambda out: extract_logits(out, self.output_transform)):
+            class_check = self.class_sensitivity
+            if class_check and self._num_outputs(model, inputs) < 2:
+                self.warn_once(
+                    "one-output",
+                    "SanityChecks: the model has one output (a binary logit), so there is no other class to compare "
+                    "with; the class-sensitivity check is skipped.",
+                )
+                class_check = False
+            report = self._run_checks(model, inputs, targets, methods, layer, class_check)
+        return self._finish(report, inputs, writer, step)
+
+    @staticmethod
+    def _num_outputs(model: torch.nn.Module, inputs: torch.Tensor) -> int:
+        """The number of output classes (dim 1 of the logits), from one forward pass on one sample."""
+        device = next((p.device for p in model.parameters()), inputs.device)
+        with introspection_mode(model, grad=False):
+            out = model(inputs[:1].to(device))
+        return int(out.shape[1]) if out.ndim >= 2 else 1
+
+    def _run_checks(
+        self, model: torch.nn.Module, inputs: torch.Tensor, targets: Any, methods: list[str], layer: str | None, class_check: bool
+    ) -> SanityReport:
+        return run_sanity_checks(
             model,
             inputs,
             target="pred" if targets is None else torch.as_tensor(targets),
@@ -289,7 +349,7 @@ class SanityChecks(IntrospectionCallback):
             thresholds=self.thresholds,
             verdict_depth=self.verdict_depth,
             verdict_metric=self.verdict_metric,
-            class_check=self.class_sensitivity,
+            class_check=class_check,
             others=self.others,
             metrics=self.metrics,
             keep_maps=1,
@@ -297,6 +357,8 @@ class SanityChecks(IntrospectionCallback):
             warn=False,
             progress=self._progress if self.progress else None,
         )
+
+    def _finish(self, report: SanityReport, inputs: torch.Tensor, writer: IntrospectionWriter | None, step: int) -> SanityReport:
         if self.progress:
             self._progress("done: " + ", ".join(f"{m} {v}" for m, v in report.verdicts.items()), end=True)
         for caveat in report.caveats:

@@ -211,6 +211,7 @@ class WeightHistograms(IntrospectionCallback):
         self._owner: int | None = None  # id() of the module the snapshot belongs to (None: from a checkpoint)
         self._initial_hists: dict[str, HistogramStats] | None = None
         self._last_step: int | None = None
+        self._figure_step: int | None = None  # global step of the latest figures
         self._last_grad_step: int | None = None
         self.steps: list[int] = []
         self.epochs: list[int] = []
@@ -261,8 +262,12 @@ class WeightHistograms(IntrospectionCallback):
 
     def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
         # a fit stopped early (EarlyStopping, should_stop) before its last scheduled epoch: final state
-        if self.active(trainer) and self._initial is not None and self._last_step != trainer.global_step:
-            self.run(trainer, self._epoch_end, trainer, epoch=max(trainer.current_epoch - 1, 0), figures=True)
+        if not (self.active(trainer) and self._initial is not None):
+            return
+        if self._last_step != trainer.global_step:
+            self.run(trainer, self._epoch_end, trainer, epoch=self.last_epoch(trainer), figures=True)
+        elif self.steps and self._figure_step != trainer.global_step:  # evaluated, but not a figure epoch
+            self.run(trainer, self._figures, trainer)
 
     # ---------------------------------------------------------------------------- resolution
     def resolve(self, model: nn.Module) -> dict[str, nn.Module]:
@@ -340,7 +345,7 @@ class WeightHistograms(IntrospectionCallback):
 
     def _reset_results(self) -> None:
         self._initial, self._owner, self._initial_hists = None, None, None
-        self._last_step = self._last_grad_step = None
+        self._last_step = self._last_grad_step = self._figure_step = None
         self.steps, self.epochs, self.history, self.grad_history = [], [], [], []
         self.drift, self.cosine, self.wasserstein, self.histograms, self.summary = {}, {}, {}, {}, {}
 
@@ -482,8 +487,13 @@ class WeightHistograms(IntrospectionCallback):
         writer = self.writer(trainer)
         writer.text(self.tag("summary"), self._summary_markdown(weights), step)
         if figures or self.is_due(trainer, self.figures_every_n_epochs, epoch):
-            writer.figure(self.tag("drift_by_depth"), self._drift_figure(), step)
-            writer.figure(self.tag("initial_vs_current"), self._overlay_figure(), step)
+            self._figures(trainer)
+
+    def _figures(self, trainer: Any) -> None:
+        writer, step = self.writer(trainer), trainer.global_step
+        writer.figure(self.tag("drift_by_depth"), self._drift_figure(), step)
+        writer.figure(self.tag("initial_vs_current"), self._overlay_figure(), step)
+        self._figure_step = step
 
     # ---------------------------------------------------------------------------- reporting
     def _status(self, n: str, weights: Mapping[str, torch.Tensor]) -> str:

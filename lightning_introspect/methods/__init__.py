@@ -63,3 +63,10 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+# `lrp` names both a submodule and its function. Importing the submodule, whenever it first happens,
+# makes the package attribute `lrp` the module, so a lazy `from lightning_introspect.methods import lrp`
+# would return the module or the function depending on import order. Import it here, once, and bind the
+# function after it (the submodule stays reachable as `lightning_introspect.methods.lrp` in sys.modules).
+from lightning_introspect.methods.lrp import lrp  # noqa: E402, F401

@@ -129,7 +129,17 @@ class _Plan:
 
 
 class _Tracer(fx.Tracer):
-    """The default tracer: torch.nn modules are leaves, user modules (blocks) are traced through."""
+    """The default tracer: torch.nn modules are leaves, user modules (blocks) are traced through.
+
+    A ``torch.compile``-d submodule (``OptimizedModule``) is traced through its eager original
+    (``_orig_mod``, the same weights): fx cannot trace dynamo-compiled code.
+    """
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        original = getattr(m, "_orig_mod", None)
+        if isinstance(original, nn.Module) and type(m).__name__ == "OptimizedModule":
+            return self.call_module(original, original.forward, args, kwargs)
+        return super().call_module(m, forward, args, kwargs)
 
 
 def _type_name(obj: object) -> str:
@@ -161,6 +171,18 @@ def _unsupported(node: fx.Node, modules: dict[str, nn.Module], why: str = "") ->
             cls_name = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
             what += f" inside module '{path}' of type {cls_name}"
     return TypeError(f"LRP has no rule for {what}{why}. Supported: {_SUPPORTED_TEXT}.")
+
+
+def _output_source(value: Any) -> fx.Node | None:
+    """The traced value LRP explains, picked like the callbacks pick logits: the output itself, a tuple's
+    first tensor, or a dict's ``"logits"`` / ``"preds"`` entry."""
+    if isinstance(value, fx.Node):
+        return value
+    if isinstance(value, dict):
+        return next((value[k] for k in ("logits", "preds") if isinstance(value.get(k), fx.Node)), None)
+    if isinstance(value, (tuple, list)):
+        return next((v for v in value if isinstance(v, fx.Node)), None)
+    return None
 
 
 def _trace(model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
@@ -218,9 +240,12 @@ def _build_plan(model: nn.Module) -> _Plan:
             else:
                 raise TypeError(f"LRP explains models with one input tensor, but forward also needs '{node.target}'.")
         elif node.op == "output":
-            step = _Step(node, "output", src=node.args[0] if isinstance(node.args[0], fx.Node) else None)
+            step = _Step(node, "output", src=_output_source(node.args[0]))
             if step.src is None or step.src not in dependent:
-                raise TypeError("LRP needs a model that returns one tensor computed from its input, not a tuple / dict.")
+                raise TypeError(
+                    "LRP needs a model that returns a tensor computed from its input (or a tuple whose first element, "
+                    "or a dict whose 'logits' / 'preds' entry, is one)."
+                )
         elif node.op == "get_attr" or not any(n in dependent for n in node.all_input_nodes):
             step = _Step(node, "const")
         else:

@@ -95,6 +95,7 @@ import torch
 from torch import nn
 
 from lightning_introspect._torch.guards import (
+    eager_mode,
     eval_mode,
     fork_global_rng,
     fresh_input,
@@ -722,6 +723,7 @@ def _predictions(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 def _work_mode(model: nn.Module) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(fork_global_rng())
+        stack.enter_context(eager_mode())
         stack.enter_context(eval_mode(model))
         stack.enter_context(gradients_on(_model_device(model)))
         yield
@@ -1100,6 +1102,7 @@ def _trace_activations(model: nn.Module, example_input: torch.Tensor) -> tuple[l
 
     with contextlib.ExitStack() as ctx:
         ctx.enter_context(fork_global_rng())
+        ctx.enter_context(eager_mode())
         ctx.enter_context(eval_mode(model))
         ctx.enter_context(torch.no_grad())
         handles = ctx.enter_context(hooks())
