@@ -7,7 +7,9 @@ training step with a message that says what to change:
 * models: tabular MLP ``(N, F)``, 1-D convolutions ``(N, C, L)``, one binary logit, a forward that
   returns a tuple or a dict, a ``torch.compile``-d submodule;
 * trainers: no validation data, ``limit_val_batches=0``, ``EarlyStopping``, ``check_val_every_n_epoch``,
-  ``val_check_interval``, gradient accumulation + clipping, ``fast_dev_run``, no logger.
+  ``val_check_interval``, gradient accumulation + clipping, ``fast_dev_run``, no logger, ``precision="64-true"``
+  and ``"bf16-true"``, batches with extra fields and a second validation loader;
+* a torchvision-style model (GroupNorm, SiLU, in-place ReLU, Dropout, LayerNorm) that LRP has no rule for.
 """
 
 from __future__ import annotations
@@ -227,6 +229,49 @@ def test_a_compiled_submodule_is_introspected_eagerly(tmp_path: Any) -> None:
     assert cbs["LinearProbes"].layer_names and all(len(cbs["LinearProbes"].history[e]) == len(cbs["LinearProbes"].layer_names) for e in (0, 1))
 
 
+def test_a_torchvision_style_model_with_groupnorm_silu_inplace_relu_and_dropout(tmp_path: Any) -> None:
+    body = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.SiLU(inplace=True), nn.Dropout(0.2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LayerNorm(8), nn.Linear(8, 3),
+    )
+    _, cbs, messages = fit(tmp_path, body, (3, 12, 12))
+    assert_everything_ran(cbs)
+    # no LRP rule for GroupNorm: known before training, so dropped with one warning (not a failure, also with "raise")
+    assert "lrp" not in cbs["Attributions"].maps and "lrp" not in cbs["SanityChecks"].report.verdicts
+    assert any(m.startswith("Attributions: 'lrp' is skipped for this model: LRP has no rule for module 'body.4'") for m in messages)
+    assert any("[inplace_relu]" in m for m in messages) and any("[non_relu_activation]" in m for m in messages)
+
+
+def test_batches_with_extra_fields_and_a_second_validation_loader(tmp_path: Any) -> None:
+    class WithNames(torch.utils.data.Dataset):
+        def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+            self.x, self.y = x, y
+
+        def __len__(self) -> int:
+            return len(self.x)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+            return self.x[i], self.y[i], f"image_{i}.png"
+
+    class TwoLoaders(Net):
+        def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+            return self(batch[0])
+
+    train, val = loaders((3, 12, 12))
+    x, y = val.dataset.tensors
+    ours = introspection_callbacks({"per_class_metrics": {"num_classes": 3}} | LIGHT)
+    for cb in ours:
+        cb.on_error = "raise"
+    trainer = Trainer(max_epochs=2, accelerator="cpu", devices=1, callbacks=ours, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    val_loaders = [DataLoader(WithNames(x, y), batch_size=16), DataLoader(TensorDataset(x[:8], y[:8]), batch_size=4)]
+    trainer.fit(TwoLoaders(cnn()), train, val_loaders)
+    cbs = {type(cb).__name__: cb for cb in ours}
+    assert_everything_ran(cbs)
+    assert sum(cbs["PerClassMetrics"].snapshots["end"]["support"]) == len(x)  # the first validation loader only
+
+
 # ---------------------------------------------------------------------------------------- trainers
 @pytest.mark.parametrize("how", ["no_loader", "limit_val_batches_0"])
 def test_no_validation_data_warns_instead_of_failing(tmp_path: Any, how: str) -> None:
@@ -260,8 +305,10 @@ def test_early_stopping_still_gets_the_final_runs(tmp_path: Any) -> None:
         {"val_check_interval": 0.5},
         {"accumulate_grad_batches": 2, "gradient_clip_val": 0.5},
         {"logger": False},
+        {"precision": "64-true"},
+        {"precision": "bf16-true"},
     ],
-    ids=["val_every_2_epochs", "val_twice_an_epoch", "accumulate_and_clip", "no_logger"],
+    ids=["val_every_2_epochs", "val_twice_an_epoch", "accumulate_and_clip", "no_logger", "float64_model", "bfloat16_model"],
 )
 def test_trainer_options_complete_with_every_callback(tmp_path: Any, kwargs: dict[str, Any]) -> None:
     _, cbs, _ = fit(tmp_path, cnn(), (3, 12, 12), **kwargs)
@@ -274,3 +321,28 @@ def test_fast_dev_run_completes(tmp_path: Any) -> None:
     trainer, cbs, _ = fit(tmp_path, cnn(), (3, 12, 12), fast_dev_run=True)
     assert trainer.global_step == 1 and not [name for name, cb in cbs.items() if cb.disabled]
     assert cbs["SanityChecks"].report is not None
+
+
+def test_validate_test_and_predict_after_the_fit_leave_the_fit_results_alone(tmp_path: Any) -> None:
+    class AllSteps(Net):
+        def test_step(self, batch: Any, batch_idx: int) -> Any:
+            return self(batch[0])
+
+        def predict_step(self, batch: Any, batch_idx: int) -> Any:
+            return self(batch[0])
+
+    train, val = loaders((3, 12, 12))
+    ours = introspection_callbacks({"per_class_metrics": {"num_classes": 3}} | LIGHT)
+    for cb in ours:
+        cb.on_error = "raise"
+    trainer = Trainer(max_epochs=2, accelerator="cpu", devices=1, callbacks=ours, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    model = AllSteps(cnn())
+    trainer.fit(model, train, val)
+    cbs = {type(cb).__name__: cb for cb in ours}
+    probes = {k: dict(v) for k, v in cbs["LinearProbes"].history.items()}
+    trainer.validate(model, val, verbose=False)
+    trainer.test(model, val, verbose=False)
+    trainer.predict(model, val)
+    assert cbs["LinearProbes"].history == probes  # no probe for an "epoch 2" that never trained
+    assert not [name for name, cb in cbs.items() if cb.disabled]

@@ -92,6 +92,35 @@ def eager_mode() -> Iterator[None]:
         yield
 
 
+def model_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype floating inputs must have: that of the parameters when all share one (a model held in
+    float64, bfloat16 or float16, e.g. ``precision="64-true"``); float32 otherwise."""
+    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+@contextlib.contextmanager
+def inputs_in_model_dtype(module: nn.Module) -> Iterator[None]:
+    """Cast floating tensor arguments of ``module``'s forward to :func:`model_dtype` inside the block.
+
+    Lightning converts the batches of its own steps for ``precision="64-true"`` / ``"bf16-true"``; the
+    passes of ours over the same data need the same (a no-op for float32 models). The hook is removed on exit.
+    """
+    dtype = model_dtype(module)
+    if dtype == torch.float32:
+        yield
+        return
+
+    def cast(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+    handle = module.register_forward_pre_hook(cast)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def module_device(module: nn.Module, default: torch.device | str = "cpu") -> torch.device:
     """The device of the module's first parameter (``default`` for a module without parameters).
 
@@ -120,6 +149,7 @@ def introspection_mode(module: nn.Module, *, grad: bool = True) -> Iterator[nn.M
         stack.enter_context(fork_global_rng())
         stack.enter_context(eager_mode())
         stack.enter_context(eval_mode(module))
+        stack.enter_context(inputs_in_model_dtype(module))
         if grad:
             stack.enter_context(gradients_on(device))
         else:

@@ -276,6 +276,13 @@ class Attributions(IntrospectionCallback):
         if "lrp" in methods and not lrp_available():
             self.warn_once("lrp-missing", "Attributions: `lightning_introspect.methods.lrp` is not available; 'lrp' is skipped.")
             methods.remove("lrp")
+        if "lrp" in methods:
+            from lightning_introspect.methods.lrp import lrp_unsupported
+
+            reason = lrp_unsupported(pl_module)
+            if reason is not None:  # a property of the model, known before training: not a failure
+                self.warn_once("lrp-unsupported", f"Attributions: 'lrp' is skipped for this model: {reason}")
+                methods.remove("lrp")
         if not isinstance(out, torch.Tensor) or out.ndim < 2:
             raise ValueError(f"Attributions needs a model output of shape (N, C, ...), but got {getattr(out, 'shape', type(out))}.")
         num_classes = int(out.shape[1])

@@ -411,6 +411,7 @@ class LinearProbes(IntrospectionCallback):
             and self.active(trainer)
             and self.is_scheduled(trainer)
             and not getattr(trainer, "sanity_checking", False)
+            and _fitting(trainer)  # not `trainer.validate()` after the fit: its "epoch" would be one that never trained
         )
 
     def _register_hooks(self) -> contextlib.ExitStack:
@@ -775,6 +776,11 @@ class LinearProbes(IntrospectionCallback):
             n: {k: (v if isinstance(v, str) else torch.as_tensor(v).numpy()) for k, v in st.items()}
             for n, st in dict(state.get("warm", {})).items()
         }
+
+
+def _fitting(trainer: Any) -> bool:
+    fn = getattr(getattr(trainer, "state", None), "fn", None)
+    return fn is None or str(getattr(fn, "value", fn)) == "fit"
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -297,6 +297,13 @@ class SanityChecks(IntrospectionCallback):
                 "attribution maps and verdicts would be meaningless, so the check is not run."
             )
         methods = list(self._resolved_methods or DEFAULT_METHODS)
+        if "lrp" in methods:
+            from lightning_introspect.methods.lrp import lrp_unsupported
+
+            reason = lrp_unsupported(model)
+            if reason is not None:
+                self.warn_once("lrp-unsupported", f"SanityChecks: 'lrp' is skipped for this model: {reason}")
+                methods.remove("lrp")
         if "lrp" in methods and self.output_transform is not None:
             self.warn_once(
                 "lrp-transform",

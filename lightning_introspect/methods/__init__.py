@@ -21,7 +21,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "METHODS", "SIGNED_METHODS", "attribute", "auto_layer", "deconvnet", "grad_cam", "guided_backprop",
         "guided_grad_cam", "input_x_gradient", "saliency",
     ),
-    "lrp": ("LRP_RULES", "fold_batchnorm", "lrp"),
+    "lrp": ("LRP_RULES", "fold_batchnorm", "lrp", "lrp_unsupported"),
     "localization": ("chance_level", "energy_in_mask", "pointing_game"),
     "targets": ("RegionTarget", "target_indices", "target_scores"),
     "weights": (

@@ -52,7 +52,7 @@ from torch import fx, nn
 from lightning_introspect._torch.guards import eval_mode, fresh_input, introspection_mode
 from lightning_introspect.methods.targets import Target, target_scores
 
-__all__ = ["LRP_RULES", "fold_batchnorm", "lrp"]
+__all__ = ["LRP_RULES", "fold_batchnorm", "lrp", "lrp_unsupported"]
 
 LRP_RULES = ("epsilon", "zplus", "z+", "alpha_beta")
 
@@ -399,6 +399,23 @@ def _plan(model: nn.Module) -> _Plan:
     plan = _build_plan(model)
     _PLANS[model] = (signature, plan)
     return plan
+
+
+def lrp_unsupported(model: nn.Module) -> str | None:
+    """Why :func:`lrp` cannot explain ``model`` (a module or operation without a rule, a forward fx cannot
+    trace), or ``None`` when it can. Traces the model symbolically; runs no forward pass.
+
+    Example:
+        >>> lrp_unsupported(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))) is None
+        True
+        >>> lrp_unsupported(nn.Sequential(nn.Linear(4, 3), nn.GELU()))[:27]
+        "LRP has no rule for module "
+    """
+    try:
+        _plan(model)
+    except TypeError as err:
+        return str(err)
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
