@@ -113,13 +113,15 @@ def loaders(shape: tuple[int, ...], classes: int = 3, n: int = 96) -> tuple[Data
 
 
 def fit(tmp_path: Any, body: nn.Module, shape: tuple[int, ...], *, classes: int = 3, config: dict[str, Any] | None = None,
-        val: bool = True, logger: Any = "tb", callbacks: tuple[Any, ...] = (), **trainer_kwargs: Any) -> tuple[Trainer, dict[str, Any], list[str]]:
-    """Fit ``body`` with every callback on; return the trainer, the callbacks by class name and our warnings."""
+        val: bool = True, logger: Any = "tb", callbacks: tuple[Any, ...] = (), introspect: bool = True,
+        **trainer_kwargs: Any) -> tuple[Trainer, dict[str, Any], list[str]]:
+    """Fit ``body`` with every callback on (none with ``introspect=False``); return the trainer, the
+    callbacks by class name and our warnings."""
     torch.manual_seed(0)
     sections = {"per_class_metrics": {"num_classes": classes}} | LIGHT
     for section, options in (config or {}).items():
         sections[section] = {**sections.get(section, {}), **options}
-    ours = introspection_callbacks(sections)
+    ours = introspection_callbacks(sections) if introspect else []
     for cb in ours:
         cb.on_error = "raise"
     train, val_loader = loaders(shape, classes)
@@ -220,11 +222,13 @@ def test_output_as_tensor_without_logits_names_output_transform() -> None:
 
 
 def test_a_compiled_submodule_is_introspected_eagerly(tmp_path: Any) -> None:
-    # The per-class start pass compiles an eval-mode graph before any hook exists; every later pass of
-    # ours runs eagerly (`eager_mode`), so probe and Grad-CAM hooks fire, and LRP traces `_orig_mod`.
+    # Lightning's sanity steps compile the eval-mode graph before any hook of ours exists; hooks added
+    # later do not fire in a cached graph. Every pass of ours runs eagerly (`eager_mode`), LinearProbes
+    # takes its activations from such a pass instead of hooking the compiled validation, LRP traces `_orig_mod`.
     body = torch.compile(cnn(), backend="eager")
-    _, cbs, _ = fit(tmp_path, body, (3, 12, 12))
+    _, cbs, messages = fit(tmp_path, body, (3, 12, 12), num_sanity_val_steps=2)
     assert_everything_ran(cbs)
+    assert any(m.startswith("LinearProbes: the model contains torch.compile-d modules") for m in messages)
     assert {"grad_cam", "lrp"} <= set(cbs["Attributions"].maps)
     assert cbs["LinearProbes"].layer_names and all(len(cbs["LinearProbes"].history[e]) == len(cbs["LinearProbes"].layer_names) for e in (0, 1))
 
@@ -346,3 +350,21 @@ def test_validate_test_and_predict_after_the_fit_leave_the_fit_results_alone(tmp
     trainer.predict(model, val)
     assert cbs["LinearProbes"].history == probes  # no probe for an "epoch 2" that never trained
     assert not [name for name, cb in cbs.items() if cb.disabled]
+
+
+@pytest.mark.parametrize("setup", ["compiled_submodule", "tuple_output_early_stop", "float64_model"])
+def test_these_setups_train_bitwise_the_same_with_and_without_introspection(tmp_path: Any, setup: str) -> None:
+    def run(introspect: bool) -> tuple[dict[str, torch.Tensor], Any]:
+        torch.manual_seed(0)
+        body, kwargs = {
+            "compiled_submodule": (lambda: torch.compile(cnn(), backend="eager"), {"num_sanity_val_steps": 2}),
+            "tuple_output_early_stop": (TupleOut, {"callbacks": (pl.callbacks.EarlyStopping(monitor="train_loss", patience=0, min_delta=100.0),), "max_epochs": 10}),
+            "float64_model": (cnn, {"precision": "64-true"}),
+        }[setup]
+        trainer, _, _ = fit(tmp_path / str(introspect), body(), (3, 12, 12), introspect=introspect, **kwargs)
+        module = trainer.lightning_module
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}, trainer.optimizers[0].state_dict()["state"]
+
+    (weights_a, opt_a), (weights_b, opt_b) = run(False), run(True)
+    assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i] if isinstance(opt_a[i][k], torch.Tensor))

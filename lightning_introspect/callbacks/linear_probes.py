@@ -255,6 +255,7 @@ class LinearProbes(IntrospectionCallback):
         self._to_log: list[tuple[int | str, int, dict[str, ProbeResult]]] = []
         self._warm: dict[str, dict[str, Any]] = {}
         self._figure_key: int | None = None  # the epoch of the latest accuracy-vs-depth figure
+        self._eager_pass = False  # capture with an own eager pass instead of hooks in the trainer's validation
 
     # ------------------------------------------------------------------------------- lightning hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -270,7 +271,7 @@ class LinearProbes(IntrospectionCallback):
             self.run(trainer, self._drain, trainer)
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        if self._should_capture(trainer):
+        if self._should_capture(trainer) and not self._eager_pass:
             self.run(trainer, self._begin_capture, trainer, pl_module)
 
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -286,6 +287,8 @@ class LinearProbes(IntrospectionCallback):
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self._stack is not None:
             self.run(trainer, self._end_capture, trainer)
+        elif self._eager_pass and self._should_capture(trainer):
+            self.run(trainer, self._own_pass_and_fit, trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.probe_dataloader is not None and self.active(trainer) and self.is_scheduled(trainer):
@@ -373,6 +376,17 @@ class LinearProbes(IntrospectionCallback):
             self._resolve(trainer, pl_module)
             if not self._modules:
                 raise RuntimeError("LinearProbes could not resolve `layers='auto'`: no data to run an example through.")
+        if self.probe_dataloader is None and _has_compiled(pl_module):
+            # Hooks added after dynamo cached a graph do not fire in it (and fire traced, with graph breaks,
+            # when they do): the trainer's compiled validation is left alone and the probes get their
+            # activations from an eager pass of ours over the same validation data.
+            self._eager_pass = True
+            self.warn_once(
+                "compiled",
+                "LinearProbes: the model contains torch.compile-d modules, so the probes take their activations "
+                "from an eager pass of their own over the validation data at each evaluated epoch (one extra "
+                "forward pass) instead of hooks in the compiled validation.",
+            )
         device = _device_of(pl_module)
         solver = self.solver
         if solver == "auto" and device.type != "cpu":
@@ -776,6 +790,11 @@ class LinearProbes(IntrospectionCallback):
             n: {k: (v if isinstance(v, str) else torch.as_tensor(v).numpy()) for k, v in st.items()}
             for n, st in dict(state.get("warm", {})).items()
         }
+
+
+def _has_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is or contains a ``torch.compile``-d module (dynamo's ``OptimizedModule``)."""
+    return any(type(m).__name__ == "OptimizedModule" for m in model.modules()) or getattr(model, "_compiler_ctx", None) is not None
 
 
 def _fitting(trainer: Any) -> bool:
