@@ -143,6 +143,12 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
         return trainer.is_global_zero or not self.rank_zero_only
 
     @staticmethod
+    def trainer_fn(trainer: Any) -> str | None:
+        """What the trainer is running: ``"fit"``, ``"validate"``, ``"test"``, ``"predict"`` (``None`` if unknown)."""
+        fn = getattr(getattr(trainer, "state", None), "fn", None)
+        return None if fn is None else str(getattr(fn, "value", fn))
+
+    @staticmethod
     def last_epoch(trainer: Any) -> int:
         """The index of the epoch that ran last (or runs now). At ``on_train_end`` ``trainer.current_epoch``
         already counts a finished epoch, so the started-epochs counter is used where Lightning has it."""

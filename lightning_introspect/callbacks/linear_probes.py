@@ -425,7 +425,7 @@ class LinearProbes(IntrospectionCallback):
             and self.active(trainer)
             and self.is_scheduled(trainer)
             and not getattr(trainer, "sanity_checking", False)
-            and _fitting(trainer)  # not `trainer.validate()` after the fit: its "epoch" would be one that never trained
+            and self.trainer_fn(trainer) in ("fit", None)  # not `trainer.validate()` after the fit: an epoch that never trained
         )
 
     def _register_hooks(self) -> contextlib.ExitStack:
@@ -795,11 +795,6 @@ class LinearProbes(IntrospectionCallback):
 def _has_compiled(model: nn.Module) -> bool:
     """Whether ``model`` is or contains a ``torch.compile``-d module (dynamo's ``OptimizedModule``)."""
     return any(type(m).__name__ == "OptimizedModule" for m in model.modules()) or getattr(model, "_compiler_ctx", None) is not None
-
-
-def _fitting(trainer: Any) -> bool:
-    fn = getattr(getattr(trainer, "state", None), "fn", None)
-    return fn is None or str(getattr(fn, "value", fn)) == "fit"
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -270,10 +270,8 @@ class Misclassifications(IntrospectionCallback):
         self.report = self.history[-1] if self.history else None
 
     # ------------------------------------------------------------------------------ helpers
-    @staticmethod
-    def _validating(trainer: Any) -> bool:
-        fn = getattr(getattr(trainer, "state", None), "fn", None)
-        return str(getattr(fn, "value", fn)) == "validate"
+    def _validating(self, trainer: Any) -> bool:
+        return self.trainer_fn(trainer) == "validate"
 
     def _stop(self) -> None:
         self._collecting = False
