@@ -4,7 +4,7 @@
 
 Each benchmark runs in its own process; its full output is printed under a header, then a summary
 table collects the headline ratio of each one (all measured in this run, on this machine). Run by
-hand, not by CI: on 2 CPU cores the whole set takes about 10-15 minutes (``--quick``: about 5).
+hand, not by CI: on 2 CPU cores the whole set takes about 15-20 minutes (``--quick``: about 6).
 """
 
 from __future__ import annotations
@@ -31,6 +31,16 @@ BENCHMARKS: list[tuple[str, list[str], list[str], list[tuple[str, str]]]] = [
             ("recurring overhead per epoch / one epoch, default set", r"RATIO recurring_per_epoch_default ([-\d.]+)"),
             ("one-off overhead per fit, in epochs, default set", r"RATIO one_off_epochs_default ([-\d.]+)"),
             ("peak memory, default callback set / none", r"RATIO peak_memory_default ([\d.]+)"),
+        ],
+    ),
+    (
+        "bench_callback_costs.py",
+        [],
+        ["--size", "32"],
+        [
+            ("misclassification review / training epoch (ResNet-style, 64 px (32 with --quick), 512 images)", r"RATIO misclassification_review_per_epoch ([\d.]+)"),
+            ("feature visualisation run / training epoch (same)", r"RATIO feature_visualization_run_per_epoch ([\d.]+)"),
+            ("sanity check / training epoch (same)", r"RATIO sanity_check_per_epoch ([\d.]+)"),
         ],
     ),
     (
@@ -79,7 +89,7 @@ BENCHMARKS: list[tuple[str, list[str], list[str], list[tuple[str, str]]]] = [
 ]
 
 # the scripts with a --device option (bench_probes measures the sklearn thread vs torch on the CPU)
-TAKES_DEVICE = {"bench_fit_overhead.py", "bench_histograms.py", "bench_attributions.py", "bench_lrp.py", "bench_featviz.py"}
+TAKES_DEVICE = {"bench_callback_costs.py", "bench_fit_overhead.py", "bench_histograms.py", "bench_attributions.py", "bench_lrp.py", "bench_featviz.py"}
 
 
 def main() -> None:
