@@ -230,7 +230,7 @@ class Attributions(IntrospectionCallback):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         # the final model, when the fit ended before its last scheduled epoch (EarlyStopping, max_time, no max_epochs)
-        if self.active(trainer) and trainer.global_step > 0 and self._last_step != trainer.global_step and self._prepare(trainer, pl_module):
+        if self.final_run_missed(trainer, self._last_step) and self._prepare(trainer, pl_module):
             self.run(trainer, self._log, trainer, pl_module, self.last_epoch(trainer))
 
     # ------------------------------------------------------------------------------------ helpers

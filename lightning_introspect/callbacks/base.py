@@ -148,6 +148,12 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
         fn = getattr(getattr(trainer, "state", None), "fn", None)
         return None if fn is None else str(getattr(fn, "value", fn))
 
+    def final_run_missed(self, trainer: Any, last_step: int | None) -> bool:
+        """At train end: whether the final model has not been looked at, because the fit ended before its
+        last scheduled epoch (EarlyStopping, ``max_time``, no ``max_epochs``, a last epoch without
+        validation). ``last_step``: the global step of the callback's latest run."""
+        return self.active(trainer) and trainer.global_step > 0 and last_step != trainer.global_step
+
     @staticmethod
     def last_epoch(trainer: Any) -> int:
         """The index of the epoch that ran last (or runs now). At ``on_train_end`` ``trainer.current_epoch``

@@ -326,7 +326,7 @@ class FeatureVisualization(IntrospectionCallback):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         # the final model, when the fit ended before its last scheduled epoch (EarlyStopping, max_time, no max_epochs)
-        if self.active(trainer) and trainer.global_step > 0 and self._last_step != trainer.global_step:
+        if self.final_run_missed(trainer, self._last_step):
             self.run(trainer, self.visualize, trainer, pl_module, epoch=self.last_epoch(trainer))
 
     # ------------------------------------------------------------------------------------ choices

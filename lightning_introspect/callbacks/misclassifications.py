@@ -251,7 +251,7 @@ class Misclassifications(IntrospectionCallback):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         # the final model, when the fit ended before its last scheduled epoch (EarlyStopping, max_time, no max_epochs)
-        if self.active(trainer) and trainer.global_step > 0 and self._last_step != trainer.global_step:
+        if self.final_run_missed(trainer, self._last_step):
             run_strict(self, trainer, self._review_now, trainer, pl_module)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
