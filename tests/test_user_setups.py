@@ -276,6 +276,27 @@ def test_batches_with_extra_fields_and_a_second_validation_loader(tmp_path: Any)
     assert sum(cbs["PerClassMetrics"].snapshots["end"]["support"]) == len(x)  # the first validation loader only
 
 
+def test_a_frozen_backbone_under_no_grad_skips_the_gradient_callbacks_with_the_reason(tmp_path: Any) -> None:
+    class FrozenBackbone(nn.Module):  # transfer learning: the feature extractor runs under no_grad
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+            self.backbone.requires_grad_(False)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                features = self.backbone(x)
+            return self.head(features)
+
+    _, cbs, messages = fit(tmp_path, FrozenBackbone(), (3, 12, 12))
+    for name in ("Attributions", "FeatureVisualization", "SanityChecks"):
+        assert any(m.startswith(f"{name}: autograd does not connect the model's output to its input") for m in messages), name
+    assert cbs["Attributions"].maps == {} and cbs["SanityChecks"].report is None and cbs["FeatureVisualization"].disabled
+    assert set(cbs["PerClassMetrics"].snapshots) == {"start", "middle", "end"} and cbs["Misclassifications"].history
+    assert [k for k in cbs["LinearProbes"].history if isinstance(k, int)] == [0, 1]
+
+
 # ---------------------------------------------------------------------------------------- trainers
 @pytest.mark.parametrize("how", ["no_loader", "limit_val_batches_0"])
 def test_no_validation_data_warns_instead_of_failing(tmp_path: Any, how: str) -> None:

@@ -249,3 +249,34 @@ def one_blas_thread() -> Iterator[None]:
             if _blas_users == 0 and _blas_limiter is not None:
                 _blas_limiter.restore_original_limits()
                 _blas_limiter = None
+
+
+def output_depends_on_input(model: nn.Module, inputs: torch.Tensor) -> bool:
+    """Whether autograd connects ``model(inputs)`` to ``inputs``: ``False`` when the forward runs the
+    network (or the part the input enters) under ``torch.no_grad()`` or detaches it, as frozen feature
+    extractors often do. Gradient-based explanations and feature visualisation need this path.
+
+    Example:
+        >>> net = nn.Linear(3, 2)
+        >>> output_depends_on_input(net, torch.ones(1, 3))
+        True
+        >>> class FrozenBackbone(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.backbone, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+        ...     def forward(self, x):
+        ...         with torch.no_grad():
+        ...             features = self.backbone(x)
+        ...         return self.head(features)  # requires grad (the head trains), but not through x
+        >>> output_depends_on_input(FrozenBackbone(), torch.ones(1, 3))
+        False
+    """
+    with introspection_mode(model, grad=True):
+        x = fresh_input(inputs[:1].to(module_device(model, inputs.device)))
+        if not x.requires_grad:  # integer inputs (token ids): there is no input gradient to speak of
+            return False
+        out = model(x)
+        if not (isinstance(out, torch.Tensor) and out.requires_grad):
+            return False
+        (grad,) = torch.autograd.grad(out.float().sum(), x, allow_unused=True)  # parameters' .grad untouched
+    return grad is not None

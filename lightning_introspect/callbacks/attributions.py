@@ -9,10 +9,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_introspect._torch.guards import introspection_mode
+from lightning_introspect._torch.guards import introspection_mode, output_depends_on_input
 from lightning_introspect._torch.hooks import output_as_tensor
 from lightning_introspect._torch.layers import get_layer
 from lightning_introspect.callbacks.base import (
+    NO_INPUT_GRADIENT,
     NONFINITE_CAUSE,
     IntrospectionCallback,
     check_choice,
@@ -285,6 +286,12 @@ class Attributions(IntrospectionCallback):
                 methods.remove("lrp")
         if not isinstance(out, torch.Tensor) or out.ndim < 2:
             raise ValueError(f"Attributions needs a model output of shape (N, C, ...), but got {getattr(out, 'shape', type(out))}.")
+        with self._logits_only(pl_module):
+            connected = output_depends_on_input(pl_module, x)
+        if not connected:
+            self.warn_once("no-input-gradient", f"Attributions: {NO_INPUT_GRADIENT} The callback is skipped for this fit.")
+            self._active_methods = []
+            return
         num_classes = int(out.shape[1])
         if isinstance(self.targets, list):
             bad = [t for t in self.targets if t >= num_classes]

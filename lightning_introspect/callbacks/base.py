@@ -31,6 +31,13 @@ from lightning_introspect.loggers.adapter import IntrospectionWriter, TensorBoar
 
 T = TypeVar("T")
 
+NO_INPUT_GRADIENT = (
+    "autograd does not connect the model's output to its input: its forward runs the part the input enters "
+    "under torch.no_grad() (or detaches it), as a frozen feature extractor often does, so there is no input "
+    "gradient to explain or optimise. Run the frozen part without no_grad (its parameters can keep "
+    "requires_grad=False) to use it."
+)
+
 ON_ERROR_CHOICES = ("warn", "raise")
 #: the advice every callback gives when what it computed holds NaN / Inf
 NONFINITE_CAUSE = (

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_introspect._torch.guards import introspection_mode, module_device
+from lightning_introspect._torch.guards import introspection_mode, module_device, output_depends_on_input
 from lightning_introspect._torch.hooks import layer_outputs, output_as_tensor
 from lightning_introspect._torch.layers import resolve_layers
 from lightning_introspect.callbacks.base import (
+    NO_INPUT_GRADIENT,
     NONFINITE_CAUSE,
     IntrospectionCallback,
     check_choice,
@@ -305,6 +306,15 @@ class FeatureVisualization(IntrospectionCallback):
                 f"FeatureVisualization: inputs of shape {tuple(x.shape)} are not images (N, C, H, W), so there is "
                 "nothing to visualise; the callback is skipped for this fit (`enabled=False` silences this).",
             )
+            self.disabled = True
+            return
+        try:
+            with output_as_tensor(pl_module, lambda out: extract_logits(out, self.output_transform)):
+                connected = output_depends_on_input(pl_module, x)
+        except Exception:  # the model failed on the samples: left to `on_error` at the first run
+            connected = True
+        if not connected:
+            self.warn_once("no-input-gradient", f"FeatureVisualization: {NO_INPUT_GRADIENT} The callback is skipped for this fit.")
             self.disabled = True
             return
         self.resolve(pl_module)  # bad layer names fail here, before any training step

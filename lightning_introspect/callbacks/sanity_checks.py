@@ -11,10 +11,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_introspect._torch.guards import introspection_mode
+from lightning_introspect._torch.guards import introspection_mode, output_depends_on_input
 from lightning_introspect._torch.hooks import output_as_tensor
 from lightning_introspect._torch.layers import get_layer, resolve_layers
-from lightning_introspect.callbacks.base import IntrospectionCallback, check_choice, check_positive_int
+from lightning_introspect.callbacks.base import (
+    NO_INPUT_GRADIENT,
+    IntrospectionCallback,
+    check_choice,
+    check_positive_int,
+)
 from lightning_introspect.callbacks.per_class_metrics import extract_logits
 from lightning_introspect.loggers.adapter import IntrospectionWriter
 from lightning_introspect.methods.attribution import LAYER_METHODS
@@ -258,6 +263,11 @@ class SanityChecks(IntrospectionCallback):
         targets = y if self.target == "true" and y is not None else None
         if self.target == "true" and y is None:
             self.warn_once("no-labels", "SanityChecks: target='true' but the validation data has no labels; explaining the predictions.")
+        with output_as_tensor(pl_module, lambda out: extract_logits(out, self.output_transform)):
+            connected = output_depends_on_input(pl_module, x)
+        if not connected:
+            self.warn_once("no-input-gradient", f"SanityChecks: {NO_INPUT_GRADIENT} The checks are skipped.")
+            return None
         return self.check(pl_module, x, targets, writer=self.writer(trainer), step=trainer.global_step, trainer=trainer)
 
     def check(
