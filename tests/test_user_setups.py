@@ -297,6 +297,38 @@ def test_a_frozen_backbone_under_no_grad_skips_the_gradient_callbacks_with_the_r
     assert [k for k in cbs["LinearProbes"].history if isinstance(k, int)] == [0, 1]
 
 
+def test_token_ids_get_the_metrics_and_probes_and_a_reason_for_the_rest(tmp_path: Any) -> None:
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.hidden, self.out = nn.Embedding(50, 16), nn.Linear(16, 32), nn.Linear(32, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.out(F.relu(self.hidden(self.embed(ids).mean(1))))
+
+    class TokenNet(Net):
+        pass
+
+    train, val = loaders((12,))
+    as_ids = [DataLoader(TensorDataset((dl.dataset.tensors[0].abs() * 10).long().clamp(0, 49), dl.dataset.tensors[1]),
+                         batch_size=16) for dl in (train, val)]
+    ours = introspection_callbacks({"per_class_metrics": {"num_classes": 3}} | LIGHT)
+    for cb in ours:
+        cb.on_error = "raise"
+    trainer = Trainer(max_epochs=2, accelerator="cpu", devices=1, callbacks=ours, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TokenNet(Tokens()), *as_ids)
+    messages = [str(w.message) for w in caught]
+    cbs = {type(cb).__name__: cb for cb in ours}
+    for name in ("Attributions", "SanityChecks"):
+        assert any(m.startswith(f"{name}: the inputs are torch.int64 (integer data such as token ids") for m in messages), name
+    assert cbs["Attributions"].maps == {} and cbs["SanityChecks"].report is None and cbs["FeatureVisualization"].disabled
+    assert set(cbs["PerClassMetrics"].snapshots) == {"start", "middle", "end"}
+    assert [k for k in cbs["LinearProbes"].history if isinstance(k, int)] == [0, 1]
+
+
 # ---------------------------------------------------------------------------------------- trainers
 @pytest.mark.parametrize("how", ["no_loader", "limit_val_batches_0"])
 def test_no_validation_data_warns_instead_of_failing(tmp_path: Any, how: str) -> None:

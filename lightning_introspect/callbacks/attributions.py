@@ -9,15 +9,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_introspect._torch.guards import introspection_mode, output_depends_on_input
+from lightning_introspect._torch.guards import introspection_mode
 from lightning_introspect._torch.hooks import output_as_tensor
 from lightning_introspect._torch.layers import get_layer
 from lightning_introspect.callbacks.base import (
-    NO_INPUT_GRADIENT,
     NONFINITE_CAUSE,
     IntrospectionCallback,
     check_choice,
     check_positive_int,
+    input_gradient_problem,
 )
 from lightning_introspect.callbacks.per_class_metrics import extract_logits
 from lightning_introspect.methods.attribution import (
@@ -264,6 +264,14 @@ class Attributions(IntrospectionCallback):
             )
             self._active_methods = []
             return
+        if not isinstance(out, torch.Tensor) or out.ndim < 2:
+            raise ValueError(f"Attributions needs a model output of shape (N, C, ...), but got {getattr(out, 'shape', type(out))}.")
+        with self._logits_only(pl_module):
+            problem = input_gradient_problem(pl_module, x)
+        if problem is not None:
+            self.warn_once("no-input-gradient", f"Attributions: {problem} The callback is skipped for this fit.")
+            self._active_methods = []
+            return
         if x.ndim == 2 and any(m in LAYER_METHODS for m in methods):
             dropped = [m for m in methods if m in LAYER_METHODS]
             self.warn_once("tabular", f"Attributions: {dropped} need a spatial feature map; tabular inputs (N, F) skip them.")
@@ -284,14 +292,6 @@ class Attributions(IntrospectionCallback):
             if reason is not None:  # a property of the model, known before training: not a failure
                 self.warn_once("lrp-unsupported", f"Attributions: 'lrp' is skipped for this model: {reason}")
                 methods.remove("lrp")
-        if not isinstance(out, torch.Tensor) or out.ndim < 2:
-            raise ValueError(f"Attributions needs a model output of shape (N, C, ...), but got {getattr(out, 'shape', type(out))}.")
-        with self._logits_only(pl_module):
-            connected = output_depends_on_input(pl_module, x)
-        if not connected:
-            self.warn_once("no-input-gradient", f"Attributions: {NO_INPUT_GRADIENT} The callback is skipped for this fit.")
-            self._active_methods = []
-            return
         num_classes = int(out.shape[1])
         if isinstance(self.targets, list):
             bad = [t for t in self.targets if t >= num_classes]

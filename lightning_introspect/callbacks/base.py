@@ -38,6 +38,20 @@ NO_INPUT_GRADIENT = (
     "requires_grad=False) to use it."
 )
 
+
+def input_gradient_problem(model: Any, inputs: torch.Tensor) -> str | None:
+    """Why gradient-based methods cannot work on ``model`` with these inputs, or ``None`` when they can
+    (call it where ``model(x)`` returns the logits tensor)."""
+    from lightning_introspect._torch.guards import output_depends_on_input
+
+    if not inputs.is_floating_point():
+        return (
+            f"the inputs are {inputs.dtype} (integer data such as token ids or raw uint8 pixels), so there is no input "
+            "gradient to explain or optimise; gradient methods need floating inputs (convert pixels to float in the "
+            "data pipeline, not in forward)."
+        )
+    return None if output_depends_on_input(model, inputs) else NO_INPUT_GRADIENT
+
 ON_ERROR_CHOICES = ("warn", "raise")
 #: the advice every callback gives when what it computed holds NaN / Inf
 NONFINITE_CAUSE = (

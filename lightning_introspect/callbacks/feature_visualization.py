@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_introspect._torch.guards import introspection_mode, module_device, output_depends_on_input
+from lightning_introspect._torch.guards import introspection_mode, module_device
 from lightning_introspect._torch.hooks import layer_outputs, output_as_tensor
 from lightning_introspect._torch.layers import resolve_layers
 from lightning_introspect.callbacks.base import (
-    NO_INPUT_GRADIENT,
     NONFINITE_CAUSE,
     IntrospectionCallback,
     check_choice,
     check_positive_int,
+    input_gradient_problem,
 )
 from lightning_introspect.callbacks.per_class_metrics import extract_logits
 from lightning_introspect.methods.feature_visualization import (
@@ -310,11 +310,11 @@ class FeatureVisualization(IntrospectionCallback):
             return
         try:
             with output_as_tensor(pl_module, lambda out: extract_logits(out, self.output_transform)):
-                connected = output_depends_on_input(pl_module, x)
+                problem = input_gradient_problem(pl_module, x)
         except Exception:  # the model failed on the samples: left to `on_error` at the first run
-            connected = True
-        if not connected:
-            self.warn_once("no-input-gradient", f"FeatureVisualization: {NO_INPUT_GRADIENT} The callback is skipped for this fit.")
+            problem = None
+        if problem is not None:
+            self.warn_once("no-input-gradient", f"FeatureVisualization: {problem} The callback is skipped for this fit.")
             self.disabled = True
             return
         self.resolve(pl_module)  # bad layer names fail here, before any training step

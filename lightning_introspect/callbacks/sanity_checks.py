@@ -11,14 +11,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_introspect._torch.guards import introspection_mode, output_depends_on_input
+from lightning_introspect._torch.guards import introspection_mode
 from lightning_introspect._torch.hooks import output_as_tensor
 from lightning_introspect._torch.layers import get_layer, resolve_layers
 from lightning_introspect.callbacks.base import (
-    NO_INPUT_GRADIENT,
     IntrospectionCallback,
     check_choice,
     check_positive_int,
+    input_gradient_problem,
 )
 from lightning_introspect.callbacks.per_class_metrics import extract_logits
 from lightning_introspect.loggers.adapter import IntrospectionWriter
@@ -264,9 +264,9 @@ class SanityChecks(IntrospectionCallback):
         if self.target == "true" and y is None:
             self.warn_once("no-labels", "SanityChecks: target='true' but the validation data has no labels; explaining the predictions.")
         with output_as_tensor(pl_module, lambda out: extract_logits(out, self.output_transform)):
-            connected = output_depends_on_input(pl_module, x)
-        if not connected:
-            self.warn_once("no-input-gradient", f"SanityChecks: {NO_INPUT_GRADIENT} The checks are skipped.")
+            problem = input_gradient_problem(pl_module, x)
+        if problem is not None:
+            self.warn_once("no-input-gradient", f"SanityChecks: {problem} The checks are skipped.")
             return None
         return self.check(pl_module, x, targets, writer=self.writer(trainer), step=trainer.global_step, trainer=trainer)
 
