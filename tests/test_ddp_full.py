@@ -184,3 +184,24 @@ def test_full_set_under_ddp_two_cpu_processes(tmp_path: Any) -> None:
     assert snaps == reference
     history = [{k: v for k, v in h.items() if k not in ("epoch", "step")} for h in results[0]["history"]]
     assert history == [reference["middle"], reference["end"]]
+
+
+def test_ddp_with_early_stopping_gets_the_final_runs_on_rank_zero_without_a_hang(tmp_path: Any) -> None:
+    # The final-model runs at train end (a review with an own validation pass, grids, feature
+    # visualisation) happen on rank zero only while rank one goes on to teardown: they must not enter a
+    # collective, or the processes would hang.
+    script = _DDP_SCRIPT.format(root=ROOT).replace("max_epochs=2, logger=False", "max_epochs=6, logger=False").replace(
+        "callbacks=[*callbacks, SaveWeights()])",
+        "callbacks=[*callbacks, SaveWeights(), pl.callbacks.EarlyStopping(monitor='val_loss', patience=0, min_delta=100.0)])",
+    )
+    (tmp_path / "ddp_early.py").write_text(script)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONPATH": ROOT,
+           "MPLBACKEND": "Agg"}
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "GROUP_RANK"):
+        env.pop(key, None)
+    proc = run_isolated([str(tmp_path / "ddp_early.py"), str(tmp_path)], cwd=str(tmp_path), env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    zero, one = (json.loads((tmp_path / f"result_rank{r}.json").read_text()) for r in (0, 1))
+    assert zero["global_step"] == one["global_step"] == 4  # stopped after epoch 1 of 6
+    assert zero["work"]["Misclassifications"] == 1 and zero["work"]["FeatureVisualization"] > 0  # the final runs
+    assert set(one["work"].values()) == {0} and set(zero["snapshots"]) == {"start", "end"}
