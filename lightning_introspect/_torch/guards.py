@@ -76,7 +76,7 @@ def eager_mode() -> Iterator[None]:
     """Run ``torch.compile``-d code eagerly inside the block (``torch.compiler.set_stance("force_eager")``).
 
     Hooks registered after a function was compiled are not seen by the graph dynamo already cached for
-    it: under ``trainer.fit(torch.compile(model))`` an introspection pass would silently record nothing.
+    it: with a ``torch.compile``-d submodule an introspection pass could silently record nothing.
     Eager execution runs every module call, so every hook fires. The stance is restored on exit (training
     stays compiled). A no-op on torch versions without ``set_stance`` (before 2.6).
 
@@ -90,6 +90,11 @@ def eager_mode() -> Iterator[None]:
         return
     with set_stance("force_eager"):
         yield
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``torch.compile``-d module (dynamo's ``OptimizedModule``, original in ``_orig_mod``)."""
+    return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
 
 
 def model_dtype(module: nn.Module) -> torch.dtype:

@@ -10,23 +10,23 @@ import torch
 import torch.nn.functional as F
 
 from lightning_introspect._torch.guards import introspection_mode
-from lightning_introspect._torch.hooks import output_as_tensor
 from lightning_introspect._torch.layers import get_layer
 from lightning_introspect.callbacks.base import (
     NONFINITE_CAUSE,
     IntrospectionCallback,
+    check_callable,
     check_choice,
     check_positive_int,
     input_gradient_problem,
+    lrp_problem,
 )
-from lightning_introspect.callbacks.per_class_metrics import extract_logits
+from lightning_introspect.callbacks.per_class_metrics import logits_only
 from lightning_introspect.methods.attribution import (
     LAYER_METHODS,
     SIGNED_METHODS,
     _check_methods,
     attribute,
     auto_layer,
-    lrp_available,
 )
 from lightning_introspect.methods.targets import target_indices
 from lightning_introspect.render.grid import captioned_grid
@@ -195,8 +195,7 @@ class Attributions(IntrospectionCallback):
         self.alpha = float(alpha)
         self.top_k = top_k
         self.lrp_rule = lrp_rule
-        if output_transform is not None and not callable(output_transform):
-            raise ValueError(f"Expected `output_transform` to be a callable or None, but got {output_transform!r}.")
+        check_callable(output_transform, "output_transform")
         self.output_transform = output_transform
         # results
         self.layer: str | None = None
@@ -245,7 +244,7 @@ class Attributions(IntrospectionCallback):
             return True
         try:
             x, _ = self.fixed_samples(trainer, per_class=self.per_class)
-            with introspection_mode(pl_module, grad=False), self._logits_only(pl_module):
+            with introspection_mode(pl_module, grad=False), logits_only(pl_module, self.output_transform):
                 out = pl_module(x[:1].to(pl_module.device))
         except ValueError:
             raise
@@ -266,7 +265,7 @@ class Attributions(IntrospectionCallback):
             return
         if not isinstance(out, torch.Tensor) or out.ndim < 2:
             raise ValueError(f"Attributions needs a model output of shape (N, C, ...), but got {getattr(out, 'shape', type(out))}.")
-        with self._logits_only(pl_module):
+        with logits_only(pl_module, self.output_transform):
             problem = input_gradient_problem(pl_module, x)
         if problem is not None:
             self.warn_once("no-input-gradient", f"Attributions: {problem} The callback is skipped for this fit.")
@@ -276,22 +275,10 @@ class Attributions(IntrospectionCallback):
             dropped = [m for m in methods if m in LAYER_METHODS]
             self.warn_once("tabular", f"Attributions: {dropped} need a spatial feature map; tabular inputs (N, F) skip them.")
             methods = [m for m in methods if m not in LAYER_METHODS]
-        if "lrp" in methods and self.output_transform is not None:
-            self.warn_once(
-                "lrp-transform",
-                "Attributions: LRP propagates through the model's own graph and cannot apply `output_transform`; 'lrp' is skipped.",
-            )
+        problem = lrp_problem(pl_module, self.output_transform) if "lrp" in methods else None
+        if problem is not None:
+            self.warn_once("lrp-skipped", f"Attributions: {problem}")
             methods.remove("lrp")
-        if "lrp" in methods and not lrp_available():
-            self.warn_once("lrp-missing", "Attributions: `lightning_introspect.methods.lrp` is not available; 'lrp' is skipped.")
-            methods.remove("lrp")
-        if "lrp" in methods:
-            from lightning_introspect.methods.lrp import lrp_unsupported
-
-            reason = lrp_unsupported(pl_module)
-            if reason is not None:  # a property of the model, known before training: not a failure
-                self.warn_once("lrp-unsupported", f"Attributions: 'lrp' is skipped for this model: {reason}")
-                methods.remove("lrp")
         num_classes = int(out.shape[1])
         if isinstance(self.targets, list):
             bad = [t for t in self.targets if t >= num_classes]
@@ -337,13 +324,9 @@ class Attributions(IntrospectionCallback):
                 self._active_methods = [m for m in self._active_methods if m != "lrp"]
         return {m: maps[m] for m in methods if m in maps}
 
-    def _logits_only(self, model: Any) -> Any:
-        """``model(x)`` returns the logits inside (a tuple / dict / output object is reduced to them)."""
-        return output_as_tensor(model, lambda out: extract_logits(out, self.output_transform))
-
     # ---------------------------------------------------------------------------------------- work
     def _log(self, trainer: Any, pl_module: Any, epoch: int) -> None:
-        with self._logits_only(pl_module):
+        with logits_only(pl_module, self.output_transform):
             self._log_run(trainer, pl_module, epoch)
 
     def _log_run(self, trainer: Any, pl_module: Any, epoch: int) -> None:

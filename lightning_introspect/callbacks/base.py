@@ -97,6 +97,26 @@ def check_positive_int(value: Any, argument: str, *, allow_none: bool = False) -
         raise ValueError(f"Expected `{argument}` to be a positive int{extra}, but got {value!r}.")
 
 
+def check_callable(value: Any, argument: str) -> None:
+    """Raise ``ValueError`` naming ``argument`` unless ``value`` is callable or ``None``."""
+    if value is not None and not callable(value):
+        raise ValueError(f"Expected `{argument}` to be a callable or None, but got {value!r}.")
+
+
+def lrp_problem(model: Any, output_transform: Any = None) -> str | None:
+    """Why LRP cannot run on ``model`` (the end of a warning that names the callback), or ``None``."""
+    from lightning_introspect.methods.attribution import lrp_available
+
+    if not lrp_available():
+        return "`lightning_introspect.methods.lrp` is not available; 'lrp' is skipped."
+    if output_transform is not None:
+        return "LRP propagates through the model's own graph and cannot apply `output_transform`; 'lrp' is skipped."
+    from lightning_introspect.methods.lrp import lrp_unsupported
+
+    reason = lrp_unsupported(model)  # a property of the model, known before training: not a failure
+    return None if reason is None else f"'lrp' is skipped for this model: {reason}"
+
+
 def check_choice(value: Any, argument: str, choices: Sequence[Any]) -> None:
     """Raise ``ValueError`` naming ``argument`` and listing ``choices`` unless ``value`` is one of them."""
     if value not in choices:

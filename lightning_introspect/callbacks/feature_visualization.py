@@ -12,16 +12,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_introspect._torch.guards import introspection_mode, module_device
-from lightning_introspect._torch.hooks import layer_outputs, output_as_tensor
+from lightning_introspect._torch.hooks import layer_outputs
 from lightning_introspect._torch.layers import resolve_layers
 from lightning_introspect.callbacks.base import (
     NONFINITE_CAUSE,
     IntrospectionCallback,
+    check_callable,
     check_choice,
     check_positive_int,
     input_gradient_problem,
 )
-from lightning_introspect.callbacks.per_class_metrics import extract_logits
+from lightning_introspect.callbacks.per_class_metrics import logits_only
 from lightning_introspect.methods.feature_visualization import (
     PARAMS,
     PENALTIES,
@@ -269,8 +270,7 @@ class FeatureVisualization(IntrospectionCallback):
         self.latent_penalty = float(latent_penalty)
         self.num_layers = num_layers
         self.num_channels = num_channels
-        if output_transform is not None and not callable(output_transform):
-            raise ValueError(f"Expected `output_transform` to be a callable or None, but got {output_transform!r}.")
+        check_callable(output_transform, "output_transform")
         self.output_transform = output_transform
         if not regs and not self.compare:
             self.columns = ["none"]
@@ -309,7 +309,7 @@ class FeatureVisualization(IntrospectionCallback):
             self.disabled = True
             return
         try:
-            with output_as_tensor(pl_module, lambda out: extract_logits(out, self.output_transform)):
+            with logits_only(pl_module, self.output_transform):
                 problem = input_gradient_problem(pl_module, x)
         except Exception:  # the model failed on the samples: left to `on_error` at the first run
             problem = None
@@ -380,7 +380,7 @@ class FeatureVisualization(IntrospectionCallback):
 
     def validate(self, pl_module: nn.Module, x: torch.Tensor) -> None:
         """Check channels, classes and the prior against the model (one forward on 2 samples ``x``)."""
-        with output_as_tensor(pl_module, lambda out: extract_logits(out, self.output_transform)):
+        with logits_only(pl_module, self.output_transform):
             self._validate(pl_module, x)
 
     def _validate(self, pl_module: nn.Module, x: torch.Tensor) -> None:
@@ -465,7 +465,7 @@ class FeatureVisualization(IntrospectionCallback):
     def visualize(self, trainer: Any, pl_module: nn.Module, *, epoch: int | None = None) -> dict[str, FeatureVisualizationResult]:
         """Optimise one batch per setting (all chosen channels and classes at once) and log the grids
         (recorded under ``epoch``, default ``trainer.current_epoch``)."""
-        with output_as_tensor(pl_module, lambda out: extract_logits(out, self.output_transform)):
+        with logits_only(pl_module, self.output_transform):
             return self._visualize(trainer, pl_module, epoch)
 
     def _visualize(self, trainer: Any, pl_module: nn.Module, epoch: int | None) -> dict[str, FeatureVisualizationResult]:
@@ -473,7 +473,7 @@ class FeatureVisualization(IntrospectionCallback):
         x, _ = self.fixed_samples(trainer)
         if not self._validated:
             self.resolve(pl_module)
-            self.validate(pl_module, x)
+            self._validate(pl_module, x)  # `visualize` already made the model return its logits
         if any(name not in self.chosen for name in self.layer_names):
             fresh = self.choose_channels(pl_module, x)
             self.chosen.update({n: c for n, c in fresh.items() if n not in self.chosen})
@@ -514,7 +514,6 @@ class FeatureVisualization(IntrospectionCallback):
     ) -> None:
         writer = self.writer(trainer)
         step, epoch = trainer.global_step, trainer.current_epoch if epoch is None else epoch
-        self._last_step = int(step)
         keys = self.unit_keys()
         lo, hi = value_range
         scale = max(1, math.ceil(64 / max(results[self.columns[0]].images.shape[-2:])))

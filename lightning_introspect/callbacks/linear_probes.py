@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_introspect._torch.guards import introspection_mode, module_device
+from lightning_introspect._torch.guards import introspection_mode, is_compiled, module_device
 from lightning_introspect._torch.hooks import hooks, record_execution_order
 from lightning_introspect._torch.layers import resolve_layers
 from lightning_introspect.callbacks.base import (
     IntrospectionCallback,
+    check_callable,
     check_choice,
     check_positive_int,
     draw_samples,
@@ -211,8 +212,7 @@ class LinearProbes(IntrospectionCallback):
             raise ValueError(f"Expected `tol` to be a positive finite float, but got {tol!r}.")
         if isinstance(C, bool) or not isinstance(C, (int, float)) or not C > 0 or math.isinf(C):
             raise ValueError(f"Expected `C` to be a positive finite float, but got {C!r}.")
-        if target_transform is not None and not callable(target_transform):
-            raise ValueError(f"Expected `target_transform` to be a callable or None, but got {target_transform!r}.")
+        check_callable(target_transform, "target_transform")
         if probe_dataloader is not None and not hasattr(probe_dataloader, "__iter__"):
             raise ValueError(f"Expected `probe_dataloader` to be an iterable DataLoader or None, but got {probe_dataloader!r}.")
         self.layers = layers if isinstance(layers, str) else list(layers)
@@ -794,7 +794,7 @@ class LinearProbes(IntrospectionCallback):
 
 def _has_compiled(model: nn.Module) -> bool:
     """Whether ``model`` is or contains a ``torch.compile``-d module (dynamo's ``OptimizedModule``)."""
-    return any(type(m).__name__ == "OptimizedModule" for m in model.modules()) or getattr(model, "_compiler_ctx", None) is not None
+    return any(is_compiled(m) for m in model.modules()) or getattr(model, "_compiler_ctx", None) is not None
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -18,6 +18,7 @@ from lightning_introspect._torch.guards import introspection_mode, module_device
 from lightning_introspect.callbacks.base import (
     NONFINITE_CAUSE,
     IntrospectionCallback,
+    check_callable,
     check_positive_int,
     draw_samples,
     split_batch,
@@ -192,9 +193,8 @@ class Misclassifications(IntrospectionCallback):
         bad = [p for p in perturbations if p not in PERTURBATIONS]
         if bad:
             raise ValueError(f"Expected `perturbations` to be among {', '.join(map(repr, PERTURBATIONS))}, but got {bad}.")
-        for arg, fn in (("output_transform", output_transform), ("target_transform", target_transform)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"Expected `{arg}` to be a callable or None, but got {fn!r}.")
+        check_callable(output_transform, "output_transform")
+        check_callable(target_transform, "target_transform")
         self.top_k = top_k
         self.per_class = per_class
         self.statistics = statistics

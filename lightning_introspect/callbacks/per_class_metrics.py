@@ -18,9 +18,10 @@ import torch
 
 from lightning_introspect._lightning import rank_zero_warn
 from lightning_introspect._torch.guards import introspection_mode
-from lightning_introspect._torch.hooks import hooks
+from lightning_introspect._torch.hooks import hooks, output_as_tensor
 from lightning_introspect.callbacks.base import (
     IntrospectionCallback,
+    check_callable,
     check_choice,
     check_positive_int,
     draw_samples,
@@ -70,6 +71,12 @@ def extract_logits(output: Any, output_transform: Callable[[Any], Any] | None = 
     if isinstance(output, (tuple, list)):
         return next((v for v in output if isinstance(v, torch.Tensor)), None)
     return None
+
+
+def logits_only(model: Any, output_transform: Callable[[Any], Any] | None = None) -> Any:
+    """A context in which ``model(x)`` returns :func:`extract_logits` of its output (for the methods, which
+    need one tensor); see :func:`lightning_introspect._torch.hooks.output_as_tensor`."""
+    return output_as_tensor(model, lambda out: extract_logits(out, output_transform))
 
 
 def extract_targets(batch: Any, target_transform: Callable[[Any], Any] | None = None) -> torch.Tensor:
@@ -269,9 +276,8 @@ class PerClassMetrics(IntrospectionCallback):
             raise ValueError(f"Expected `threshold` to be a probability in [0, 1], but got {threshold!r}.")
         if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
             raise ValueError(f"Expected `ignore_index` to be an int or None, but got {ignore_index!r}.")
-        for arg, fn in (("output_transform", output_transform), ("target_transform", target_transform)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"Expected `{arg}` to be a callable or None, but got {fn!r}.")
+        check_callable(output_transform, "output_transform")
+        check_callable(target_transform, "target_transform")
         self.task = task
         self.num_classes = 2 if task == "binary" else num_classes
         self.metrics = metrics

@@ -11,16 +11,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_introspect._torch.guards import introspection_mode
-from lightning_introspect._torch.hooks import output_as_tensor
+from lightning_introspect._torch.guards import introspection_mode, module_device
 from lightning_introspect._torch.layers import get_layer, resolve_layers
 from lightning_introspect.callbacks.base import (
     IntrospectionCallback,
+    check_callable,
     check_choice,
     check_positive_int,
     input_gradient_problem,
+    lrp_problem,
 )
-from lightning_introspect.callbacks.per_class_metrics import extract_logits
+from lightning_introspect.callbacks.per_class_metrics import logits_only
 from lightning_introspect.loggers.adapter import IntrospectionWriter
 from lightning_introspect.methods.attribution import LAYER_METHODS
 from lightning_introspect.methods.randomization import (
@@ -203,8 +204,7 @@ class SanityChecks(IntrospectionCallback):
         self.metrics = metrics
         self.repeats = repeats
         self.progress = bool(progress)
-        if output_transform is not None and not callable(output_transform):
-            raise ValueError(f"Expected `output_transform` to be a callable or None, but got {output_transform!r}.")
+        check_callable(output_transform, "output_transform")
         self.output_transform = output_transform
         self.report: SanityReport | None = None
         self.history: list[tuple[int, SanityReport]] = []
@@ -263,7 +263,7 @@ class SanityChecks(IntrospectionCallback):
         targets = y if self.target == "true" and y is not None else None
         if self.target == "true" and y is None:
             self.warn_once("no-labels", "SanityChecks: target='true' but the validation data has no labels; explaining the predictions.")
-        with output_as_tensor(pl_module, lambda out: extract_logits(out, self.output_transform)):
+        with logits_only(pl_module, self.output_transform):
             problem = input_gradient_problem(pl_module, x)
         if problem is not None:
             self.warn_once("no-input-gradient", f"SanityChecks: {problem} The checks are skipped.")
@@ -307,18 +307,9 @@ class SanityChecks(IntrospectionCallback):
                 "attribution maps and verdicts would be meaningless, so the check is not run."
             )
         methods = list(self._resolved_methods or DEFAULT_METHODS)
-        if "lrp" in methods:
-            from lightning_introspect.methods.lrp import lrp_unsupported
-
-            reason = lrp_unsupported(model)
-            if reason is not None:
-                self.warn_once("lrp-unsupported", f"SanityChecks: 'lrp' is skipped for this model: {reason}")
-                methods.remove("lrp")
-        if "lrp" in methods and self.output_transform is not None:
-            self.warn_once(
-                "lrp-transform",
-                "SanityChecks: LRP propagates through the model's own graph and cannot apply `output_transform`; 'lrp' is skipped.",
-            )
+        problem = lrp_problem(model, self.output_transform) if "lrp" in methods else None
+        if problem is not None:
+            self.warn_once("lrp-skipped", f"SanityChecks: {problem}")
             methods.remove("lrp")
         if inputs.ndim == 2 and any(m in LAYER_METHODS for m in methods):
             dropped = [m for m in methods if m in LAYER_METHODS]
@@ -330,7 +321,7 @@ class SanityChecks(IntrospectionCallback):
                     "(N, F) do not have; add e.g. 'saliency' or 'input_x_gradient'."
                 )
         layer = None if self.layer == "auto" and not any(m in ("grad_cam", "guided_grad_cam") for m in methods) else self.layer
-        with output_as_tensor(model, lambda out: extract_logits(out, self.output_transform)):
+        with logits_only(model, self.output_transform):
             class_check = self.class_sensitivity
             if class_check and self._num_outputs(model, inputs) < 2:
                 self.warn_once(
@@ -345,9 +336,8 @@ class SanityChecks(IntrospectionCallback):
     @staticmethod
     def _num_outputs(model: torch.nn.Module, inputs: torch.Tensor) -> int:
         """The number of output classes (dim 1 of the logits), from one forward pass on one sample."""
-        device = next((p.device for p in model.parameters()), inputs.device)
         with introspection_mode(model, grad=False):
-            out = model(inputs[:1].to(device))
+            out = model(inputs[:1].to(module_device(model, inputs.device)))
         return int(out.shape[1]) if out.ndim >= 2 else 1
 
     def _run_checks(

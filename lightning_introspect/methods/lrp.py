@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from lightning_introspect._torch.guards import eval_mode, fresh_input, introspection_mode
+from lightning_introspect._torch.guards import eval_mode, fresh_input, introspection_mode, is_compiled
 from lightning_introspect.methods.targets import Target, target_scores
 
 __all__ = ["LRP_RULES", "fold_batchnorm", "lrp", "lrp_unsupported"]
@@ -136,9 +136,8 @@ class _Tracer(fx.Tracer):
     """
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        original = getattr(m, "_orig_mod", None)
-        if isinstance(original, nn.Module) and type(m).__name__ == "OptimizedModule":
-            return self.call_module(original, original.forward, args, kwargs)
+        if is_compiled(m):
+            return self.call_module(m._orig_mod, m._orig_mod.forward, args, kwargs)
         return super().call_module(m, forward, args, kwargs)
 
 
