@@ -14,6 +14,7 @@ training step with a message that says what to change:
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Any
 
@@ -421,3 +422,45 @@ def test_these_setups_train_bitwise_the_same_with_and_without_introspection(tmp_
     (weights_a, opt_a), (weights_b, opt_b) = run(False), run(True)
     assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i] if isinstance(opt_a[i][k], torch.Tensor))
+
+
+def test_per_batch_work_in_the_trainers_validation_counts_in_the_callbacks_own_time(tmp_path: Any, monkeypatch: Any) -> None:
+    """``seconds_total`` (what the overhead benchmark reads) includes the work done per validation batch
+    outside ``run``: metric updates, the review's collection, the probes' activation hooks."""
+    from lightning_introspect.callbacks import linear_probes, misclassifications, per_class_metrics
+
+    pause = 0.02
+    calls = {"PerClassMetrics": 0, "Misclassifications": 0, "LinearProbes": 0}
+    during = dict.fromkeys(calls, 0.0)  # own time spent between validation-epoch start and the last batch end
+    window: dict[str, Any] = {}
+
+    def slowed(module: Any, name: str, key: str) -> None:
+        original = getattr(module, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if window:
+                calls[key] += 1
+            time.sleep(pause)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    class Window(pl.Callback):  # after ours: sees their epoch start and each batch end already done
+        def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            window.update({type(cb).__name__: cb.seconds_total for cb in trainer.callbacks if type(cb).__name__ in calls})
+
+        def on_validation_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
+            window["last"] = {type(cb).__name__: cb.seconds_total for cb in trainer.callbacks if type(cb).__name__ in calls}
+
+        def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            for name in calls:
+                during[name] += window["last"][name] - window[name]
+            window.clear()
+
+    slowed(per_class_metrics.PerClassMetrics, "_update_from_step", "PerClassMetrics")
+    slowed(misclassifications.Misclassifications, "_collect", "Misclassifications")
+    slowed(linear_probes, "pool_activation", "LinearProbes")
+    fit(tmp_path, cnn(), (3, 12, 12), callbacks=(Window(),))
+    assert calls["PerClassMetrics"] >= 4 and calls["Misclassifications"] >= 2 and calls["LinearProbes"] >= 4
+    for name, n in calls.items():
+        assert during[name] >= pause * n, name

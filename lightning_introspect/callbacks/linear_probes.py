@@ -452,7 +452,10 @@ class LinearProbes(IntrospectionCallback):
             except Exception as exc:  # surfaced (with the error policy) at the end of the batch
                 if self._hook_error is None:
                     self._hook_error = exc
-            self.timings["capture"] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.timings["capture"] += elapsed
+            if self._stack is not None:  # the trainer's validation forward (outside `run`): count it here
+                self.seconds_total += elapsed
 
         return hook
 

@@ -7,6 +7,7 @@ shows them and puts numbers on the usual suspects (blur, noise, lighting, colour
 from __future__ import annotations
 
 import math
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -281,6 +282,7 @@ class Misclassifications(IntrospectionCallback):
         """Input errors always raise; everything else follows ``on_error`` (through :meth:`run` at epoch end)."""
         if self.disabled:
             return None
+        start = time.perf_counter()
         try:
             return fn(*args)
         except IntrospectionInputError:
@@ -296,6 +298,8 @@ class Misclassifications(IntrospectionCallback):
                 f"training continues.\n{traceback.format_exc()}"
             )
             return None
+        finally:
+            self.seconds_total += time.perf_counter() - start  # per-batch work outside `run`
 
     def _reset_epoch(self) -> None:
         self._conf: list[torch.Tensor] = []

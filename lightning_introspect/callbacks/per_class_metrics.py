@@ -403,7 +403,9 @@ class PerClassMetrics(IntrospectionCallback):
             )
             return None
         finally:
-            self._update_seconds += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self._update_seconds += elapsed
+            self.seconds_total += elapsed
 
     @staticmethod
     def _fitting(trainer: Any) -> bool:
