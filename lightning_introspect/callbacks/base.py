@@ -9,7 +9,8 @@ WHERE (``self.writer(trainer)``); this base class owns the rest:
   (:meth:`fixed_samples`), kept in the checkpoint;
 * the error policy: ``on_error="warn"`` warns once with the traceback and disables the callback for
   the rest of the fit, ``"raise"`` re-raises (:meth:`run`);
-* its own wall time, logged as ``introspect/<name>/seconds``;
+* its own wall time, logged as ``introspect/<name>/seconds`` per call and summed in ``seconds_total``
+  (which also holds per-batch work done outside :meth:`run`, such as forward hooks);
 * ``state_dict`` / ``load_state_dict`` holding only tensors, numbers, strings, lists and dicts
   (checkpoints load with ``torch.load(weights_only=True)``).
 """
