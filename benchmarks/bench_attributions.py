@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lightning_introspect.demo import DigitsCNN
-from lightning_introspect.methods.attribution import attribute, auto_layer, lrp_available
+from lightning_introspect.methods.attribution import attribute, auto_layer
 
 
 class BasicBlock(nn.Module):
@@ -139,8 +139,7 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, repeats: int, device: to
          lambda: GuidedGradCam(model, layer).attribute(x, target=target, interpolate_mode="bilinear")),
         ("all six gradient methods", ours("saliency", "input_x_gradient", "guided_backprop", "deconvnet", "grad_cam", "guided_grad_cam"), None),
     ]
-    if lrp_available():
-        cases.append(("lrp (epsilon)", ours("lrp"), captum_lrp))
+    cases.append(("lrp (epsilon)", ours("lrp"), captum_lrp))
     for label, mine, theirs in cases:
         t_theirs: float | str | None = None
         if theirs is not None:

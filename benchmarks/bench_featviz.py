@@ -18,7 +18,7 @@ import time
 import torch
 
 from lightning_introspect.demo import DigitsCNN
-from lightning_introspect.methods.feature_visualization import (
+from lightning_introspect.methods.featviz import (
     MLPDecoder,
     class_logit,
     frozen_params,

@@ -5,7 +5,7 @@ backward on GPU-size models; captum's LRP is 5.2x on an H200 ResNet-50). Models:
 (BatchNorm, MaxPool, AdaptiveAvgPool, Flatten), a ResNet-18-style network (BasicBlocks, BatchNorm, in-place
 ReLU, identity + projection shortcuts), and a plain CNN captum's LRP supports, timed with captum too.
 
-    python benchmarks/lrp_speed.py [--device cuda] [--threads 1] [--repeats 15]
+    python benchmarks/bench_lrp.py [--device cuda] [--threads 1] [--repeats 15]
 """
 
 from __future__ import annotations

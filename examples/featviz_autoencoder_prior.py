@@ -20,7 +20,7 @@ import torch
 
 from lightning_introspect._lightning import Trainer, pl
 from lightning_introspect.demo import DigitsCNN, DigitsDataModule
-from lightning_introspect.methods.feature_visualization import (
+from lightning_introspect.methods.featviz import (
     class_logit,
     fit_autoencoder_prior,
     visualize_features,

@@ -16,18 +16,26 @@ Example:
 
 Every callback is also usable on its own from LightningCLI YAML
 (``trainer.callbacks: [{class_path: lightning_introspect.WeightHistograms, init_args: {...}}]``).
+
+Code never comes from a config by default: an option that names code to import
+(``feature_visualization.prior: "package.module:attribute"``, see :data:`IMPORT_OPTIONS`) is refused
+unless the caller opts in from Python with ``introspection_callbacks(config, allow_imports=True)``
+(or passes the object itself, e.g. ``{"feature_visualization": {"prior": my_decoder}}``). A config
+file is data: reading it must not import modules or call functions of the file's choosing.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import importlib
 import inspect
 import os
 from collections.abc import Mapping
 from typing import Any
 
-# section name -> "module:Class". A section appears here when its callback lands.
+# section name -> "module:Class" (fixed here, never read from a config)
 CALLBACKS: dict[str, str] = {
     "per_class_metrics": "lightning_introspect.callbacks.per_class_metrics:PerClassMetrics",
     "misclassifications": "lightning_introspect.callbacks.misclassifications:Misclassifications",
@@ -38,8 +46,10 @@ CALLBACKS: dict[str, str] = {
     "sanity_checks": "lightning_introspect.callbacks.sanity_checks:SanityChecks",
 }
 
-# Sections switched off unless the config enables them (they need arguments only the user knows).
-_OFF_BY_DEFAULT: set[str] = set()
+#: section -> the options whose string value is an import path (a callback imports it and may call it).
+IMPORT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "feature_visualization": ("prior",),
+}
 
 
 def callback_class(section: str) -> type:
@@ -50,15 +60,16 @@ def callback_class(section: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+@functools.cache  # one options class per section (generating it is the slow part of reading a config)
 def _section_dataclass(section: str) -> type:
     cls = callback_class(section)
-    fields = []
-    for param in inspect.signature(cls.__init__).parameters.values():
+    fields: list[tuple[str, Any, Any]] = []
+    for param in inspect.signature(cls).parameters.values():
         if param.kind is not inspect.Parameter.KEYWORD_ONLY:
             continue
         default = param.default
         if isinstance(default, (list, dict, set)):
-            fields.append((param.name, Any, dataclasses.field(default_factory=lambda d=default: type(d)(d))))
+            fields.append((param.name, Any, dataclasses.field(default_factory=functools.partial(copy.copy, default))))
         else:
             fields.append((param.name, Any, dataclasses.field(default=default)))
     if "enabled" not in {f[0] for f in fields}:
@@ -83,7 +94,7 @@ class IntrospectionConfig:
         for section in CALLBACKS:
             options = data.get(section)
             if options is None:
-                options = {"enabled": section not in _OFF_BY_DEFAULT} if section in _OFF_BY_DEFAULT else {}
+                options = {}
             if isinstance(options, bool):
                 options = {"enabled": options}
             if not isinstance(options, Mapping):
@@ -93,10 +104,7 @@ class IntrospectionConfig:
             bad = sorted(set(options) - valid)
             if bad:
                 raise ValueError(f"Unknown option(s) {bad} in config section {section!r}; valid options: {', '.join(sorted(valid))}.")
-            opts = dict(options)
-            if section in _OFF_BY_DEFAULT and "enabled" not in opts:
-                opts["enabled"] = False
-            sections[section] = klass(**opts)
+            sections[section] = klass(**dict(options))
         return cls(sections=sections)
 
     @classmethod
@@ -111,24 +119,58 @@ class IntrospectionConfig:
         return cls.from_dict(data.get("introspection", data))
 
 
-def introspection_callbacks(config: IntrospectionConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None) -> list[Any]:
+def _refuse_imports(section: str, options: Mapping[str, Any]) -> None:
+    for option in IMPORT_OPTIONS.get(section, ()):
+        value = options.get(option)
+        if isinstance(value, str):
+            raise ValueError(
+                f"Refusing the import path {value!r} in config option `{section}.{option}`: a config must not "
+                "choose code to import and run. Pass the object itself from Python "
+                f"(`{{'{section}': {{'{option}': obj}}}}`), or opt in from Python with "
+                "`introspection_callbacks(config, allow_imports=True)` if you trust this config."
+            )
+
+
+def introspection_callbacks(
+    config: IntrospectionConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    *,
+    allow_imports: bool = False,
+) -> list[Any]:
     """The enabled callbacks of a config (an ``IntrospectionConfig``, a dict, or a YAML path).
+
+    Args:
+        config: the sections and their options; ``None`` for every callback at its defaults.
+        allow_imports: let options listed in :data:`IMPORT_OPTIONS` be import paths (strings) that the
+            callbacks import and call. Off by default: only enable it for configs you trust as code.
+
+    Raises:
+        ValueError: for unknown sections or options, and for an import path while ``allow_imports``
+            is ``False``.
 
     Example:
         >>> introspection_callbacks({})  # doctest: +SKIP
         [PerClassMetrics(...), WeightHistograms(...), ...]
     """
+    if not isinstance(allow_imports, bool):
+        raise ValueError(f"Expected `allow_imports` to be True or False, but got {allow_imports!r}.")
     if config is None or isinstance(config, Mapping):
         config = IntrospectionConfig.from_dict(config)
     elif isinstance(config, (str, os.PathLike)):
         config = IntrospectionConfig.from_yaml(config)
     callbacks = []
     for section, options in config.sections.items():
-        kwargs = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
+        # shallow: `dataclasses.asdict` would deep-copy objects passed in Python (a decoder, a DataLoader)
+        kwargs = (
+            {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+            if dataclasses.is_dataclass(options)
+            else dict(options)
+        )
         if not kwargs.get("enabled", True):
             continue
+        if not allow_imports:
+            _refuse_imports(section, kwargs)
         cls = callback_class(section)
-        if "enabled" not in inspect.signature(cls.__init__).parameters:
+        if "enabled" not in inspect.signature(cls).parameters:
             kwargs.pop("enabled", None)
         callbacks.append(cls(**kwargs))
     return callbacks

@@ -83,10 +83,16 @@ class DigitsDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=gen)
+        return DataLoader(self._dataset("train"), batch_size=self.batch_size, shuffle=True, generator=gen)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size * 4)
+        return DataLoader(self._dataset("val"), batch_size=self.batch_size * 4)
+
+    def _dataset(self, split: str) -> TensorDataset:
+        dataset = self.train_set if split == "train" else self.val_set
+        if dataset is None:
+            raise RuntimeError(f"Call `{type(self).__name__}.setup()` before asking for the {split} loader.")
+        return dataset
 
 
 class DigitsCNN(LightningModule):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import sys
 import warnings
 
 import pytest
@@ -15,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_introspect._lightning import LightningModule, pl
 from lightning_introspect.callbacks.attributions import Attributions
 from lightning_introspect.demo import DigitsCNN, DigitsDataModule
-from lightning_introspect.methods.attribution import attribute, lrp_available
+from lightning_introspect.methods.attribution import attribute
 from tests.helpers import quick_trainer, read_events
 
 
@@ -41,7 +40,7 @@ def _small_dm():
 def test_logs_each_method_per_class_from_the_untrained_model_on(tmp_path):
     pl.seed_everything(0, verbose=False)
     dm = _small_dm()
-    methods = ["saliency", "guided_backprop", "grad_cam"] + (["lrp"] if lrp_available() else [])
+    methods = ["saliency", "guided_backprop", "grad_cam", "lrp"]
     cb = _Recording(methods=methods, targets=[3, 8], mean=dm.mean, std=dm.std, num_samples=6, on_error="raise")
     model = DigitsCNN()
     init = copy.deepcopy(model.state_dict())
@@ -58,7 +57,7 @@ def test_logs_each_method_per_class_from_the_untrained_model_on(tmp_path):
     assert events["images"]["introspect/attributions/inputs"] == [0]
     assert [s for s, _ in events["scalars"]["introspect/attributions/seconds"]] == expected_steps
     assert any(tag.startswith("introspect/attributions/layer") for tag in events["text"])
-    assert cb.layer == "features.9"
+    assert cb.resolved_cam_layer == "features.9"
     assert [h["epoch"] for h in cb.history] == [-1, 0, 1]
 
     # the first log shows the untrained model; the same fixed samples are explained every time
@@ -156,7 +155,7 @@ def test_tabular_inputs_get_feature_bar_charts(tmp_path):
     assert sum("spatial feature map" in str(w.message) for w in caught) == 1  # grad_cam dropped, once
     events = read_events(str(tmp_path))
     tags = set(events["images"])
-    want = ["saliency"] + (["lrp"] if lrp_available() else [])
+    want = ["saliency", "lrp"]
     for m in want:
         assert f"introspect/attributions/{m}" in tags
         assert {f"introspect/attributions/{m}/class_{c}" for c in range(3)} <= tags
@@ -179,16 +178,6 @@ def test_other_input_shapes_are_skipped_with_one_warning(tmp_path):
     assert not any(t.startswith("introspect/attributions/") for t in events["images"])
 
 
-def test_missing_lrp_module_is_skipped_with_one_warning(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "lightning_introspect.methods.lrp", None)  # import now raises ImportError
-    cb = Attributions(num_samples=4, every_n_epochs=None, at=None, on_error="raise")  # default methods include lrp
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _fit_digits(tmp_path, [cb])
-    assert sum("methods.lrp" in str(w.message) for w in caught) == 1
-    assert list(cb.maps) == ["saliency", "guided_backprop", "grad_cam"]
-
-
 # ------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize(
     "kwargs, match",
@@ -209,7 +198,7 @@ def test_bad_arguments_raise_value_error(kwargs, match):
         Attributions(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, match", [({"layer": "features.99"}, "features.9"), ({"targets": [12]}, r"\[0, 9\]")])
+@pytest.mark.parametrize("kwargs, match", [({"cam_layer": "features.99"}, "features.9"), ({"targets": [12]}, r"\[0, 9\]")])
 def test_model_dependent_errors_raise_before_the_first_training_step(tmp_path, kwargs, match):
     cb = Attributions(methods=["grad_cam"], **kwargs)
     model = DigitsCNN()
@@ -220,8 +209,6 @@ def test_model_dependent_errors_raise_before_the_first_training_step(tmp_path, k
 
 
 def test_lrp_failing_on_a_model_is_dropped_and_the_rest_goes_on(tmp_path):
-    if not lrp_available():
-        pytest.skip("lightning_introspect.methods.lrp not available")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(32, 1, 8, 8, generator=gen)
     y = (x.mean((1, 2, 3)) > 0).long()

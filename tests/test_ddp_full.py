@@ -147,7 +147,7 @@ def test_full_set_under_ddp_two_cpu_processes(tmp_path: Any) -> None:
 
     # only rank zero wrote, and it wrote every kind of output
     assert _files(str(tmp_path / "rank1")) == []
-    written = _files(str(tmp_path / "rank0" / "introspect"))
+    written = _files(str(tmp_path / "rank0" / "introspect_runs" / "version_0"))
     kinds = {os.path.splitext(f)[1] for f in written}
     assert kinds == {".png", ".json", ".md", ".csv"}  # images + figures, histograms, tables, scalars
     for expected in (

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from lightning_introspect.config import IntrospectionConfig, introspection_callbacks
+from tests.helpers import read_events
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(HERE, "examples")
@@ -45,6 +46,12 @@ def test_lightningcli_example(tmp_path, with_introspection_yaml):
     assert ("Misclassifications" in names) == with_introspection_yaml
     per_class = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "PerClassMetrics")
     assert "start" in per_class.snapshots and "end" in per_class.snapshots
+    # every introspection callback of the run, from either source, worked and logged through the CLI's logger
+    ours = [cb for cb in cli.trainer.callbacks if type(cb).__module__.startswith("lightning_introspect.")]
+    assert len(ours) == (7 if with_introspection_yaml else 5) and not [cb.name for cb in ours if cb.disabled]
+    scalars = read_events(cli.trainer.logger.log_dir)["scalars"]
+    assert not [cb.name for cb in ours if f"introspect/{cb.name}/seconds" not in scalars]
+    assert "introspect/per_class/recall/0" in scalars
 
 
 def test_introspection_yaml_sections():

@@ -1,6 +1,6 @@
 """Faults and bad configuration with the full callback set: what the user sees, and that training survives.
 
-Scenarios (issue 9, "Reliability"): a model whose forward raises only inside an introspection pass, NaN
+Scenarios: a model whose forward raises only inside an introspection pass, NaN
 in the weights, a layer that returns a tuple, a KeyboardInterrupt mid-epoch, and configuration errors
 (unknown layer, bad target class, wrong number of classes). ``docs/what_happens_when.md`` lists what
 the user sees in each case.
@@ -19,6 +19,7 @@ from torch import nn
 
 from lightning_introspect._lightning import Callback, LightningModule, pl
 from lightning_introspect.callbacks.attributions import Attributions
+from lightning_introspect.callbacks.base import IntrospectionSkipWarning
 from lightning_introspect.callbacks.feature_visualization import FeatureVisualization
 from lightning_introspect.callbacks.linear_probes import LinearProbes
 from lightning_introspect.callbacks.misclassifications import Misclassifications
@@ -214,14 +215,16 @@ def test_forward_raising_in_introspection_with_raise_surfaces_the_models_error(t
     assert not any(m._forward_hooks for m in model.modules())
 
 
-def test_auto_probe_layers_need_a_working_forward_at_setup(tmp_path: Any) -> None:
+def test_auto_probe_layers_skip_a_model_whose_forward_fails_at_setup(tmp_path: Any) -> None:
     dm = small_dm()
     model = IntrospectionOnlyFault()
     model.explode = True
-    trainer = quick_trainer(tmp_path, [LinearProbes(layers="auto")], epochs=1, logger=False)  # on_error="warn"
-    with pytest.raises(ValueError, match=r"`layers='auto'` runs `model\(inputs\)`.*failed \(RuntimeError: boom") as info:
+    probes = LinearProbes(layers="auto")  # on_error="warn"
+    trainer = quick_trainer(tmp_path, [probes], epochs=1, logger=False)
+    with pytest.warns(IntrospectionSkipWarning, match=r"LinearProbes is skipped for this fit: `layers='auto'` runs "
+                      r"`model\(inputs\)`.*failed \(RuntimeError: boom"):
         trainer.fit(model, datamodule=dm)
-    assert isinstance(info.value.__cause__, RuntimeError) and trainer.global_step == 0
+    assert probes.disabled and probes.skip_reason and trainer.global_step == 2  # training went on
 
 
 def test_feature_visualization_leaves_a_failing_forward_at_setup_to_the_error_policy(tmp_path: Any) -> None:
@@ -333,10 +336,10 @@ class TupleNet(LightningModule):
 def test_a_layer_returning_a_tuple_is_read_as_its_first_tensor(tmp_path: Any) -> None:
     dm = small_dm()
     probes = LinearProbes(layers=["block", "stem.2"], solver="torch", on_error="raise")
-    attributions = Attributions(layer="block", methods=["grad_cam", "guided_grad_cam", "guided_backprop"], top_k=4,
+    attributions = Attributions(cam_layer="block", methods=["grad_cam", "guided_grad_cam", "guided_backprop"], top_k=4,
                                 num_samples=4, on_error="raise")
     featviz = FeatureVisualization(layers=["block"], channels=[0, 1], classes=None, steps=3, on_error="raise")
-    sanity = SanityChecks(layer="block", methods=["grad_cam"], num_samples=2, layers=1, repeats=1, progress=False, on_error="raise")
+    sanity = SanityChecks(cam_layer="block", methods=["grad_cam"], num_samples=2, layers=1, repeats=1, progress=False, on_error="raise")
     pl.seed_everything(0, verbose=False)
     model = TupleNet()
     quick_trainer(tmp_path, [probes, attributions, featviz, sanity], epochs=1, logger=False).fit(model, datamodule=dm)
@@ -391,8 +394,8 @@ _CONFIG_ERRORS = [
      r"`layers` to name modules with their own `weight`.*'pool'.*Closest layers with weights: "),
     ("LinearProbes-layers", lambda: LinearProbes(layers=["features.9", "clasifier"]),
      r"`layers`.*'clasifier'.*Closest valid names: 'classifier'"),
-    ("Attributions-layer", lambda: Attributions(layer="feature.8"),
-     r"`layer`.*'feature.8'.*Closest valid names: 'features.8'"),
+    ("Attributions-layer", lambda: Attributions(cam_layer="feature.8"),
+     r"`cam_layer`.*'feature.8'.*Closest valid names: 'features.8'"),
     ("Attributions-targets", lambda: Attributions(targets=[3, 10]),
      r"`targets` class ids in \[0, 9\] \(the model outputs 10 classes\), but got \[10\]"),
     ("Attributions-class-names", lambda: Attributions(class_names=["a", "b"]),
@@ -403,8 +406,8 @@ _CONFIG_ERRORS = [
      r"`channels` in \[0, 63\] \(layer 'features.8' has 64 channels\), but got \[64\]"),
     ("FeatureVisualization-classes", lambda: FeatureVisualization(classes=[12]),
      r"`classes` in \[0, 9\] \(the model outputs 10 classes\), but got \[12\]"),
-    ("SanityChecks-layer", lambda: SanityChecks(layer="features.80"),
-     r"`layer`.*'features.80'.*Closest valid names: 'features.8', 'features.0'"),
+    ("SanityChecks-layer", lambda: SanityChecks(cam_layer="features.80"),
+     r"`cam_layer`.*'features.80'.*Closest valid names: 'features.8', 'features.0'"),
     ("SanityChecks-layers", lambda: SanityChecks(layers=["classifer"]),
      r"`layers`.*'classifer'.*Closest valid names: 'classifier'"),
     ("PerClassMetrics-num-classes", lambda: PerClassMetrics(num_classes=5),

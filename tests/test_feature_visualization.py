@@ -11,8 +11,7 @@ from torch import nn
 from lightning_introspect._lightning import pl
 from lightning_introspect.callbacks.feature_visualization import FeatureVisualization, resolve_prior
 from lightning_introspect.demo import DigitsCNN, DigitsDataModule, load_digits_tensors
-from lightning_introspect.methods import feature_visualization as fv
-from lightning_introspect.methods.feature_visualization import (
+from lightning_introspect.methods.featviz import (
     MLPDecoder,
     TransformRobustness,
     channel,
@@ -26,6 +25,7 @@ from lightning_introspect.methods.feature_visualization import (
     total_variation,
     visualize_features,
 )
+from lightning_introspect.methods.featviz import render as fv
 from tests.helpers import quick_trainer, read_events
 
 
@@ -378,3 +378,140 @@ def test_callback_logs_grids_scalars_and_table(tmp_path):
     fresh = FeatureVisualization()
     fresh.load_state_dict(state)
     assert fresh.chosen == cb.chosen and len(fresh.history) == len(cb.history)
+
+
+# ============================================================================== bring your own parts
+def test_specs_and_shorthand_keywords_give_the_same_images():
+    from lightning_introspect.methods.featviz import Fourier, ImageSpace, Latent, Pixels
+
+    torch.manual_seed(0)
+    net = _Net().eval()
+    obj = channel("conv", [0, 1, 2, 3])
+    common = dict(shape=(4, 3, 16, 16), steps=4, seed=2, transforms=True, frequency_penalty=1.0)
+    decoder = MLPDecoder(5, (3, 16, 16), hidden=8)
+    pairs = [
+        ({"param": "fourier", "decay_power": 1.5, "mean": 0.5, "std": [0.2, 0.3, 0.4]},
+         {"param": Fourier(decay_power=1.5), "space": ImageSpace(mean=0.5, std=[0.2, 0.3, 0.4])}),
+        ({"param": "pixels", "range_fn": "clamp", "init_std": 0.1, "value_range": (-1.0, 1.0)},
+         {"param": Pixels(range_fn="clamp", init_std=0.1), "space": ImageSpace(value_range=(-1.0, 1.0))}),
+        ({"prior": decoder, "latent_std": 0.5, "latent_penalty": 0.1}, {"param": Latent(decoder, latent_std=0.5), "latent_penalty": 0.1}),
+    ]
+    for short, spec in pairs:
+        a = visualize_features(net, obj, **common, **short)
+        b = visualize_features(net, obj, **common, **spec)
+        assert torch.equal(a.images, b.images) and torch.equal(a.trace, b.trace)
+        assert a.settings["param"] == b.settings["param"]
+    with pytest.raises(ValueError, match="either as keywords or in `space`"):
+        visualize_features(net, obj, **common, mean=0.5, space=ImageSpace())
+    with pytest.raises(ValueError, match="set them on your `param`"):
+        visualize_features(net, obj, **common, param=Fourier(), decay_power=2.0)
+    with pytest.raises(TypeError, match="lr_schedule"):
+        visualize_features(net, obj, **common, lr_schedule="cosine")
+
+
+class _Gray(nn.Module):
+    """A parameterisation of one's own: one grey level per pixel, repeated over RGB, in [0, 1]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.level = nn.Parameter(torch.zeros(2, 1, 16, 16))
+        self.projections = 0
+
+    def forward(self) -> torch.Tensor:
+        return torch.sigmoid(self.level).expand(-1, 3, -1, -1)
+
+    def project(self) -> None:
+        self.projections += 1
+
+
+def test_own_parameterisation_transforms_and_optimizer():
+    torch.manual_seed(0)
+    net = _Net().eval()
+    obj = channel("conv", [0, 1])
+    gray = _Gray()
+    seen = []
+
+    def record(images, generator):  # (images, generator) -> images
+        seen.append(tuple(images.shape))
+        return images + 0.0 * torch.rand(1, generator=generator)
+
+    sgd = []
+    res = visualize_features(net, obj, param=gray, steps=5, transforms=[record, lambda x: x.flip(-1)],
+                             optimizer=lambda ps: sgd.append(ps) or torch.optim.SGD(ps, lr=5.0))
+    assert res.images.shape == (2, 3, 16, 16)  # the shape comes from the parameterisation
+    assert torch.equal(res.images[:, 0], res.images[:, 2])  # grey: what the parameterisation makes
+    assert seen == [(2, 3, 16, 16)] * 5 and gray.projections == 5
+    assert len(sgd) == 1 and sgd[0] == [gray.level] and gray.level.grad is None
+    assert torch.equal(torch.sigmoid(gray.level.detach()).expand(-1, 3, -1, -1), res.images)  # optimised in place
+    assert (res.objective > res.initial_objective).all()
+    # SGD with another step size is another optimisation than the default Adam, from the same start
+    adam = visualize_features(net, obj, param=_Gray(), steps=5)
+    assert torch.equal(adam.initial_objective, res.initial_objective) and not torch.allclose(adam.images, res.images)
+    with pytest.raises(ValueError, match="`shape`"):
+        visualize_features(net, obj, param=_Gray(), shape=(1, 3, 16, 16), steps=1)
+    with pytest.raises(ValueError, match="torch.optim.Optimizer"):
+        visualize_features(net, obj, param=_Gray(), steps=1, optimizer=lambda ps: None)
+
+
+def test_nan_weights_with_four_images_are_reported_not_raised(tmp_path):
+    """Four 32 px images take the channels-last fast pass, whose check compared NaN objectives and failed."""
+    net = _Net().eval()
+    with torch.no_grad():
+        net.conv.weight.fill_(float("nan"))
+    res = visualize_features(net, channel("conv", [0, 1, 2, 3]), shape=(4, 3, 32, 32), steps=2)
+    assert torch.isnan(res.objective).all()
+
+    class NaNDigits(DigitsCNN):
+        def on_fit_start(self) -> None:
+            with torch.no_grad():
+                self.features[8].weight.fill_(float("nan"))
+
+    pl.seed_everything(0, verbose=False)
+    cb = FeatureVisualization(layers=["features.8"], channels=[0, 1, 2, 3], classes=[0, 1], regularizers=[], steps=2,
+                              at=[0.0], every_n_epochs=None, on_error="raise")
+    trainer = quick_trainer(tmp_path, [cb], epochs=1, limit_train_batches=1, limit_val_batches=1)
+    with pytest.warns(UserWarning, match="FeatureVisualization: non-finite values"):
+        trainer.fit(NaNDigits(width=8), datamodule=DigitsDataModule(batch_size=16, limit=64))
+    assert sorted(cb.nonfinite) == ["class/0", "class/1", "features.8/0", "features.8/1", "features.8/2", "features.8/3"]
+    assert not cb.disabled
+
+
+class _Block(nn.Module):
+    """A residual block whose 1x1 shortcut conv is registered, and runs, after the two 3x3 convs."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(out + self.shortcut(x))
+
+
+class _TinyResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.layer1 = _Block(4, 8)
+        self.layer2 = _Block(8, 8)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer2(self.layer1(torch.relu(self.stem(x)))))
+
+
+def test_auto_layers_follow_the_main_path_not_the_shortcut():
+    from lightning_introspect.methods.attribution import auto_layer
+
+    model = _TinyResNet()
+    x = torch.rand(2, 1, 16, 16)
+    assert auto_layer(model, x) == "layer2"  # the feature map Attributions' Grad-CAM uses
+    chosen = {k: FeatureVisualization(num_layers=k).resolve(model, x) for k in (1, 2, 3)}
+    assert chosen == {1: ["layer2.conv2"], 2: ["layer1.conv2", "layer2.conv2"], 3: ["layer1.conv1", "layer2.conv1", "layer2.conv2"]}
+    assert [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-1] == "layer2.shortcut"  # the old pick
+    assert all(not m._forward_hooks for m in model.modules()) and all(p.grad is None for p in model.parameters())
+    assert FeatureVisualization(num_layers=2).resolve(model) == []  # "auto" waits for data

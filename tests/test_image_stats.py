@@ -140,9 +140,10 @@ def test_per_class_accuracy_marks_absent_classes() -> None:
     assert per_class_accuracy(pred, target, 4) == [1.0, 1.0, 0.5, None]
 
 
-def test_perturbation_accuracy_structure_and_validation() -> None:
+def test_perturbation_accuracy_known_answers_and_validation() -> None:
     x = _images(n=12, c=1, size=8)
     y = torch.arange(12) % 3
+    torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
     state = torch.get_rng_state()
     res = perturbation_accuracy(net, x, y, num_classes=3, strengths={"noise": [0.5, 0.1], "blur": [1.0]}, seed=0)
@@ -150,6 +151,15 @@ def test_perturbation_accuracy_structure_and_validation() -> None:
     assert res["noise"].strengths == [0.0, 0.1, 0.5]
     assert len(res["noise"].per_class) == 3 and len(res["noise"].per_class[0]) == 3
     assert res["blur"].accuracy[0] == res["noise"].accuracy[0]
+    # known answers: strength 0 is the clean accuracy; blur is deterministic, so its row is the model's
+    # accuracy on the blurred images, overall and per class
+    with torch.no_grad():
+        clean_pred, blurred_pred = net(x).argmax(1), net(gaussian_blur(x, 1.0)).argmax(1)
+    assert res["noise"].accuracy[0] == pytest.approx(float((clean_pred == y).float().mean()))
+    assert res["noise"].per_class[0] == per_class_accuracy(clean_pred, y, 3)
+    assert res["blur"].strengths == [0.0, 1.0]
+    assert res["blur"].accuracy[1] == pytest.approx(float((blurred_pred == y).float().mean()))
+    assert res["blur"].per_class[1] == per_class_accuracy(blurred_pred, y, 3)
     again = perturbation_accuracy(net, x, y, num_classes=3, strengths={"noise": [0.5, 0.1]}, seed=0)
     assert again["noise"].accuracy == res["noise"].accuracy  # the same noise every call
     with pytest.raises(ValueError, match="perturbations"):

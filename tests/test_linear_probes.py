@@ -19,6 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_introspect._lightning import LightningModule, pl
+from lightning_introspect._torch.layers import trace_module_calls
+from lightning_introspect.callbacks.base import IntrospectionSkipWarning
 from lightning_introspect.callbacks.linear_probes import LinearProbes, auto_probe_layers
 from lightning_introspect.demo import DigitsCNN, DigitsDataModule, load_digits_tensors
 from lightning_introspect.methods.probes import fit_probe
@@ -131,10 +133,16 @@ def test_state_dict_round_trip_and_resume_keeps_history(digits_fit, tmp_path):
     restored.load_state_dict(state)
     assert restored.history == probes.history and restored.macro_f1 == probes.macro_f1
     assert restored.best_layer == probes.best_layer
-    # A resumed fit keeps the history and does not redo the init / input baselines.
-    small_fit(tmp_path, [restored], epochs=1, model_cls=DigitsCNN, limit_train_batches=2)
-    assert restored.timings["baseline_pass"] == 0.0
-    assert restored.history["init"] == probes.history["init"] and 1 in restored.history
+    # A fit resumed from a real checkpoint keeps the history and does not redo the init / input baselines
+    # (Lightning restores the callback state after `setup`, which starts every fit clean).
+    ckpt = str(tmp_path / "two_epochs.ckpt")
+    digits_fit[1].save_checkpoint(ckpt)
+    resumed = LinearProbes(solver="torch", on_error="raise")  # configured as in `digits_fit`: same state key
+    pl.seed_everything(0, verbose=False)
+    trainer = quick_trainer(tmp_path, [resumed], epochs=3, limit_train_batches=2)
+    trainer.fit(DigitsCNN(), datamodule=DigitsDataModule(batch_size=64, seed=0, size=16), ckpt_path=ckpt)
+    assert resumed.timings["baseline_pass"] == 0.0
+    assert {k: resumed.history[k] for k in probes.history} == probes.history and 2 in resumed.history
 
 
 # ------------------------------------------------- background sklearn path and non-interference
@@ -279,14 +287,15 @@ def test_probe_dataloader_for_a_model_trained_without_labels(tmp_path):
     assert len(events["scalars"]["introspect/probes/encoder.3/accuracy"]) == 3
 
 
-def test_unlabelled_validation_without_probe_dataloader_is_an_error_at_setup(tmp_path):
+def test_unlabelled_validation_without_probe_dataloader_is_skipped_once_and_training_goes_on(tmp_path):
     unlabelled, _ = _unlabelled_loaders()
     model = TinyAutoencoder()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = quick_trainer(tmp_path, [LinearProbes(layers=["encoder.1"])], epochs=1)
-    with pytest.raises(ValueError, match="probe_dataloader.*target_transform"):
+    probes = LinearProbes(layers=["encoder.1"])
+    trainer = quick_trainer(tmp_path, [probes], epochs=1, limit_train_batches=2)
+    with pytest.warns(IntrospectionSkipWarning, match="LinearProbes is skipped.*probe_dataloader.*target_transform"):
         trainer.fit(model, train_dataloaders=unlabelled, val_dataloaders=unlabelled)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # before any training step
+    assert trainer.global_step == 2 and probes.disabled and probes.history == {}
+    assert forward_hook_count(model) == 0
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -432,3 +441,121 @@ def test_the_callbacks_tolerance_reaches_the_solver_and_reads_the_same_accuracie
     for key in ("init", 0):
         for layer, acc in strict.history[key].items():
             assert abs(loose.history[key][layer] - acc) <= 2 / n_test + 1e-9
+
+
+# ------------------------------------------------------------- reused modules, identical outputs, per-fit
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock: one ``self.relu`` applied twice (after conv1 and after the residual sum)."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class DigitsResNet(DigitsCNN):
+    """A torchvision-style ResNet for 1-channel digits (stem, two stages of two BasicBlocks, pool, fc)."""
+
+    def __init__(self):
+        super().__init__()
+        del self.features, self.pool, self.flatten, self.classifier
+        self.conv1 = nn.Conv2d(1, 8, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8))
+        self.layer2 = nn.Sequential(BasicBlock(8, 16, 2), BasicBlock(16, 16))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x)))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def test_auto_on_a_resnet_with_reused_relus_probes_each_block_output(tmp_path):
+    x = torch.zeros(2, 1, 32, 32)
+    model = DigitsResNet()
+    names = auto_probe_layers(model, x)
+    assert names == ["relu", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "avgpool"]
+    counts = trace_module_calls(model, x).counts
+    assert counts["layer1.0.relu"] == 2 and all(counts[n] == 1 for n in names)
+    probes = LinearProbes(solver="torch", include_init=False, include_input=False, on_error="raise")
+    pl.seed_everything(0, verbose=False)
+    dm = DigitsDataModule(batch_size=32, limit=128, seed=0)
+    trainer = quick_trainer(tmp_path, [probes], epochs=1, limit_train_batches=2)
+    trainer.fit(model, datamodule=dm)
+    assert probes.layer_names == names and set(probes.history[0]) == set(names)
+    # what is probed under "layer1.0" is that block's output (the residual sum after the second ReLU)
+    x_val = torch.cat([b[0] for b in dm.val_dataloader()])
+    with torch.no_grad():
+        model.eval()
+        block = model.layer1[0](model.relu(model.bn1(model.conv1(x_val)))).mean((2, 3))
+    torch.testing.assert_close(probes._cache.features("layer1.0"), block, rtol=1e-5, atol=1e-5)
+
+
+def test_a_named_module_that_runs_twice_is_refused_at_setup(tmp_path):
+    model = DigitsResNet()
+    trainer = quick_trainer(tmp_path, [LinearProbes(layers=["layer1.1", "layer1.0.relu"])], epochs=1)
+    with pytest.raises(ValueError, match=r"`layers`.*'layer1.0.relu' runs 2 times.*enclosing block 'layer1.0'"):
+        trainer.fit(model, datamodule=DigitsDataModule(limit=64))
+    assert forward_hook_count(model) == 0 and trainer.global_step == 0
+
+
+class TanhHead(nn.Module):
+    """A wrapper whose output is its last child's, and an identity after the last activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+        self.norm = nn.Identity()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.features(x)))
+
+
+class TwoStageNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stage1 = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+        self.norm = nn.Identity()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.stage2(self.stage1(x))))
+
+
+def test_modules_with_identical_outputs_are_probed_once():
+    x = torch.randn(2, 6)
+    # fallback to top-level children: `features` and its last child `features.1` give the same tensor
+    assert auto_probe_layers(TanhHead(), x) == ["features"]
+    # the identity before the head repeats the last ReLU's output: not probed twice
+    assert auto_probe_layers(TwoStageNet(), x) == ["stage1.1", "stage2.1"]
+
+
+def test_a_second_fit_starts_clean_and_validate_keeps_the_results(tmp_path):
+    probes = LinearProbes(solver="torch", on_error="raise")
+    small_fit(tmp_path / "a", [probes], epochs=1, model_cls=DigitsCNN, limit_train_batches=2)
+    assert "features.2" in probes.layer_names and "features.2" in probes.history[0]
+    model, trainer = small_fit(tmp_path / "b", [probes], epochs=1, model_cls=DigitsResNet, limit_train_batches=2)
+    assert probes.layer_names == ["relu", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "avgpool"]
+    assert set(probes.history) == {"init", "input", 0}
+    assert all(set(v) <= {*probes.layer_names, "input"} for v in probes.history.values())  # nothing of the CNN
+    assert probes.timings["baseline_pass"] > 0  # the new model got its own init / input baselines
+    before = {k: dict(v) for k, v in probes.history.items()}
+    trainer.validate(model, datamodule=DigitsDataModule(batch_size=32, limit=128, seed=0), verbose=False)
+    assert probes.history == before and probes.best_layer in probes.layer_names

@@ -1,4 +1,5 @@
-"""LRP: agreement with captum, the gradient x input limit, conservation, rules, folding, non-interference."""
+"""LRP: agreement with captum, the gradient x input limit, conservation, rules and composites by hand, folding,
+non-interference."""
 
 from __future__ import annotations
 
@@ -9,7 +10,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_introspect.methods.lrp import fold_batchnorm, lrp
+from lightning_introspect.methods.lrp import (
+    AlphaBeta,
+    Composite,
+    Epsilon,
+    Flat,
+    Gamma,
+    Rule,
+    WSquare,
+    ZBox,
+    ZPlus,
+    epsilon_plus,
+    epsilon_plus_flat,
+    fold_batchnorm,
+    lrp,
+)
 from lightning_introspect.methods.targets import RegionTarget
 
 
@@ -525,11 +540,187 @@ def test_trained_digits_cnn(trained_digits) -> None:
     assert F.cosine_similarity(other.flatten(1), maps["epsilon"].flatten(1)).mean() < 0.5
 
 
-def test_methods_lrp_is_the_function_whatever_was_imported_before() -> None:
+def test_methods_lrp_is_the_package_whatever_was_imported_before() -> None:
     import importlib
 
-    importlib.import_module("lightning_introspect.methods.lrp")  # the submodule of the same name
+    from lightning_introspect import methods
     from lightning_introspect.methods import lrp as from_package
-    from lightning_introspect.methods.lrp import lrp as from_module
+    from lightning_introspect.methods.lrp import lrp as function
 
-    assert from_package is from_module and callable(from_package)
+    package = importlib.import_module("lightning_introspect.methods.lrp")
+    assert from_package is package is methods.lrp and function is package.lrp and callable(function)
+    assert methods.fold_batchnorm is fold_batchnorm and methods.ZPlus is ZPlus
+
+
+# ------------------------------------------------------------- (10) rules and composites by hand
+#
+# x = [1, 2] -> W1 = [[1, 1], [3, -1]] -> h = relu([3, 1]) = [3, 1] -> W2 = [[1, -2]] -> y = 1, no biases.
+# Layer 2 gets R = y = 1 from its contributions [3, -2]; layer 1's neurons get layer 2's shares.
+
+W1, W2 = [[1.0, 1.0], [3.0, -1.0]], [[1.0, -2.0]]
+
+
+def tiny_mlp() -> nn.Module:
+    net = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 1, bias=False)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor(W1))
+        net[2].weight.copy_(torch.tensor(W2))
+    return net.eval()
+
+
+def tiny_cnn() -> nn.Module:
+    """The same maths with a Conv1d first layer (kernel 2 over a length-2 input), to map rules by type."""
+    net = nn.Sequential(nn.Conv1d(1, 2, 2, bias=False), nn.Flatten(), nn.ReLU(), nn.Linear(2, 1, bias=False)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor(W1).view(2, 1, 2))
+        net[3].weight.copy_(torch.tensor(W2))
+    return net.eval()
+
+
+X = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        # R_h = [3, -2]; neuron 1: [1, 2] * 3/3; neuron 2: [3, -2] * -2/1.
+        ({"rule": "epsilon", "epsilon": 1e-12}, [1 - 6, 2 + 4]),
+        # R_h = [3/3, 0] (z+ = 3); neuron 1: [1, 2] / 3.
+        ({"rule": "zplus"}, [1 / 3, 2 / 3]),
+        # R_h = [2 * 3/3, -1 * -2/-2] = [2, -1]; neuron 1 has positive inputs only: [1, 2] * 2/3;
+        # neuron 2: 2 * 3/3 * -1 = -2 to x1 and -1 * -2/-2 * -1 = 1 to x2.
+        ({"rule": "alpha_beta", "alpha": 2.0, "beta": 1.0}, [2 / 3 - 2, 4 / 3 + 1]),
+        # Layer 2 with w + 0.5 w+ = [1.5, -2]: contributions [4.5, -2], z = 2.5, R_h = [1.8, -0.8]; layer 1
+        # also gamma: neuron 1 [1.5, 3] / 4.5 * 1.8 = [0.6, 1.2]; neuron 2 w' = [4.5, -1]: [4.5, -2] / 2.5 * -0.8.
+        ({"rule": Gamma(0.5, epsilon=1e-12)}, [0.6 - 1.44, 1.2 + 0.64]),
+        # Flat everywhere: layer 2 splits 1 into [0.5, 0.5]; each neuron splits its share equally again.
+        ({"rule": Flat()}, [0.5, 0.5]),
+        # w^2 everywhere: layer 2 [1, 4] / 5 -> [0.2, 0.8]; neuron 1 [1, 1] / 2 * 0.2; neuron 2 [9, 1] / 10 * 0.8.
+        ({"rule": WSquare()}, [0.1 + 0.72, 0.1 + 0.08]),
+    ],
+    ids=["epsilon", "zplus", "alpha_beta", "gamma", "flat", "wsquare"],
+)
+def test_known_answer_per_rule(kwargs: dict, expected: list[float]) -> None:
+    relevance = lrp(tiny_mlp(), X, 0, **kwargs)
+    torch.testing.assert_close(relevance, torch.tensor([expected], dtype=torch.float64), rtol=1e-9, atol=1e-9)
+    assert abs(relevance.sum().item() - 1.0) < 1e-9  # every rule here conserves y = 1 without biases
+
+
+@pytest.mark.parametrize(
+    ("first", "expected"),
+    [
+        # Epsilon above (R_h = [3, -2]); flat first layer: [3/2, 3/2] + [-1, -1].
+        (Flat(), [0.5, 0.5]),
+        # w^2 first layer: [1, 1] / 2 * 3 + [9, 1] / 10 * -2.
+        (WSquare(), [1.5 - 1.8, 1.5 - 0.2]),
+        # z^B with x in [-1, 3]: neuron 1 (w+ = [1, 1]): [1 + 1, 2 + 1] / 5 * 3; neuron 2 (w+ = [3, 0],
+        # w- = [0, -1]): [3 + 3, -2 + 3] / 7 * -2.
+        (ZBox(-1.0, 3.0, epsilon=1e-12), [6 / 5 - 12 / 7, 9 / 5 - 2 / 7]),
+    ],
+    ids=["flat", "wsquare", "zbox"],
+)
+def test_first_layer_rule_of_a_composite(first: Rule, expected: list[float]) -> None:
+    composite = Composite(first=first, default=Epsilon(1e-12))
+    relevance = lrp(tiny_mlp(), X, 0, composite=composite)
+    torch.testing.assert_close(relevance, torch.tensor([expected], dtype=torch.float64), rtol=1e-9, atol=1e-9)
+
+
+def test_composite_maps_rules_by_type_name_and_first_layer() -> None:
+    net, x = tiny_cnn(), X.view(1, 1, 2)
+
+    def relevance(composite: object) -> list[float]:
+        return lrp(net, x, 0, composite=composite).flatten().tolist()
+
+    # Linear epsilon (R_h = [3, -2]); Conv1d z+: neuron 1 [1, 2] * 3/3; neuron 2 only its positive
+    # contribution 3: -2 * 3/3 to x1.
+    expected_plus = [1 - 2, 2 + 0]
+    assert relevance({nn.Conv1d: ZPlus(), nn.Linear: Epsilon(1e-12)}) == pytest.approx(expected_plus, abs=1e-9)
+    assert relevance(epsilon_plus(1e-12)) == pytest.approx(expected_plus, abs=1e-9)
+    # The first layer's rule beats the type map.
+    assert relevance(epsilon_plus_flat(1e-12)) == pytest.approx([0.5, 0.5], abs=1e-9)
+    # Conv1d alpha-beta (2, 1): neuron 1 [1, 2] * 3/3; neuron 2: 2 * 3/3 * -2 to x1, -1 * -2/-2 * -2 to x2.
+    # (by name: the preset's own epsilon, 1e-6, absorbs ~1e-6 of the relevance)
+    assert relevance("epsilon_alpha2_beta1") == pytest.approx([1 - 4, 2 + 2], rel=1e-5)
+    # A name beats the type: conv '0' gets epsilon back (gradient x input, [-5, 6]).
+    composite = Composite({nn.Conv1d: ZPlus()}, name_map={"0": Epsilon(1e-12)}, default=Epsilon(1e-12))
+    assert relevance(composite) == pytest.approx([-5, 6], abs=1e-9)
+
+
+def test_old_keywords_are_the_rule_objects() -> None:
+    model, x = random_batchnorm(make(SmallResNet)), batch()
+    assert torch.equal(lrp(model, x, 1, epsilon=1e-3), lrp(model, x, 1, composite=Composite(default=Epsilon(1e-3))))
+    assert torch.equal(lrp(model, x, 1, rule="z+"), lrp(model, x, 1, rule=ZPlus()))
+    assert torch.equal(lrp(model, x, 1, rule="alpha_beta", alpha=1.5, beta=0.5), lrp(model, x, 1, rule=AlphaBeta(1.5, 0.5)))
+    assert torch.equal(lrp(model, x, 1, rule="zplus"), lrp(model, x, 1, rule=AlphaBeta(1.0, 0.0)))
+
+
+@pytest.mark.parametrize(
+    "rule", [Gamma(0.25, epsilon=1e-12), Flat(), WSquare()], ids=["gamma", "flat", "wsquare"]
+)
+def test_other_rules_conserve_with_zero_biases(rule: Rule) -> None:
+    model, x = zero_biases(make(SmallResNet)).double(), batch().double()
+    with torch.no_grad():
+        score = model(x)[:, 3]
+    torch.testing.assert_close(sums(lrp(model, x, 3, rule=rule)), score, rtol=1e-7, atol=1e-9 * score.abs().mean().item())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"composite": "plus"}, "composite"),
+        ({"composite": {3: Epsilon()}}, "composite"),
+        ({"composite": {nn.Linear: "epsilon"}}, "layer_map"),
+        ({"composite": "epsilon_plus", "rule": "zplus"}, "either `rule` or `composite`"),
+        ({"rule": 3}, "rule"),
+    ],
+)
+def test_bad_composites_raise_value_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        lrp(make(PlainCNN), batch(), 0, **kwargs)
+
+
+def test_bad_rule_parameters_raise_value_errors() -> None:
+    for make_rule, match in [(lambda: Gamma(-1.0), "gamma"), (lambda: ZBox(1.0, 0.0), "low"), (lambda: Epsilon(0.0), "epsilon"),
+                             (lambda: Composite(default=ZBox()), "default")]:
+        with pytest.raises(ValueError, match=match):
+            make_rule()
+
+
+# ---------------------------------------------------------------- (11) captum's other rules
+
+
+def _captum_reference(model: nn.Module, x: torch.Tensor, target: list[int], rule_of: object) -> torch.Tensor:
+    from captum.attr import LRP
+    from captum.attr._utils.lrp_rules import EpsilonRule
+
+    reference_model = copy.deepcopy(model)
+    for module in reference_model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.rule = rule_of()
+        elif isinstance(module, (nn.MaxPool2d, nn.AdaptiveAvgPool2d)):
+            module.rule = EpsilonRule(epsilon=1e-9)
+    return LRP(reference_model).attribute(x.clone().requires_grad_(), target=target).detach()
+
+
+def test_gamma_rule_matches_captum() -> None:
+    from captum.attr._utils.lrp_rules import GammaRule
+
+    model, x = make(PlainCNN), batch()
+    target = [0, 1, 2, 3, 4, 0]
+    reference = _captum_reference(model, x, target, lambda: GammaRule(gamma=0.25))
+    gamma = Gamma(0.25, epsilon=1e-9)
+    ours = lrp(model, x, target, composite=Composite({nn.Conv2d: gamma, nn.Linear: gamma}, default=Epsilon(1e-9)))
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6 * reference.abs().max().item())
+    assert (ours - lrp(model, x, target, epsilon=1e-9)).abs().max() > 1e-3 * reference.abs().max()  # gamma mattered
+
+
+def test_zplus_matches_captums_alpha1_beta0_on_nonnegative_inputs_without_biases() -> None:
+    from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule
+
+    # captum's rule is a+ w+ / z+ with the bias: z+ proper (which also counts a- w-) only for inputs >= 0.
+    model, x = zero_biases(make(PlainCNN)), batch().abs()
+    target = [0, 1, 2, 3, 4, 0]
+    reference = _captum_reference(model, x, target, Alpha1_Beta0_Rule)
+    ours = lrp(model, x, target, composite=Composite({nn.Conv2d: ZPlus(), nn.Linear: ZPlus()}, default=Epsilon(1e-9)))
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6 * reference.abs().max().item())
+    assert reference.abs().max() > 0

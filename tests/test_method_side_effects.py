@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_introspect.methods.attribution import METHODS, attribute, lrp_available
+from lightning_introspect.methods.attribution import METHODS, attribute
 
 
 class _Net(nn.Module):
@@ -80,14 +80,12 @@ def _assert_unchanged(net, x, before):
 
 
 def _methods():
-    names = [m for m in METHODS if m != "lrp" or lrp_available()]
-    return [*names, "attribute(all)"]
+    return [*METHODS, "attribute(all)"]
 
 
 def _call(name, net, x, target):
     if name == "attribute(all)":
-        methods = [m for m in METHODS if m != "lrp" or lrp_available()]
-        return attribute(net, x, target, methods, layer="bn2", options={"guided_backprop": {"top_k": 3}})
+        return attribute(net, x, target, list(METHODS), layer="bn2", options={"guided_backprop": {"top_k": 3}})
     if name in ("grad_cam", "guided_grad_cam"):
         return METHODS[name](net, x, target, "bn2")
     if name == "guided_backprop":

@@ -7,7 +7,7 @@ import torch
 from lightning_introspect._lightning import pl
 from lightning_introspect.config import introspection_callbacks
 from lightning_introspect.demo import DigitsCNN, DigitsDataModule, demo_config
-from tests.helpers import quick_trainer
+from tests.helpers import quick_trainer, read_events
 
 
 def _fit(tmp_path, callbacks):
@@ -46,4 +46,9 @@ def test_all_callbacks_leave_training_bitwise_unchanged(tmp_path):
     assert torch.equal(rng_plain, rng_watched), "global torch RNG drifted"
     assert [m.training for m in plain.modules()] == [m.training for m in watched.modules()]
     assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in watched.modules())
+    # the comparison means something only if every callback was on and did its work in the watched fit
     assert len(callbacks) == len(demo_config(fast=True))
+    assert not [type(cb).__name__ for cb in callbacks if cb.disabled]
+    scalars = read_events(watched_trainer.logger.log_dir)["scalars"]
+    silent = [cb.name for cb in callbacks if not scalars.get(f"introspect/{cb.name}/seconds")]
+    assert not silent, f"callbacks that logged no work: {silent}"

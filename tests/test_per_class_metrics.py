@@ -160,12 +160,12 @@ def test_resume_keeps_the_start_snapshot(tmp_path: Any) -> None:
     assert state["snapshots"]["start"] == start
 
     resumed = PerClassMetrics(num_classes=10, confusion_matrix=False, bar_chart=False, on_error="raise")
-    start_passes = []
-    original = resumed._start_snapshot
-    resumed._start_snapshot = lambda *args: start_passes.append(1) or original(*args)  # type: ignore[method-assign]
-    trainer = quick_trainer(tmp_path, [resumed], epochs=4, logger=False, enable_checkpointing=True)
+    resume_step = int(ckpt["global_step"])
+    trainer = quick_trainer(tmp_path / "resumed", [resumed], epochs=4, enable_checkpointing=True)
     trainer.fit(TinyDigits(), datamodule=dm, ckpt_path=path)
-    assert start_passes == []
+    # no start pass again: nothing is written at the step the fit resumed from, only at later epoch ends
+    recall = read_events(str(tmp_path / "resumed"))["scalars"]["introspect/per_class/recall/0"]
+    assert recall and all(step > resume_step for step, _ in recall)
     assert resumed.snapshots["start"] == start
     assert resumed.snapshot_epochs["middle"] == cb.snapshot_epochs["middle"]  # epoch 1, taken before the stop
     assert resumed.snapshot_epochs["end"]["epoch"] == 3
@@ -459,7 +459,7 @@ def test_confusion_image_colours_cells_by_row_share_and_prints_counts() -> None:
     import matplotlib
     import numpy as np
 
-    from lightning_introspect.callbacks.per_class_metrics import confusion_image
+    from lightning_introspect.render.charts import confusion_image
 
     table = [[9, 1, 0], [0, 10, 0], [2, 3, 5]]
     image = confusion_image(table, ["a", "b", "c"], title="end")
@@ -482,8 +482,8 @@ def test_bar_polygons_draw_the_same_pixels_as_axes_bar() -> None:
     from matplotlib.collections import PolyCollection
     from matplotlib.figure import Figure
 
-    from lightning_introspect.callbacks.per_class_metrics import bar_polygons, bars_figure
     from lightning_introspect.loggers.adapter import figure_to_array
+    from lightning_introspect.render.charts import bar_polygons, bars_figure
 
     heights = [0.2, 0.9, 0.0, 0.55]
     images = []

@@ -13,23 +13,29 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import nn
 
+from lightning_introspect.methods.caveats import Caveat, SanityCaveatWarning, detect_caveats
+from lightning_introspect.methods.class_check import class_sensitivity
 from lightning_introspect.methods.randomization import (
-    Caveat,
-    SanityCaveatWarning,
-    SanityReport,
     cascading_randomization,
-    class_sensitivity,
-    decide_verdicts,
-    detect_caveats,
     independent_randomization,
     layer_seed,
-    map_similarity,
     randomization_blocks,
+    randomization_curves,
     reinitialize_,
+)
+from lightning_introspect.methods.sanity_report import (
+    SanityReport,
+    decide_verdicts,
     run_sanity_checks,
-    spearman_similarity,
-    ssim_similarity,
     verdict_score,
+)
+from lightning_introspect.methods.similarity import (
+    PendingSimilarities,
+    map_similarities,
+    map_similarity,
+    spearman_similarity,
+    ssim_sigma,
+    ssim_similarity,
 )
 
 
@@ -126,8 +132,6 @@ def test_ssim_agrees_with_torchmetrics_and_skips_non_images():
 def test_batched_similarities_equal_one_call_per_pair():
     """The randomisation check measures all its map pairs in a few batched passes (a shared original map
     ranked once, chunks bounded by a budget): the per-sample values are those of one call per pair."""
-    from lightning_introspect.methods.randomization import _PendingSimilarities, _similarities
-
     gen = torch.Generator().manual_seed(2)
     shared = torch.rand(3, 2, 9, 9, generator=gen)
     shared[:, :, :3] = 0.0  # ties
@@ -135,13 +139,13 @@ def test_batched_similarities_equal_one_call_per_pair():
     pairs += [(torch.rand(3, 10, generator=gen), torch.rand(3, 10, generator=gen))]  # not images: no SSIM
     pairs += [(shared, torch.zeros(3, 2, 9, 9)), (torch.rand(2, 1, 5, 5, generator=gen), torch.rand(2, 1, 5, 5, generator=gen))]
     for budget in (1 << 22, 500):  # one pass per shape / several chunks
-        batched = _similarities(pairs, ["spearman_abs", "spearman", "ssim"], budget=budget)
+        batched = map_similarities(pairs, ["spearman_abs", "spearman", "ssim"], budget=budget)
         for (a, b), got in zip(pairs, batched):
             ref = map_similarity(a, b)
             assert set(got) == set(ref)
             for metric in ref:
                 assert torch.allclose(got[metric], ref[metric], atol=1e-6), metric
-    pending = _PendingSimilarities(["spearman"], budget=600)
+    pending = PendingSimilarities(["spearman"], budget=600)
     for i, (a, b) in enumerate(pairs):
         pending.add(i, a, b)
     assert [k for k, _ in pending.results()] == list(range(len(pairs)))
@@ -156,6 +160,18 @@ def test_ssim_of_large_maps_agrees_with_torchmetrics():
     x, y = a.sum(1), b.sum(1)
     x, y = x / x.flatten(1).amax(1).view(-1, 1, 1), y / y.flatten(1).amax(1).view(-1, 1, 1)
     ref = tm_ssim(x.unsqueeze(1), y.unsqueeze(1), data_range=1.0, reduction="none")
+    assert torch.allclose(ssim_similarity(a, b), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", [3, 5, 6, 8, 10])
+def test_ssim_with_shrunk_windows_agrees_with_torchmetrics(side):
+    """Maps smaller than the 11-pixel window: torchmetrics derives the same window size from the shrunk sigma."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+
+    gen = torch.Generator().manual_seed(side)
+    a, b = torch.rand(3, side, side + 2, generator=gen), torch.rand(3, side, side + 2, generator=gen)
+    x, y = a / a.flatten(1).amax(1).view(-1, 1, 1), b / b.flatten(1).amax(1).view(-1, 1, 1)
+    ref = tm_ssim(x.unsqueeze(1), y.unsqueeze(1), sigma=ssim_sigma(x.shape), data_range=1.0, reduction="none")
     assert torch.allclose(ssim_similarity(a, b), ref, atol=1e-5)
 
 
@@ -278,6 +294,20 @@ def test_cascading_and_independent_randomise_the_right_blocks_on_a_copy():
     rows = {k: v[0].tolist() for k, v in ind.maps["flags"].items()}
     assert rows == {"original": [1, 1, 1], "8": [1, 1, 0], "4": [1, 0, 1], "0": [0, 1, 1]}
     assert_unchanged(model, before, flags_before)
+
+
+def test_both_modes_share_one_implementation_and_accept_given_blocks():
+    model = small_cnn()
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    for mode, named in (("cascading", cascading_randomization), ("independent", independent_randomization)):
+        ref = randomization_curves(model, x, methods={"gradient": gradient}, mode=mode, layers=2)
+        assert named(model, x, methods={"gradient": gradient}, layers=2).to_dict() == ref.to_dict()
+        blocks = randomization_blocks(model, x[:1], 2)
+        assert randomization_curves(model, x, methods={"gradient": gradient}, mode=mode, layers=blocks).to_dict() == ref.to_dict()
+    with pytest.raises(ValueError, match="mode"):
+        randomization_curves(model, x, methods={"gradient": gradient}, mode="both")
+    with pytest.raises(TypeError, match="bogus"):
+        cascading_randomization(model, x, methods={"gradient": gradient}, bogus=1)
 
 
 def test_randomisation_changes_gradients_never_nan_and_is_deterministic():

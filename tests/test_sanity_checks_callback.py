@@ -10,7 +10,8 @@ import torch
 from lightning_introspect._lightning import pl
 from lightning_introspect.callbacks.sanity_checks import SanityChecks
 from lightning_introspect.demo import DigitsCNN, DigitsDataModule
-from lightning_introspect.methods.randomization import DEFAULT_METHODS, SanityReport
+from lightning_introspect.methods.explainers import DEFAULT_METHODS
+from lightning_introspect.methods.sanity_report import SanityReport
 from tests.helpers import quick_trainer, read_events
 
 FAST = dict(methods=["saliency", "grad_cam"], num_samples=4, layers=2, repeats=1, progress=False, on_error="raise")
@@ -121,7 +122,7 @@ def test_bad_arguments_raise_at_construction(kwargs, argument):
 
 
 def test_bad_layer_names_raise_before_training(tmp_path):
-    for kwargs, argument in (({"layers": ["features.99"]}, "layers"), ({"layer": "featurs.9"}, "layer")):
+    for kwargs, argument in (({"layers": ["features.99"]}, "layers"), ({"cam_layer": "featurs.9"}, "cam_layer")):
         cb = SanityChecks(**kwargs)
         model = DigitsCNN(width=8)
         before = {k: v.clone() for k, v in model.state_dict().items()}

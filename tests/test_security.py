@@ -1,21 +1,31 @@
-"""Security: YAML is read with safe loading only, and every ``torch.load`` passes ``weights_only=True``.
+"""Security: YAML is read with safe loading only, every ``torch.load`` passes ``weights_only=True``, and a
+config never names code to import unless the caller opts in from Python.
 
 A source scan (``ast``, so comments and docstrings do not count) over the package, the tests, the
-benchmarks, the examples and the docs' scripts, plus a behavioural check that a config YAML with a
-Python object tag is refused. (Fallback file names made from ``../`` and absolute tags are tested in
+benchmarks, the examples and the docs' scripts, a behavioural check that a config YAML with a
+Python object tag is refused, and checks that no config option imports a module of the config's
+choosing without ``allow_imports=True``. (Fallback file names made from ``../`` and absolute tags are tested in
 ``tests/test_foundation.py``.)
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
+import sys
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
-from lightning_introspect.config import IntrospectionConfig
+from lightning_introspect.config import (
+    CALLBACKS,
+    IMPORT_OPTIONS,
+    IntrospectionConfig,
+    introspection_callbacks,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCANNED = ("lightning_introspect", "tests", "benchmarks", "examples", "docs")
@@ -124,3 +134,75 @@ def test_config_yaml_with_a_python_object_tag_is_refused(tmp_path: Any) -> None:
     with pytest.raises(yaml.constructor.ConstructorError, match="could not determine a constructor"):
         IntrospectionConfig.from_yaml(path)
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------ code named by a config is never imported
+_SPY = "introspect_spy_decoder"
+
+
+@pytest.fixture
+def spy_module(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An importable module that leaves a marker file when imported (``<tmp>/imported``) and holds a decoder."""
+    folder = tmp_path / "spy"
+    folder.mkdir()
+    marker = tmp_path / "imported"
+    (folder / f"{_SPY}.py").write_text(
+        "import pathlib\n"
+        "import torch\n"
+        f"pathlib.Path({str(marker)!r}).write_text('imported')\n"
+        "class Decoder(torch.nn.Sequential):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(torch.nn.Linear(8, 3 * 8 * 8), torch.nn.Unflatten(1, (3, 8, 8)), torch.nn.Sigmoid())\n"
+    )
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, _SPY, raising=False)
+    yield marker
+    sys.modules.pop(_SPY, None)
+
+
+def _only(section: str, options: dict[str, Any]) -> dict[str, Any]:
+    return {s: (options if s == section else False) for s in CALLBACKS}
+
+
+def test_an_import_path_in_a_yaml_config_is_refused_and_nothing_is_imported(tmp_path: Any, spy_module: Any) -> None:
+    path = tmp_path / "introspection.yaml"
+    path.write_text(yaml.safe_dump(_only("feature_visualization", {"prior": f"{_SPY}:Decoder"})))
+    with pytest.raises(ValueError, match=r"`feature_visualization\.prior`.*allow_imports=True") as err:
+        introspection_callbacks(str(path))
+    assert f"{_SPY}:Decoder" in str(err.value)
+    assert not spy_module.exists() and _SPY not in sys.modules
+    # a dict (perhaps read from JSON by the caller) is a config too
+    with pytest.raises(ValueError, match="allow_imports=True"):
+        introspection_callbacks(_only("feature_visualization", {"prior": f"{_SPY}.Decoder"}))
+    with pytest.raises(ValueError, match="allow_imports=True"):
+        introspection_callbacks(IntrospectionConfig.from_yaml(path))
+    assert not spy_module.exists() and _SPY not in sys.modules
+
+
+def test_the_explicit_python_opt_in_imports_the_prior(tmp_path: Any, spy_module: Any) -> None:
+    path = tmp_path / "introspection.yaml"
+    path.write_text(yaml.safe_dump(_only("feature_visualization", {"prior": f"{_SPY}:Decoder"})))
+    (callback,) = introspection_callbacks(str(path), allow_imports=True)
+    assert spy_module.exists() and type(callback.prior_module).__name__ == "Decoder"
+    with pytest.raises(ValueError, match="allow_imports"):
+        introspection_callbacks(str(path), allow_imports="yes")  # type: ignore[arg-type]
+
+
+def test_a_prior_object_passed_from_python_needs_no_opt_in() -> None:
+    decoder = torch.nn.Sequential(torch.nn.Linear(4, 3 * 8 * 8), torch.nn.Unflatten(1, (3, 8, 8)))
+    (callback,) = introspection_callbacks(_only("feature_visualization", {"prior": decoder}))
+    assert callback.prior_module is decoder  # the object itself, not a copy
+
+
+def test_no_config_option_imports_code_without_the_opt_in(spy_module: Any) -> None:
+    """Every option of every section set to an import path: none imports it (a new option that resolves
+    strings to code must be listed in ``IMPORT_OPTIONS``)."""
+    for section in CALLBACKS:
+        options = {f.name for f in dataclasses.fields(IntrospectionConfig.from_dict({}).sections[section])}
+        for option in sorted(options - {"enabled"}):
+            try:
+                introspection_callbacks(_only(section, {option: f"{_SPY}:Decoder"}))
+            except (ValueError, TypeError):
+                pass  # refused (as an import path, or as a bad value): fine, as long as nothing was imported
+            assert not spy_module.exists() and _SPY not in sys.modules, f"{section}.{option} imported the spy"
+    assert IMPORT_OPTIONS == {"feature_visualization": ("prior",)}

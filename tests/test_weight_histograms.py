@@ -245,38 +245,100 @@ def _summaries(log_dir) -> list[tuple[int, bytes]]:
     return [(e.step, e.summary.SerializeToString()) for p in paths for e in LegacyEventFileLoader(p).Load() if e.HasField("summary")]
 
 
-def test_one_encoded_event_equals_the_per_histogram_writer_path(tmp_path):
+def test_written_histograms_read_back_exactly(tmp_path):
     from tensorboard.compat.proto.summary_pb2 import Summary
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_introspect.loggers.adapter import IntrospectionWriter, TensorBoardWriter
+    from lightning_introspect.loggers.adapter import TensorBoardWriter
     from lightning_introspect.methods.weights import histograms
 
     g = torch.Generator().manual_seed(0)
     tensors = {
         "introspect/weights/conv": torch.randn(64, 3, 3, 3, generator=g) * 0.1,
-        "introspect/weights/bias/ünïcode": torch.randn(70_000, generator=g) * 1e-3,  # multi-byte tag, 2-byte lengths
+        "introspect/weights/bias/ünïcode": torch.randn(70_000, generator=g) * 1e-3,  # multi-byte tag
         "introspect/weights/const": torch.full((5,), -0.0),
-        "introspect/weights/all_nan": torch.full((4,), math.nan),  # no finite value: skipped by both paths
+        "introspect/weights/all_nan": torch.full((4,), math.nan),  # no finite value: skipped
         "introspect/weights/mixed": torch.tensor([1.0, math.inf, -3.0, math.nan]),
     }
     hists = histograms(tensors, bins=200)
-
-    class PerHistogram(TensorBoardWriter):  # the reference: TensorBoard's histogram_raw per tag, in one batch
-        def histograms(self, hists, step):
-            IntrospectionWriter.histograms(self, hists, step)
-
-    written = {}
-    for name, cls in (("encoded", TensorBoardWriter), ("per_histogram", PerHistogram)):
-        experiment = SummaryWriter(str(tmp_path / name))
-        write_histograms(cls(experiment), hists, 7)
-        experiment.close()
-        written[name] = _summaries(tmp_path / name)
-    assert written["encoded"] == written["per_histogram"]  # byte for byte
-    [(step, raw)] = written["encoded"]  # one event
-    values = Summary.FromString(raw).value
-    assert step == 7 and [v.tag for v in values] == [t for t in tensors if t != "introspect/weights/all_nan"]
-    for v in values:
+    experiment = SummaryWriter(str(tmp_path))
+    write_histograms(TensorBoardWriter(experiment), hists, 7)
+    experiment.close()
+    values = [(step, v) for step, raw in _summaries(tmp_path) for v in Summary.FromString(raw).value]
+    assert [v.tag for _, v in values] == [t for t in tensors if t != "introspect/weights/all_nan"]
+    for step, v in values:
         h = hists[v.tag]
+        assert step == 7
         assert list(v.histo.bucket) == h.counts.tolist() and list(v.histo.bucket_limit) == h.edges.tolist()[1:]
         assert (v.histo.min, v.histo.max, v.histo.num, v.histo.sum) == (h.min, h.max, h.num, h.sum)
+
+
+# ------------------------------------------------------------------- replaced modules, state, per-fit
+class ReplaceHead(pl.Callback):
+    """Puts a fresh classifier into the model at the start of epoch 1 (the optimizer keeps the old one)."""
+
+    def __init__(self):
+        self.new_weight = None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            torch.manual_seed(7)
+            pl_module.classifier = nn.Linear(pl_module.classifier.in_features, 10)
+            self.new_weight = pl_module.classifier.weight.detach().clone()
+
+
+def test_a_replaced_layer_is_followed_with_its_own_initial_weights(tmp_path):
+    cb = WeightHistograms(layers=["features.8", "classifier"], on_error="raise")
+    swap = ReplaceHead()
+    with pytest.warns(UserWarning, match="'classifier' was replaced") as record:
+        model, _ = _fit(tmp_path, [swap, cb], epochs=3)
+    assert sum("was replaced" in str(w.message) for w in record) == 1  # said once, evaluated twice after
+    assert cb._modules["classifier"] is model.classifier
+    assert torch.equal(cb.initial["classifier"], swap.new_weight)  # W0 re-taken from the new module
+    # the new head is not in the optimizer: it did not move, and that is what is measured now
+    assert cb.drift["classifier"][-1] == 0.0 and cb.drift["classifier"][1] > 0  # epoch 0: the old head trained
+    assert "classifier" in cb.summary["not_learning"] and "features.8" not in cb.summary["not_learning"]
+    w = model.classifier.weight.detach().double().numpy()
+    counts, _ = np.histogram(w, bins=32, range=(w.min(), w.max()))
+    assert cb.histograms["classifier"].counts.tolist() == counts.tolist()  # the new module's values
+
+
+def test_summary_survives_a_real_checkpoint(tmp_path):
+    first = WeightHistograms(layers=["features.*", "classifier"], on_error="raise")
+    _, trainer = _fit(tmp_path, [first], epochs=1)
+    ckpt = tmp_path / "one.ckpt"
+    trainer.save_checkpoint(str(ckpt))
+    state = torch.load(ckpt, weights_only=True)
+    (key,) = [k for k in state["callbacks"] if k.startswith("WeightHistograms")]
+    restored = WeightHistograms(layers=["features.*", "classifier"], on_error="raise")
+    restored.load_state_dict(state["callbacks"][key])
+    assert first.summary and first.summary["not_learning"] == ["features.4"]  # the frozen conv
+    assert restored.summary == first.summary
+    assert restored.summary_lines()[1:] == first.summary_lines()[1:]  # the not-learning line (the first counts modules)
+
+
+class TwoLayerNet(DigitsCNN):
+    """Another model for the same data: different layer names."""
+
+    def __init__(self):
+        super().__init__()
+        del self.features, self.pool, self.classifier
+        self.hidden = nn.Linear(32 * 32, 32)
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.hidden(x.flatten(1))))
+
+
+def test_a_second_fit_starts_clean_and_validate_keeps_the_results(tmp_path):
+    cb = WeightHistograms(on_error="raise")
+    with pytest.warns(UserWarning, match="non-finite"):
+        _fit(tmp_path / "a", [cb], epochs=1)
+    assert "features.0" in cb.layers and "features.0" in cb.drift
+    model, trainer = _fit(tmp_path / "b", [cb], epochs=2, model=TwoLayerNet())
+    assert cb.layers == ["hidden", "out"]
+    assert set(cb.initial) == set(cb.drift) == {"hidden", "out"}  # nothing of the first model left
+    assert cb.steps == [0, 4, 8] and cb.epochs == [-1, 0, 1]
+    before = (list(cb.steps), {k: list(v) for k, v in cb.drift.items()}, dict(cb.summary))
+    trainer.validate(model, datamodule=DigitsDataModule(batch_size=32, limit=128, seed=0), verbose=False)
+    assert (cb.steps, cb.drift, cb.summary) == before

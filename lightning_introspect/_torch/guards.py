@@ -45,13 +45,24 @@ def _cuda_devices() -> list[int]:
 
 @contextlib.contextmanager
 def fork_global_rng() -> Iterator[None]:
-    """Run a block without changing the global torch RNG state (CPU and the current CUDA device).
+    """Run a block without changing the global random states: torch (CPU and the current CUDA device),
+    Python's ``random`` and NumPy's legacy global generator.
 
-    Needed around anything of ours that may draw from the global RNG, e.g. creating an iterator over
-    a ``DataLoader`` (it draws a base seed).
+    Needed around anything of ours that may draw from them: creating an iterator over a ``DataLoader``
+    (it draws a base seed), and indexing a dataset whose ``__getitem__`` draws random augmentations
+    (torchvision transforms use torch's RNG, other libraries Python's or NumPy's).
     """
-    with torch.random.fork_rng(devices=_cuda_devices()):
-        yield
+    import random
+
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=_cuda_devices()):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 @contextlib.contextmanager

@@ -72,7 +72,7 @@ def layer_outputs(model: nn.Module, example_input: torch.Tensor, names: list[str
     from lightning_introspect._torch.guards import introspection_mode
 
     def first(out: object) -> torch.Tensor:
-        return out[0] if isinstance(out, (tuple, list)) else out  # type: ignore[return-value]
+        return out[0] if isinstance(out, (tuple, list)) else out  # type: ignore[return-value]  # a tensor for every model we accept
 
     modules = dict(model.named_modules())
     captured: dict[str, torch.Tensor] = {}

@@ -8,19 +8,23 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from typing_extensions import override
 
+from lightning_introspect._lightning import pl
 from lightning_introspect._torch.guards import introspection_mode
 from lightning_introspect._torch.layers import get_layer
 from lightning_introspect.callbacks.base import (
     NONFINITE_CAUSE,
     IntrospectionCallback,
+    IntrospectionInputError,
     check_callable,
     check_choice,
     check_positive_int,
     input_gradient_problem,
     lrp_problem,
+    renamed_argument,
 )
-from lightning_introspect.callbacks.per_class_metrics import logits_only
+from lightning_introspect.callbacks.outputs import logits_only
 from lightning_introspect.methods.attribution import (
     LAYER_METHODS,
     SIGNED_METHODS,
@@ -69,7 +73,7 @@ class Attributions(IntrospectionCallback):
         methods: names from ``METHODS``: ``saliency``, ``input_x_gradient``, ``guided_backprop``,
             ``deconvnet``, ``grad_cam``, ``guided_grad_cam``, ``lrp``. ``lrp`` is skipped with one
             warning when ``lightning_introspect.methods.lrp`` is not available or fails on the model.
-        layer: the feature map for Grad-CAM (and guided backprop's ``top_k``): a dotted module name or
+        cam_layer: the feature map for Grad-CAM (and guided backprop's ``top_k``): a dotted module name or
             ``"auto"`` (the last conv feature map, see ``auto_layer``; the choice is logged as text).
         targets: what each sample is explained for: ``"pred"`` (its predicted class), ``"true"`` (its
             label), a list of class ids (also one grid per class), or ``"all"`` (one grid per class, up
@@ -84,7 +88,7 @@ class Attributions(IntrospectionCallback):
         normalize: ``"per_map"`` (each map scaled by its own max) or ``"per_batch"`` (one scale for all
             maps of a grid, so magnitudes compare across samples).
         alpha: opacity of the heat map over the (grey) input.
-        top_k: guided backprop keeps only the K strongest positions at ``layer`` (see
+        top_k: guided backprop keeps only the K strongest positions at ``cam_layer`` (see
             ``guided_backprop``); ``None``: plain guided backprop.
         lrp_rule: ``"epsilon"``, ``"zplus"`` or ``"alpha_beta"`` (passed as ``rule`` to ``lrp``).
         output_transform: callable ``forward output -> logits`` for a model that returns more than the
@@ -98,6 +102,7 @@ class Attributions(IntrospectionCallback):
         num_samples: number of fixed samples (ignored with ``per_class``).
         seed: seed of the private generator that draws the samples.
         on_error: ``"warn"`` (disable the callback with a warning, training goes on) or ``"raise"``.
+        layer: the former name of ``cam_layer`` (deprecated; works with a ``DeprecationWarning``).
 
     Tags:
         * ``introspect/attributions/<method>`` -- overlay grid (bar chart for tabular inputs);
@@ -112,7 +117,8 @@ class Attributions(IntrospectionCallback):
     Results on the instance:
         * ``maps``: ``{method: Tensor}`` of the latest run (CPU, raw maps, batch order of the samples);
         * ``class_maps``: ``{method: {class_id: Tensor}}`` of the latest run (list / ``"all"``);
-        * ``layer``: the resolved layer name (or ``None``);
+        * ``resolved_cam_layer``: the Grad-CAM layer in use (``cam_layer`` resolved; ``None`` when no
+          method needs one);
         * ``nonfinite``: the grids of the latest run that held NaN / Inf and were not logged (``"outputs"``
           when the model's outputs on the samples were non-finite; empty when all was finite);
         * ``history``: one dict per run: ``step``, ``epoch`` (-1 before training), ``explained``,
@@ -138,7 +144,7 @@ class Attributions(IntrospectionCallback):
         self,
         *,
         methods: Sequence[str] = DEFAULT_METHODS,
-        layer: str = "auto",
+        cam_layer: str = "auto",
         targets: str | list[int] = "pred",
         class_names: list[str] | None = None,
         per_class: int | None = None,
@@ -151,6 +157,7 @@ class Attributions(IntrospectionCallback):
         top_k: int | None = None,
         lrp_rule: str = "epsilon",
         output_transform: Callable[[Any], Any] | None = None,
+        layer: str | None = None,
         enabled: bool = True,
         every_n_epochs: int | None = None,
         at: Sequence[float] | None = (0.0, 0.5),
@@ -160,8 +167,9 @@ class Attributions(IntrospectionCallback):
     ) -> None:
         super().__init__(enabled=enabled, every_n_epochs=every_n_epochs, at=at, num_samples=num_samples, seed=seed, on_error=on_error)
         self.methods = _check_methods(list(methods) if not isinstance(methods, str) else [methods])
-        if not isinstance(layer, str) or not layer:
-            raise ValueError(f"Expected `layer` to be 'auto' or a dotted module name, but got {layer!r}.")
+        cam_layer = renamed_argument("layer", "cam_layer", layer, cam_layer, "auto")
+        if not isinstance(cam_layer, str) or not cam_layer:
+            raise ValueError(f"Expected `cam_layer` to be 'auto' or a dotted module name, but got {cam_layer!r}.")
         if isinstance(targets, str):
             check_choice(targets, "targets", TARGET_CHOICES)
         elif not isinstance(targets, (list, tuple)) or not targets or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in targets):
@@ -185,7 +193,7 @@ class Attributions(IntrospectionCallback):
                 raise ValueError(f"Expected `{argument}` to be a matplotlib colormap name (e.g. 'inferno', 'viridis', 'bwr'), but got {cmap!r}.")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise ValueError(f"Expected `alpha` to be a float in [0, 1], but got {alpha!r}.")
-        self.layer_spec = layer
+        self.cam_layer = cam_layer
         self.targets = targets if isinstance(targets, str) else list(targets)
         self.class_names = list(class_names) if class_names is not None else None
         self.per_class = per_class
@@ -197,79 +205,89 @@ class Attributions(IntrospectionCallback):
         self.lrp_rule = lrp_rule
         check_callable(output_transform, "output_transform")
         self.output_transform = output_transform
-        # results
-        self.layer: str | None = None
+        self.reset()
+
+    # ------------------------------------------------------------------------------ Lightning hooks
+    @override
+    def reset(self) -> None:
+        self.resolved_cam_layer: str | None = None
         self.maps: dict[str, torch.Tensor] = {}
         self.class_maps: dict[str, dict[int, torch.Tensor]] = {}
         self.history: list[dict[str, Any]] = []
+        self.nonfinite: list[str] = []
         self._active_methods: list[str] | None = None
         self._last_epoch: int | None = None
         self._last_step: int | None = None  # global step of the latest run: the fit-end catch-up compares it
         self._logged_static = False
         self._layer_note: str | None = None
-        self.nonfinite: list[str] = []
 
-    # ------------------------------------------------------------------------------ Lightning hooks
-    def setup(self, trainer: Any, pl_module: Any, stage: str | None = None) -> None:
-        if self.enabled and self.layer_spec != "auto":
-            get_layer(pl_module, self.layer_spec, argument="layer")
+    @override
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.cam_layer != "auto":
+            get_layer(pl_module, self.cam_layer, argument="cam_layer")
 
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Draw the samples and resolve the layer and methods before the first training step (without
+        validation data the training loader is not built yet: then at the first run)."""
+        if self.val_dataloader(trainer) is None:
+            return
+        x, _ = self.fixed_samples(trainer, per_class=self.per_class)
+        with introspection_mode(pl_module, grad=False), logits_only(pl_module, self.output_transform):
+            out = pl_module(x[:1].to(pl_module.device))
+        self._resolve(trainer, pl_module, x, out)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # `at=0.0` is "before training": a fit resumed from a checkpoint (global_step > 0) has it already
-        before_training = trainer.global_step == 0 and -1 in self.fraction_epochs(trainer).values()
-        if self.active(trainer) and self._prepare(trainer, pl_module) and before_training:
+        if self.active(trainer) and trainer.global_step == 0 and -1 in self.fraction_epochs(trainer).values():
             self.run(trainer, self._log, trainer, pl_module, -1)
 
-    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._due(trainer):
             self.run(trainer, self._log, trainer, pl_module, trainer.current_epoch)
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._due(trainer):
             self.run(trainer, self._log, trainer, pl_module, trainer.current_epoch)
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the final model, when the fit ended before its last scheduled epoch (EarlyStopping, max_time, no max_epochs)
-        if self.final_run_missed(trainer, self._last_step) and self._prepare(trainer, pl_module):
+        if self.final_run_missed(trainer, self._last_step):
             self.run(trainer, self._log, trainer, pl_module, self.last_epoch(trainer))
 
     # ------------------------------------------------------------------------------------ helpers
-    def _due(self, trainer: Any) -> bool:
+    def _due(self, trainer: pl.Trainer) -> bool:
         return self.active(trainer) and self._last_epoch != trainer.current_epoch and self.is_scheduled(trainer)
 
-    def _prepare(self, trainer: Any, pl_module: Any) -> bool:
-        """Draw the samples and resolve the layer and methods; user errors raise ``ValueError`` here,
-        before the first training step. Other failures are left to the error policy of :meth:`run`."""
-        if self._active_methods is not None:
-            return True
-        try:
-            x, _ = self.fixed_samples(trainer, per_class=self.per_class)
-            with introspection_mode(pl_module, grad=False), logits_only(pl_module, self.output_transform):
-                out = pl_module(x[:1].to(pl_module.device))
-        except ValueError:
-            raise
-        except Exception:  # data or model not ready yet: retried (under the error policy) at the first run
-            return True
-        self._resolve(trainer, pl_module, x, out)
-        return True
-
-    def _resolve(self, trainer: Any, pl_module: Any, x: torch.Tensor, out: torch.Tensor) -> None:
+    def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: torch.Tensor, out: Any) -> None:
+        """The methods and the layer this model and these inputs allow: :meth:`skip` for what cannot be
+        explained at all, ``IntrospectionInputError`` for explicit arguments the model contradicts."""
         methods = list(self.methods)
         if x.ndim not in (2, 4):
-            self.warn_once(
-                "shape",
-                f"Attributions: inputs of shape {tuple(x.shape)} are neither images (N, C, H, W) nor tabular (N, F); "
-                "the callback skips them.",
-            )
-            self._active_methods = []
+            self.skip(f"the inputs of shape {tuple(x.shape)} are neither images (N, C, H, W) nor tabular (N, F).")
             return
         if not isinstance(out, torch.Tensor) or out.ndim < 2:
-            raise ValueError(f"Attributions needs a model output of shape (N, C, ...), but got {getattr(out, 'shape', type(out))}.")
-        with logits_only(pl_module, self.output_transform):
-            problem = input_gradient_problem(pl_module, x)
+            self.skip(
+                f"the model output {getattr(out, 'shape', type(out).__name__)} is not logits of shape (N, C, ...); "
+                "pass `output_transform` to pick them out."
+            )
+            return
+        try:
+            with logits_only(pl_module, self.output_transform):
+                problem = input_gradient_problem(pl_module, x)
+        except RuntimeError as err:
+            if self.on_error == "raise":
+                raise
+            problem = (
+                "the model's forward fails when its input requires gradients (for example it changes its input in "
+                f"place, as `x.sub_(mean)` does; use `x = x - mean`): {err}"
+            )
         if problem is not None:
-            self.warn_once("no-input-gradient", f"Attributions: {problem} The callback is skipped for this fit.")
-            self._active_methods = []
+            self.skip(problem)
             return
         if x.ndim == 2 and any(m in LAYER_METHODS for m in methods):
             dropped = [m for m in methods if m in LAYER_METHODS]
@@ -283,20 +301,22 @@ class Attributions(IntrospectionCallback):
         if isinstance(self.targets, list):
             bad = [t for t in self.targets if t >= num_classes]
             if bad:
-                raise ValueError(f"Expected `targets` class ids in [0, {num_classes - 1}] (the model outputs {num_classes} classes), but got {bad}.")
+                raise IntrospectionInputError(
+                    f"Expected `targets` class ids in [0, {num_classes - 1}] (the model outputs {num_classes} classes), but got {bad}."
+                )
         if self.class_names is not None and len(self.class_names) < num_classes:
-            raise ValueError(f"Expected `class_names` to name all {num_classes} classes, but got {len(self.class_names)}.")
+            raise IntrospectionInputError(f"Expected `class_names` to name all {num_classes} classes, but got {len(self.class_names)}.")
         needs_layer = any(m in LAYER_METHODS for m in methods) or ("guided_backprop" in methods and self.top_k is not None)
         if needs_layer:
             how = "given"
-            if self.layer_spec == "auto":
-                self.layer = auto_layer(pl_module, x[:1].to(pl_module.device))
+            if self.cam_layer == "auto":
+                self.resolved_cam_layer = auto_layer(pl_module, x[:1].to(pl_module.device))
                 how = "chosen automatically (last convolutional feature map)"
             else:
-                get_layer(pl_module, self.layer_spec, argument="layer")
-                self.layer = self.layer_spec
-            log.info("Attributions: Grad-CAM layer %r (%s).", self.layer, how)
-            self._layer_note = f"Grad-CAM layer `{self.layer}` ({how})."
+                get_layer(pl_module, self.cam_layer, argument="cam_layer")
+                self.resolved_cam_layer = self.cam_layer
+            log.info("Attributions: Grad-CAM layer %r (%s).", self.resolved_cam_layer, how)
+            self._layer_note = f"Grad-CAM layer `{self.resolved_cam_layer}` ({how})."
         self._active_methods = methods
 
     def _class_name(self, c: int) -> str:
@@ -312,7 +332,7 @@ class Attributions(IntrospectionCallback):
     def _attribute(self, model: Any, x: torch.Tensor, target: Any, methods: list[str]) -> dict[str, torch.Tensor]:
         opts = {k: v for k, v in self._options().items() if k in methods}
         plain = [m for m in methods if m != "lrp"]
-        maps = attribute(model, x, target, plain, layer=self.layer, options={k: v for k, v in opts.items() if k != "lrp"}) if plain else {}
+        maps = attribute(model, x, target, plain, layer=self.resolved_cam_layer, options={k: v for k, v in opts.items() if k != "lrp"}) if plain else {}
         if "lrp" in methods and "lrp" in (self._active_methods or []):
             try:
                 maps.update(attribute(model, x, target, ["lrp"], options={"lrp": opts.get("lrp", {})}))
@@ -494,10 +514,10 @@ class Attributions(IntrospectionCallback):
 
     # --------------------------------------------------------------------------------- state / text
     def extra_state(self) -> dict[str, Any]:
-        return {"layer": self.layer, "history": [{k: v for k, v in h.items()} for h in self.history]}
+        return {"layer": self.resolved_cam_layer, "history": [{k: v for k, v in h.items()} for h in self.history]}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.layer = state.get("layer", self.layer)
+        self.resolved_cam_layer = state.get("layer", self.resolved_cam_layer)
         self.history = list(state.get("history", []))
         self._last_step = self.history[-1].get("step") if self.history else None
 
@@ -507,8 +527,8 @@ class Attributions(IntrospectionCallback):
         last = self.history[-1]
         n = len(last["explained"])
         lines = [f"{len(self.history)} logs of {', '.join(self.maps) or 'no methods'} on {n} fixed samples"]
-        if self.layer is not None:
-            lines.append(f"Grad-CAM layer {self.layer}")
+        if self.resolved_cam_layer is not None:
+            lines.append(f"Grad-CAM layer {self.resolved_cam_layer}")
         lines.append(f"last run {last['seconds']:.2f} s; mean confidence in the explained class {sum(last['confidence']) / max(n, 1):.2f}")
         return lines
 

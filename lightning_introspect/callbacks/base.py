@@ -1,34 +1,29 @@
-"""``IntrospectionCallback``: what every introspection callback shares.
+"""``IntrospectionCallback``: the policies every introspection callback shares, written once.
 
 A concrete callback decides WHEN (Lightning hooks, as one-line guards), WHAT (a ``methods`` call) and
-WHERE (``self.writer(trainer)``); this base class owns the rest:
-
-* schedule: ``every_n_epochs`` and ``at`` fractions of training (:meth:`is_scheduled`);
-* guards: sanity-check steps skipped, rank-zero only (unless the callback syncs metrics itself);
-* a fixed sample set drawn once from the validation data with a private generator
-  (:meth:`fixed_samples`), kept in the checkpoint;
-* the error policy: ``on_error="warn"`` warns once with the traceback and disables the callback for
-  the rest of the fit, ``"raise"`` re-raises (:meth:`run`);
-* its own wall time, logged as ``introspect/<name>/seconds`` per call and summed in ``seconds_total``
-  (which also holds per-batch work done outside :meth:`run`, such as forward hooks);
-* ``state_dict`` / ``load_state_dict`` holding only tensors, numbers, strings, lists and dicts
-  (checkpoints load with ``torch.load(weights_only=True)``).
+WHERE (``self.writer(trainer)``); the base class owns per-fit state, the check before training, the
+error policy, timing, the DDP disable decision, ``state_key``, pickling and the fixed sample set. See
+:class:`IntrospectionCallback` for the pieces a callback supplies.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
+from typing_extensions import override
 
 from lightning_introspect._lightning import CALLBACK_BASES, rank_zero_warn
 from lightning_introspect._torch.guards import fork_global_rng, private_generator
 from lightning_introspect.loggers.adapter import IntrospectionWriter, TensorBoardWriter, writer_for
+
+if TYPE_CHECKING:
+    from lightning_introspect._lightning import pl
 
 T = TypeVar("T")
 
@@ -54,6 +49,25 @@ def input_gradient_problem(model: Any, inputs: torch.Tensor) -> str | None:
     return None if output_depends_on_input(model, inputs) else NO_INPUT_GRADIENT
 
 ON_ERROR_CHOICES = ("warn", "raise")
+
+
+class IntrospectionSkipWarning(UserWarning):
+    """A callback cannot serve this model or data and is skipped for the fit (one warning, training goes on)."""
+
+
+class IntrospectionFailureWarning(UserWarning):
+    """A callback failed mid-fit; it is disabled for the rest of the fit and training goes on."""
+
+
+class IntrospectionInputError(ValueError):
+    """What the model or the data gave contradicts an explicit argument of the callback (a wrong
+    ``num_classes``, ``class_names`` of the wrong length, labels out of range after ``target_transform``).
+
+    Raised from :meth:`IntrospectionCallback.check`, before the first training step, it refuses the fit
+    with a message naming the argument; found later, it is a failure like any other (contained under
+    ``on_error="warn"``).
+    """
+
 #: the advice every callback gives when what it computed holds NaN / Inf
 NONFINITE_CAUSE = (
     "Likely cause: non-finite weights or inputs (see WeightHistograms' `introspect/weights/nonfinite` counts, "
@@ -98,6 +112,25 @@ def check_positive_int(value: Any, argument: str, *, allow_none: bool = False) -
         raise ValueError(f"Expected `{argument}` to be a positive int{extra}, but got {value!r}.")
 
 
+def check_fractions(value: Any, argument: str) -> tuple[float, ...]:
+    """``value`` as a tuple of fractions in [0, 1]; ``ValueError`` naming ``argument`` otherwise.
+
+    Example:
+        >>> check_fractions([0.0, 0.5], "at")
+        (0.0, 0.5)
+    """
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"Expected `{argument}` to be a list of fractions in [0, 1] (e.g. [0.5]), but got {value!r}.")
+    out = []
+    for f in value:
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or math.isnan(f) or not 0.0 <= f <= 1.0:
+            raise ValueError(f"Expected every entry of `{argument}` to be a fraction in [0, 1], but got {f!r}.")
+        out.append(float(f))
+    return tuple(out)
+
+
 def check_callable(value: Any, argument: str) -> None:
     """Raise ``ValueError`` naming ``argument`` unless ``value`` is callable or ``None``."""
     if value is not None and not callable(value):
@@ -106,16 +139,23 @@ def check_callable(value: Any, argument: str) -> None:
 
 def lrp_problem(model: Any, output_transform: Any = None) -> str | None:
     """Why LRP cannot run on ``model`` (the end of a warning that names the callback), or ``None``."""
-    from lightning_introspect.methods.attribution import lrp_available
-
-    if not lrp_available():
-        return "`lightning_introspect.methods.lrp` is not available; 'lrp' is skipped."
     if output_transform is not None:
         return "LRP propagates through the model's own graph and cannot apply `output_transform`; 'lrp' is skipped."
     from lightning_introspect.methods.lrp import lrp_unsupported
 
     reason = lrp_unsupported(model)  # a property of the model, known before training: not a failure
     return None if reason is None else f"'lrp' is skipped for this model: {reason}"
+
+
+def renamed_argument(old: str, new: str, old_value: Any, new_value: Any, default: Any) -> Any:
+    """The value of an argument renamed from ``old`` to ``new``: ``old`` still works for one release with a
+    ``DeprecationWarning`` (configs may have it); giving both different values is an error."""
+    if old_value is None:
+        return new_value
+    if new_value != default and new_value != old_value:
+        raise ValueError(f"Expected only `{new}` (the new name of `{old}`), but got both: {new}={new_value!r}, {old}={old_value!r}.")
+    warnings.warn(f"`{old}` is renamed to `{new}`; `{old}` stops working in the next release.", DeprecationWarning, stacklevel=3)
+    return old_value
 
 
 def check_choice(value: Any, argument: str, choices: Sequence[Any]) -> None:
@@ -125,7 +165,26 @@ def check_choice(value: Any, argument: str, choices: Sequence[Any]) -> None:
 
 
 class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
-    """Base class of every lightning_introspect callback.
+    """Base class of every lightning_introspect callback: the policies every callback shares, once.
+
+    A callback supplies small pieces and the base class calls them at the right time:
+
+    * :meth:`reset` -- forget the results of a previous fit (called at ``setup`` of every fit, so the
+      same callback object can serve a second fit with other data);
+    * :meth:`prepare` -- resolve layers and options against the model (``setup``; a user error here
+      raises ``ValueError`` naming the argument before anything runs);
+    * :meth:`preflight` -- look at the model and two samples once before the first training step: call
+      :meth:`skip` for a model or data the callback cannot serve (one clear warning, training goes
+      on), raise :class:`IntrospectionInputError` when the data contradict an explicit argument;
+    * the work itself, wrapped in :meth:`run` from one-line Lightning hook guards.
+
+    The base class owns: the schedule (``every_n_epochs`` and ``at`` fractions, :meth:`is_scheduled`),
+    the rank-zero guard (:meth:`active`), the fixed sample set (:meth:`fixed_samples`), the error
+    policy (:meth:`run`: every failure, its writes and flushes included, is contained), its own wall
+    time (``introspect/<name>/seconds`` per call, ``seconds_total`` in all), the collective disable
+    decision of callbacks that sync under DDP (:meth:`agree`), ``state_key`` (two differently
+    configured instances of one class in one Trainer keep separate checkpoint state) and pickling
+    (writers, hooks and locks are not part of the pickled state).
 
     Args:
         enabled: switch the callback off without removing it from the config.
@@ -137,14 +196,22 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
         num_samples: size of the fixed sample set drawn from the validation data.
         seed: seed of the callback's private random generator.
         on_error: ``"warn"`` (warn once with the traceback and disable the callback; training goes
-            on) or ``"raise"``.
+            on) or ``"raise"`` (for tests and debugging).
 
-    Subclasses set ``name`` (the tag component: ``introspect/<name>/...``) and call
-    :meth:`run` around their work.
+    Subclasses set ``name`` (the tag component: ``introspect/<name>/...``).
     """
 
     name: ClassVar[str] = "base"
+    #: ``False`` for callbacks that take part in collectives (metric sync) on every rank
     rank_zero_only: ClassVar[bool] = True
+    #: attributes that hold live objects (hooks, writers, workers): dropped when pickled, rebuilt on use
+    transient: ClassVar[tuple[str, ...]] = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        self = super().__new__(cls)
+        # the arguments the user gave: they tell two differently configured instances apart (state_key)
+        self._given = {k: v for k, v in kwargs.items() if k not in ("enabled", "on_error")}
+        return self
 
     def __init__(
         self,
@@ -162,42 +229,137 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
         check_choice(on_error, "on_error", ON_ERROR_CHOICES)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"Expected `seed` to be an int, but got {seed!r}.")
-        fractions = tuple(float(f) for f in (at or ()))
-        for f in fractions:
-            if not 0.0 <= f <= 1.0 or math.isnan(f):
-                raise ValueError(f"Expected every entry of `at` to be a fraction in [0, 1], but got {f!r}.")
         self.enabled = bool(enabled)
         self.every_n_epochs = every_n_epochs
-        self.at = fractions
+        self.at = check_fractions(at, "at")
         self.num_samples = num_samples
         self.seed = seed
         self.on_error = on_error
         self.disabled = False
+        self.skip_reason: str | None = None
         self.seconds_total = 0.0
         self._samples: Any = None
         self._warned: set[str] = set()
+        self._writer_cache: tuple[Any, IntrospectionWriter] | None = None
 
-    # ----------------------------------------------------------------------------------- guards
-    def active(self, trainer: Any) -> bool:
-        """Enabled, not disabled by an error, not in the sanity check, on rank zero where required."""
+    # ------------------------------------------------------------------------- what subclasses supply
+    def reset(self) -> None:
+        """Forget the results of a previous fit (called at the ``setup`` of every fit). Default: nothing."""
+
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Resolve layers and options against the model at ``setup``. Default: nothing."""
+
+    def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Look at the model (and :meth:`example` samples) once before the first training step, on every
+        rank. Call :meth:`skip` for what the callback cannot serve; raise :class:`IntrospectionInputError`
+        when the data contradict an explicit argument. Default: nothing."""
+
+    def on_disable(self) -> None:
+        """Release what the callback holds (hooks, workers) when it is disabled or skipped. Default: nothing."""
+
+    def summary_lines(self) -> list[str]:
+        """A few plain-text lines on what this callback found (the demo prints them)."""
+        return []
+
+    # -------------------------------------------------------------------------------- Lightning hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # per-fit state; a resumed fit restores its part from the checkpoint afterwards
+            self.disabled = False
+            self.skip_reason = None
+            self.seconds_total = 0.0
+            self._samples = None
+            self._warned = set()
+            self._writer_cache = None
+            self.reset()
+        if self.enabled:
+            self.prepare(trainer, pl_module, stage)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled or self.disabled or trainer.global_step > 0:
+            return
+        try:
+            self.preflight(trainer, pl_module)
+        except IntrospectionInputError:
+            self.on_disable()
+            raise  # the data contradict an explicit argument: refused before any training step
+        except Exception as err:
+            if self.on_error == "raise":
+                raise
+            self.skip(f"the check before training failed ({type(err).__name__}: {err}).")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"disabled": self.disabled, "seconds_total": self.seconds_total}
+        if self._samples is not None:
+            state["samples"] = list(self._samples)
+        state.update(self.extra_state())
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.disabled = bool(state_dict.get("disabled", False))
+        self.seconds_total = float(state_dict.get("seconds_total", 0.0))
+        if "samples" in state_dict:
+            x, y = state_dict["samples"]
+            self._samples = (x, y)
+        self.load_extra_state(state_dict)
+
+    def extra_state(self) -> dict[str, Any]:
+        """Subclass state for the checkpoint: tensors, numbers, strings, lists and dicts only."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
+    @property
+    @override
+    def state_key(self) -> str:
+        """The class name, plus the arguments given when there are any: two instances of one class with
+        different settings keep separate checkpoint state (Lightning's ``state_key`` convention)."""
+        given = getattr(self, "_given", {})
+        if not given:
+            return type(self).__qualname__
+        return self._generate_state_key(**{k: given[k] for k in sorted(given)})
+
+    # ------------------------------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_writer_cache"] = None  # holds the trainer and its logger's SummaryWriter (locks, files)
+        for key in self.transient:
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.restore_transient()
+
+    def restore_transient(self) -> None:
+        """Rebuild the :attr:`transient` attributes after unpickling (fresh, empty). Default: nothing."""
+
+    # --------------------------------------------------------------------------------------- guards
+    def active(self, trainer: pl.Trainer) -> bool:
+        """Enabled, not disabled or skipped, not in the sanity check, on rank zero where required."""
         if not self.enabled or self.disabled or getattr(trainer, "sanity_checking", False):
             return False
         return trainer.is_global_zero or not self.rank_zero_only
 
     @staticmethod
-    def trainer_fn(trainer: Any) -> str | None:
+    def trainer_fn(trainer: pl.Trainer) -> str | None:
         """What the trainer is running: ``"fit"``, ``"validate"``, ``"test"``, ``"predict"`` (``None`` if unknown)."""
         fn = getattr(getattr(trainer, "state", None), "fn", None)
         return None if fn is None else str(getattr(fn, "value", fn))
 
-    def final_run_missed(self, trainer: Any, last_step: int | None) -> bool:
+    def final_run_missed(self, trainer: pl.Trainer, last_step: int | None) -> bool:
         """At train end: whether the final model has not been looked at, because the fit ended before its
         last scheduled epoch (EarlyStopping, ``max_time``, no ``max_epochs``, a last epoch without
         validation). ``last_step``: the global step of the callback's latest run."""
         return self.active(trainer) and trainer.global_step > 0 and last_step != trainer.global_step
 
+    # ------------------------------------------------------------------------------------- schedule
     @staticmethod
-    def last_epoch(trainer: Any) -> int:
+    def last_epoch(trainer: pl.Trainer) -> int:
         """The index of the epoch that ran last (or runs now). At ``on_train_end`` ``trainer.current_epoch``
         already counts a finished epoch, so the started-epochs counter is used where Lightning has it."""
         progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_progress", None), "current", None)
@@ -206,7 +368,7 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
             return started - 1
         return max(int(trainer.current_epoch) - 1, 0)
 
-    def total_epochs(self, trainer: Any) -> int | None:
+    def total_epochs(self, trainer: pl.Trainer) -> int | None:
         """The number of epochs this fit will run, from ``max_epochs`` or ``max_steps``; ``None`` if unbounded."""
         max_epochs = getattr(trainer, "max_epochs", None)
         if max_epochs is not None and max_epochs >= 0:
@@ -218,7 +380,7 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
             return max(1, math.ceil(max_steps * accumulate / batches))
         return None
 
-    def fraction_epochs(self, trainer: Any, fractions: Sequence[float] | None = None) -> dict[float, int]:
+    def fraction_epochs(self, trainer: pl.Trainer, fractions: Sequence[float] | None = None) -> dict[float, int]:
         """Map fractions of training to epoch indices: 0.0 -> -1 (before training), f -> ceil(f*E) - 1.
 
         Unbounded runs map only 0.0 (to -1) and 1.0 (to -2, meaning "fit end").
@@ -242,11 +404,11 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 out[f] = min(total - 1, max(0, math.ceil(f * total) - 1))
         return out
 
-    def is_scheduled(self, trainer: Any, epoch: int | None = None) -> bool:
+    def is_scheduled(self, trainer: pl.Trainer, epoch: int | None = None) -> bool:
         """Whether the epoch (default: the current one) is due: every n-th, an ``at`` fraction, or the last."""
         return self.is_due(trainer, self.every_n_epochs, epoch)
 
-    def is_due(self, trainer: Any, every_n_epochs: int | None, epoch: int | None = None) -> bool:
+    def is_due(self, trainer: pl.Trainer, every_n_epochs: int | None, epoch: int | None = None) -> bool:
         """Like :meth:`is_scheduled` with another period: every ``every_n_epochs``-th epoch (``None``:
         none), an ``at`` fraction, or the last epoch. Callbacks use it to draw their figures less often
         than they log scalars (``figures_every_n_epochs``)."""
@@ -258,68 +420,100 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
         total = self.total_epochs(trainer)
         return total is not None and epoch == total - 1
 
-    # ------------------------------------------------------------------------------- running
-    def run(self, trainer: Any, fn: Callable[..., T], *args: Any, log_seconds: bool = True, **kwargs: Any) -> T | None:
-        """Call ``fn`` under the error policy, time it and log ``introspect/<name>/seconds``.
+    # -------------------------------------------------------------------------------- error policy
+    def run(self, trainer: pl.Trainer, fn: Callable[..., T], *args: Any, log_seconds: bool = True, **kwargs: Any) -> T | None:
+        """Call ``fn`` under the error policy and time it: the one place where failures are contained.
 
-        ``log_seconds=False`` for cheap per-batch work (the time still adds to ``seconds_total``).
-        On failure with ``on_error="warn"`` the callback disables itself and :meth:`on_disable` runs.
+        Everything that can fail is inside the guarded region: the work, the writer's creation, its
+        writes and the flush of the call's batch of events (a full disk or a read-only log directory
+        is a failure like any other). With ``on_error="warn"`` a failure disables the callback for the
+        rest of the fit with one :class:`IntrospectionFailureWarning` carrying the traceback; with
+        ``"raise"`` it propagates. ``log_seconds=False`` for cheap per-batch work: no scalar per call,
+        the time still adds to ``seconds_total``.
         """
         if self.disabled:
             return None
         start = time.perf_counter()
-        writer = self.writer(trainer) if log_seconds else None
-        # one batch: the scalars and histograms of this call (and its seconds) go out as one event, one flush
-        with writer.batch() if writer is not None else contextlib.nullcontext():
-            try:
+        try:
+            if not log_seconds:
+                return fn(*args, **kwargs)
+            writer = self.writer(trainer)
+            with writer.batch():  # the call's scalars, histograms and seconds: one event, one flush
                 result = fn(*args, **kwargs)
-            except Exception:
-                if self.on_error == "raise":
-                    self.on_disable()
-                    raise
-                self.disabled = True
-                self.on_disable()
-                rank_zero_warn(
-                    f"{type(self).__name__} failed and is disabled for the rest of this fit (on_error='warn'); "
-                    f"training continues and what was already logged is kept.\n{traceback.format_exc()}"
-                )
-                return None
-            elapsed = time.perf_counter() - start
-            if writer is not None:
-                writer.scalar(self.tag("seconds"), elapsed, trainer.global_step)
-        self.seconds_total += time.perf_counter() - start  # with the batch's write
-        return result
+                writer.scalar(self.tag("seconds"), time.perf_counter() - start, trainer.global_step)
+            return result
+        except Exception:
+            self.fail(traceback.format_exc())
+            return None
+        finally:
+            self.seconds_total += time.perf_counter() - start
 
-    def on_disable(self) -> None:
-        """Release what the callback holds (hooks, workers) when a failure stops it. Default: nothing."""
+    def fail(self, details: str) -> None:
+        """Apply the error policy to the exception being handled: re-raise it (``on_error="raise"``) or
+        disable the callback for the rest of the fit with one warning (``"warn"``)."""
+        self.on_disable()
+        if self.on_error == "raise":
+            raise  # called from an ``except`` block: re-raises the exception being handled
+        self.disabled = True
+        rank_zero_warn(
+            f"{type(self).__name__} failed and is disabled for the rest of this fit (on_error='warn'); training "
+            f"continues and what was already logged is kept.\n{details}",
+            category=IntrospectionFailureWarning,
+        )
+
+    def skip(self, reason: str) -> None:
+        """Switch the callback off for this fit because it cannot serve this model or data: one
+        :class:`IntrospectionSkipWarning` that names the callback and says why; never an error."""
+        if self.disabled:
+            return
+        self.disabled = True
+        self.skip_reason = reason
+        self.on_disable()
+        rank_zero_warn(f"{type(self).__name__} is skipped for this fit: {reason}", category=IntrospectionSkipWarning)
+
+    def agree(self, trainer: pl.Trainer) -> bool:
+        """Whether every rank still runs this callback; on disagreement all ranks disable it.
+
+        For callbacks that enter collectives (metric sync): call it on every rank, also on a rank that
+        has disabled itself, right before each collective, so no rank ever waits in a collective for a
+        rank that gave up. A no-op outside distributed runs.
+        """
+        strategy = getattr(trainer, "strategy", None)
+        if getattr(trainer, "world_size", 1) <= 1 or strategy is None:
+            return not self.disabled
+        all_ok = bool(strategy.reduce_boolean_decision(not self.disabled, all=True))
+        if not all_ok and not self.disabled:
+            self.disabled = True
+            self.on_disable()
+            self.warn_once("peer-disabled", f"{type(self).__name__} is disabled on every rank: another rank failed.")
+        return all_ok
 
     def warn_once(self, key: str, message: str) -> None:
-        """Warn with ``message`` the first time ``key`` is seen by this callback."""
+        """Warn with ``message`` the first time ``key`` is seen by this callback in this fit."""
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
 
-    # ------------------------------------------------------------------------------- logging
+    # ------------------------------------------------------------------------------------- logging
     def tag(self, *parts: Any) -> str:
         """``introspect/<name>/<parts...>``."""
         return "/".join(["introspect", self.name, *(str(p) for p in parts)])
 
-    def writer(self, trainer: Any) -> IntrospectionWriter:
+    def writer(self, trainer: pl.Trainer) -> IntrospectionWriter:
         """The writer for this trainer (TensorBoard if present, files otherwise; nothing off rank zero)."""
-        cached = getattr(self, "_writer_cache", None)
+        cached = self._writer_cache
         if cached is not None and cached[0] is trainer:
             return cached[1]
         writer = writer_for(trainer)
-        if isinstance(writer, TensorBoardWriter) and not getattr(writer.experiment, "_introspect_layout", False):
+        if isinstance(writer, TensorBoardWriter):  # once per SummaryWriter: later calls do nothing
             names = [cb.name for cb in trainer.callbacks if isinstance(cb, IntrospectionCallback)]
             writer.register_layout(dict.fromkeys(names, ()))
-            writer.experiment._introspect_layout = True
         self._writer_cache = (trainer, writer)
         return writer
 
-    # ------------------------------------------------------------------------------- samples
+    # ------------------------------------------------------------------------------------- samples
     @staticmethod
-    def val_dataloader(trainer: Any) -> Any:
+    def val_dataloader(trainer: pl.Trainer) -> Any:
         """The first validation loader, loading it early if Lightning has not yet; else the train loader."""
         loaders = getattr(trainer, "val_dataloaders", None)
         if loaders is None and getattr(trainer, "world_size", 1) > 1:
@@ -327,7 +521,7 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
             source = getattr(trainer, "datamodule", None) or getattr(trainer, "lightning_module", None)
             try:
                 with fork_global_rng():
-                    loaders = source.val_dataloader()
+                    loaders = source.val_dataloader() if source is not None else None
             except Exception:  # no validation data configured
                 loaders = None
         elif loaders is None and getattr(trainer, "fit_loop", None) is not None:
@@ -343,8 +537,8 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
             loaders = getattr(trainer, "train_dataloader", None)
         return loaders
 
-    def fixed_samples(self, trainer: Any, *, per_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The callback's fixed sample set ``(inputs, targets)`` on CPU, drawn once and then reused.
+    def fixed_samples(self, trainer: pl.Trainer, *, per_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The callback's fixed sample set ``(inputs, targets)`` on CPU, drawn once per fit and then reused.
 
         Drawn from the validation data with the callback's private generator: ``num_samples`` random
         items, or with ``per_class=k`` up to k items of each class. Kept in the checkpoint, so a resumed
@@ -358,32 +552,15 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
         x, y = self._samples
         return x, y
 
-    def summary_lines(self) -> list[str]:
-        """A few plain-text lines on what this callback found (printed by the demo)."""
-        return []
-
-    # --------------------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"disabled": self.disabled, "seconds_total": self.seconds_total}
-        if self._samples is not None:
-            state["samples"] = list(self._samples)
-        state.update(self.extra_state())
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.disabled = bool(state_dict.get("disabled", False))
-        self.seconds_total = float(state_dict.get("seconds_total", 0.0))
-        if "samples" in state_dict:
-            x, y = state_dict["samples"]
-            self._samples = (x, y)
-        self.load_extra_state(state_dict)
-
-    def extra_state(self) -> dict[str, Any]:
-        """Subclass state for the checkpoint: tensors, numbers, strings, lists and dicts only."""
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`extra_state` returned."""
+    def example(self, trainer: pl.Trainer, n: int = 2) -> Any:
+        """A small batch of the validation (else training) data, as the loader's ``collate_fn`` builds it,
+        on the model's device, for :meth:`preflight`; ``None`` without data."""
+        loader = self.val_dataloader(trainer)
+        if loader is None:
+            return None
+        batch = example_batch(loader, n, seed=self.seed)
+        strategy = getattr(trainer, "strategy", None)
+        return strategy.batch_to_device(batch) if strategy is not None else batch
 
 
 def _labels_of(item: Any) -> int | None:
@@ -403,8 +580,29 @@ def draw_samples(
     """Draw a fixed ``(inputs, targets)`` sample set from a ``DataLoader`` without touching global RNG.
 
     Map-style datasets are indexed directly with a private generator (no loader iteration); iterable
-    datasets are iterated under :func:`fork_global_rng` and the first items taken.
+    datasets are iterated and the first items taken. Either way under :func:`fork_global_rng`: a
+    dataset whose ``__getitem__`` draws random augmentations from the global RNG leaves training's
+    random stream as it was. The tensors are ordinary ones (not inference tensors) even when drawn
+    inside ``trainer.validate()``, so a later fit can differentiate through them.
     """
+    with fork_global_rng(), torch.inference_mode(False):
+        x, y = _draw(loader, n, seed=seed, per_class=per_class)
+        return x.detach().cpu().clone(), None if y is None else y.detach().cpu().clone()
+
+
+def example_batch(loader: Any, n: int, *, seed: int = 0) -> Any:
+    """``n`` items of the loader's dataset collated as the loader would (an iterable dataset: its first
+    batch), on CPU, with the global RNG untouched (see :func:`draw_samples`)."""
+    with fork_global_rng(), torch.inference_mode(False):
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and len(dataset):
+            collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
+            order = torch.randperm(len(dataset), generator=private_generator(seed)).tolist()
+            return collate([dataset[i] for i in order[:n]])
+        return next(iter(loader))
+
+
+def _draw(loader: Any, n: int, *, seed: int, per_class: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     dataset = getattr(loader, "dataset", None)
     collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
     if dataset is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
@@ -423,20 +621,17 @@ def draw_samples(
                 items.append(item)
             if not items:
                 items = [dataset[i] for i in order[:n]]
-        batch = collate(items)
-    else:
-        with fork_global_rng():
-            chunks, seen = [], 0
-            for batch in loader:
-                chunks.append(batch)
-                seen += split_batch(batch)[0].shape[0]
-                if seen >= n:
-                    break
-        if not chunks:
-            raise RuntimeError("The data loader yielded no batches to draw samples from.")
-        xs = [split_batch(b) for b in chunks]
-        x = torch.cat([a for a, _ in xs])[:n]
-        y = torch.cat([b for _, b in xs])[:n] if all(b is not None for _, b in xs) else None
-        return x.detach().cpu(), None if y is None else y.detach().cpu()
-    x, y = split_batch(batch)
-    return x.detach().cpu(), None if y is None else y.detach().cpu()
+        return split_batch(collate(items))
+    chunks, seen = [], 0
+    for batch in loader:
+        chunks.append(batch)
+        seen += split_batch(batch)[0].shape[0]
+        if seen >= n:
+            break
+    if not chunks:
+        raise RuntimeError("The data loader yielded no batches to draw samples from.")
+    xs = [split_batch(b) for b in chunks]
+    x = torch.cat([a for a, _ in xs])[:n]
+    ys = [b for _, b in xs if b is not None]
+    y = torch.cat(ys)[:n] if len(ys) == len(xs) else None
+    return x, y

@@ -10,20 +10,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import override
 
+from lightning_introspect._lightning import pl
 from lightning_introspect._torch.guards import introspection_mode, module_device
 from lightning_introspect._torch.hooks import layer_outputs
 from lightning_introspect._torch.layers import resolve_layers
 from lightning_introspect.callbacks.base import (
     NONFINITE_CAUSE,
     IntrospectionCallback,
+    IntrospectionInputError,
     check_callable,
     check_choice,
     check_positive_int,
     input_gradient_problem,
 )
-from lightning_introspect.callbacks.per_class_metrics import logits_only
-from lightning_introspect.methods.feature_visualization import (
+from lightning_introspect.callbacks.outputs import logits_only
+from lightning_introspect.methods.featviz import (
     PARAMS,
     PENALTIES,
     FeatureVisualizationResult,
@@ -35,6 +38,7 @@ from lightning_introspect.methods.feature_visualization import (
     stack_objectives,
     visualize_features,
 )
+from lightning_introspect.methods.featviz.layers import main_conv_chain
 from lightning_introspect.render.grid import make_grid
 
 REGULARIZERS = ("frequency", "transform", "prior")
@@ -103,11 +107,15 @@ class FeatureVisualization(IntrospectionCallback):
 
     Runs at train-epoch end on global rank zero (never inside validation: it needs gradients), in
     eval mode, with the global RNG forked; the model's weights, modes, hooks and ``.grad`` are left as
-    they were (see :func:`~lightning_introspect.methods.feature_visualization.visualize_features`).
+    they were (see :func:`~lightning_introspect.methods.featviz.render.visualize_features`).
 
     Args:
         layers: layer names / glob patterns, or ``"auto"``: ``num_layers`` conv layers spread over the
-            network, the last one included (logged in ``introspect/featviz/table``). ``[]`` for classes only.
+            network's main path, the last one included: the convolutions on the longest chain that leads to
+            the feature map Attributions' Grad-CAM uses by default (so a residual block's 1x1 shortcut conv
+            is never taken for the last conv; see :func:`~lightning_introspect.methods.featviz.layers.main_conv_chain`;
+            a network without convs: its hidden ``nn.Linear`` layers). Logged in ``introspect/featviz/table``.
+            ``[]`` for classes only.
         channels: a list of channel ids used for every layer, or ``"auto"``: the ``num_channels``
             channels with the largest activation spread over the fixed samples at the first run (then kept).
         classes: class ids to visualise (class logits), ``"auto"`` (the first 10 classes of a
@@ -278,71 +286,81 @@ class FeatureVisualization(IntrospectionCallback):
             self.columns = ["all"]
         else:
             self.columns = ["none", *regs] + (["all"] if len(regs) > 1 else [])
-        # results
+        self.reset()
+
+    # ------------------------------------------------------------------------------ Lightning hooks
+    @override
+    def reset(self) -> None:
         self.layer_names: list[str] = []
         self.chosen: dict[str, list[int]] = {}
         self.classes_chosen: list[int] = []
         self.images: dict[str, torch.Tensor] = {}
         self.results: dict[str, FeatureVisualizationResult] = {}
         self.history: list[dict[str, Any]] = []
+        self.nonfinite: dict[str, list[str]] = {}
         self._last_step: int | None = None  # global step of the latest run: the fit-end catch-up compares it
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._validated = False
-        self.nonfinite: dict[str, list[str]] = {}
         self._unsettled: set[str] = set()  # layers whose "auto" channels came from non-finite activations
 
-    # ------------------------------------------------------------------------------ Lightning hooks
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage != "fit" or not self.enabled:
+    @override
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.resolve(pl_module)  # bad layer names fail here, before any training step ("auto" waits for data)
+
+    @override
+    def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Inputs that are not images and models without an input gradient are skipped; bad channels,
+        classes or prior are refused; all before the first training step."""
+        if self.val_dataloader(trainer) is None:  # no data reachable yet: checked at the first run instead
             return
-        try:
-            x, _ = self.fixed_samples(trainer)
-        except Exception:  # no data reachable yet: checked at the first run instead
-            self.resolve(pl_module)  # bad layer names fail here, before any training step
-            return
+        x, _ = self.fixed_samples(trainer)
         if x.ndim != 4:  # like Attributions and SanityChecks: the rest of the set still runs on such data
-            self.warn_once(
-                "shape",
-                f"FeatureVisualization: inputs of shape {tuple(x.shape)} are not images (N, C, H, W), so there is "
-                "nothing to visualise; the callback is skipped for this fit (`enabled=False` silences this).",
-            )
-            self.disabled = True
+            self.skip(f"the inputs of shape {tuple(x.shape)} are not images (N, C, H, W), so there is nothing to visualise.")
             return
         try:
             with logits_only(pl_module, self.output_transform):
                 problem = input_gradient_problem(pl_module, x)
         except Exception:  # the model failed on the samples: left to `on_error` at the first run
+            if self.on_error == "raise":
+                raise
             problem = None
         if problem is not None:
-            self.warn_once("no-input-gradient", f"FeatureVisualization: {problem} The callback is skipped for this fit.")
-            self.disabled = True
+            self.skip(problem)
             return
-        self.resolve(pl_module)  # bad layer names fail here, before any training step
         try:
+            self.resolve(pl_module, x)
             self.validate(pl_module, x)  # bad channels / classes / prior raise ValueError here
-        except ValueError:
-            raise
+        except ValueError as err:
+            raise IntrospectionInputError(str(err)) from err
         except Exception:  # the model itself failed on the samples: left to `on_error` at the first run
             self._validated = False
 
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # `at=0.0` is "before training": not again in a fit resumed from a checkpoint (global_step > 0)
         if self.active(trainer) and trainer.global_step == 0 and -1 in self.fraction_epochs(trainer).values():
             self.run(trainer, self.visualize, trainer, pl_module)
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.active(trainer) and self.is_scheduled(trainer):
             self.run(trainer, self.visualize, trainer, pl_module)
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the final model, when the fit ended before its last scheduled epoch (EarlyStopping, max_time, no max_epochs)
         if self.final_run_missed(trainer, self._last_step):
             self.run(trainer, self.visualize, trainer, pl_module, epoch=self.last_epoch(trainer))
 
     # ------------------------------------------------------------------------------------ choices
-    def auto_layers(self, model: nn.Module) -> list[str]:
-        """``num_layers`` conv layers spread evenly over the network, ending with the last one."""
-        convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    def auto_layers(self, model: nn.Module, example: torch.Tensor) -> list[str]:
+        """``num_layers`` conv layers spread evenly over the main path (:func:`main_conv_chain` on ``example``),
+        ending with its last conv; without convs, the hidden ``nn.Linear`` layers."""
+        try:
+            convs = main_conv_chain(model, example)
+        except ValueError:  # no spatial feature map at all
+            convs = []
         if not convs:
             convs = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:-1]
         if not convs:
@@ -351,12 +369,13 @@ class FeatureVisualization(IntrospectionCallback):
         picks = sorted({math.ceil((i + 1) * len(convs) / k) - 1 for i in range(k)})
         return [convs[i] for i in picks]
 
-    def resolve(self, model: nn.Module) -> list[str]:
-        """Resolve ``layers`` to names (ValueError with the closest names for a bad one)."""
-        if isinstance(self.layers, (list, tuple)) and not self.layers:
+    def resolve(self, model: nn.Module, example: torch.Tensor | None = None) -> list[str]:
+        """Resolve ``layers`` to names (ValueError with the closest names for a bad one). ``"auto"`` needs
+        ``example`` inputs (one forward pass); without them the names are left empty until a run has data."""
+        if (isinstance(self.layers, (list, tuple)) and not self.layers) or (self.layers == "auto" and example is None):
             self.layer_names = []
         else:
-            auto = self.auto_layers(model) if self.layers == "auto" else None
+            auto = self.auto_layers(model, example) if self.layers == "auto" and example is not None else None
             self.layer_names = list(resolve_layers(model, self.layers, argument="layers", auto=auto))
         return self.layer_names
 
@@ -402,7 +421,7 @@ class FeatureVisualization(IntrospectionCallback):
             bad = [k for k in self.classes if k >= out_shape[1]]
             if bad:
                 raise ValueError(f"Expected `classes` in [0, {out_shape[1] - 1}] (the model outputs {out_shape[1]} classes), but got {bad}.")
-        if self.classes == "auto":
+        if isinstance(self.classes, str):  # "auto", the only string __init__ accepts
             self.classes_chosen = list(range(min(out_shape[1], _MAX_AUTO_CLASSES))) if len(out_shape) == 2 else []
         elif self.classes is None:
             self.classes_chosen = []
@@ -472,7 +491,7 @@ class FeatureVisualization(IntrospectionCallback):
         self._last_step = int(trainer.global_step)
         x, _ = self.fixed_samples(trainer)
         if not self._validated:
-            self.resolve(pl_module)
+            self.resolve(pl_module, x)
             self._validate(pl_module, x)  # `visualize` already made the model return its logits
         if any(name not in self.chosen for name in self.layer_names):
             fresh = self.choose_channels(pl_module, x)
@@ -611,9 +630,11 @@ class FeatureVisualization(IntrospectionCallback):
             parts.append(text)
         return [f"{len(self.unit_keys())} units; " + "; ".join(parts)]
 
+    @override
     def extra_state(self) -> dict[str, Any]:
         return {"chosen": {k: list(v) for k, v in self.chosen.items()}, "history": list(self.history)}
 
+    @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.chosen = {str(k): [int(c) for c in v] for k, v in dict(state.get("chosen", {})).items()}
         self.history = list(state.get("history", []))

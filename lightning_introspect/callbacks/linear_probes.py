@@ -11,10 +11,17 @@ from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import override
 
+from lightning_introspect._lightning import pl
 from lightning_introspect._torch.guards import introspection_mode, is_compiled, module_device
-from lightning_introspect._torch.hooks import hooks, record_execution_order
-from lightning_introspect._torch.layers import resolve_layers
+from lightning_introspect._torch.hooks import hooks
+from lightning_introspect._torch.layers import (
+    ModuleCalls,
+    refuse_reused_modules,
+    resolve_layers,
+    trace_module_calls,
+)
 from lightning_introspect.callbacks.base import (
     IntrospectionCallback,
     check_callable,
@@ -46,30 +53,62 @@ _MAX_AUTO_LAYERS = 6
 _INLINE_FIT_VALUES = 1 << 20  # solver="auto" on CPU: fit inline with torch up to this many cached feature values
 
 
-def auto_probe_layers(model: nn.Module, example_input: Any, max_layers: int = _MAX_AUTO_LAYERS) -> list[str]:
-    """The layers ``layers="auto"`` stands for: the activation modules in execution order (the output of
-    each block), evenly thinned to ``max_layers``, plus the input of the last layer (the penultimate
-    representation). The module that runs last (the output layer) is left out.
+def auto_probe_layers(
+    model: nn.Module, example_input: Any, max_layers: int = _MAX_AUTO_LAYERS, *, calls: ModuleCalls | None = None
+) -> list[str]:
+    """The layers ``layers="auto"`` stands for: the output of each block, in execution order, evenly thinned
+    to ``max_layers``, plus the penultimate representation (the output of the leaf before the last).
 
-    Falls back to the top-level children (in execution order, without the last) when the model has
-    fewer than two activation modules.
+    A block's output is found through its activation modules: an activation that runs once per forward is
+    probed itself; one module object applied several times (a ResNet block's single ``self.relu``) is
+    replaced by the innermost module around it that runs once (the block), whose output is the one that
+    name suggests. Modules that give the same values (a block and its last norm, a wrapper ``Sequential``
+    and its last child) are probed once, under the outer name. The output layer is left out. Falls back
+    to the top-level children that run once (without the last) when fewer than two blocks are found.
+    Every chosen module runs exactly once per forward pass. ``calls``: a trace of ``example_input`` already
+    made (:func:`~lightning_introspect._torch.layers.trace_module_calls`), to save one forward pass.
     """
-    order = record_execution_order(model, example_input)
+    calls = calls or trace_module_calls(model, example_input)
     modules = dict(model.named_modules())
-    leaves = [n for n in order if not any(True for _ in modules[n].children())]
+    leaves = [n for n in calls.order if not any(True for _ in modules[n].children())]
     if not leaves:
         return []
     last = leaves[-1]
-    acts = [n for n in leaves if isinstance(modules[n], _ACTIVATIONS) and n != last]
-    if len(acts) < 2:
-        acts = [n for n in order if "." not in n and n != last and n != order[-1]]
-    if len(acts) > max_layers:
-        picks = sorted({round(i * (len(acts) - 1) / (max_layers - 1)) for i in range(max_layers)})
-        acts = [acts[i] for i in picks]
+    picks: list[str] = []
+    for name in leaves:
+        if name == last or not isinstance(modules[name], _ACTIVATIONS):
+            continue
+        chosen = name if calls.counts[name] == 1 else calls.enclosing_single_call(name)
+        if chosen is not None and chosen not in picks:
+            picks.append(chosen)
+    if len(picks) < 2:
+        picks = [n for n in calls.order if "." not in n and n != last and n != calls.order[-1] and calls.counts[n] == 1]
     penultimate = leaves[-2] if len(leaves) >= 2 else None
-    if penultimate is not None and penultimate not in acts and not isinstance(modules[penultimate], nn.Dropout):
-        acts.append(penultimate)
-    return acts
+    if penultimate is not None and (calls.counts[penultimate] != 1 or isinstance(modules[penultimate], nn.Dropout)):
+        penultimate = None
+    if picks or penultimate:
+        outputs = trace_module_calls(model, example_input, keep_outputs=[*picks, *([penultimate] if penultimate else [])])
+        picks = _distinct_outputs(picks, outputs)
+        if penultimate is not None and any(p == penultimate or outputs.same_output(p, penultimate) for p in picks):
+            penultimate = None
+    if len(picks) > max_layers:
+        idx = sorted({round(i * (len(picks) - 1) / (max_layers - 1)) for i in range(max_layers)})
+        picks = [picks[i] for i in idx]
+    if penultimate is not None:
+        picks.append(penultimate)
+    return picks
+
+
+def _distinct_outputs(names: list[str], calls: ModuleCalls) -> list[str]:
+    """``names`` without repeats of the same output; of a module and one inside it, the outer name stays."""
+    kept: list[str] = []
+    for name in names:
+        twin = next((k for k in kept if calls.same_output(k, name)), None)
+        if twin is None:
+            kept.append(name)
+        elif twin.startswith(name + "."):  # the wrapper came second: it names the output better
+            kept[kept.index(twin)] = name
+    return kept
 
 
 class LinearProbes(IntrospectionCallback):
@@ -92,13 +131,23 @@ class LinearProbes(IntrospectionCallback):
 
     Fitting: features are standardised, split (stratified, seeded: the same split every epoch) into
     probe-train / probe-test, and a probe per layer is fitted with L-BFGS, warm-started from the previous
-    epoch. ``solver="torch"`` fits all layers' probes inline, as one batched L-BFGS problem on the
-    model's device (milliseconds for cached features of a few thousand samples). ``solver="sklearn"``
+    epoch. ``solver="torch"`` fits the layers' probes inline with ``torch.optim.LBFGS`` on the model's
+    device (tens of milliseconds per layer for a few thousand cached samples on a CPU). ``solver="sklearn"``
     fits them one by one with scikit-learn in a background thread so training continues; results are
     logged (at the step of the epoch they belong to) as soon as they are ready and at the latest at fit
     end. ``"auto"`` picks torch on an accelerator; on CPU, torch while the cached features hold at most
     about a million numbers (e.g. 2,000 samples x 512 features in all layers together) and sklearn in
     the background above that.
+
+    Every probed module must run exactly once per forward pass: one module object applied several times
+    (torchvision's BasicBlock applies its one ``self.relu`` twice) would give one name to several different
+    tensors. ``"auto"`` probes the enclosing block instead; a name in ``layers`` that runs more than once is
+    refused at ``setup`` with a ``ValueError`` naming the block to probe. The call counts come from one
+    eval-mode, no-grad forward pass of two validation samples
+    (:func:`~lightning_introspect._torch.layers.trace_module_calls`); a model whose forward does not take
+    the bare inputs is not checked. The callback is
+    skipped for the fit (one ``IntrospectionSkipWarning``) when the data carries no labels or ``"auto"``
+    cannot run the model; each fit starts with clean results (``trainer.validate()`` afterwards keeps them).
 
     Tags written (``<layer>`` is the dotted layer name):
 
@@ -127,12 +176,13 @@ class LinearProbes(IntrospectionCallback):
     uninterrupted fit would). Writing a checkpoint waits for a background fit still running.
 
     Args:
-        layers: ``"auto"`` (activation modules in execution order plus the penultimate layer, at most 7),
+        layers: ``"auto"`` (block outputs in execution order plus the penultimate layer, at most 7; see
+            :func:`auto_probe_layers`),
             a dotted name, a glob (``"encoder.*"``) or a list of those. Resolved at ``setup``.
         pooling: ``"avg"``, ``"max"``, ``"avgmax"`` or ``"flatten"`` (conv maps pooled over space).
         max_samples: the most cached samples (rows) per layer.
         max_features: wider pooled features are reduced to this width by a seeded random projection.
-        solver: ``"auto"``, ``"torch"`` (batched, inline, model device) or ``"sklearn"`` (background thread, CPU).
+        solver: ``"auto"``, ``"torch"`` (inline, model device) or ``"sklearn"`` (background thread, CPU).
         test_fraction: share of each class held out to score the probes.
         max_iter: L-BFGS iterations per probe.
         tol: gradient tolerance of the fits (largest absolute entry of the mean loss's gradient; sklearn's
@@ -168,6 +218,7 @@ class LinearProbes(IntrospectionCallback):
     """
 
     name = "probes"
+    transient = ("_stack", "_executor", "_jobs")
 
     def __init__(
         self,
@@ -231,6 +282,12 @@ class LinearProbes(IntrospectionCallback):
         self.target_transform = target_transform
         self.figures_every_n_epochs = figures_every_n_epochs
 
+        self._reset_fit_state()
+
+    def _reset_fit_state(self) -> None:
+        """Everything that belongs to one fit: a callback object used for a second fit (another model or
+        data) starts clean. A resumed fit restores the checkpointed part afterwards (``load_state_dict``
+        runs after ``setup``)."""
         self.history: dict[int | str, dict[str, float]] = {}
         self.macro_f1: dict[int | str, dict[str, float]] = {}
         self.results: dict[int | str, dict[str, ProbeResult]] = {}
@@ -240,6 +297,7 @@ class LinearProbes(IntrospectionCallback):
             ("capture", "baseline_pass", "own_pass", "fit_inline", "submit", "wait", "log"), 0.0
         )
         self._modules: dict[str, nn.Module] = {}
+        self._calls_checked = False  # the named modules' call counts were checked on an example batch
         self._resolved_solver = "sklearn"
         self._cache: FeatureCache | None = None
         self._input_cache: FeatureCache | None = None
@@ -258,11 +316,26 @@ class LinearProbes(IntrospectionCallback):
         self._eager_pass = False  # capture with an own eager pass instead of hooks in the trainer's validation
 
     # ------------------------------------------------------------------------------- lightning hooks
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit" and self.enabled:
+    @override
+    def reset(self) -> None:
+        # only a fit starts over (the base class calls this at setup("fit")): `trainer.validate()`
+        # afterwards keeps this fit's results
+        self._remove_hooks()
+        self._shutdown(wait=True)
+        self._reset_fit_state()
+
+    @override
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
             self._resolve(trainer, pl_module)
 
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def restore_transient(self) -> None:
+        self._stack, self._executor, self._jobs = None, None, []
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)  # the shared check before training
         if self.active(trainer):
             self.run(trainer, self._start, trainer, pl_module)
 
@@ -329,40 +402,56 @@ class LinearProbes(IntrospectionCallback):
         return x, y
 
     def _resolve(self, trainer: Any, pl_module: Any) -> None:
-        """Resolve the layers (errors name the close matches) and check that labels exist; raises ``ValueError``."""
+        """Resolve the layers and check that they can be probed.
+
+        Raises ``ValueError`` for a wrong name (with close matches) and for a named module that runs more
+        than once per forward pass (naming the block to probe instead). Skips the callback for the fit
+        (one warning) when the data carries no labels or ``"auto"`` cannot run the model on the bare inputs.
+        The call counts need one example batch: without data yet (built in ``LightningModule.setup``) they
+        are checked at fit start.
+        """
         example = self._example(trainer)
-        names = None
-        if isinstance(self.layers, str) and self.layers == "auto":
-            if example is None:
-                return  # resolved at fit start, when the data exists
-            x = _to_device(example[0], _device_of(pl_module))
-            try:
-                names = auto_probe_layers(pl_module, x)
-            except Exception as exc:
-                raise ValueError(
-                    "`layers='auto'` runs `model(inputs)` on two samples to find the layers, and that failed "
-                    f"({type(exc).__name__}: {exc}); name the layers explicitly."
-                ) from exc
-            if not names:
-                raise ValueError("`layers='auto'` found no layer to probe in this model; name the layers explicitly.")
-        self._modules = resolve_layers(pl_module, names or self.layers, argument="layers")
-        order = list(self._modules)
-        if example is not None and names is None:
-            try:
-                executed = record_execution_order(pl_module, _to_device(example[0], _device_of(pl_module)))
-                rank = {n: i for i, n in enumerate(executed)}
-                order.sort(key=lambda n: rank.get(n, len(rank)))
-            except Exception:  # the model's forward does not take the bare inputs: keep the given order
-                pass
+        if example is not None and example[1] is not None and example[1].ndim > 1 and self.target_transform is None:
+            self.skip(
+                f"the labels have shape {tuple(example[1].shape)} (dense masks, as in segmentation), and a probe needs one "
+                "class id per sample; pass `target_transform` (batch -> one label per sample) to probe such data."
+            )
+            return
         if example is not None and example[1] is None and self.target_transform is None:
-            raise ValueError(
-                "LinearProbes needs labels, but the "
+            self.skip(
+                "it needs labels, but the "
                 + ("`probe_dataloader`" if self.probe_dataloader is not None else "validation")
                 + " batches carry none. Pass `probe_dataloader` (a labelled DataLoader) or `target_transform` "
                 "(batch -> labels)."
             )
-        self.layer_names = order
-        self._modules = {n: self._modules[n] for n in order}
+            return
+        auto = isinstance(self.layers, str) and self.layers == "auto"
+        modules = {} if auto else resolve_layers(pl_module, self.layers, argument="layers")
+        if example is None:
+            self._modules, self.layer_names = modules, list(modules)
+            return
+        x = _to_device(example[0], _device_of(pl_module))
+        try:
+            calls = trace_module_calls(pl_module, x)
+        except Exception as exc:
+            if auto:
+                self.skip(
+                    "`layers='auto'` runs `model(inputs)` on two samples to find the layers, and that failed "
+                    f"({type(exc).__name__}: {exc}); name the layers explicitly."
+                )
+                return
+            calls = None  # the forward does not take the bare inputs: the given order, call counts unchecked
+        if auto:
+            modules = resolve_layers(pl_module, auto_probe_layers(pl_module, x, calls=calls), argument="layers")
+            if not modules:
+                self.skip("`layers='auto'` found no layer to probe in this model; name the layers explicitly.")
+                return
+        if calls is not None:
+            refuse_reused_modules(calls, list(modules), argument="layers")
+            rank = {n: i for i, n in enumerate(calls.order)}
+            modules = dict(sorted(modules.items(), key=lambda item: rank.get(item[0], len(rank))))
+        self._modules, self.layer_names = modules, list(modules)
+        self._calls_checked = True
 
     def _start(self, trainer: Any, pl_module: Any) -> None:
         if self.probe_dataloader is None and not self._has_validation(trainer):
@@ -372,8 +461,10 @@ class LinearProbes(IntrospectionCallback):
                 "limit_val_batches=0): nothing will be probed. Pass `probe_dataloader` or validation data.",
             )
             return
-        if not self._modules:
+        if not self._calls_checked:  # no data at setup: resolve (and check the call counts) now
             self._resolve(trainer, pl_module)
+            if self.disabled:
+                return
             if not self._modules:
                 raise RuntimeError("LinearProbes could not resolve `layers='auto'`: no data to run an example through.")
         if self.probe_dataloader is None and _has_compiled(pl_module):
@@ -470,7 +561,22 @@ class LinearProbes(IntrospectionCallback):
             self._projections[name] = proj
         return proj(feats)
 
+    @property
+    def _layer_cache(self) -> FeatureCache:
+        """The cache of layer features (built in ``setup``)."""
+        if self._cache is None:
+            raise RuntimeError("LinearProbes: the feature cache is built in setup(), which has not run.")
+        return self._cache
+
+    @property
+    def _inputs_cache(self) -> FeatureCache:
+        """The cache of raw inputs, for the input baseline (built in ``setup``)."""
+        if self._input_cache is None:
+            raise RuntimeError("LinearProbes: the input cache is built in setup(), which has not run.")
+        return self._input_cache
+
     def _labels(self, batch: Any) -> torch.Tensor:
+        labels: torch.Tensor | None
         if self.target_transform is not None:
             labels = self.target_transform(batch)
         else:
@@ -490,7 +596,7 @@ class LinearProbes(IntrospectionCallback):
 
     def _begin_capture(self, trainer: Any, pl_module: Any) -> None:
         self._remove_hooks()
-        self._cache.reset()
+        self._layer_cache.reset()
         self._hook_error = None
         self._stack = self._register_hooks()
 
@@ -507,7 +613,7 @@ class LinearProbes(IntrospectionCallback):
                 error, self._hook_error = self._hook_error, None
                 raise error
             if self._batch_active:
-                self._commit(self._cache, layers=True)
+                self._commit(self._layer_cache, layers=True)
         finally:
             self._batch_active = False
             self._pending = {}
@@ -526,7 +632,7 @@ class LinearProbes(IntrospectionCallback):
                 )
             cache.add(self._pending, labels)
         if self._pending_input is not None:
-            self._input_cache.add({INPUT_KEY: self._pending_input}, labels)
+            self._inputs_cache.add({INPUT_KEY: self._pending_input}, labels)
         self._pending_labels = None
         self._pending_input = None
 
@@ -537,7 +643,7 @@ class LinearProbes(IntrospectionCallback):
                 raise error
         finally:
             self._remove_hooks()
-        self._fit(trainer, trainer.current_epoch, self._cache, trainer.global_step)
+        self._fit(trainer, trainer.current_epoch, self._layer_cache, trainer.global_step)
         self._drain(trainer)
 
     def _own_pass(self, trainer: Any, pl_module: Any, *, layers: bool = True, inputs: bool = False) -> None:
@@ -551,8 +657,8 @@ class LinearProbes(IntrospectionCallback):
             if counts and counts[0] not in (None, math.inf):
                 max_batches = counts[0]
         device = _device_of(pl_module)
-        self._cache.reset()
-        self._input_cache.reset()
+        self._layer_cache.reset()
+        self._inputs_cache.reset()
         with contextlib.ExitStack() as stack:
             stack.enter_context(introspection_mode(pl_module, grad=False))  # forked RNG before the iterator
             if layers:
@@ -571,7 +677,7 @@ class LinearProbes(IntrospectionCallback):
                     if self._hook_error is not None:
                         error, self._hook_error = self._hook_error, None
                         raise error
-                self._commit(self._cache, layers=layers)
+                self._commit(self._layer_cache, layers=layers)
                 self._batch_active = False
             self._pending = {}
 
@@ -579,7 +685,7 @@ class LinearProbes(IntrospectionCallback):
         start = time.perf_counter()
         self._own_pass(trainer, pl_module, layers=True, inputs=False)
         self.timings["own_pass"] += time.perf_counter() - start
-        self._fit(trainer, trainer.current_epoch, self._cache, trainer.global_step)
+        self._fit(trainer, trainer.current_epoch, self._layer_cache, trainer.global_step)
         self._drain(trainer)
 
     # ------------------------------------------------------------------------------------- fitting
@@ -616,7 +722,7 @@ class LinearProbes(IntrospectionCallback):
         self.timings["submit"] += time.perf_counter() - start
 
     def _solver_for(self, cache: FeatureCache) -> str:
-        """The solver of one evaluation. ``"auto"`` on CPU: the batched torch solver inline while the cached
+        """The solver of one evaluation. ``"auto"`` on CPU: the torch solver inline while the cached
         features are small (at most ``_INLINE_FIT_VALUES`` numbers: its few milliseconds cost less than a
         background sklearn fit takes from training's cores), sklearn in the background thread above that."""
         if self._resolved_solver != "auto":
@@ -634,7 +740,7 @@ class LinearProbes(IntrospectionCallback):
                 max_iter=self.max_iter, tol=self.tol, C=self.C, warm_start=self._warm if trained else None,
             )
         if trained:
-            self._warm = {n: r.state for n, r in results.items()}
+            self._warm = {n: r.state for n, r in results.items() if r.state is not None}
         return results
 
     def _collect(self, wait: bool = False) -> None:

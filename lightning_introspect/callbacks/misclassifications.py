@@ -7,31 +7,24 @@ shows them and puts numbers on the usual suspects (blur, noise, lighting, colour
 from __future__ import annotations
 
 import math
-import time
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from typing_extensions import override
 
-from lightning_introspect._lightning import rank_zero_warn
+from lightning_introspect._lightning import pl
 from lightning_introspect._torch.guards import introspection_mode, module_device
 from lightning_introspect.callbacks.base import (
     NONFINITE_CAUSE,
     IntrospectionCallback,
+    IntrospectionInputError,
     check_callable,
     check_positive_int,
-    draw_samples,
     split_batch,
 )
-from lightning_introspect.callbacks.per_class_metrics import (
-    IntrospectionInputError,
-    OutputCapture,
-    bar_polygons,
-    extract_logits,
-    extract_targets,
-    run_strict,
-)
+from lightning_introspect.callbacks.outputs import LogitsSource, extract_logits, extract_targets
+from lightning_introspect.loggers.adapter import markdown_cell
 from lightning_introspect.methods.image_stats import (
     PERTURBATIONS,
     STATISTICS,
@@ -39,6 +32,7 @@ from lightning_introspect.methods.image_stats import (
     image_statistics,
     perturbation_accuracy,
 )
+from lightning_introspect.render.charts import bar_polygons
 from lightning_introspect.render.figures import set_margins
 from lightning_introspect.render.heatmap import to_display
 
@@ -216,90 +210,100 @@ class Misclassifications(IntrospectionCallback):
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError(f"Expected every entry of `std` to be positive, but got {list(self.std)}.")
         self.figures = bool(figures)
+        self._source = LogitsSource(output_transform)
+        self._collecting = False
+        self.reset()
+
+    # ------------------------------------------------------------------------ Lightning hooks
+    @override
+    def reset(self) -> None:
         self.report: dict[str, Any] | None = None
         self.history: list[dict[str, Any]] = []
         self._last_step: int | None = None  # global step of the latest review: the fit-end catch-up compares it
         self.wrong_images: torch.Tensor | None = None
-        self._capture = OutputCapture()
-        self._collecting = False
         self._reset_epoch()
 
-    # ------------------------------------------------------------------------ Lightning hooks
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit":
-            self.report, self.history, self.wrong_images, self._last_step = None, [], None, None
+    @override
+    def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Two samples through the model: dense (segmentation) outputs are skipped, ``class_names`` of the
+        wrong length and labels out of range are refused, before training."""
+        batch = self.example(trainer, 16)
+        if batch is None:
+            return
+        x = split_batch(batch)[0]
+        with introspection_mode(pl_module, grad=False):
+            output = pl_module(x)
+        logits = extract_logits(output, self.output_transform, batch_size=None if self.output_transform else len(x))
+        if logits is None:
+            self.skip(
+                f"the model's forward returns no logits tensor (got {type(output).__name__}); return one (or a dict with "
+                "'logits', or an object with `.logits`) or pass `output_transform`."
+            )
+            return
+        if logits.ndim > 2:
+            self.skip(
+                f"the model returns dense outputs {tuple(logits.shape)} (segmentation); this review ranks whole images "
+                "by the confidence of one class prediction, which dense outputs do not have."
+            )
+            return
+        self._collect_rows(logits, batch)  # the same checks as at every batch, on two samples
+        self._reset_epoch()
+        if logits.ndim == 2:
+            self._class_labels(2 if logits.shape[1] == 1 else int(logits.shape[1]))  # `class_names` of the right length
 
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.class_names is not None and self.active(trainer):
-            run_strict(self, trainer, self._check_names, trainer, pl_module)  # a wrong length fails before training
-
-    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.active(trainer) and (self._validating(trainer) or self.is_scheduled(trainer)):
-            self._begin(pl_module)  # cheap: reset the buffers, attach the output hook
+            self.run(trainer, self._begin, pl_module, log_seconds=False)  # cheap: reset the buffers, attach the hook
 
+    @override
     def on_validation_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if self._collecting and dataloader_idx == 0:
-            self._strict(self._collect, outputs, batch)
+            self.run(trainer, self._collect, outputs, batch, pl_module, log_seconds=False)
 
-    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._collecting:
-            try:
-                run_strict(self, trainer, self._finish, trainer, pl_module)
-            finally:
-                self._stop()
+            self.run(trainer, self._finish, trainer, pl_module)
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the final model, when the fit ended before its last scheduled epoch (EarlyStopping, max_time, no max_epochs)
         if self.final_run_missed(trainer, self._last_step):
-            run_strict(self, trainer, self._review_now, trainer, pl_module)
+            self.run(trainer, self._review_now, trainer, pl_module)
 
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._stop()
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stop()
+
+    @override
+    def on_disable(self) -> None:
         self._stop()
 
     # ------------------------------------------------------------------------------- state
+    @override
     def extra_state(self) -> dict[str, Any]:
         return {"history": self.history}
 
+    @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.history = list(state.get("history", []))
         self._last_step = self.history[-1].get("step") if self.history else None
         self.report = self.history[-1] if self.history else None
 
     # ------------------------------------------------------------------------------ helpers
-    def _validating(self, trainer: Any) -> bool:
+    def _validating(self, trainer: pl.Trainer) -> bool:
         return self.trainer_fn(trainer) == "validate"
 
     def _stop(self) -> None:
         self._collecting = False
-        self._capture.detach()
-
-    def _strict(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Input errors always raise; everything else follows ``on_error`` (through :meth:`run` at epoch end)."""
-        if self.disabled:
-            return None
-        start = time.perf_counter()
-        try:
-            return fn(*args)
-        except IntrospectionInputError:
-            self._stop()
-            raise
-        except Exception:
-            self._stop()
-            if self.on_error == "raise":
-                raise
-            self.disabled = True
-            rank_zero_warn(
-                f"Misclassifications failed and is disabled for the rest of this fit (on_error='warn'); "
-                f"training continues.\n{traceback.format_exc()}"
-            )
-            return None
-        finally:
-            self.seconds_total += time.perf_counter() - start  # per-batch work outside `run`
+        self._source.detach()
 
     def _reset_epoch(self) -> None:
         self._conf: list[torch.Tensor] = []
@@ -313,7 +317,7 @@ class Misclassifications(IntrospectionCallback):
         self._top_per_class: dict[int, dict[str, Any]] = {}
         self._nonfinite = 0  # validation samples left out this epoch: their probabilities hold NaN / Inf
 
-    def names(self, n: int) -> list[str]:
+    def _class_labels(self, n: int) -> list[str]:
         if self.class_names is not None:
             if len(self.class_names) != n:
                 raise IntrospectionInputError(
@@ -361,18 +365,6 @@ class Misclassifications(IntrospectionCallback):
         return logits.softmax(dim=1)
 
     # -------------------------------------------------------------------------------- work
-    def _check_names(self, trainer: Any, pl_module: Any) -> None:
-        """``class_names`` against the logits' width of two validation samples (skipped if they cannot run)."""
-        try:
-            x, _ = draw_samples(self.val_dataloader(trainer), 2, seed=self.seed)
-            device = module_device(pl_module)
-            with introspection_mode(pl_module, grad=False):
-                logits = extract_logits(pl_module(x.to(device)), self.output_transform)
-        except Exception:  # no data or a model that does not take the bare inputs: checked at the first review
-            return
-        if isinstance(logits, torch.Tensor) and logits.ndim == 2:
-            self.names(2 if logits.shape[1] == 1 else int(logits.shape[1]))
-
     def _review_now(self, trainer: Any, pl_module: Any) -> None:
         """The review of the model as it is: one own pass (eval mode, no grad) over the validation data."""
         loader = self.val_dataloader(trainer)
@@ -386,22 +378,27 @@ class Misclassifications(IntrospectionCallback):
                     if i >= max_batches:
                         break
                     batch = trainer.strategy.batch_to_device(batch)
-                    pl_module(split_batch(batch)[0])
-                    self._collect(None, batch)
+                    output = pl_module(split_batch(batch)[0])
+                    self._collect_rows(extract_logits(output, self.output_transform), batch)
             self._finish(trainer, pl_module, epoch=self.last_epoch(trainer))
         finally:
             self._stop()
 
     def _begin(self, pl_module: Any) -> None:
         self._reset_epoch()
-        self._capture.attach(pl_module)
+        self._source.attach(pl_module)
         self._collecting = True
 
-    def _collect(self, outputs: Any, batch: Any) -> None:
-        captured = self._capture.take()
-        logits = extract_logits(outputs, self.output_transform) if outputs is not None else None
-        if logits is None:
-            logits = extract_logits(captured, self.output_transform)
+    def _collect(self, outputs: Any, batch: Any, pl_module: Any) -> None:
+        logits = self._source.logits(outputs, batch, pl_module)
+        if self._source.used_own_forward:
+            self.warn_once(
+                "own-forward", "Misclassifications: `validation_step` returns no logits (a tensor with one row per "
+                "sample), so the logits come from one extra forward of each reviewed validation batch (eval mode, no grad)."
+            )
+        self._collect_rows(logits, batch)
+
+    def _collect_rows(self, logits: torch.Tensor | None, batch: Any) -> None:
         if logits is None:
             raise IntrospectionInputError(
                 "Misclassifications found no logits: return them from `validation_step` (a tensor, or a dict with a "
@@ -452,7 +449,7 @@ class Misclassifications(IntrospectionCallback):
                 "gallery, image statistics and perturbation test are skipped (error rates per class remain).",
             )
         raw = None
-        if self._images:
+        if self._images and x is not None:  # _is_image(x) held: not None
             raw = self._raw(x)
             if keep is not None:
                 raw = raw[keep.to(raw.device)]
@@ -470,7 +467,7 @@ class Misclassifications(IntrospectionCallback):
         }
         self._top = self._merge(self._top, rows, self.top_k)
         if self.per_class:
-            for cls in rows["label"].unique().tolist():
+            for cls in target[sel].unique().tolist():
                 mask = rows["label"] == cls
                 part = {k: (v[mask] if v is not None else None) for k, v in rows.items()}
                 self._top_per_class[cls] = self._merge(self._top_per_class.get(cls), part, self.per_class)
@@ -496,7 +493,7 @@ class Misclassifications(IntrospectionCallback):
         conf, pred, label = torch.cat(self._conf), torch.cat(self._pred), torch.cat(self._label)
         wrong = pred != label
         n_classes = int(self._num_classes or 0)
-        names = self.names(n_classes)
+        names = self._class_labels(n_classes)
         total = torch.bincount(label, minlength=n_classes)
         errors = torch.bincount(label[wrong], minlength=n_classes)
         per_class_error = [None if int(t) == 0 else float(e) / float(t) for e, t in zip(errors, total)]
@@ -666,7 +663,8 @@ class Misclassifications(IntrospectionCallback):
             return "\n".join(lines + ["No misclassified sample."])
         lines += ["| rank | index | true | predicted | confidence |", "|---|---|---|---|---|"]
         lines += [
-            f"| {r + 1} | {row['index']} | {names[row['label']]} | {names[row['pred']]} | {row['confidence']:.3f} |"
+            f"| {r + 1} | {row['index']} | {markdown_cell(names[row['label']], max_chars=48)} | "
+            f"{markdown_cell(names[row['pred']], max_chars=48)} | {row['confidence']:.3f} |"
             for r, row in enumerate(rows)
         ]
         return "\n".join(lines)
@@ -778,7 +776,7 @@ def perturbation_markdown(results: dict[str, dict[str, Any]], names: list[str]) 
     lines.append("|---" * (len(columns) + 1) + "|")
     for row, label in enumerate(["all", *names]):
         lines.append(
-            f"| {label} | " + " | ".join("no support" if col[row] is None else f"{col[row]:.2f}" for col in cells) + " |"
+            f"| {markdown_cell(label, max_chars=48)} | " + " | ".join("no support" if col[row] is None else f"{col[row]:.2f}" for col in cells) + " |"
         )
     for kind, res in results.items():
         clean, worst = res["per_class"][0], res["per_class"][-1]

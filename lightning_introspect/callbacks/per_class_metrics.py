@@ -7,135 +7,30 @@ untrained network, and calls out the classes that improved least.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from typing_extensions import override
 
-from lightning_introspect._lightning import rank_zero_warn
+from lightning_introspect._lightning import pl
 from lightning_introspect._torch.guards import introspection_mode
-from lightning_introspect._torch.hooks import hooks, output_as_tensor
 from lightning_introspect.callbacks.base import (
     IntrospectionCallback,
+    IntrospectionInputError,
     check_callable,
     check_choice,
     check_positive_int,
-    draw_samples,
     split_batch,
 )
+from lightning_introspect.callbacks.outputs import LogitsSource, extract_logits, extract_targets
+from lightning_introspect.loggers.adapter import markdown_cell
+from lightning_introspect.render.charts import bars_figure, confusion_image
 
 TASKS = ("multiclass", "multilabel", "binary")
 METRICS = ("precision", "recall", "f1", "accuracy", "specificity")
-_OUTPUT_KEYS = ("logits", "preds")
-
-
-class IntrospectionInputError(ValueError):
-    """What the model or the data gave does not fit the callback's configuration.
-
-    Raised whatever ``on_error`` says: a wrong ``num_classes`` or out-of-range labels are not glitches
-    to warn about, and they show up in the first validation batch (or in the start pass, before the
-    first training step).
-    """
-
-
-# ------------------------------------------------------------------------------ shared helpers
-def extract_logits(output: Any, output_transform: Callable[[Any], Any] | None = None) -> torch.Tensor | None:
-    """Logits from what ``validation_step`` (or ``forward``) returned; ``None`` if there are none.
-
-    With ``output_transform`` its result is used. Otherwise: a tensor as is; a dict's ``"logits"`` or
-    ``"preds"`` entry; an object with a ``.logits`` attribute (HuggingFace outputs); the first tensor of
-    a tuple / list.
-    """
-    if output_transform is not None:
-        output = output_transform(output)
-        if output is not None and not isinstance(output, torch.Tensor):
-            raise IntrospectionInputError(
-                f"Expected `output_transform` to return a tensor of logits, but it returned {type(output).__name__}."
-            )
-        return output
-    if output is None or isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):
-        for key in _OUTPUT_KEYS:
-            value = output.get(key)
-            if isinstance(value, torch.Tensor):
-                return value
-        return None
-    value = getattr(output, "logits", None)
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(output, (tuple, list)):
-        return next((v for v in output if isinstance(v, torch.Tensor)), None)
-    return None
-
-
-def logits_only(model: Any, output_transform: Callable[[Any], Any] | None = None) -> Any:
-    """A context in which ``model(x)`` returns :func:`extract_logits` of its output (for the methods, which
-    need one tensor); see :func:`lightning_introspect._torch.hooks.output_as_tensor`."""
-    return output_as_tensor(model, lambda out: extract_logits(out, output_transform))
-
-
-def extract_targets(batch: Any, target_transform: Callable[[Any], Any] | None = None) -> torch.Tensor:
-    """Labels from a batch: ``target_transform(batch)`` or :func:`split_batch`'s targets."""
-    target = target_transform(batch) if target_transform is not None else split_batch(batch)[1]
-    if not isinstance(target, torch.Tensor):
-        raise IntrospectionInputError(
-            "Cannot find the labels in the validation batch: return (inputs, labels) / a dict with a 'y', "
-            "'target' or 'label' key, or pass `target_transform` (a callable batch -> labels tensor)."
-        )
-    return target
-
-
-class OutputCapture:
-    """Keeps the last output of a module's forward while it is attached (the no-``validation_step``-output fallback).
-
-    The hook only stores a reference (no extra forward pass); :meth:`detach` removes it. Used across
-    Lightning hooks, so it owns an ``ExitStack`` around :func:`hooks` that :meth:`detach` closes.
-    """
-
-    def __init__(self) -> None:
-        self.output: Any = None
-        self._stack: contextlib.ExitStack | None = None
-
-    def attach(self, module: torch.nn.Module) -> None:
-        self.detach()
-        self._stack = contextlib.ExitStack()
-        handles = self._stack.enter_context(hooks())
-        handles.append(module.register_forward_hook(self._keep))
-
-    def _keep(self, _module: torch.nn.Module, _inputs: Any, output: Any) -> None:
-        self.output = output
-
-    def take(self) -> Any:
-        out, self.output = self.output, None
-        return out
-
-    def detach(self) -> None:
-        self.output = None
-        if self._stack is not None:
-            stack, self._stack = self._stack, None
-            stack.close()
-
-
-def run_strict(callback: IntrospectionCallback, trainer: Any, fn: Callable[..., Any], *args: Any) -> Any:
-    """``callback.run(trainer, fn, *args)`` (error policy, timing), except that input errors always raise."""
-    caught: list[IntrospectionInputError] = []
-
-    def call() -> Any:
-        try:
-            return fn(*args)
-        except IntrospectionInputError as err:
-            caught.append(err)
-            return None
-
-    result = callback.run(trainer, call)
-    if caught:
-        raise caught[0]
-    return result
 
 
 def snapshot_label(fraction: float) -> str:
@@ -293,22 +188,28 @@ class PerClassMetrics(IntrospectionCallback):
         self.least_improved = least_improved
         self.confusion_matrix = bool(confusion_matrix)
         self.bar_chart = bool(bar_chart)
-        self._reset_results()
-        self._metric_objs: Any = None
-        self._metric_device: torch.device | None = None
-        self._collecting = False
-        self._capture = OutputCapture()
-        self._update_seconds = 0.0
+        self._num_classes_given = self.num_classes
+        self._source = LogitsSource(output_transform)
+        self.reset()
 
     # ---------------------------------------------------------------------------- results
-    def _reset_results(self) -> None:
+    @override
+    def reset(self) -> None:
+        self.num_classes = self._num_classes_given  # a width read from the logits of a previous fit is forgotten
         self.snapshots: dict[str, dict[str, list[Any]]] = {}
         self.snapshot_epochs: dict[str, dict[str, int]] = {}
         self.confusion: dict[str, list[list[int]]] = {}
         self.history: list[dict[str, Any]] = []
         self.latest: dict[str, Any] | None = None
         self._logged: set[tuple[str, int]] = set()
+        self._metric_objs: Any = None
+        self._metric_device: torch.device | None = None
+        self._collecting = False  # this rank collects the current validation epoch
+        self._sync_due = False  # every rank meets at the end of this validation epoch (collective)
+        self._all_disabled = False  # every rank knows the callback is off: no more meetings
+        self._update_seconds = 0.0
 
+    @override
     def extra_state(self) -> dict[str, Any]:
         return {
             "snapshots": self.snapshots,
@@ -318,6 +219,7 @@ class PerClassMetrics(IntrospectionCallback):
             "latest": self.latest,
         }
 
+    @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.snapshots = dict(state.get("snapshots", {}))
         self.snapshot_epochs = dict(state.get("snapshot_epochs", {}))
@@ -332,93 +234,91 @@ class PerClassMetrics(IntrospectionCallback):
         return list(self.class_names) if self.class_names is not None else [str(i) for i in range(n)]
 
     # ------------------------------------------------------------------------ Lightning hooks
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit":
-            self._reset_results()  # a resumed fit restores them from the checkpoint after setup
-            self._metric_objs = None
-            if self.enabled and trainer.limit_val_batches == 0:
-                self.warn_once(
-                    "no-val", "PerClassMetrics: `limit_val_batches=0`, so there is no validation data to measure; "
-                    "no snapshot will be taken."
-                )
+    @override
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.limit_val_batches == 0:
+            self.warn_once(
+                "no-val", "PerClassMetrics: `limit_val_batches=0`, so there is no validation data to measure; "
+                "no snapshot will be taken."
+            )
 
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.active(trainer) and 0.0 in self.at and "start" not in self.snapshots:
-            self._run_strict(trainer, self._start_snapshot, trainer, pl_module)
-        elif self.active(trainer) and trainer.global_step == 0:
-            self._run_strict(trainer, self._check_output, trainer, pl_module)  # no start pass: check the config now
+    @override
+    def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A few validation samples through the model: a wrong ``num_classes`` / ``class_names`` / label range
+        is refused before training; a model without logits is skipped."""
+        if trainer.limit_val_batches == 0:
+            return
+        batch = self.example(trainer, 16)
+        if batch is None:
+            return
+        with introspection_mode(pl_module, grad=False):
+            output = pl_module(split_batch(batch)[0])
+        logits = extract_logits(output, self.output_transform, batch_size=None if self.output_transform else len(split_batch(batch)[0]))
+        if logits is None:
+            self.skip(
+                f"the model's forward returns no logits tensor (got {type(output).__name__}); return one (or a dict with "
+                "'logits', or an object with `.logits`) or pass `output_transform`."
+            )
+            return
+        self._prepare(logits, extract_targets(batch, self.target_transform))
 
-    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.active(trainer) and self._fitting(trainer):
-            self._begin_collecting(pl_module)  # cheap: reset the metric states, attach the output hook
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.enabled and 0.0 in self.at and "start" not in self.snapshots and trainer.limit_val_batches != 0:
+            self._start_snapshot(trainer, pl_module)
 
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.enabled and not self._all_disabled and not trainer.sanity_checking and self.trainer_fn(trainer) == "fit":
+            self._sync_due = True  # on every rank, a disabled one too: see _end_collecting
+            self.run(trainer, self._begin_collecting, pl_module, log_seconds=False)
+
+    @override
     def on_validation_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if self._collecting and dataloader_idx == 0:
-            self._quiet(self._update_from_step, outputs, batch)
+        if self._collecting and not self.disabled and dataloader_idx == 0:
+            self.run(trainer, self._update_from_step, outputs, batch, pl_module, log_seconds=False)
 
-    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._collecting:
-            self._run_strict(trainer, self._end_collecting, trainer)
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._sync_due:
+            self._end_collecting(trainer)
 
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled and not self.disabled and self._end_pending():
             self.run(trainer, self._finish, trainer)
 
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._collecting = False
-        self._capture.detach()
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop()
         if self.enabled and not self.disabled and not isinstance(exception, IntrospectionInputError) and self._end_pending():
             self.run(trainer, self._finish, trainer)
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stop()
+
+    @override
+    def on_disable(self) -> None:
         self._collecting = False
-        self._capture.detach()
+        self._source.detach()
 
-    # --------------------------------------------------------------------------- error policy
-    def _run_strict(self, trainer: Any, fn: Callable[..., Any], *args: Any) -> Any:
-        return run_strict(self, trainer, fn, *args)
-
-    def _quiet(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Per-batch work: the error policy of :meth:`run` without a scalar per batch (time summed)."""
-        if self.disabled:
-            return None
-        start = time.perf_counter()
-        try:
-            return fn(*args)
-        except IntrospectionInputError:
-            self._collecting = False
-            self._capture.detach()
-            raise
-        except Exception:
-            if self.on_error == "raise":
-                raise
-            self.disabled = True
-            self._collecting = False
-            self._capture.detach()
-            rank_zero_warn(
-                f"{type(self).__name__} failed and is disabled for the rest of this fit (on_error='warn'); "
-                f"training continues.\n{traceback.format_exc()}"
-            )
-            return None
-        finally:
-            elapsed = time.perf_counter() - start
-            self._update_seconds += elapsed
-            self.seconds_total += elapsed
-
-    @staticmethod
-    def _fitting(trainer: Any) -> bool:
-        fn = getattr(getattr(trainer, "state", None), "fn", None)
-        return str(getattr(fn, "value", fn)) == "fit"
+    def _stop(self) -> None:
+        self._collecting = False
+        self._sync_due = False
+        self._source.detach()
 
     # ------------------------------------------------------------------------------- metrics
     def _build_metrics(self, device: torch.device) -> Any:
-        from torchmetrics import MetricCollection
+        from torchmetrics import Metric, MetricCollection
         from torchmetrics import classification as tmc
 
         n = int(self.num_classes or 0)
         common: dict[str, Any] = {"average": None, "ignore_index": self.ignore_index}
+        makers: dict[str, type[Metric]]
+        confmat: Metric
         if self.task == "multilabel":
             common.update(num_labels=n, threshold=self.threshold)
             makers = {
@@ -536,8 +436,7 @@ class PerClassMetrics(IntrospectionCallback):
                 f"{int(valid.min())} and max {int(valid.max())}."
             )
 
-    def _update(self, output: Any, batch: Any) -> None:
-        logits = extract_logits(output, self.output_transform)
+    def _update(self, logits: torch.Tensor | None, batch: Any) -> None:
         if logits is None:
             raise IntrospectionInputError(
                 "PerClassMetrics found no logits: return them from `validation_step` (a tensor, or a dict with a "
@@ -546,11 +445,18 @@ class PerClassMetrics(IntrospectionCallback):
         preds, target = self._prepare(logits, extract_targets(batch, self.target_transform))
         self._metrics(preds.device).update(preds, target)
 
-    def _update_from_step(self, outputs: Any, batch: Any) -> None:
-        captured = self._capture.take()
-        if outputs is None or extract_logits(outputs, self.output_transform) is None:
-            outputs = captured  # validation_step returned no logits: use the module's own forward output
-        self._update(outputs, batch)
+    def _update_from_step(self, outputs: Any, batch: Any, pl_module: Any) -> None:
+        start = time.perf_counter()
+        try:
+            logits = self._source.logits(outputs, batch, pl_module)
+            if self._source.used_own_forward:
+                self.warn_once(
+                    "own-forward", "PerClassMetrics: `validation_step` returns no logits (a tensor with one row per "
+                    "sample), so the logits come from one extra forward of each validation batch (eval mode, no grad)."
+                )
+            self._update(logits, batch)
+        finally:
+            self._update_seconds += time.perf_counter() - start
 
     def _compute(self) -> tuple[dict[str, list[Any]], list[list[int]]] | None:
         """Compute (synced across ranks by torchmetrics) and reset; ``None`` if nothing was seen."""
@@ -574,13 +480,20 @@ class PerClassMetrics(IntrospectionCallback):
         return values, table.tolist()
 
     # ------------------------------------------------------------------------------- work
-    def _start_snapshot(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.limit_val_batches == 0:
-            return
+    def _start_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Before the first step: one evaluation pass of our own over the validation batches the trainer
+        would use (every rank takes part: the metric states are synced)."""
         loader = self.val_dataloader(trainer)
         if getattr(trainer, "val_dataloaders", None) is None or loader is None:
             self.warn_once("no-val-start", "PerClassMetrics: no validation data, so there is no start snapshot.")
             return
+        self.run(trainer, self._start_pass, trainer, pl_module, loader, log_seconds=False)
+        if self.agree(trainer):  # a rank that failed alone must not leave the others waiting in the sync
+            self.run(trainer, self._store_start, trainer)
+        else:
+            self._all_disabled = True
+
+    def _start_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any) -> None:
         max_batches = (trainer.num_val_batches or [math.inf])[0]
         if self._metric_objs is not None:
             self._metric_objs.reset()
@@ -589,41 +502,32 @@ class PerClassMetrics(IntrospectionCallback):
                 if i >= max_batches:
                     break
                 batch = trainer.strategy.batch_to_device(batch)
-                x, _ = split_batch(batch)
-                self._update(pl_module(x), batch)
+                output = pl_module(split_batch(batch)[0])
+                self._update(extract_logits(output, self.output_transform), batch)
+
+    def _store_start(self, trainer: pl.Trainer) -> None:
         computed = self._compute()
         if computed is None:
             return
         self._store("start", computed, epoch=-1, step=int(trainer.global_step))
         self._log_snapshots(trainer, ["start"], step=int(trainer.global_step))
 
-    def _check_output(self, trainer: Any, pl_module: Any) -> None:
-        """Two validation samples through the model: a wrong ``num_classes`` / ``class_names`` fails before training."""
-        if trainer.limit_val_batches == 0 or self.target_transform is not None:
-            return
-        loader = self.val_dataloader(trainer)
-        if loader is None:
-            return
-        try:
-            x, y = draw_samples(loader, 2, seed=self.seed)
-            with introspection_mode(pl_module, grad=False):
-                output = pl_module(trainer.strategy.batch_to_device(x))
-        except Exception:  # the model does not take the bare inputs: checked at the first validation instead
-            return
-        logits = extract_logits(output, self.output_transform)
-        if logits is not None and y is not None:
-            self._prepare(logits, y)
-
     def _begin_collecting(self, pl_module: Any) -> None:
         if self._metric_objs is not None:
             self._metric_objs.reset()
-        self._capture.attach(pl_module)
+        self._source.attach(pl_module)
         self._update_seconds = 0.0
         self._collecting = True
 
-    def _end_collecting(self, trainer: Any) -> None:
-        self._collecting = False
-        self._capture.detach()
+    def _end_collecting(self, trainer: pl.Trainer) -> None:
+        """Every rank that began the epoch comes here, a disabled one too: they agree before the sync."""
+        self._stop()
+        if self.agree(trainer):
+            self.run(trainer, self._log_epoch, trainer)
+        else:
+            self._all_disabled = True
+
+    def _log_epoch(self, trainer: pl.Trainer) -> None:
         computed = self._compute()
         step, epoch = int(trainer.global_step), int(trainer.current_epoch)
         self.writer(trainer).scalar(self.tag("update_seconds"), self._update_seconds, step)
@@ -655,10 +559,11 @@ class PerClassMetrics(IntrospectionCallback):
 
     def _finish(self, trainer: Any) -> None:
         """Fit end (also early stop / interrupt): "end" becomes the last validation of the fit."""
-        if not self._end_pending():
+        latest = self.latest
+        if latest is None or not self._end_pending():
             return
-        self._store("end", (self.latest["values"], self.latest["confusion"]), epoch=self.latest["epoch"], step=self.latest["step"])
-        self._log_snapshots(trainer, ["end"], step=self.latest["step"])
+        self._store("end", (latest["values"], latest["confusion"]), epoch=latest["epoch"], step=latest["step"])
+        self._log_snapshots(trainer, ["end"], step=latest["step"])
 
     def _store(self, key: str, computed: tuple[dict[str, list[Any]], list[list[int]]], *, epoch: int, step: int) -> None:
         values, table = computed
@@ -736,7 +641,7 @@ class PerClassMetrics(IntrospectionCallback):
                         cell += f" ({v - base:+.3f})"
                     cells.append(cell)
                 support = self.snapshots[keys[-1]]["support"][i]
-                lines.append(f"| {name} | " + " | ".join(cells) + f" | {support} |")
+                lines.append(f"| {markdown_cell(name, max_chars=48)} | " + " | ".join(cells) + f" | {support} |")
             lines.append("")
         return "\n".join(lines)
 
@@ -793,167 +698,3 @@ class PerClassMetrics(IntrospectionCallback):
         if rows:
             out.append("least improved: " + ", ".join(f"{n} ({a:.2f}->{b:.2f})" for n, a, b in rows))
         return out
-
-
-# ------------------------------------------------------------------------------- rendering
-def _text_image(text: str, font: Any, *, angle: int = 0, fill: tuple[int, int, int] = (0, 0, 0)) -> Any:
-    """``text`` on a transparent PIL image, rotated by ``angle`` degrees (counter-clockwise)."""
-    from PIL import Image, ImageDraw
-
-    left, top, right, bottom = font.getbbox(text)
-    image = Image.new("RGBA", (max(1, right - left + 2), max(1, bottom - top + 2)), (255, 255, 255, 0))
-    ImageDraw.Draw(image).text((1 - left, 1 - top), text, fill=fill, font=font)
-    return image.rotate(angle, expand=True) if angle else image
-
-
-def confusion_image(
-    table: Sequence[Sequence[int]], names: Sequence[str], *, multilabel: bool = False, title: str = ""
-) -> Any:
-    """A confusion matrix as an HWC uint8 RGB image: row shares as colour (``Blues``), counts as text.
-
-    Rows are the true classes, columns the predicted ones (for multilabel: one row per label with its
-    TN / FP / FN / TP counts); a colour bar gives the share scale. Counts are printed when the matrix
-    has at most 400 cells. Drawn with numpy and PIL (as :func:`~lightning_introspect.render.grid.captioned_grid`):
-    a 10-class matrix takes a few milliseconds, where a matplotlib figure with one text artist per
-    cell took about 0.2 s of CPU.
-
-    Example:
-        >>> confusion_image([[5, 1], [0, 4]], ["cat", "dog"], title="end").shape[-1]
-        3
-    """
-    import matplotlib
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    from lightning_introspect.render.grid import font as _font
-
-    counts = np.asarray(table, dtype=np.float64)
-    if counts.ndim != 2 or counts.size == 0:
-        raise ValueError(f"Expected `table` to be a non-empty 2-D table of counts, but got shape {counts.shape}.")
-    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
-    n_rows, n_cols = counts.shape
-    rows = [str(n) for n in names][:n_rows]
-    rows += [str(i) for i in range(len(rows), n_rows)]
-    cols = ["TN", "FP", "FN", "TP"] if multilabel else [str(n) for n in names][:n_cols]
-    cols += [str(i) for i in range(len(cols), n_cols)]
-    cell = max(6, min(44, 1300 // max(n_rows, n_cols)))
-    font, small, label_font = _font(11), _font(10 if cell >= 30 else 8), _font(13)
-    black = (0, 0, 0)
-
-    # the colour grid, one block of cell x cell pixels per entry
-    rgb = (matplotlib.colormaps["Blues"](np.clip(shares, 0.0, 1.0))[..., :3] * 255.0 + 0.5).astype(np.uint8)
-    grid = np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
-
-    col_labels = [_text_image(c, font) for c in cols]
-    rotate = max(im.width for im in col_labels) > cell - 2
-    if rotate:
-        col_labels = [im.rotate(90, expand=True) for im in col_labels]
-    row_labels = [_text_image(r, font) for r in rows]
-    xlabel = _text_image("count share" if multilabel else "predicted", label_font)
-    ylabel = _text_image("label" if multilabel else "true", label_font, angle=90)
-    title_im = _text_image(title or "confusion matrix", label_font)
-    bar_ticks = [_text_image(f"{v:.1f}", font) for v in np.linspace(0.0, 1.0, 6)]
-
-    gap, tick = 6, 4
-    grid_h, grid_w = n_rows * cell, n_cols * cell
-    left = 10 + ylabel.width + gap + max(im.width for im in row_labels) + tick + 3
-    top = 10 + title_im.height + 10
-    bar_x = left + grid_w + 16
-    bar_w = max(12, cell // 3)
-    width = bar_x + bar_w + tick + 3 + max(im.width for im in bar_ticks) + 10
-    height = top + grid_h + tick + 3 + max(im.height for im in col_labels) + gap + xlabel.height + 10
-    width = max(width, title_im.width + 20)
-
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    canvas[top : top + grid_h, left : left + grid_w] = grid
-    ramp = (matplotlib.colormaps["Blues"](np.linspace(1.0, 0.0, grid_h))[:, :3] * 255.0 + 0.5).astype(np.uint8)
-    canvas[top : top + grid_h, bar_x : bar_x + bar_w] = ramp[:, None, :]
-    image = Image.fromarray(canvas, mode="RGB")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((left - 1, top - 1, left + grid_w, top + grid_h), outline=black)
-    draw.rectangle((bar_x - 1, top - 1, bar_x + bar_w, top + grid_h), outline=black)
-
-    for r, im in enumerate(row_labels):  # y tick marks and class names
-        cy = top + r * cell + cell // 2
-        draw.line((left - 1 - tick, cy, left - 1, cy), fill=black)
-        image.paste(im, (left - 1 - tick - 3 - im.width, cy - im.height // 2), im)
-    for c, im in enumerate(col_labels):  # x tick marks and class names
-        cx = left + c * cell + cell // 2
-        draw.line((cx, top + grid_h, cx, top + grid_h + tick), fill=black)
-        image.paste(im, (cx - im.width // 2, top + grid_h + tick + 3), im)
-    for i, im in enumerate(bar_ticks):  # the colour bar's scale
-        cy = top + grid_h - 1 - round(i / (len(bar_ticks) - 1) * (grid_h - 1))
-        draw.line((bar_x + bar_w, cy, bar_x + bar_w + tick, cy), fill=black)
-        image.paste(im, (bar_x + bar_w + tick + 3, cy - im.height // 2), im)
-    label_y = top + grid_h + tick + 3 + max(im.height for im in col_labels) + gap
-    image.paste(xlabel, (left + grid_w // 2 - xlabel.width // 2, label_y), xlabel)
-    image.paste(ylabel, (10, top + grid_h // 2 - ylabel.height // 2), ylabel)
-    title_x = max(10, min(left + grid_w // 2 - title_im.width // 2, width - 10 - title_im.width))
-    image.paste(title_im, (title_x, 10), title_im)
-
-    if n_rows * n_cols <= 400:  # the counts, white on dark cells
-        for r in range(n_rows):
-            for c in range(n_cols):
-                fill = (255, 255, 255) if shares[r, c] > 0.5 else black
-                center = (left + c * cell + cell / 2, top + r * cell + cell / 2)
-                draw.text(center, f"{int(counts[r, c])}", fill=fill, font=small, anchor="mm")
-    return np.asarray(image).copy()
-
-
-def bar_polygons(x: Any, heights: Any, width: float) -> Any:
-    """Corner vertices ``(N, 4, 2)`` of bars centred at ``x`` with ``heights`` (from 0) and ``width``."""
-    import numpy as np
-
-    x0 = np.asarray(x, dtype=np.float64) - width / 2
-    h = np.asarray(heights, dtype=np.float64)
-    verts = np.zeros((x0.shape[0], 4, 2))
-    verts[:, :2, 0] = x0[:, None]
-    verts[:, 2:, 0] = (x0 + width)[:, None]
-    verts[:, 1:3, 1] = h[:, None]
-    return verts
-
-
-def bars_figure(
-    snapshots: Mapping[str, Mapping[str, Sequence[Any]]],
-    metrics: Sequence[str],
-    names: Sequence[str],
-    column: Callable[[str], str] = str,
-) -> Any:
-    """Grouped bar chart: one panel per metric, classes on x, one bar per snapshot (no bar = no support).
-
-    The bars of one snapshot in one panel are a single ``PolyCollection`` (the same pixels as ``ax.bar``,
-    without one ``Rectangle`` artist per bar), and the figure is a plain ``Figure`` (no pyplot state).
-    """
-    import numpy as np
-    from matplotlib.collections import PolyCollection
-    from matplotlib.figure import Figure
-
-    keys = list(snapshots)
-    n = len(names)
-    fig = Figure(figsize=(max(5.0, 0.5 * n * max(1, len(keys)) / 2 + 2), 2.2 * len(metrics)))
-    axes = fig.subplots(len(metrics), 1, squeeze=False)
-    width = 0.8 / max(1, len(keys))
-    x = np.arange(n)
-    handles = []
-    for ax, m in zip(axes[:, 0], metrics):
-        for j, k in enumerate(keys):
-            vals = np.array([np.nan if v is None else v for v in snapshots[k][m]], dtype=np.float64)
-            bars = PolyCollection(bar_polygons(x + (j - (len(keys) - 1) / 2) * width, np.nan_to_num(vals, nan=0.0), width),
-                                  facecolors=f"C{j % 10}", edgecolors="none", alpha=0.9 if j == len(keys) - 1 else 0.6,
-                                  label=column(k))
-            ax.add_collection(bars)
-            if ax is axes[0, 0]:
-                handles.append(bars)
-        last = snapshots[keys[-1]][m] if keys else []
-        for i, v in enumerate(last):
-            if v is None:
-                ax.text(i, 0.5, "no support", rotation=90, ha="center", va="center", fontsize=6, color="gray")
-        ax.autoscale_view()
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel(m, fontsize=8)
-        ax.set_xticks(x, list(names), fontsize=7)
-    fig.legend(handles, [h.get_label() for h in handles], fontsize=7, ncol=max(1, min(4, len(keys))),
-               loc="upper center", frameon=False)
-    top = 1.0 - 0.35 / fig.get_figheight()
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.05, top=top, hspace=0.35)
-    return fig

@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from typing_extensions import override
 
+from lightning_introspect._lightning import pl
 from lightning_introspect._torch.guards import introspection_mode, module_device
 from lightning_introspect._torch.layers import get_layer, resolve_layers
 from lightning_introspect.callbacks.base import (
@@ -20,24 +22,24 @@ from lightning_introspect.callbacks.base import (
     check_positive_int,
     input_gradient_problem,
     lrp_problem,
+    renamed_argument,
 )
-from lightning_introspect.callbacks.per_class_metrics import logits_only
+from lightning_introspect.callbacks.outputs import logits_only
 from lightning_introspect.loggers.adapter import IntrospectionWriter
 from lightning_introspect.methods.attribution import LAYER_METHODS
-from lightning_introspect.methods.randomization import (
-    BN_MODES,
-    DEFAULT_METHODS,
+from lightning_introspect.methods.class_check import OTHER_CLASSES
+from lightning_introspect.methods.explainers import DEFAULT_METHODS
+from lightning_introspect.methods.randomization import BN_MODES, ORIGINAL
+from lightning_introspect.methods.sanity_report import (
     DEFAULT_VERDICT_METRIC,
-    METRICS,
     MODES,
-    ORIGINAL,
-    OTHER_CLASSES,
     VERDICT_METRICS,
     SanityReport,
-    _resolve_thresholds,
-    _similarities,
     run_sanity_checks,
 )
+from lightning_introspect.methods.sanity_report import resolve_thresholds as _resolve_thresholds
+from lightning_introspect.methods.similarity import METRICS
+from lightning_introspect.methods.similarity import map_similarities as _similarities
 
 TARGET_CHOICES = ("pred", "true")
 _METRIC_LABELS = {
@@ -84,9 +86,9 @@ class SanityChecks(IntrospectionCallback):
         verdict_depth: the verdict is taken after randomising this many top blocks (1: the output layer).
         bn_mode: normalisation layers: ``"affine"`` (reset scale / shift, keep running stats; default),
             ``"stats"`` (reset running stats), ``"both"`` or ``"keep"``.
-        layer: Grad-CAM's feature map (dotted name) or ``"auto"``.
+        cam_layer: Grad-CAM's feature map (dotted name) or ``"auto"``.
         target: explain each sample's ``"pred"`` (predicted) or ``"true"`` class.
-        class_sensitivity: run the class-sensitivity check.
+        run_class_sensitivity: run the class-sensitivity check.
         others: the other classes compared with the predicted one: ``"second"`` (runner-up),
             ``"random"`` (uniform among the other classes, private generator from ``seed``).
         metrics: similarity metrics to compute and plot (the verdict's metrics are always added).
@@ -103,6 +105,8 @@ class SanityChecks(IntrospectionCallback):
         num_samples: how many fixed validation samples are explained (a few suffice).
         seed: seed of the sample choice, of the per-layer re-initialisation and of the random class.
         on_error: ``"warn"`` (warn once, disable, training continues) or ``"raise"``.
+        layer: the former name of ``cam_layer`` (deprecated; works with a ``DeprecationWarning``).
+        class_sensitivity: the former name of ``run_class_sensitivity`` (deprecated, as ``layer``).
 
     Tags written (``<mode>`` is ``cascading`` / ``independent``, ``<metric>`` one of ``metrics``):
 
@@ -141,9 +145,9 @@ class SanityChecks(IntrospectionCallback):
         verdict_metric: str = DEFAULT_VERDICT_METRIC,
         verdict_depth: int = 1,
         bn_mode: str = "affine",
-        layer: str = "auto",
+        cam_layer: str = "auto",
         target: str = "pred",
-        class_sensitivity: bool = True,
+        run_class_sensitivity: bool = True,
         others: list[str] | None = None,
         metrics: list[str] | None = None,
         repeats: int = 3,
@@ -155,8 +159,12 @@ class SanityChecks(IntrospectionCallback):
         num_samples: int = 8,
         seed: int = 0,
         on_error: str = "warn",
+        layer: str | None = None,
+        class_sensitivity: bool | None = None,
     ) -> None:
         super().__init__(enabled=enabled, every_n_epochs=every_n_epochs, at=at, num_samples=num_samples, seed=seed, on_error=on_error)
+        cam_layer = renamed_argument("layer", "cam_layer", layer, cam_layer, "auto")
+        run_class_sensitivity = renamed_argument("class_sensitivity", "run_class_sensitivity", class_sensitivity, run_class_sensitivity, True)
         if methods is not None:
             from lightning_introspect.methods.attribution import METHODS
 
@@ -178,8 +186,8 @@ class SanityChecks(IntrospectionCallback):
             check_positive_int(layers, "layers")
         if isinstance(layers, (list, tuple)) and (not layers or not all(isinstance(n, str) for n in layers)):
             raise ValueError(f"Expected `layers` to be a non-empty list of layer names, but got {layers!r}.")
-        if not isinstance(layer, str):
-            raise ValueError(f"Expected `layer` to be 'auto' or a dotted layer name, but got {layer!r}.")
+        if not isinstance(cam_layer, str):
+            raise ValueError(f"Expected `cam_layer` to be 'auto' or a dotted layer name, but got {cam_layer!r}.")
         others = list(OTHER_CLASSES) if others is None else list(others)
         if not others:
             raise ValueError(f"Expected `others` to list at least one of {', '.join(repr(o) for o in OTHER_CLASSES)}, but got [].")
@@ -197,29 +205,58 @@ class SanityChecks(IntrospectionCallback):
         self.verdict_metric = verdict_metric
         self.verdict_depth = verdict_depth
         self.bn_mode = bn_mode
-        self.layer = layer
+        self.cam_layer = cam_layer
         self.target = target
-        self.class_sensitivity = bool(class_sensitivity)
+        self.run_class_sensitivity = bool(run_class_sensitivity)
         self.others = others
         self.metrics = metrics
         self.repeats = repeats
         self.progress = bool(progress)
         check_callable(output_transform, "output_transform")
         self.output_transform = output_transform
-        self.report: SanityReport | None = None
-        self.history: list[tuple[int, SanityReport]] = []
         self._resolved_methods: list[str] | None = None
+        self.reset()
 
     # ------------------------------------------------------------------------------- hooks
-    def setup(self, trainer: Any, pl_module: Any, stage: str | None = None) -> None:
-        if self.enabled:
-            self._validate_model(pl_module, trainer)
+    @override
+    def reset(self) -> None:
+        self.report: SanityReport | None = None
+        self.history: list[tuple[int, SanityReport]] = []
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._validate_model(pl_module, trainer)
+
+    @override
+    def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Inputs that are neither images nor tabular, and models without an input gradient, are skipped
+        (without validation data the training loader is not built yet: then at the first run)."""
+        if self.val_dataloader(trainer) is None:
+            return
+        x, _ = self.fixed_samples(trainer)
+        if x.ndim not in (2, 4):
+            self.skip(f"the inputs of shape {tuple(x.shape)} are neither images (N, C, H, W) nor tabular (N, F).")
+            return
+        try:
+            with logits_only(pl_module, self.output_transform):
+                problem = input_gradient_problem(pl_module, x[:2].to(module_device(pl_module)))
+        except RuntimeError as err:
+            if self.on_error == "raise":
+                raise
+            problem = (
+                "the model's forward fails when its input requires gradients (for example it changes its input in "
+                f"place, as `x.sub_(mean)` does; use `x = x - mean`): {err}"
+            )
+        if problem is not None:
+            self.skip(problem)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.active(trainer) and self._due_mid_fit(trainer):
             self.run(trainer, self._check_trainer, trainer, pl_module)
 
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.active(trainer):
             self.run(trainer, self._check_trainer, trainer, pl_module)
 
@@ -228,8 +265,8 @@ class SanityChecks(IntrospectionCallback):
         """Layer names and the method list, checked before any training step."""
         if isinstance(self.layers, list):
             resolve_layers(model, self.layers, argument="layers")
-        if self.layer != "auto":
-            get_layer(model, self.layer, argument="layer")
+        if self.cam_layer != "auto":
+            get_layer(model, self.cam_layer, argument="cam_layer")
         self._resolved_methods = self._default_methods(trainer)
 
     def _default_methods(self, trainer: Any = None) -> list[str]:
@@ -237,11 +274,7 @@ class SanityChecks(IntrospectionCallback):
             return list(self.methods)
         for cb in getattr(trainer, "callbacks", None) or []:
             if getattr(cb, "name", None) == "attributions" and getattr(cb, "methods", None) and getattr(cb, "enabled", True):
-                from lightning_introspect.methods.attribution import lrp_available
-
-                methods = [m for m in cb.methods if m != "lrp" or lrp_available()]
-                if methods:
-                    return methods
+                return list(cb.methods)
         return list(DEFAULT_METHODS)
 
     def _due_mid_fit(self, trainer: Any) -> bool:
@@ -320,9 +353,9 @@ class SanityChecks(IntrospectionCallback):
                     f"SanityChecks: every method in `methods` ({dropped}) needs a spatial feature map, which tabular inputs "
                     "(N, F) do not have; add e.g. 'saliency' or 'input_x_gradient'."
                 )
-        layer = None if self.layer == "auto" and not any(m in ("grad_cam", "guided_grad_cam") for m in methods) else self.layer
+        layer = None if self.cam_layer == "auto" and not any(m in ("grad_cam", "guided_grad_cam") for m in methods) else self.cam_layer
         with logits_only(model, self.output_transform):
-            class_check = self.class_sensitivity
+            class_check = self.run_class_sensitivity
             if class_check and self._num_outputs(model, inputs) < 2:
                 self.warn_once(
                     "one-output",
@@ -488,7 +521,7 @@ def maps_grid(report: SanityReport, mode: str, inputs: torch.Tensor) -> Any:
     methods = [m for m in report.methods if m in per_method and ORIGINAL in per_method[m]]
     if not methods:
         return None
-    size = tuple(inputs.shape[-2:]) if inputs.ndim == 4 else None
+    size = (int(inputs.shape[-2]), int(inputs.shape[-1])) if inputs.ndim == 4 else None
     steps = [ORIGINAL, *report.layers]
     first = _input_image(inputs)
     images, captions = [], []
@@ -503,6 +536,8 @@ def maps_grid(report: SanityReport, mode: str, inputs: torch.Tensor) -> Any:
             if original is None or step_name not in maps:
                 return None
             current = _plain_map(maps[step_name][0], size)
+            if current is None:
+                return None
             signed = bool((original < 0).any())
             images.append(_colour(current, signed))
             if r == 0:
@@ -524,7 +559,7 @@ def class_maps_grid(report: SanityReport, inputs: torch.Tensor) -> Any:
         return None
     methods = [m for m in report.methods if m in report.class_maps]
     keys = list(report.class_maps[methods[0]])
-    size = tuple(inputs.shape[-2:]) if inputs.ndim == 4 else None
+    size = (int(inputs.shape[-2]), int(inputs.shape[-1])) if inputs.ndim == 4 else None
     first = _input_image(inputs)
     images, captions, labels = [], [], []
     pairs, slots = [], []
@@ -539,6 +574,8 @@ def class_maps_grid(report: SanityReport, inputs: torch.Tensor) -> Any:
             if m is None:
                 return None
             reference = _plain_map(report.class_maps[method]["pred"][0], size)
+            if reference is None:
+                return None
             images.append(_colour(m, bool((reference < 0).any())))
             if r == 0:
                 captions.append(method)

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from typing_extensions import override
 
+from lightning_introspect._lightning import pl
 from lightning_introspect._torch.hooks import record_execution_order
 from lightning_introspect._torch.layers import close_matches, resolve_layers
 from lightning_introspect.callbacks.base import IntrospectionCallback, check_positive_int, split_batch
@@ -63,6 +65,18 @@ def own_weight(module: nn.Module) -> torch.Tensor | None:
 def own_bias(module: nn.Module) -> torch.Tensor | None:
     """The module's own ``bias`` parameter (also a parametrized one), else ``None``."""
     return _own_param(module, "bias")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists and numbers as Python floats / ints: what ``torch.load(weights_only=True)``
+    reads back."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    return value
 
 
 def _fmt(value: float) -> str:
@@ -149,9 +163,16 @@ class WeightHistograms(IntrospectionCallback):
         enabled, every_n_epochs, at, seed, on_error: see :class:`IntrospectionCallback`
             (``seed`` picks the Wasserstein sample positions).
 
+    A tracked module replaced during the fit (``model.fc = nn.Linear(...)`` between epochs, or a weight
+    swapped for one of another shape) is noticed at the next evaluation: the layers are re-resolved, the
+    new module's current weights become its ``W0`` and one warning says so; its earlier drift values
+    belong to the old module.
+
+    Each fit starts clean (``setup`` of a fit resets the results; a resumed fit then restores them from
+    the checkpoint, ``summary`` included); ``trainer.validate()`` after a fit keeps them.
+
     Limits: ``W0`` is a CPU copy of the tracked weights (4 bytes per fp32 parameter). Under FSDP /
-    DeepSpeed ZeRO-3 each rank holds parameter shards: rank zero bins its shard only. Reusing one
-    callback instance for a different model re-takes the snapshot.
+    DeepSpeed ZeRO-3 each rank holds parameter shards: rank zero bins its shard only.
 
     Example:
         >>> from lightning_introspect.demo import DigitsCNN
@@ -208,7 +229,7 @@ class WeightHistograms(IntrospectionCallback):
         self._modules: dict[str, nn.Module] = {}
         self._ordered = False
         self._initial: dict[str, torch.Tensor] | None = None
-        self._owner: int | None = None  # id() of the module the snapshot belongs to (None: from a checkpoint)
+        self._model: nn.Module | None = None  # the model of this fit, to notice submodules replaced mid-fit
         self._initial_hists: dict[str, HistogramStats] | None = None
         self._last_step: int | None = None
         self._figure_step: int | None = None  # global step of the latest figures
@@ -235,32 +256,46 @@ class WeightHistograms(IntrospectionCallback):
         return dict(self._initial or {})
 
     # ------------------------------------------------------------------------- Lightning hooks
-    def setup(self, trainer: Any, pl_module: nn.Module, stage: str | None = None) -> None:
-        if self.enabled:
+    @override
+    def reset(self) -> None:
+        # a fit starts over (a resumed one restores its checkpoint afterwards); `trainer.validate()` keeps
+        # the fit's results
+        self._reset_results()
+        self._model = None
+
+    @override
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
             self._modules = self.resolve(pl_module)
             self._ordered = False
 
-    def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.active(trainer):
             self.run(trainer, self._start, trainer, pl_module)
 
-    def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if not self._ordered and self.active(trainer):
             self.run(trainer, self._trace_order, pl_module, batch)
 
-    def on_before_optimizer_step(self, trainer: Any, pl_module: nn.Module, optimizer: Any) -> None:
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self.include_gradients and self.active(trainer) and self._gradients_due(trainer):
             self.run(trainer, self._log_gradients, trainer)
 
-    def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.every_n_steps and self.active(trainer) and self._step_due(trainer):
             self.run(trainer, self._evaluate, trainer)
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.active(trainer) and self.is_scheduled(trainer):
             self.run(trainer, self._epoch_end, trainer)
 
-    def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a fit stopped early (EarlyStopping, should_stop) before its last scheduled epoch: final state
         if not (self.active(trainer) and self._initial is not None):
             return
@@ -310,13 +345,11 @@ class WeightHistograms(IntrospectionCallback):
     def _start(self, trainer: Any, pl_module: nn.Module) -> None:
         if not self._modules:
             self._modules = self.resolve(pl_module)
+        self._model = pl_module
         weights = self._weights()
         fresh = False
-        if self._initial is not None and self._owner is not None and self._owner != id(pl_module):
-            self._reset_results()  # the same callback on another model: its own initialisation
         if self._initial is None:
             self._initial = {n: w.detach().to("cpu", copy=True) for n, w in weights.items()}
-            self._owner = id(pl_module)
             fresh = True
         else:
             for n, w in weights.items():
@@ -328,7 +361,6 @@ class WeightHistograms(IntrospectionCallback):
                         "its drift is measured from now on.",
                     )
                     self._initial[n] = w.detach().to("cpu", copy=True)
-            self._owner = id(pl_module)
         self._initial_hists = None
         writer = self.writer(trainer)
         rows = [
@@ -344,10 +376,57 @@ class WeightHistograms(IntrospectionCallback):
             self._evaluate(trainer, epoch=-1)
 
     def _reset_results(self) -> None:
-        self._initial, self._owner, self._initial_hists = None, None, None
+        self._initial, self._initial_hists = None, None
         self._last_step = self._last_grad_step = self._figure_step = None
         self.steps, self.epochs, self.history, self.grad_history = [], [], [], []
         self.drift, self.cosine, self.wasserstein, self.histograms, self.summary = {}, {}, {}, {}, {}
+
+    def _follow_replacements(self, trainer: Any) -> None:
+        """Track the modules now in the model when tracked ones were replaced since the last look.
+
+        ``model.fc = nn.Linear(...)`` between epochs (a new head for fine-tuning), or a weight parameter
+        swapped for one of another shape, leaves the tracked object out of the model: its histograms would
+        stay frozen and its drift would be measured for a module that no longer trains. The layers are
+        re-resolved, the new modules' weights become their ``W0`` (said once per layer), and layers that
+        are gone (or lost their weight) are dropped.
+        """
+        model = self._model
+        if model is None or self._initial is None:
+            return
+        current = dict(model.named_modules())
+        replaced = [n for n, m in self._modules.items() if current.get(n) is not m]
+        reshaped = [
+            n for n, m in self._modules.items()
+            if n not in replaced and n in self._initial and tuple(self._initial[n].shape) != tuple(own_weight(m).shape)  # type: ignore[union-attr]
+        ]
+        if not replaced and not reshaped:
+            return
+        try:
+            resolved = self.resolve(model)
+        except ValueError:  # a named module is gone or lost its weight: keep tracking the rest
+            resolved = {n: current[n] for n in self._modules if n in current and own_weight(current[n]) is not None}
+        order = [n for n in self._modules if n in resolved] + [n for n in resolved if n not in self._modules]
+        gone = [n for n in self._modules if n not in resolved]
+        renewed = [n for n in order if n in replaced or n in reshaped or n not in self._modules]
+        self._modules = {n: resolved[n] for n in order}
+        for n in gone:
+            self._initial.pop(n, None)
+            self.warn_once(
+                f"gone-{n}",
+                f"WeightHistograms: layer {n!r} was removed from the model (or no longer has a weight) at step "
+                f"{trainer.global_step}; it is no longer tracked.",
+            )
+        for n in renewed:
+            weight = own_weight(self._modules[n])
+            self._initial[n] = weight.detach().to("cpu", copy=True)  # type: ignore[union-attr]
+            self.warn_once(
+                f"replaced-{n}",
+                f"WeightHistograms: layer {n!r} was replaced at step {trainer.global_step} (now a "
+                f"{type(self._modules[n]).__name__} with weight {tuple(weight.shape)}); its histograms follow the new "  # type: ignore[union-attr]
+                "module and its drift is measured from the new module's weights as they are now.",
+            )
+        self._initial_hists = None
+        self._ordered = False  # trace the depth of the new modules at the next training batch
 
     def _trace_order(self, pl_module: nn.Module, batch: Any) -> None:
         self._ordered = True
@@ -371,7 +450,7 @@ class WeightHistograms(IntrospectionCallback):
 
     def _step_due(self, trainer: Any) -> bool:
         step = trainer.global_step
-        return step > 0 and step % self.every_n_steps == 0 and step != self._last_step  # type: ignore[operator]
+        return step > 0 and step % self.every_n_steps == 0 and step != self._last_step
 
     def _gradients_due(self, trainer: Any) -> bool:
         step = trainer.global_step
@@ -409,6 +488,7 @@ class WeightHistograms(IntrospectionCallback):
         return scalars
 
     def _evaluate(self, trainer: Any, *, epoch: int | None = None) -> None:
+        self._follow_replacements(trainer)
         step = trainer.global_step
         epoch = trainer.current_epoch if epoch is None else epoch
         hists = histograms(self._tensors(), bins=self.bins)
@@ -441,6 +521,7 @@ class WeightHistograms(IntrospectionCallback):
         self._last_step = step
 
     def _log_gradients(self, trainer: Any) -> None:
+        self._follow_replacements(trainer)
         step = trainer.global_step
         self._last_grad_step = step
         grads = self._tensors(grad=True)
@@ -462,6 +543,7 @@ class WeightHistograms(IntrospectionCallback):
     def _epoch_end(self, trainer: Any, epoch: int | None = None, figures: bool = False) -> None:
         # every write below joins the writer batch `run` holds around this call: one flush per epoch
         epoch = trainer.current_epoch if epoch is None else epoch
+        self._follow_replacements(trainer)
         if trainer.global_step != self._last_step:
             self._evaluate(trainer, epoch=epoch)
         if not self.steps:
@@ -635,6 +717,7 @@ class WeightHistograms(IntrospectionCallback):
             "drift": {k: list(v) for k, v in self.drift.items()},
             "cosine": {k: list(v) for k, v in self.cosine.items()},
             "wasserstein": {k: list(v) for k, v in self.wasserstein.items()},
+            "summary": _plain(self.summary),
         }
         if self._initial is not None:
             state["initial"] = dict(self._initial)
@@ -644,12 +727,12 @@ class WeightHistograms(IntrospectionCallback):
         initial = state.get("initial")
         if initial is not None:
             self._initial = {str(k): torch.as_tensor(v).cpu() for k, v in initial.items()}
-            self._owner = None
             self._initial_hists = None
         self.steps = [int(s) for s in state.get("steps", [])]
         self.epochs = [int(e) for e in state.get("epochs", [])]
         self.drift = {k: [float(x) for x in v] for k, v in state.get("drift", {}).items()}
         self.cosine = {k: [float(x) for x in v] for k, v in state.get("cosine", {}).items()}
         self.wasserstein = {k: [float(x) for x in v] for k, v in state.get("wasserstein", {}).items()}
+        self.summary = dict(state.get("summary", {}))
         self._last_step = self.steps[-1] if self.steps else None
 

@@ -5,7 +5,10 @@ from lightning_introspect.loggers.adapter import (
     IntrospectionWriter,
     NullWriter,
     TensorBoardWriter,
+    markdown_cell,
     safe_relative_path,
+    sanitize_component,
+    sanitize_tag,
     writer_for,
 )
 
@@ -14,6 +17,9 @@ __all__ = [
     "IntrospectionWriter",
     "NullWriter",
     "TensorBoardWriter",
+    "markdown_cell",
     "safe_relative_path",
+    "sanitize_component",
+    "sanitize_tag",
     "writer_for",
 ]

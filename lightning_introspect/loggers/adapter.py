@@ -5,48 +5,144 @@ matplotlib figures and markdown text. :func:`writer_for` picks the implementatio
 
 * a ``TensorBoardLogger`` among the trainer's loggers -> :class:`TensorBoardWriter` on its
   ``SummaryWriter`` (scalars also go to the trainer's other loggers);
-* any other logger, several, or ``logger=False`` -> :class:`FileWriter`: scalars go through the
-  trainer's loggers (or a CSV file when there are none), everything else becomes files under
-  ``<log_dir>/introspect/<tag>/<step>.png|.json|.md``, announced by one warning.
+* any other logger -> :class:`FileWriter`: scalars go through the trainer's loggers, everything else
+  becomes files under the logger's ``log_dir`` (``<log_dir>/introspect/<callback>/.../<step>.png``);
+* ``logger=False`` (or a logger without a directory of its own) -> :class:`FileWriter` under a new
+  ``<default_root_dir>/introspect_runs/version_<N>/`` per fit, scalars in its ``scalars.csv``.
 
-Only global rank zero writes: on other ranks :func:`writer_for` returns a :class:`NullWriter`.
+The fallbacks are announced by one warning naming the directory. Only global rank zero writes: on
+other ranks :func:`writer_for` returns a :class:`NullWriter`.
+
+Names: every tag a writer receives passes through :func:`sanitize_tag` once, here, so callbacks may
+build tags from anything (class names of any length, layer names with odd characters): the written
+tag is always a valid TensorBoard tag and a valid relative path. Text placed in a markdown table
+cell goes through :func:`markdown_cell`.
+
+Errors: every writing method (``scalar``, ``scalars``, ``image``, ``image_grid``, ``histogram``,
+``histograms``, ``figure``, ``text``, ``register_layout``, ``flush``) and leaving the outermost
+``batch()`` may raise ``OSError`` when the log directory cannot be written (disk full, read-only
+or vanished directory). They raise inside the call that wrote the data, never later: outside a
+batch each call flushes before it returns, and a batch flushes when it ends, so TensorBoard's
+background writer thread has nothing of ours left to fail on at teardown; and after a failure the
+``SummaryWriter`` shared with Lightning is left able to write again (see
+:meth:`TensorBoardWriter._write_errors`). ``writer_for`` may raise ``OSError`` too (it creates the
+fallback directory). Bad arguments raise ``ValueError``.
+
+TensorBoard is written through the public ``SummaryWriter`` methods only (``add_scalar``,
+``add_histogram_raw``, ``add_image``, ``add_figure``, ``add_text``, ``add_custom_scalars``,
+``flush``), with TensorBoard's own record writer and checksum.
+
+Pickling: writers pickle and deep-copy without their live parts (the ``SummaryWriter``, its
+threads and files); a :class:`TensorBoardWriter` finds its experiment again on first use.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import functools
+import hashlib
 import json
 import os
 import re
-import struct
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _HIST_STATS = ("min", "max", "num", "sum", "sum_squares")
+
+#: The longest tag component, in UTF-8 bytes: far below file systems' 255-byte name limit, with
+#: room for the hash suffix, and still readable in TensorBoard's tag list.
+MAX_COMPONENT_BYTES = 96
+_HASH_CHARS = 8
+# letters and digits of any script, `_`, `.`, `-`, inner spaces; at the end, maybe the suffix we add
+_VALID_COMPONENT = re.compile(r"[\w.\- ]+(~[0-9a-f]{8})?")
+_INVALID_RUN = re.compile(r"[^\w.\- ]+")
+# Markdown characters that act inside a table cell's inline content; each is escaped with a backslash.
+_MARKDOWN_ACTIVE = re.compile(r"([\\`*_\[\]<>|~&!#])")
+_LINE_BREAKS = re.compile(r"[\r\n\t\v\f\u2028\u2029]+")
+
+
+@functools.lru_cache(maxsize=8192)
+def sanitize_component(text: str) -> str:
+    """One tag component (no ``/``) as a valid TensorBoard tag part and file name.
+
+    A component made of letters, digits, ``_``, ``.``, ``-`` and inner spaces, not only dots and at
+    most :data:`MAX_COMPONENT_BYTES` long, is kept as it is. Any other is cleaned (each run of other
+    characters becomes ``_``), shortened, and suffixed with ``~`` and 8 hex digits of the SHA-1 of the
+    original: deterministic, and two different originals never give the same result (``~`` never
+    survives cleaning, so a kept component cannot look like a cleaned one, unless it is one: a
+    cleaned component is kept as it is, so tags may pass through twice).
+
+    Example:
+        >>> sanitize_component("features.3")
+        'features.3'
+        >>> sanitize_component("cat/dog")
+        'cat_dog~85207c77'
+        >>> len(sanitize_component("x" * 300).encode())
+        96
+        >>> sanitize_component("..")
+        '_~9d891e73'
+    """
+    text = str(text)
+    encoded = text.encode("utf-8", "surrogatepass")
+    if (
+        _VALID_COMPONENT.fullmatch(text)
+        and text == text.strip(" ")
+        and set(text) != {"."}
+        and len(encoded) <= MAX_COMPONENT_BYTES
+    ):
+        return text
+    digest = hashlib.sha1(encoded).hexdigest()[:_HASH_CHARS]
+    cleaned = _INVALID_RUN.sub("_", text).strip(" ")
+    if set(cleaned) <= {"."}:
+        cleaned = "_"
+    room = MAX_COMPONENT_BYTES - _HASH_CHARS - 1
+    cleaned = cleaned.encode("utf-8")[:room].decode("utf-8", "ignore").rstrip(" ")
+    return f"{cleaned}~{digest}"
+
+
+@functools.lru_cache(maxsize=8192)
+def sanitize_tag(tag: str) -> str:
+    r"""The tag actually written for ``tag``: each ``/``-separated component through
+    :func:`sanitize_component`, empty components dropped. Also a relative path that stays inside
+    the directory it is joined to (no ``..``, no absolute path, no drive).
+
+    Example:
+        >>> sanitize_tag("introspect/per_class_metrics/f1/airplane")
+        'introspect/per_class_metrics/f1/airplane'
+        >>> sanitize_tag("introspect/x/line\nbreak")
+        'introspect/x/line_break~2e1a2284'
+        >>> sanitize_tag("/introspect/../x")
+        'introspect/_~9d891e73/x'
+    """
+    parts = [sanitize_component(part) for part in str(tag).split("/") if part]
+    return "/".join(parts) or "untitled"
 
 
 def safe_relative_path(tag: str) -> str:
-    """A relative file path made from a tag that cannot leave the directory it is joined to.
+    """The relative file path for a tag: the same as :func:`sanitize_tag` (one rule for tags and files)."""
+    return sanitize_tag(tag)
+
+
+def markdown_cell(text: Any, *, max_chars: int | None = None) -> str:
+    r"""``text`` ready to be placed in a markdown table cell: line breaks become spaces, and the
+    characters that would end the cell (``|``) or start markup (emphasis, code, links, HTML,
+    entities) are backslash-escaped. ``max_chars`` shortens long text (ending in ``…``).
 
     Example:
-        >>> safe_relative_path("introspect/../../etc/passwd")
-        'introspect/etc/passwd'
-        >>> safe_relative_path("/abs/tag name")
-        'abs/tag_name'
+        >>> print(markdown_cell("a|b\n*c* <br>"))
+        a\|b \*c\* \<br\>
     """
-    parts = []
-    for part in str(tag).replace("\\", "/").split("/"):
-        part = _SAFE.sub("_", part).strip("_")
-        if part in ("", ".", "..") or set(part) == {"."}:
-            continue
-        parts.append(part)
-    return "/".join(parts) or "untitled"
+    text = _LINE_BREAKS.sub(" ", str(text))
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    if max_chars is not None and len(text) > max_chars:
+        text = text[: max(max_chars - 1, 0)] + "…"
+    return _MARKDOWN_ACTIVE.sub(r"\\\1", text)
 
 
 def to_uint8_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -65,17 +161,6 @@ def to_uint8_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return arr
 
 
-def encode_png(arr: np.ndarray, compress_level: int = 1) -> bytes:
-    """PNG bytes of an HWC uint8 array with 3 or 4 channels (zlib ``compress_level``, 0-9)."""
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(arr).save(buffer, format="PNG", compress_level=compress_level)
-    return buffer.getvalue()
-
-
 def figure_to_array(fig: Any, *, close: bool = True) -> np.ndarray:
     """Render a matplotlib figure to an HWC uint8 RGB array (Agg, no screen needed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -90,43 +175,15 @@ def figure_to_array(fig: Any, *, close: bool = True) -> np.ndarray:
     return arr
 
 
-_HISTO_HEAD = struct.Struct("<BdBdBdBdBd")  # HistogramProto fields 1-5 (min .. sum_squares): key byte + double
+def _close_figure(fig: Any) -> None:
+    import matplotlib.pyplot as plt
 
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def encode_histograms(rows: Sequence[tuple[str, np.ndarray, np.ndarray, Mapping[str, float]]]) -> bytes:
-    """A serialized TensorBoard ``Summary`` with one raw histogram per ``(tag, counts, edges, stats)`` row.
-
-    Protobuf wire format: ``Summary.value`` (field 1) = ``Value {tag (1): string, histo (5):
-    HistogramProto}``; ``HistogramProto {min (1), max (2), num (3), sum (4), sum_squares (5): double;
-    bucket_limit (6), bucket (7): packed double}``, the message ``torch.utils.tensorboard.summary.
-    histogram_raw`` builds (right bin edges as ``bucket_limit``, counts as ``bucket``). ``stats`` holds
-    the five doubles.
-    """
-    parts = []
-    for tag, counts, edges, st in rows:
-        name = tag.encode()
-        limits = np.asarray(edges, dtype="<f8")[1:].tobytes()
-        buckets = np.asarray(counts, dtype="<f8").tobytes()
-        head = _HISTO_HEAD.pack(
-            0x09, st["min"], 0x11, st["max"], 0x19, st["num"], 0x21, st["sum"], 0x29, st["sum_squares"]
-        )
-        histo = b"".join((head, b"\x32", _varint(len(limits)), limits, b"\x3a", _varint(len(buckets)), buckets))
-        value = b"".join((b"\x0a", _varint(len(name)), name, b"\x2a", _varint(len(histo)), histo))
-        parts.append(b"\x0a" + _varint(len(value)) + value)
-    return b"".join(parts)
+    plt.close(fig)
 
 
 class IntrospectionWriter:
-    """The interface every callback writes through. Tags follow ``introspect/<callback>/<what>[/<detail>]``."""
+    """The interface every callback writes through. Tags follow ``introspect/<callback>/<what>[/<detail>]``
+    and are sanitised here (:func:`sanitize_tag`)."""
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         self.scalars({tag: value}, step)
@@ -159,20 +216,28 @@ class IntrospectionWriter:
                 self.histogram(tag, counts, edges, step, **stats)
 
     def figure(self, tag: str, fig: Any, step: int) -> None:
-        """A matplotlib figure (closed after writing)."""
-        self.image(tag, figure_to_array(fig), step)
+        """A matplotlib figure (closed after writing, also when writing fails)."""
+        try:
+            arr = figure_to_array(fig, close=False)
+        finally:
+            _close_figure(fig)
+        self.image(tag, arr, step)
 
     def text(self, tag: str, markdown: str, step: int) -> None:
+        """Markdown text; put table cells through :func:`markdown_cell`."""
         raise NotImplementedError
+
+    def register_layout(self, groups: Mapping[str, Sequence[str]]) -> None:
+        """A chart layout grouping each callback's scalars (TensorBoard only; others ignore it)."""
 
     def flush(self) -> None:
         """Make written data visible now (TensorBoard polls the files)."""
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[IntrospectionWriter]:
-        """Group many writes (e.g. a histogram per layer) into one: flushed once, at the end.
+        """Group many writes (e.g. a histogram per layer): flushed once, when the outermost batch ends.
 
-        Nested use is fine; only the outermost context writes and flushes.
+        Nested use is fine; only the outermost context flushes.
         """
         yield self
 
@@ -211,153 +276,167 @@ class NullWriter(IntrospectionWriter):
         pass
 
     def figure(self, tag: str, fig: Any, step: int) -> None:
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        _close_figure(fig)
 
     def text(self, tag: str, markdown: str, step: int) -> None:
         pass
 
 
-class TensorBoardWriter(IntrospectionWriter):
-    """Writes through a ``torch.utils.tensorboard.SummaryWriter`` and flushes after each write.
+# SummaryWriters that already hold our custom-scalars layout (TensorBoard keeps the first one per run).
+_LAYOUT_REGISTERED: weakref.WeakSet[Any] = weakref.WeakSet()
 
-    Without TensorFlow installed, TensorBoard checksums every record in pure Python (15-30 ms per
-    100 KB: a figure, or a model's histograms). This writer switches ITS ``SummaryWriter`` (only that
-    object, nothing global) to a numpy CRC-32C giving the same bytes
-    (:func:`lightning_introspect.loggers._crc32c.use_fast_crc`); if TensorBoard's internals are not
-    as expected, the stock checksum stays.
+
+class TensorBoardWriter(IntrospectionWriter):
+    """Writes through the public methods of a ``torch.utils.tensorboard.SummaryWriter``.
+
+    Outside :meth:`batch` each call flushes before returning (someone watching TensorBoard sees the
+    result within seconds, and a write error surfaces in the call); inside, the writes queue up and
+    the outermost batch flushes once at its end.
 
     Args:
-        experiment: the ``SummaryWriter`` (``TensorBoardLogger.experiment``).
+        experiment: the ``SummaryWriter``; optional when ``logger`` is given.
         other_loggers: Lightning loggers that also receive the scalars (``log_metrics``).
+        logger: the ``TensorBoardLogger`` whose ``experiment`` to use (found again after unpickling).
     """
 
-    def __init__(self, experiment: Any, other_loggers: Sequence[Any] = ()) -> None:
-        self.experiment = experiment
+    def __init__(self, experiment: Any = None, other_loggers: Sequence[Any] = (), *, logger: Any = None) -> None:
+        if experiment is None and logger is None:
+            raise ValueError("Expected a `SummaryWriter` as `experiment` or a TensorBoardLogger as `logger`, but got neither.")
+        self._experiment = experiment
+        self._logger = logger
+        self._log_dir = experiment.get_logdir() if experiment is not None else None
         self.other_loggers = list(other_loggers)
         self._depth = 0
-        self._pending: dict[int, list[Any]] = {}
-        self._crc_checked: Any = None  # the file writer last switched to the fast CRC (or found unsuitable)
-        self._fast_crc()
 
-    def _fast_crc(self) -> None:
-        """Switch the experiment's current file writer to the fast CRC, once per file writer (it changes on reopen)."""
-        file_writer = getattr(self.experiment, "file_writer", None)
-        if file_writer is not None and file_writer is not self._crc_checked:
-            from lightning_introspect.loggers._crc32c import use_fast_crc
+    @property
+    def experiment(self) -> Any:
+        """The ``SummaryWriter`` (re-resolved from the logger, or reopened on its directory, after unpickling)."""
+        if self._experiment is None:
+            if self._logger is not None:
+                self._experiment = self._logger.experiment
+            else:
+                from torch.utils.tensorboard import SummaryWriter
 
-            use_fast_crc(self.experiment)
-            self._crc_checked = file_writer
+                self._experiment = SummaryWriter(self._log_dir)
+        return self._experiment
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if state["_logger"] is None and state["_experiment"] is not None:
+            state["_log_dir"] = state["_experiment"].get_logdir()
+        state["_experiment"] = None  # threads, locks and open files: found again on first use
+        state["_depth"] = 0
+        return state
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[IntrospectionWriter]:
-        """Scalars and histograms written inside go out as ONE event per step (one checksum, one flush).
-
-        TensorBoard's event writer costs about as much per event as our binning does per tensor (and
-        more than a scalar is worth), so 161 histograms in one event instead of 161 events is most of the
-        speed-up over ``add_histogram``.
-        """
+        """Writes inside go out with ONE flush, when the outermost batch ends (where a write error surfaces)."""
         self._depth += 1
         try:
             yield self
-        finally:
+        except BaseException:
             self._depth -= 1
-            if self._depth == 0:
-                pending, self._pending = self._pending, {}
-                if pending:
-                    from tensorboard.compat.proto.summary_pb2 import Summary
+            if self._depth == 0:  # what was written before the failure still goes out now, not at teardown
+                with contextlib.suppress(Exception):  # the body's error is the one to report
+                    self.flush()
+            raise
+        self._depth -= 1
+        if self._depth == 0:
+            self.flush()
 
-                    file_writer = self.experiment._get_file_writer()
-                    for step, values in pending.items():
-                        file_writer.add_summary(Summary(value=values), step)
-                self.flush()
+    @contextlib.contextmanager
+    def _write_errors(self) -> Iterator[Any]:
+        """The experiment, for writes whose ``OSError`` must not come back later.
+
+        TensorBoard's writer thread stops at its first error (disk full, directory gone) and re-raises
+        it from EVERY later call on that ``SummaryWriter``: Lightning's own logging and its flush at
+        teardown would end the fit for a write of ours long after we reported it. So after an
+        ``OSError`` the failed file writer is forgotten, as ``SummaryWriter.close()`` forgets it (the
+        local event file is opened and closed per record, so nothing is left open): the next write,
+        ours or Lightning's, starts a new event file, and one that still fails raises in that call.
+        """
+        experiment = self.experiment
+        try:
+            yield experiment
+        except OSError:
+            if getattr(experiment, "all_writers", None) is not None:
+                experiment.file_writer = experiment.all_writers = None
+            raise
+
+    def _written(self) -> None:
+        if not self._depth:
+            self.flush()
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
-        if self._depth:
-            from tensorboard.compat.proto.summary_pb2 import Summary
-
-            pending = self._pending.setdefault(int(step), [])
-            pending.extend(Summary.Value(tag=tag, simple_value=float(value)) for tag, value in values.items())
-        else:
-            for tag, value in values.items():
-                self.experiment.add_scalar(tag, float(value), global_step=step)
+        metrics = {sanitize_tag(tag): float(value) for tag, value in values.items()}
+        with self._write_errors() as experiment:
+            for tag, value in metrics.items():
+                experiment.add_scalar(tag, value, global_step=step)
         for logger in self.other_loggers:
-            logger.log_metrics({k: float(v) for k, v in values.items()}, step=step)
-        self.flush()
+            logger.log_metrics(metrics, step=step)
+        self._written()
 
     def image(self, tag: str, image: torch.Tensor | np.ndarray, step: int) -> None:
-        """An image summary like ``add_image``'s, PNG-encoded at zlib level 1: about half the CPU of
-        TensorBoard's default level (10 vs 20 ms for a 720 x 540 figure) for files ~30 % larger."""
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
         arr = to_uint8_hwc(image)
-        encoded = Summary.Image(
-            height=arr.shape[0], width=arr.shape[1], colorspace=arr.shape[2], encoded_image_string=encode_png(arr)
-        )
-        summary = Summary(value=[Summary.Value(tag=tag, image=encoded)])
-        self.experiment._get_file_writer().add_summary(summary, step)
-        self.flush()
+        with self._write_errors() as experiment:
+            experiment.add_image(sanitize_tag(tag), arr, global_step=step, dataformats="HWC")
+        self._written()
 
     def histogram(self, tag: str, counts: Sequence[float], edges: Sequence[float], step: int, **stats: float) -> None:
-        from torch.utils.tensorboard.summary import histogram_raw
-
         s = self._hist_stats(counts, edges, stats)
-        summary = histogram_raw(
-            tag,
-            min=s["min"],
-            max=s["max"],
-            num=s["num"],
-            sum=s["sum"],
-            sum_squares=s["sum_squares"],
-            bucket_limits=[float(x) for x in list(edges)[1:]],
-            bucket_counts=[float(x) for x in counts],
-        )
-        self._add_summary(summary, step)
+        with self._write_errors() as experiment:
+            experiment.add_histogram_raw(
+                sanitize_tag(tag),
+                min=s["min"],
+                max=s["max"],
+                num=s["num"],
+                sum=s["sum"],
+                sum_squares=s["sum_squares"],
+                bucket_limits=np.asarray(edges, dtype=np.float64)[1:].tolist(),
+                bucket_counts=np.asarray(counts, dtype=np.float64).tolist(),
+                global_step=step,
+            )
+        self._written()
 
-    def histograms(self, hists: Mapping[str, tuple[Any, Any, Mapping[str, float]]], step: int) -> None:
-        """All histograms in one event, its ``Summary`` encoded in one go (:func:`encode_histograms`): the
-        same bytes as :meth:`histogram` per tag, without building ~20 protobuf fields in Python per tag."""
-        rows = []
-        for tag, (counts, edges, stats) in hists.items():
-            counts = np.asarray(counts, dtype=np.float64)
-            edges = np.asarray(edges, dtype=np.float64)
-            rows.append((tag, counts, edges, self._hist_stats(counts, edges, stats)))
-        if rows:
-            from tensorboard.compat.proto.summary_pb2 import Summary
-
-            self._add_summary(Summary.FromString(encode_histograms(rows)), step)
-
-    def _add_summary(self, summary: Any, step: int) -> None:
-        if self._depth:
-            self._pending.setdefault(int(step), []).extend(summary.value)
-            return
-        self.experiment._get_file_writer().add_summary(summary, step)
-        self.flush()
+    def figure(self, tag: str, fig: Any, step: int) -> None:
+        try:
+            with self._write_errors() as experiment:
+                experiment.add_figure(sanitize_tag(tag), fig, global_step=step, close=True)
+        finally:
+            _close_figure(fig)  # also when rendering or writing failed
+        self._written()
 
     def text(self, tag: str, markdown: str, step: int) -> None:
-        self.experiment.add_text(tag, markdown, global_step=step)
-        self.flush()
+        with self._write_errors() as experiment:
+            experiment.add_text(sanitize_tag(tag), markdown, global_step=step)
+        self._written()
 
     def flush(self) -> None:
         if not self._depth:
-            self._fast_crc()  # every write ends here: a reopened file writer is switched at once
-            self.experiment.flush()
+            with self._write_errors() as experiment:
+                experiment.flush()
 
     def register_layout(self, groups: Mapping[str, Sequence[str]]) -> None:
-        """A TensorBoard custom-scalars layout: one chart per callback, matching its scalar tags."""
-        layout = {
-            "introspect": {name: ["Multiline", [rf"introspect/{name}/.*"]] for name in groups},
-        }
-        self.experiment.add_custom_scalars(layout)
-        self.flush()
+        """A TensorBoard custom-scalars layout: one chart per callback name in ``groups``, matching its
+        scalar tags. Written once per ``SummaryWriter`` (later calls do nothing)."""
+        experiment = self.experiment
+        if experiment in _LAYOUT_REGISTERED:
+            return
+        charts = {}
+        for name in groups:
+            safe = sanitize_component(str(name).replace("/", "_"))
+            charts[safe] = ["Multiline", [rf"introspect/{re.escape(safe)}/.*"]]
+        with self._write_errors():
+            experiment.add_custom_scalars({"introspect": charts})
+        _LAYOUT_REGISTERED.add(experiment)
+        self._written()
 
 
 class FileWriter(IntrospectionWriter):
     """Writes images, figures, histograms and text as files under ``root``; scalars to ``loggers``.
 
     Paths: ``<root>/<sanitised tag>/<step>.png|.json|.md``. Without loggers, scalars are appended to
-    ``<root>/scalars.csv``.
+    ``<root>/scalars.csv``. Every file is opened, written and closed within the call.
     """
 
     def __init__(self, root: str | os.PathLike[str], loggers: Sequence[Any] = ()) -> None:
@@ -365,14 +444,14 @@ class FileWriter(IntrospectionWriter):
         self.loggers = list(loggers)
 
     def path(self, tag: str, step: int, suffix: str) -> str:
-        path = os.path.join(self.root, safe_relative_path(tag), f"{int(step):08d}{suffix}")
+        path = os.path.join(self.root, sanitize_tag(tag), f"{int(step):08d}{suffix}")
         if os.path.commonpath([self.root, os.path.abspath(path)]) != self.root:  # defence in depth
             raise ValueError(f"Refusing to write outside the log directory for tag {tag!r}.")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return path
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
-        metrics = {k: float(v) for k, v in values.items()}
+        metrics = {sanitize_tag(k): float(v) for k, v in values.items()}
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
         if not self.loggers:
@@ -401,7 +480,7 @@ class FileWriter(IntrospectionWriter):
             json.dump(record, fh)
 
     def text(self, tag: str, markdown: str, step: int) -> None:
-        with open(self.path(tag, step, ".md"), "w") as fh:
+        with open(self.path(tag, step, ".md"), "w", encoding="utf-8") as fh:
             fh.write(markdown)
 
 
@@ -414,7 +493,28 @@ def _is_tensorboard(logger: Any) -> bool:
         return False
 
 
+#: Where results go without a logger directory: ``<default_root_dir>/<FALLBACK_DIR>/version_<N>``.
+FALLBACK_DIR = "introspect_runs"
+
 _WARNED_FALLBACK: set[str] = set()
+# One fallback directory per trainer (every callback of a fit writes to the same one).
+_FALLBACK_ROOTS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def new_version_dir(parent: str | os.PathLike[str]) -> str:
+    """Create and return ``<parent>/version_<N>`` with ``N`` one more than the largest there (0 first):
+    a new run never writes into an earlier one's directory, also when two start at once."""
+    parent = os.path.abspath(os.fspath(parent))
+    os.makedirs(parent, exist_ok=True)
+    numbers = [int(m.group(1)) for name in os.listdir(parent) if (m := re.fullmatch(r"version_(\d+)", name))]
+    version = max(numbers, default=-1) + 1
+    while True:
+        path = os.path.join(parent, f"version_{version}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            version += 1
 
 
 def writer_for(trainer: Any) -> IntrospectionWriter:
@@ -424,19 +524,26 @@ def writer_for(trainer: Any) -> IntrospectionWriter:
     loggers = list(getattr(trainer, "loggers", []) or [])
     tb = [lg for lg in loggers if type(lg).__name__ == "TensorBoardLogger" or _is_tensorboard(lg)]
     if tb:
-        return TensorBoardWriter(tb[0].experiment, other_loggers=[lg for lg in loggers if lg is not tb[0]])
-    log_dir = None
-    if loggers:
-        log_dir = getattr(loggers[0], "log_dir", None) or getattr(loggers[0], "save_dir", None)
-    if log_dir is None:
-        # not `trainer.log_dir`: it broadcasts, and only rank zero gets here (a DDP deadlock)
-        log_dir = getattr(trainer, "default_root_dir", None) or os.getcwd()
-    root = os.path.join(log_dir, "introspect")
+        return TensorBoardWriter(logger=tb[0], other_loggers=[lg for lg in loggers if lg is not tb[0]])
+    root = getattr(loggers[0], "log_dir", None) if loggers else None
+    if root is None:
+        root = _FALLBACK_ROOTS.get(trainer)
+        if root is None:
+            # not `trainer.log_dir`: it broadcasts, and only rank zero gets here (a DDP deadlock)
+            base = getattr(trainer, "default_root_dir", None) or os.getcwd()
+            root = new_version_dir(os.path.join(base, FALLBACK_DIR))
+            with contextlib.suppress(TypeError):  # a trainer stand-in that takes no weak reference
+                _FALLBACK_ROOTS[trainer] = root
+    root = os.path.abspath(os.fspath(root))
     if root not in _WARNED_FALLBACK:
         _WARNED_FALLBACK.add(root)
+        where = (
+            "scalars go to the trainer's loggers, and images, figures, histograms and tables are written as files"
+            if loggers
+            else "scalars (scalars.csv), images, figures, histograms and tables are written as files"
+        )
         warnings.warn(
-            "lightning_introspect: no TensorBoardLogger on the trainer; scalars go to the trainer's loggers "
-            f"and images, figures, histograms and tables are written as files under {root}.",
+            f"lightning_introspect: no TensorBoardLogger on the trainer; {where} under {root}.",
             stacklevel=2,
         )
     return FileWriter(root, loggers=loggers)

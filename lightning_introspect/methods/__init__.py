@@ -1,7 +1,8 @@
 """Pure torch (+ numpy / sklearn) introspection methods. No Lightning import: usable in a notebook.
 
 Names are imported lazily from their modules, so ``from lightning_introspect.methods import grad_cam``
-does not pay for scikit-learn or torchmetrics.
+does not pay for scikit-learn or torchmetrics. ``lrp`` is the subpackage :mod:`lightning_introspect.methods.lrp`
+(rules, composites, tracing); the function is ``lightning_introspect.methods.lrp.lrp``.
 
 Example:
     >>> import torch
@@ -21,7 +22,10 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "METHODS", "SIGNED_METHODS", "attribute", "auto_layer", "deconvnet", "grad_cam", "guided_backprop",
         "guided_grad_cam", "input_x_gradient", "saliency",
     ),
-    "lrp": ("LRP_RULES", "fold_batchnorm", "lrp", "lrp_unsupported"),
+    "lrp": (
+        "LRP_RULES", "AlphaBeta", "Composite", "Epsilon", "Flat", "Gamma", "WSquare", "ZBox", "ZPlus", "fold_batchnorm",
+        "lrp_unsupported",
+    ),
     "localization": ("chance_level", "energy_in_mask", "pointing_game"),
     "targets": ("RegionTarget", "target_indices", "target_scores"),
     "weights": (
@@ -42,11 +46,14 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "diversity", "fit_autoencoder_prior", "high_frequency_fraction", "layer", "neuron", "objective_values",
         "stack_objectives", "visualize_features",
     ),
+    "similarity": ("map_similarity", "spearman_similarity", "ssim_similarity"),
     "randomization": (
-        "Caveat", "SanityCaveatWarning", "SanityReport", "cascading_randomization", "class_sensitivity",
-        "decide_verdicts", "detect_caveats", "independent_randomization", "map_similarity", "randomization_blocks",
-        "reinitialize_", "run_sanity_checks", "spearman_similarity", "ssim_similarity", "verdict_score",
+        "cascading_randomization", "independent_randomization", "randomization_blocks", "randomization_curves",
+        "reinitialize_",
     ),
+    "class_check": ("class_sensitivity",),
+    "caveats": ("Caveat", "SanityCaveatWarning", "detect_caveats"),
+    "sanity_report": ("SanityReport", "decide_verdicts", "run_sanity_checks", "verdict_score"),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 
@@ -64,9 +71,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
-
-# `lrp` names both a submodule and its function. Importing the submodule, whenever it first happens,
-# makes the package attribute `lrp` the module, so a lazy `from lightning_introspect.methods import lrp`
-# would return the module or the function depending on import order. Import it here, once, and bind the
-# function after it (the submodule stays reachable as `lightning_introspect.methods.lrp` in sys.modules).
-from lightning_introspect.methods.lrp import lrp  # noqa: E402, F401

@@ -156,8 +156,8 @@ def _input_dtype(model: nn.Module) -> torch.dtype:
 def _model_device(model: nn.Module, inputs: torch.Tensor) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for buffer in model.buffers():
+        return buffer.device
     return inputs.device
 
 
@@ -514,15 +514,6 @@ def _lrp(model: nn.Module, inputs: torch.Tensor, target: Target, **options: Any)
     return lrp(model, inputs, target, **options)
 
 
-def lrp_available() -> bool:
-    """Whether ``lightning_introspect.methods.lrp`` can be imported."""
-    try:
-        from lightning_introspect.methods.lrp import lrp  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "saliency": saliency,
     "input_x_gradient": input_x_gradient,
@@ -648,8 +639,11 @@ def attribute(
             for i, step in enumerate(steps):
                 retain = i < len(steps) - 1
                 if step == "plain":
-                    wrt = ([fwd.x] if want_plain_x else []) + ([fwd.activation] if want_cam else [])
-                    got = fwd.grad(wrt, retain=retain)  # type: ignore[arg-type]
+                    wrt = [fwd.x] if want_plain_x else []
+                    if want_cam:
+                        assert fwd.activation is not None  # captured: a layer method was asked for
+                        wrt.append(fwd.activation)
+                    got = fwd.grad(wrt, retain=retain)
                     if want_plain_x:
                         grads["x"] = got[0]
                     if want_cam:
@@ -678,7 +672,7 @@ def attribute(
             elif name == "guided_grad_cam":
                 assert cam is not None
                 plain_cam = cam if cam_opts.get("relu", True) else F.relu(cam)
-                guided = grads.get("guided_plain", grads.get("guided"))
+                guided = grads["guided_plain"] if "guided_plain" in grads else grads["guided"]
                 results[name] = guided * _upsample(plain_cam, inputs)
     if "lrp" in names:
         results["lrp"] = _lrp(model, inputs, target, **options.get("lrp", {}))

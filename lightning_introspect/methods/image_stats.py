@@ -136,10 +136,12 @@ def image_statistics(x: torch.Tensor, names: Sequence[str] | None = None) -> dic
     if bad:
         raise ValueError(f"Expected `statistics` to be among {', '.join(map(repr, STATISTICS))}, but got {bad}.")
     x = _check_images(x)
-    gray = to_gray(x) if any(n in _GRAY_STAT_FNS for n in names) else None
+    gray: torch.Tensor | None = None  # converted once, on the first statistic that reads it
     out = {}
     for n in names:
         if n in _GRAY_STAT_FNS:
+            if gray is None:
+                gray = to_gray(x)
             out[n] = _GRAY_STAT_FNS[n](gray)
         elif x.shape[1] == 3:
             out[n] = _STAT_FNS[n](x)

@@ -13,7 +13,7 @@ This module holds the pure parts (torch + numpy + scikit-learn, no Lightning):
   the first N samples), at most ``max_samples x width`` floats per layer;
 * :func:`fit_probe` / :func:`fit_probes` standardise, split (stratified, seeded), fit and score the
   probe with either solver: scikit-learn ``LogisticRegression`` (lbfgs) or the same model in torch
-  (full-batch L-BFGS on the features' device). Both can warm-start from a previous fit.
+  (``torch.optim.LBFGS``, full batch, on the features' device). Both can warm-start from a previous fit.
 
 Example:
     >>> import torch
@@ -31,9 +31,9 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -189,7 +189,9 @@ class RandomProjection:
 
     @property
     def device(self) -> torch.device:
-        return (self.matrix if self.matrix is not None else self.buckets).device
+        tensor = self.matrix if self.matrix is not None else self.buckets
+        assert tensor is not None  # __init__ builds either the matrix or the sketch
+        return tensor.device
 
     def to(self, device: torch.device | str) -> RandomProjection:
         """Move the projection to ``device`` (in place); returns itself."""
@@ -209,6 +211,7 @@ class RandomProjection:
         with _no_autocast(x.device):  # hooks run inside the model's autocast region: keep fp32
             if self.matrix is not None:
                 return x @ self.matrix
+            assert self.buckets is not None and self.signs is not None  # the sketch, when there is no matrix
             out = x.new_zeros(x.shape[0], self.out_features)
             return out.index_add_(1, self.buckets, x * self.signs)
 
@@ -413,24 +416,20 @@ def probe_split(labels: ArrayLike, test_fraction: float = 0.3, seed: int = 0) ->
 
 
 def classification_scores(y_true: ArrayLike, y_pred: ArrayLike) -> tuple[float, float]:
-    """``(accuracy, macro_f1)``; macro-F1 averages over the classes present in ``y_true`` or ``y_pred``
-    (as ``sklearn.metrics.f1_score(average="macro")``).
+    """``(accuracy, macro_f1)`` by scikit-learn; macro-F1 averages over the classes present in ``y_true``
+    or ``y_pred`` (``f1_score(average="macro")``).
 
     Example:
         >>> classification_scores(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]))
         (0.75, 0.7333333333333334)
     """
+    from sklearn.metrics import accuracy_score, f1_score
+
     t = y_true.detach().cpu().numpy() if isinstance(y_true, torch.Tensor) else np.asarray(y_true)
     p = y_pred.detach().cpu().numpy() if isinstance(y_pred, torch.Tensor) else np.asarray(y_pred)
     if t.size == 0:
         return float("nan"), float("nan")
-    accuracy = float((t == p).mean())
-    classes = np.union1d(t, p)
-    tp = np.array([np.sum((t == c) & (p == c)) for c in classes], dtype=np.float64)
-    fp = np.array([np.sum((t != c) & (p == c)) for c in classes], dtype=np.float64)
-    fn = np.array([np.sum((t == c) & (p != c)) for c in classes], dtype=np.float64)
-    f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1e-12)
-    return accuracy, float(f1.mean())
+    return float(accuracy_score(t, p)), float(f1_score(t, p, average="macro", zero_division=0.0))
 
 
 def _as_numpy(x: ArrayLike, dtype: Any) -> np.ndarray:
@@ -439,7 +438,7 @@ def _as_numpy(x: ArrayLike, dtype: Any) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
-def _warm_ok(state: Mapping[str, Any] | None, solver: str, classes: np.ndarray, n_features: int) -> bool:
+def _warm_ok(state: Mapping[str, Any] | None, solver: str, classes: np.ndarray, n_features: int) -> TypeGuard[Mapping[str, Any]]:
     return (
         state is not None
         and state.get("solver") == solver
@@ -506,197 +505,58 @@ def _softmax_objective(
     return f, grad
 
 
-def _lbfgs_direction(g: torch.Tensor, pairs: torch.Tensor, valid: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """``-H g`` for the L-BFGS inverse-Hessian estimate ``H`` of every problem, in compact form.
-
-    Byrd, Nocedal & Schnabel (1994), eq. 3.1: with the pairs ``S``, ``Y`` (oldest first), ``R`` the upper
-    triangle of ``S^T Y`` and ``D`` its diagonal,
-    ``H = gamma I + [S  gamma Y] [[R^-T (D + gamma Y^T Y) R^-1, -R^-T], [-R^-1, 0]] [S  gamma Y]^T``.
-    ``pairs`` is ``(L, 2m, P)``: the ``m`` steps ``s`` then the ``m`` gradient changes ``y``, so three batched
-    products and two triangular solves replace the two-loop recursion's ``4 m`` vector operations.
-    Unused or rejected pairs are zero with ``R_ii = 1``, which makes them drop out exactly. The small
-    ``2m x 2m`` algebra runs in float64.
-    """
-    m = pairs.shape[1] // 2
-    gram = torch.bmm(pairs, pairs.transpose(1, 2)).double()
-    proj = torch.bmm(pairs, g.unsqueeze(2)).double()
-    sy, yy = gram[:, :m, m:], gram[:, m:, m:]
-    r = torch.triu(sy) + torch.diag_embed((~valid).double())
-    gam = gamma.double()[:, None, None]
-    a = torch.linalg.solve_triangular(r, proj[:, :m], upper=True)
-    v = torch.diagonal(sy, dim1=1, dim2=2).unsqueeze(2) * a + gam * (torch.bmm(yy, a) - proj[:, m:])
-    top = torch.linalg.solve_triangular(r.transpose(1, 2), v, upper=False)
-    coeffs = torch.cat([top, -gam * a], 1).to(g.dtype)
-    return -(gamma[:, None] * g + torch.bmm(pairs.transpose(1, 2), coeffs).squeeze(2))
-
-
-def _lbfgs(
-    fun: Callable[[torch.Tensor, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]],
-    theta: torch.Tensor,
-    *,
-    max_iter: int,
-    tol: float,
-    history: int = 10,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Minimise ``L`` independent smooth convex problems at once with L-BFGS; returns ``(theta, n_iter)``.
-
-    ``theta`` is ``(L, ...)``; ``fun(theta_rows, rows) -> (f (len(rows),), grad like theta_rows)``
-    evaluates the problems ``rows`` (a tuple of indices into ``L``) in one call: batched tensor ops, the
-    point of fitting all layers' probes together. Each problem has its own curvature pairs, step and
-    stopping rule: it stops when the largest absolute gradient entry is at most ``tol`` (scipy's
-    ``pgtol``, which sklearn's lbfgs uses), when its line search cannot decrease the objective any
-    more, or after ``max_iter`` iterations; finished problems leave the batch (``rows`` shrinks), so
-    they cost nothing more. Steps come from a backtracking (Armijo) line search from the unit step;
-    pairs without positive curvature are not stored.
-    """
-    shape = theta.shape
-    out = theta.reshape(shape[0], -1).clone()
-    n_iter = torch.zeros(shape[0], dtype=torch.long, device=theta.device)
-    rows = tuple(range(shape[0]))
-
-    def flat(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f, g = fun(t.reshape(len(rows), *shape[1:]), rows)
-        return f, g.reshape(len(rows), -1)
-
-    theta = out.clone()
-    f, g = flat(theta)
-    pairs = theta.new_zeros(len(rows), 2 * history, theta.shape[1])  # s_1..s_m, y_1..y_m (oldest first)
-    valid = torch.zeros(len(rows), history, dtype=torch.bool, device=theta.device)
-    gamma = theta.new_ones(len(rows))
-    done = g.abs().amax(1) <= tol
-    for it in range(max_iter + 1):
-        if bool(done.any()):  # finished problems leave the batch
-            index = torch.as_tensor(rows, device=theta.device)
-            out[index[done]] = theta[done]
-            keep = ~done
-            rows = tuple(r for r, k in zip(rows, keep.tolist()) if k)
-            theta, f, g, pairs, valid, gamma = theta[keep], f[keep], g[keep], pairs[keep], valid[keep], gamma[keep]
-        if not rows or it == max_iter:
-            break
-        d = _lbfgs_direction(g, pairs, valid, gamma)
-        slope = (g * d).sum(1)
-        uphill = slope >= 0  # numerical trouble: fall back to steepest descent
-        if bool(uphill.any()):
-            d = torch.where(uphill[:, None], -g, d)
-            slope = torch.where(uphill, -(g * g).sum(1), slope)
-        step = torch.ones_like(f) if it else (1.0 / g.abs().sum(1).clamp_min(1e-12)).clamp_max(1.0)
-        accepted = torch.zeros_like(done[: len(rows)])
-        new_theta, new_f, new_g = theta, f, g
-        for _ in range(30):
-            trial = theta + step[:, None] * d
-            f_t, g_t = flat(trial)
-            ok = ~accepted & (f_t <= f + 1e-4 * step * slope)
-            new_theta = torch.where(ok[:, None], trial, new_theta)
-            new_f = torch.where(ok, f_t, new_f)
-            new_g = torch.where(ok[:, None], g_t, new_g)
-            accepted = accepted | ok
-            if bool(accepted.all()):
-                break
-            step = torch.where(accepted, step, 0.5 * step)
-        s, y = new_theta - theta, new_g - g
-        sy = (s * y).sum(1)
-        fresh = accepted & (sy > 1e-10)
-        keep_pair = fresh.to(s.dtype)[:, None, None]
-        pairs = torch.cat(
-            [pairs[:, 1:history], s.unsqueeze(1) * keep_pair, pairs[:, history + 1 :], y.unsqueeze(1) * keep_pair], 1
-        )
-        valid = torch.cat([valid[:, 1:], fresh[:, None]], 1)
-        gamma = torch.where(fresh, sy / (y * y).sum(1).clamp_min(1e-30), gamma)
-        n_iter[list(rows)] += 1
-        theta, f, g = new_theta, new_f, new_g
-        done = ~accepted | (g.abs().amax(1) <= tol)  # not accepted: no decrease left at float precision
-    if rows:
-        out[torch.as_tensor(rows, device=theta.device)] = theta
-    return out.reshape(shape), n_iter
-
-
-_PAD_FREE_VALUES = 1 << 17  # a probe problem this small (samples x width) costs per-op overhead, not FLOPs
-
-
-def _width_groups(widths: Sequence[int], n: int) -> list[list[int]]:
-    """Layers fitted together (indices, narrowest first): each group is zero-padded to its widest layer,
-    so a layer joins the group of narrower ones when it is at most twice as wide as the group's narrowest,
-    or small enough (``n x width`` at most ``_PAD_FREE_VALUES``) that padding costs nothing measurable."""
-    groups: list[list[int]] = []
-    for i in sorted(range(len(widths)), key=lambda j: widths[j]):
-        if groups and (widths[i] <= 2 * widths[groups[-1][0]] or n * widths[i] <= _PAD_FREE_VALUES):
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
-
-
-def _group_objective(
-    ztr: torch.Tensor, onehot_t: torch.Tensor, penalty: float
-) -> Callable[[torch.Tensor, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`_softmax_objective` over a group's probe-train features ``(L, n, D)``, as :func:`_lbfgs`
-    calls it: the features of the problems still running are sliced out once each time some finish."""
-    ztr_t = ztr.transpose(1, 2).contiguous()
-    subsets = {tuple(range(ztr.shape[0])): (ztr_t, ztr)}
-
-    def objective(theta: torch.Tensor, rows: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        if rows not in subsets:
-            index = torch.as_tensor(rows, device=ztr.device)
-            subsets.clear()
-            subsets[rows] = (ztr_t[index], ztr[index])
-        return _softmax_objective(*subsets[rows], onehot_t, theta, penalty)
-
-    return objective
-
-
 def _fit_torch(
-    xs: Sequence[torch.Tensor], y: torch.Tensor, train: np.ndarray, test: np.ndarray, *, C: float, max_iter: int,
-    tol: float, warm_starts: Sequence[Mapping[str, Any] | None],
-) -> list[tuple[np.ndarray, np.ndarray, int, dict[str, Any]]]:
-    """Fit one probe per feature matrix in ``xs`` (rows aligned with ``y``) with batched L-BFGS.
+    x: torch.Tensor, y: torch.Tensor, train: np.ndarray, test: np.ndarray, *, C: float, max_iter: int, tol: float,
+    warm_start: Mapping[str, Any] | None,
+) -> tuple[np.ndarray, np.ndarray, int, dict[str, Any]]:
+    """Fit one probe on ``x`` (rows aligned with ``y``) with ``torch.optim.LBFGS`` on the features' device.
 
-    Layers of similar width (:func:`_width_groups`) are fitted as one batch, narrower ones zero-padded
-    to the widest: a zero feature keeps a zero weight under the L2 penalty, so each probe is exactly its
-    own problem. Returns ``(pred_train, pred_test, n_iter, state)`` per layer.
+    The objective is sklearn's (:func:`_softmax_objective`, its gradient written out: no autograd graph, no
+    ``.backward()``), minimised with a strong-Wolfe line search and history 10 until the largest absolute
+    gradient entry is at most ``tol`` (scipy's ``pgtol``, which sklearn's lbfgs uses) or ``max_iter``
+    iterations. ``benchmarks/bench_probes.py`` compares it with scikit-learn and measures the time.
+    Returns ``(pred_train, pred_test, n_iter, state)``.
     """
-    device = xs[0].device
-    small_cpu = device.type == "cpu" and sum(x.numel() for x in xs) <= _SMALL_CPU_PROBLEM
-    with (
-        torch.inference_mode(False),
-        torch.no_grad(),
-        _no_autocast(device),
-        torch_threads(1 if small_cpu else None),
-    ):
+    device = x.device
+    small_cpu = device.type == "cpu" and x.numel() <= _SMALL_CPU_PROBLEM
+    with torch.inference_mode(False), torch.no_grad(), _no_autocast(device), torch_threads(1 if small_cpu else None):
         tr = torch.as_tensor(train, device=device)
         te = torch.as_tensor(test, device=device)
         y = y.detach().to(device=device, dtype=torch.long).clone()
         classes = torch.unique(y[tr])
         classes_np = classes.cpu().numpy()
-        k, n = classes.numel(), y.shape[0]
+        k, width = classes.numel(), int(x.shape[1])
         onehot_t = F.one_hot(torch.searchsorted(classes, y[tr]), k).float().T.contiguous()
         # sklearn's objective: C * sum(cross-entropy) + ||W||^2 / 2, divided by C * n (the bias is not penalised).
         penalty = 0.5 / (C * max(1, tr.numel()))
-        widths = [int(x.shape[1]) for x in xs]
-        fits: list[Any] = [None] * len(xs)
-        for group in _width_groups(widths, n):
-            width = max(widths[i] for i in group)
-            z = torch.zeros(len(group), n, width, device=device)
-            theta = torch.zeros(len(group), k, width + 1, device=device)  # weights | bias
-            for j, i in enumerate(group):
-                z[j, :, : widths[i]] = _standardise(xs[i].detach().to(device=device, dtype=torch.float32), tr)
-                warm = warm_starts[i]
-                if _warm_ok(warm, "torch", classes_np, widths[i]):
-                    theta[j, :, : widths[i]] = torch.as_tensor(np.asarray(warm["coef"]), dtype=torch.float32, device=device)
-                    theta[j, :, -1] = torch.as_tensor(np.asarray(warm["intercept"]), dtype=torch.float32, device=device)
-            objective = _group_objective(z[:, tr], onehot_t, penalty)
-            theta, n_iter = _lbfgs(objective, theta, max_iter=max_iter, tol=tol)
-            pred = classes[torch.baddbmm(theta[..., -1].unsqueeze(1), z, theta[..., :-1].transpose(1, 2)).argmax(2)]
-            pred_train, pred_test = pred[:, tr].cpu().numpy(), pred[:, te].cpu().numpy()
-            coef, intercept, iters = theta[..., :-1].cpu().numpy(), theta[..., -1].cpu().numpy(), n_iter.tolist()
-            for j, i in enumerate(group):
-                state = {
-                    "solver": "torch",
-                    "classes": classes_np,
-                    "coef": coef[j, :, : widths[i]].copy(),
-                    "intercept": intercept[j].copy(),
-                }
-                fits[i] = (pred_train[j], pred_test[j], int(iters[j]), state)
-    return fits
+        z = _standardise(x.detach().to(device=device, dtype=torch.float32), tr)
+        ztr = z[tr].unsqueeze(0)
+        ztr_t = ztr.transpose(1, 2).contiguous()
+        theta = torch.zeros(1, k, width + 1, device=device)  # weights | bias
+        if _warm_ok(warm_start, "torch", classes_np, width):
+            theta[0, :, :-1] = torch.as_tensor(np.asarray(warm_start["coef"]), dtype=torch.float32, device=device)
+            theta[0, :, -1] = torch.as_tensor(np.asarray(warm_start["intercept"]), dtype=torch.float32, device=device)
+        optimizer = torch.optim.LBFGS(
+            [theta], lr=1.0, max_iter=max_iter, tolerance_grad=tol, history_size=10, line_search_fn="strong_wolfe"
+        )
+
+        def closure() -> torch.Tensor:
+            with torch.no_grad():  # LBFGS.step enables grad around the closure; nothing here needs it
+                f, grad = _softmax_objective(ztr_t, ztr, onehot_t, theta, penalty)
+            theta.grad = grad
+            return f[0]
+
+        optimizer.step(closure)
+        n_iter = int(optimizer.state[theta].get("n_iter", 0))
+        coef, intercept = theta[0, :, :-1], theta[0, :, -1]
+        pred = classes[torch.addmm(intercept, z, coef.T).argmax(1)]
+        state = {
+            "solver": "torch",
+            "classes": classes_np,
+            "coef": coef.cpu().numpy().copy(),
+            "intercept": intercept.cpu().numpy().copy(),
+        }
+        return pred[tr].cpu().numpy(), pred[te].cpu().numpy(), n_iter, state
 
 
 def fit_probe(
@@ -720,9 +580,9 @@ def fit_probe(
 
     * ``solver="sklearn"``: ``sklearn.linear_model.LogisticRegression(solver="lbfgs")`` on CPU numpy
       arrays (thread-safe; the callback runs it in a background worker);
-    * ``solver="torch"``: the same objective, its gradient written out (no autograd), minimised by our
-      L-BFGS (backtracking line search) on the features' device; works inside ``torch.inference_mode``.
-      :func:`fit_probes` fits several layers' probes as one batched problem with it.
+    * ``solver="torch"``: the same objective, its gradient written out (no autograd), minimised by
+      ``torch.optim.LBFGS`` (strong-Wolfe line search) on the features' device (the GPU, where the model
+      is); works inside ``torch.inference_mode``.
 
     Args:
         features: ``(n, D)`` features (tensor or array).
@@ -763,11 +623,8 @@ def fit_probes(
 ) -> dict[str, ProbeResult]:
     """:func:`fit_probe` for several layers on the same samples, with one shared split.
 
-    With ``solver="torch"`` all layers are fitted together, as one batched L-BFGS problem (a few dozen
-    small tensor ops per iteration for every layer at once instead of per layer); each layer keeps its
-    own step, history and stopping rule, so the result is each layer's own fit. ``ProbeResult.seconds``
-    is then the shared time divided equally among the layers. With ``"sklearn"`` the layers are fitted
-    one after the other.
+    The layers are fitted one after the other, each its own problem; ``ProbeResult.seconds`` is each
+    layer's own time (the first also carries the split).
 
     Args:
         features: layer name -> ``(n, D_layer)`` features (rows aligned with ``labels``).
@@ -813,15 +670,13 @@ def fit_probes(
             ))
             seconds.append(time.perf_counter() - (begin if seconds else start))  # the first carries the split
     else:
-        xs = [
-            x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, dtype=np.float32))
-            for x in (features[name] for name in names)
-        ]
-        fits = _fit_torch(
-            xs, torch.as_tensor(y_np), train, test, C=C, max_iter=max_iter, tol=tol,
-            warm_starts=[warm_start.get(name) for name in names],
-        )
-        seconds = [(time.perf_counter() - start) / len(names)] * len(names)
+        y_t = torch.as_tensor(y_np)
+        for name in names:
+            begin = time.perf_counter()
+            x = features[name]
+            x = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x, dtype=np.float32))
+            fits.append(_fit_torch(x, y_t, train, test, C=C, max_iter=max_iter, tol=tol, warm_start=warm_start.get(name)))
+            seconds.append(time.perf_counter() - (begin if seconds else start))
     results = {}
     for name, (pred_train, pred_test, n_iter, state), secs in zip(names, fits, seconds, strict=True):
         accuracy, macro_f1 = classification_scores(y_np[test], pred_test)

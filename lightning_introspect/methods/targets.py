@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 
@@ -73,6 +74,12 @@ def _class_ids(output: torch.Tensor, target: object, argument: str) -> torch.Ten
     return ids
 
 
+@overload
+def target_indices(
+    output: torch.Tensor, target: int | Sequence[int] | torch.Tensor | str | RegionTarget, *, argument: str = ...
+) -> torch.Tensor: ...
+@overload
+def target_indices(output: torch.Tensor, target: Target, *, argument: str = ...) -> torch.Tensor | None: ...
 def target_indices(output: torch.Tensor, target: Target, *, argument: str = "target") -> torch.Tensor | None:
     """The per-sample class ids a target stands for, or ``None`` for callables."""
     if callable(target) and not isinstance(target, (torch.Tensor, RegionTarget)):
@@ -98,6 +105,9 @@ def target_scores(output: torch.Tensor, target: Target, *, argument: str = "targ
             raise ValueError(f"A RegionTarget in `{argument}` needs an (N, C, H, W) output, but the model gave {tuple(output.shape)}.")
         ids = _class_ids(output, target.class_id, argument)
         mask = torch.as_tensor(target.mask, device=output.device)
+        if ids.is_inference() or mask.is_inference():  # see below
+            with torch.inference_mode(False):
+                ids, mask = ids.clone(), mask.clone()
         if mask.shape[-2:] != output.shape[-2:] or mask.ndim not in (2, 3) or (mask.ndim == 3 and mask.shape[0] not in (1, n)):
             raise ValueError(f"Expected the RegionTarget mask of shape (H, W) or (N, H, W) matching the output's {tuple(output.shape[-2:])}, but got {tuple(mask.shape)}.")
         picked = output.gather(1, ids.view(n, 1, 1, 1).expand(n, 1, *output.shape[-2:])).squeeze(1)
@@ -108,5 +118,8 @@ def target_scores(output: torch.Tensor, target: Target, *, argument: str = "targ
             raise ValueError(f"Expected the callable `{argument}` to return one score per sample, shape ({n},), but got {getattr(scores, 'shape', type(scores))}.")
         return scores
     ids = _class_ids(output, target, argument)
+    if ids.is_inference():  # made inside a validation hook: autograd cannot save it, an ordinary copy it can
+        with torch.inference_mode(False):
+            ids = ids.clone()
     picked = output.gather(1, ids.view(n, 1, *([1] * (output.ndim - 2))).expand(n, 1, *output.shape[2:]))
     return picked.flatten(1).sum(1)

@@ -34,11 +34,14 @@ import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar, overload
 
 import numpy as np
 import torch
 
 from lightning_introspect._torch.guards import one_blas_thread, torch_threads
+
+K = TypeVar("K", bound=Hashable)  # the caller's keys (layer names, ...), kept in the results
 
 __all__ = [
     "DriftStats",
@@ -139,7 +142,7 @@ class DriftStats:
 
 
 # ------------------------------------------------------------------------------------------ histograms
-def _as_items(tensors: Mapping[Hashable, torch.Tensor] | Sequence[torch.Tensor]) -> list[tuple[Hashable, torch.Tensor]]:
+def _as_items(tensors: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor]) -> list[tuple[Any, torch.Tensor]]:
     if isinstance(tensors, Mapping):
         items = list(tensors.items())
     elif isinstance(tensors, torch.Tensor):
@@ -460,8 +463,8 @@ def _device_histograms(xs: Sequence[torch.Tensor], bins: int) -> list[_Result]:
         if math.isfinite(mn) and math.isfinite(mx):
             continue
         x = xs[i]
-        counts = torch.stack([torch.isnan(x).sum(), (x == math.inf).sum(), (x == -math.inf).sum()])
-        nonfinite[i] = tuple(int(v) for v in counts.tolist())  # type: ignore[assignment]
+        n_nan, n_pos_inf, n_neg_inf = torch.stack([torch.isnan(x).sum(), (x == math.inf).sum(), (x == -math.inf).sum()]).tolist()
+        nonfinite[i] = (int(n_nan), int(n_pos_inf), int(n_neg_inf))
         finite = x[torch.isfinite(x)]
         xs[i] = finite
         if finite.numel():
@@ -474,9 +477,13 @@ def _device_histograms(xs: Sequence[torch.Tensor], bins: int) -> list[_Result]:
     return [(s, r, c, x.numel(), nf) for s, r, c, x, nf in zip(stats, ranges, counts, xs, nonfinite)]
 
 
+@overload
+def histograms(tensors: Mapping[K, torch.Tensor], *, bins: int = ...) -> dict[K, HistogramStats]: ...
+@overload
+def histograms(tensors: Sequence[torch.Tensor], *, bins: int = ...) -> dict[int, HistogramStats]: ...
 def histograms(
-    tensors: Mapping[Hashable, torch.Tensor] | Sequence[torch.Tensor], *, bins: int = 32
-) -> dict[Hashable, HistogramStats]:
+    tensors: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor], *, bins: int = 32
+) -> dict[Any, HistogramStats]:
     """Histograms of many tensors, each over its own finite value range, computed on their devices.
 
     On an accelerator: two phases, each ending in one small device-to-CPU transfer per device: (1) min,
@@ -540,7 +547,7 @@ def histograms(
                 results[i] = done
 
     # every tensor's edges in one call (row i equals np.linspace(lo_i, hi_i, bins + 1) bit for bit)
-    done_results: list[_Result] = results  # type: ignore[assignment]
+    done_results: list[_Result] = results  # type: ignore[assignment]  # every slot was filled above
     bounds = np.array([r[1] for r in done_results], dtype=np.float64).reshape(-1, 2)
     with np.errstate(over="ignore", invalid="ignore"):
         edge_rows = np.linspace(bounds[:, 0], bounds[:, 1], bins + 1, axis=-1)
@@ -548,7 +555,7 @@ def histograms(
     if beyond.any():
         edge_rows[beyond] = 2 * np.linspace(bounds[beyond, 0] / 2, bounds[beyond, 1] / 2, bins + 1, axis=-1)
     all_edges = torch.from_numpy(edge_rows).unbind(0)
-    out: dict[Hashable, HistogramStats] = {}
+    out: dict[Any, HistogramStats] = {}
     for (key, _), numel, edges, (row, _, counts, num, nonfinite) in zip(items, numels, all_edges, done_results):
         nan, posinf, neginf = nonfinite or (0, 0, 0)
         out[key] = HistogramStats(
@@ -726,12 +733,12 @@ def _key_seed(seed: int, key: Hashable) -> int:
 
 
 def drift(
-    current: Mapping[Hashable, torch.Tensor],
-    initial: Mapping[Hashable, torch.Tensor],
+    current: Mapping[K, torch.Tensor],
+    initial: Mapping[K, torch.Tensor],
     *,
     max_samples: int = DEFAULT_MAX_SAMPLES,
     seed: int = 0,
-) -> dict[Hashable, DriftStats]:
+) -> dict[K, DriftStats]:
     """Relative change, cosine distance and Wasserstein distance of every tensor from its initial value.
 
     The initial tensors may live on the CPU: each is moved to its current tensor's device one at a time
@@ -760,8 +767,8 @@ def drift(
     for key, w in current.items():
         _check_same_shape(w, initial[key], key)
 
-    raw: dict[Hashable, list[float]] = {}
-    by_device: dict[torch.device, list[Hashable]] = {}
+    raw: dict[K, list[float]] = {}
+    by_device: dict[torch.device, list[K]] = {}
     for key, w in current.items():
         by_device.setdefault(w.device, []).append(key)
     with torch.no_grad():
@@ -796,7 +803,7 @@ def drift(
             for key, row in zip(keys, torch.stack(rows).cpu().double().tolist()):
                 raw[key] = row
 
-    out: dict[Hashable, DriftStats] = {}
+    out: dict[K, DriftStats] = {}
     for key in current:
         d, n, n0, w1 = raw[key]
         out[key] = DriftStats(

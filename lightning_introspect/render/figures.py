@@ -24,7 +24,7 @@ def set_margins(
         >>> from matplotlib.figure import Figure
         >>> fig = Figure(figsize=(4, 3))
         >>> set_margins(fig, left=0.8)
-        >>> round(fig.subplotpars.left, 2)
+        >>> round(float(fig.subplotpars.left), 2)
         0.2
     """
     w, h = fig.get_size_inches()

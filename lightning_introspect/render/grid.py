@@ -87,7 +87,7 @@ def captioned_grid(
     tiles = (imgs.detach().float().cpu().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
     tiles = tiles.expand(-1, 3, -1, -1) if c == 1 else tiles[:, :3]
     canvas = torch.full((height, width, 3), 255, dtype=torch.uint8)
-    spots = []
+    spots: list[tuple[float, float]] = []  # caption anchors (x, y) in output pixels
     for i in range(n):
         r, col = divmod(i, ncol)
         top, left = top_margin + pad + r * (h + band), left_margin + pad + col * (w + pad)

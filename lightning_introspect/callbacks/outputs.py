@@ -1,0 +1,178 @@
+"""Where the callbacks find logits and labels: in what ``validation_step`` returned, in the module's own
+forward during that step, or, failing both, in a forward of the batch's inputs of their own.
+
+Users write ``validation_step`` in many ways: returning the logits, a dict with ``"logits"``, a dict
+with the loss and integer ``"preds"``, only the loss, or nothing. One set of rules, used by every
+callback, decides what counts as logits:
+
+* ``output_transform(output)`` when the user gave one (its result is trusted);
+* else the first *floating* tensor among: the output itself, a dict's ``"logits"`` / ``"preds"`` /
+  ``"y_hat"`` / ``"outputs"``, an object's ``.logits`` (Hugging Face outputs), a tuple's items --
+  and only when it has one row per sample of the batch (a scalar loss never passes);
+* else the output of the LightningModule's own ``forward`` during the step (:class:`OutputCapture`,
+  a forward hook that only keeps a reference);
+* else one extra forward of the batch's inputs (:meth:`LogitsSource.logits`): eval mode, no grad,
+  global RNG forked. Its time counts in the callback's ``seconds_total``; the first use says so
+  once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from lightning_introspect._torch.guards import introspection_mode
+from lightning_introspect._torch.hooks import hooks, output_as_tensor
+from lightning_introspect.callbacks.base import IntrospectionInputError, split_batch
+
+_OUTPUT_KEYS = ("logits", "preds", "y_hat", "outputs", "output")
+
+
+def _candidates(output: Any) -> list[Any]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [output.get(k) for k in _OUTPUT_KEYS]
+    found = [getattr(output, "logits", None)]
+    if isinstance(output, (tuple, list)):
+        found += list(output)
+    return found
+
+
+def extract_logits(output: Any, output_transform: Callable[[Any], Any] | None = None, *, batch_size: int | None = None) -> torch.Tensor | None:
+    """Logits from what ``validation_step`` (or ``forward``) returned; ``None`` if there are none.
+
+    With ``output_transform`` its result is used as is (integer class ids included). Otherwise the
+    first floating tensor of the output (see the module docstring) with at least one dimension and,
+    when ``batch_size`` is given, that many rows.
+
+    Example:
+        >>> extract_logits({"loss": torch.tensor(0.3), "logits": torch.zeros(4, 3)}).shape
+        torch.Size([4, 3])
+        >>> extract_logits(torch.tensor(0.3), batch_size=4) is None  # a loss is not logits
+        True
+        >>> extract_logits({"preds": torch.tensor([1, 0])}) is None  # class ids are not logits
+        True
+    """
+    if output_transform is not None:
+        output = output_transform(output)
+        if output is not None and not isinstance(output, torch.Tensor):
+            raise IntrospectionInputError(
+                f"Expected `output_transform` to return a tensor of logits, but it returned {type(output).__name__}."
+            )
+        return output
+    for value in _candidates(output):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim >= 1:
+            if batch_size is None or value.shape[0] == batch_size:
+                return value
+    return None
+
+
+def logits_only(model: Any, output_transform: Callable[[Any], Any] | None = None) -> Any:
+    """A context in which ``model(x)`` returns :func:`extract_logits` of its output (for the methods, which
+    need one tensor); see :func:`lightning_introspect._torch.hooks.output_as_tensor`."""
+    return output_as_tensor(model, lambda out: extract_logits(out, output_transform))
+
+
+def extract_targets(batch: Any, target_transform: Callable[[Any], Any] | None = None) -> torch.Tensor:
+    """Labels from a batch: ``target_transform(batch)`` or :func:`split_batch`'s targets."""
+    target = target_transform(batch) if target_transform is not None else split_batch(batch)[1]
+    if not isinstance(target, torch.Tensor):
+        raise IntrospectionInputError(
+            "Cannot find the labels in the validation batch: return (inputs, labels) / a dict with a 'y', "
+            "'target' or 'label' key, or pass `target_transform` (a callable batch -> labels tensor)."
+        )
+    return target
+
+
+def batch_size_of(batch: Any) -> int | None:
+    """The number of samples in a batch (its inputs' first dimension), ``None`` if it cannot be read."""
+    try:
+        x, _ = split_batch(batch)
+    except ValueError:
+        return None
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim else None
+
+
+class OutputCapture:
+    """Keeps the last output of a module's forward while it is attached.
+
+    The hook only stores a reference (no extra forward pass); :meth:`detach` removes it. Used across
+    Lightning hooks, so it owns an ``ExitStack`` around :func:`hooks` that :meth:`detach` closes.
+    Pickles empty (hooks cannot be pickled): a copy is detached.
+    """
+
+    def __init__(self) -> None:
+        self.output: Any = None
+        self._stack: contextlib.ExitStack | None = None
+
+    def attach(self, module: torch.nn.Module) -> None:
+        self.detach()
+        self._stack = contextlib.ExitStack()
+        handles = self._stack.enter_context(hooks())
+        handles.append(module.register_forward_hook(self._keep))
+
+    def _keep(self, _module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        self.output = output
+
+    def take(self) -> Any:
+        out, self.output = self.output, None
+        return out
+
+    def detach(self) -> None:
+        self.output = None
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            stack.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"output": None, "_stack": None}
+
+
+class LogitsSource:
+    """The logits of a validation batch by the rules of this module, for one callback.
+
+    Call :meth:`attach` when the validation epoch starts, :meth:`logits` in ``on_validation_batch_end``
+    and :meth:`detach` when it ends (also on exceptions). ``used_own_forward`` tells whether the last
+    batch needed the extra forward; ``on_own_forward`` is called the first time it does (the callback
+    warns once there).
+    """
+
+    def __init__(self, output_transform: Callable[[Any], Any] | None = None) -> None:
+        self.output_transform = output_transform
+        self.capture = OutputCapture()
+        self.used_own_forward = False
+
+    def attach(self, module: torch.nn.Module) -> None:
+        self.capture.attach(module)
+
+    def detach(self) -> None:
+        self.capture.detach()
+
+    def logits(self, outputs: Any, batch: Any, pl_module: torch.nn.Module) -> torch.Tensor | None:
+        """The batch's logits: from ``outputs``, the captured forward, or a forward of our own."""
+        captured = self.capture.take()
+        self.used_own_forward = False
+        if self.output_transform is not None and outputs is not None:
+            return extract_logits(outputs, self.output_transform)
+        n = batch_size_of(batch)
+        for source in (outputs, captured):
+            if source is None:
+                continue
+            if self.output_transform is not None:  # only forward outputs reach here with a transform
+                return extract_logits(source, self.output_transform)
+            found = extract_logits(source, batch_size=n)
+            if found is not None:
+                return found
+        return self.own_forward(batch, pl_module)
+
+    def own_forward(self, batch: Any, pl_module: torch.nn.Module) -> torch.Tensor | None:
+        """Logits from a forward of the batch's inputs: eval mode, no grad, global RNG forked."""
+        x, _ = split_batch(batch)
+        with introspection_mode(pl_module, grad=False):
+            output = pl_module(x)
+        self.used_own_forward = True
+        return extract_logits(output, self.output_transform, batch_size=None if self.output_transform else int(x.shape[0]))

@@ -1,0 +1,164 @@
+"""Layer-wise relevance propagation (LRP) on plain ``nn.Module`` models, with rules as data and composites.
+
+``lightning_introspect.methods.lrp`` is this package (a module), never the function: the function is
+``lightning_introspect.methods.lrp.lrp``. Import it from here (``from lightning_introspect.methods.lrp import
+lrp``); ``from lightning_introspect.methods import lrp`` gives the package, whatever was imported before.
+
+The package, one concern per module:
+
+* :mod:`.trace` - the model's ``forward`` traced once with :mod:`torch.fx` (cached per model) into a plan
+  of steps, so every operation is visible: modules, functional ``F.relu``, ``x.view``, residual ``a + b``;
+  BatchNorm folding (:func:`fold_batchnorm`); the reasons a model cannot be explained
+  (:func:`lrp_unsupported`).
+* :mod:`.rules` - the rules as small frozen dataclasses: :class:`Epsilon`, :class:`ZPlus`,
+  :class:`AlphaBeta`, :class:`Gamma`, :class:`Flat`, :class:`WSquare`, :class:`ZBox`. Each is a set of terms
+  (input modifier, parameter modifier, whether the bias counts) and an output modifier with its stabiliser.
+* :mod:`.composites` - :class:`Composite`: which rule a layer gets by type, by name, and for the first
+  layer; presets :func:`epsilon_plus`, :func:`epsilon_plus_flat`, :func:`epsilon_alpha2_beta1`.
+* :mod:`.propagate` - one forward pass keeping every intermediate value, then relevance from the output
+  back to the input node by node in the gradient-times-input form, one generic step for every rule.
+
+Nothing of the user's model is modified: no hooks, no weight swaps, no ``.grad``; modes are restored (the
+pass runs in eval mode).
+
+Operations: conv / linear layers, folded BatchNorm, additions, average pooling, means and scaling by
+constants get their layer's rule. ReLU / ReLU6 / LeakyReLU / Tanh (module, functional, in-place or not),
+Dropout and Identity pass relevance through unchanged; max pooling is winner-take-all (the rule applied to
+the winning value, as captum does); reshapes, ``Flatten``, ``cat``, ``permute``, indexing move relevance
+with the values. ``BatchNorm`` directly after a conv / linear layer is folded into it (and gets its rule);
+a BatchNorm with no such layer before it is an elementwise affine layer (epsilon: its shift absorbs
+relevance and can amplify it; z+ / alpha-beta: relevance passes through). Anything else (GELU, Softmax,
+LayerNorm, attention, products of two input-dependent tensors, ...) raises ``TypeError`` naming the module /
+operation and its type.
+
+Output relevance: like captum, the explained score itself, ``R_out = output * d score / d output``: for a
+class id that is the one-hot times the logit, for a :class:`RegionTarget` the logits of the class over
+the mask. So with zero biases the input relevance sums to the target score under epsilon, z+, alpha-beta.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_introspect._torch.guards import fresh_input, introspection_mode
+from lightning_introspect.methods.lrp.composites import (
+    PRESETS,
+    Composite,
+    as_composite,
+    epsilon_alpha2_beta1,
+    epsilon_plus,
+    epsilon_plus_flat,
+)
+from lightning_introspect.methods.lrp.propagate import Propagator
+from lightning_introspect.methods.lrp.rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, ZBox, ZPlus
+from lightning_introspect.methods.lrp.trace import fold_batchnorm, lrp_unsupported, plan_for
+from lightning_introspect.methods.targets import Target, target_scores
+
+__all__ = [
+    "LRP_RULES", "PRESETS", "AlphaBeta", "Composite", "Epsilon", "Flat", "Gamma", "Rule", "WSquare", "ZBox", "ZPlus",
+    "epsilon_alpha2_beta1", "epsilon_plus", "epsilon_plus_flat", "fold_batchnorm", "lrp", "lrp_unsupported",
+]
+
+LRP_RULES = ("epsilon", "zplus", "z+", "alpha_beta")
+"""The rule names ``lrp(rule=...)`` takes; each stands for one rule object applied to every layer."""
+
+
+def _rule_from_name(rule: str | Rule, epsilon: float, alpha: float, beta: float) -> Rule:
+    if isinstance(rule, Rule):
+        return rule
+    if not isinstance(rule, str) or rule not in LRP_RULES:
+        raise ValueError(f"Expected `rule` to be one of {list(LRP_RULES)} or an LRP rule object, but got {rule!r}.")
+    if rule == "epsilon":
+        return Epsilon(epsilon)
+    if rule in ("zplus", "z+"):
+        return ZPlus()
+    return AlphaBeta(alpha, beta)
+
+
+def _working_dtype(model: nn.Module) -> torch.dtype:
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return torch.float64 if param is not None and param.dtype == torch.float64 else torch.float32
+
+
+def lrp(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: Target,
+    *,
+    rule: str | Rule | None = None,
+    epsilon: float = 1e-6,
+    alpha: float = 2.0,
+    beta: float = 1.0,
+    composite: Composite | Mapping[Any, Rule] | str | None = None,
+) -> torch.Tensor:
+    """Layer-wise relevance propagation of each sample's target score down to its input.
+
+    Args:
+        model: a ``torch.fx``-traceable model with one input tensor and one output tensor (see the package
+            docstring for the supported layers). Never modified; evaluated in eval mode.
+        inputs: ``(N, ...)`` batch. Works inside ``torch.inference_mode()`` (the input is cloned).
+        target: int, per-sample ids (list / tensor), ``"pred"``, a callable on the output, or a
+            :class:`~lightning_introspect.methods.targets.RegionTarget`; each sample uses its own target.
+            The output relevance is ``output * d score / d output`` (for a class id: one-hot times the logit).
+        rule: one rule for every layer: ``"epsilon"`` (default), ``"zplus"`` (alias ``"z+"``),
+            ``"alpha_beta"``, or a rule object such as ``Gamma(0.25)``. Not together with ``composite``.
+        epsilon: stabiliser of ``rule="epsilon"`` (captum's default is 1e-9, zennit's 1e-6).
+        alpha: positive weight of ``rule="alpha_beta"``.
+        beta: negative weight of ``rule="alpha_beta"``; ``alpha - beta`` must be 1.
+        composite: rules per layer: a :class:`Composite`, a dict whose keys are module types or dotted
+            names (``{nn.Conv2d: ZPlus(), "fc": Epsilon(0.1)}``, epsilon elsewhere), or a preset name
+            (``"epsilon_plus"``, ``"epsilon_plus_flat"``, ``"epsilon_alpha2_beta1"``).
+
+    Returns:
+        Detached relevance with the shape of ``inputs`` (fp32, fp64 for fp64 models). With zero biases,
+        each sample's relevance sums to its target score (up to the epsilon absorption).
+
+    Raises:
+        ValueError: bad ``rule`` / ``epsilon`` / ``alpha`` / ``beta`` / ``composite`` / ``target``.
+        TypeError: a module or operation without an LRP rule (named, with its type), or an untraceable model.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+        ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+        >>> x = torch.randn(2, 1, 8, 8)
+        >>> relevance = lrp(net, x, target=[0, 2])
+        >>> relevance.shape
+        torch.Size([2, 1, 8, 8])
+        >>> bool((lrp(net, x, target="pred", rule="z+") * net.eval()(x).max(1).values.view(2, 1, 1, 1) >= 0).all())
+        True
+        >>> lrp(net, x, target=0, composite={nn.Conv2d: ZPlus(), nn.Linear: Epsilon(0.01)}).shape
+        torch.Size([2, 1, 8, 8])
+        >>> lrp(net, x, target=0, composite="epsilon_plus_flat").shape
+        torch.Size([2, 1, 8, 8])
+    """
+    if composite is not None:
+        if rule is not None:
+            raise ValueError(f"Expected either `rule` or `composite`, but got both (rule={rule!r}).")
+        rules = as_composite(composite)
+    else:
+        rules = Composite(default=_rule_from_name("epsilon" if rule is None else rule, epsilon, alpha, beta))
+    if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
+        raise ValueError(f"Expected `inputs` to be a floating-point tensor, but got {getattr(inputs, 'dtype', type(inputs))}.")
+    plan = plan_for(model)
+    dtype = _working_dtype(model)
+    with introspection_mode(model):
+        x = fresh_input(inputs, requires_grad=False, dtype=dtype)
+        propagator = Propagator(plan, model, rules, dtype)
+        output = propagator.forward(x)
+        if not output.is_floating_point() or output.ndim < 2 or output.shape[0] != x.shape[0]:
+            raise TypeError(f"LRP needs an (N, C, ...) floating output per sample, but the model returned {tuple(output.shape)}.")
+        leaf = output.detach().requires_grad_()
+        scores = target_scores(leaf, target)
+        if not scores.requires_grad:
+            raise ValueError("Expected `target` to give scores that depend on the model output (a differentiable callable).")
+        (grad,) = torch.autograd.grad(scores.sum(), leaf, allow_unused=True)
+        relevance_out = output * grad if grad is not None else torch.zeros_like(output)
+        output_node = next(s.source for s in plan.steps if s.kind == "output")
+        relevance = propagator.backward(relevance_out, output_node)
+    if relevance is None:
+        return torch.zeros_like(x)
+    return relevance.detach()
