@@ -1,7 +1,8 @@
 """lightning_introspect: PyTorch Lightning callbacks to see inside a network while it trains.
 
-Public names: the callbacks, :class:`IntrospectionConfig`, :func:`introspection_callbacks` and
-``__version__``. They are imported lazily, so ``import lightning_introspect.methods`` (pure torch)
+Public names: the callbacks, :class:`IntrospectionConfig`, :func:`introspection_callbacks`, the
+warnings and error users filter or catch (``IntrospectionSkipWarning``, ``IntrospectionFailureWarning``,
+``IntrospectionInputError``) and ``__version__``. They are imported lazily, so ``import lightning_introspect.methods`` (pure torch)
 never imports Lightning.
 """
 
@@ -23,6 +24,9 @@ _EXPORTS: dict[str, str] = {
     "SanityChecks": "lightning_introspect.callbacks.sanity_checks",
     "WeightHistograms": "lightning_introspect.callbacks.weight_histograms",
     "IntrospectionConfig": "lightning_introspect.config",
+    "IntrospectionFailureWarning": "lightning_introspect.errors",
+    "IntrospectionInputError": "lightning_introspect.errors",
+    "IntrospectionSkipWarning": "lightning_introspect.errors",
     "introspection_callbacks": "lightning_introspect.config",
 }
 

@@ -11,12 +11,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_introspect._lightning import Trainer, pl
-from lightning_introspect.callbacks.misclassifications import (
-    Misclassifications,
-    statistics_markdown,
-    strongest_bin,
-)
+from lightning_introspect.callbacks.misclassifications import Misclassifications
 from lightning_introspect.methods.image_stats import error_rate_by_bin, image_statistics
+from lightning_introspect.render.review import statistics_markdown, strongest_bin
 from tests.helpers import quick_trainer, read_events
 from tests.test_per_class_metrics import TinyDigits, digits8
 
@@ -168,3 +165,51 @@ def test_findings_name_the_bin_where_errors_concentrate() -> None:
     assert strongest_bin(even, overall=0.13).startswith("no statistic bin stands out")
     table = statistics_markdown(bins, 0.13)
     assert "| sharpness | 60.0% (n=20" in table and "4.62x" in table
+
+
+# ------------------------------------------------------------------------------- pure review pieces
+def test_review_buffer_keeps_the_most_confident_errors_across_batches_and_drops_nonfinite_rows() -> None:
+    from lightning_introspect.methods.review import ReviewBuffer, class_probabilities
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 4, generator=gen) * 3
+    labels = torch.randint(0, 4, (40,), generator=gen)
+    images = torch.rand(40, 1, 6, 6, generator=gen)
+    logits[5] = float("nan")  # left out: counted, never a row
+    buffer = ReviewBuffer(top_k=5, per_class=2, statistics=["brightness"])
+    reads = []
+    for start in range(0, 40, 16):
+        part = slice(start, start + 16)
+        buffer.add(class_probabilities(logits[part]), labels[part], images=lambda p=part: reads.append(p) or images[p])
+    nan_only = torch.full((3, 4), float("nan"))
+    buffer.add(class_probabilities(nan_only), torch.zeros(3, dtype=torch.long), images=lambda: reads.append("nan") or None)
+    assert "nan" not in reads and len(reads) == 3  # a batch without a finite sample is never read
+    assert buffer.seen == 43 and buffer.nonfinite == 4
+
+    finite = torch.arange(40) != 5
+    conf, pred = logits.softmax(1).max(1)
+    wrong = (pred != labels) & finite
+    expected = sorted(wrong.nonzero().flatten().tolist(), key=lambda i: (-float(conf[i]), i))
+    assert [row["index"] for row in buffer.wrong_rows()] == expected[:5]
+    assert torch.equal(buffer.top["image"], images[expected[:5]])
+    for cls, rows in buffer.top_per_class.items():
+        assert rows["index"].tolist() == [i for i in expected if int(labels[i]) == cls][:2]
+    errors = buffer.errors()
+    assert errors["num_samples"] == 39 and errors["error_rate"] == pytest.approx(float(wrong.sum()) / 39)
+    total = torch.bincount(labels[finite], minlength=4)
+    assert errors["per_class_error"] == pytest.approx([float(wrong[labels == c].sum()) / float(total[c]) for c in range(4)])
+    b = error_rate_by_bin(images[finite].mean(dim=(1, 2, 3)), wrong[finite], num_bins=3)
+    assert buffer.bins(3)["brightness"]["rate"] == pytest.approx(b.rate)
+    with pytest.raises(ValueError, match="width changed from 4 to 3"):
+        buffer.add(class_probabilities(torch.zeros(2, 3)), torch.zeros(2, dtype=torch.long))
+
+
+def test_unnormalize_inverts_normalize_per_channel() -> None:
+    from lightning_introspect.methods.image_stats import normalize, unnormalize
+
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    z = normalize(x, mean, std)
+    assert torch.allclose(z[:, 1], (x[:, 1] - 0.456) / 0.224)
+    assert torch.allclose(unnormalize(z, mean, std), x, atol=1e-6)
+    assert torch.equal(unnormalize(z, None, None), z)  # no normalisation known: the inputs as they are

@@ -503,3 +503,38 @@ def test_bar_polygons_draw_the_same_pixels_as_axes_bar() -> None:
     fig = bars_figure(snaps, ["f1"], ["a", "b"])
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["start", "end"]
     assert len(fig.axes[0].collections) == 2
+
+
+# ------------------------------------------------------------------------------- pure per-class pieces
+def test_prepared_predictions_give_sklearns_per_class_numbers_without_a_callback() -> None:
+    from lightning_introspect.methods.per_class import build_metrics, per_class_values, prepare_predictions
+
+    gen = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(60, 4, generator=gen), torch.randint(0, 3, (60,), generator=gen)  # class 3: no support
+    preds, target, n = prepare_predictions(logits, labels, task="multiclass", num_classes=None)
+    collection = build_metrics("multiclass", ["precision", "recall", "f1"], n)
+    collection.update(preds, target)
+    values, table = per_class_values(collection.compute(), "multiclass", ["precision", "recall", "f1"])
+    p, r, f, s = precision_recall_fscore_support(labels.numpy(), logits.argmax(1).numpy(), labels=[0, 1, 2, 3], zero_division=0)
+    assert n == 4 and values["support"] == [int(v) for v in s] and values["recall"][3] is None
+    assert values["recall"][:3] == pytest.approx(list(r[:3])) and values["f1"][:3] == pytest.approx(list(f[:3]))
+    assert sum(map(sum, table)) == 60
+    with pytest.raises(ValueError, match="`class_names` to have one entry per class \\(4"):
+        prepare_predictions(logits, labels, task="multiclass", num_classes=None, class_names=["a", "b"])
+    with pytest.raises(ValueError, match="`num_classes`=5 columns"):
+        prepare_predictions(logits, labels, task="multiclass", num_classes=5)
+
+
+def test_least_improved_and_due_snapshots_known_answers() -> None:
+    from lightning_introspect.methods.per_class import (
+        due_snapshots,
+        least_improved,
+        snapshot_fraction,
+        snapshot_label,
+    )
+
+    first, last = {"f1": [0.2, 0.5, None, 0.1]}, {"f1": [0.8, 0.5, 0.9, 0.2]}
+    assert least_improved(first, last, "f1", ["a", "b", "c", "d"], 2) == [("b", 0.5, 0.5), ("d", 0.1, 0.2)]
+    assert due_snapshots({0.0: 0, 0.25: 1, 0.5: 2, 1.0: 3}, 2, taken={"start", "at_0.25"}) == ["middle"]
+    assert due_snapshots({0.5: -1, 1.0: 3}, 3, taken=set()) == ["end"]
+    assert [snapshot_fraction(snapshot_label(f)) for f in (0.0, 0.25, 0.5, 1.0)] == [0.0, 0.25, 0.5, 1.0]

@@ -266,3 +266,90 @@ def test_several_layers_are_each_their_own_fit(digits):
         alone = fit_probe(feats, y, solver="torch")
         assert together[name].accuracy == alone.accuracy and together[name].n_iter == alone.n_iter
         np.testing.assert_array_equal(together[name].state["coef"], alone.state["coef"])
+
+
+# ------------------------------------------------------------------ layer choice, capture, results
+def test_resolve_probe_layers_orders_by_execution_and_refuses_a_reused_module():
+    from lightning_introspect.methods.probe_layers import ProbeLayersUnavailable, resolve_probe_layers
+
+    class Reused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = torch.nn.Linear(4, 4)  # registered first, runs second
+            self.a = torch.nn.Linear(4, 4)
+            self.act = torch.nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.b(self.act(self.a(x))))
+
+    model, x = Reused(), torch.randn(2, 4)
+    assert list(resolve_probe_layers(model, ["b", "a"], x)) == ["a", "b"]
+    with pytest.raises(ValueError, match="act"):
+        resolve_probe_layers(model, ["act"], x)
+
+    class NeedsTwo(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x, y):
+            return self.fc(x) + y
+
+    with pytest.raises(ProbeLayersUnavailable, match="name the layers explicitly"):
+        resolve_probe_layers(NeedsTwo(), "auto", x)
+    assert list(resolve_probe_layers(NeedsTwo(), ["fc"], x)) == ["fc"]  # named: kept, call counts unchecked
+
+
+def test_feature_capture_caches_the_pooled_outputs_and_removes_its_hooks():
+    from lightning_introspect.methods.probe_capture import INPUT_KEY, FeatureCapture
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(6 * 6 * 6, 2))
+    capture = FeatureCapture({"1": net[1], "2": net[2]}, pooling="avg", max_features=50, seed=3)
+    layers, inputs = FeatureCache(100), FeatureCache(100)
+    x = torch.randn(5, 3, 8, 8)
+    with capture.attach():
+        capture.begin(torch.arange(5) % 2, capture.project(INPUT_KEY, x.flatten(1)))
+        with torch.no_grad():
+            net(x)
+        capture.commit(layers, inputs)
+    assert not any(m._forward_hooks for m in net.modules())
+    with torch.no_grad():
+        relu = net[1](net[0](x))
+    torch.testing.assert_close(layers.features("1"), relu.mean(dim=(2, 3)))  # the avg-pooled maps
+    flat = relu.flatten(1)  # 216 wide: projected to 50 by the layer's own projection
+    torch.testing.assert_close(layers.features("2"), capture.projections["2"](flat))
+    assert inputs.features(INPUT_KEY).shape == (5, 50) and set(capture.projections) == {"2", INPUT_KEY}
+    assert torch.equal(layers.labels, torch.arange(5) % 2)
+    capture.begin(torch.zeros(2, dtype=torch.long))  # a batch in which the hooks never fire
+    with pytest.raises(RuntimeError, match="did not run in this forward pass"):
+        capture.commit(layers, inputs)
+
+
+def test_best_layer_auto_solver_and_label_check():
+    from lightning_introspect.methods.probes import auto_solver, best_layer, check_probe_labels
+
+    assert best_layer({"deep": 0.9, "shallow": 0.9, "mid": 0.5}, ["shallow", "mid", "deep"]) == "shallow"
+    assert best_layer({"unknown": 0.9, "known": 0.9}, ["known"]) == "known"  # not in the order: deepest
+    assert auto_solver(1 << 20, 1 << 20) == "torch" and auto_solver((1 << 20) + 1, 1 << 20) == "sklearn"
+    assert check_probe_labels(np.array([1, 0])).dtype == torch.int64
+    for bad in (torch.zeros(2, 3, dtype=torch.long), torch.tensor([0.0, 1.0])):
+        with pytest.raises(ValueError, match="one integer label per sample"):
+            check_probe_labels(bad)
+
+
+def test_probe_table_and_figure_show_the_numbers_by_depth():
+    from lightning_introspect.render.probes import accuracy_vs_depth_figure, probe_table
+
+    order = ["conv", "block", "head"]
+    acc, f1 = {"head": 0.95, "conv": 0.4, "block": 0.8}, {"head": 0.94, "conv": 0.3, "block": 0.7}
+    table = probe_table(5, acc, f1, order=order, init={"conv": 0.5, "head": 0.2}, input_scores=(0.3, 0.25), best="head")
+    rows = table.splitlines()[2:]
+    assert rows[0] == "| input (baseline) | 0 | 0.300 | 0.250 | | |"
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["`conv`", "`block`", "`head` **best**"]
+    assert rows[1].endswith("| 0.500 | -0.100 |") and rows[3].endswith("| 0.200 | +0.750 |")
+    fig = accuracy_vs_depth_figure(5, acc, order=order, init={"conv": 0.5, "head": 0.2}, input_accuracy=0.3)
+    now, init, base = fig.axes[0].get_lines()
+    assert list(now.get_xdata()) == [1, 2, 3] and list(now.get_ydata()) == [0.4, 0.8, 0.95]
+    assert list(init.get_xdata()) == [1, 3] and list(init.get_ydata()) == [0.5, 0.2]
+    assert list(base.get_ydata()) == [0.3, 0.3]

@@ -342,3 +342,76 @@ def test_a_second_fit_starts_clean_and_validate_keeps_the_results(tmp_path):
     before = (list(cb.steps), {k: list(v) for k, v in cb.drift.items()}, dict(cb.summary))
     trainer.validate(model, datamodule=DigitsDataModule(batch_size=32, limit=128, seed=0), verbose=False)
     assert (cb.steps, cb.drift, cb.summary) == before
+
+
+# --------------------------------------------------------------- pure parts: layers, verdict, rendering
+def test_follow_replacements_renews_replaced_and_reshaped_layers_and_drops_removed_ones() -> None:
+    from lightning_introspect.methods.weight_layers import follow_replacements, own_weight, weight_layers
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 3))
+    tracked = weight_layers(net, "auto")
+    initial = {n: own_weight(m).detach().clone() for n, m in tracked.items()}
+    assert list(tracked) == ["0", "2", "3"] and follow_replacements(net, tracked, initial, "auto") is None
+    net[3] = nn.Linear(8, 5)  # a new head
+    net[0].weight = nn.Parameter(torch.zeros(6, 4))  # the same module, a weight of another shape
+    net[2] = nn.ReLU()  # a layer without a weight now
+    changes = follow_replacements(net, tracked, initial, "auto")
+    assert changes is not None and list(changes.modules) == ["0", "3"] and changes.modules["3"] is net[3]
+    assert changes.gone == ["2"] and changes.renewed == ["0", "3"]
+
+
+def test_depth_order_follows_the_forward_not_the_registration() -> None:
+    from lightning_introspect.methods.weight_layers import depth_order
+
+    class Backwards(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.last = nn.Linear(8, 2)
+            self.first = nn.Linear(4, 8)
+            self.unused = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.last(self.first(x))
+
+    assert depth_order(Backwards().double(), torch.randn(5, 4), ["unused", "last", "first"]) == ["first", "last", "unused"]
+
+
+def test_not_learning_needs_a_second_epoch_or_the_last_one() -> None:
+    from lightning_introspect.methods.not_learning import not_learning_summary
+
+    drift = {"a": [0.0, 0.5], "b": [0.0, 1e-6], "c": []}
+    trainable = {"a": True, "b": True, "c": False}
+    first = not_learning_summary(drift, trainable, threshold=1e-3, epoch=0, step=4, total_epochs=3)
+    assert not first["checked"] and first["not_learning"] == [] and first["frozen"] == ["c"]
+    last = not_learning_summary(drift, trainable, threshold=1e-3, epoch=0, step=4, total_epochs=1, nonfinite={"a": 0, "b": 2})
+    assert last["checked"] and last["not_learning"] == ["b"] and last["latest_drift"] == {"a": 0.5, "b": 1e-6}
+    assert last["nonfinite"] == {"b": 2}
+
+
+def test_drift_markdown_and_figures_show_each_layer_by_depth() -> None:
+    from lightning_introspect.methods.weights import histogram
+    from lightning_introspect.render.weights import (
+        drift_by_depth_figure,
+        drift_summary_markdown,
+        initial_vs_current_figure,
+    )
+
+    summary = {"epoch": 2, "step": 8, "checked": True, "threshold": 1e-3, "not_learning": ["b"], "frozen": ["b"],
+               "latest_drift": {"a": 0.4, "b": 0.0}, "nonfinite": {}}
+    text = drift_summary_markdown(
+        summary, {"a": (3, 4), "skipped": (2,), "b": (5,)}, {"a": True, "skipped": True, "b": False},
+        drift={"a": [0.1, 0.4], "b": [0.0, 0.0]}, cosine={"a": [0.0, 0.02], "b": [0.0, 0.0]},
+        wasserstein={"a": [0.0, 0.01], "b": [0.0, 0.0]},
+    )
+    assert "**Not learning:** `b`" in text
+    assert text.splitlines()[-2:] == [
+        "| 0 | `a` | (3, 4) | 0.4 | 0.02 | 0.01 |  |",
+        "| 2 | `b` | (5,) | 0 | 0 | 0 | **not learning**, frozen |",
+    ]
+    fig = drift_by_depth_figure({"a": 0.4, "b": 0.0}, {"a": 0.02, "b": 0.0}, threshold=1e-3, not_learning=["b"])
+    assert [p.get_height() for p in fig.axes[0].patches] == [0.4, 0.0]
+    assert [p.get_height() for p in fig.axes[1].patches] == [0.02, 0.0]
+    hists = {str(i): histogram(torch.randn(50)) for i in range(20)}
+    overlay = initial_vs_current_figure(hists, hists, {}, max_layers=5)
+    titles = [ax.get_title().split()[0] for ax in overlay.axes if ax.get_title()]
+    assert titles == ["0", "5", "10", "14", "19"]  # spread over depth, first and last kept

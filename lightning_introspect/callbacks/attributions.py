@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from typing_extensions import override
 
 from lightning_introspect._lightning import pl
@@ -25,6 +25,7 @@ from lightning_introspect.callbacks.base import (
     renamed_argument,
 )
 from lightning_introspect.callbacks.outputs import logits_only
+from lightning_introspect.loggers.adapter import IntrospectionWriter
 from lightning_introspect.methods.attribution import (
     LAYER_METHODS,
     SIGNED_METHODS,
@@ -32,7 +33,24 @@ from lightning_introspect.methods.attribution import (
     attribute,
     auto_layer,
 )
+from lightning_introspect.methods.attribution_runs import (
+    attribute_targets,
+    class_probabilities,
+    explained_classes,
+    nonfinite_grids,
+    skipped_grids,
+)
 from lightning_introspect.methods.targets import target_indices
+from lightning_introspect.render.attributions import (
+    attribution_captions,
+    attribution_overlays,
+    attribution_summary_lines,
+    class_label,
+    display_inputs,
+    feature_bar_chart,
+    grid_list,
+    nonfinite_what,
+)
 from lightning_introspect.render.grid import captioned_grid
 
 log = logging.getLogger(__name__)
@@ -320,41 +338,32 @@ class Attributions(IntrospectionCallback):
         self._active_methods = methods
 
     def _class_name(self, c: int) -> str:
-        return self.class_names[c] if self.class_names is not None and c < len(self.class_names) else str(c)
-
-    def _options(self) -> dict[str, dict[str, Any]]:
-        opts: dict[str, dict[str, Any]] = {}
-        if self.top_k is not None:
-            opts["guided_backprop"] = {"top_k": self.top_k}
-        opts["lrp"] = {"rule": self.lrp_rule}
-        return opts
+        return class_label(c, self.class_names)
 
     def _attribute(self, model: Any, x: torch.Tensor, target: Any, methods: list[str]) -> dict[str, torch.Tensor]:
-        opts = {k: v for k, v in self._options().items() if k in methods}
+        """The maps of ``methods``; LRP apart, so that a model LRP cannot serve drops LRP (one warning) and keeps the rest."""
         plain = [m for m in methods if m != "lrp"]
-        maps = attribute(model, x, target, plain, layer=self.resolved_cam_layer, options={k: v for k, v in opts.items() if k != "lrp"}) if plain else {}
+        options = {"guided_backprop": {"top_k": self.top_k}} if self.top_k is not None and "guided_backprop" in plain else {}
+        maps = attribute(model, x, target, plain, layer=self.resolved_cam_layer, options=options) if plain else {}
         if "lrp" in methods and "lrp" in (self._active_methods or []):
             try:
-                maps.update(attribute(model, x, target, ["lrp"], options={"lrp": opts.get("lrp", {})}))
+                maps.update(attribute(model, x, target, ["lrp"], options={"lrp": {"rule": self.lrp_rule}}))
             except (TypeError, ValueError, NotImplementedError, RuntimeError) as err:
                 if self.on_error == "raise":
                     raise
                 self.warn_once("lrp-failed", f"Attributions: LRP failed on this model and is skipped from now on: {err}")
-                assert self._active_methods is not None
-                self._active_methods = [m for m in self._active_methods if m != "lrp"]
+                self._active_methods = [m for m in self._active_methods or [] if m != "lrp"]
         return {m: maps[m] for m in methods if m in maps}
 
     # ---------------------------------------------------------------------------------------- work
-    def _log(self, trainer: Any, pl_module: Any, epoch: int) -> None:
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         with logits_only(pl_module, self.output_transform):
             self._log_run(trainer, pl_module, epoch)
 
-    def _log_run(self, trainer: Any, pl_module: Any, epoch: int) -> None:
-        import time
-
+    def _log_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         start = time.perf_counter()
         self._last_epoch = trainer.current_epoch if epoch >= 0 else None
-        self._last_step = int(trainer.global_step)
+        self._last_step = step = int(trainer.global_step)
         x, y = self.fixed_samples(trainer, per_class=self.per_class)
         device = pl_module.device
         with introspection_mode(pl_module, grad=False):
@@ -364,7 +373,6 @@ class Attributions(IntrospectionCallback):
         methods = list(self._active_methods or [])
         if not methods:
             return
-        step = int(trainer.global_step)
         writer = self.writer(trainer)
         if not self._logged_static:
             self._logged_static = True
@@ -373,48 +381,29 @@ class Attributions(IntrospectionCallback):
             if self._layer_note:
                 writer.text(self.tag("layer"), self._layer_note, step)
 
-        # classification: softmax probability; dense outputs (segmentation): mean per-pixel probability
-        probs = F.softmax(out, dim=1) if out.ndim == 2 else F.softmax(out, dim=1).flatten(2).mean(-1)
-        predicted = target_indices(out, "pred").cpu()
-        explained = predicted
+        probs = class_probabilities(out)
+        predicted = explained = target_indices(out, "pred").cpu()
+        labels = y.long().cpu() if (y is not None and y.ndim == 1 and not y.is_floating_point()) else None
         if self.targets == "true":
-            if y is not None and y.ndim == 1 and not y.is_floating_point() and y.numel() == x.shape[0]:
-                explained = y.long().cpu()
+            if labels is not None and labels.numel() == x.shape[0]:
+                explained = labels
             else:
                 self.warn_once("true", "Attributions: targets='true' needs one class id per sample; explaining the predictions instead.")
-        classes: list[int] = []
-        if self.targets == "all":
-            classes = list(range(min(out.shape[1], MAX_CLASSES)))
-            if out.shape[1] > MAX_CLASSES:
-                self.warn_once("all", f"Attributions: targets='all' logs the first {MAX_CLASSES} of {out.shape[1]} classes.")
-        elif isinstance(self.targets, list):
-            classes = list(self.targets)
-        # every target (the main one, then each class) in as few passes as possible: the fixed samples are
-        # repeated once per target and explained as one batch (eval mode: samples are independent)
+        if self.targets == "all" and out.shape[1] > MAX_CLASSES:
+            self.warn_once("all", f"Attributions: targets='all' logs the first {MAX_CLASSES} of {out.shape[1]} classes.")
+        classes = explained_classes(self.targets, int(out.shape[1]), MAX_CLASSES)
+        # the main target, then each class: every target in as few passes as possible
         n = x.shape[0]
         targets = [explained] + [torch.full((n,), c, dtype=torch.long) for c in classes]
-        per_chunk = max(1, MAX_BATCH // n)
-        pieces: dict[str, list[torch.Tensor]] = {}
-        for i in range(0, len(targets), per_chunk):
-            chunk = targets[i : i + per_chunk]
-            got = self._attribute(pl_module, x.repeat(len(chunk), *([1] * (x.ndim - 1))), torch.cat(chunk).to(device), methods)
-            for m, v in got.items():
-                pieces.setdefault(m, []).append(v.detach().cpu())
-        methods = [m for m in methods if m in pieces and sum(p.shape[0] for p in pieces[m]) == n * len(targets)]
-        flat = {m: torch.cat(pieces[m]) for m in methods}
+        flat = attribute_targets(lambda xs, t: self._attribute(pl_module, xs, t.to(device), methods), x, targets, max_batch=MAX_BATCH)
+        methods = [m for m in methods if m in flat]
         split = {m: flat[m].split(n) for m in methods}
-
         confidence = probs.gather(1, explained.to(probs.device).view(-1, 1)).squeeze(1).cpu()
-        labels = y.long().cpu() if (y is not None and y.ndim == 1 and not y.is_floating_point()) else None
-        captions = [
-            (f"true {self._class_name(int(labels[i]))} " if labels is not None else "")
-            + f"pred {self._class_name(int(predicted[i]))}\nexpl {self._class_name(int(explained[i]))} p={float(confidence[i]):.2f}"
-            for i in range(n)
-        ]
+        captions = attribution_captions(predicted, explained, confidence, labels, self.class_names)
         self.maps = {m: split[m][0] for m in methods}
         self.class_maps = {m: {c: split[m][j + 1] for j, c in enumerate(classes)} for m in methods} if classes else {}
-        broken = self._nonfinite_grids(probs, flat, classes)
-        skip = set(self._skipped(broken))
+        self.nonfinite = broken = nonfinite_grids(probs, flat, [self._class_name(c) for c in classes])
+        skip = set(skipped_grids(broken, list(self.maps)))
         for m in methods:
             if m not in skip:
                 self._write(writer, self.tag(m), x, self.maps[m], m, step, captions=captions, title=f"{m} (step {step})")
@@ -434,49 +423,11 @@ class Attributions(IntrospectionCallback):
             }
         )
 
-    # ------------------------------------------------------------------------------- non-finite values
-    def _nonfinite_grids(self, probs: torch.Tensor, flat: dict[str, torch.Tensor], classes: list[int]) -> list[str]:
-        """What holds NaN / Inf: one ``isfinite`` check on the probabilities and one per method on its maps.
-
-        ``"outputs"`` when the probabilities of the samples are non-finite; ``<method>`` /
-        ``<method>/class_<name>`` for non-finite maps (a method's per-target parts are only looked at
-        when its whole batch is not finite). Kept as :attr:`nonfinite`.
-        """
-        n = probs.shape[0]
-        broken = [] if bool(torch.isfinite(probs).all()) else ["outputs"]
-        for m, maps in flat.items():
-            if bool(torch.isfinite(maps).all()):
-                continue
-            parts = maps.split(n)
-            if not bool(torch.isfinite(parts[0]).all()):
-                broken.append(m)
-            broken += [f"{m}/class_{self._class_name(c)}" for c, v in zip(classes, parts[1:]) if not bool(torch.isfinite(v).all())]
-        self.nonfinite = broken
-        return broken
-
-    def _skipped(self, broken: list[str]) -> list[str]:
-        """The grids not logged: the non-finite ones, and every main grid when the outputs are non-finite
-        (its captions and ``"pred"`` targets rest on them)."""
-        return [*(m for m in self.maps if "outputs" in broken and m not in broken), *(b for b in broken if b != "outputs")]
-
-    def _grid_list(self, grids: list[str]) -> str:
-        """``"saliency (all grids), grad_cam/class_3"``: a method whose main and per-class grids are all listed
-        is named once."""
-        names: list[str] = []
-        for m in self.maps:
-            own = [g for g in grids if g == m or g.startswith(f"{m}/class_")]
-            every = 1 + len(self.class_maps.get(m, {}))
-            names += [f"{m} (all grids)"] if every > 1 and len(own) == every else own
-        return ", ".join(names)
-
-    def _report_nonfinite(self, writer: Any, step: int, broken: list[str], n: int) -> None:
+    def _report_nonfinite(self, writer: IntrospectionWriter, step: int, broken: list[str], n: int) -> None:
         """Warn once, and note at this step, which grids were not logged because of NaN / Inf values."""
-        grids = [b for b in broken if b != "outputs"]
-        what = " and ".join(
-            ([f"the model's outputs on the {n} fixed samples"] if "outputs" in broken else [])
-            + ([f"the maps of {self._grid_list(grids)}"] if grids else [])
-        )
-        skipped = self._grid_list(self._skipped(broken))
+        counts = {m: len(self.class_maps.get(m, {})) for m in self.maps}
+        what = nonfinite_what(broken, counts, n)
+        skipped = grid_list(skipped_grids(broken, list(self.maps)), counts)
         self.warn_once(
             "nonfinite",
             f"Attributions: non-finite values (NaN / Inf) in {what} at step {step}. {NONFINITE_CAUSE} Not logged: {skipped}; "
@@ -487,72 +438,40 @@ class Attributions(IntrospectionCallback):
 
     # ------------------------------------------------------------------------------------ rendering
     def _display(self, x: torch.Tensor) -> torch.Tensor:
-        from lightning_introspect.render import to_display
-
         mean, std = self.mean, self.std
         if mean is not None and std is not None and len(mean) not in (1, x.shape[1]):
             self.warn_once("mean", f"Attributions: `mean`/`std` have {len(mean)} entries for {x.shape[1]} channels; showing min-max scaled inputs.")
             mean = std = None
-        disp = to_display(x, mean=mean, std=std)
-        return disp if disp.shape[1] in (1, 3) else disp.mean(dim=1, keepdim=True)
+        return display_inputs(x, mean, std)
 
-    def _write(self, writer: Any, tag: str, x: torch.Tensor, maps: torch.Tensor, method: str, step: int, *, captions: list[str] | None, title: str) -> None:
-        signed = method in SIGNED_METHODS
+    def _write(
+        self, writer: IntrospectionWriter, tag: str, x: torch.Tensor, maps: torch.Tensor, method: str, step: int, *, captions: list[str] | None, title: str
+    ) -> None:
         if x.ndim == 2:
-            writer.figure(tag, _bar_chart(maps, title=title), step)
+            writer.figure(tag, feature_bar_chart(maps, title=title), step)
             return
-        from lightning_introspect.render import colorize, normalize_maps, overlay
-
-        heat2d = maps.float().sum(dim=1)  # (N, H, W): channels summed (signed maps keep their sign)
-        norm = normalize_maps(heat2d, mode=self.normalize, signed=signed)
-        heat = colorize(norm, cmap=self.signed_colormap if signed else self.colormap, signed=signed)
-        images = overlay(self._display(x), heat, alpha=self.alpha)
+        signed = method in SIGNED_METHODS
+        cmaps = {"colormap": self.colormap, "signed_colormap": self.signed_colormap}
+        images = attribution_overlays(self._display(x), maps, signed=signed, normalize=self.normalize, alpha=self.alpha, **cmaps)
         if captions is None:  # per-class grids: fast torch grid, tiles in the main grid's order
             writer.image_grid(tag, images, step, nrow=8)
         else:
             writer.image(tag, captioned_grid(images, captions, nrow=8, title=title), step)
 
     # --------------------------------------------------------------------------------- state / text
+    @override
     def extra_state(self) -> dict[str, Any]:
         return {"layer": self.resolved_cam_layer, "history": [{k: v for k, v in h.items()} for h in self.history]}
 
+    @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.resolved_cam_layer = state.get("layer", self.resolved_cam_layer)
         self.history = list(state.get("history", []))
         self._last_step = self.history[-1].get("step") if self.history else None
 
+    @override
     def summary_lines(self) -> list[str]:
-        if not self.history:
-            return ["no attribution maps logged"]
-        last = self.history[-1]
-        n = len(last["explained"])
-        lines = [f"{len(self.history)} logs of {', '.join(self.maps) or 'no methods'} on {n} fixed samples"]
-        if self.resolved_cam_layer is not None:
-            lines.append(f"Grad-CAM layer {self.resolved_cam_layer}")
-        lines.append(f"last run {last['seconds']:.2f} s; mean confidence in the explained class {sum(last['confidence']) / max(n, 1):.2f}")
-        return lines
-
-
-def _bar_chart(maps: torch.Tensor, *, title: str, max_features: int = 40) -> Any:
-    """Mean |attribution| per feature of ``(N, F)`` maps as a matplotlib bar chart (strongest features if many)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    importance = maps.detach().float().abs().mean(dim=0)
-    idx = torch.arange(importance.numel())
-    if importance.numel() > max_features:
-        idx = importance.topk(max_features).indices.sort().values
-    fig, ax = plt.subplots(figsize=(max(3.0, 0.25 * idx.numel() + 1.0), 2.6))
-    ax.bar(range(idx.numel()), importance[idx].numpy(), color="#4c72b0")
-    ax.set_xticks(range(idx.numel()))
-    ax.set_xticklabels([str(int(i)) for i in idx], fontsize=6, rotation=90)
-    ax.set_xlabel("feature")
-    ax.set_ylabel("mean |attribution|")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
+        return attribution_summary_lines(self.history, list(self.maps), self.resolved_cam_layer)
 
 
 __all__ = ["Attributions"]

@@ -11,15 +11,30 @@ from __future__ import annotations
 import math
 import time
 import traceback
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from typing_extensions import override
 
 from lightning_introspect._lightning import CALLBACK_BASES, rank_zero_warn
-from lightning_introspect._torch.guards import fork_global_rng, private_generator
+from lightning_introspect._torch.guards import fork_global_rng
+from lightning_introspect.callbacks.checks import (
+    NO_INPUT_GRADIENT,
+    check_callable,
+    check_choice,
+    check_fractions,
+    check_positive_int,
+    input_gradient_problem,
+    lrp_problem,
+    renamed_argument,
+)
+from lightning_introspect.callbacks.data import draw_samples, example_batch, split_batch
+from lightning_introspect.errors import (
+    IntrospectionFailureWarning,
+    IntrospectionInputError,
+    IntrospectionSkipWarning,
+)
 from lightning_introspect.loggers.adapter import IntrospectionWriter, TensorBoardWriter, writer_for
 
 if TYPE_CHECKING:
@@ -27,141 +42,32 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-NO_INPUT_GRADIENT = (
-    "autograd does not connect the model's output to its input: its forward runs the part the input enters "
-    "under torch.no_grad() (or detaches it), as a frozen feature extractor often does, so there is no input "
-    "gradient to explain or optimise. Run the frozen part without no_grad (its parameters can keep "
-    "requires_grad=False) to use it."
-)
-
-
-def input_gradient_problem(model: Any, inputs: torch.Tensor) -> str | None:
-    """Why gradient-based methods cannot work on ``model`` with these inputs, or ``None`` when they can
-    (call it where ``model(x)`` returns the logits tensor)."""
-    from lightning_introspect._torch.guards import output_depends_on_input
-
-    if not inputs.is_floating_point():
-        return (
-            f"the inputs are {inputs.dtype} (integer data such as token ids or raw uint8 pixels), so there is no input "
-            "gradient to explain or optimise; gradient methods need floating inputs (convert pixels to float in the "
-            "data pipeline, not in forward)."
-        )
-    return None if output_depends_on_input(model, inputs) else NO_INPUT_GRADIENT
-
 ON_ERROR_CHOICES = ("warn", "raise")
-
-
-class IntrospectionSkipWarning(UserWarning):
-    """A callback cannot serve this model or data and is skipped for the fit (one warning, training goes on)."""
-
-
-class IntrospectionFailureWarning(UserWarning):
-    """A callback failed mid-fit; it is disabled for the rest of the fit and training goes on."""
-
-
-class IntrospectionInputError(ValueError):
-    """What the model or the data gave contradicts an explicit argument of the callback (a wrong
-    ``num_classes``, ``class_names`` of the wrong length, labels out of range after ``target_transform``).
-
-    Raised from :meth:`IntrospectionCallback.check`, before the first training step, it refuses the fit
-    with a message naming the argument; found later, it is a failure like any other (contained under
-    ``on_error="warn"``).
-    """
-
 #: the advice every callback gives when what it computed holds NaN / Inf
 NONFINITE_CAUSE = (
     "Likely cause: non-finite weights or inputs (see WeightHistograms' `introspect/weights/nonfinite` counts, "
     "or run a training step under `torch.autograd.detect_anomaly()`)."
 )
-_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "data", "features")
-_TARGET_KEYS = ("y", "target", "targets", "label", "labels", "mask", "masks")
 
-
-def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(inputs, targets)`` from a batch: a tensor, a ``(x, y, ...)`` tuple/list, or a dict.
-
-    Dicts are searched for the usual keys (``x``/``input``/``image``..., ``y``/``target``/``label``...).
-
-    Example:
-        >>> x, y = split_batch((torch.zeros(2, 3), torch.tensor([0, 1])))
-        >>> x.shape, y.tolist()
-        (torch.Size([2, 3]), [0, 1])
-    """
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, Mapping):
-        x = next((batch[k] for k in _INPUT_KEYS if k in batch), None)
-        y = next((batch[k] for k in _TARGET_KEYS if k in batch), None)
-        if x is None:
-            raise ValueError(
-                f"Cannot find the inputs in a dict batch with keys {sorted(batch)}; expected one of {list(_INPUT_KEYS)}."
-            )
-        return x, y
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        y = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
-        return batch[0], y
-    raise ValueError(f"Cannot split a batch of type {type(batch).__name__} into inputs and targets.")
-
-
-def check_positive_int(value: Any, argument: str, *, allow_none: bool = False) -> None:
-    """Raise ``ValueError`` naming ``argument`` unless ``value`` is a positive int."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"Expected `{argument}` to be a positive int{extra}, but got {value!r}.")
-
-
-def check_fractions(value: Any, argument: str) -> tuple[float, ...]:
-    """``value`` as a tuple of fractions in [0, 1]; ``ValueError`` naming ``argument`` otherwise.
-
-    Example:
-        >>> check_fractions([0.0, 0.5], "at")
-        (0.0, 0.5)
-    """
-    if value is None:
-        return ()
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ValueError(f"Expected `{argument}` to be a list of fractions in [0, 1] (e.g. [0.5]), but got {value!r}.")
-    out = []
-    for f in value:
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or math.isnan(f) or not 0.0 <= f <= 1.0:
-            raise ValueError(f"Expected every entry of `{argument}` to be a fraction in [0, 1], but got {f!r}.")
-        out.append(float(f))
-    return tuple(out)
-
-
-def check_callable(value: Any, argument: str) -> None:
-    """Raise ``ValueError`` naming ``argument`` unless ``value`` is callable or ``None``."""
-    if value is not None and not callable(value):
-        raise ValueError(f"Expected `{argument}` to be a callable or None, but got {value!r}.")
-
-
-def lrp_problem(model: Any, output_transform: Any = None) -> str | None:
-    """Why LRP cannot run on ``model`` (the end of a warning that names the callback), or ``None``."""
-    if output_transform is not None:
-        return "LRP propagates through the model's own graph and cannot apply `output_transform`; 'lrp' is skipped."
-    from lightning_introspect.methods.lrp import lrp_unsupported
-
-    reason = lrp_unsupported(model)  # a property of the model, known before training: not a failure
-    return None if reason is None else f"'lrp' is skipped for this model: {reason}"
-
-
-def renamed_argument(old: str, new: str, old_value: Any, new_value: Any, default: Any) -> Any:
-    """The value of an argument renamed from ``old`` to ``new``: ``old`` still works for one release with a
-    ``DeprecationWarning`` (configs may have it); giving both different values is an error."""
-    if old_value is None:
-        return new_value
-    if new_value != default and new_value != old_value:
-        raise ValueError(f"Expected only `{new}` (the new name of `{old}`), but got both: {new}={new_value!r}, {old}={old_value!r}.")
-    warnings.warn(f"`{old}` is renamed to `{new}`; `{old}` stops working in the next release.", DeprecationWarning, stacklevel=3)
-    return old_value
-
-
-def check_choice(value: Any, argument: str, choices: Sequence[Any]) -> None:
-    """Raise ``ValueError`` naming ``argument`` and listing ``choices`` unless ``value`` is one of them."""
-    if value not in choices:
-        raise ValueError(f"Expected `{argument}` to be one of {', '.join(repr(c) for c in choices)}, but got {value!r}.")
+__all__ = [  # the helpers below live in checks / data / errors; callbacks import them from here too
+    "NONFINITE_CAUSE",
+    "NO_INPUT_GRADIENT",
+    "ON_ERROR_CHOICES",
+    "IntrospectionCallback",
+    "IntrospectionFailureWarning",
+    "IntrospectionInputError",
+    "IntrospectionSkipWarning",
+    "check_callable",
+    "check_choice",
+    "check_fractions",
+    "check_positive_int",
+    "draw_samples",
+    "example_batch",
+    "input_gradient_problem",
+    "lrp_problem",
+    "renamed_argument",
+    "split_batch",
+]
 
 
 class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
@@ -561,77 +467,3 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
         batch = example_batch(loader, n, seed=self.seed)
         strategy = getattr(trainer, "strategy", None)
         return strategy.batch_to_device(batch) if strategy is not None else batch
-
-
-def _labels_of(item: Any) -> int | None:
-    try:
-        _, y = split_batch(item if isinstance(item, (tuple, list, Mapping)) else (item,))
-    except ValueError:
-        return None
-    if y is None:
-        return None
-    y = torch.as_tensor(y)
-    return int(y.item()) if y.numel() == 1 else None
-
-
-def draw_samples(
-    loader: Any, n: int, *, seed: int = 0, per_class: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Draw a fixed ``(inputs, targets)`` sample set from a ``DataLoader`` without touching global RNG.
-
-    Map-style datasets are indexed directly with a private generator (no loader iteration); iterable
-    datasets are iterated and the first items taken. Either way under :func:`fork_global_rng`: a
-    dataset whose ``__getitem__`` draws random augmentations from the global RNG leaves training's
-    random stream as it was. The tensors are ordinary ones (not inference tensors) even when drawn
-    inside ``trainer.validate()``, so a later fit can differentiate through them.
-    """
-    with fork_global_rng(), torch.inference_mode(False):
-        x, y = _draw(loader, n, seed=seed, per_class=per_class)
-        return x.detach().cpu().clone(), None if y is None else y.detach().cpu().clone()
-
-
-def example_batch(loader: Any, n: int, *, seed: int = 0) -> Any:
-    """``n`` items of the loader's dataset collated as the loader would (an iterable dataset: its first
-    batch), on CPU, with the global RNG untouched (see :func:`draw_samples`)."""
-    with fork_global_rng(), torch.inference_mode(False):
-        dataset = getattr(loader, "dataset", None)
-        if dataset is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and len(dataset):
-            collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
-            order = torch.randperm(len(dataset), generator=private_generator(seed)).tolist()
-            return collate([dataset[i] for i in order[:n]])
-        return next(iter(loader))
-
-
-def _draw(loader: Any, n: int, *, seed: int, per_class: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    dataset = getattr(loader, "dataset", None)
-    collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
-    if dataset is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
-        order = torch.randperm(len(dataset), generator=private_generator(seed)).tolist()
-        if per_class is None:
-            items = [dataset[i] for i in order[:n]]
-        else:
-            counts: dict[int, int] = {}
-            items = []
-            for i in order[: max(n, 1) * 50]:
-                item = dataset[i]
-                label = _labels_of(item)
-                if label is None or counts.get(label, 0) >= per_class:
-                    continue
-                counts[label] = counts.get(label, 0) + 1
-                items.append(item)
-            if not items:
-                items = [dataset[i] for i in order[:n]]
-        return split_batch(collate(items))
-    chunks, seen = [], 0
-    for batch in loader:
-        chunks.append(batch)
-        seen += split_batch(batch)[0].shape[0]
-        if seen >= n:
-            break
-    if not chunks:
-        raise RuntimeError("The data loader yielded no batches to draw samples from.")
-    xs = [split_batch(b) for b in chunks]
-    x = torch.cat([a for a, _ in xs])[:n]
-    ys = [b for _, b in xs if b is not None]
-    y = torch.cat(ys)[:n] if len(ys) == len(xs) else None
-    return x, y

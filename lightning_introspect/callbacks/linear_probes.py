@@ -15,13 +15,7 @@ from typing_extensions import override
 
 from lightning_introspect._lightning import pl
 from lightning_introspect._torch.guards import introspection_mode, is_compiled, module_device
-from lightning_introspect._torch.hooks import hooks
-from lightning_introspect._torch.layers import (
-    ModuleCalls,
-    refuse_reused_modules,
-    resolve_layers,
-    trace_module_calls,
-)
+from lightning_introspect._torch.layers import resolve_layers
 from lightning_introspect.callbacks.base import (
     IntrospectionCallback,
     check_callable,
@@ -30,85 +24,33 @@ from lightning_introspect.callbacks.base import (
     draw_samples,
     split_batch,
 )
+from lightning_introspect.methods.probe_capture import INPUT_KEY, FeatureCapture
+from lightning_introspect.methods.probe_layers import (
+    ProbeLayersUnavailable,
+    auto_probe_layers,
+    resolve_probe_layers,
+)
 from lightning_introspect.methods.probes import (
     CACHE_POLICIES,
     POOLING_CHOICES,
     FeatureCache,
     ProbeResult,
     RandomProjection,
+    auto_solver,
+    best_layer,
     blas_threads,
+    check_probe_labels,
     downsample_input,
     fit_probes,
-    pool_activation,
+    probe_label_problem,
 )
+from lightning_introspect.render.probes import accuracy_vs_depth_figure, probe_summary_lines, probe_table
 
 SOLVERS = ("auto", "sklearn", "torch")
-INPUT_KEY = "input"
 INIT_KEY = "init"
-_ACTIVATIONS = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Hardtanh, nn.Softplus,
-)
-_MAX_AUTO_LAYERS = 6
 _INLINE_FIT_VALUES = 1 << 20  # solver="auto" on CPU: fit inline with torch up to this many cached feature values
 
-
-def auto_probe_layers(
-    model: nn.Module, example_input: Any, max_layers: int = _MAX_AUTO_LAYERS, *, calls: ModuleCalls | None = None
-) -> list[str]:
-    """The layers ``layers="auto"`` stands for: the output of each block, in execution order, evenly thinned
-    to ``max_layers``, plus the penultimate representation (the output of the leaf before the last).
-
-    A block's output is found through its activation modules: an activation that runs once per forward is
-    probed itself; one module object applied several times (a ResNet block's single ``self.relu``) is
-    replaced by the innermost module around it that runs once (the block), whose output is the one that
-    name suggests. Modules that give the same values (a block and its last norm, a wrapper ``Sequential``
-    and its last child) are probed once, under the outer name. The output layer is left out. Falls back
-    to the top-level children that run once (without the last) when fewer than two blocks are found.
-    Every chosen module runs exactly once per forward pass. ``calls``: a trace of ``example_input`` already
-    made (:func:`~lightning_introspect._torch.layers.trace_module_calls`), to save one forward pass.
-    """
-    calls = calls or trace_module_calls(model, example_input)
-    modules = dict(model.named_modules())
-    leaves = [n for n in calls.order if not any(True for _ in modules[n].children())]
-    if not leaves:
-        return []
-    last = leaves[-1]
-    picks: list[str] = []
-    for name in leaves:
-        if name == last or not isinstance(modules[name], _ACTIVATIONS):
-            continue
-        chosen = name if calls.counts[name] == 1 else calls.enclosing_single_call(name)
-        if chosen is not None and chosen not in picks:
-            picks.append(chosen)
-    if len(picks) < 2:
-        picks = [n for n in calls.order if "." not in n and n != last and n != calls.order[-1] and calls.counts[n] == 1]
-    penultimate = leaves[-2] if len(leaves) >= 2 else None
-    if penultimate is not None and (calls.counts[penultimate] != 1 or isinstance(modules[penultimate], nn.Dropout)):
-        penultimate = None
-    if picks or penultimate:
-        outputs = trace_module_calls(model, example_input, keep_outputs=[*picks, *([penultimate] if penultimate else [])])
-        picks = _distinct_outputs(picks, outputs)
-        if penultimate is not None and any(p == penultimate or outputs.same_output(p, penultimate) for p in picks):
-            penultimate = None
-    if len(picks) > max_layers:
-        idx = sorted({round(i * (len(picks) - 1) / (max_layers - 1)) for i in range(max_layers)})
-        picks = [picks[i] for i in idx]
-    if penultimate is not None:
-        picks.append(penultimate)
-    return picks
-
-
-def _distinct_outputs(names: list[str], calls: ModuleCalls) -> list[str]:
-    """``names`` without repeats of the same output; of a module and one inside it, the outer name stays."""
-    kept: list[str] = []
-    for name in names:
-        twin = next((k for k in kept if calls.same_output(k, name)), None)
-        if twin is None:
-            kept.append(name)
-        elif twin.startswith(name + "."):  # the wrapper came second: it names the output better
-            kept[kept.index(twin)] = name
-    return kept
+__all__ = ["INIT_KEY", "INPUT_KEY", "SOLVERS", "LinearProbes", "auto_probe_layers"]
 
 
 class LinearProbes(IntrospectionCallback):
@@ -301,13 +243,8 @@ class LinearProbes(IntrospectionCallback):
         self._resolved_solver = "sklearn"
         self._cache: FeatureCache | None = None
         self._input_cache: FeatureCache | None = None
-        self._projections: dict[str, RandomProjection] = {}
-        self._stack: contextlib.ExitStack | None = None
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_labels: torch.Tensor | None = None
-        self._pending_input: torch.Tensor | None = None
-        self._batch_active = False
-        self._hook_error: BaseException | None = None
+        self._capture: FeatureCapture | None = None
+        self._stack: contextlib.ExitStack | None = None  # removes the hooks in the trainer's validation
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._jobs: list[tuple[int | str, int, concurrent.futures.Future]] = []
         self._to_log: list[tuple[int | str, int, dict[str, ProbeResult]]] = []
@@ -334,74 +271,79 @@ class LinearProbes(IntrospectionCallback):
         self._stack, self._executor, self._jobs = None, None, []
 
     @override
+    def on_disable(self) -> None:
+        self._remove_hooks()
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)  # the shared check before training
         if self.active(trainer):
             self.run(trainer, self._start, trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._jobs and self._jobs[0][2].done() and self.active(trainer):
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._fit_ready() and self.active(trainer):
             self.run(trainer, self._drain, trainer)
 
-    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._should_capture(trainer) and not self._eager_pass:
-            self.run(trainer, self._begin_capture, trainer, pl_module)
+            self.run(trainer, self._begin_capture)
 
-    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         if self._stack is not None:
             self.run(trainer, self._batch_start, batch, dataloader_idx, log_seconds=False)
 
+    @override
     def on_validation_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         if self._stack is not None:
             self.run(trainer, self._batch_end, log_seconds=False)
 
-    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._stack is not None:
             self.run(trainer, self._end_capture, trainer)
         elif self._eager_pass and self._should_capture(trainer):
             self.run(trainer, self._own_pass_and_fit, trainer, pl_module)
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.probe_dataloader is not None and self.active(trainer) and self.is_scheduled(trainer):
             self.run(trainer, self._own_pass_and_fit, trainer, pl_module)
-        elif self._jobs and self._jobs[0][2].done() and self.active(trainer):
+        elif self._fit_ready() and self.active(trainer):
             self.run(trainer, self._drain, trainer)
 
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._jobs or self._to_log:
             self.run(trainer, self._drain, trainer, wait=True)
         self._shutdown(wait=True)
         # a fit that ended before its last scheduled epoch (EarlyStopping, max_time): the figure of its last probes
-        latest = max((k for k in self.history if isinstance(k, int)), default=None)
+        latest = self._latest_epoch()
         if latest is not None and latest != self._figure_key and self.active(trainer):
-            self.run(trainer, self._final_figure, trainer, latest)
+            self.run(trainer, self._write_figure, trainer, latest, trainer.global_step)
 
-    def _final_figure(self, trainer: Any, key: int) -> None:
-        self.writer(trainer).figure(self.tag("accuracy_vs_depth"), self._figure(key), trainer.global_step)
-        self._figure_key = key
-
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_hooks()
         self._shutdown(wait=False)
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
         self._shutdown(wait=True)
 
     # --------------------------------------------------------------------------------- preparation
-    def _example(self, trainer: Any) -> tuple[Any, torch.Tensor | None] | None:
-        loader = self.probe_dataloader if self.probe_dataloader is not None else self.val_dataloader(trainer)
-        if loader is None:
-            return None
-        try:
-            x, y = draw_samples(loader, 2, seed=self.seed)
-        except Exception:  # data not ready at setup (e.g. built in LightningModule.setup): check later
-            return None
-        return x, y
+    def _loader(self, trainer: pl.Trainer) -> Any:
+        return self.probe_dataloader if self.probe_dataloader is not None else self.val_dataloader(trainer)
 
-    def _resolve(self, trainer: Any, pl_module: Any) -> None:
+    def _resolve(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
         """Resolve the layers and check that they can be probed.
 
         Raises ``ValueError`` for a wrong name (with close matches) and for a named module that runs more
@@ -410,50 +352,30 @@ class LinearProbes(IntrospectionCallback):
         The call counts need one example batch: without data yet (built in ``LightningModule.setup``) they
         are checked at fit start.
         """
-        example = self._example(trainer)
-        if example is not None and example[1] is not None and example[1].ndim > 1 and self.target_transform is None:
-            self.skip(
-                f"the labels have shape {tuple(example[1].shape)} (dense masks, as in segmentation), and a probe needs one "
-                "class id per sample; pass `target_transform` (batch -> one label per sample) to probe such data."
-            )
-            return
-        if example is not None and example[1] is None and self.target_transform is None:
-            self.skip(
-                "it needs labels, but the "
-                + ("`probe_dataloader`" if self.probe_dataloader is not None else "validation")
-                + " batches carry none. Pass `probe_dataloader` (a labelled DataLoader) or `target_transform` "
-                "(batch -> labels)."
-            )
-            return
-        auto = isinstance(self.layers, str) and self.layers == "auto"
-        modules = {} if auto else resolve_layers(pl_module, self.layers, argument="layers")
+        example = None
+        if (loader := self._loader(trainer)) is not None:
+            with contextlib.suppress(Exception):  # data not ready at setup (built in LightningModule.setup): later
+                example = draw_samples(loader, 2, seed=self.seed)
+        if example is not None and self.target_transform is None:
+            source = "`probe_dataloader`" if self.probe_dataloader is not None else "validation"
+            problem = probe_label_problem(example[1], source)
+            if problem is not None:
+                self.skip(problem)
+                return
         if example is None:
+            modules = {} if self.layers == "auto" else resolve_layers(pl_module, self.layers, argument="layers")
             self._modules, self.layer_names = modules, list(modules)
             return
-        x = _to_device(example[0], _device_of(pl_module))
         try:
-            calls = trace_module_calls(pl_module, x)
-        except Exception as exc:
-            if auto:
-                self.skip(
-                    "`layers='auto'` runs `model(inputs)` on two samples to find the layers, and that failed "
-                    f"({type(exc).__name__}: {exc}); name the layers explicitly."
-                )
-                return
-            calls = None  # the forward does not take the bare inputs: the given order, call counts unchecked
-        if auto:
-            modules = resolve_layers(pl_module, auto_probe_layers(pl_module, x, calls=calls), argument="layers")
-            if not modules:
-                self.skip("`layers='auto'` found no layer to probe in this model; name the layers explicitly.")
-                return
-        if calls is not None:
-            refuse_reused_modules(calls, list(modules), argument="layers")
-            rank = {n: i for i, n in enumerate(calls.order)}
-            modules = dict(sorted(modules.items(), key=lambda item: rank.get(item[0], len(rank))))
+            modules = resolve_probe_layers(pl_module, self.layers, _to_device(example[0], _device_of(pl_module)))
+        except ProbeLayersUnavailable as err:
+            self.skip(str(err))
+            return
         self._modules, self.layer_names = modules, list(modules)
         self._calls_checked = True
 
-    def _start(self, trainer: Any, pl_module: Any) -> None:
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check the data, pick the capture path and the solver, build the caches, fit the baselines."""
         if self.probe_dataloader is None and not self._has_validation(trainer):
             self.warn_once(
                 "no-validation",
@@ -479,13 +401,14 @@ class LinearProbes(IntrospectionCallback):
                 "forward pass) instead of hooks in the compiled validation.",
             )
         device = _device_of(pl_module)
-        solver = self.solver
-        if solver == "auto" and device.type != "cpu":
-            solver = "torch"
-        self._resolved_solver = solver  # "auto" left on CPU: chosen per evaluation by its size (`_solver_for`)
-        cache_device = device if solver == "torch" else torch.device("cpu")
+        # "auto" left on CPU: chosen per evaluation by the size of the cached features (in `_fit`)
+        self._resolved_solver = "torch" if self.solver == "auto" and device.type != "cpu" else self.solver
+        cache_device = device if self._resolved_solver == "torch" else torch.device("cpu")
         self._cache = FeatureCache(self.max_samples, policy=self.cache, seed=self.seed, device=cache_device)
         self._input_cache = FeatureCache(self.max_samples, policy=self.cache, seed=self.seed, device=cache_device)
+        self._capture = FeatureCapture(
+            self._modules, pooling=self.pooling, max_features=self.max_features, seed=self.seed, on_time=self._hook_seconds
+        )
         want_init = self.include_init and INIT_KEY not in self.history
         want_input = self.include_input and INPUT_KEY not in self.history
         if want_init or want_input:
@@ -493,12 +416,12 @@ class LinearProbes(IntrospectionCallback):
             self._own_pass(trainer, pl_module, layers=want_init, inputs=want_input)
             self.timings["baseline_pass"] += time.perf_counter() - start
             if want_input:
-                self._fit(trainer, INPUT_KEY, self._input_cache, trainer.global_step)
+                self._fit(INPUT_KEY, self._input_cache, trainer.global_step)
             if want_init:
-                self._fit(trainer, INIT_KEY, self._cache, trainer.global_step)
+                self._fit(INIT_KEY, self._cache, trainer.global_step)
             self._drain(trainer)
 
-    def _has_validation(self, trainer: Any) -> bool:
+    def _has_validation(self, trainer: pl.Trainer) -> bool:
         limit = getattr(trainer, "limit_val_batches", 1.0)
         if limit is not None and not isinstance(limit, bool) and limit == 0:
             return False
@@ -509,7 +432,7 @@ class LinearProbes(IntrospectionCallback):
         return not counts or counts[0] != 0
 
     # ------------------------------------------------------------------------------------ capture
-    def _should_capture(self, trainer: Any) -> bool:
+    def _should_capture(self, trainer: pl.Trainer) -> bool:
         return (
             self.probe_dataloader is None
             and self._cache is not None
@@ -519,136 +442,70 @@ class LinearProbes(IntrospectionCallback):
             and self.trainer_fn(trainer) in ("fit", None)  # not `trainer.validate()` after the fit: an epoch that never trained
         )
 
-    def _register_hooks(self) -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        handles = stack.enter_context(hooks())
-        for name, module in self._modules.items():
-            handles.append(module.register_forward_hook(self._make_hook(name)))
-        return stack
+    def _hook_seconds(self, elapsed: float) -> None:
+        self.timings["capture"] += elapsed
+        if self._stack is not None:  # the trainer's validation forward (outside `run`): count it here
+            self.seconds_total += elapsed
 
     def _remove_hooks(self) -> None:
         stack, self._stack = self._stack, None
-        self._batch_active = False
-        self._pending = {}
+        if self._capture is not None:
+            self._capture.clear()
         if stack is not None:
             stack.close()
 
-    def _make_hook(self, name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            if not self._batch_active or name in self._pending:
-                return
-            start = time.perf_counter()
-            try:
-                self._pending[name] = self._features(name, pool_activation(output, self.pooling))
-            except Exception as exc:  # surfaced (with the error policy) at the end of the batch
-                if self._hook_error is None:
-                    self._hook_error = exc
-            elapsed = time.perf_counter() - start
-            self.timings["capture"] += elapsed
-            if self._stack is not None:  # the trainer's validation forward (outside `run`): count it here
-                self.seconds_total += elapsed
-
-        return hook
-
-    def _features(self, name: str, feats: torch.Tensor) -> torch.Tensor:
-        """Project to ``max_features`` when wider (a seeded projection per layer, the same every epoch)."""
-        if feats.shape[1] <= self.max_features:
-            return feats
-        proj = self._projections.get(name)
-        if proj is None or proj.in_features != feats.shape[1]:
-            seed = self.seed * 1_000_003 + (1 + list(self._modules).index(name) if name in self._modules else 0)
-            proj = RandomProjection(feats.shape[1], self.max_features, seed=seed, device=feats.device)
-            self._projections[name] = proj
-        return proj(feats)
-
     @property
-    def _layer_cache(self) -> FeatureCache:
-        """The cache of layer features (built in ``setup``)."""
-        if self._cache is None:
-            raise RuntimeError("LinearProbes: the feature cache is built in setup(), which has not run.")
-        return self._cache
-
-    @property
-    def _inputs_cache(self) -> FeatureCache:
-        """The cache of raw inputs, for the input baseline (built in ``setup``)."""
-        if self._input_cache is None:
-            raise RuntimeError("LinearProbes: the input cache is built in setup(), which has not run.")
-        return self._input_cache
+    def _projections(self) -> dict[str, RandomProjection]:
+        """The seeded projections of the layers wider than ``max_features``."""
+        return self._capture.projections if self._capture is not None else {}
 
     def _labels(self, batch: Any) -> torch.Tensor:
-        labels: torch.Tensor | None
-        if self.target_transform is not None:
-            labels = self.target_transform(batch)
-        else:
-            _, labels = split_batch(batch)
+        labels = self.target_transform(batch) if self.target_transform is not None else split_batch(batch)[1]
         if labels is None:
             raise ValueError(
                 "LinearProbes found no labels in a batch. Pass `probe_dataloader` (a labelled DataLoader) or "
                 "`target_transform` (batch -> labels)."
             )
-        labels = torch.as_tensor(labels)
-        if labels.ndim != 1 or labels.is_floating_point():
-            raise ValueError(
-                f"Expected one integer label per sample (shape (N,)), but got {labels.dtype} labels of shape "
-                f"{tuple(labels.shape)}; use `target_transform` to map a batch to class ids."
-            )
-        return labels.detach()
+        return check_probe_labels(labels)
 
-    def _begin_capture(self, trainer: Any, pl_module: Any) -> None:
+    def _parts(self) -> tuple[FeatureCapture, FeatureCache, FeatureCache]:
+        """The capture, the cache of layer features and the cache of raw inputs (built at fit start)."""
+        if self._capture is None or self._cache is None or self._input_cache is None:
+            raise RuntimeError("LinearProbes: the feature caches are built at fit start, which has not run.")
+        return self._capture, self._cache, self._input_cache
+
+    def _begin_capture(self) -> None:
         self._remove_hooks()
-        self._layer_cache.reset()
-        self._hook_error = None
-        self._stack = self._register_hooks()
+        capture, layer_cache, _ = self._parts()
+        layer_cache.reset()
+        capture.error = None
+        self._stack = capture.attach()
 
     def _batch_start(self, batch: Any, dataloader_idx: int) -> None:
-        self._pending = {}
-        self._batch_active = dataloader_idx == 0
-        if self._batch_active:
-            self._pending_labels = self._labels(batch)
+        first = dataloader_idx == 0
+        self._parts()[0].begin(self._labels(batch) if first else None, layers=first)
 
     def _batch_end(self) -> None:
         start = time.perf_counter()
+        capture, layer_cache, input_cache = self._parts()
         try:
-            if self._hook_error is not None:
-                error, self._hook_error = self._hook_error, None
-                raise error
-            if self._batch_active:
-                self._commit(self._layer_cache, layers=True)
+            capture.check()
+            capture.commit(layer_cache, input_cache)
         finally:
-            self._batch_active = False
-            self._pending = {}
+            capture.clear()
             self.timings["capture"] += time.perf_counter() - start
 
-    def _commit(self, cache: FeatureCache, *, layers: bool) -> None:
-        labels = self._pending_labels
-        if labels is None:
-            return
-        if layers:
-            missing = [n for n in self._modules if n not in self._pending]
-            if missing:
-                raise RuntimeError(
-                    f"LinearProbes: the layers {missing} did not run in this forward pass, so they cannot be probed. "
-                    "Choose layers that the model's forward (validation step) calls."
-                )
-            cache.add(self._pending, labels)
-        if self._pending_input is not None:
-            self._inputs_cache.add({INPUT_KEY: self._pending_input}, labels)
-        self._pending_labels = None
-        self._pending_input = None
-
-    def _end_capture(self, trainer: Any) -> None:
+    def _end_capture(self, trainer: pl.Trainer) -> None:
         try:
-            error, self._hook_error = self._hook_error, None
-            if error is not None:
-                raise error
+            self._parts()[0].check()
         finally:
             self._remove_hooks()
-        self._fit(trainer, trainer.current_epoch, self._layer_cache, trainer.global_step)
+        self._fit(trainer.current_epoch, self._parts()[1], trainer.global_step)
         self._drain(trainer)
 
-    def _own_pass(self, trainer: Any, pl_module: Any, *, layers: bool = True, inputs: bool = False) -> None:
+    def _own_pass(self, trainer: pl.Trainer, pl_module: nn.Module, *, layers: bool = True, inputs: bool = False) -> None:
         """An eval-mode, no-grad pass of ours over the probe data (``probe_dataloader`` or validation)."""
-        loader = self.probe_dataloader if self.probe_dataloader is not None else self.val_dataloader(trainer)
+        loader = self._loader(trainer)
         if loader is None:
             raise RuntimeError("LinearProbes needs validation data or a `probe_dataloader` to probe with.")
         max_batches = math.inf
@@ -657,39 +514,34 @@ class LinearProbes(IntrospectionCallback):
             if counts and counts[0] not in (None, math.inf):
                 max_batches = counts[0]
         device = _device_of(pl_module)
-        self._layer_cache.reset()
-        self._inputs_cache.reset()
+        capture, layer_cache, input_cache = self._parts()
+        layer_cache.reset()
+        input_cache.reset()
         with contextlib.ExitStack() as stack:
             stack.enter_context(introspection_mode(pl_module, grad=False))  # forked RNG before the iterator
             if layers:
-                handle_stack = self._register_hooks()
-                stack.callback(handle_stack.close)
+                stack.enter_context(capture.attach())
             for i, batch in enumerate(loader):
                 if i >= max_batches:
                     break
                 x, _ = split_batch(batch)
-                self._pending = {}
-                self._pending_labels = self._labels(batch)
-                self._pending_input = self._features(INPUT_KEY, downsample_input(x, self.max_features)) if inputs else None
-                self._batch_active = layers
+                pixels = capture.project(INPUT_KEY, downsample_input(x, self.max_features)) if inputs else None
+                capture.begin(self._labels(batch), pixels, layers=layers)
                 if layers:
                     pl_module(_to_device(x, device))
-                    if self._hook_error is not None:
-                        error, self._hook_error = self._hook_error, None
-                        raise error
-                self._commit(self._layer_cache, layers=layers)
-                self._batch_active = False
-            self._pending = {}
+                    capture.check()
+                capture.commit(layer_cache, input_cache, layers=layers)
 
-    def _own_pass_and_fit(self, trainer: Any, pl_module: Any) -> None:
+    def _own_pass_and_fit(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
         start = time.perf_counter()
         self._own_pass(trainer, pl_module, layers=True, inputs=False)
         self.timings["own_pass"] += time.perf_counter() - start
-        self._fit(trainer, trainer.current_epoch, self._layer_cache, trainer.global_step)
+        self._fit(trainer.current_epoch, self._parts()[1], trainer.global_step)
         self._drain(trainer)
 
     # ------------------------------------------------------------------------------------- fitting
-    def _fit(self, trainer: Any, key: int | str, cache: FeatureCache, step: int) -> None:
+    def _fit(self, key: int | str, cache: FeatureCache, step: int) -> None:
+        """Fit the probes of one evaluation: inline (torch) or submitted to the background worker (sklearn)."""
         labels = cache.labels
         if cache.size < 4 or torch.unique(labels).numel() < 2:
             self.warn_once(
@@ -705,13 +557,14 @@ class LinearProbes(IntrospectionCallback):
                 f"LinearProbes: the activations of {broken} hold NaN / Inf values at {key!r} (non-finite weights or "
                 "inputs?), so no probe can be fitted."
             )
-        solver = self._solver_for(cache)
+        solver = self._resolved_solver
+        if solver == "auto":  # on CPU: by the size of the cached features
+            solver = auto_solver(cache.size * sum(cache.features(n).shape[1] for n in names), _INLINE_FIT_VALUES)
         if solver == "torch":
             self._collect(wait=True)  # keeps the results in epoch order and the warm start sequential
             start = time.perf_counter()
-            results = self._solve({n: cache.features(n) for n in names}, labels, key, solver)
+            self._to_log.append((key, step, self._solve({n: cache.features(n) for n in names}, labels, key, solver)))
             self.timings["fit_inline"] += time.perf_counter() - start
-            self._to_log.append((key, step, results))
             return
         start = time.perf_counter()
         if self._executor is None:
@@ -721,20 +574,10 @@ class LinearProbes(IntrospectionCallback):
         self._jobs.append((key, step, self._executor.submit(self._solve, features, labels_np, key, solver)))
         self.timings["submit"] += time.perf_counter() - start
 
-    def _solver_for(self, cache: FeatureCache) -> str:
-        """The solver of one evaluation. ``"auto"`` on CPU: the torch solver inline while the cached
-        features are small (at most ``_INLINE_FIT_VALUES`` numbers: its few milliseconds cost less than a
-        background sklearn fit takes from training's cores), sklearn in the background thread above that."""
-        if self._resolved_solver != "auto":
-            return self._resolved_solver
-        values = cache.size * sum(cache.features(n).shape[1] for n in cache.names)
-        return "torch" if values <= _INLINE_FIT_VALUES else "sklearn"
-
     def _solve(self, features: dict[str, Any], labels: Any, key: int | str, solver: str) -> dict[str, ProbeResult]:
         """Fit every layer's probe (background thread for sklearn). Only epochs read / write the warm start."""
         trained = isinstance(key, int)
-        limit = blas_threads(1) if solver == "sklearn" else contextlib.nullcontext()
-        with limit:
+        with blas_threads(1) if solver == "sklearn" else contextlib.nullcontext():
             results = fit_probes(
                 features, labels, solver=solver, test_fraction=self.test_fraction, seed=self.seed,
                 max_iter=self.max_iter, tol=self.tol, C=self.C, warm_start=self._warm if trained else None,
@@ -743,8 +586,12 @@ class LinearProbes(IntrospectionCallback):
             self._warm = {n: r.state for n, r in results.items() if r.state is not None}
         return results
 
+    def _fit_ready(self) -> bool:
+        """Whether the oldest background fit has finished (its results can be logged)."""
+        return bool(self._jobs) and self._jobs[0][2].done()
+
     def _collect(self, wait: bool = False) -> None:
-        """Move finished background fits (in submission order) into the results and the log queue."""
+        """Move finished background fits (in submission order) into the log queue."""
         while self._jobs:
             key, step, future = self._jobs[0]
             if not future.done():
@@ -756,7 +603,8 @@ class LinearProbes(IntrospectionCallback):
             self._jobs.pop(0)
             self._to_log.append((key, step, future.result()))
 
-    def _drain(self, trainer: Any, wait: bool = False) -> None:
+    def _drain(self, trainer: pl.Trainer, wait: bool = False) -> None:
+        """Record and log every finished evaluation, in order."""
         self._collect(wait=wait)
         start = time.perf_counter()
         while self._to_log:
@@ -765,22 +613,29 @@ class LinearProbes(IntrospectionCallback):
             self._log(trainer, key, step, results)
         self.timings["log"] += time.perf_counter() - start
 
+    def _shutdown(self, *, wait: bool) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=wait, cancel_futures=not wait)
+        if not wait:
+            self._jobs = []
+
+    # ------------------------------------------------------------------------------------- results
     def _record(self, key: int | str, results: dict[str, ProbeResult]) -> None:
         self.results[key] = results
         self.history[key] = {n: float(r.accuracy) for n, r in results.items()}
         self.macro_f1[key] = {n: float(r.macro_f1) for n, r in results.items()}
-        self._update_best()
+        latest = self._latest_epoch()
+        if latest is not None:
+            self.best_layer = best_layer(self.history[latest], self.layer_names)
 
-    def _update_best(self) -> None:
-        epochs = [k for k in self.history if isinstance(k, int)]
-        if epochs:
-            latest = self.history[max(epochs)]
-            self.best_layer = max(latest, key=lambda n: (latest[n], -self._depth(n)))
+    def _latest_epoch(self) -> int | None:
+        return max((k for k in self.history if isinstance(k, int)), default=None)
 
-    def _depth(self, name: str) -> int:
-        return self.layer_names.index(name) if name in self.layer_names else len(self.layer_names)
+    def _input_accuracy(self) -> float | None:
+        return self.history[INPUT_KEY][INPUT_KEY] if INPUT_KEY in self.history else None
 
-    def _log(self, trainer: Any, key: int | str, step: int, results: dict[str, ProbeResult]) -> None:
+    def _log(self, trainer: pl.Trainer, key: int | str, step: int, results: dict[str, ProbeResult]) -> None:
         writer = self.writer(trainer)
         values: dict[str, float] = {}
         for name, r in results.items():
@@ -791,86 +646,45 @@ class LinearProbes(IntrospectionCallback):
             return
         writer.scalar(self.tag("fit_seconds"), sum(r.seconds for r in results.values()), step)
         if self.is_due(trainer, self.figures_every_n_epochs, key):
-            writer.figure(self.tag("accuracy_vs_depth"), self._figure(key), step)
-            self._figure_key = key
+            self._write_figure(trainer, key, step)
         writer.text(self.tag("table"), self.table(key), step)
 
-    # ------------------------------------------------------------------------------------ rendering
+    def _write_figure(self, trainer: pl.Trainer, key: int, step: int) -> None:
+        figure = accuracy_vs_depth_figure(
+            key, self.history[key], order=self.layer_names, init=self.history.get(INIT_KEY),
+            input_accuracy=self._input_accuracy(),
+        )
+        self.writer(trainer).figure(self.tag("accuracy_vs_depth"), figure, step)
+        self._figure_key = key
+
     def table(self, key: int | str | None = None) -> str:
         """A markdown table of the probe accuracies of ``key`` (default: the latest epoch) beside the baselines."""
+        latest = self._latest_epoch()
         if key is None:
-            epochs = [k for k in self.history if isinstance(k, int)]
-            if not epochs:
+            if latest is None:
                 return "No probe results yet."
-            key = max(epochs)
-        current, f1 = self.history.get(key, {}), self.macro_f1.get(key, {})
-        init = self.history.get(INIT_KEY, {})
-        lines = [
-            f"| layer | depth | accuracy (epoch {key}) | macro-F1 | init accuracy | change vs init |",
-            "|---|---|---|---|---|---|",
-        ]
+            key = latest
+        baseline = None
         if INPUT_KEY in self.history:
-            acc = self.history[INPUT_KEY].get(INPUT_KEY, float("nan"))
-            lines.append(f"| input (baseline) | 0 | {acc:.3f} | {self.macro_f1[INPUT_KEY].get(INPUT_KEY, float('nan')):.3f} | | |")
-        for name in sorted(current, key=self._depth):
-            acc = current[name]
-            base = init.get(name)
-            delta = f"{acc - base:+.3f}" if base is not None else ""
-            base_s = f"{base:.3f}" if base is not None else ""
-            star = " **best**" if name == self.best_layer and key == max(k for k in self.history if isinstance(k, int)) else ""
-            lines.append(f"| `{name}`{star} | {self._depth(name) + 1} | {acc:.3f} | {f1.get(name, float('nan')):.3f} | {base_s} | {delta} |")
-        return "\n".join(lines)
+            nan = float("nan")
+            baseline = self.history[INPUT_KEY].get(INPUT_KEY, nan), self.macro_f1.get(INPUT_KEY, {}).get(INPUT_KEY, nan)
+        return probe_table(
+            key, self.history.get(key, {}), self.macro_f1.get(key, {}), order=self.layer_names,
+            init=self.history.get(INIT_KEY, {}), input_scores=baseline, best=self.best_layer if key == latest else None,
+        )
 
-    def _figure(self, key: int) -> Any:
-        from matplotlib.figure import Figure
-
-        names = sorted(self.history[key], key=self._depth)
-        depth = [self._depth(n) + 1 for n in names]
-        fig = Figure(figsize=(max(4.0, 0.9 * len(names) + 2), 3.4), dpi=90)
-        ax = fig.add_subplot(1, 1, 1)
-        ax.plot(depth, [self.history[key][n] for n in names], "o-", color="tab:blue", label=f"epoch {key}")
-        init = self.history.get(INIT_KEY, {})
-        if init:
-            pts = [(self._depth(n) + 1, init[n]) for n in names if n in init]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--", color="tab:gray", label="init")
-        if INPUT_KEY in self.history:
-            ax.axhline(self.history[INPUT_KEY][INPUT_KEY], color="tab:orange", linestyle=":", label="raw input")
-        ax.set_xticks(depth)
-        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-        ax.set_xlabel("layer (execution order)")
-        ax.set_ylabel("probe test accuracy")
-        ax.set_title(f"Linear probes, epoch {key}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-        fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.3)  # fixed: tight_layout costs more than drawing
-        return fig
-
+    @override
     def summary_lines(self) -> list[str]:
-        epochs = [k for k in self.history if isinstance(k, int)]
-        if not epochs or self.best_layer is None:
+        latest = self._latest_epoch()
+        if latest is None or self.best_layer is None:
             return []
-        last = max(epochs)
-        acc = self.history[last][self.best_layer]
-        parts = [f"best layer `{self.best_layer}`: probe accuracy {acc:.3f} at epoch {last}"]
-        if self.best_layer in self.history.get(INIT_KEY, {}):
-            parts.append(f"init {self.history[INIT_KEY][self.best_layer]:.3f}")
-        if INPUT_KEY in self.history:
-            parts.append(f"raw input {self.history[INPUT_KEY][INPUT_KEY]:.3f}")
-        curve = ", ".join(f"{n} {self.history[last][n]:.2f}" for n in sorted(self.history[last], key=self._depth))
-        return [" | ".join(parts), f"by depth: {curve}"]
-
-    # ------------------------------------------------------------------------------------ plumbing
-    def on_disable(self) -> None:
-        self._remove_hooks()
-
-    def _shutdown(self, *, wait: bool) -> None:
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=wait, cancel_futures=not wait)
-        if not wait:
-            self._jobs = []
+        return probe_summary_lines(
+            latest, self.history[latest], self.best_layer, order=self.layer_names,
+            init_accuracy=self.history.get(INIT_KEY, {}).get(self.best_layer), input_accuracy=self._input_accuracy(),
+        )
 
     # ------------------------------------------------------------------------------------ state
+    @override
     def extra_state(self) -> dict[str, Any]:
         # A checkpoint is written right after the validation pass that submitted this epoch's fit: wait
         # for it, so a resumed fit has every finished epoch (and the warm start the next fit begins from).
@@ -889,6 +703,7 @@ class LinearProbes(IntrospectionCallback):
             },
         }
 
+    @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.history = {k: {n: float(a) for n, a in v.items()} for k, v in state.get("history", [])}
         self.macro_f1 = {k: {n: float(a) for n, a in v.items()} for k, v in state.get("macro_f1", [])}

@@ -19,14 +19,16 @@ callback, decides what counts as logits:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 from lightning_introspect._torch.guards import introspection_mode
 from lightning_introspect._torch.hooks import hooks, output_as_tensor
-from lightning_introspect.callbacks.base import IntrospectionInputError, split_batch
+from lightning_introspect.callbacks.data import split_batch
+from lightning_introspect.errors import IntrospectionInputError
 
 _OUTPUT_KEYS = ("logits", "preds", "y_hat", "outputs", "output")
 
@@ -176,3 +178,30 @@ class LogitsSource:
             output = pl_module(x)
         self.used_own_forward = True
         return extract_logits(output, self.output_transform, batch_size=None if self.output_transform else int(x.shape[0]))
+
+
+def forward_logits(
+    pl_module: torch.nn.Module, batch: Any, output_transform: Callable[[Any], Any] | None = None
+) -> tuple[Any, torch.Tensor | None]:
+    """``(output, logits)`` of a forward of the batch's inputs of our own (eval mode, no grad, global RNG
+    forked); ``logits`` is ``None`` when the output holds none (see :func:`extract_logits`)."""
+    x = split_batch(batch)[0]
+    with introspection_mode(pl_module, grad=False):
+        output = pl_module(x)
+    return output, extract_logits(output, output_transform, batch_size=None if output_transform else int(x.shape[0]))
+
+
+NO_LOGITS = (
+    "the model's forward returns no logits tensor (got {kind}); return one (or a dict with 'logits', or an "
+    "object with `.logits`) or pass `output_transform`."
+)
+
+
+def validation_batches(trainer: Any, loader: Any) -> Iterator[Any]:
+    """The batches of ``loader`` the trainer's own validation would use (``limit_val_batches``), on the
+    model's device, for a pass of our own (run it inside :func:`introspection_mode`)."""
+    max_batches = (getattr(trainer, "num_val_batches", None) or [math.inf])[0]
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        yield trainer.strategy.batch_to_device(batch)

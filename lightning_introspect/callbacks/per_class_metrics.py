@@ -7,7 +7,6 @@ untrained network, and calls out the classes that improved least.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,25 +24,39 @@ from lightning_introspect.callbacks.base import (
     check_positive_int,
     split_batch,
 )
-from lightning_introspect.callbacks.outputs import LogitsSource, extract_logits, extract_targets
-from lightning_introspect.loggers.adapter import markdown_cell
+from lightning_introspect.callbacks.outputs import (
+    NO_LOGITS,
+    LogitsSource,
+    extract_logits,
+    extract_targets,
+    forward_logits,
+    validation_batches,
+)
+from lightning_introspect.methods.per_class import (
+    METRICS,
+    TASKS,
+    build_metrics,
+    due_snapshots,
+    least_improved,
+    main_metric,
+    per_class_values,
+    prepare_predictions,
+    snapshot_fraction,
+    snapshot_label,
+)
 from lightning_introspect.render.charts import bars_figure, confusion_image
+from lightning_introspect.render.per_class import (
+    per_class_summary,
+    per_class_summary_lines,
+    per_class_table,
+    snapshot_column,
+)
 
-TASKS = ("multiclass", "multilabel", "binary")
-METRICS = ("precision", "recall", "f1", "accuracy", "specificity")
-
-
-def snapshot_label(fraction: float) -> str:
-    """``0.0`` -> ``"start"``, ``0.5`` -> ``"middle"``, ``1.0`` -> ``"end"``, others ``"at_0.25"``."""
-    return {0.0: "start", 0.5: "middle", 1.0: "end"}.get(float(fraction), f"at_{float(fraction):g}")
+__all__ = ["METRICS", "TASKS", "PerClassMetrics", "snapshot_label"]
 
 
 def _tag_safe(name: str) -> str:
     return str(name).replace("/", "_").replace(" ", "_")
-
-
-def _fmt(value: float | None) -> str:
-    return "no support" if value is None else f"{value:.3f}"
 
 
 # ------------------------------------------------------------------------------------ callback
@@ -251,14 +264,9 @@ class PerClassMetrics(IntrospectionCallback):
         batch = self.example(trainer, 16)
         if batch is None:
             return
-        with introspection_mode(pl_module, grad=False):
-            output = pl_module(split_batch(batch)[0])
-        logits = extract_logits(output, self.output_transform, batch_size=None if self.output_transform else len(split_batch(batch)[0]))
+        output, logits = forward_logits(pl_module, batch, self.output_transform)
         if logits is None:
-            self.skip(
-                f"the model's forward returns no logits tensor (got {type(output).__name__}); return one (or a dict with "
-                "'logits', or an object with `.logits`) or pass `output_transform`."
-            )
+            self.skip(NO_LOGITS.format(kind=type(output).__name__))
             return
         self._prepare(logits, extract_targets(batch, self.target_transform))
 
@@ -311,130 +319,24 @@ class PerClassMetrics(IntrospectionCallback):
         self._source.detach()
 
     # ------------------------------------------------------------------------------- metrics
-    def _build_metrics(self, device: torch.device) -> Any:
-        from torchmetrics import Metric, MetricCollection
-        from torchmetrics import classification as tmc
-
-        n = int(self.num_classes or 0)
-        common: dict[str, Any] = {"average": None, "ignore_index": self.ignore_index}
-        makers: dict[str, type[Metric]]
-        confmat: Metric
-        if self.task == "multilabel":
-            common.update(num_labels=n, threshold=self.threshold)
-            makers = {
-                "precision": tmc.MultilabelPrecision,
-                "recall": tmc.MultilabelRecall,
-                "f1": tmc.MultilabelF1Score,
-                "accuracy": tmc.MultilabelAccuracy,
-                "specificity": tmc.MultilabelSpecificity,
-            }
-            confmat = tmc.MultilabelConfusionMatrix(num_labels=n, threshold=self.threshold, ignore_index=self.ignore_index)
-        else:
-            common.update(num_classes=n)
-            makers = {
-                "precision": tmc.MulticlassPrecision,
-                "recall": tmc.MulticlassRecall,
-                "f1": tmc.MulticlassF1Score,
-                "accuracy": tmc.MulticlassAccuracy,
-                "specificity": tmc.MulticlassSpecificity,
-            }
-            confmat = tmc.MulticlassConfusionMatrix(num_classes=n, ignore_index=self.ignore_index)
-        collection = MetricCollection({m: makers[m](**common) for m in self.metrics})
-        collection.add_metrics({"_confusion": confmat})
-        return collection.to(device)
-
     def _metrics(self, device: torch.device) -> Any:
         if self._metric_objs is None:
-            self._metric_objs = self._build_metrics(device)
+            self._metric_objs = build_metrics(
+                self.task, self.metrics, int(self.num_classes or 0), threshold=self.threshold,
+                ignore_index=self.ignore_index, device=device,
+            )
         elif self._metric_device != device:
             self._metric_objs = self._metric_objs.to(device)
         self._metric_device = device
         return self._metric_objs
 
     def _prepare(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validate shapes and ranges; return ``(preds, target)`` in the form torchmetrics expects."""
-        logits = logits.detach()
-        target = target.detach().to(logits.device)
-        if logits.shape[0] != target.shape[0]:
-            raise IntrospectionInputError(
-                f"The logits ({tuple(logits.shape)}) and labels ({tuple(target.shape)}) have different batch sizes; "
-                "check `output_transform` / `target_transform`."
-            )
-        if self.task == "binary":
-            if logits.is_floating_point() and logits.ndim == 2 and logits.shape[1] == 2:
-                preds = logits.float()
-            elif logits.ndim == 1 or (logits.ndim == 2 and logits.shape[1] == 1):
-                p = logits.float().flatten()
-                if (p < 0).any() or (p > 1).any():  # logits, not probabilities (as torchmetrics decides)
-                    p = p.sigmoid()
-                preds = (p >= self.threshold).long()
-            else:
-                raise IntrospectionInputError(
-                    f"Expected binary logits of shape (N,), (N, 1) or (N, 2), but got {tuple(logits.shape)}."
-                )
-            target = target.flatten().long()
-            self._check_range(target, 2)
-            return preds, target
-        if not logits.is_floating_point():
-            if logits.shape != target.shape:
-                raise IntrospectionInputError(
-                    f"Integer predictions must have the labels' shape {tuple(target.shape)}, but got {tuple(logits.shape)}."
-                )
-            width = None
-        else:
-            if logits.ndim < 2:
-                raise IntrospectionInputError(
-                    f"Expected logits of shape (N, C) or (N, C, ...), but got {tuple(logits.shape)}; "
-                    "use `output_transform` to pick the logits out of the model output."
-                )
-            width = logits.shape[1]
-        if self.num_classes is None:
-            if width is None:
-                raise IntrospectionInputError("Pass `num_classes`: the model returns class ids, not logits.")
-            self.num_classes = int(width)
-            if self.class_names is not None and len(self.class_names) != width:
-                raise IntrospectionInputError(
-                    f"Expected `class_names` to have one entry per class ({width} from the logits' width), "
-                    f"but got {len(self.class_names)}."
-                )
-        if width is not None and width != self.num_classes:
-            fix = (
-                "for one logit per sample (binary classification) pass `task='binary'`"
-                if width == 1 and self.task == "multiclass"
-                else f"set `num_classes` to {width} or fix `output_transform`"
-            )
-            raise IntrospectionInputError(
-                f"Expected logits with `num_classes`={self.num_classes} columns (dim 1), but got logits of shape "
-                f"{tuple(logits.shape)}; {fix}."
-            )
-        if self.task == "multilabel":
-            if target.shape != logits.shape:
-                raise IntrospectionInputError(
-                    f"Expected multilabel targets of the logits' shape {tuple(logits.shape)}, but got {tuple(target.shape)}."
-                )
-            target = target.long()
-            self._check_range(target, 2)
-            return logits.float(), target
-        if logits.is_floating_point() and target.shape != logits.shape[:1] + logits.shape[2:]:
-            raise IntrospectionInputError(
-                f"Expected labels of shape {tuple(logits.shape[:1] + logits.shape[2:])} for logits of shape "
-                f"{tuple(logits.shape)}, but got {tuple(target.shape)}; use `target_transform`."
-            )
-        if target.is_floating_point():
-            if not torch.equal(target, target.round()):
-                raise IntrospectionInputError("Expected integer class labels, but got non-integer floats.")
-        target = target.long()
-        self._check_range(target, int(self.num_classes))
-        return (logits.float() if logits.is_floating_point() else logits.long()), target
-
-    def _check_range(self, target: torch.Tensor, n: int) -> None:
-        valid = target if self.ignore_index is None else target[target != self.ignore_index]
-        if valid.numel() and (valid.min() < 0 or valid.max() >= n):
-            raise IntrospectionInputError(
-                f"Labels out of range: expected values in [0, {n - 1}] (num_classes={n}"
-                f"{'' if self.ignore_index is None else f', ignore_index={self.ignore_index}'}), but got min "
-                f"{int(valid.min())} and max {int(valid.max())}."
-            )
+        """Validate shapes and ranges (``num_classes`` is read from the first logits when not given)."""
+        preds, target, self.num_classes = prepare_predictions(
+            logits, target, task=self.task, num_classes=self.num_classes, threshold=self.threshold,
+            ignore_index=self.ignore_index, class_names=self.class_names,
+        )
+        return preds, target
 
     def _update(self, logits: torch.Tensor | None, batch: Any) -> None:
         if logits is None:
@@ -465,19 +367,7 @@ class PerClassMetrics(IntrospectionCallback):
             return None
         result = objs.compute()
         objs.reset()
-        confmat = result.pop("_confusion").detach().cpu().long()
-        if self.task == "multilabel":  # (L, 2, 2): [[tn, fp], [fn, tp]]
-            support = confmat[:, 1, :].sum(dim=1)
-            table = confmat.reshape(confmat.shape[0], 4)
-        else:
-            support = confmat.sum(dim=1)
-            table = confmat
-        values: dict[str, list[Any]] = {}
-        for m in self.metrics:
-            v = result[m].detach().float().cpu().tolist()
-            values[m] = [None if int(s) == 0 or not math.isfinite(x) else float(x) for x, s in zip(v, support.tolist())]
-        values["support"] = [int(s) for s in support.tolist()]
-        return values, table.tolist()
+        return per_class_values(result, self.task, self.metrics)
 
     # ------------------------------------------------------------------------------- work
     def _start_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -494,14 +384,10 @@ class PerClassMetrics(IntrospectionCallback):
             self._all_disabled = True
 
     def _start_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any) -> None:
-        max_batches = (trainer.num_val_batches or [math.inf])[0]
         if self._metric_objs is not None:
             self._metric_objs.reset()
         with introspection_mode(pl_module, grad=False):
-            for i, batch in enumerate(loader):
-                if i >= max_batches:
-                    break
-                batch = trainer.strategy.batch_to_device(batch)
+            for batch in validation_batches(trainer, loader):
                 output = pl_module(split_batch(batch)[0])
                 self._update(extract_logits(output, self.output_transform), batch)
 
@@ -535,13 +421,9 @@ class PerClassMetrics(IntrospectionCallback):
             return
         values, table = computed
         self.latest = {"epoch": epoch, "step": step, "values": values, "confusion": table}
-        due = []
-        for f, target_epoch in sorted(self.fraction_epochs(trainer).items()):
-            key = snapshot_label(f)
-            if f == 0.0 or target_epoch < 0 or key in self.snapshots or epoch < target_epoch:
-                continue
+        due = due_snapshots(self.fraction_epochs(trainer), epoch, taken=self.snapshots)
+        for key in due:
             self._store(key, computed, epoch=epoch, step=step)
-            due.append(key)
         per_epoch = self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
         if per_epoch:
             self.history.append({"epoch": epoch, "step": step, **values})
@@ -573,10 +455,7 @@ class PerClassMetrics(IntrospectionCallback):
         self.snapshots = dict(sorted(self.snapshots.items(), key=lambda kv: self._order(kv[0])))
 
     def _order(self, key: str) -> tuple[float, int]:
-        frac = {"start": 0.0, "middle": 0.5, "end": 1.0}.get(key)
-        if frac is None:
-            frac = float(key[3:]) if key.startswith("at_") else 2.0
-        return frac, self.snapshot_epochs.get(key, {}).get("step", 0)
+        return snapshot_fraction(key), self.snapshot_epochs.get(key, {}).get("step", 0)
 
     # --------------------------------------------------------------------------- logging
     def _log_scalars(self, trainer: Any, values: dict[str, list[Any]], step: int) -> None:
@@ -614,36 +493,13 @@ class PerClassMetrics(IntrospectionCallback):
         if self.bar_chart:
             writer.figure(self.tag("bars"), bars_figure(self.snapshots, self.metrics, self.names, self._column), step)
 
+    # ---------------------------------------------------------------------------- reading
     def _column(self, key: str) -> str:
-        e = self.snapshot_epochs.get(key, {})
-        if e.get("epoch", -1) < 0:
-            return f"{key} (before training)"
-        return f"{key} (epoch {e['epoch']}, step {e['step']})"
+        return snapshot_column(key, self.snapshot_epochs)
 
     def table_markdown(self) -> str:
         """Classes x snapshots for every metric, with the change since the first snapshot, as markdown."""
-        keys = list(self.snapshots)
-        if not keys:
-            return "No snapshot yet."
-        names = self.names
-        first = keys[0]
-        lines = []
-        for m in self.metrics:
-            lines += [f"### {m}", "", "| class | " + " | ".join(self._column(k) for k in keys) + " | support |"]
-            lines.append("|---" * (len(keys) + 2) + "|")
-            for i, name in enumerate(names):
-                cells = []
-                for k in keys:
-                    v = self.snapshots[k][m][i]
-                    base = self.snapshots[first][m][i]
-                    cell = _fmt(v)
-                    if k != first and v is not None and base is not None:
-                        cell += f" ({v - base:+.3f})"
-                    cells.append(cell)
-                support = self.snapshots[keys[-1]]["support"][i]
-                lines.append(f"| {markdown_cell(name, max_chars=48)} | " + " | ".join(cells) + f" | {support} |")
-            lines.append("")
-        return "\n".join(lines)
+        return per_class_table(self.snapshots, self.metrics, self.names, self._column)
 
     def least_improved_classes(self) -> list[tuple[str, float, float]]:
         """``(class, first value, last value)`` of the classes whose main metric improved least.
@@ -654,47 +510,15 @@ class PerClassMetrics(IntrospectionCallback):
         keys = list(self.snapshots)
         if len(keys) < 2:
             return []
-        metric = "f1" if "f1" in self.metrics else self.metrics[0]
-        first, last = self.snapshots[keys[0]][metric], self.snapshots[keys[-1]][metric]
-        rows = [(name, a, b) for name, a, b in zip(self.names, first, last) if a is not None and b is not None]
-        rows.sort(key=lambda r: (r[2] - r[1], r[2]))
-        return rows[: self.least_improved]
+        first, last = self.snapshots[keys[0]], self.snapshots[keys[-1]]
+        return least_improved(first, last, main_metric(self.metrics), self.names, self.least_improved)
 
     def summary_markdown(self) -> str:
         """The least-improved classes and the classes without support, as markdown."""
-        keys = list(self.snapshots)
-        if not keys:
-            return "No snapshot yet."
-        metric = "f1" if "f1" in self.metrics else self.metrics[0]
-        lines = []
-        rows = self.least_improved_classes()
-        if rows:
-            lines.append(f"**Least improved ({metric}, {keys[0]} -> {keys[-1]}):**")
-            lines += [f"- class {n}: {a:.3f} -> {b:.3f} ({b - a:+.3f})" for n, a, b in rows]
-        else:
-            lines.append(f"Only one snapshot so far ({self._column(keys[0])}).")
-        last = self.snapshots[keys[-1]]
-        worst = sorted((v, n) for n, v in zip(self.names, last[metric]) if v is not None)[: self.least_improved]
-        if worst:
-            lines.append(f"\n**Lowest {metric} at {keys[-1]}:** " + ", ".join(f"{n} ({v:.3f})" for v, n in worst))
-        missing = [n for n, s in zip(self.names, last["support"]) if s == 0]
-        if missing:
-            lines.append(f"\n**No support** (no sample in the validation data; no value reported): {', '.join(missing)}")
-        lines.append("\nSnapshots: " + "; ".join(self._column(k) for k in keys))
-        return "\n".join(lines)
+        return per_class_summary(
+            self.snapshots, main_metric(self.metrics), self.names, self.least_improved_classes(),
+            lowest=self.least_improved, column=self._column,
+        )
 
     def summary_lines(self) -> list[str]:
-        keys = list(self.snapshots)
-        if not keys:
-            return ["no snapshot taken"]
-        out = []
-        for m in self.metrics[:2]:
-            parts = []
-            for k in keys:
-                vals = [v for v in self.snapshots[k][m] if v is not None]
-                parts.append(f"{k} {sum(vals) / max(1, len(vals)):.3f}")
-            out.append(f"mean per-class {m}: " + ", ".join(parts))
-        rows = self.least_improved_classes()
-        if rows:
-            out.append("least improved: " + ", ".join(f"{n} ({a:.2f}->{b:.2f})" for n, a, b in rows))
-        return out
+        return per_class_summary_lines(self.snapshots, self.metrics, self.least_improved_classes())

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from typing_extensions import override
 
 from lightning_introspect._lightning import pl
@@ -29,7 +27,7 @@ from lightning_introspect.loggers.adapter import IntrospectionWriter
 from lightning_introspect.methods.attribution import LAYER_METHODS
 from lightning_introspect.methods.class_check import OTHER_CLASSES
 from lightning_introspect.methods.explainers import DEFAULT_METHODS
-from lightning_introspect.methods.randomization import BN_MODES, ORIGINAL
+from lightning_introspect.methods.randomization import BN_MODES
 from lightning_introspect.methods.sanity_report import (
     DEFAULT_VERDICT_METRIC,
     MODES,
@@ -39,14 +37,18 @@ from lightning_introspect.methods.sanity_report import (
 )
 from lightning_introspect.methods.sanity_report import resolve_thresholds as _resolve_thresholds
 from lightning_introspect.methods.similarity import METRICS
-from lightning_introspect.methods.similarity import map_similarities as _similarities
+from lightning_introspect.render.sanity import (
+    annotated_grid,
+    class_maps_grid,
+    curve_figure,
+    curve_figures,
+    maps_grid,
+    plotted_metrics,
+    report_scalars,
+    sanity_summary_lines,
+)
 
 TARGET_CHOICES = ("pred", "true")
-_METRIC_LABELS = {
-    "spearman_abs": "Spearman rank correlation of |map|",
-    "spearman": "Spearman rank correlation (signed)",
-    "ssim": "SSIM of |map|",
-}
 
 
 class SanityChecks(IntrospectionCallback):
@@ -261,7 +263,7 @@ class SanityChecks(IntrospectionCallback):
             self.run(trainer, self._check_trainer, trainer, pl_module)
 
     # ------------------------------------------------------------------------------- work
-    def _validate_model(self, model: Any, trainer: Any = None) -> None:
+    def _validate_model(self, model: torch.nn.Module, trainer: pl.Trainer | None = None) -> None:
         """Layer names and the method list, checked before any training step."""
         if isinstance(self.layers, list):
             resolve_layers(model, self.layers, argument="layers")
@@ -269,7 +271,7 @@ class SanityChecks(IntrospectionCallback):
             get_layer(model, self.cam_layer, argument="cam_layer")
         self._resolved_methods = self._default_methods(trainer)
 
-    def _default_methods(self, trainer: Any = None) -> list[str]:
+    def _default_methods(self, trainer: pl.Trainer | None = None) -> list[str]:
         if self.methods is not None:
             return list(self.methods)
         for cb in getattr(trainer, "callbacks", None) or []:
@@ -277,14 +279,14 @@ class SanityChecks(IntrospectionCallback):
                 return list(cb.methods)
         return list(DEFAULT_METHODS)
 
-    def _due_mid_fit(self, trainer: Any) -> bool:
+    def _due_mid_fit(self, trainer: pl.Trainer) -> bool:
         if self.every_n_epochs is None and not self.at:
             return False
         total = self.total_epochs(trainer)
         last = total is not None and trainer.current_epoch == total - 1
         return not last and self.is_scheduled(trainer)  # the last epoch is covered by on_fit_end
 
-    def _check_trainer(self, trainer: Any, pl_module: Any) -> SanityReport | None:
+    def _check_trainer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SanityReport | None:
         x, y = self.fixed_samples(trainer)
         if x.ndim not in (2, 4):
             self.warn_once(
@@ -427,22 +429,9 @@ class SanityChecks(IntrospectionCallback):
         writer.flush()
 
     def _write(self, writer: IntrospectionWriter, report: SanityReport, inputs: torch.Tensor, step: int) -> None:
-        scalars: dict[str, float] = {}
-        for mode, per_method in report.curves.items():
-            for method, per_metric in per_method.items():
-                for metric, per_layer in per_metric.items():
-                    for layer_name, value in per_layer.items():
-                        scalars[self.tag(method, metric, mode, layer_name)] = value
-        for method in report.methods:
-            if method in report.verdicts:
-                scalars[self.tag(method, "score")] = report.verdict_scores[method]
-                scalars[self.tag(method, "passed")] = float(report.verdicts[method] == "pass")
-            if method in report.class_sensitivity_verdicts:
-                scalars[self.tag(method, "class_score")] = report.class_sensitivity_scores[method]
-                scalars[self.tag(method, "class_passed")] = float(report.class_sensitivity_verdicts[method] == "pass")
-        writer.scalars({k: v for k, v in scalars.items() if math.isfinite(v)}, step)
+        writer.scalars({self.tag(path): value for path, value in report_scalars(report).items()}, step)
         for mode in report.curves:
-            for metric, image in curve_figures(report, mode, self._plotted_metrics(report, mode)).items():
+            for metric, image in curve_figures(report, mode, plotted_metrics(report, mode, self.metrics)).items():
                 writer.image(self.tag("curve", mode, metric), image, step)
             grid = maps_grid(report, mode, inputs)
             if grid is not None:
@@ -452,242 +441,19 @@ class SanityChecks(IntrospectionCallback):
             writer.image(self.tag("class_maps"), class_grid, step)
         writer.text(self.tag("verdicts"), report.markdown(), step)
 
-    def _plotted_metrics(self, report: SanityReport, mode: str) -> list[str]:
-        present = {m for per_metric in report.curves[mode].values() for m in per_metric}
-        return [m for m in self.metrics if m in present]
-
     # ------------------------------------------------------------------------------- results
+    @override
     def summary_lines(self) -> list[str]:
-        if self.report is None:
-            return []
-        r = self.report
-        lines = [
-            "SanityChecks randomisation: " + ", ".join(f"{m} {v} ({r.verdict_scores[m]:.2f})" for m, v in r.verdicts.items()),
-        ]
-        if r.class_sensitivity_verdicts:
-            lines.append(
-                "SanityChecks class sensitivity: "
-                + ", ".join(f"{m} {v} ({r.class_sensitivity_scores[m]:.2f})" for m, v in r.class_sensitivity_verdicts.items())
-            )
-        if r.caveats:
-            lines.append("SanityChecks caveats: " + ", ".join(sorted({c.kind for c in r.caveats})))
-        return lines
+        return sanity_summary_lines(self.report)
 
+    @override
     def extra_state(self) -> dict[str, Any]:
         return {"report": self.report.to_dict()} if self.report is not None else {}
 
+    @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("report"):
             self.report = SanityReport.from_dict(state["report"])
-
-
-# ----------------------------------------------------------------------------------- rendering
-def _plain_map(maps: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor | None:
-    """One sample's map ``(C, H, W)`` / ``(H, W)`` -> signed ``(H, W)`` (channels summed), resized."""
-    m = maps.detach().float()
-    if m.ndim == 3:
-        m = m.sum(0)
-    if m.ndim != 2:
-        return None
-    if size is not None and tuple(m.shape) != tuple(size):
-        m = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-    return m
-
-
-def _colour(m: torch.Tensor, signed: bool) -> torch.Tensor:
-    from lightning_introspect.render.heatmap import colorize, normalize_maps
-
-    return colorize(normalize_maps(m[None], signed=signed), signed=signed)[0]
-
-
-def _input_image(inputs: torch.Tensor) -> torch.Tensor | None:
-    from lightning_introspect.render.heatmap import to_display
-
-    if inputs.ndim != 4:
-        return None
-    img = to_display(inputs[:1])[0]
-    return img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
-
-
-def _fill_captions(captions: list[str], slots: Sequence[int], pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Write "ρ(|m|) .. ρ(m) .." of each map pair into ``captions[slot]`` (one batched similarity call)."""
-    for slot, sim in zip(slots, _similarities(pairs, ["spearman_abs", "spearman"]) if pairs else []):
-        captions[slot] = f"ρ(|m|) {float(sim['spearman_abs'][0]):.2f}  ρ(m) {float(sim['spearman'][0]):.2f}"
-
-
-def maps_grid(report: SanityReport, mode: str, inputs: torch.Tensor) -> Any:
-    """HWC uint8 grid: rows = randomisation depth (original first), columns = input + one per method."""
-    per_method = report.maps.get(mode, {})
-    methods = [m for m in report.methods if m in per_method and ORIGINAL in per_method[m]]
-    if not methods:
-        return None
-    size = (int(inputs.shape[-2]), int(inputs.shape[-1])) if inputs.ndim == 4 else None
-    steps = [ORIGINAL, *report.layers]
-    first = _input_image(inputs)
-    images, captions = [], []
-    pairs, slots = [], []  # caption similarities, measured in one batched call below
-    for r, step_name in enumerate(steps):
-        if first is not None:
-            images.append(first if r == 0 else torch.ones_like(first))
-            captions.append("input" if r == 0 else "")
-        for method in methods:
-            maps = per_method[method]
-            original = _plain_map(maps[ORIGINAL][0], size)
-            if original is None or step_name not in maps:
-                return None
-            current = _plain_map(maps[step_name][0], size)
-            if current is None:
-                return None
-            signed = bool((original < 0).any())
-            images.append(_colour(current, signed))
-            if r == 0:
-                captions.append(method)
-            else:
-                pairs.append((maps[ORIGINAL][:1], maps[step_name][:1]))
-                slots.append(len(captions))
-                captions.append("")
-    _fill_captions(captions, slots, pairs)
-    ncol = len(methods) + (first is not None)
-    labels = [ORIGINAL] + [f"{'→ ' if mode == 'cascading' else ''}{name}" for name in report.layers]
-    title = f"{mode} randomisation (rows: {'cumulative, output side first' if mode == 'cascading' else 'one block each'})"
-    return annotated_grid(torch.stack(images), captions, nrow=ncol, row_labels=labels, title=title)
-
-
-def class_maps_grid(report: SanityReport, inputs: torch.Tensor) -> Any:
-    """HWC uint8 grid: rows = predicted / other classes, columns = input + one per method."""
-    if not report.class_maps:
-        return None
-    methods = [m for m in report.methods if m in report.class_maps]
-    keys = list(report.class_maps[methods[0]])
-    size = (int(inputs.shape[-2]), int(inputs.shape[-1])) if inputs.ndim == 4 else None
-    first = _input_image(inputs)
-    images, captions, labels = [], [], []
-    pairs, slots = [], []
-    for r, key in enumerate(keys):
-        cls = report.classes.get(key, [None])[0]
-        labels.append(f"{key}: class {cls}")
-        if first is not None:
-            images.append(first if r == 0 else torch.ones_like(first))
-            captions.append("input" if r == 0 else "")
-        for method in methods:
-            m = _plain_map(report.class_maps[method][key][0], size)
-            if m is None:
-                return None
-            reference = _plain_map(report.class_maps[method]["pred"][0], size)
-            if reference is None:
-                return None
-            images.append(_colour(m, bool((reference < 0).any())))
-            if r == 0:
-                captions.append(method)
-            else:
-                pairs.append((report.class_maps[method]["pred"][:1], report.class_maps[method][key][:1]))
-                slots.append(len(captions))
-                captions.append("")
-    _fill_captions(captions, slots, pairs)
-    ncol = len(methods) + (first is not None)
-    return annotated_grid(torch.stack(images), captions, nrow=ncol, row_labels=labels, title="class sensitivity (first sample)")
-
-
-def annotated_grid(
-    images: torch.Tensor,
-    captions: Sequence[str],
-    *,
-    nrow: int,
-    row_labels: Sequence[str] = (),
-    title: str = "",
-    cell_inches: float = 1.3,
-    dpi: int = 90,
-) -> Any:
-    """Tile ``(N, 3, H, W)`` images in [0, 1] into one picture with a caption under each tile and a label
-    per row, drawn on ONE matplotlib axes (a subplot per tile costs ~60 ms each; grids of methods x
-    layers get large). Returns HWC uint8."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from lightning_introspect.loggers.adapter import figure_to_array
-
-    n, _, h, w = images.shape
-    ncol = max(1, min(nrow, n))
-    nrows = math.ceil(n / ncol)
-    pad, band = max(2, w // 16), max(6, h // 4)  # gap between tiles, caption band under each row
-    canvas = torch.ones(3, nrows * (h + band) + pad, ncol * (w + pad) + pad)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        top, left = pad + r * (h + band), pad + c * (w + pad)
-        canvas[:, top : top + h, left : left + w] = images[i].clamp(0, 1)
-    label_in = 0.9 if row_labels else 0.1
-    fig_w = cell_inches * ncol + label_in
-    fig_h = cell_inches * nrows * (h + band) / (w + pad) + 0.35
-    fig = plt.figure(figsize=(fig_w, fig_h), dpi=dpi)
-    ax = fig.add_axes((label_in / fig_w, 0.0, 1 - label_in / fig_w, 1 - 0.35 / fig_h))
-    ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest", aspect="auto")
-    ax.set_axis_off()
-    for i, text in enumerate(captions[:n]):
-        if text:
-            r, c = divmod(i, ncol)
-            ax.text(pad + c * (w + pad) + w / 2, pad + r * (h + band) + h + band * 0.45, text, ha="center", va="center", fontsize=6.5)
-    for r, text in enumerate(list(row_labels)[:nrows]):
-        ax.text(-pad, pad + r * (h + band) + h / 2, text, ha="right", va="center", fontsize=7, rotation=0)
-    if title:
-        fig.suptitle(title, fontsize=8.5, y=1 - 0.12 / fig_h)
-    return figure_to_array(fig)
-
-
-def curve_figure(report: SanityReport, mode: str, metric: str) -> Any:
-    """HWC uint8 image of the similarity-vs-layer curves of one mode and metric (one line per method)."""
-    return curve_figures(report, mode, [metric])[metric]
-
-
-def curve_figures(report: SanityReport, mode: str, metrics: Sequence[str]) -> dict[str, Any]:
-    """:func:`curve_figure` for several metrics of one mode, drawn on ONE reused matplotlib figure: the axes,
-    ticks, tick labels and title are made once, only the lines, band, threshold, limits and legend change
-    per metric (about half the cost of a fresh figure each)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from lightning_introspect.loggers.adapter import figure_to_array
-
-    xs = [ORIGINAL, *report.layers]
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(xs) + 2.5), 3.4), dpi=90)
-    out: dict[str, Any] = {}
-    try:
-        ax.set_xticks(range(len(xs)))
-        ax.set_xticklabels(xs, rotation=35, ha="right", fontsize=7)
-        what = "cumulative, from the output" if mode == "cascading" else "one layer at a time"
-        # y given: the title sits where matplotlib puts it anyway (no ticks on top) without the per-draw
-        # search for overlapping tick labels
-        ax.set_title(f"{mode} randomisation ({what})", fontsize=9, y=1.0)
-        fig.subplots_adjust(left=0.13, right=0.98, top=0.9, bottom=0.3)  # fixed layout: tight_layout costs more than the plot
-        for metric in metrics:
-            ax.set_prop_cycle(None)  # every figure starts at the first colour
-            artists: list[Any] = []
-            lowest = 0.0
-            for method in report.methods:
-                values = report.curves.get(mode, {}).get(method, {}).get(metric)
-                if not values:
-                    continue
-                ys = [1.0] + [values.get(name, float("nan")) for name in report.layers]
-                std = [0.0] + [report.curves_std.get(mode, {}).get(method, {}).get(metric, {}).get(name, 0.0) for name in report.layers]
-                line = ax.plot(range(len(xs)), ys, marker="o", label=f"{method} ({report.verdicts.get(method, '?')})")[0]
-                lo = [y - s for y, s in zip(ys, std)]
-                band = ax.fill_between(range(len(xs)), lo, [y + s for y, s in zip(ys, std)], color=line.get_color(), alpha=0.15)
-                artists += [line, band]
-                lowest = min(lowest, min(v for v in lo if math.isfinite(v)))
-            if metric in ("spearman_abs", "spearman") or report.verdict_metric == metric:
-                artists.append(ax.axhline(report.thresholds["randomization"], color="grey", ls="--", lw=1, label="pass threshold"))
-            ax.set_ylim(min(-0.1, lowest - 0.05), 1.05)
-            ax.set_ylabel(_METRIC_LABELS.get(metric, metric), fontsize=8)
-            artists.append(ax.legend(fontsize=6, loc="lower left"))
-            out[metric] = figure_to_array(fig, close=False)
-            for artist in artists:
-                artist.remove()
-    finally:
-        plt.close(fig)
-    return out
 
 
 __all__ = ["SanityChecks", "annotated_grid", "class_maps_grid", "curve_figure", "curve_figures", "maps_grid"]

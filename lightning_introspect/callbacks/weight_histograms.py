@@ -6,7 +6,10 @@ weights, and measures per layer how far the weights moved (relative change, cosi
 Wasserstein distance between the value distributions), drawn by depth so "inner vs outer layers" is
 visible at a glance. Layers that barely moved are named in a summary.
 
-The maths lives in :mod:`lightning_introspect.methods.weights` (pure torch, batched, on the device).
+The maths lives in :mod:`lightning_introspect.methods.weights` (histograms, distances: pure torch, batched,
+on the device), :mod:`~lightning_introspect.methods.weight_layers` (which layers, replacements) and
+:mod:`~lightning_introspect.methods.not_learning` (the verdict); tables and figures in
+:mod:`lightning_introspect.render.weights`.
 """
 
 from __future__ import annotations
@@ -17,20 +20,31 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 from typing_extensions import override
 
 from lightning_introspect._lightning import pl
-from lightning_introspect._torch.hooks import record_execution_order
-from lightning_introspect._torch.layers import close_matches, resolve_layers
 from lightning_introspect.callbacks.base import IntrospectionCallback, check_positive_int, split_batch
 from lightning_introspect.loggers.adapter import IntrospectionWriter
+from lightning_introspect.methods.not_learning import not_learning_summary
+from lightning_introspect.methods.weight_layers import (
+    depth_order,
+    follow_replacements,
+    own_bias,
+    own_weight,
+    weight_layers,
+)
 from lightning_introspect.methods.weights import HistogramStats, drift, histograms
+from lightning_introspect.render.weights import (
+    drift_by_depth_figure,
+    drift_summary_markdown,
+    initial_vs_current_figure,
+    layers_table,
+    weights_summary_lines,
+)
 
-_MAX_OVERLAYS = 16  # layers shown in the initial-vs-current overlay figure (spread over depth)
+__all__ = ["WeightHistograms", "own_bias", "own_weight", "write_histograms"]
 
 
-# ------------------------------------------------------------------------------------ helpers
 def write_histograms(writer: IntrospectionWriter, hists: Mapping[str, HistogramStats], step: int) -> None:
     """Write ``tag -> HistogramStats`` as raw histograms in one :meth:`IntrospectionWriter.histograms` call
     (one TensorBoard event); tensors with no finite value are skipped."""
@@ -48,25 +62,6 @@ def write_histograms(writer: IntrospectionWriter, hists: Mapping[str, HistogramS
     )
 
 
-def _own_param(module: nn.Module, name: str) -> torch.Tensor | None:
-    param = module._parameters.get(name)
-    if isinstance(param, torch.Tensor):
-        return param
-    if parametrize.is_parametrized(module, name):
-        return getattr(module, name)
-    return None
-
-
-def own_weight(module: nn.Module) -> torch.Tensor | None:
-    """The module's own ``weight`` parameter (also a parametrized one), else ``None``."""
-    return _own_param(module, "weight")
-
-
-def own_bias(module: nn.Module) -> torch.Tensor | None:
-    """The module's own ``bias`` parameter (also a parametrized one), else ``None``."""
-    return _own_param(module, "bias")
-
-
 def _plain(value: Any) -> Any:
     """``value`` with tuples as lists and numbers as Python floats / ints: what ``torch.load(weights_only=True)``
     reads back."""
@@ -79,11 +74,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _fmt(value: float) -> str:
-    return "nan" if math.isnan(value) else f"{value:.3g}"
-
-
-# ----------------------------------------------------------------------------------- callback
 class WeightHistograms(IntrospectionCallback):
     """Per-layer weight histograms, drift from initialisation and "not learning" flags.
 
@@ -184,6 +174,23 @@ class WeightHistograms(IntrospectionCallback):
 
     name = "weights"
 
+    # per-fit state, set by `reset`
+    _initial: dict[str, torch.Tensor] | None
+    _model: nn.Module | None  # the model of this fit, to notice submodules replaced mid-fit
+    _initial_hists: dict[str, HistogramStats] | None
+    _last_step: int | None
+    _figure_step: int | None  # global step of the latest figures
+    _last_grad_step: int | None
+    steps: list[int]
+    epochs: list[int]
+    drift: dict[str, list[float]]
+    cosine: dict[str, list[float]]
+    wasserstein: dict[str, list[float]]
+    history: list[dict[str, Any]]
+    grad_history: list[dict[str, Any]]
+    histograms: dict[str, HistogramStats]
+    summary: dict[str, Any]
+
     def __init__(
         self,
         *,
@@ -228,21 +235,7 @@ class WeightHistograms(IntrospectionCallback):
 
         self._modules: dict[str, nn.Module] = {}
         self._ordered = False
-        self._initial: dict[str, torch.Tensor] | None = None
-        self._model: nn.Module | None = None  # the model of this fit, to notice submodules replaced mid-fit
-        self._initial_hists: dict[str, HistogramStats] | None = None
-        self._last_step: int | None = None
-        self._figure_step: int | None = None  # global step of the latest figures
-        self._last_grad_step: int | None = None
-        self.steps: list[int] = []
-        self.epochs: list[int] = []
-        self.drift: dict[str, list[float]] = {}
-        self.cosine: dict[str, list[float]] = {}
-        self.wasserstein: dict[str, list[float]] = {}
-        self.history: list[dict[str, Any]] = []
-        self.grad_history: list[dict[str, Any]] = []
-        self.histograms: dict[str, HistogramStats] = {}
-        self.summary: dict[str, Any] = {}
+        self.reset()
 
     # ----------------------------------------------------------------------------- properties
     @property
@@ -260,8 +253,10 @@ class WeightHistograms(IntrospectionCallback):
     def reset(self) -> None:
         # a fit starts over (a resumed one restores its checkpoint afterwards); `trainer.validate()` keeps
         # the fit's results
-        self._reset_results()
-        self._model = None
+        self._initial, self._initial_hists, self._model = None, None, None
+        self._last_step = self._last_grad_step = self._figure_step = None
+        self.steps, self.epochs, self.history, self.grad_history = [], [], [], []
+        self.drift, self.cosine, self.wasserstein, self.histograms, self.summary = {}, {}, {}, {}, {}
 
     @override
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -312,111 +307,52 @@ class WeightHistograms(IntrospectionCallback):
             ValueError: a name that is not a submodule (with close matches), a named module without a
                 weight (listing layers that have one), or a pattern that matches no module with a weight.
         """
-        with_weight = {n: m for n, m in model.named_modules() if n and own_weight(m) is not None}
-        if not with_weight:
-            raise ValueError("`layers`: the model has no submodule with its own `weight` parameter to track.")
-        if self.layer_spec == "auto":
-            return with_weight
-        specs = [self.layer_spec] if isinstance(self.layer_spec, str) else self.layer_spec
-        chosen: dict[str, nn.Module] = {}
-        for spec in specs:
-            found = resolve_layers(model, spec, argument="layers")
-            is_glob = any(ch in spec for ch in "*?[")
-            if is_glob:
-                found = {n: m for n, m in found.items() if n in with_weight}
-                if not found:
-                    raise ValueError(
-                        f"Expected the pattern {spec!r} in `layers` to match a module with its own weight, but none "
-                        f"of its matches has one. Layers with weights include: {close_matches(spec, list(with_weight))}."
-                    )
-            elif spec not in with_weight:
-                raise ValueError(
-                    f"Expected `layers` to name modules with their own `weight`, but {spec!r} "
-                    f"({type(found[spec]).__name__}) has none. Closest layers with weights: {close_matches(spec, list(with_weight))}."
-                )
-            chosen.update(found)
-        order = list(with_weight)
-        return {n: chosen[n] for n in sorted(chosen, key=order.index)}
+        return weight_layers(model, self.layer_spec)
 
-    # ------------------------------------------------------------------------------ the work
     def _weights(self) -> dict[str, torch.Tensor]:
         return {n: own_weight(m) for n, m in self._modules.items()}  # type: ignore[misc]
 
-    def _start(self, trainer: Any, pl_module: nn.Module) -> None:
+    def _start(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
+        """Snapshot ``W0`` (kept from the checkpoint on resume), list the layers, evaluate before the first step."""
         if not self._modules:
             self._modules = self.resolve(pl_module)
         self._model = pl_module
         weights = self._weights()
-        fresh = False
+        fresh = self._initial is None
         if self._initial is None:
             self._initial = {n: w.detach().to("cpu", copy=True) for n, w in weights.items()}
-            fresh = True
-        else:
-            for n, w in weights.items():
-                w0 = self._initial.get(n)
-                if w0 is None or tuple(w0.shape) != tuple(w.shape):
-                    self.warn_once(
-                        f"resnap-{n}",
-                        f"WeightHistograms: the checkpointed initial weights lack layer {n!r} (or its shape changed); "
-                        "its drift is measured from now on.",
-                    )
-                    self._initial[n] = w.detach().to("cpu", copy=True)
+        for n, w in weights.items():
+            w0 = self._initial.get(n)
+            if w0 is None or tuple(w0.shape) != tuple(w.shape):
+                self.warn_once(
+                    f"resnap-{n}",
+                    f"WeightHistograms: the checkpointed initial weights lack layer {n!r} (or its shape changed); "
+                    "its drift is measured from now on.",
+                )
+                self._initial[n] = w.detach().to("cpu", copy=True)
         self._initial_hists = None
-        writer = self.writer(trainer)
-        rows = [
-            f"| {n} | {type(m).__name__} | {tuple(weights[n].shape)} | {'' if weights[n].requires_grad else 'frozen'} |"
-            for n, m in self._modules.items()
-        ]
-        writer.text(
-            self.tag("layers"),
-            "| layer | type | weight shape | |\n|---|---|---|---|\n" + "\n".join(rows),
-            trainer.global_step,
-        )
+        rows = [(n, type(m).__name__, tuple(weights[n].shape), weights[n].requires_grad) for n, m in self._modules.items()]
+        self.writer(trainer).text(self.tag("layers"), layers_table(rows), trainer.global_step)
         if fresh and trainer.global_step == 0:
             self._evaluate(trainer, epoch=-1)
 
-    def _reset_results(self) -> None:
-        self._initial, self._initial_hists = None, None
-        self._last_step = self._last_grad_step = self._figure_step = None
-        self.steps, self.epochs, self.history, self.grad_history = [], [], [], []
-        self.drift, self.cosine, self.wasserstein, self.histograms, self.summary = {}, {}, {}, {}, {}
-
-    def _follow_replacements(self, trainer: Any) -> None:
-        """Track the modules now in the model when tracked ones were replaced since the last look.
-
-        ``model.fc = nn.Linear(...)`` between epochs (a new head for fine-tuning), or a weight parameter
-        swapped for one of another shape, leaves the tracked object out of the model: its histograms would
-        stay frozen and its drift would be measured for a module that no longer trains. The layers are
-        re-resolved, the new modules' weights become their ``W0`` (said once per layer), and layers that
-        are gone (or lost their weight) are dropped.
-        """
-        model = self._model
-        if model is None or self._initial is None:
+    def _follow_replacements(self, trainer: pl.Trainer) -> None:
+        """Track the modules now in the model when tracked ones were replaced since the last look: the new
+        modules' weights become their ``W0`` (said once per layer), and layers that are gone are dropped."""
+        if self._model is None or self._initial is None:
             return
-        current = dict(model.named_modules())
-        replaced = [n for n, m in self._modules.items() if current.get(n) is not m]
-        reshaped = [
-            n for n, m in self._modules.items()
-            if n not in replaced and n in self._initial and tuple(self._initial[n].shape) != tuple(own_weight(m).shape)  # type: ignore[union-attr]
-        ]
-        if not replaced and not reshaped:
+        changes = follow_replacements(self._model, self._modules, self._initial, self.layer_spec)
+        if changes is None:
             return
-        try:
-            resolved = self.resolve(model)
-        except ValueError:  # a named module is gone or lost its weight: keep tracking the rest
-            resolved = {n: current[n] for n in self._modules if n in current and own_weight(current[n]) is not None}
-        order = [n for n in self._modules if n in resolved] + [n for n in resolved if n not in self._modules]
-        gone = [n for n in self._modules if n not in resolved]
-        renewed = [n for n in order if n in replaced or n in reshaped or n not in self._modules]
-        self._modules = {n: resolved[n] for n in order}
-        for n in gone:
+        self._modules = changes.modules
+        for n in changes.gone:
             self._initial.pop(n, None)
             self.warn_once(
                 f"gone-{n}",
                 f"WeightHistograms: layer {n!r} was removed from the model (or no longer has a weight) at step "
                 f"{trainer.global_step}; it is no longer tracked.",
             )
-        for n in renewed:
+        for n in changes.renewed:
             weight = own_weight(self._modules[n])
             self._initial[n] = weight.detach().to("cpu", copy=True)  # type: ignore[union-attr]
             self.warn_once(
@@ -430,14 +366,8 @@ class WeightHistograms(IntrospectionCallback):
 
     def _trace_order(self, pl_module: nn.Module, batch: Any) -> None:
         self._ordered = True
-        names = list(self._modules)
         try:
-            x, _ = split_batch(batch)
-            x = x[:2]
-            param = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
-            if param is not None:
-                x = x.to(param.device, dtype=param.dtype) if x.is_floating_point() else x.to(param.device)
-            ran = [n for n in record_execution_order(pl_module, x) if n in self._modules]
+            order = depth_order(pl_module, split_batch(batch)[0], list(self._modules))
         except Exception as err:  # a model whose forward does not take the batch's inputs
             self.warn_once(
                 "order",
@@ -445,14 +375,14 @@ class WeightHistograms(IntrospectionCallback):
                 "the drift-by-depth figure uses registration order.",
             )
             return
-        order = ran + [n for n in names if n not in ran]
         self._modules = {n: self._modules[n] for n in order}
 
-    def _step_due(self, trainer: Any) -> bool:
+    # ------------------------------------------------------------------------------ the work
+    def _step_due(self, trainer: pl.Trainer) -> bool:
         step = trainer.global_step
         return step > 0 and step % self.every_n_steps == 0 and step != self._last_step
 
-    def _gradients_due(self, trainer: Any) -> bool:
+    def _gradients_due(self, trainer: pl.Trainer) -> bool:
         step = trainer.global_step
         if step == self._last_grad_step:
             return False
@@ -467,14 +397,18 @@ class WeightHistograms(IntrospectionCallback):
         for n, m in self._modules.items():
             w, b = own_weight(m), own_bias(m) if self.include_bias else None
             for key, t in ((n, w), (f"bias/{n}", b)):
-                if t is None:
-                    continue
-                t = t.grad if grad else t
+                t = t.grad if grad and t is not None else t
                 if t is not None:
                     out[key] = t
         return out
 
-    def _nonfinite(self, trainer: Any, hists: Mapping[str, HistogramStats], prefix: tuple[str, ...], what: str) -> dict[str, float]:
+    def _histograms(self, trainer: pl.Trainer, tensors: dict[str, torch.Tensor], *prefix: str) -> dict[str, Any]:
+        """Bin ``tensors``, write the histograms and the non-finite counts (one warning per tensor that has
+        any); return the history entry of the evaluation."""
+        hists = histograms(tensors, bins=self.bins)
+        writer, step = self.writer(trainer), trainer.global_step
+        write_histograms(writer, {self.tag(*prefix, *key.split("/", 1)): h for key, h in hists.items()}, step)
+        what = "gradient of" if prefix else "weight"
         scalars = {self.tag(*prefix, "nonfinite"): float(sum(h.nonfinite for h in hists.values()))}
         for key, h in hists.items():
             if h.nonfinite:
@@ -482,65 +416,48 @@ class WeightHistograms(IntrospectionCallback):
                 self.warn_once(
                     f"nonfinite-{what}-{key}",
                     f"WeightHistograms: {what} {key!r} has {h.nonfinite} non-finite values "
-                    f"(NaN {h.nan}, +Inf {h.posinf}, -Inf {h.neginf}) at step {trainer.global_step}; "
+                    f"(NaN {h.nan}, +Inf {h.posinf}, -Inf {h.neginf}) at step {step}; "
                     "they are left out of its histogram.",
                 )
-        return scalars
+        writer.scalars(scalars, step)
+        if not prefix:
+            self.histograms = dict(hists)
+        return {
+            "step": step,
+            "epoch": trainer.current_epoch,
+            "weights": {k: h.summary() for k, h in hists.items() if not k.startswith("bias/")},
+            "bias": {k[5:]: h.summary() for k, h in hists.items() if k.startswith("bias/")},
+        }
 
-    def _evaluate(self, trainer: Any, *, epoch: int | None = None) -> None:
+    def _evaluate(self, trainer: pl.Trainer, *, epoch: int | None = None) -> None:
         self._follow_replacements(trainer)
-        step = trainer.global_step
-        epoch = trainer.current_epoch if epoch is None else epoch
-        hists = histograms(self._tensors(), bins=self.bins)
-        weights = self._weights()
         if self._initial is None:
             raise RuntimeError("WeightHistograms: no initial snapshot; `on_train_start` did not run.")
-        distances = drift(weights, self._initial, seed=self.seed)
-        writer = self.writer(trainer)
-        scalars = self._nonfinite(trainer, hists, (), "weight")
-        for n, d in distances.items():
-            scalars[self.tag("drift", n)] = d.relative_change
-            scalars[self.tag("cosine", n)] = d.cosine_distance
-            scalars[self.tag("wasserstein", n)] = d.wasserstein
-            self.drift.setdefault(n, []).append(d.relative_change)
-            self.cosine.setdefault(n, []).append(d.cosine_distance)
-            self.wasserstein.setdefault(n, []).append(d.wasserstein)
-        write_histograms(writer, {self.tag(*key.split("/", 1)): h for key, h in hists.items()}, step)
-        writer.scalars(scalars, step)
+        step, epoch = trainer.global_step, trainer.current_epoch if epoch is None else epoch
+        entry = self._histograms(trainer, self._tensors())
+        scalars = {}
+        for n, d in drift(self._weights(), self._initial, seed=self.seed).items():
+            for tag, series, value in (
+                ("drift", self.drift, d.relative_change),
+                ("cosine", self.cosine, d.cosine_distance),
+                ("wasserstein", self.wasserstein, d.wasserstein),
+            ):
+                scalars[self.tag(tag, n)] = value
+                series.setdefault(n, []).append(value)
+        self.writer(trainer).scalars(scalars, step)
         self.steps.append(step)
         self.epochs.append(epoch)
-        self.histograms = dict(hists)
-        self.history.append(
-            {
-                "step": step,
-                "epoch": epoch,
-                "weights": {k: h.summary() for k, h in hists.items() if not k.startswith("bias/")},
-                "bias": {k[5:]: h.summary() for k, h in hists.items() if k.startswith("bias/")},
-            }
-        )
+        self.history.append({**entry, "epoch": epoch})
         self._last_step = step
 
-    def _log_gradients(self, trainer: Any) -> None:
+    def _log_gradients(self, trainer: pl.Trainer) -> None:
         self._follow_replacements(trainer)
-        step = trainer.global_step
-        self._last_grad_step = step
+        self._last_grad_step = trainer.global_step
         grads = self._tensors(grad=True)
-        if not grads:
-            return
-        hists = histograms(grads, bins=self.bins)
-        writer = self.writer(trainer)
-        write_histograms(writer, {self.tag("grad", *key.split("/", 1)): h for key, h in hists.items()}, step)
-        writer.scalars(self._nonfinite(trainer, hists, ("grad",), "gradient of"), step)
-        self.grad_history.append(
-            {
-                "step": step,
-                "epoch": trainer.current_epoch,
-                "weights": {k: h.summary() for k, h in hists.items() if not k.startswith("bias/")},
-                "bias": {k[5:]: h.summary() for k, h in hists.items() if k.startswith("bias/")},
-            }
-        )
+        if grads:
+            self.grad_history.append(self._histograms(trainer, grads, "grad"))
 
-    def _epoch_end(self, trainer: Any, epoch: int | None = None, figures: bool = False) -> None:
+    def _epoch_end(self, trainer: pl.Trainer, epoch: int | None = None, figures: bool = False) -> None:
         # every write below joins the writer batch `run` holds around this call: one flush per epoch
         epoch = trainer.current_epoch if epoch is None else epoch
         self._follow_replacements(trainer)
@@ -548,168 +465,40 @@ class WeightHistograms(IntrospectionCallback):
             self._evaluate(trainer, epoch=epoch)
         if not self.steps:
             return
-        step = trainer.global_step
-        total = self.total_epochs(trainer)
-        checked = epoch >= 1 or (total is not None and epoch >= total - 1)
         weights = self._weights()
-        latest = {n: self.drift[n][-1] for n in self._modules if self.drift.get(n)}
-        frozen = [n for n in self._modules if not weights[n].requires_grad]
-        not_learning = [n for n, v in latest.items() if checked and v < self.drift_threshold]
-        nonfinite = {k: h.nonfinite for k, h in self.histograms.items() if h.nonfinite}
-        self.summary = {
-            "epoch": epoch,
-            "step": step,
-            "checked": checked,
-            "threshold": self.drift_threshold,
-            "not_learning": not_learning,
-            "frozen": frozen,
-            "latest_drift": latest,
-            "nonfinite": nonfinite,
-        }
-        writer = self.writer(trainer)
-        writer.text(self.tag("summary"), self._summary_markdown(weights), step)
+        trainable = {n: w.requires_grad for n, w in weights.items()}
+        self.summary = not_learning_summary(
+            self.drift, trainable, threshold=self.drift_threshold, epoch=epoch, step=trainer.global_step,
+            total_epochs=self.total_epochs(trainer), nonfinite={k: h.nonfinite for k, h in self.histograms.items()},
+        )
+        shapes = {n: tuple(w.shape) for n, w in weights.items()}
+        markdown = drift_summary_markdown(self.summary, shapes, trainable, self.drift, self.cosine, self.wasserstein)
+        self.writer(trainer).text(self.tag("summary"), markdown, trainer.global_step)
         if figures or self.is_due(trainer, self.figures_every_n_epochs, epoch):
             self._figures(trainer)
 
-    def _figures(self, trainer: Any) -> None:
-        writer, step = self.writer(trainer), trainer.global_step
-        writer.figure(self.tag("drift_by_depth"), self._drift_figure(), step)
-        writer.figure(self.tag("initial_vs_current"), self._overlay_figure(), step)
-        self._figure_step = step
-
-    # ---------------------------------------------------------------------------- reporting
-    def _status(self, n: str, weights: Mapping[str, torch.Tensor]) -> str:
-        latest = self.summary.get("latest_drift", {}).get(n, math.nan)
-        parts = []
-        if n in self.summary.get("not_learning", []):
-            parts.append("**not learning**")
-        if not weights[n].requires_grad:
-            parts.append("frozen")
-        if math.isnan(latest) or self.summary.get("nonfinite", {}).get(n):
-            parts.append("non-finite")
-        return ", ".join(parts)
-
-    def _summary_markdown(self, weights: Mapping[str, torch.Tensor]) -> str:
-        s = self.summary
-        head = (
-            f"Drift from initialisation at epoch {s['epoch']} (step {s['step']}), layers from input to output. "
-            f"Not learning = relative change below {self.drift_threshold:g}"
-            + ("" if s["checked"] else " (checked from the second epoch on)")
-            + ".\n\n"
+    def _figures(self, trainer: pl.Trainer) -> None:
+        writer, step, epoch = self.writer(trainer), trainer.global_step, self.summary.get("epoch")
+        latest = {n: self.drift[n][-1] for n in self._modules if self.drift.get(n)}
+        cosine = {n: self.cosine[n][-1] for n in latest}
+        by_depth = drift_by_depth_figure(
+            latest, cosine, threshold=self.drift_threshold, not_learning=self.summary.get("not_learning", []),
+            frozen=self.summary.get("frozen", []), epoch=epoch,
         )
-        if s["not_learning"]:
-            head += "**Not learning:** " + ", ".join(f"`{n}`" for n in s["not_learning"]) + "\n\n"
-        elif s["checked"]:
-            head += "Every tracked layer moved more than the threshold.\n\n"
-        rows = ["| depth | layer | shape | relative change | cosine distance | Wasserstein | status |", "|---|---|---|---|---|---|---|"]
-        for i, n in enumerate(self._modules):
-            if not self.drift.get(n):
-                continue
-            rows.append(
-                f"| {i} | `{n}` | {tuple(weights[n].shape)} | {_fmt(self.drift[n][-1])} | {_fmt(self.cosine[n][-1])} "
-                f"| {_fmt(self.wasserstein[n][-1])} | {self._status(n, weights)} |"
-            )
-        return head + "\n".join(rows)
-
-    def _drift_figure(self) -> Any:
-        from matplotlib.figure import Figure
-
-        names = [n for n in self._modules if self.drift.get(n)]
-        rel = [self.drift[n][-1] for n in names]
-        cos = [self.cosine[n][-1] for n in names]
-        flagged = set(self.summary.get("not_learning", []))
-        frozen = set(self.summary.get("frozen", []))
-        colors = ["#d62728" if n in flagged else "#7f7f7f" if n in frozen else "#1f77b4" for n in names]
-        width = min(24.0, max(6.5, 0.3 * len(names) + 2.5))
-        fig = Figure(figsize=(width, 5.6), dpi=80)
-        longest = max((len(n) for n in names), default=1)
-        fig.subplots_adjust(left=0.8 / width + 0.04, right=0.98, top=0.88, bottom=min(0.45, 0.05 + 0.011 * longest), hspace=0.12)
-        ax1, ax2 = fig.subplots(2, 1, sharex=True)
-        x = list(range(len(names)))
-        ax1.bar(x, [v if math.isfinite(v) else 0.0 for v in rel], color=colors)
-        ax1.axhline(self.drift_threshold, color="#d62728", linestyle="--", linewidth=0.8)
-        low = [i for i, n in enumerate(names) if n in flagged or n in frozen]
-        if low:  # a zero-height bar is invisible: mark the flagged / frozen layers on the axis
-            ax1.scatter(low, [0.0] * len(low), marker="x", color=[colors[i] for i in low], zorder=3, clip_on=False)
-        ax1.set_ylabel("||W - W0|| / ||W0||")
-        ax1.set_title(
-            f"Drift from initialisation by depth (input -> output), epoch {self.summary.get('epoch')}\n"
-            f"red x: not learning (< {self.drift_threshold:g}, dashed), grey: frozen",
-            fontsize=9,
-        )
-        ax2.bar(x, [v if math.isfinite(v) else 0.0 for v in cos], color=colors)
-        ax2.set_ylabel("1 - cos(W, W0)")
-        step = max(1, math.ceil(len(names) / 60))
-        ax2.set_xticks(x[::step])
-        ax2.set_xticklabels(names[::step], rotation=90, fontsize=7)
-        return fig
-
-    def _overlay_figure(self) -> Any:
-        from matplotlib.figure import Figure
-
+        writer.figure(self.tag("drift_by_depth"), by_depth, step)
         if self._initial_hists is None:
             self._initial_hists = histograms(self._initial or {}, bins=self.bins)
-        names = [n for n in self._modules if n in self.histograms and n in self._initial_hists]
-        if len(names) > _MAX_OVERLAYS:
-            picks = sorted({round(i * (len(names) - 1) / (_MAX_OVERLAYS - 1)) for i in range(_MAX_OVERLAYS)})
-            names = [names[i] for i in picks]
-        cols = min(4, max(1, len(names)))
-        rows = max(1, math.ceil(len(names) / cols))
-        height = 1.9 * rows + 0.7
-        fig = Figure(figsize=(3.0 * cols, height), dpi=80)
-        fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.75 / height, hspace=0.5, wspace=0.08)
-        axes = fig.subplots(rows, cols, squeeze=False).ravel()
-        for ax, n in zip(axes, names):
-            h0, h = self._initial_hists[n], self.histograms[n]
-            lo = min(v for v in (h0.min, h.min) if math.isfinite(v))
-            hi = max(v for v in (h0.max, h.max) if math.isfinite(v))
-            pad = 0.05 * (hi - lo) if hi > lo else 0.05 * max(abs(hi), 1e-3)
-            top = 0.0
-            for hist, style in ((h, dict(color="#1f77b4", fill=True, alpha=0.5, label="now")), (h0, dict(color="#333333", label="init"))):
-                if hist.num == 0:
-                    continue
-                if hist.min == hist.max:  # a constant tensor (e.g. norm weights at init): a line at its value
-                    ax.axvline(hist.min, color=style["color"], linewidth=1.2, label=f"{style['label']} = {hist.min:.3g}")
-                    continue
-                widths = (hist.edges[1:] - hist.edges[:-1]).clamp_min(1e-30)
-                density = (hist.counts.double() / (hist.num * widths)).numpy()
-                top = max(top, float(density.max()))
-                ax.stairs(density, hist.edges.numpy(), **style)
-            ax.set_xlim(lo - pad, hi + pad)
-            if top > 0:
-                ax.set_ylim(0, top * 1.1)
-            # no tick labels (they cost most of the drawing time): the value range is in the title
-            ax.set_title(f"{n}  drift {_fmt(self.drift.get(n, [math.nan])[-1])}\n[{lo:.3g}, {hi:.3g}]", fontsize=7)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if ax is axes[0] or h0.min == h0.max or h.min == h.max:
-                ax.legend(fontsize=6, loc="upper right", frameon=False)
-        for ax in axes[len(names):]:
-            ax.axis("off")
-        fig.suptitle(
-            f"Weight distribution: initial (black) vs current (blue), epoch {self.summary.get('epoch')}", fontsize=9, y=1 - 0.12 / height
-        )
-        return fig
+        current = {n: self.histograms[n] for n in self._modules if n in self.histograms}
+        writer.figure(self.tag("initial_vs_current"), initial_vs_current_figure(self._initial_hists, current, latest, epoch=epoch), step)
+        self._figure_step = step
 
+    @override
     def summary_lines(self) -> list[str]:
         """One line on the drift range, one on the not-learning layers, one on non-finite values."""
-        s = self.summary
-        if not s:
-            return []
-        latest = {n: v for n, v in s["latest_drift"].items() if math.isfinite(v)}
-        lines = [f"{len(self._modules)} layers tracked, {len(self.steps)} evaluations"]
-        if latest:
-            lo, hi = min(latest, key=latest.get), max(latest, key=latest.get)  # type: ignore[arg-type]
-            lines[0] += f"; drift ||W-W0||/||W0|| from {latest[lo]:.3g} ({lo}) to {latest[hi]:.3g} ({hi})"
-        if s["not_learning"]:
-            lines.append(f"not learning (drift < {self.drift_threshold:g}): {', '.join(s['not_learning'])}")
-        elif s["checked"]:
-            lines.append(f"every layer moved more than {self.drift_threshold:g}")
-        if s["nonfinite"]:
-            lines.append(f"non-finite values in: {', '.join(f'{k} ({v})' for k, v in s['nonfinite'].items())}")
-        return lines
+        return weights_summary_lines(self.summary, len(self._modules), len(self.steps), self.drift_threshold)
 
     # --------------------------------------------------------------------------------- state
+    @override
     def extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "steps": list(self.steps),
@@ -723,6 +512,7 @@ class WeightHistograms(IntrospectionCallback):
             state["initial"] = dict(self._initial)
         return state
 
+    @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         initial = state.get("initial")
         if initial is not None:
@@ -735,4 +525,3 @@ class WeightHistograms(IntrospectionCallback):
         self.wasserstein = {k: [float(x) for x in v] for k, v in state.get("wasserstein", {}).items()}
         self.summary = dict(state.get("summary", {}))
         self._last_step = self.steps[-1] if self.steps else None
-

@@ -36,6 +36,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "FeatureCache", "ProbeResult", "RandomProjection", "classification_scores", "fit_probe", "fit_probes",
         "pool_activation", "probe_split",
     ),
+    "per_class": ("build_metrics", "due_snapshots", "least_improved", "per_class_values", "prepare_predictions"),
+    "review": ("ReviewBuffer", "class_probabilities", "keep_most_confident"),
     "image_stats": (
         "PERTURBATIONS", "STATISTICS", "BinnedErrors", "PerturbationResult", "brightness", "color_filter", "contrast",
         "error_rate_by_bin", "gaussian_blur", "gaussian_noise", "image_statistics", "noise_level",

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +147,48 @@ def image_statistics(x: torch.Tensor, names: Sequence[str] | None = None) -> dic
         elif x.shape[1] == 3:
             out[n] = _STAT_FNS[n](x)
     return out
+
+
+# ------------------------------------------------------------------------------------- normalisation
+def is_image_batch(x: object) -> TypeGuard[torch.Tensor]:
+    """Whether ``x`` is a batch of images these statistics can measure: ``(N, C, H, W)`` with 1 or 3
+    channels and at least 3x3 pixels.
+
+    Example:
+        >>> is_image_batch(torch.zeros(2, 3, 8, 8)), is_image_batch(torch.zeros(2, 8))
+        (True, False)
+    """
+    return isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] in (1, 3) and min(x.shape[-2:]) >= 3
+
+
+def _channel_view(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+
+
+def unnormalize(x: torch.Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> torch.Tensor:
+    """Inputs as they were before ``(x - mean) / std`` (one value, or one per channel), as floats; ``x``
+    itself (detached) when ``mean`` / ``std`` are not known.
+
+    Example:
+        >>> unnormalize(torch.zeros(1, 1, 1, 1), [0.5], [0.25]).item()
+        0.5
+    """
+    x = x.detach().float()
+    if mean is None or std is None:
+        return x
+    return x * _channel_view(std, x) + _channel_view(mean, x)
+
+
+def normalize(raw: torch.Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> torch.Tensor:
+    """``(raw - mean) / std`` per channel, the inverse of :func:`unnormalize`; ``raw`` when they are not known.
+
+    Example:
+        >>> normalize(torch.full((1, 1, 1, 1), 0.5), [0.5], [0.25]).item()
+        0.0
+    """
+    if mean is None or std is None:
+        return raw
+    return (raw - _channel_view(mean, raw)) / _channel_view(std, raw)
 
 
 # ------------------------------------------------------------------------------------- perturbations

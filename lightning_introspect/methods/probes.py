@@ -694,3 +694,74 @@ def fit_probes(
             state=state,
         )
     return results
+
+
+def check_probe_labels(labels: Any) -> torch.Tensor:
+    """``labels`` as a detached ``(N,)`` integer tensor: one class id per sample, as a probe needs.
+
+    Raises:
+        ValueError: labels of another shape (dense masks) or floating-point labels.
+
+    Example:
+        >>> check_probe_labels([0, 2, 1])
+        tensor([0, 2, 1])
+    """
+    labels = torch.as_tensor(labels)
+    if labels.ndim != 1 or labels.is_floating_point():
+        raise ValueError(
+            f"Expected one integer label per sample (shape (N,)), but got {labels.dtype} labels of shape "
+            f"{tuple(labels.shape)}; use `target_transform` to map a batch to class ids."
+        )
+    return labels.detach()
+
+
+def auto_solver(n_values: int, inline_limit: int) -> str:
+    """The solver ``"auto"`` picks on a CPU for cached features holding ``n_values`` numbers in all layers.
+
+    The torch solver inline while the features are small (its few milliseconds cost less than a background
+    scikit-learn fit takes from training's cores), scikit-learn (meant for a background thread) above that.
+
+    Example:
+        >>> auto_solver(2_000 * 64, inline_limit=1 << 20), auto_solver(5_000 * 512, inline_limit=1 << 20)
+        ('torch', 'sklearn')
+    """
+    return "torch" if n_values <= inline_limit else "sklearn"
+
+
+def best_layer(accuracies: Mapping[str, float], order: Sequence[str]) -> str:
+    """The layer with the highest probe accuracy; of equal ones the shallowest (first in ``order``).
+
+    Layers missing from ``order`` count as deepest.
+
+    Example:
+        >>> best_layer({"a": 0.9, "b": 0.95, "c": 0.95}, ["a", "b", "c"])
+        'b'
+    """
+    rank = {name: i for i, name in enumerate(order)}
+    return max(accuracies, key=lambda n: (accuracies[n], -rank.get(n, len(order))))
+
+
+def probe_label_problem(labels: torch.Tensor | None, source: str = "validation") -> str | None:
+    """Why the labels of example batches cannot serve a probe, or ``None`` when they can.
+
+    Args:
+        labels: the labels of an example batch as the data gives them (``None``: the batches carry none).
+        source: where the batches come from, as the message names it.
+
+    Example:
+        >>> probe_label_problem(torch.tensor([0, 1])) is None
+        True
+        >>> probe_label_problem(torch.zeros(2, 8, 8)).split(";")[0]
+        'the labels have shape (2, 8, 8) (dense masks, as in segmentation), and a probe needs one class id per sample'
+    """
+    if labels is None:
+        return (
+            f"it needs labels, but the {source} batches carry none. Pass `probe_dataloader` (a labelled DataLoader) "
+            "or `target_transform` (batch -> labels)."
+        )
+    if labels.ndim > 1:
+        return (
+            f"the labels have shape {tuple(labels.shape)} (dense masks, as in segmentation), and a probe needs one "
+            "class id per sample; pass `target_transform` (batch -> one label per sample) to probe such data."
+        )
+    return None

@@ -1,0 +1,114 @@
+"""Samples for introspection: splitting a batch into inputs and targets, and drawing a fixed sample set
+or an example batch from a loader without touching the global random state."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from lightning_introspect._torch.guards import fork_global_rng, private_generator
+
+_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "data", "features")
+_TARGET_KEYS = ("y", "target", "targets", "label", "labels", "mask", "masks")
+
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(inputs, targets)`` from a batch: a tensor, a ``(x, y, ...)`` tuple/list, or a dict.
+
+    Dicts are searched for the usual keys (``x``/``input``/``image``..., ``y``/``target``/``label``...).
+
+    Example:
+        >>> x, y = split_batch((torch.zeros(2, 3), torch.tensor([0, 1])))
+        >>> x.shape, y.tolist()
+        (torch.Size([2, 3]), [0, 1])
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, Mapping):
+        x = next((batch[k] for k in _INPUT_KEYS if k in batch), None)
+        y = next((batch[k] for k in _TARGET_KEYS if k in batch), None)
+        if x is None:
+            raise ValueError(
+                f"Cannot find the inputs in a dict batch with keys {sorted(batch)}; expected one of {list(_INPUT_KEYS)}."
+            )
+        return x, y
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        y = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        return batch[0], y
+    raise ValueError(f"Cannot split a batch of type {type(batch).__name__} into inputs and targets.")
+
+
+def _labels_of(item: Any) -> int | None:
+    try:
+        _, y = split_batch(item if isinstance(item, (tuple, list, Mapping)) else (item,))
+    except ValueError:
+        return None
+    if y is None:
+        return None
+    y = torch.as_tensor(y)
+    return int(y.item()) if y.numel() == 1 else None
+
+
+def draw_samples(
+    loader: Any, n: int, *, seed: int = 0, per_class: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Draw a fixed ``(inputs, targets)`` sample set from a ``DataLoader`` without touching global RNG.
+
+    Map-style datasets are indexed directly with a private generator (no loader iteration); iterable
+    datasets are iterated and the first items taken. Either way under :func:`fork_global_rng`: a
+    dataset whose ``__getitem__`` draws random augmentations from the global RNG leaves training's
+    random stream as it was. The tensors are ordinary ones (not inference tensors) even when drawn
+    inside ``trainer.validate()``, so a later fit can differentiate through them.
+    """
+    with fork_global_rng(), torch.inference_mode(False):
+        x, y = _draw(loader, n, seed=seed, per_class=per_class)
+        return x.detach().cpu().clone(), None if y is None else y.detach().cpu().clone()
+
+
+def example_batch(loader: Any, n: int, *, seed: int = 0) -> Any:
+    """``n`` items of the loader's dataset collated as the loader would (an iterable dataset: its first
+    batch), on CPU, with the global RNG untouched (see :func:`draw_samples`)."""
+    with fork_global_rng(), torch.inference_mode(False):
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and len(dataset):
+            collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
+            order = torch.randperm(len(dataset), generator=private_generator(seed)).tolist()
+            return collate([dataset[i] for i in order[:n]])
+        return next(iter(loader))
+
+
+def _draw(loader: Any, n: int, *, seed: int, per_class: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    dataset = getattr(loader, "dataset", None)
+    collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
+    if dataset is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+        order = torch.randperm(len(dataset), generator=private_generator(seed)).tolist()
+        if per_class is None:
+            items = [dataset[i] for i in order[:n]]
+        else:
+            counts: dict[int, int] = {}
+            items = []
+            for i in order[: max(n, 1) * 50]:
+                item = dataset[i]
+                label = _labels_of(item)
+                if label is None or counts.get(label, 0) >= per_class:
+                    continue
+                counts[label] = counts.get(label, 0) + 1
+                items.append(item)
+            if not items:
+                items = [dataset[i] for i in order[:n]]
+        return split_batch(collate(items))
+    chunks, seen = [], 0
+    for batch in loader:
+        chunks.append(batch)
+        seen += split_batch(batch)[0].shape[0]
+        if seen >= n:
+            break
+    if not chunks:
+        raise RuntimeError("The data loader yielded no batches to draw samples from.")
+    xs = [split_batch(b) for b in chunks]
+    x = torch.cat([a for a, _ in xs])[:n]
+    ys = [b for _, b in xs if b is not None]
+    y = torch.cat(ys)[:n] if len(ys) == len(xs) else None
+    return x, y

@@ -1,0 +1,179 @@
+"""Attribution maps as a person reads them: overlays, captions, feature bar charts and notes on NaN / Inf.
+
+Pure: tensors and numbers in, images, matplotlib figures and strings out (no logging, no Lightning).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from lightning_introspect.render.heatmap import colorize, normalize_maps, overlay, to_display
+
+
+def class_label(c: int, class_names: Sequence[str] | None) -> str:
+    """The name of class ``c``, or its id when no name is given.
+
+    Example:
+        >>> class_label(1, ["cat", "dog"]), class_label(5, ["cat", "dog"]), class_label(2, None)
+        ('dog', '5', '2')
+    """
+    return class_names[c] if class_names is not None and c < len(class_names) else str(c)
+
+
+def attribution_captions(
+    predicted: torch.Tensor,
+    explained: torch.Tensor,
+    confidence: torch.Tensor,
+    labels: torch.Tensor | None,
+    class_names: Sequence[str] | None = None,
+) -> list[str]:
+    """One caption per sample: the true class (when labels are known), the prediction, the explained
+    class and the model's probability for it.
+
+    Example:
+        >>> attribution_captions(torch.tensor([1]), torch.tensor([0]), torch.tensor([0.25]), torch.tensor([0]), ["cat", "dog"])
+        ['true cat pred dog\\nexpl cat p=0.25']
+    """
+    return [
+        (f"true {class_label(int(labels[i]), class_names)} " if labels is not None else "")
+        + f"pred {class_label(int(predicted[i]), class_names)}\n"
+        + f"expl {class_label(int(explained[i]), class_names)} p={float(confidence[i]):.2f}"
+        for i in range(len(predicted))
+    ]
+
+
+def display_inputs(x: torch.Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
+    """Images ``(N, C, H, W)`` ready to show under a heat map: un-normalised with ``mean`` / ``std`` (else
+    min-max scaled per image), and averaged to one channel unless they have 1 or 3.
+
+    Example:
+        >>> display_inputs(torch.rand(2, 4, 5, 5)).shape
+        torch.Size([2, 1, 5, 5])
+    """
+    disp = to_display(x, mean=None if mean is None else tuple(mean), std=None if std is None else tuple(std))
+    return disp if disp.shape[1] in (1, 3) else disp.mean(dim=1, keepdim=True)
+
+
+def attribution_overlays(
+    display: torch.Tensor,
+    maps: torch.Tensor,
+    *,
+    signed: bool,
+    normalize: str = "per_map",
+    colormap: str = "inferno",
+    signed_colormap: str = "bwr",
+    alpha: float = 0.5,
+) -> torch.Tensor:
+    """Heat maps of ``maps`` ``(N, C, H, W)`` (channels summed; signed maps keep their sign) laid over
+    the ``display`` images.
+
+    Args:
+        display: images in [0, 1], as :func:`display_inputs` gives them.
+        maps: the attribution maps, one per image.
+        signed: a signed method: diverging ``signed_colormap`` centred on 0, else ``colormap``.
+        normalize: ``"per_map"`` or ``"per_batch"`` (see :func:`~lightning_introspect.render.heatmap.normalize_maps`).
+        colormap: matplotlib colormap of unsigned maps.
+        signed_colormap: matplotlib colormap of signed maps.
+        alpha: opacity of the heat map.
+
+    Returns:
+        ``(N, 3, H, W)`` images in [0, 1].
+
+    Example:
+        >>> attribution_overlays(torch.rand(2, 1, 4, 4), torch.randn(2, 3, 4, 4), signed=True).shape
+        torch.Size([2, 3, 4, 4])
+    """
+    heat2d = maps.float().sum(dim=1)
+    norm = normalize_maps(heat2d, mode=normalize, signed=signed)
+    heat = colorize(norm, cmap=signed_colormap if signed else colormap, signed=signed)
+    return overlay(display, heat, alpha=alpha)
+
+
+def feature_bar_chart(maps: torch.Tensor, *, title: str, max_features: int = 40) -> Any:
+    """Mean ``|attribution|`` per feature of tabular maps ``(N, F)`` as a matplotlib bar chart (the
+    ``max_features`` strongest features, in feature order, when there are more)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    importance = maps.detach().float().abs().mean(dim=0)
+    idx = torch.arange(importance.numel())
+    if importance.numel() > max_features:
+        idx = importance.topk(max_features).indices.sort().values
+    fig, ax = plt.subplots(figsize=(max(3.0, 0.25 * idx.numel() + 1.0), 2.6))
+    ax.bar(range(idx.numel()), importance[idx].numpy(), color="#4c72b0")
+    ax.set_xticks(range(idx.numel()))
+    ax.set_xticklabels([str(int(i)) for i in idx], fontsize=6, rotation=90)
+    ax.set_xlabel("feature")
+    ax.set_ylabel("mean |attribution|")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def grid_list(grids: Sequence[str], class_counts: Mapping[str, int]) -> str:
+    """Name grids for a person: a method whose main and per-class grids are all listed is named once.
+
+    Args:
+        grids: ``<method>`` / ``<method>/class_<label>`` names.
+        class_counts: ``{method: number of per-class grids}`` for every method, in display order.
+
+    Example:
+        >>> grid_list(["saliency", "saliency/class_3", "lrp/class_3"], {"saliency": 1, "lrp": 1})
+        'saliency (all grids), lrp/class_3'
+    """
+    names: list[str] = []
+    for m, n_classes in class_counts.items():
+        own = [g for g in grids if g == m or g.startswith(f"{m}/class_")]
+        every = 1 + n_classes
+        names += [f"{m} (all grids)"] if every > 1 and len(own) == every else own
+    return ", ".join(names)
+
+
+def nonfinite_what(broken: Sequence[str], class_counts: Mapping[str, int], n: int) -> str:
+    """What held NaN / Inf, in words: the model's outputs on the ``n`` samples and / or the maps of grids.
+
+    Example:
+        >>> nonfinite_what(["outputs", "lrp"], {"lrp": 0}, 8)
+        "the model's outputs on the 8 fixed samples and the maps of lrp"
+    """
+    grids = [b for b in broken if b != "outputs"]
+    return " and ".join(
+        ([f"the model's outputs on the {n} fixed samples"] if "outputs" in broken else [])
+        + ([f"the maps of {grid_list(grids, class_counts)}"] if grids else [])
+    )
+
+
+
+def attribution_summary_lines(history: Sequence[Mapping[str, Any]], methods: Sequence[str], cam_layer: str | None) -> list[str]:
+    """A few plain-text lines on the runs: how many, of which methods, the Grad-CAM layer, and the latest
+    run's time and mean confidence in the explained class.
+
+    Example:
+        >>> attribution_summary_lines([{"explained": [1, 2], "confidence": [0.5, 0.7], "seconds": 0.2}], ["saliency"], None)
+        ['1 logs of saliency on 2 fixed samples', 'last run 0.20 s; mean confidence in the explained class 0.60']
+    """
+    if not history:
+        return ["no attribution maps logged"]
+    last = history[-1]
+    n = len(last["explained"])
+    lines = [f"{len(history)} logs of {', '.join(methods) or 'no methods'} on {n} fixed samples"]
+    if cam_layer is not None:
+        lines.append(f"Grad-CAM layer {cam_layer}")
+    lines.append(f"last run {last['seconds']:.2f} s; mean confidence in the explained class {sum(last['confidence']) / max(n, 1):.2f}")
+    return lines
+
+__all__ = [
+    "attribution_captions",
+    "attribution_overlays",
+    "attribution_summary_lines",
+    "class_label",
+    "display_inputs",
+    "feature_bar_chart",
+    "grid_list",
+    "nonfinite_what",
+]

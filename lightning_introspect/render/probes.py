@@ -1,0 +1,138 @@
+"""Linear-probe results as a person reads them: a markdown table, the accuracy-vs-depth figure and a
+short plain-text summary (numbers in, strings and matplotlib figures out; no logging, no Lightning).
+
+Every function takes the probe accuracies of one evaluation as ``{layer: accuracy}`` and ``order``, the
+probed layers in execution order: a layer's depth is its position there (1 = the first probed layer;
+layers not in ``order`` come last), and 0 is the raw input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def _depth(name: str, order: Sequence[str]) -> int:
+    """0-based position of ``name`` in ``order``; ``len(order)`` for a name that is not there."""
+    return list(order).index(name) if name in order else len(order)
+
+
+def _by_depth(names: Any, order: Sequence[str]) -> list[str]:
+    return sorted(names, key=lambda n: _depth(n, order))
+
+
+def probe_table(
+    epoch: int | str,
+    accuracy: Mapping[str, float],
+    macro_f1: Mapping[str, float],
+    *,
+    order: Sequence[str],
+    init: Mapping[str, float] | None = None,
+    input_scores: tuple[float, float] | None = None,
+    best: str | None = None,
+) -> str:
+    """A markdown table of one evaluation's probe accuracies beside the baselines, layers by depth.
+
+    Args:
+        epoch: the evaluation's label in the header (an epoch, or ``"init"``).
+        accuracy: ``{layer: probe-test accuracy}``.
+        macro_f1: ``{layer: macro-F1}`` (missing layers show ``nan``).
+        order: the probed layers in execution order (depth).
+        init: ``{layer: accuracy}`` of the probes on the model as initialised (adds the change vs init).
+        input_scores: ``(accuracy, macro-F1)`` of the raw-input baseline: a first row at depth 0.
+        best: the layer marked **best**.
+
+    Example:
+        >>> print(probe_table(3, {"b": 0.9, "a": 0.7}, {"a": 0.6, "b": 0.88}, order=["a", "b"], init={"a": 0.5}))
+        | layer | depth | accuracy (epoch 3) | macro-F1 | init accuracy | change vs init |
+        |---|---|---|---|---|---|
+        | `a` | 1 | 0.700 | 0.600 | 0.500 | +0.200 |
+        | `b` | 2 | 0.900 | 0.880 |  |  |
+    """
+    init = init or {}
+    lines = [
+        f"| layer | depth | accuracy (epoch {epoch}) | macro-F1 | init accuracy | change vs init |",
+        "|---|---|---|---|---|---|",
+    ]
+    if input_scores is not None:
+        lines.append(f"| input (baseline) | 0 | {input_scores[0]:.3f} | {input_scores[1]:.3f} | | |")
+    for name in _by_depth(accuracy, order):
+        acc = accuracy[name]
+        base = init.get(name)
+        delta = f"{acc - base:+.3f}" if base is not None else ""
+        base_s = f"{base:.3f}" if base is not None else ""
+        star = " **best**" if name == best else ""
+        depth = _depth(name, order) + 1
+        lines.append(f"| `{name}`{star} | {depth} | {acc:.3f} | {macro_f1.get(name, float('nan')):.3f} | {base_s} | {delta} |")
+    return "\n".join(lines)
+
+
+def accuracy_vs_depth_figure(
+    epoch: int | str,
+    accuracy: Mapping[str, float],
+    *,
+    order: Sequence[str],
+    init: Mapping[str, float] | None = None,
+    input_accuracy: float | None = None,
+) -> Any:
+    """The probe accuracy by layer depth (a matplotlib ``Figure``), with the init curve and the raw-input line.
+
+    Args:
+        epoch: the evaluation's label in the legend and title.
+        accuracy: ``{layer: probe-test accuracy}``.
+        order: the probed layers in execution order (the x axis).
+        init: ``{layer: accuracy}`` of the probes on the model as initialised (a dashed grey curve).
+        input_accuracy: the raw-input baseline (a dotted horizontal line).
+
+    Example:
+        >>> fig = accuracy_vs_depth_figure(2, {"a": 0.6, "b": 0.9}, order=["a", "b"], input_accuracy=0.5)
+        >>> [line.get_label() for line in fig.axes[0].get_lines()]
+        ['epoch 2', 'raw input']
+    """
+    from matplotlib.figure import Figure
+
+    names = _by_depth(accuracy, order)
+    depth = [_depth(n, order) + 1 for n in names]
+    fig = Figure(figsize=(max(4.0, 0.9 * len(names) + 2), 3.4), dpi=90)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(depth, [accuracy[n] for n in names], "o-", color="tab:blue", label=f"epoch {epoch}")
+    if init:
+        pts = [(_depth(n, order) + 1, init[n]) for n in names if n in init]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--", color="tab:gray", label="init")
+    if input_accuracy is not None:
+        ax.axhline(input_accuracy, color="tab:orange", linestyle=":", label="raw input")
+    ax.set_xticks(depth)
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_xlabel("layer (execution order)")
+    ax.set_ylabel("probe test accuracy")
+    ax.set_title(f"Linear probes, epoch {epoch}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.3)  # fixed: tight_layout costs more than drawing
+    return fig
+
+
+def probe_summary_lines(
+    epoch: int,
+    accuracy: Mapping[str, float],
+    best: str,
+    *,
+    order: Sequence[str],
+    init_accuracy: float | None = None,
+    input_accuracy: float | None = None,
+) -> list[str]:
+    """Two plain-text lines: the best layer beside its baselines, and the accuracy curve by depth.
+
+    Example:
+        >>> for line in probe_summary_lines(4, {"b": 0.91, "a": 0.7}, "b", order=["a", "b"], input_accuracy=0.5):
+        ...     print(line)
+        best layer `b`: probe accuracy 0.910 at epoch 4 | raw input 0.500
+        by depth: a 0.70, b 0.91
+    """
+    parts = [f"best layer `{best}`: probe accuracy {accuracy[best]:.3f} at epoch {epoch}"]
+    if init_accuracy is not None:
+        parts.append(f"init {init_accuracy:.3f}")
+    if input_accuracy is not None:
+        parts.append(f"raw input {input_accuracy:.3f}")
+    curve = ", ".join(f"{n} {accuracy[n]:.2f}" for n in _by_depth(accuracy, order))
+    return [" | ".join(parts), f"by depth: {curve}"]

@@ -1,0 +1,257 @@
+"""Weight drift as a person reads it: markdown tables, the drift-by-depth figure, the initial-vs-current
+histogram overlay and a short plain-text summary (numbers and histograms in, strings and matplotlib
+figures out; no logging, no Lightning).
+
+``summary`` below is the dictionary of
+:func:`~lightning_introspect.methods.not_learning.not_learning_summary`; layers are listed from input to
+output (depth order).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_introspect.methods.weights import HistogramStats
+
+#: layers shown in the initial-vs-current overlay figure (spread over depth)
+MAX_OVERLAYS = 16
+
+
+def format_value(value: float) -> str:
+    """A number in three significant digits, ``"nan"`` for NaN.
+
+    Example:
+        >>> format_value(0.012345), format_value(float("nan"))
+        ('0.0123', 'nan')
+    """
+    return "nan" if math.isnan(value) else f"{value:.3g}"
+
+
+def layers_table(layers: Sequence[tuple[str, str, tuple[int, ...], bool]]) -> str:
+    """A markdown table of the tracked layers: ``(name, module type, weight shape, trainable)`` each.
+
+    Example:
+        >>> print(layers_table([("fc", "Linear", (3, 4), True), ("bn", "BatchNorm1d", (3,), False)]))
+        | layer | type | weight shape | |
+        |---|---|---|---|
+        | fc | Linear | (3, 4) |  |
+        | bn | BatchNorm1d | (3,) | frozen |
+    """
+    rows = [f"| {n} | {kind} | {shape} | {'' if trainable else 'frozen'} |" for n, kind, shape, trainable in layers]
+    return "| layer | type | weight shape | |\n|---|---|---|---|\n" + "\n".join(rows)
+
+
+def layer_status(name: str, summary: Mapping[str, Any], trainable: bool) -> str:
+    """The status cell of one layer: ``**not learning**``, ``frozen``, ``non-finite`` (comma-separated).
+
+    Example:
+        >>> layer_status("fc", {"not_learning": ["fc"], "latest_drift": {"fc": 0.0}}, trainable=False)
+        '**not learning**, frozen'
+    """
+    latest = summary.get("latest_drift", {}).get(name, math.nan)
+    parts = []
+    if name in summary.get("not_learning", []):
+        parts.append("**not learning**")
+    if not trainable:
+        parts.append("frozen")
+    if math.isnan(latest) or summary.get("nonfinite", {}).get(name):
+        parts.append("non-finite")
+    return ", ".join(parts)
+
+
+def drift_summary_markdown(
+    summary: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, ...]],
+    trainable: Mapping[str, bool],
+    drift: Mapping[str, Sequence[float]],
+    cosine: Mapping[str, Sequence[float]],
+    wasserstein: Mapping[str, Sequence[float]],
+) -> str:
+    """The markdown summary of one evaluation: the not-learning verdict and a table of the latest distances.
+
+    Args:
+        summary: the evaluation's summary (``epoch``, ``step``, ``checked``, ``threshold``, ``not_learning``...).
+        shapes: ``{layer: weight shape}`` of every tracked layer in depth order (the depth column counts them).
+        trainable: ``{layer: requires_grad}``.
+        drift, cosine, wasserstein: ``{layer: [value per evaluation]}``; the last value is shown, layers
+            without one are left out.
+    """
+    threshold = summary["threshold"]
+    head = (
+        f"Drift from initialisation at epoch {summary['epoch']} (step {summary['step']}), layers from input to output. "
+        f"Not learning = relative change below {threshold:g}"
+        + ("" if summary["checked"] else " (checked from the second epoch on)")
+        + ".\n\n"
+    )
+    if summary["not_learning"]:
+        head += "**Not learning:** " + ", ".join(f"`{n}`" for n in summary["not_learning"]) + "\n\n"
+    elif summary["checked"]:
+        head += "Every tracked layer moved more than the threshold.\n\n"
+    rows = ["| depth | layer | shape | relative change | cosine distance | Wasserstein | status |", "|---|---|---|---|---|---|---|"]
+    for i, (n, shape) in enumerate(shapes.items()):
+        if not drift.get(n):
+            continue
+        rows.append(
+            f"| {i} | `{n}` | {shape} | {format_value(drift[n][-1])} | {format_value(cosine[n][-1])} "
+            f"| {format_value(wasserstein[n][-1])} | {layer_status(n, summary, trainable[n])} |"
+        )
+    return head + "\n".join(rows)
+
+
+def drift_by_depth_figure(
+    relative: Mapping[str, float],
+    cosine: Mapping[str, float],
+    *,
+    threshold: float,
+    not_learning: Sequence[str] = (),
+    frozen: Sequence[str] = (),
+    epoch: Any = None,
+) -> Any:
+    """Relative change and cosine distance per layer by depth: two bar charts (a matplotlib ``Figure``).
+
+    Args:
+        relative: ``{layer: ||W - W0|| / ||W0||}`` in depth order.
+        cosine: ``{layer: 1 - cos(W, W0)}``.
+        threshold: the not-learning threshold (a dashed line).
+        not_learning: layers drawn red (and marked on the axis).
+        frozen: layers drawn grey (and marked on the axis).
+        epoch: the epoch named in the title.
+
+    Example:
+        >>> fig = drift_by_depth_figure({"a": 0.5, "b": 0.0}, {"a": 0.1, "b": 0.0}, threshold=1e-3, not_learning=["b"])
+        >>> len(fig.axes)
+        2
+    """
+    from matplotlib.figure import Figure
+
+    names = list(relative)
+    flagged, fixed = set(not_learning), set(frozen)
+    colors = ["#d62728" if n in flagged else "#7f7f7f" if n in fixed else "#1f77b4" for n in names]
+    width = min(24.0, max(6.5, 0.3 * len(names) + 2.5))
+    fig = Figure(figsize=(width, 5.6), dpi=80)
+    longest = max((len(n) for n in names), default=1)
+    fig.subplots_adjust(left=0.8 / width + 0.04, right=0.98, top=0.88, bottom=min(0.45, 0.05 + 0.011 * longest), hspace=0.12)
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+    x = list(range(len(names)))
+    ax1.bar(x, [v if math.isfinite(v) else 0.0 for v in relative.values()], color=colors)
+    ax1.axhline(threshold, color="#d62728", linestyle="--", linewidth=0.8)
+    low = [i for i, n in enumerate(names) if n in flagged or n in fixed]
+    if low:  # a zero-height bar is invisible: mark the flagged / frozen layers on the axis
+        ax1.scatter(low, [0.0] * len(low), marker="x", color=[colors[i] for i in low], zorder=3, clip_on=False)
+    ax1.set_ylabel("||W - W0|| / ||W0||")
+    ax1.set_title(
+        f"Drift from initialisation by depth (input -> output), epoch {epoch}\n"
+        f"red x: not learning (< {threshold:g}, dashed), grey: frozen",
+        fontsize=9,
+    )
+    ax2.bar(x, [v if math.isfinite(v) else 0.0 for v in (cosine[n] for n in names)], color=colors)
+    ax2.set_ylabel("1 - cos(W, W0)")
+    step = max(1, math.ceil(len(names) / 60))
+    ax2.set_xticks(x[::step])
+    ax2.set_xticklabels(names[::step], rotation=90, fontsize=7)
+    return fig
+
+
+def initial_vs_current_figure(
+    initial: Mapping[str, HistogramStats],
+    current: Mapping[str, HistogramStats],
+    drift: Mapping[str, float],
+    *,
+    epoch: Any = None,
+    max_layers: int = MAX_OVERLAYS,
+) -> Any:
+    """The initial (black outline) and current (blue) weight histogram of each layer, as densities.
+
+    Args:
+        initial: ``{layer: histogram of W0}``.
+        current: ``{layer: histogram of W}`` in depth order; layers in both are drawn, at most
+            ``max_layers`` spread evenly over depth.
+        drift: ``{layer: relative change}`` shown in each panel's title.
+        epoch: the epoch named in the title.
+        max_layers: the most panels.
+
+    Example:
+        >>> import torch
+        >>> from lightning_introspect.methods.weights import histogram
+        >>> w0 = torch.randn(100)
+        >>> fig = initial_vs_current_figure({"a": histogram(w0)}, {"a": histogram(w0 * 2)}, {"a": 1.0})
+        >>> fig.axes[0].get_title().splitlines()[0]
+        'a  drift 1'
+    """
+    from matplotlib.figure import Figure
+
+    names = [n for n in current if n in initial]
+    if len(names) > max_layers:
+        picks = sorted({round(i * (len(names) - 1) / (max_layers - 1)) for i in range(max_layers)})
+        names = [names[i] for i in picks]
+    cols = min(4, max(1, len(names)))
+    rows = max(1, math.ceil(len(names) / cols))
+    height = 1.9 * rows + 0.7
+    fig = Figure(figsize=(3.0 * cols, height), dpi=80)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.75 / height, hspace=0.5, wspace=0.08)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, n in zip(axes, names):
+        _overlay_panel(ax, n, initial[n], current[n], drift.get(n, math.nan), first=ax is axes[0])
+    for ax in axes[len(names):]:
+        ax.axis("off")
+    fig.suptitle(
+        f"Weight distribution: initial (black) vs current (blue), epoch {epoch}", fontsize=9, y=1 - 0.12 / height
+    )
+    return fig
+
+
+def _overlay_panel(ax: Any, name: str, h0: HistogramStats, h: HistogramStats, drift: float, *, first: bool) -> None:
+    """One layer's panel of :func:`initial_vs_current_figure` (``first`` carries the legend)."""
+    lo = min(v for v in (h0.min, h.min) if math.isfinite(v))
+    hi = max(v for v in (h0.max, h.max) if math.isfinite(v))
+    pad = 0.05 * (hi - lo) if hi > lo else 0.05 * max(abs(hi), 1e-3)
+    top = 0.0
+    for hist, style in ((h, dict(color="#1f77b4", fill=True, alpha=0.5, label="now")), (h0, dict(color="#333333", label="init"))):
+        if hist.num == 0:
+            continue
+        if hist.min == hist.max:  # a constant tensor (e.g. norm weights at init): a line at its value
+            ax.axvline(hist.min, color=style["color"], linewidth=1.2, label=f"{style['label']} = {hist.min:.3g}")
+            continue
+        widths = (hist.edges[1:] - hist.edges[:-1]).clamp_min(1e-30)
+        density = (hist.counts.double() / (hist.num * widths)).numpy()
+        top = max(top, float(density.max()))
+        ax.stairs(density, hist.edges.numpy(), **style)
+    ax.set_xlim(lo - pad, hi + pad)
+    if top > 0:
+        ax.set_ylim(0, top * 1.1)
+    # no tick labels (they cost most of the drawing time): the value range is in the title
+    ax.set_title(f"{name}  drift {format_value(drift)}\n[{lo:.3g}, {hi:.3g}]", fontsize=7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if first or h0.min == h0.max or h.min == h.max:
+        ax.legend(fontsize=6, loc="upper right", frameon=False)
+
+
+def weights_summary_lines(summary: Mapping[str, Any], n_layers: int, n_evaluations: int, threshold: float) -> list[str]:
+    """One line on the drift range, one on the not-learning layers, one on non-finite values.
+
+    Example:
+        >>> s = {"checked": True, "not_learning": ["b"], "nonfinite": {},
+        ...      "latest_drift": {"a": 0.5, "b": 0.0}}
+        >>> for line in weights_summary_lines(s, 2, 3, threshold=1e-3):
+        ...     print(line)
+        2 layers tracked, 3 evaluations; drift ||W-W0||/||W0|| from 0 (b) to 0.5 (a)
+        not learning (drift < 0.001): b
+    """
+    if not summary:
+        return []
+    latest = {n: v for n, v in summary["latest_drift"].items() if math.isfinite(v)}
+    lines = [f"{n_layers} layers tracked, {n_evaluations} evaluations"]
+    if latest:
+        lo, hi = min(latest, key=latest.__getitem__), max(latest, key=latest.__getitem__)
+        lines[0] += f"; drift ||W-W0||/||W0|| from {latest[lo]:.3g} ({lo}) to {latest[hi]:.3g} ({hi})"
+    if summary["not_learning"]:
+        lines.append(f"not learning (drift < {threshold:g}): {', '.join(summary['not_learning'])}")
+    elif summary["checked"]:
+        lines.append(f"every layer moved more than {threshold:g}")
+    if summary["nonfinite"]:
+        lines.append(f"non-finite values in: {', '.join(f'{k} ({v})' for k, v in summary['nonfinite'].items())}")
+    return lines
