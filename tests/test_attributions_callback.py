@@ -233,3 +233,31 @@ def test_lrp_unsupported_model_is_dropped_at_setup_even_with_on_error_raise(tmp_
         quick_trainer(tmp_path, [cb], epochs=1).fit(_Generic(net, x, y))
     assert any("LRP has no rule for module 'net.1' of type torch.nn.GroupNorm" in str(w.message) for w in caught)
     assert [h["epoch"] for h in cb.history] == [-1, 0] and list(cb.maps) == ["saliency"]
+
+
+def test_attribute_targets_in_chunks_equals_one_call_per_target():
+    """Repeating the samples per target and explaining them in chunks gives each target's own maps."""
+    from lightning_introspect.methods.attribution_runs import attribute_targets
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(4, 5)
+    targets = [torch.tensor([0, 1, 2, 0]), torch.full((4,), 1), torch.full((4,), 2)]
+    got = attribute_targets(lambda xs, t: attribute(model, xs, t, ["saliency", "input_x_gradient"]), x, targets, max_batch=8)
+    assert got["saliency"].shape == (12, 5)
+    for j, t in enumerate(targets):
+        one = attribute(model, x, t, ["saliency", "input_x_gradient"])
+        for m in one:
+            assert torch.allclose(got[m].split(4)[j], one[m], atol=1e-6), (m, j)
+
+
+def test_nonfinite_grids_and_the_grids_left_out():
+    from lightning_introspect.methods.attribution_runs import nonfinite_grids, skipped_grids
+    from lightning_introspect.render.attributions import grid_list
+
+    nan = float("nan")
+    flat = {"saliency": torch.tensor([[1.0], [nan], [2.0], [3.0]]), "lrp": torch.ones(4, 1)}
+    assert nonfinite_grids(torch.ones(2, 3), flat, ["cat"]) == ["saliency"]
+    assert nonfinite_grids(torch.full((2, 3), nan), flat, ["cat"]) == ["outputs", "saliency"]
+    assert skipped_grids(["outputs", "saliency"], ["saliency", "lrp"]) == ["lrp", "saliency"]
+    assert grid_list(["saliency", "saliency/class_cat", "lrp"], {"saliency": 1, "lrp": 1}) == "saliency (all grids), lrp"

@@ -515,3 +515,27 @@ def test_auto_layers_follow_the_main_path_not_the_shortcut():
     assert [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-1] == "layer2.shortcut"  # the old pick
     assert all(not m._forward_hooks for m in model.modules()) and all(p.grad is None for p in model.parameters())
     assert FeatureVisualization(num_layers=2).resolve(model) == []  # "auto" waits for data
+
+
+def test_channel_choice_takes_the_channels_that_vary_most():
+    from lightning_introspect.methods.featviz_plan import channel_spread, spread_picks, top_channels
+
+    torch.manual_seed(0)
+    act = torch.randn(6, 4, 3, 3) * torch.tensor([0.1, 3.0, 1.0, 2.0]).view(1, 4, 1, 1)
+    spread = channel_spread(act)
+    assert torch.allclose(spread, act.transpose(0, 1).flatten(1).std(dim=1))
+    assert top_channels(spread, 2) == [1, 3]
+    assert spread_picks(["a", "b", "c", "d", "e"], 2) == ["c", "e"]
+    assert spread_picks(["a", "b"], 5) == ["a", "b"]
+
+
+def test_check_units_refuses_out_of_range_ids_naming_the_argument():
+    from lightning_introspect.methods.featviz_plan import check_units
+
+    with pytest.raises(ValueError, match=r"`channels` in \[0, 3\]"):
+        check_units({"conv": (2, 4, 5, 5)}, (2, 10), [1, 4], None)
+    with pytest.raises(ValueError, match=r"`classes` in \[0, 9\]"):
+        check_units({}, (2, 10), "auto", [10])
+    with pytest.raises(ValueError, match="classifier output"):
+        check_units({}, (2, 10, 4, 4), "auto", [1])
+    assert check_units({"conv": (2, 4)}, (2, 10, 4, 4), "auto", "auto") == []

@@ -177,3 +177,55 @@ def test_curve_figures_on_one_reused_figure_equal_fresh_figures():
         fresh = curve_figure(report, "cascading", metric)
         assert fresh.shape == reused[metric].shape and (fresh == reused[metric]).all(), metric
     assert not (reused["spearman"] == reused["ssim"]).all()
+
+
+def _hand_report() -> SanityReport:
+    """A small report written by hand, so the scalars it flattens to are known."""
+    return SanityReport(
+        methods=["saliency", "grad_cam"],
+        layers=["fc", "conv"],
+        curves={"cascading": {"saliency": {"spearman": {"fc": 0.2, "conv": float("nan")}}}},
+        curves_std={},
+        agreement={},
+        verdicts={"saliency": "pass", "grad_cam": "fail"},
+        verdict_scores={"saliency": 0.2, "grad_cam": 0.9},
+        class_sensitivity={},
+        class_sensitivity_verdicts={"saliency": "pass"},
+        class_sensitivity_scores={"saliency": 0.1},
+        caveats=[],
+        thresholds={"randomization": 0.5, "class_sensitivity": 0.6},
+        verdict_metric="spearman",
+        verdict_depth=1,
+        bn_mode="affine",
+        seed=0,
+        num_samples=2,
+    )
+
+
+def test_report_scalars_flatten_the_report_and_drop_non_finite_values():
+    from lightning_introspect.render.sanity import plotted_metrics, report_scalars, sanity_summary_lines
+
+    scalars = report_scalars(_hand_report())
+    assert scalars == {
+        "saliency/spearman/cascading/fc": 0.2,
+        "saliency/score": 0.2,
+        "saliency/passed": 1.0,
+        "grad_cam/score": 0.9,
+        "grad_cam/passed": 0.0,
+        "saliency/class_score": 0.1,
+        "saliency/class_passed": 1.0,
+    }
+    assert plotted_metrics(_hand_report(), "cascading", ["ssim", "spearman"]) == ["spearman"]
+    assert sanity_summary_lines(_hand_report())[0] == "SanityChecks randomisation: saliency pass (0.20), grad_cam fail (0.90)"
+    assert sanity_summary_lines(None) == []
+
+
+def test_plain_map_sums_channels_and_resizes_like_interpolate():
+    import torch.nn.functional as F
+
+    from lightning_introspect.render.sanity import plain_map
+
+    maps = torch.randn(3, 4, 4)
+    got = plain_map(maps, (8, 8))
+    expected = F.interpolate(maps.sum(0)[None, None], size=(8, 8), mode="bilinear", align_corners=False)[0, 0]
+    assert got is not None and torch.allclose(got, expected)

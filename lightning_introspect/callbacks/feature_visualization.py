@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,12 +25,12 @@ from lightning_introspect.callbacks.base import (
     input_gradient_problem,
 )
 from lightning_introspect.callbacks.outputs import logits_only
+from lightning_introspect.loggers.adapter import IntrospectionWriter
 from lightning_introspect.methods.featviz import (
     PARAMS,
     PENALTIES,
     FeatureVisualizationResult,
     Objective,
-    TransformRobustness,
     channel,
     class_logit,
     infer_latent_dim,
@@ -39,37 +38,28 @@ from lightning_introspect.methods.featviz import (
     visualize_features,
 )
 from lightning_introspect.methods.featviz.layers import main_conv_chain
-from lightning_introspect.render.grid import make_grid
+from lightning_introspect.methods.featviz_plan import (
+    REGULARIZERS,
+    channel_spread,
+    check_units,
+    comparison_columns,
+    image_shape,
+    nonfinite_units,
+    optimisation_space,
+    resolve_prior,
+    setting_options,
+    spread_picks,
+    top_channels,
+    unit_keys,
+)
+from lightning_introspect.render.featviz import (
+    featviz_summary_lines,
+    featviz_table,
+    nonfinite_units_text,
+    unit_image,
+)
 
-REGULARIZERS = ("frequency", "transform", "prior")
 _MAX_AUTO_CLASSES = 10
-
-
-def resolve_prior(spec: str | nn.Module | None, *, argument: str = "prior") -> nn.Module | None:
-    """An ``nn.Module`` decoder from ``None``, a module, or an import path ``"pkg.module:attr"`` / ``"pkg.module.attr"``.
-
-    The attribute may be a module instance or a zero-argument callable (a class or a factory) that
-    returns one.
-    """
-    if spec is None or isinstance(spec, nn.Module):
-        return spec
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"Expected `{argument}` to be None, an nn.Module or an import path 'package.module:attribute', but got {spec!r}.")
-    path = spec.strip()
-    module_name, attr = path.split(":", 1) if ":" in path else path.rsplit(".", 1) if "." in path else (path, "")
-    if not attr:
-        raise ValueError(f"Expected `{argument}` as 'package.module:attribute', but got {spec!r}.")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"Cannot import `{argument}` {spec!r}: {err}.") from err
-    if not isinstance(obj, nn.Module) and callable(obj):
-        obj = obj()
-    if not isinstance(obj, nn.Module):
-        raise ValueError(f"Expected `{argument}` {spec!r} to give an nn.Module decoder (latent -> image), but got {type(obj).__name__}.")
-    return obj
 
 
 def _float_list(value: Any, argument: str, *, length: int | None = None) -> list[float] | None:
@@ -280,12 +270,7 @@ class FeatureVisualization(IntrospectionCallback):
         self.num_channels = num_channels
         check_callable(output_transform, "output_transform")
         self.output_transform = output_transform
-        if not regs and not self.compare:
-            self.columns = ["none"]
-        elif not self.compare:
-            self.columns = ["all"]
-        else:
-            self.columns = ["none", *regs] + (["all"] if len(regs) > 1 else [])
+        self.columns = comparison_columns(regs, self.compare)
         self.reset()
 
     # ------------------------------------------------------------------------------ Lightning hooks
@@ -365,9 +350,7 @@ class FeatureVisualization(IntrospectionCallback):
             convs = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:-1]
         if not convs:
             raise ValueError("`layers='auto'` found no nn.Conv2d (or hidden nn.Linear) layers; name the layers in `layers`.")
-        k = min(self.num_layers, len(convs))
-        picks = sorted({math.ceil((i + 1) * len(convs) / k) - 1 for i in range(k)})
-        return [convs[i] for i in picks]
+        return spread_picks(convs, self.num_layers)
 
     def resolve(self, model: nn.Module, example: torch.Tensor | None = None) -> list[str]:
         """Resolve ``layers`` to names (ValueError with the closest names for a bad one). ``"auto"`` needs
@@ -381,17 +364,10 @@ class FeatureVisualization(IntrospectionCallback):
 
     def _display(self, x: torch.Tensor) -> tuple[tuple[float, float], list[float], list[float]]:
         """(value_range, mean, std) for the optimisation, inferred from the samples where not given."""
-        if self.mean is None and self.std is None and self.value_range is None:
-            return (float(x.min()), float(x.max())), [0.0], [1.0]
-        return self.value_range or (0.0, 1.0), self.mean or [0.0], self.std or [1.0]
+        return optimisation_space(x, self.mean, self.std, self.value_range)
 
     def _input_shape(self, x: torch.Tensor) -> tuple[int, int, int]:
-        if x.ndim != 4:
-            raise ValueError(f"FeatureVisualization needs image inputs (N, C, H, W); the data gives {tuple(x.shape)}.")
-        h, w = x.shape[-2:]
-        if self.image_size is not None:
-            h = w = self.image_size
-        return int(x.shape[1]), int(h), int(w)
+        return image_shape(x, self.image_size)
 
     def _record_shapes(self, model: nn.Module, x: torch.Tensor) -> tuple[dict[str, tuple[int, ...]], tuple[int, ...]]:
         outs, out = layer_outputs(model, x, self.layer_names)
@@ -407,26 +383,8 @@ class FeatureVisualization(IntrospectionCallback):
         probe = F.interpolate(x[:2].float(), size=(h, w), mode="bilinear", align_corners=False) if (h, w) != tuple(x.shape[-2:]) else x[:2]
         shapes, out_shape = self._record_shapes(pl_module, probe)
         self._shapes = shapes
-        for name in self.layer_names:
-            if len(shapes.get(name, ())) < 2:
-                raise ValueError(f"Expected layer {name!r} in `layers` to output (N, C, ...) tensors, but got shape {shapes.get(name)}.")
-            n_ch = shapes[name][1]
-            if isinstance(self.channels, (list, tuple)):
-                bad = [ch for ch in self.channels if ch >= n_ch]
-                if bad:
-                    raise ValueError(f"Expected `channels` in [0, {n_ch - 1}] (layer {name!r} has {n_ch} channels), but got {bad}.")
-        if isinstance(self.classes, (list, tuple)) and self.classes:
-            if len(out_shape) != 2:
-                raise ValueError(f"`classes` needs a classifier output (N, num_classes), but the model gives {out_shape}; set classes=None.")
-            bad = [k for k in self.classes if k >= out_shape[1]]
-            if bad:
-                raise ValueError(f"Expected `classes` in [0, {out_shape[1] - 1}] (the model outputs {out_shape[1]} classes), but got {bad}.")
-        if isinstance(self.classes, str):  # "auto", the only string __init__ accepts
-            self.classes_chosen = list(range(min(out_shape[1], _MAX_AUTO_CLASSES))) if len(out_shape) == 2 else []
-        elif self.classes is None:
-            self.classes_chosen = []
-        else:
-            self.classes_chosen = list(self.classes)
+        named = {name: shapes.get(name) for name in self.layer_names}
+        self.classes_chosen = check_units(named, out_shape, self.channels, self.classes, max_auto_classes=_MAX_AUTO_CLASSES)
         if self.prior_module is not None and "prior" in self.regularizers:
             dim = self.latent_dim or infer_latent_dim(self.prior_module)
             pdev = module_device(self.prior_module)
@@ -441,30 +399,25 @@ class FeatureVisualization(IntrospectionCallback):
         if isinstance(self.channels, (list, tuple)):
             return {name: list(self.channels) for name in self.layer_names}
         outs, _ = layer_outputs(model, x, self.layer_names)
-        spread: dict[str, torch.Tensor] = {}
-        for name, out in outs.items():
-            a = out.detach().float().transpose(0, 1).flatten(1)
-            spread[name] = a.std(dim=1) if a.shape[1] > 1 else a.abs().flatten()
-        chosen = {}
+        spread = {name: channel_spread(out) for name, out in outs.items()}
         self._unsettled = {name for name, v in spread.items() if not bool(torch.isfinite(v).all())}
-        for name in self.layer_names:
-            k = min(self.num_channels, spread[name].numel())
-            top = torch.argsort(spread[name], descending=True, stable=True)[:k]
-            chosen[name] = sorted(int(i) for i in top)
-        return chosen
+        return {name: top_channels(spread[name], self.num_channels) for name in self.layer_names}
 
     # ------------------------------------------------------------------------------------ the work
     def setting_kwargs(self, setting: str, size: int) -> dict[str, Any]:
-        """``visualize_features`` keyword arguments of one column."""
-        on = set(self.regularizers) if setting == "all" else ({setting} if setting in REGULARIZERS else set())
-        kwargs: dict[str, Any] = {"param": "pixels"}
-        if "frequency" in on:
-            kwargs.update(param=self.frequency_param, frequency_penalty=self.frequency_penalty, penalty=self.penalty)
-        if "transform" in on and self.transform_strength > 0:
-            kwargs["transforms"] = TransformRobustness.for_size(size, strength=self.transform_strength)
-        if "prior" in on:
-            kwargs.update(prior=self.prior_module, latent_dim=self.latent_dim, latent_penalty=self.latent_penalty)
-        return kwargs
+        """``visualize_features`` keyword arguments of one column (see :func:`setting_options`)."""
+        return setting_options(
+            setting,
+            self.regularizers,
+            size,
+            frequency_param=self.frequency_param,
+            frequency_penalty=self.frequency_penalty,
+            penalty=self.penalty,
+            transform_strength=self.transform_strength,
+            prior=self.prior_module,
+            latent_dim=self.latent_dim,
+            latent_penalty=self.latent_penalty,
+        )
 
     def units(self) -> list[tuple[str, Objective, int]]:
         """(unit key prefix, objective, number of images) parts of the batch."""
@@ -478,16 +431,16 @@ class FeatureVisualization(IntrospectionCallback):
         return parts
 
     def unit_keys(self) -> list[str]:
-        keys = [f"{name}/{ch}" for name in self.layer_names for ch in self.chosen.get(name, [])]
-        return keys + [f"class/{k}" for k in self.classes_chosen]
+        """``"<layer>/<channel>"`` and ``"class/<c>"`` keys, in batch order."""
+        return unit_keys(self.layer_names, self.chosen, self.classes_chosen)
 
-    def visualize(self, trainer: Any, pl_module: nn.Module, *, epoch: int | None = None) -> dict[str, FeatureVisualizationResult]:
+    def visualize(self, trainer: pl.Trainer, pl_module: nn.Module, *, epoch: int | None = None) -> dict[str, FeatureVisualizationResult]:
         """Optimise one batch per setting (all chosen channels and classes at once) and log the grids
         (recorded under ``epoch``, default ``trainer.current_epoch``)."""
         with logits_only(pl_module, self.output_transform):
             return self._visualize(trainer, pl_module, epoch)
 
-    def _visualize(self, trainer: Any, pl_module: nn.Module, epoch: int | None) -> dict[str, FeatureVisualizationResult]:
+    def _visualize(self, trainer: pl.Trainer, pl_module: nn.Module, epoch: int | None) -> dict[str, FeatureVisualizationResult]:
         self._last_step = int(trainer.global_step)
         x, _ = self.fixed_samples(trainer)
         if not self._validated:
@@ -529,23 +482,18 @@ class FeatureVisualization(IntrospectionCallback):
         return results
 
     def log_results(
-        self, trainer: Any, results: dict[str, FeatureVisualizationResult], value_range: tuple[float, float], *, epoch: int | None = None
+        self, trainer: pl.Trainer, results: dict[str, FeatureVisualizationResult], value_range: tuple[float, float], *, epoch: int | None = None
     ) -> None:
         writer = self.writer(trainer)
         step, epoch = trainer.global_step, trainer.current_epoch if epoch is None else epoch
         keys = self.unit_keys()
-        lo, hi = value_range
-        scale = max(1, math.ceil(64 / max(results[self.columns[0]].images.shape[-2:])))
         scalars: dict[str, float] = {}
-        self.nonfinite = self._nonfinite_units(keys, results)
+        self.nonfinite = nonfinite_units(keys, results, self.columns)
         for i, key in enumerate(keys):
             tiles = torch.stack([results[s].images[i] for s in self.columns])
             self.images[key] = tiles.clone()
             if key not in self.nonfinite:  # a NaN / Inf image would be drawn as a silently wrong picture
-                shown = ((tiles - lo) / (hi - lo)).clamp(0, 1)
-                if scale > 1:
-                    shown = F.interpolate(shown, scale_factor=scale, mode="nearest")
-                writer.image(self.tag(key), make_grid(shown, nrow=len(self.columns), padding=2), step)
+                writer.image(self.tag(key), unit_image(tiles, value_range), step)
             for s in self.columns:
                 r = results[s]
                 obj, hf = float(r.objective[i]), float(r.high_frequency_fraction[i])
@@ -562,26 +510,9 @@ class FeatureVisualization(IntrospectionCallback):
         if self.nonfinite:
             self._report_nonfinite(writer, step)
 
-    def _nonfinite_units(self, keys: Sequence[str], results: dict[str, FeatureVisualizationResult]) -> dict[str, list[str]]:
-        """Unit key -> the settings whose image or final objective holds NaN / Inf (one check per setting on
-        what :func:`visualize_features` returned; units are looked at only for a setting that is not finite)."""
-        out: dict[str, list[str]] = {}
-        for s in self.columns:
-            r = results[s]
-            if bool(torch.isfinite(r.images).all()) and bool(torch.isfinite(r.objective).all()):
-                continue
-            finite = torch.isfinite(r.images.flatten(1)).all(dim=1) & torch.isfinite(r.objective)
-            for i, key in enumerate(keys):
-                if not bool(finite[i]):
-                    out.setdefault(key, []).append(s)
-        return out
-
-    def _report_nonfinite(self, writer: Any, step: int) -> None:
+    def _report_nonfinite(self, writer: IntrospectionWriter, step: int) -> None:
         """Warn once, and note at this step, which units were not logged because of NaN / Inf values."""
-        if all(settings == self.columns for settings in self.nonfinite.values()):
-            units = f"{', '.join(self.nonfinite)} ({'every setting' if len(self.columns) > 1 else self.columns[0]})"
-        else:
-            units = "; ".join(f"{key} ({', '.join(settings)})" for key, settings in self.nonfinite.items())
+        units = nonfinite_units_text(self.nonfinite, self.columns)
         self.warn_once(
             "nonfinite",
             f"FeatureVisualization: non-finite values (NaN / Inf) in the optimised images or final objective of "
@@ -598,37 +529,13 @@ class FeatureVisualization(IntrospectionCallback):
 
     def table(self, keys: Sequence[str], results: dict[str, FeatureVisualizationResult]) -> str:
         """A markdown table: one row per unit, objective and high-frequency fraction per setting."""
-        lines = [
-            f"Columns (left to right): {', '.join(self.columns)}. Steps {self.steps}, lr {self.lr:g}.",
-            "",
-            "Chosen: " + "; ".join([f"{n}: channels {self.chosen.get(n, [])}" for n in self.layer_names] + ([f"classes {self.classes_chosen}"] if self.classes_chosen else [])),
-            "",
-            "| unit | " + " | ".join(f"{s} objective | {s} hf" for s in self.columns) + " |",
-            "|---|" + "---|---|" * len(self.columns),
-        ]
-        for i, key in enumerate(keys):
-            cells = " | ".join(
-                "non-finite | -" if s in self.nonfinite.get(key, ())
-                else f"{float(results[s].objective[i]):.3g} | {float(results[s].high_frequency_fraction[i]):.2f}"
-                for s in self.columns
-            )
-            lines.append(f"| {key} | {cells} |")
-        return "\n".join(lines)
+        chosen = [f"{n}: channels {self.chosen.get(n, [])}" for n in self.layer_names] + ([f"classes {self.classes_chosen}"] if self.classes_chosen else [])
+        return featviz_table(keys, results, self.columns, steps=self.steps, lr=self.lr, chosen=chosen, nonfinite=self.nonfinite)
 
     # ---------------------------------------------------------------------------------- reporting
+    @override
     def summary_lines(self) -> list[str]:
-        if not self.results:
-            return []
-        base = self.results.get("none")
-        parts = []
-        for s in self.columns:
-            r = self.results[s]
-            text = f"{s}: hf {float(r.high_frequency_fraction.mean()):.2f}"
-            if base is not None and s != "none":
-                ratio = (r.objective / base.objective.abs().clamp_min(1e-6)).median()
-                text += f", objective x{float(ratio):.2f} of none"
-            parts.append(text)
-        return [f"{len(self.unit_keys())} units; " + "; ".join(parts)]
+        return featviz_summary_lines(self.results, self.columns, len(self.unit_keys()))
 
     @override
     def extra_state(self) -> dict[str, Any]:

@@ -313,7 +313,7 @@ class SanityChecks(IntrospectionCallback):
         *,
         writer: IntrospectionWriter | None = None,
         step: int = 0,
-        trainer: Any = None,
+        trainer: pl.Trainer | None = None,
     ) -> SanityReport:
         """Run the checks now on ``model`` (untouched: a deep copy is randomised) and return the report.
 
