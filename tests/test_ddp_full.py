@@ -125,6 +125,16 @@ def single_process_snapshot(state: dict[str, torch.Tensor], dm: DigitsDataModule
     return cb.snapshots["start"]
 
 
+def ddp_env() -> dict[str, str]:
+    """The environment of a two-process CPU DDP script: a free port, this repository importable, and no
+    rank variables inherited from an outer launcher."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONPATH": ROOT,
+           "MPLBACKEND": "Agg"}
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "GROUP_RANK"):
+        env.pop(key, None)
+    return env
+
+
 def _files(root: str) -> list[str]:
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
@@ -133,10 +143,7 @@ def _files(root: str) -> list[str]:
 def test_full_set_under_ddp_two_cpu_processes(tmp_path: Any) -> None:
     script = tmp_path / "ddp_full.py"
     script.write_text(_DDP_SCRIPT.format(root=ROOT))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONPATH": ROOT,
-           "MPLBACKEND": "Agg"}
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "GROUP_RANK"):
-        env.pop(key, None)
+    env = ddp_env()
     proc = run_isolated([str(script), str(tmp_path)], cwd=str(tmp_path), env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -195,10 +202,7 @@ def test_ddp_with_early_stopping_gets_the_final_runs_on_rank_zero_without_a_hang
         "callbacks=[*callbacks, SaveWeights(), pl.callbacks.EarlyStopping(monitor='val_loss', patience=0, min_delta=100.0)])",
     )
     (tmp_path / "ddp_early.py").write_text(script)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONPATH": ROOT,
-           "MPLBACKEND": "Agg"}
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "GROUP_RANK"):
-        env.pop(key, None)
+    env = ddp_env()
     proc = run_isolated([str(tmp_path / "ddp_early.py"), str(tmp_path)], cwd=str(tmp_path), env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     zero, one = (json.loads((tmp_path / f"result_rank{r}.json").read_text()) for r in (0, 1))

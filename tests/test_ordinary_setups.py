@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -30,11 +31,12 @@ from lightning_introspect.callbacks.base import IntrospectionFailureWarning, Int
 from lightning_introspect.callbacks.feature_visualization import FeatureVisualization
 from lightning_introspect.callbacks.linear_probes import LinearProbes
 from lightning_introspect.callbacks.misclassifications import Misclassifications
+from lightning_introspect.callbacks.per_class_metrics import PerClassMetrics
 from lightning_introspect.callbacks.weight_histograms import WeightHistograms
 from lightning_introspect.config import CALLBACKS, callback_class, introspection_callbacks
 from lightning_introspect.loggers.adapter import TensorBoardWriter
 from tests.helpers import quick_trainer, read_events
-from tests.test_ddp_full import ROOT, _free_port, run_isolated
+from tests.test_ddp_full import ROOT, ddp_env, run_isolated
 from tests.test_nonfinite_outputs import model_with
 from tests.zoo import (
     AugmentingDataset,
@@ -111,6 +113,45 @@ def test_validation_step_returning_only_the_loss_is_served_by_the_metric_callbac
     end = cbs["PerClassMetrics"].snapshots["end"]
     assert len(end["recall"]) == 10 and sum(end["support"]) == len(dm.val_set)
     assert cbs["Misclassifications"].report["error_rate"] == pytest.approx(val_logits_error(model, dm), abs=1e-6)
+
+
+class NetOnlyValidation(Classifier):
+    """``validation_step`` calls ``self.net`` (not ``self(...)``) and returns the loss: the callbacks need a
+    forward of their own; it counts the forwards made outside training and validation steps."""
+
+    def __init__(self, net: nn.Module, lr: float = 1e-2) -> None:
+        super().__init__(net, lr=lr)
+        self.extra_forwards: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if not self.training and not torch.is_grad_enabled():
+            self.extra_forwards.append(int(x.shape[0]))
+        return self.net(x)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+
+def test_the_metric_callbacks_share_one_extra_forward_per_validation_batch(tmp_path: Any) -> None:
+    dm = digits_dm()
+    torch.manual_seed(0)  # a linear read-out of the pixels, left as initialised (lr 0): varied predictions
+    model = NetOnlyValidation(nn.Sequential(nn.Flatten(), nn.Linear(dm.val_set.tensors[0][0].numel(), 10)), lr=0.0)
+    metrics = PerClassMetrics(at=(1.0,), confusion_matrix=False, bar_chart=False, on_error="raise")
+    review = Misclassifications(every_n_epochs=1, perturbations=[], figures=False, on_error="raise")
+    trainer = quick_trainer(tmp_path, [metrics, review], epochs=1, logger=False)
+    trainer.fit(model, datamodule=dm)
+    batches = trainer.num_val_batches[0]
+    # two preflights (16 samples each), then one forward per validation batch shared by both callbacks
+    assert model.extra_forwards[:2] == [16, 16] and len(model.extra_forwards) == 2 + batches
+    x, y = dm.val_set.tensors
+    model.eval()
+    with torch.no_grad():
+        pred = model.net(x).argmax(1)
+    assert len(pred.unique()) > 2  # predictions that tell the batches apart
+    confusion = torch.zeros(10, 10, dtype=torch.long).index_put_((y, pred), torch.ones_like(y), accumulate=True)
+    assert metrics.confusion["end"] == confusion.tolist()  # each batch read with its own logits
+    assert review.report["error_rate"] == pytest.approx(float((pred != y).float().mean()), abs=1e-6)
 
 
 def test_validation_step_returning_loss_and_preds_is_not_read_as_logits(tmp_path: Any) -> None:
@@ -457,10 +498,7 @@ _DDP_FAULT_SCRIPT = textwrap.dedent(
 def test_ddp_with_a_fault_on_rank_zero_only_completes_without_a_hang(tmp_path: Any) -> None:
     script = tmp_path / "ddp_fault.py"
     script.write_text(_DDP_FAULT_SCRIPT.format(root=ROOT))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONPATH": ROOT,
-           "MPLBACKEND": "Agg"}
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "GROUP_RANK"):
-        env.pop(key, None)
+    env = ddp_env()
     proc = run_isolated([str(script), str(tmp_path)], cwd=str(tmp_path), env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "No space left on device" in proc.stderr  # the fault did happen on rank zero, and the user was told

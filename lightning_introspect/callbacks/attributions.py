@@ -20,10 +20,10 @@ from lightning_introspect.callbacks.base import (
     check_callable,
     check_choice,
     check_positive_int,
-    input_gradient_problem,
     lrp_problem,
     renamed_argument,
 )
+from lightning_introspect.callbacks.checks import gradient_problem
 from lightning_introspect.callbacks.outputs import logits_only
 from lightning_introspect.loggers.adapter import IntrospectionWriter
 from lightning_introspect.methods.attribution import (
@@ -294,16 +294,7 @@ class Attributions(IntrospectionCallback):
                 "pass `output_transform` to pick them out."
             )
             return
-        try:
-            with logits_only(pl_module, self.output_transform):
-                problem = input_gradient_problem(pl_module, x)
-        except RuntimeError as err:
-            if self.on_error == "raise":
-                raise
-            problem = (
-                "the model's forward fails when its input requires gradients (for example it changes its input in "
-                f"place, as `x.sub_(mean)` does; use `x = x - mean`): {err}"
-            )
+        problem = gradient_problem(pl_module, x, self.output_transform, reraise=self.on_error == "raise")
         if problem is not None:
             self.skip(problem)
             return

@@ -30,6 +30,7 @@ from lightning_introspect.callbacks.checks import (
     renamed_argument,
 )
 from lightning_introspect.callbacks.data import draw_samples, example_batch, split_batch
+from lightning_introspect.callbacks.outputs import LogitsSource
 from lightning_introspect.errors import (
     IntrospectionFailureWarning,
     IntrospectionInputError,
@@ -393,6 +394,18 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
             self.on_disable()
             self.warn_once("peer-disabled", f"{type(self).__name__} is disabled on every rank: another rank failed.")
         return all_ok
+
+    def batch_logits(self, source: LogitsSource, outputs: Any, batch: Any, pl_module: Any) -> torch.Tensor | None:
+        """The logits of a validation batch from ``source``; the first batch that needs an extra forward of
+        our own (``validation_step`` returned no logits) is said once."""
+        logits = source.logits(outputs, batch, pl_module)
+        if source.used_own_forward:
+            self.warn_once(
+                "own-forward", f"{type(self).__name__}: `validation_step` returns no logits (a tensor with one row per "
+                "sample), so the logits come from one extra forward of each validation batch it reads (eval mode, "
+                "no grad; one forward serves every callback reading the batch)."
+            )
+        return logits
 
     def warn_once(self, key: str, message: str) -> None:
         """Warn with ``message`` the first time ``key`` is seen by this callback in this fit."""

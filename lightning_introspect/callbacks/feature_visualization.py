@@ -284,7 +284,6 @@ class FeatureVisualization(IntrospectionCallback):
         self.history: list[dict[str, Any]] = []
         self.nonfinite: dict[str, list[str]] = {}
         self._last_step: int | None = None  # global step of the latest run: the fit-end catch-up compares it
-        self._shapes: dict[str, tuple[int, ...]] = {}
         self._validated = False
         self._unsettled: set[str] = set()  # layers whose "auto" channels came from non-finite activations
 
@@ -382,7 +381,6 @@ class FeatureVisualization(IntrospectionCallback):
         c, h, w = self._input_shape(x)
         probe = F.interpolate(x[:2].float(), size=(h, w), mode="bilinear", align_corners=False) if (h, w) != tuple(x.shape[-2:]) else x[:2]
         shapes, out_shape = self._record_shapes(pl_module, probe)
-        self._shapes = shapes
         named = {name: shapes.get(name) for name in self.layer_names}
         self.classes_chosen = check_units(named, out_shape, self.channels, self.classes, max_auto_classes=_MAX_AUTO_CLASSES)
         if self.prior_module is not None and "prior" in self.regularizers:

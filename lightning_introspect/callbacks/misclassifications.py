@@ -27,11 +27,10 @@ from lightning_introspect.callbacks.base import (
     split_batch,
 )
 from lightning_introspect.callbacks.outputs import (
-    NO_LOGITS,
     LogitsSource,
+    example_logits,
     extract_logits,
     extract_targets,
-    forward_logits,
     validation_batches,
 )
 from lightning_introspect.methods.image_stats import (
@@ -243,13 +242,10 @@ class Misclassifications(IntrospectionCallback):
     def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Two samples through the model: dense (segmentation) outputs are skipped, ``class_names`` of the
         wrong length and labels out of range are refused, before training."""
-        batch = self.example(trainer, 16)
-        if batch is None:
+        example = example_logits(self, trainer, pl_module)
+        if example is None:
             return
-        output, logits = forward_logits(pl_module, batch, self.output_transform)
-        if logits is None:
-            self.skip(NO_LOGITS.format(kind=type(output).__name__))
-            return
+        batch, logits = example
         if logits.ndim > 2:
             self.skip(
                 f"the model returns dense outputs {tuple(logits.shape)} (segmentation); this review ranks whole images "
@@ -265,6 +261,13 @@ class Misclassifications(IntrospectionCallback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.active(trainer) and (self.trainer_fn(trainer) == "validate" or self.is_scheduled(trainer)):
             self.run(trainer, self._begin, pl_module, log_seconds=False)  # cheap: reset the buffers, attach the hook
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._collecting:
+            self._source.new_batch()  # a forward captured during an earlier batch must not be read for this one
 
     @override
     def on_validation_batch_end(
@@ -356,12 +359,7 @@ class Misclassifications(IntrospectionCallback):
         self._collecting = True
 
     def _collect(self, outputs: Any, batch: Any, pl_module: pl.LightningModule) -> None:
-        logits = self._source.logits(outputs, batch, pl_module)
-        if self._source.used_own_forward:
-            self.warn_once(
-                "own-forward", "Misclassifications: `validation_step` returns no logits (a tensor with one row per "
-                "sample), so the logits come from one extra forward of each reviewed validation batch (eval mode, no grad)."
-            )
+        logits = self.batch_logits(self._source, outputs, batch, pl_module)
         self._collect_rows(logits, batch)
 
     def _collect_rows(self, logits: torch.Tensor | None, batch: Any) -> None:

@@ -137,10 +137,11 @@ class OutputCapture:
 class LogitsSource:
     """The logits of a validation batch by the rules of this module, for one callback.
 
-    Call :meth:`attach` when the validation epoch starts, :meth:`logits` in ``on_validation_batch_end``
-    and :meth:`detach` when it ends (also on exceptions). ``used_own_forward`` tells whether the last
-    batch needed the extra forward; ``on_own_forward`` is called the first time it does (the callback
-    warns once there).
+    Call :meth:`attach` when the validation epoch starts, :meth:`new_batch` in ``on_validation_batch_start``,
+    :meth:`logits` in ``on_validation_batch_end`` and :meth:`detach` when the epoch ends (also on
+    exceptions). ``used_own_forward`` tells whether the last batch needed the extra forward (the callback
+    says so once: :meth:`IntrospectionCallback.batch_logits`). The captured forward output may also come
+    from another callback's own forward of the same batch: one extra forward then serves both.
     """
 
     def __init__(self, output_transform: Callable[[Any], Any] | None = None) -> None:
@@ -150,6 +151,10 @@ class LogitsSource:
 
     def attach(self, module: torch.nn.Module) -> None:
         self.capture.attach(module)
+
+    def new_batch(self) -> None:
+        """Forget what was captured during an earlier batch: only this batch's forward may be read."""
+        self.capture.output = None
 
     def detach(self) -> None:
         self.capture.detach()
@@ -169,15 +174,8 @@ class LogitsSource:
             found = extract_logits(source, batch_size=n)
             if found is not None:
                 return found
-        return self.own_forward(batch, pl_module)
-
-    def own_forward(self, batch: Any, pl_module: torch.nn.Module) -> torch.Tensor | None:
-        """Logits from a forward of the batch's inputs: eval mode, no grad, global RNG forked."""
-        x, _ = split_batch(batch)
-        with introspection_mode(pl_module, grad=False):
-            output = pl_module(x)
         self.used_own_forward = True
-        return extract_logits(output, self.output_transform, batch_size=None if self.output_transform else int(x.shape[0]))
+        return forward_logits(pl_module, batch, self.output_transform)[1]
 
 
 def forward_logits(
@@ -195,6 +193,19 @@ NO_LOGITS = (
     "the model's forward returns no logits tensor (got {kind}); return one (or a dict with 'logits', or an "
     "object with `.logits`) or pass `output_transform`."
 )
+
+
+def example_logits(callback: Any, trainer: Any, pl_module: torch.nn.Module, n: int = 16) -> tuple[Any, torch.Tensor] | None:
+    """``(batch, logits)`` of ``n`` example samples for a callback's ``preflight`` (its ``output_transform``
+    applied); ``None`` without data, or after skipping the callback when the model returns no logits."""
+    batch = callback.example(trainer, n)
+    if batch is None:
+        return None
+    output, logits = forward_logits(pl_module, batch, callback.output_transform)
+    if logits is None:
+        callback.skip(NO_LOGITS.format(kind=type(output).__name__))
+        return None
+    return batch, logits
 
 
 def validation_batches(trainer: Any, loader: Any) -> Iterator[Any]:

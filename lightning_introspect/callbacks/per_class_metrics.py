@@ -25,11 +25,10 @@ from lightning_introspect.callbacks.base import (
     split_batch,
 )
 from lightning_introspect.callbacks.outputs import (
-    NO_LOGITS,
     LogitsSource,
+    example_logits,
     extract_logits,
     extract_targets,
-    forward_logits,
     validation_batches,
 )
 from lightning_introspect.methods.per_class import (
@@ -261,13 +260,10 @@ class PerClassMetrics(IntrospectionCallback):
         is refused before training; a model without logits is skipped."""
         if trainer.limit_val_batches == 0:
             return
-        batch = self.example(trainer, 16)
-        if batch is None:
+        example = example_logits(self, trainer, pl_module)
+        if example is None:
             return
-        output, logits = forward_logits(pl_module, batch, self.output_transform)
-        if logits is None:
-            self.skip(NO_LOGITS.format(kind=type(output).__name__))
-            return
+        batch, logits = example
         self._prepare(logits, extract_targets(batch, self.target_transform))
 
     @override
@@ -280,6 +276,13 @@ class PerClassMetrics(IntrospectionCallback):
         if self.enabled and not self._all_disabled and not trainer.sanity_checking and self.trainer_fn(trainer) == "fit":
             self._sync_due = True  # on every rank, a disabled one too: see _end_collecting
             self.run(trainer, self._begin_collecting, pl_module, log_seconds=False)
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._collecting:
+            self._source.new_batch()  # a forward captured during an earlier batch must not be read for this one
 
     @override
     def on_validation_batch_end(
@@ -350,12 +353,7 @@ class PerClassMetrics(IntrospectionCallback):
     def _update_from_step(self, outputs: Any, batch: Any, pl_module: Any) -> None:
         start = time.perf_counter()
         try:
-            logits = self._source.logits(outputs, batch, pl_module)
-            if self._source.used_own_forward:
-                self.warn_once(
-                    "own-forward", "PerClassMetrics: `validation_step` returns no logits (a tensor with one row per "
-                    "sample), so the logits come from one extra forward of each validation batch (eval mode, no grad)."
-                )
+            logits = self.batch_logits(self._source, outputs, batch, pl_module)
             self._update(logits, batch)
         finally:
             self._update_seconds += time.perf_counter() - start

@@ -22,6 +22,7 @@ from lightning_introspect.callbacks.base import (
     lrp_problem,
     renamed_argument,
 )
+from lightning_introspect.callbacks.checks import gradient_problem
 from lightning_introspect.callbacks.outputs import logits_only
 from lightning_introspect.loggers.adapter import IntrospectionWriter
 from lightning_introspect.methods.attribution import LAYER_METHODS
@@ -239,16 +240,7 @@ class SanityChecks(IntrospectionCallback):
         if x.ndim not in (2, 4):
             self.skip(f"the inputs of shape {tuple(x.shape)} are neither images (N, C, H, W) nor tabular (N, F).")
             return
-        try:
-            with logits_only(pl_module, self.output_transform):
-                problem = input_gradient_problem(pl_module, x[:2].to(module_device(pl_module)))
-        except RuntimeError as err:
-            if self.on_error == "raise":
-                raise
-            problem = (
-                "the model's forward fails when its input requires gradients (for example it changes its input in "
-                f"place, as `x.sub_(mean)` does; use `x = x - mean`): {err}"
-            )
+        problem = gradient_problem(pl_module, x[:2].to(module_device(pl_module)), self.output_transform, reraise=self.on_error == "raise")
         if problem is not None:
             self.skip(problem)
 
