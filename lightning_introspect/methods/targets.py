@@ -123,3 +123,68 @@ def target_scores(output: torch.Tensor, target: Target, *, argument: str = "targ
             ids = ids.clone()
     picked = output.gather(1, ids.view(n, 1, *([1] * (output.ndim - 2))).expand(n, 1, *output.shape[2:]))
     return picked.flatten(1).sum(1)
+
+
+# ------------------------------------------------------------------------- segmentation regions
+def dominant_class(masks: torch.Tensor, *, ignore_index: int | None = None) -> int:
+    """The class covering the most pixels of ``masks`` ``(N, H, W)``: the background of most segmentation
+    data, which the callbacks explain last (ties: the lower id).
+
+    Example:
+        >>> dominant_class(torch.tensor([[[0, 0], [1, 2]], [[0, 0], [0, 2]]]))
+        0
+    """
+    valid = masks.flatten() if ignore_index is None else masks.flatten()[masks.flatten() != ignore_index]
+    valid = valid[valid >= 0]
+    return int(torch.bincount(valid.long().cpu()).argmax()) if valid.numel() else 0
+
+
+def region_targets(
+    masks: torch.Tensor,
+    *,
+    classes: Sequence[int] | None = None,
+    min_pixels: int = 1,
+    ignore_index: int | None = None,
+) -> list[tuple[int, int, torch.Tensor]]:
+    """Every ``(sample, class, region)`` present in integer ``masks`` ``(N, H, W)`` (predicted or true),
+    in sample order and, within a sample, by class id; ``classes`` keeps only those ids, and a region
+    of fewer than ``min_pixels`` pixels is left out. Each region is a bool ``(H, W)`` mask, ready for
+    ``RegionTarget(class_id, region)`` on that sample.
+
+    Example:
+        >>> m = torch.tensor([[[0, 1], [1, 1]], [[2, 2], [2, 2]]])
+        >>> [(i, c, int(r.sum())) for i, c, r in region_targets(m)]
+        [(0, 0, 1), (0, 1, 3), (1, 2, 4)]
+    """
+    keep = None if classes is None else {int(c) for c in classes}
+    out = []
+    for i in range(masks.shape[0]):
+        for c in masks[i].unique().tolist():
+            if c == ignore_index or c < 0 or (keep is not None and c not in keep):
+                continue
+            region = masks[i] == c
+            if int(region.sum()) >= min_pixels:
+                out.append((i, int(c), region))
+    return out
+
+
+def object_targets(masks: torch.Tensor, *, background: int | None = None, ignore_index: int | None = None) -> RegionTarget:
+    """One :class:`RegionTarget` for a batch: per sample, the class with the largest region in ``masks``
+    ``(N, H, W)`` other than ``background`` (default: :func:`dominant_class`), over that region; a sample
+    showing only the background explains the background.
+
+    Example:
+        >>> m = torch.tensor([[[0, 0, 1], [0, 2, 2]], [[0, 0, 0], [0, 0, 0]]])
+        >>> t = object_targets(m)
+        >>> t.class_id.tolist(), t.mask.sum(dim=(1, 2)).tolist()
+        ([2, 0], [2, 6])
+    """
+    background = dominant_class(masks, ignore_index=ignore_index) if background is None else background
+    ids = []
+    for i in range(masks.shape[0]):
+        valid = masks[i][(masks[i] >= 0) & (masks[i] != background)]
+        if ignore_index is not None:
+            valid = valid[valid != ignore_index]
+        ids.append(int(torch.bincount(valid.long().cpu()).argmax()) if valid.numel() else background)
+    class_ids = torch.tensor(ids, dtype=torch.long, device=masks.device)
+    return RegionTarget(class_id=class_ids, mask=masks == class_ids.view(-1, 1, 1))
