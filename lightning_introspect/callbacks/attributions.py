@@ -34,13 +34,20 @@ from lightning_introspect.methods.attribution import (
     auto_layer,
 )
 from lightning_introspect.methods.attribution_runs import (
+    REGION_SOURCES,
+    RegionPairs,
+    attribute_pairs,
     attribute_targets,
     class_probabilities,
     explained_classes,
+    localization_scores,
     nonfinite_grids,
+    region_confidence,
+    region_pairs,
     skipped_grids,
 )
-from lightning_introspect.methods.targets import target_indices
+from lightning_introspect.methods.targets import dominant_class, target_indices
+from lightning_introspect.methods.task import TASK_KINDS, as_masks, resolve_task
 from lightning_introspect.render.attributions import (
     attribution_captions,
     attribution_overlays,
@@ -49,7 +56,9 @@ from lightning_introspect.render.attributions import (
     display_inputs,
     feature_bar_chart,
     grid_list,
+    localization_markdown,
     nonfinite_what,
+    region_captions,
 )
 from lightning_introspect.render.grid import captioned_grid
 
@@ -59,6 +68,7 @@ NORMALIZE_CHOICES = ("per_map", "per_batch")
 TARGET_CHOICES = ("pred", "true", "all")
 MAX_CLASSES = 32
 MAX_BATCH = 128  # samples x targets explained in one pass
+MAX_REGIONS = 4  # segmentation: the largest class regions explained per sample
 DEFAULT_METHODS = ("saliency", "guided_backprop", "grad_cam", "lrp")
 
 
@@ -87,6 +97,20 @@ class Attributions(IntrospectionCallback):
     instead (Grad-CAM methods are dropped with a warning); inputs of other ranks than 2 and 4 are
     skipped with one warning.
 
+    Segmentation (per-pixel logits ``(N, C, H, W)`` with integer masks, detected once before training;
+    ``task`` overrides): each sample is explained for each class present in its predicted mask, over
+    that class's predicted region (a :class:`~lightning_introspect.methods.targets.RegionTarget` per
+    region: the class's logits summed over the region), so the grid shows the evidence for the objects.
+    The background -- the class covering most pixels of the fixed samples' true masks -- is explained only
+    for a sample showing nothing else; at most 4 regions per sample (the largest). Each tile is one region,
+    captioned with the sample, the class, the region's size and the model's mean probability over it.
+    Grad-CAM's automatic layer is the deepest feature map before the output head (the last decoder stage,
+    not the 1x1 classifier). With the true masks known, every run scores each method's maps against the
+    true mask of the explained class: the pointing-game hit rate (the map's maximum on the object) and the
+    share of positive attribution inside the mask, next to chance (the mask's area fraction) -- a
+    training curve of how well the explanations localise. A region whose class is absent from the true
+    mask (a false positive) is left out of those means and counted in the note, never scored as a miss.
+
     Args:
         methods: names from ``METHODS``: ``saliency``, ``input_x_gradient``, ``guided_backprop``,
             ``deconvnet``, ``grad_cam``, ``guided_grad_cam``, ``lrp``. ``lrp`` is skipped with one
@@ -96,6 +120,10 @@ class Attributions(IntrospectionCallback):
         targets: what each sample is explained for: ``"pred"`` (its predicted class), ``"true"`` (its
             label), a list of class ids (also one grid per class), or ``"all"`` (one grid per class, up
             to 32 classes). With a list or ``"all"``, the main grid explains the prediction.
+            Segmentation: ``"pred"`` -- the classes present in the predicted mask, over their predicted
+            regions; ``"true"`` -- the classes of the true mask over their true regions; a list -- those
+            classes where present, over the regions ``region`` names (one grid per class too); ``"all"``
+            -- every class present, the background included.
         class_names: names for the captions and the ``class_<name>`` tags (default: the class ids).
         per_class: draw up to this many samples of each class instead of ``num_samples`` random ones.
         mean: per-channel mean used to normalise the inputs, to un-normalise them for display
@@ -112,6 +140,12 @@ class Attributions(IntrospectionCallback):
         output_transform: callable ``forward output -> logits`` for a model that returns more than the
             logits; without it a tuple's first tensor, a dict's ``"logits"`` / ``"preds"`` or an output
             object's ``.logits`` is explained (as in :class:`PerClassMetrics`).
+        task: ``"auto"`` (segmentation for per-pixel logits with masks of their size, else
+            classification), ``"classification"`` (a dense output's class logits summed over all pixels)
+            or ``"segmentation"``; an explicit task the shapes contradict is refused before training.
+        region: segmentation: the mask a listed / ``"all"`` class's region is cut from, ``"pred"`` or
+            ``"true"``.
+        ignore_index: segmentation: a mask value that is never a region (e.g. 255).
         enabled: switch the callback off.
         every_n_epochs: run every n-th epoch as well (``None``, the default: only at ``at`` and the last
             epoch; each run renders one captioned grid per method and class, so per-epoch runs cost).
@@ -128,19 +162,29 @@ class Attributions(IntrospectionCallback):
           (tiles in the same order as the main grid);
         * ``introspect/attributions/inputs`` -- the fixed samples, once;
         * ``introspect/attributions/layer`` -- text: the Grad-CAM layer and how it was chosen, once;
+        * ``introspect/attributions/localization/<method>/{pointing_game,energy_in_mask,chance}`` --
+          segmentation with true masks: scalars at every run, and ``introspect/attributions/localization``
+          -- text: the table of the run, with the regions left out;
         * ``introspect/attributions/warnings`` -- text, only when a grid holds NaN / Inf (non-finite weights
           or inputs): which grids were not logged at that step and why (see "Non-finite values" below);
         * ``introspect/attributions/seconds`` -- wall time of each run.
 
     Results on the instance:
-        * ``maps``: ``{method: Tensor}`` of the latest run (CPU, raw maps, batch order of the samples);
+        * ``maps``: ``{method: Tensor}`` of the latest run (CPU, raw maps, batch order of the samples;
+          segmentation: one map per explained region, in the order of ``pairs``);
+        * ``pairs``: segmentation: the latest run's explained regions
+          (:class:`~lightning_introspect.methods.attribution_runs.RegionPairs`: ``sample``, ``class_id``,
+          ``masks``, ``source``);
+        * ``resolved_task``: ``"classification"`` or ``"segmentation"``;
         * ``class_maps``: ``{method: {class_id: Tensor}}`` of the latest run (list / ``"all"``);
         * ``resolved_cam_layer``: the Grad-CAM layer in use (``cam_layer`` resolved; ``None`` when no
           method needs one);
         * ``nonfinite``: the grids of the latest run that held NaN / Inf and were not logged (``"outputs"``
           when the model's outputs on the samples were non-finite; empty when all was finite);
         * ``history``: one dict per run: ``step``, ``epoch`` (-1 before training), ``explained``,
-          ``predicted``, ``confidence`` (lists per sample), ``seconds``.
+          ``predicted``, ``confidence`` (lists per sample), ``seconds``; segmentation: ``explained``,
+          ``samples``, ``region_pixels``, ``confidence`` per region, ``region`` (``"pred"`` / ``"true"``)
+          and ``localization`` ``{method: {"pointing_game", "energy_in_mask", "chance", "pairs", "skipped"}}``.
 
     Non-finite values: when the maps of a method (or of one class) hold NaN / Inf, that grid is not
     logged (it would be a silently wrong picture); when the model's outputs on the samples are
@@ -175,6 +219,9 @@ class Attributions(IntrospectionCallback):
         top_k: int | None = None,
         lrp_rule: str = "epsilon",
         output_transform: Callable[[Any], Any] | None = None,
+        task: str = "auto",
+        region: str = "pred",
+        ignore_index: int | None = None,
         layer: str | None = None,
         enabled: bool = True,
         every_n_epochs: int | None = None,
@@ -198,6 +245,10 @@ class Attributions(IntrospectionCallback):
         check_positive_int(top_k, "top_k", allow_none=True)
         check_choice(normalize, "normalize", NORMALIZE_CHOICES)
         check_choice(lrp_rule, "lrp_rule", ("epsilon", "zplus", "alpha_beta"))
+        check_choice(task, "task", TASK_KINDS)
+        check_choice(region, "region", REGION_SOURCES)
+        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+            raise ValueError(f"Expected `ignore_index` to be an int or None, but got {ignore_index!r}.")
         self.mean = _check_display_stats(mean, "mean")
         self.std = _check_display_stats(std, "std")
         if (self.mean is None) != (self.std is None):
@@ -221,6 +272,9 @@ class Attributions(IntrospectionCallback):
         self.alpha = float(alpha)
         self.top_k = top_k
         self.lrp_rule = lrp_rule
+        self.task = task
+        self.region = region
+        self.ignore_index = ignore_index
         check_callable(output_transform, "output_transform")
         self.output_transform = output_transform
         self.reset()
@@ -229,6 +283,9 @@ class Attributions(IntrospectionCallback):
     @override
     def reset(self) -> None:
         self.resolved_cam_layer: str | None = None
+        self.resolved_task: str | None = None
+        self.pairs: RegionPairs | None = None
+        self._background: int | None = None
         self.maps: dict[str, torch.Tensor] = {}
         self.class_maps: dict[str, dict[int, torch.Tensor]] = {}
         self.history: list[dict[str, Any]] = []
@@ -250,10 +307,10 @@ class Attributions(IntrospectionCallback):
         validation data the training loader is not built yet: then at the first run)."""
         if self.val_dataloader(trainer) is None:
             return
-        x, _ = self.fixed_samples(trainer, per_class=self.per_class)
+        x, y = self.fixed_samples(trainer, per_class=self.per_class)
         with introspection_mode(pl_module, grad=False), logits_only(pl_module, self.output_transform):
             out = pl_module(x[:1].to(pl_module.device))
-        self._resolve(trainer, pl_module, x, out)
+        self._resolve(trainer, pl_module, x, out, None if y is None else y[:1])
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -281,7 +338,7 @@ class Attributions(IntrospectionCallback):
     def _due(self, trainer: pl.Trainer) -> bool:
         return self.active(trainer) and self._last_epoch != trainer.current_epoch and self.is_scheduled(trainer)
 
-    def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: torch.Tensor, out: Any) -> None:
+    def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: torch.Tensor, out: Any, y: torch.Tensor | None) -> None:
         """The methods and the layer this model and these inputs allow: :meth:`skip` for what cannot be
         explained at all, ``IntrospectionInputError`` for explicit arguments the model contradicts."""
         methods = list(self.methods)
@@ -306,6 +363,10 @@ class Attributions(IntrospectionCallback):
         if problem is not None:
             self.warn_once("lrp-skipped", f"Attributions: {problem}")
             methods.remove("lrp")
+        self.resolved_task = resolve_task(self.task, out, y, argument="task")
+        if self.resolved_task == "segmentation" and self.per_class is not None:
+            self.warn_once("per-class-seg", "Attributions: `per_class` draws samples by their one label; segmentation samples have masks, "
+                           "so `num_samples` random samples are drawn instead.")
         num_classes = int(out.shape[1])
         if isinstance(self.targets, list):
             bad = [t for t in self.targets if t >= num_classes]
@@ -319,8 +380,10 @@ class Attributions(IntrospectionCallback):
         if needs_layer:
             how = "given"
             if self.cam_layer == "auto":
-                self.resolved_cam_layer = auto_layer(pl_module, x[:1].to(pl_module.device))
-                how = "chosen automatically (last convolutional feature map)"
+                with logits_only(pl_module, self.output_transform):
+                    self.resolved_cam_layer = auto_layer(pl_module, x[:1].to(pl_module.device))
+                how = ("chosen automatically (the deepest feature map before the output head)" if self.resolved_task == "segmentation"
+                       else "chosen automatically (last convolutional feature map)")
             else:
                 get_layer(pl_module, self.cam_layer, argument="cam_layer")
                 self.resolved_cam_layer = self.cam_layer
@@ -360,7 +423,7 @@ class Attributions(IntrospectionCallback):
         with introspection_mode(pl_module, grad=False):
             out = pl_module(x.to(device)).float()
         if self._active_methods is None:
-            self._resolve(trainer, pl_module, x, out)
+            self._resolve(trainer, pl_module, x, out, y)
         methods = list(self._active_methods or [])
         if not methods:
             return
@@ -371,6 +434,9 @@ class Attributions(IntrospectionCallback):
                 writer.image_grid(self.tag("inputs"), self._display(x), step)
             if self._layer_note:
                 writer.text(self.tag("layer"), self._layer_note, step)
+        if self.resolved_task == "segmentation":
+            self._log_regions(trainer, pl_module, x, y, out, methods, epoch, start)
+            return
 
         probs = class_probabilities(out)
         predicted = explained = target_indices(out, "pred").cpu()
@@ -410,6 +476,69 @@ class Attributions(IntrospectionCallback):
                 "explained": explained.tolist(),
                 "predicted": predicted.tolist(),
                 "confidence": [round(float(c), 6) for c in confidence],
+                "seconds": time.perf_counter() - start,
+            }
+        )
+
+    def _log_regions(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: torch.Tensor, y: torch.Tensor | None, out: torch.Tensor,
+        methods: list[str], epoch: int, start: float,
+    ) -> None:
+        """Segmentation: explain each sample's class regions (one ``RegionTarget`` per region), and score how
+        well each method's maps fall on the true object when the true masks are known."""
+        step, writer = int(trainer.global_step), self.writer(trainer)
+        truth = as_masks(y) if y is not None and y.ndim in (3, 4) and y.shape[-2:] == out.shape[-2:] else None
+        source = "true" if self.targets == "true" else self.region
+        if source == "true" and truth is None:
+            self.warn_once("true", "Attributions: the regions of the true masks need masks with the samples; explaining the predicted regions instead.")
+            source = "pred"
+        if self._background is None:  # the class the objects stand on: not explained by default
+            self._background = dominant_class(truth if truth is not None else out.argmax(1).cpu(), ignore_index=self.ignore_index)
+        classes = "present" if self.targets in ("pred", "true") else self.targets
+        pairs = region_pairs(
+            truth if source == "true" and truth is not None else out.argmax(1).cpu(), classes, background=self._background,
+            source=source, ignore_index=self.ignore_index, max_per_sample=MAX_REGIONS,
+        )
+        self.pairs = pairs
+        if not len(pairs):
+            writer.text(self.tag("warnings"), f"**Step {step}:** no region of the classes {self.targets} in the {source} masks of the fixed samples; nothing explained.", step)
+            return
+        device = pl_module.device
+        flat = attribute_pairs(lambda xs, t: self._attribute(pl_module, xs, t, methods), x.to(device), pairs, max_batch=MAX_BATCH)
+        methods = [m for m in methods if m in flat]
+        confidence = region_confidence(out, pairs)
+        self.maps, self.class_maps = {m: flat[m] for m in methods}, {}
+        broken = ([] if bool(torch.isfinite(out).all()) else ["outputs"]) + [m for m in methods if not bool(torch.isfinite(flat[m]).all())]
+        self.nonfinite = broken
+        shown = x[pairs.sample]
+        captions = region_captions(pairs.class_id, pairs.sample, pairs.masks.flatten(1).sum(1), confidence, source, self.class_names)
+        per_class = sorted(set(pairs.class_id.tolist())) if not isinstance(self.targets, str) or self.targets == "all" else []
+        scores: dict[str, Any] = {}
+        for m in methods:
+            if "outputs" in broken or m in broken:
+                continue
+            self._write(writer, self.tag(m), shown, flat[m], m, step, captions=captions, title=f"{m}: class regions (step {step})")
+            for c in per_class:
+                keep = pairs.class_id == c
+                self._write(writer, self.tag(m, f"class_{self._class_name(c)}"), shown[keep], flat[m][keep], m, step, captions=None, title="")
+            if truth is not None:
+                scores[m] = localization_scores(flat[m], pairs, truth)
+        if broken:
+            self._report_nonfinite(writer, step, broken, x.shape[0])
+        if scores:
+            scalars = {self.tag("localization", m, k): r[k] for m, r in scores.items() for k in ("pointing_game", "energy_in_mask", "chance") if r[k] is not None}
+            writer.scalars(scalars, step)
+            writer.text(self.tag("localization"), localization_markdown(scores, step), step)
+        self.history.append(
+            {
+                "step": step,
+                "epoch": epoch,
+                "explained": pairs.class_id.tolist(),
+                "samples": pairs.sample.tolist(),
+                "region": source,
+                "region_pixels": pairs.masks.flatten(1).sum(1).tolist(),
+                "confidence": [round(float(c), 6) for c in confidence],
+                "localization": scores,
                 "seconds": time.perf_counter() - start,
             }
         )

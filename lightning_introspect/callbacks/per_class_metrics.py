@@ -1,4 +1,5 @@
-"""``PerClassMetrics``: per-class precision / recall / F1 / accuracy at the start, middle and end of training.
+"""``PerClassMetrics``: per-class precision / recall / F1 / accuracy (and IoU / Dice for segmentation) at the
+start, middle and end of training.
 
 A mean accuracy hides which classes the network learned and which it never did. This callback keeps
 per-class metrics (torchmetrics, ``average=None``) at fractions of training, compares them with the
@@ -38,8 +39,11 @@ from lightning_introspect.methods.per_class import (
     due_snapshots,
     least_improved,
     main_metric,
+    mean_iou,
+    metrics_for,
     per_class_values,
     prepare_predictions,
+    resolve_task,
     snapshot_fraction,
     snapshot_label,
 )
@@ -60,7 +64,8 @@ def _tag_safe(name: str) -> str:
 
 # ------------------------------------------------------------------------------------ callback
 class PerClassMetrics(IntrospectionCallback):
-    """Per-class classification metrics at the start, middle and end of training (and per epoch if asked).
+    """Per-class metrics at the start, middle and end of training (and per epoch if asked), for
+    classification and segmentation.
 
     "start" is measured before the first optimizer step by one evaluation pass of the callback's own
     over the validation batches the trainer would use (eval mode, ``no_grad``, modes restored, global
@@ -87,32 +92,42 @@ class PerClassMetrics(IntrospectionCallback):
 
     * ``introspect/per_class/<metric>/<class>`` -- scalar at each snapshot (and every ``every_n_epochs``);
       classes with no support in the validation data get no scalar (no NaN is written);
+    * ``introspect/per_class/mean_iou`` -- segmentation: the mean IoU over the classes with support, at
+      every validation epoch of the fit (the headline curve);
     * ``introspect/per_class/table`` -- markdown: classes x snapshots for each metric, with deltas to the
       first snapshot and the support;
     * ``introspect/per_class/summary`` -- markdown: the classes that improved least, classes with no support;
     * ``introspect/per_class/bars`` -- grouped bar chart (classes x snapshots, one panel per metric);
     * ``introspect/per_class/confusion`` -- at each snapshot, the confusion matrix as an image (rows: true,
-      columns: predicted, colour = row share); for multilabel one row per label with TN / FP / FN / TP shares;
+      columns: predicted, colour = row share; for segmentation counts are pixels); for multilabel one row per
+      label with TN / FP / FN / TP shares;
     * ``introspect/per_class/update_seconds`` and ``introspect/per_class/seconds`` -- own wall time.
 
     Results on the instance:
 
     * ``snapshots``: ``{"start" | "middle" | "end" | "at_0.25": {metric: [value per class], "support": [count per class]}}``;
       a value is ``None`` for a class with no support (no sample of that class) in the validation data;
+      for segmentation the metrics include ``"iou"`` and ``"dice"`` and the support counts pixels;
+    * ``mean_iou``: segmentation: ``{snapshot key: mean IoU}``;
+    * ``resolved_task``: the task in use (``task`` with ``"auto"`` resolved at the first batch);
     * ``snapshot_epochs``: ``{key: {"epoch": e, "step": s}}`` (``epoch == -1``: before training);
     * ``confusion``: ``{key: confusion matrix as nested lists}``;
     * ``history``: per-epoch entries ``{"epoch", "step", metric: [...], "support": [...]}`` (``every_n_epochs``);
-    * ``latest``: the most recent validation's values.
+    * ``latest``: the most recent validation's values (and ``"mean_iou"`` for segmentation).
     All are in the callback's ``state_dict``, so a resumed fit keeps its start snapshot.
 
     Args:
         num_classes: number of classes (labels for ``"multilabel"``). ``None``: taken from the logits'
             width (dim 1) at the first batch. When given, a different width is a clear error.
-        task: ``"multiclass"`` (logits ``(N, C)`` or per-pixel ``(N, C, H, W)``, labels ``(N, ...)``),
+        task: ``"auto"`` (the default: ``"segmentation"`` when the logits are per pixel ``(N, C, H, W)`` and
+            the labels integer masks ``(N, H, W)`` or ``(N, 1, H, W)`` of their size, else ``"multiclass"``;
+            decided once, before training), ``"multiclass"`` (logits ``(N, C)``, labels ``(N,)``; any other
+            shape is counted per element), ``"segmentation"`` (per pixel, with IoU and Dice),
             ``"multilabel"`` (``(N, L)`` logits and 0/1 labels) or ``"binary"`` (one logit / probability
             per sample, or two logits; reported as two classes).
         metrics: per-class metrics among ``"precision"``, ``"recall"``, ``"f1"``, ``"accuracy"`` (for
-            multiclass the per-class accuracy equals recall) and ``"specificity"``.
+            multiclass the per-class accuracy equals recall), ``"specificity"``, ``"iou"`` and ``"dice"``
+            (both from the confusion matrix; always added for segmentation).
         at: fractions of training for snapshots (0.0 = start, 0.5 = "middle", 1.0 = "end").
         class_names: display names, one per class (default ``"0"``, ``"1"``, ...).
         output_transform: callable ``outputs -> logits`` applied to what ``validation_step`` returned (or,
@@ -152,7 +167,7 @@ class PerClassMetrics(IntrospectionCallback):
         self,
         *,
         num_classes: int | None = None,
-        task: str = "multiclass",
+        task: str = "auto",
         metrics: Sequence[str] = ("precision", "recall", "f1", "accuracy"),
         at: Sequence[float] | None = (0.0, 0.5, 1.0),
         class_names: Sequence[str] | None = None,
@@ -208,7 +223,9 @@ class PerClassMetrics(IntrospectionCallback):
     @override
     def reset(self) -> None:
         self.num_classes = self._num_classes_given  # a width read from the logits of a previous fit is forgotten
+        self.resolved_task: str | None = None  # `task` with "auto" resolved from the first logits and labels
         self.snapshots: dict[str, dict[str, list[Any]]] = {}
+        self.mean_iou: dict[str, float | None] = {}
         self.snapshot_epochs: dict[str, dict[str, int]] = {}
         self.confusion: dict[str, list[list[int]]] = {}
         self.history: list[dict[str, Any]] = []
@@ -225,6 +242,7 @@ class PerClassMetrics(IntrospectionCallback):
     def extra_state(self) -> dict[str, Any]:
         return {
             "snapshots": self.snapshots,
+            "mean_iou": self.mean_iou,
             "snapshot_epochs": self.snapshot_epochs,
             "confusion": self.confusion,
             "history": self.history,
@@ -234,6 +252,7 @@ class PerClassMetrics(IntrospectionCallback):
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.snapshots = dict(state.get("snapshots", {}))
+        self.mean_iou = dict(state.get("mean_iou", {}))
         self.snapshot_epochs = dict(state.get("snapshot_epochs", {}))
         self.confusion = dict(state.get("confusion", {}))
         self.history = list(state.get("history", []))
@@ -244,6 +263,15 @@ class PerClassMetrics(IntrospectionCallback):
         """The class names (``"0"``, ``"1"``, ... unless ``class_names`` was given)."""
         n = self.num_classes or 0
         return list(self.class_names) if self.class_names is not None else [str(i) for i in range(n)]
+
+    @property
+    def active_metrics(self) -> list[str]:
+        """The metrics kept: ``metrics``, plus ``"iou"`` and ``"dice"`` once the task is segmentation."""
+        return metrics_for(self.resolved_task or self.task, self.metrics)
+
+    @property
+    def segmentation(self) -> bool:
+        return self.resolved_task == "segmentation"
 
     # ------------------------------------------------------------------------ Lightning hooks
     @override
@@ -325,7 +353,7 @@ class PerClassMetrics(IntrospectionCallback):
     def _metrics(self, device: torch.device) -> Any:
         if self._metric_objs is None:
             self._metric_objs = build_metrics(
-                self.task, self.metrics, int(self.num_classes or 0), threshold=self.threshold,
+                self.resolved_task or self.task, self.active_metrics, int(self.num_classes or 0), threshold=self.threshold,
                 ignore_index=self.ignore_index, device=device,
             )
         elif self._metric_device != device:
@@ -334,9 +362,11 @@ class PerClassMetrics(IntrospectionCallback):
         return self._metric_objs
 
     def _prepare(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validate shapes and ranges (``num_classes`` is read from the first logits when not given)."""
+        """Validate shapes and ranges (``num_classes`` and the task are read from the first logits when not given)."""
+        if self.resolved_task is None:
+            self.resolved_task = resolve_task(self.task, logits.detach(), target.detach())
         preds, target, self.num_classes = prepare_predictions(
-            logits, target, task=self.task, num_classes=self.num_classes, threshold=self.threshold,
+            logits, target, task=self.resolved_task, num_classes=self.num_classes, threshold=self.threshold,
             ignore_index=self.ignore_index, class_names=self.class_names,
         )
         return preds, target
@@ -365,7 +395,7 @@ class PerClassMetrics(IntrospectionCallback):
             return None
         result = objs.compute()
         objs.reset()
-        return per_class_values(result, self.task, self.metrics)
+        return per_class_values(result, self.resolved_task or self.task, self.active_metrics)
 
     # ------------------------------------------------------------------------------- work
     def _start_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -419,12 +449,16 @@ class PerClassMetrics(IntrospectionCallback):
             return
         values, table = computed
         self.latest = {"epoch": epoch, "step": step, "values": values, "confusion": table}
+        if self.segmentation:
+            self.latest["mean_iou"] = miou = mean_iou(values)
+            if miou is not None and trainer.is_global_zero:
+                self.writer(trainer).scalar(self.tag("mean_iou"), miou, step)
         due = due_snapshots(self.fraction_epochs(trainer), epoch, taken=self.snapshots)
         for key in due:
             self._store(key, computed, epoch=epoch, step=step)
         per_epoch = self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
         if per_epoch:
-            self.history.append({"epoch": epoch, "step": step, **values})
+            self.history.append({"epoch": epoch, "step": step, **values, **({"mean_iou": mean_iou(values)} if self.segmentation else {})})
         if due:
             self._log_snapshots(trainer, due, step=step)
         elif per_epoch:
@@ -448,9 +482,12 @@ class PerClassMetrics(IntrospectionCallback):
     def _store(self, key: str, computed: tuple[dict[str, list[Any]], list[list[int]]], *, epoch: int, step: int) -> None:
         values, table = computed
         self.snapshots[key] = {k: list(v) for k, v in values.items()}
+        if "iou" in values:
+            self.mean_iou[key] = mean_iou(values)
         self.snapshot_epochs[key] = {"epoch": int(epoch), "step": int(step)}
         self.confusion[key] = [list(r) for r in table]
         self.snapshots = dict(sorted(self.snapshots.items(), key=lambda kv: self._order(kv[0])))
+        self.mean_iou = dict(sorted(self.mean_iou.items(), key=lambda kv: self._order(kv[0])))
 
     def _order(self, key: str) -> tuple[float, int]:
         return snapshot_fraction(key), self.snapshot_epochs.get(key, {}).get("step", 0)
@@ -463,7 +500,8 @@ class PerClassMetrics(IntrospectionCallback):
         names = self.names
         scalars = {
             self.tag(m, _tag_safe(names[i])): v
-            for m in self.metrics
+            for m in self.active_metrics
+            if m in values
             for i, v in enumerate(values[m])
             if v is not None
         }
@@ -473,7 +511,8 @@ class PerClassMetrics(IntrospectionCallback):
         if not self.confusion_matrix or not trainer.is_global_zero or ("confusion", step) in self._logged:
             return
         self._logged.add(("confusion", step))
-        image = confusion_image(table, self.names, multilabel=self.task == "multilabel", title=title)
+        title = f"{title}, pixels" if self.segmentation else title
+        image = confusion_image(table, self.names, multilabel=self.resolved_task == "multilabel", title=title)
         self.writer(trainer).image(self.tag("confusion"), image, step)
 
     def _log_snapshots(self, trainer: Any, keys: list[str], *, step: int) -> None:
@@ -489,7 +528,7 @@ class PerClassMetrics(IntrospectionCallback):
         writer.text(self.tag("table"), self.table_markdown(), step)
         writer.text(self.tag("summary"), self.summary_markdown(), step)
         if self.bar_chart:
-            writer.figure(self.tag("bars"), bars_figure(self.snapshots, self.metrics, self.names, self._column), step)
+            writer.figure(self.tag("bars"), bars_figure(self.snapshots, self._shown_metrics(), self.names, self._column), step)
 
     # ---------------------------------------------------------------------------- reading
     def _column(self, key: str) -> str:
@@ -497,7 +536,11 @@ class PerClassMetrics(IntrospectionCallback):
 
     def table_markdown(self) -> str:
         """Classes x snapshots for every metric, with the change since the first snapshot, as markdown."""
-        return per_class_table(self.snapshots, self.metrics, self.names, self._column)
+        return per_class_table(self.snapshots, self._shown_metrics(), self.names, self._column)
+
+    def _shown_metrics(self) -> list[str]:
+        """The active metrics every snapshot has (a snapshot resumed from before segmentation was known may lack IoU)."""
+        return [m for m in self.active_metrics if all(m in snap for snap in self.snapshots.values())]
 
     def least_improved_classes(self) -> list[tuple[str, float, float]]:
         """``(class, first value, last value)`` of the classes whose main metric improved least.
@@ -509,14 +552,26 @@ class PerClassMetrics(IntrospectionCallback):
         if len(keys) < 2:
             return []
         first, last = self.snapshots[keys[0]], self.snapshots[keys[-1]]
-        return least_improved(first, last, main_metric(self.metrics), self.names, self.least_improved)
+        return least_improved(first, last, self._main_metric(), self.names, self.least_improved)
+
+    def _main_metric(self) -> str:
+        """IoU for segmentation (what segmentation is judged by); else ``"f1"`` if asked for, or the first metric."""
+        shown = self._shown_metrics()
+        return "iou" if self.segmentation and "iou" in shown else main_metric(shown or self.metrics)
 
     def summary_markdown(self) -> str:
         """The least-improved classes and the classes without support, as markdown."""
-        return per_class_summary(
-            self.snapshots, main_metric(self.metrics), self.names, self.least_improved_classes(),
+        summary = per_class_summary(
+            self.snapshots, self._main_metric(), self.names, self.least_improved_classes(),
             lowest=self.least_improved, column=self._column,
         )
+        if not self.mean_iou:
+            return summary
+        cells = ", ".join(f"{self._column(k)}: {'n/a' if v is None else f'{v:.3f}'}" for k, v in self.mean_iou.items())
+        return f"**Mean IoU** (classes with support): {cells}\n\n{summary}"
 
     def summary_lines(self) -> list[str]:
-        return per_class_summary_lines(self.snapshots, self.metrics, self.least_improved_classes())
+        lines = per_class_summary_lines(self.snapshots, self._shown_metrics(), self.least_improved_classes())
+        if self.mean_iou:
+            lines.append("mean IoU: " + " -> ".join("n/a" if v is None else f"{v:.3f}" for v in self.mean_iou.values()))
+        return lines

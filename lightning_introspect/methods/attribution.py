@@ -682,6 +682,15 @@ def attribute(
 # ----------------------------------------------------------------------------------------------------
 # auto_layer
 # ----------------------------------------------------------------------------------------------------
+def _dense_head_index(calls: Sequence[tuple[str, tuple[int, ...] | None, bool]], output: Any) -> int:
+    """Where the output head of a dense (per-pixel) model starts in ``calls``: the last convolution
+    producing the output's shape; ``len(calls)`` for other models (nothing is cut)."""
+    if not isinstance(output, torch.Tensor) or output.ndim != 4 or max(output.shape[2:]) <= 1:
+        return len(calls)
+    heads = [i for i, (_, shape, is_conv) in enumerate(calls) if is_conv and shape == tuple(output.shape)]
+    return heads[-1] if heads and heads[-1] > 0 else len(calls)
+
+
 def auto_layer(model: nn.Module, example_input: torch.Tensor) -> str:
     """The feature map Grad-CAM explains by default: the last convolution's output, as late as it stays.
 
@@ -692,6 +701,11 @@ def auto_layer(model: nn.Module, example_input: torch.Tensor) -> str:
     Without a convolution: the last module whose output has spatial dimensions larger than 1.
     For :class:`~lightning_introspect.demo.DigitsCNN` this is ``"features.9"`` (the ReLU after the last
     conv); for a torchvision-style ResNet ``"layer4"``.
+
+    Dense outputs (segmentation, ``(N, C, H, W)`` logits): the output head -- the last convolution whose
+    output is the logits' shape, typically a 1x1 classifier -- and everything after it are left out, so
+    the choice is the deepest feature map before the head (for a U-Net its last decoder stage). Grad-CAM
+    of the head itself would only re-weight the logit map it produces.
 
     Raises:
         ValueError: if no module outputs a spatial feature map.
@@ -712,7 +726,8 @@ def auto_layer(model: nn.Module, example_input: torch.Tensor) -> str:
     with introspection_mode(model, grad=False), hooks() as handles:
         for module in names:
             handles.append(module.register_forward_hook(record))
-        model(example_input[:1].to(_model_device(model, example_input)))
+        output = model(example_input[:1].to(_model_device(model, example_input)))
+    calls = calls[: _dense_head_index(calls, output)]
     counts: dict[str, int] = {}
     for name, _, _ in calls:
         counts[name] = counts.get(name, 0) + 1

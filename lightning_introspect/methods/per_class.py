@@ -27,9 +27,14 @@ from typing import Any
 import torch
 
 from lightning_introspect.errors import IntrospectionInputError
+from lightning_introspect.methods.task import as_masks, detect_task
+from lightning_introspect.methods.task import resolve_task as resolve_task_kind
 
-TASKS = ("multiclass", "multilabel", "binary")
-METRICS = ("precision", "recall", "f1", "accuracy", "specificity")
+#: ``"auto"`` is resolved from the first logits and labels (:func:`resolve_task`)
+TASKS = ("auto", "multiclass", "multilabel", "binary", "segmentation")
+METRICS = ("precision", "recall", "f1", "accuracy", "specificity", "iou", "dice")
+#: derived from the (synced) confusion matrix rather than kept as torchmetrics states of their own
+OVERLAP_METRICS = ("iou", "dice")
 #: the name under which :func:`build_metrics` adds the confusion matrix to the collection
 CONFUSION = "_confusion"
 _NAMED_FRACTIONS = {0.0: "start", 0.5: "middle", 1.0: "end"}
@@ -87,6 +92,47 @@ def main_metric(metrics: Sequence[str]) -> str:
     return "f1" if "f1" in metrics else metrics[0]
 
 
+def resolve_task(task: str, logits: torch.Tensor, target: torch.Tensor) -> str:
+    """The task a ``PerClassMetrics`` ``task`` stands for on these logits and labels: ``"auto"`` becomes
+    ``"segmentation"`` for per-pixel logits ``(N, C, H, W)`` with integer masks of their size (see
+    :func:`lightning_introspect.methods.task.detect_task`), else ``"multiclass"``; an explicit
+    ``"segmentation"`` is checked against the shapes.
+
+    Example:
+        >>> resolve_task("auto", torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long))
+        'segmentation'
+        >>> resolve_task("auto", torch.zeros(2, 3), torch.tensor([0, 2]))
+        'multiclass'
+    """
+    if task == "auto":
+        return "segmentation" if detect_task(logits, target) == "segmentation" else "multiclass"
+    if task == "segmentation":
+        resolve_task_kind("segmentation", logits, target)
+    return task
+
+
+def metrics_for(task: str, metrics: Sequence[str]) -> list[str]:
+    """The metrics kept for a resolved ``task``: ``metrics``, plus ``"iou"`` and ``"dice"`` for segmentation.
+
+    Example:
+        >>> metrics_for("segmentation", ["recall"]), metrics_for("multiclass", ["recall"])
+        (['recall', 'iou', 'dice'], ['recall'])
+    """
+    extra = [m for m in OVERLAP_METRICS if m not in metrics] if task == "segmentation" else []
+    return [*metrics, *extra]
+
+
+def mean_iou(values: Mapping[str, Sequence[Any]]) -> float | None:
+    """The mean IoU over the classes with support (the segmentation headline), or ``None`` without any.
+
+    Example:
+        >>> mean_iou({"iou": [0.5, None, 1.0]})
+        0.75
+    """
+    ious = [v for v in values.get("iou", []) if v is not None]
+    return sum(ious) / len(ious) if ious else None
+
+
 def check_label_range(target: torch.Tensor, num_classes: int, ignore_index: int | None = None) -> None:
     """Raise :class:`IntrospectionInputError` unless every label (but ``ignore_index``) is in ``[0, num_classes)``.
 
@@ -140,7 +186,8 @@ def prepare_predictions(
         logits: ``(N, C)`` or per-pixel ``(N, C, ...)`` logits, integer class ids of the labels' shape, or
             for ``task="binary"`` one logit / probability per sample or two logits.
         target: labels ``(N, ...)`` (0/1 of the logits' shape for ``"multilabel"``).
-        task: one of :data:`TASKS`.
+        task: one of :data:`TASKS` but ``"auto"`` (resolve it first: :func:`resolve_task`); ``"segmentation"``
+            is multiclass per pixel, with ``(N, 1, H, W)`` masks squeezed to ``(N, H, W)``.
         num_classes: the number of classes, or ``None`` to take it from the logits' width (dim 1).
         threshold: probability threshold of a single binary logit.
         ignore_index: a label value left out of the range check (torchmetrics ignores it too).
@@ -162,6 +209,8 @@ def prepare_predictions(
         )
     if task == "binary":
         return _binary(logits, target, threshold, ignore_index)
+    if task == "segmentation":
+        target = as_masks(target) if target.ndim == 4 and target.shape[1] == 1 else target
     width: int | None = None
     if not logits.is_floating_point():
         if logits.shape != target.shape:
@@ -224,9 +273,12 @@ def build_metrics(
     device: torch.device | str | None = None,
 ) -> Any:
     """A torchmetrics ``MetricCollection`` of the per-class (``average=None``) ``metrics`` and the confusion
-    matrix (under :data:`CONFUSION`), for ``"multilabel"`` or otherwise multiclass (binary: two classes).
+    matrix (under :data:`CONFUSION`), for ``"multilabel"`` or otherwise multiclass (binary: two classes;
+    segmentation: per pixel).
 
-    Its states sync across processes in ``compute()`` as torchmetrics does it.
+    Its states sync across processes in ``compute()`` as torchmetrics does it. ``"iou"`` and ``"dice"`` get
+    no metric of their own: :func:`per_class_values` derives them from the confusion matrix, which makes
+    them exact under DDP (integer counts summed) and costs nothing more per batch.
     """
     from torchmetrics import Metric, MetricCollection
     from torchmetrics import classification as tmc
@@ -254,7 +306,7 @@ def build_metrics(
             "specificity": tmc.MulticlassSpecificity,
         }
         confmat = tmc.MulticlassConfusionMatrix(num_classes=num_classes, ignore_index=ignore_index)
-    collection = MetricCollection({m: makers[m](**common) for m in metrics})
+    collection = MetricCollection({m: makers[m](**common) for m in metrics if m not in OVERLAP_METRICS})
     collection.add_metrics({CONFUSION: confmat})
     return collection if device is None else collection.to(device)
 
@@ -265,22 +317,41 @@ def per_class_values(
     """The computed collection of :func:`build_metrics` as ``(snapshot values, confusion table)``.
 
     The support of a class is its row sum in the confusion matrix (for multilabel: its positives); a
-    class without support, or with a non-finite value, gets ``None``. The multilabel table has one row
-    per label: ``[tn, fp, fn, tp]``.
+    class without support, or with a non-finite value, gets ``None``. ``"iou"`` and ``"dice"`` come from
+    the confusion matrix (:func:`overlap_scores`). The multilabel table has one row per label:
+    ``[tn, fp, fn, tp]``.
     """
     confmat = result[CONFUSION].detach().cpu().long()
     if task == "multilabel":  # (L, 2, 2): [[tn, fp], [fn, tp]]
         support = confmat[:, 1, :].sum(dim=1)
         table = confmat.reshape(confmat.shape[0], 4)
+        tp, fp, fn = confmat[:, 1, 1], confmat[:, 0, 1], confmat[:, 1, 0]
     else:
         support = confmat.sum(dim=1)
         table = confmat
+        tp = confmat.diagonal()
+        fp, fn = confmat.sum(dim=0) - tp, support - tp
+    overlap = {"iou": overlap_scores(tp, fp, fn, "iou"), "dice": overlap_scores(tp, fp, fn, "dice")}
     values: dict[str, list[Any]] = {}
     for m in metrics:
-        v = result[m].detach().float().cpu().tolist()
+        v = (overlap[m] if m in overlap else result[m].detach().float().cpu()).tolist()
         values[m] = [None if int(s) == 0 or not math.isfinite(x) else float(x) for x, s in zip(v, support.tolist())]
     values["support"] = [int(s) for s in support.tolist()]
     return values, table.tolist()
+
+
+def overlap_scores(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-class IoU (Jaccard) ``tp / (tp + fp + fn)`` or Dice ``2 tp / (2 tp + fp + fn)`` from counts;
+    NaN where a class has neither true nor predicted pixels. (Per class, Dice equals F1; it is reported
+    under its segmentation name because that is what segmentation papers compare.)
+
+    Example:
+        >>> overlap_scores(torch.tensor([2, 0]), torch.tensor([1, 0]), torch.tensor([1, 0]), "iou").tolist()
+        [0.5, nan]
+    """
+    tp, fp, fn = tp.double(), fp.double(), fn.double()
+    num, den = (tp, tp + fp + fn) if kind == "iou" else (2 * tp, 2 * tp + fp + fn)
+    return torch.where(den > 0, num / den.clamp_min(1), torch.full_like(den, math.nan))
 
 
 def least_improved(

@@ -45,6 +45,62 @@ def attribution_captions(
     ]
 
 
+def region_captions(
+    class_ids: torch.Tensor,
+    samples: torch.Tensor,
+    areas: torch.Tensor,
+    confidence: torch.Tensor,
+    source: str,
+    class_names: Sequence[str] | None = None,
+) -> list[str]:
+    """One caption per explained region (segmentation): the sample, the explained class, which mask the
+    region comes from and its size, and the model's mean probability for the class over it.
+
+    Example:
+        >>> region_captions(torch.tensor([2]), torch.tensor([5]), torch.tensor([34]), torch.tensor([0.9]), "pred", ["bg", "sq", "disc"])
+        ['#5 disc\\npred region 34 px p=0.90']
+    """
+    return [
+        f"#{int(i)} {class_label(int(c), class_names)}\n{source} region {int(a)} px p={float(p):.2f}"
+        for c, i, a, p in zip(class_ids.tolist(), samples.tolist(), areas.tolist(), confidence.tolist())
+    ]
+
+
+def localization_markdown(scores: Mapping[str, Mapping[str, Any]], step: int) -> str:
+    """The localisation scores of one run as a markdown table (method x pointing game / energy / chance), with
+    a note on the regions left out because their class is not in the true mask.
+
+    Example:
+        >>> row = {"pointing_game": 0.75, "energy_in_mask": 0.5, "chance": 0.1, "pairs": 4, "skipped": 1}
+        >>> print(localization_markdown({"saliency": row}, 7))
+        **Localisation at step 7** (maps of the explained class against its true mask; chance = the mask's area fraction)
+        <BLANKLINE>
+        | method | pointing game | energy in mask | chance | regions scored |
+        |---|---|---|---|---|
+        | saliency | 0.750 | 0.500 | 0.100 | 4 |
+        <BLANKLINE>
+        1 explained region(s) per method left out: the class is predicted there but absent from the true mask (no object to point at).
+    """
+
+    def fmt(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    lines = [
+        f"**Localisation at step {step}** (maps of the explained class against its true mask; chance = the mask's area fraction)",
+        "",
+        "| method | pointing game | energy in mask | chance | regions scored |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {m} | {fmt(r['pointing_game'])} | {fmt(r['energy_in_mask'])} | {fmt(r['chance'])} | {r['pairs']} |"
+        for m, r in scores.items()
+    ]
+    skipped = max((int(r["skipped"]) for r in scores.values()), default=0)
+    if skipped:
+        lines += ["", f"{skipped} explained region(s) per method left out: the class is predicted there but absent from the true mask (no object to point at)."]
+    return "\n".join(lines)
+
+
 def display_inputs(x: torch.Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
     """Images ``(N, C, H, W)`` ready to show under a heat map: un-normalised with ``mean`` / ``std`` (else
     min-max scaled per image), and averaged to one channel unless they have 1 or 3.
@@ -165,9 +221,17 @@ def attribution_summary_lines(history: Sequence[Mapping[str, Any]], methods: Seq
     if cam_layer is not None:
         lines.append(f"Grad-CAM layer {cam_layer}")
     lines.append(f"last run {last['seconds']:.2f} s; mean confidence in the explained class {sum(last['confidence']) / max(n, 1):.2f}")
+    scored = {m: r for m, r in last.get("localization", {}).items() if r.get("pointing_game") is not None}
+    if scored:
+        lines.append("localisation (pointing game / energy in mask / chance): " + "; ".join(
+            f"{m} {r['pointing_game']:.2f} / {r['energy_in_mask']:.2f} / {r['chance']:.2f}" for m, r in scored.items()
+        ))
     return lines
 
+
 __all__ = [
+    "localization_markdown",
+    "region_captions",
     "attribution_captions",
     "attribution_overlays",
     "attribution_summary_lines",
