@@ -58,6 +58,7 @@ from lightning_introspect.render.attributions import (
     grid_list,
     localization_markdown,
     nonfinite_what,
+    outline_regions,
     region_captions,
 )
 from lightning_introspect.render.grid import captioned_grid
@@ -69,6 +70,7 @@ TARGET_CHOICES = ("pred", "true", "all")
 MAX_CLASSES = 32
 MAX_BATCH = 128  # samples x targets explained in one pass
 MAX_REGIONS = 4  # segmentation: the largest class regions explained per sample
+MIN_REGION = 0.002  # segmentation: regions below this fraction of the image (stray pixels) are not explained
 DEFAULT_METHODS = ("saliency", "guided_backprop", "grad_cam", "lrp")
 
 
@@ -102,8 +104,9 @@ class Attributions(IntrospectionCallback):
     that class's predicted region (a :class:`~lightning_introspect.methods.targets.RegionTarget` per
     region: the class's logits summed over the region), so the grid shows the evidence for the objects.
     The background -- the class covering most pixels of the fixed samples' true masks -- is explained only
-    for a sample showing nothing else; at most 4 regions per sample (the largest). Each tile is one region,
-    captioned with the sample, the class, the region's size and the model's mean probability over it.
+    for a sample showing nothing else; at most 4 regions per sample (the largest), none smaller than 0.2 %
+    of the image (stray pixels). Each tile is one region, outlined in cyan and captioned with the sample,
+    the class, the region's size and the model's mean probability over it.
     Grad-CAM's automatic layer is the deepest feature map before the output head (the last decoder stage,
     not the 1x1 classifier). With the true masks known, every run scores each method's maps against the
     true mask of the explained class: the pointing-game hit rate (the map's maximum on the object) and the
@@ -498,6 +501,7 @@ class Attributions(IntrospectionCallback):
         pairs = region_pairs(
             truth if source == "true" and truth is not None else out.argmax(1).cpu(), classes, background=self._background,
             source=source, ignore_index=self.ignore_index, max_per_sample=MAX_REGIONS,
+            min_pixels=round(MIN_REGION * out.shape[-2] * out.shape[-1]),
         )
         self.pairs = pairs
         if not len(pairs):
@@ -517,10 +521,12 @@ class Attributions(IntrospectionCallback):
         for m in methods:
             if "outputs" in broken or m in broken:
                 continue
-            self._write(writer, self.tag(m), shown, flat[m], m, step, captions=captions, title=f"{m}: class regions (step {step})")
+            title = f"{m}: class regions, outlined (step {step})"
+            self._write(writer, self.tag(m), shown, flat[m], m, step, captions=captions, title=title, regions=pairs.masks)
             for c in per_class:
                 keep = pairs.class_id == c
-                self._write(writer, self.tag(m, f"class_{self._class_name(c)}"), shown[keep], flat[m][keep], m, step, captions=None, title="")
+                self._write(writer, self.tag(m, f"class_{self._class_name(c)}"), shown[keep], flat[m][keep], m, step,
+                            captions=None, title="", regions=pairs.masks[keep])
             if truth is not None:
                 scores[m] = localization_scores(flat[m], pairs, truth)
         if broken:
@@ -565,7 +571,8 @@ class Attributions(IntrospectionCallback):
         return display_inputs(x, mean, std)
 
     def _write(
-        self, writer: IntrospectionWriter, tag: str, x: torch.Tensor, maps: torch.Tensor, method: str, step: int, *, captions: list[str] | None, title: str
+        self, writer: IntrospectionWriter, tag: str, x: torch.Tensor, maps: torch.Tensor, method: str, step: int, *,
+        captions: list[str] | None, title: str, regions: torch.Tensor | None = None,
     ) -> None:
         if x.ndim == 2:
             writer.figure(tag, feature_bar_chart(maps, title=title), step)
@@ -573,6 +580,8 @@ class Attributions(IntrospectionCallback):
         signed = method in SIGNED_METHODS
         cmaps = {"colormap": self.colormap, "signed_colormap": self.signed_colormap}
         images = attribution_overlays(self._display(x), maps, signed=signed, normalize=self.normalize, alpha=self.alpha, **cmaps)
+        if regions is not None:
+            images = outline_regions(images, regions)
         if captions is None:  # per-class grids: fast torch grid, tiles in the main grid's order
             writer.image_grid(tag, images, step, nrow=8)
         else:

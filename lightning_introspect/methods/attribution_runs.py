@@ -155,6 +155,7 @@ def region_pairs(
     source: str = "pred",
     ignore_index: int | None = None,
     max_per_sample: int = 8,
+    min_pixels: int = 1,
 ) -> RegionPairs:
     """Which class regions of which samples to explain, from integer ``masks`` ``(N, H, W)`` (predicted or true).
 
@@ -167,6 +168,7 @@ def region_pairs(
         source: ``"pred"`` or ``"true"``, recorded with the pairs.
         ignore_index: a label value that is never a region.
         max_per_sample: the most regions per sample (the largest first; order within a sample by class id).
+        min_pixels: smaller regions (specks of a few stray pixels) are not explained.
 
     Returns:
         :class:`RegionPairs` in sample order.
@@ -185,7 +187,7 @@ def region_pairs(
     regions: list[torch.Tensor] = []
     for i in range(masks.shape[0]):
         counts = torch.bincount(masks[i][masks[i] >= 0].flatten().long().cpu()) if masks[i].numel() else torch.zeros(0)
-        present = [c for c in range(counts.numel()) if counts[c] > 0 and c != ignore_index]
+        present = [c for c in range(counts.numel()) if counts[c] >= max(1, min_pixels) and c != ignore_index]
         if keep is not None:
             chosen = [c for c in present if c in keep]
         elif classes == "present":

@@ -66,6 +66,28 @@ def region_captions(
     ]
 
 
+def outline_regions(images: torch.Tensor, masks: torch.Tensor, color: Sequence[float] = (0.0, 1.0, 1.0)) -> torch.Tensor:
+    """``images`` ``(N, 3, H, W)`` in [0, 1] with the one-pixel border of each bool region ``masks``
+    ``(N, H, W)`` drawn in ``color`` (cyan: apart from every heat-map colormap's ends), so a tile shows which
+    region it explains. Masks of another size are resized (nearest) first.
+
+    Example:
+        >>> mask = torch.zeros(1, 5, 5, dtype=torch.bool); mask[0, 1:4, 1:4] = True
+        >>> out = outline_regions(torch.zeros(1, 3, 5, 5), mask)
+        >>> out[0, 1].long().tolist()[2]
+        [0, 1, 0, 1, 0]
+    """
+    import torch.nn.functional as F
+
+    m = masks.float().unsqueeze(1)
+    if m.shape[-2:] != images.shape[-2:]:
+        m = F.interpolate(m, size=images.shape[-2:], mode="nearest")
+    inside = 1.0 - F.max_pool2d(1.0 - m, 3, stride=1, padding=1)  # eroded by one pixel
+    border = (m - inside) > 0.5
+    paint = torch.tensor(list(color), dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return torch.where(border, paint.expand_as(images), images)
+
+
 def localization_markdown(scores: Mapping[str, Mapping[str, Any]], step: int) -> str:
     """The localisation scores of one run as a markdown table (method x pointing game / energy / chance), with
     a note on the regions left out because their class is not in the true mask.
@@ -231,6 +253,7 @@ def attribution_summary_lines(history: Sequence[Mapping[str, Any]], methods: Seq
 
 __all__ = [
     "localization_markdown",
+    "outline_regions",
     "region_captions",
     "attribution_captions",
     "attribution_overlays",
