@@ -91,6 +91,19 @@ BENCHMARKS: list[tuple[str, list[str], list[str], list[tuple[str, str]]]] = [
         ],
     ),
     (
+        "bench_segmentation.py",
+        [],
+        [],
+        [
+            ("segmentation review / validation pass (shapes U-Net, 32 px demo)", r"RATIO segmentation_review_per_val_pass_demo ([\d.]+)"),
+            ("segmentation review / validation pass (U-Net, 128 px)", r"RATIO segmentation_review_per_val_pass_128px ([\d.]+)"),
+            ("attributions run incl. localisation / validation pass (32 px demo)", r"RATIO attributions_run_per_val_pass_demo ([\d.]+)"),
+            ("attributions run incl. localisation / validation pass (128 px)", r"RATIO attributions_run_per_val_pass_128px ([\d.]+)"),
+            ("localisation scores per run / validation pass (32 px demo)", r"RATIO localization_per_val_pass_demo ([\d.]+)"),
+            ("localisation scores per run / validation pass (128 px)", r"RATIO localization_per_val_pass_128px ([\d.]+)"),
+        ],
+    ),
+    (
         "bench_featviz.py",
         [],
         ["--repeats", "2", "--steps", "20"],
@@ -99,7 +112,7 @@ BENCHMARKS: list[tuple[str, list[str], list[str], list[tuple[str, str]]]] = [
 ]
 
 # the scripts with a --device option (bench_probes measures the sklearn thread vs torch on the CPU)
-TAKES_DEVICE = {"bench_callback_costs.py", "bench_fit_overhead.py", "bench_histograms.py", "bench_attributions.py", "bench_lrp.py", "bench_featviz.py"}
+TAKES_DEVICE = {"bench_segmentation.py", "bench_callback_costs.py", "bench_fit_overhead.py", "bench_histograms.py", "bench_attributions.py", "bench_lrp.py", "bench_featviz.py"}
 
 
 def machine_description(device: str) -> str:

@@ -1,7 +1,8 @@
 """``lightning-introspect``: the command-line entry point.
 
 ``lightning-introspect demo`` trains a small CNN on scikit-learn's digits with every introspection
-callback on and tells you where to point TensorBoard.
+callback on and tells you where to point TensorBoard; ``--task segmentation`` trains a small U-Net on
+generated shapes instead.
 """
 
 from __future__ import annotations
@@ -15,9 +16,18 @@ from collections.abc import Sequence
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-introspect", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a small CNN on digits with every callback on (under a minute on 2 cores)")
+    demo = sub.add_parser(
+        "demo",
+        help="train a small CNN on digits (or a U-Net on generated shapes) with every callback on",
+    )
+    demo.add_argument(
+        "--task",
+        choices=("classification", "segmentation"),
+        default="classification",
+        help="classification: a CNN on digits; segmentation: a U-Net on generated shapes (default: classification)",
+    )
     demo.add_argument("--out", default="introspect_runs", help="log root (default: ./introspect_runs)")
-    demo.add_argument("--name", default="digits", help="run name under the log root (default: digits)")
+    demo.add_argument("--name", default=None, help="run name under the log root (default: digits / shapes)")
     demo.add_argument("--epochs", type=int, default=6, help="training epochs (default: 6)")
     demo.add_argument("--seed", type=int, default=0, help="seed for data split, init and callbacks (default: 0)")
     demo.add_argument("--accelerator", default="cpu", help="cpu | gpu | auto (default: cpu)")
@@ -36,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lightning_introspect.demo import run_demo
 
         result = run_demo(
+            task=args.task,
             out=args.out,
             name=args.name,
             epochs=args.epochs,

@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_introspect._lightning import LightningDataModule, LightningModule
 
 DIGIT_NAMES = [str(i) for i in range(10)]
+#: what ``run_demo(task=...)`` / ``lightning-introspect demo --task`` train
+DEMO_TASKS = ("classification", "segmentation")
 
 
 def load_digits_tensors(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,17 +206,20 @@ def demo_config(*, fast: bool = False, mean: float = 0.0, std: float = 1.0, defa
 
 def run_demo(
     *,
+    task: str = "classification",
     out: str = "introspect_runs",
-    name: str = "digits",
+    name: str | None = None,
     epochs: int = 6,
     seed: int = 0,
     accelerator: str = "cpu",
     fast: bool = False,
     precision: str = "32-true",
 ) -> dict[str, Any]:
-    """Train :class:`DigitsCNN` on digits with every introspection callback on; return what they found.
+    """Train :class:`DigitsCNN` on digits (``task="classification"``) or
+    :class:`~lightning_introspect.segmentation_demo.ShapesUNet` on generated shapes
+    (``task="segmentation"``) with every introspection callback on; return what they found.
 
-    Returns a dict with ``log_dir``, ``callbacks`` (the instances, results on them), ``summary``
+    ``name`` defaults to ``"digits"`` / ``"shapes"``. Returns a dict with ``log_dir``, ``callbacks`` (the instances, results on them), ``summary``
     (text lines) and ``seconds``.
     """
     import time
@@ -223,11 +228,23 @@ def run_demo(
     from lightning_introspect.config import introspection_callbacks
 
     loggers = __import__(f"{pl.__name__}.loggers", fromlist=["TensorBoardLogger"])
+    if task not in DEMO_TASKS:
+        raise ValueError(f"Expected `task` to be one of {', '.join(map(repr, DEMO_TASKS))}, but got {task!r}.")
     pl.seed_everything(seed, verbose=False)
-    dm = DigitsDataModule(seed=seed, limit=256 if fast else None, batch_size=64)
-    dm.setup("fit")
-    model = DigitsCNN()
-    callbacks = introspection_callbacks(demo_config(fast=fast, mean=dm.mean, std=dm.std))
+    dm: LightningDataModule
+    model: LightningModule
+    if task == "segmentation":
+        from lightning_introspect.segmentation_demo import ShapesDataModule, ShapesUNet, segmentation_config
+
+        dm, model = ShapesDataModule(seed=seed, train_size=64 if fast else 512, val_size=32 if fast else 128), ShapesUNet()
+        config = segmentation_config(fast=fast)
+    else:
+        dm = DigitsDataModule(seed=seed, limit=256 if fast else None, batch_size=64)
+        dm.setup("fit")
+        model = DigitsCNN()
+        config = demo_config(fast=fast, mean=dm.mean, std=dm.std)
+    callbacks = introspection_callbacks(config)
+    name = name or ("shapes" if task == "segmentation" else "digits")
     logger = loggers.TensorBoardLogger(out, name=name)
     trainer = Trainer(
         max_epochs=epochs,
@@ -245,7 +262,8 @@ def run_demo(
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     seconds = time.perf_counter() - start
-    summary = [f"val_acc {float(trainer.callback_metrics.get('val_acc', float('nan'))):.3f} after {epochs} epochs ({seconds:.1f} s)"]
+    metric = "val_pixel_acc" if task == "segmentation" else "val_acc"
+    summary = [f"{metric} {float(trainer.callback_metrics.get(metric, float('nan'))):.3f} after {epochs} epochs ({seconds:.1f} s)"]
     for cb in callbacks:
         lines = cb.summary_lines() if hasattr(cb, "summary_lines") else []
         name = type(cb).__name__

@@ -133,3 +133,34 @@ class ShapesUNet(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def segmentation_config(*, fast: bool = False) -> dict[str, Any]:
+    """The introspection config of the segmentation demo: every callback on, the task detected from the
+    U-Net's per-pixel output (nothing segmentation-specific to switch on), sized for 2 CPU cores.
+
+    Args:
+        fast: tiny settings for tests (seconds).
+    """
+    from lightning_introspect.config import CALLBACKS
+
+    config: dict[str, Any] = {
+        "per_class_metrics": {"class_names": SHAPE_NAMES, "every_n_epochs": 1},
+        "misclassifications": {"class_names": SHAPE_NAMES, "every_n_epochs": 3, "top_k": 8, "num_samples": 64},
+        "weight_histograms": {"bins": 32},
+        "linear_probes": {},
+        "attributions": {
+            "methods": ["saliency", "guided_backprop", "grad_cam", "lrp"],
+            "class_names": SHAPE_NAMES,
+            "every_n_epochs": 1,
+            "num_samples": 4,
+        },
+        "feature_visualization": {"value_range": [0.0, 1.0], "steps": 32, "num_channels": 3, "classes": "auto", "at": [0.5]},
+        "sanity_checks": {"methods": ["saliency", "guided_backprop", "grad_cam"], "num_samples": 4, "repeats": 1},
+    }
+    if fast:
+        config["misclassifications"].update(num_samples=16, every_n_epochs=None)
+        config["attributions"].update(num_samples=2)
+        config["feature_visualization"].update(steps=6, num_channels=2)
+        config["sanity_checks"].update(num_samples=2, layers=1)
+    return {k: v for k, v in config.items() if k in CALLBACKS}

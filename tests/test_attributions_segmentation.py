@@ -24,9 +24,9 @@ from tests.zoo import Segmenter, TinyUNet, shapes_dm
 
 # ------------------------------------------------------------------ a segmenter whose maps are known
 class Threshold(LightningModule):
-    """Per-pixel logits ``[0, 4 x - 2]``: class 1 wherever the input exceeds 0.5, a 1x1 convolution and
-    nothing else, so the gradient of a class-1 region score is 4 inside the region and 0 outside. Never
-    trained (SGD with ``lr=0``)."""
+    """Per-pixel logits ``[0, 4 x^2 - 2]``: class 1 wherever ``|x|`` exceeds 0.71, a 1x1 convolution of the
+    squared input, so the gradient of class 1's whole-image score is ``8 x``: non-zero exactly on the
+    pixels that are not 0. Never trained (SGD with ``lr=0``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -36,7 +36,7 @@ class Threshold(LightningModule):
             self.head.bias.copy_(torch.tensor([0.0, -2.0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x)
+        return self.head(x * x)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return F.cross_entropy(self(batch[0]), batch[1])
@@ -75,35 +75,42 @@ def _fit(tmp_path: Any, cb: Attributions, model: LightningModule, dm: LightningD
     return trainer
 
 
-def test_saliency_of_a_threshold_segmenter_localises_exactly(tmp_path: Any) -> None:
-    cb = Attributions(methods=["saliency"], targets="true", num_samples=6, at=(0.0,), on_error="raise")
+def test_localisation_of_a_segmenter_with_known_gradients(tmp_path: Any) -> None:
+    cb = Attributions(methods=["saliency"], num_samples=6, at=(0.0,), on_error="raise")
     _fit(tmp_path, cb, Threshold(), Squares())
     last = cb.history[-1]
-    assert cb.resolved_task == "segmentation" and last["region"] == "true"
+    assert cb.resolved_task == "segmentation" and last["region"] == "pred"
     assert set(last["explained"]) == {1}  # the squares, never the background
     scores = last["localization"]["saliency"]
-    # the gradient is 4 on the region explained (the true square) and 0 elsewhere: every map points at it
-    assert scores["pointing_game"] == 1.0 and scores["energy_in_mask"] == pytest.approx(1.0)
-    areas = torch.tensor(last["region_pixels"], dtype=torch.float) / 64
-    assert scores["chance"] == pytest.approx(float(areas.mean()))
+    # class 1's whole-image gradient is 8 on each square and 0 elsewhere, except the last image's bright
+    # spot outside its square: there the maximum is shared with a pixel off the object (a miss) and 1 of
+    # area + 1 units of mass lies outside
+    truth = Squares().data.tensors[1]
+    areas = truth.flatten(1).sum(1).float()
+    assert scores["pointing_game"] == pytest.approx(5 / 6)
+    expected_energy = torch.ones(6)
+    expected_energy[5] = areas[5] / (areas[5] + 1)
+    assert scores["energy_in_mask"] == pytest.approx(float(expected_energy.mean()))
+    assert scores["chance"] == pytest.approx(float((areas / 64).mean()))
+    assert scores["pairs"] == 6 and scores["skipped"] == 0
     events = read_events(str(tmp_path))
     for k in ("pointing_game", "energy_in_mask", "chance"):
         assert dict(events["scalars"][f"introspect/attributions/localization/saliency/{k}"])[0] == pytest.approx(scores[k])
     assert "introspect/attributions/localization/text_summary" in events["text"]
 
 
-def test_a_predicted_region_without_a_true_object_is_skipped_with_a_note_not_scored_zero(tmp_path: Any) -> None:
-    cb = Attributions(methods=["saliency"], num_samples=6, at=(0.0,), on_error="raise")  # targets="pred"
-    _fit(tmp_path, cb, Threshold(), Squares())
+def test_localisation_is_scored_even_when_the_prediction_misses_every_object(tmp_path: Any) -> None:
+    """An untrained model that predicts no object still gets a localisation point (the start of the curve):
+    the true objects' classes are explained, whatever the model predicts."""
+    model = Threshold()
+    with torch.no_grad():
+        model.head.bias[1] = -100.0  # never predicts class 1
+    cb = Attributions(methods=["saliency"], num_samples=6, at=(0.0,), on_error="raise")
+    _fit(tmp_path, cb, model, Squares())
     last = cb.history[-1]
-    assert last["region"] == "pred"
-    scores = last["localization"]["saliency"]
-    # the bright spot of the last image joins its square in one predicted region of class 1, which the
-    # true mask still contains: scored. Pointing: the spot is part of the region, so the maximum is
-    # shared with it and the hit needs every maximum on the object -> that image misses.
-    assert scores["skipped"] == 0 and scores["pairs"] == 6
-    assert scores["pointing_game"] == pytest.approx(5 / 6)
-    # an explicit false positive: class 1 over a region where the true mask has no class 1 at all
+    assert set(last["explained"]) == {0}  # the grid: each sample shows only background, so it explains that
+    assert last["localization"]["saliency"]["pairs"] == 6
+    # a class absent from a sample's true mask has no object to point at: left out, never scored a miss
     truth = torch.zeros(1, 4, 4, dtype=torch.long)
     pairs = region_pairs(torch.ones(1, 4, 4, dtype=torch.long), "all", background=None)
     alone = localization_scores(torch.rand(1, 4, 4), pairs, truth)

@@ -32,3 +32,24 @@ def test_cli_rejects_bad_epochs(capsys):
 def test_console_script_help():
     res = subprocess.run([sys.executable, "-m", "lightning_introspect.cli", "demo", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "--accelerator" in res.stdout
+
+
+def test_segmentation_demo_fast_logs_the_segmentation_analyses(tmp_path, capsys):
+    assert main(["demo", "--task", "segmentation", "--fast", "--epochs", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "val_pixel_acc" in out and f"{tmp_path}" in out
+    ev = read_events(str(tmp_path / "shapes"))
+    tags = {tag for kind in ("scalars", "images", "histograms", "text") for tag in ev[kind]}
+    from lightning_introspect.config import callback_class
+
+    names = {tag.split("/")[1] for tag in tags if tag.startswith("introspect/")}
+    expected = {callback_class(section).name for section in CALLBACKS}
+    assert expected <= names, f"callbacks that logged nothing: {expected - names}"
+    for wanted in (
+        "introspect/per_class/mean_iou",
+        "introspect/per_class/iou/disc",
+        "introspect/attributions/localization/saliency/pointing_game",
+        "introspect/attributions/localization/saliency/chance",
+    ):
+        assert wanted in tags, (wanted, sorted(t for t in tags if "seconds" not in t))
+    assert any(t.startswith("introspect/misclassifications/segmentation/") for t in tags), sorted(tags)

@@ -106,6 +106,7 @@ def test_on_demand_check_leaves_the_model_untouched_and_round_trips_state(tmp_pa
         ({"verdict_metric": "hog"}, "verdict_metric"),
         ({"verdict_depth": 0}, "verdict_depth"),
         ({"target": "all"}, "target"),
+        ({"task": "detection"}, "task"),
         ({"layers": 0}, "layers"),
         ({"layers": []}, "layers"),
         ({"thresholds": {"randomisation": 0.5}}, "thresholds"),

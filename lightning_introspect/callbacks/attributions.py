@@ -39,7 +39,9 @@ from lightning_introspect.methods.attribution_runs import (
     attribute_pairs,
     attribute_targets,
     class_probabilities,
+    concat_pairs,
     explained_classes,
+    localization_pairs,
     localization_scores,
     nonfinite_grids,
     region_confidence,
@@ -70,7 +72,7 @@ TARGET_CHOICES = ("pred", "true", "all")
 MAX_CLASSES = 32
 MAX_BATCH = 128  # samples x targets explained in one pass
 MAX_REGIONS = 4  # segmentation: the largest class regions explained per sample
-MIN_REGION = 0.002  # segmentation: regions below this fraction of the image (stray pixels) are not explained
+MIN_REGION = 0.005  # segmentation: regions below this fraction of the image (stray pixels) are not explained
 DEFAULT_METHODS = ("saliency", "guided_backprop", "grad_cam", "lrp")
 
 
@@ -104,15 +106,17 @@ class Attributions(IntrospectionCallback):
     that class's predicted region (a :class:`~lightning_introspect.methods.targets.RegionTarget` per
     region: the class's logits summed over the region), so the grid shows the evidence for the objects.
     The background -- the class covering most pixels of the fixed samples' true masks -- is explained only
-    for a sample showing nothing else; at most 4 regions per sample (the largest), none smaller than 0.2 %
+    for a sample showing nothing else; at most 4 regions per sample (the largest), none smaller than 0.5 %
     of the image (stray pixels). Each tile is one region, outlined in cyan and captioned with the sample,
     the class, the region's size and the model's mean probability over it.
     Grad-CAM's automatic layer is the deepest feature map before the output head (the last decoder stage,
-    not the 1x1 classifier). With the true masks known, every run scores each method's maps against the
-    true mask of the explained class: the pointing-game hit rate (the map's maximum on the object) and the
-    share of positive attribution inside the mask, next to chance (the mask's area fraction) -- a
-    training curve of how well the explanations localise. A region whose class is absent from the true
-    mask (a false positive) is left out of those means and counted in the note, never scored as a miss.
+    not the 1x1 classifier). With the true masks known, every run also explains each object class of each
+    sample's true mask for the class's whole-image score (its logits over all pixels: a region target
+    would tell the method where to look) and scores the map against the object's true mask: the
+    pointing-game hit rate (the map's maximum on the object) and the share of positive attribution inside
+    the mask, next to chance (the mask's area fraction) -- a training curve of how well the explanations
+    find the objects, defined from the untrained model on. A sample whose true mask shows only the
+    background is left out and counted in the note, never scored as a miss.
 
     Args:
         methods: names from ``METHODS``: ``saliency``, ``input_x_gradient``, ``guided_backprop``,
@@ -487,8 +491,9 @@ class Attributions(IntrospectionCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: torch.Tensor, y: torch.Tensor | None, out: torch.Tensor,
         methods: list[str], epoch: int, start: float,
     ) -> None:
-        """Segmentation: explain each sample's class regions (one ``RegionTarget`` per region), and score how
-        well each method's maps fall on the true object when the true masks are known."""
+        """Segmentation: explain each sample's class regions (one ``RegionTarget`` per region) for the grids
+        and, when the true masks are known, each true object's class for the localisation scores -- all in
+        one batched attribution."""
         step, writer = int(trainer.global_step), self.writer(trainer)
         truth = as_masks(y) if y is not None and y.ndim in (3, 4) and y.shape[-2:] == out.shape[-2:] else None
         source = "true" if self.targets == "true" else self.region
@@ -497,38 +502,37 @@ class Attributions(IntrospectionCallback):
             source = "pred"
         if self._background is None:  # the class the objects stand on: not explained by default
             self._background = dominant_class(truth if truth is not None else out.argmax(1).cpu(), ignore_index=self.ignore_index)
+        sizes: dict[str, Any] = {
+            "ignore_index": self.ignore_index, "max_per_sample": MAX_REGIONS, "min_pixels": round(MIN_REGION * out.shape[-2] * out.shape[-1]),
+        }
         classes = "present" if self.targets in ("pred", "true") else self.targets
-        pairs = region_pairs(
-            truth if source == "true" and truth is not None else out.argmax(1).cpu(), classes, background=self._background,
-            source=source, ignore_index=self.ignore_index, max_per_sample=MAX_REGIONS,
-            min_pixels=round(MIN_REGION * out.shape[-2] * out.shape[-1]),
-        )
-        self.pairs = pairs
-        if not len(pairs):
+        masks = truth if source == "true" and truth is not None else out.argmax(1).cpu()
+        self.pairs = pairs = region_pairs(masks, classes, background=self._background, source=source, **sizes)
+        located = localization_pairs(truth, int(out.shape[1]), background=self._background, **sizes) if truth is not None else None
+        both = pairs if located is None else concat_pairs(pairs, located)
+        if not len(both):
             writer.text(self.tag("warnings"), f"**Step {step}:** no region of the classes {self.targets} in the {source} masks of the fixed samples; nothing explained.", step)
             return
-        device = pl_module.device
-        flat = attribute_pairs(lambda xs, t: self._attribute(pl_module, xs, t, methods), x.to(device), pairs, max_batch=MAX_BATCH)
+        flat = attribute_pairs(lambda xs, t: self._attribute(pl_module, xs, t, methods), x.to(pl_module.device), both, max_batch=MAX_BATCH)
         methods = [m for m in methods if m in flat]
+        self.maps, self.class_maps = {m: flat[m][: len(pairs)] for m in methods}, {}
+        self.nonfinite = broken = ([] if bool(torch.isfinite(out).all()) else ["outputs"]) + [m for m in methods if not bool(torch.isfinite(flat[m]).all())]
         confidence = region_confidence(out, pairs)
-        self.maps, self.class_maps = {m: flat[m] for m in methods}, {}
-        broken = ([] if bool(torch.isfinite(out).all()) else ["outputs"]) + [m for m in methods if not bool(torch.isfinite(flat[m]).all())]
-        self.nonfinite = broken
         shown = x[pairs.sample]
         captions = region_captions(pairs.class_id, pairs.sample, pairs.masks.flatten(1).sum(1), confidence, source, self.class_names)
         per_class = sorted(set(pairs.class_id.tolist())) if not isinstance(self.targets, str) or self.targets == "all" else []
         scores: dict[str, Any] = {}
-        for m in methods:
-            if "outputs" in broken or m in broken:
-                continue
-            title = f"{m}: class regions, outlined (step {step})"
-            self._write(writer, self.tag(m), shown, flat[m], m, step, captions=captions, title=title, regions=pairs.masks)
+        for m in (m for m in methods if "outputs" not in broken and m not in broken):
+            if len(pairs):
+                title = f"{m}: class regions, outlined (step {step})"
+                self._write(writer, self.tag(m), shown, self.maps[m], m, step, captions=captions, title=title, regions=pairs.masks)
             for c in per_class:
                 keep = pairs.class_id == c
-                self._write(writer, self.tag(m, f"class_{self._class_name(c)}"), shown[keep], flat[m][keep], m, step,
+                self._write(writer, self.tag(m, f"class_{self._class_name(c)}"), shown[keep], self.maps[m][keep], m, step,
                             captions=None, title="", regions=pairs.masks[keep])
-            if truth is not None:
-                scores[m] = localization_scores(flat[m], pairs, truth)
+            if located is not None and truth is not None:
+                scores[m] = localization_scores(flat[m][len(pairs) :], located, truth)
+                scores[m]["skipped"] = int(x.shape[0]) - len(set(located.sample.tolist()))  # samples without an object
         if broken:
             self._report_nonfinite(writer, step, broken, x.shape[0])
         if scores:

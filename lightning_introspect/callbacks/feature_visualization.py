@@ -33,6 +33,7 @@ from lightning_introspect.methods.featviz import (
     Objective,
     channel,
     class_logit,
+    dense_class_logit,
     infer_latent_dim,
     stack_objectives,
     visualize_features,
@@ -52,7 +53,10 @@ from lightning_introspect.methods.featviz_plan import (
     top_channels,
     unit_keys,
 )
+from lightning_introspect.methods.targets import dominant_class
+from lightning_introspect.methods.task import TASK_KINDS, as_masks, resolve_task
 from lightning_introspect.render.featviz import (
+    class_objective_text,
     featviz_summary_lines,
     featviz_table,
     nonfinite_units_text,
@@ -99,6 +103,22 @@ class FeatureVisualization(IntrospectionCallback):
     eval mode, with the global RNG forked; the model's weights, modes, hooks and ``.grad`` are left as
     they were (see :func:`~lightning_introspect.methods.featviz.render.visualize_features`).
 
+    Segmentation: the task is detected once per fit, before training, from one forward pass of two
+    samples and their labels (``task="auto"``: dense ``(N, C, H, W)`` logits with integer masks of their
+    size are segmentation; see :func:`~lightning_introspect.methods.task.resolve_task`; data without
+    labels are not taken for segmentation, since an autoencoder's output is dense too: pass
+    ``task="segmentation"`` then). A segmentation
+    model has one logit per pixel, so its class images maximise the class's *mean logit over the central
+    ``class_region``* of the output (default: the central half of the height and the width;
+    :func:`~lightning_introspect.methods.featviz.objectives.dense_class_logit`): one object of the class
+    in the middle of the image, with context around it, rather than the class from edge to edge; the mean
+    keeps the objective on the scale of one logit whatever the output size. ``classes="auto"`` then takes
+    every class but the one covering most pixels of the samples' masks (the background), at most 10, and
+    ``layers="auto"`` leaves out a final 1x1 conv that gives the class logits (its channels are what the
+    class images already show). The table's "Chosen" line names the objective. Cost: the same as a
+    classifier's class images (one batch per setting, ``steps`` forward and backward passes of the model
+    at the image size).
+
     Args:
         layers: layer names / glob patterns, or ``"auto"``: ``num_layers`` conv layers spread over the
             network's main path, the last one included: the convolutions on the longest chain that leads to
@@ -109,7 +129,8 @@ class FeatureVisualization(IntrospectionCallback):
         channels: a list of channel ids used for every layer, or ``"auto"``: the ``num_channels``
             channels with the largest activation spread over the fixed samples at the first run (then kept).
         classes: class ids to visualise (class logits), ``"auto"`` (the first 10 classes of a
-            classifier's ``(N, C)`` output; nothing for other outputs) or ``None``.
+            classifier's ``(N, C)`` output; for segmentation every class but the background, at most 10;
+            nothing for other outputs) or ``None``.
         regularizers: a subset of ``"frequency"``, ``"transform"``, ``"prior"``; default: the first two,
             plus ``"prior"`` when a ``prior`` is given.
         compare: log ``none``, each regulariser and ``all`` (True) or only ``all`` (False).
@@ -135,13 +156,18 @@ class FeatureVisualization(IntrospectionCallback):
         num_channels: channels per layer chosen by ``channels="auto"``.
         output_transform: callable ``forward output -> logits`` for a model that returns more than the
             logits (class objectives; as in :class:`Attributions`).
+        task: ``"auto"`` (detected from the output and labels), ``"classification"`` or ``"segmentation"``;
+            an explicit task the data contradict is refused before training, with the shapes named.
+        class_region: segmentation only: the fraction of the output's height and width, centred, over which
+            a class image's mean logit is maximised (1.0: the whole output).
         enabled, every_n_epochs, at, num_samples, seed, on_error: see ``IntrospectionCallback``. By
             default it runs at half of training and at the last epoch (it costs seconds, not milliseconds).
 
     Tags written:
         * ``introspect/featviz/<layer>/<channel>`` -- image: one tile per setting, columns in the order
           of ``columns`` (e.g. none, frequency, transform, all);
-        * ``introspect/featviz/class/<class>`` -- image: the same for a class logit;
+        * ``introspect/featviz/class/<class>`` -- image: the same for a class logit (segmentation: the class's
+          mean logit over the central region);
         * ``introspect/featviz/objective/<setting>/<layer>/<channel>`` and ``.../objective/<setting>/class/<class>``
           -- the final objective of each image (untransformed);
         * ``introspect/featviz/hf_fraction/<setting>/<layer>/<channel>`` and ``.../class/<class>`` -- its
@@ -160,7 +186,9 @@ class FeatureVisualization(IntrospectionCallback):
     it is finite. ``channels="auto"`` does not keep a choice made from non-finite activations.
 
     Results on the instance:
-        ``columns`` (setting names), ``chosen`` (layer -> channel ids), ``classes_chosen``,
+        ``columns`` (setting names), ``chosen`` (layer -> channel ids), ``classes_chosen``, ``resolved_task``
+        (``"classification"`` or ``"segmentation"``), ``background`` (segmentation: the class
+        ``classes="auto"`` left out),
         ``images`` (unit key ``"<layer>/<channel>"`` or ``"class/<c>"`` -> ``(S, C, H, W)`` tensor in
         ``value_range``, one image per setting), ``results`` (setting -> ``FeatureVisualizationResult`` of
         the latest run), ``history`` (list of dicts: epoch, step, unit, setting, objective,
@@ -205,6 +233,8 @@ class FeatureVisualization(IntrospectionCallback):
         num_layers: int = 2,
         num_channels: int = 3,
         output_transform: Callable[[Any], Any] | None = None,
+        task: str = "auto",
+        class_region: float = 0.5,
         enabled: bool = True,
         every_n_epochs: int | None = None,
         at: list[float] | tuple[float, ...] | None = (0.5,),
@@ -241,6 +271,9 @@ class FeatureVisualization(IntrospectionCallback):
         check_positive_int(latent_dim, "latent_dim", allow_none=True)
         check_choice(frequency_param, "frequency_param", PARAMS)
         check_choice(penalty, "penalty", PENALTIES)
+        check_choice(task, "task", TASK_KINDS)
+        if isinstance(class_region, bool) or not isinstance(class_region, (int, float)) or not 0.0 < class_region <= 1.0:
+            raise ValueError(f"Expected `class_region` to be a fraction in (0, 1], but got {class_region!r}.")
         for argument, value in (("lr", lr), ("frequency_penalty", frequency_penalty), ("transform_strength", transform_strength), ("latent_penalty", latent_penalty)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (argument == "lr" and value == 0):
                 raise ValueError(f"Expected `{argument}` to be a {'positive' if argument == 'lr' else 'non-negative'} number, but got {value!r}.")
@@ -270,6 +303,8 @@ class FeatureVisualization(IntrospectionCallback):
         self.num_channels = num_channels
         check_callable(output_transform, "output_transform")
         self.output_transform = output_transform
+        self.task = task
+        self.class_region = float(class_region)
         self.columns = comparison_columns(regs, self.compare)
         self.reset()
 
@@ -279,6 +314,9 @@ class FeatureVisualization(IntrospectionCallback):
         self.layer_names: list[str] = []
         self.chosen: dict[str, list[int]] = {}
         self.classes_chosen: list[int] = []
+        self.resolved_task: str | None = None  # "classification" / "segmentation", detected once per fit
+        self.background: int | None = None  # segmentation: the class classes="auto" leaves out
+        self._num_outputs: int | None = None  # channels of the model output (classes)
         self.images: dict[str, torch.Tensor] = {}
         self.results: dict[str, FeatureVisualizationResult] = {}
         self.history: list[dict[str, Any]] = []
@@ -298,7 +336,7 @@ class FeatureVisualization(IntrospectionCallback):
         classes or prior are refused; all before the first training step."""
         if self.val_dataloader(trainer) is None:  # no data reachable yet: checked at the first run instead
             return
-        x, _ = self.fixed_samples(trainer)
+        x, y = self.fixed_samples(trainer)
         if x.ndim != 4:  # like Attributions and SanityChecks: the rest of the set still runs on such data
             self.skip(f"the inputs of shape {tuple(x.shape)} are not images (N, C, H, W), so there is nothing to visualise.")
             return
@@ -313,8 +351,12 @@ class FeatureVisualization(IntrospectionCallback):
             self.skip(problem)
             return
         try:
+            with logits_only(pl_module, self.output_transform):
+                self._detect_task(pl_module, x, y)  # an explicit `task` the data contradict is refused here
             self.resolve(pl_module, x)
             self.validate(pl_module, x)  # bad channels / classes / prior raise ValueError here
+        except IntrospectionInputError:
+            raise
         except ValueError as err:
             raise IntrospectionInputError(str(err)) from err
         except Exception:  # the model itself failed on the samples: left to `on_error` at the first run
@@ -345,6 +387,10 @@ class FeatureVisualization(IntrospectionCallback):
             convs = main_conv_chain(model, example)
         except ValueError:  # no spatial feature map at all
             convs = []
+        if self.resolved_task == "segmentation" and len(convs) > 1:
+            head = model.get_submodule(convs[-1])  # a 1x1 conv giving the class logits: the class images show those
+            if isinstance(head, nn.Conv2d) and head.kernel_size == (1, 1) and head.out_channels == self._num_outputs:
+                convs = convs[:-1]
         if not convs:
             convs = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:-1]
         if not convs:
@@ -360,6 +406,25 @@ class FeatureVisualization(IntrospectionCallback):
             auto = self.auto_layers(model, example) if self.layers == "auto" and example is not None else None
             self.layer_names = list(resolve_layers(model, self.layers, argument="layers", auto=auto))
         return self.layer_names
+
+    def _detect_task(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> str:
+        """The task, detected once per fit from one forward pass of two samples at the data's size and their
+        labels (:func:`~lightning_introspect.methods.task.resolve_task`), and, for segmentation, the class
+        covering most pixels of the samples' masks (the background ``classes="auto"`` leaves out).
+        Call with the model returning its logits (``logits_only``)."""
+        if self.resolved_task is None:
+            _, out = layer_outputs(model, x[:2], [])
+            if self.task == "auto" and y is None:  # an image-to-image model (an autoencoder) is dense too: masks decide
+                self.resolved_task = "classification"
+            else:
+                self.resolved_task = resolve_task(self.task, out, None if y is None else y[:2])
+            self._num_outputs = int(out.shape[1]) if out.ndim >= 2 else None
+            self.background = None
+            if self.resolved_task == "segmentation" and y is not None:
+                masks = as_masks(y)
+                valid = masks[(masks >= 0) & (masks < out.shape[1])]
+                self.background = dominant_class(valid) if valid.numel() else None
+        return self.resolved_task
 
     def _display(self, x: torch.Tensor) -> tuple[tuple[float, float], list[float], list[float]]:
         """(value_range, mean, std) for the optimisation, inferred from the samples where not given."""
@@ -382,7 +447,10 @@ class FeatureVisualization(IntrospectionCallback):
         probe = F.interpolate(x[:2].float(), size=(h, w), mode="bilinear", align_corners=False) if (h, w) != tuple(x.shape[-2:]) else x[:2]
         shapes, out_shape = self._record_shapes(pl_module, probe)
         named = {name: shapes.get(name) for name in self.layer_names}
-        self.classes_chosen = check_units(named, out_shape, self.channels, self.classes, max_auto_classes=_MAX_AUTO_CLASSES)
+        self.classes_chosen = check_units(
+            named, out_shape, self.channels, self.classes, max_auto_classes=_MAX_AUTO_CLASSES,
+            task=self.resolved_task or "classification", background=self.background,
+        )
         if self.prior_module is not None and "prior" in self.regularizers:
             dim = self.latent_dim or infer_latent_dim(self.prior_module)
             pdev = module_device(self.prior_module)
@@ -425,8 +493,16 @@ class FeatureVisualization(IntrospectionCallback):
             if chans:
                 parts.append((name, channel(name, chans), len(chans)))
         if self.classes_chosen:
-            parts.append(("class", class_logit(self.classes_chosen), len(self.classes_chosen)))
+            parts.append(("class", self.class_objective(), len(self.classes_chosen)))
         return parts
+
+    def class_objective(self) -> Objective:
+        """The objective of the class images: the class logit of a classifier; for segmentation the class's
+        mean logit over the central ``class_region`` of the output
+        (:func:`~lightning_introspect.methods.featviz.objectives.dense_class_logit`)."""
+        if self.resolved_task == "segmentation":
+            return dense_class_logit(self.classes_chosen, region=self.class_region)
+        return class_logit(self.classes_chosen)
 
     def unit_keys(self) -> list[str]:
         """``"<layer>/<channel>"`` and ``"class/<c>"`` keys, in batch order."""
@@ -440,8 +516,9 @@ class FeatureVisualization(IntrospectionCallback):
 
     def _visualize(self, trainer: pl.Trainer, pl_module: nn.Module, epoch: int | None) -> dict[str, FeatureVisualizationResult]:
         self._last_step = int(trainer.global_step)
-        x, _ = self.fixed_samples(trainer)
+        x, y = self.fixed_samples(trainer)
         if not self._validated:
+            self._detect_task(pl_module, x, y)
             self.resolve(pl_module, x)
             self._validate(pl_module, x)  # `visualize` already made the model return its logits
         if any(name not in self.chosen for name in self.layer_names):
@@ -527,7 +604,10 @@ class FeatureVisualization(IntrospectionCallback):
 
     def table(self, keys: Sequence[str], results: dict[str, FeatureVisualizationResult]) -> str:
         """A markdown table: one row per unit, objective and high-frequency fraction per setting."""
-        chosen = [f"{n}: channels {self.chosen.get(n, [])}" for n in self.layer_names] + ([f"classes {self.classes_chosen}"] if self.classes_chosen else [])
+        chosen = [f"{n}: channels {self.chosen.get(n, [])}" for n in self.layer_names]
+        if self.classes_chosen:
+            left_out = self.background if self.classes == "auto" else None
+            chosen.append(class_objective_text(self.classes_chosen, task=self.resolved_task or "classification", region=self.class_region, background=left_out))
         return featviz_table(keys, results, self.columns, steps=self.steps, lr=self.lr, chosen=chosen, nonfinite=self.nonfinite)
 
     # ---------------------------------------------------------------------------------- reporting

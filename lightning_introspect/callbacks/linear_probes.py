@@ -24,26 +24,31 @@ from lightning_introspect.callbacks.base import (
     draw_samples,
     split_batch,
 )
+from lightning_introspect.callbacks.outputs import extract_logits
 from lightning_introspect.methods.probe_capture import INPUT_KEY, FeatureCapture
 from lightning_introspect.methods.probe_layers import (
     ProbeLayersUnavailable,
     auto_probe_layers,
+    layer_output_shapes,
+    pixel_probe_layers,
     resolve_probe_layers,
 )
 from lightning_introspect.methods.probes import (
     CACHE_POLICIES,
     POOLING_CHOICES,
     FeatureCache,
+    LayerCaches,
     ProbeResult,
     RandomProjection,
     auto_solver,
     best_layer,
     blas_threads,
     check_probe_labels,
-    downsample_input,
+    check_probe_masks,
     fit_probes,
     probe_label_problem,
 )
+from lightning_introspect.methods.task import TASK_KINDS, resolve_task
 from lightning_introspect.render.probes import accuracy_vs_depth_figure, probe_summary_lines, probe_table
 
 SOLVERS = ("auto", "sklearn", "torch")
@@ -91,6 +96,27 @@ class LinearProbes(IntrospectionCallback):
     skipped for the fit (one ``IntrospectionSkipWarning``) when the data carries no labels or ``"auto"``
     cannot run the model; each fit starts with clean results (``trainer.validate()`` afterwards keeps them).
 
+    Segmentation (per-pixel probes, no ``target_transform`` needed): the task is detected once, at ``setup``,
+    from one forward pass of two samples and their labels (``task="auto"``: dense logits ``(N, C, H, W)``
+    with integer masks ``(N, H, W)`` of their size; :func:`~lightning_introspect.methods.task.resolve_task`).
+    Then every probed layer's feature map ``(N, D, h, w)`` gives samples that are *pixels*: up to
+    ``pixels_per_image`` positions per image, drawn uniformly among the positions whose label is not
+    ``ignore_index`` (a private generator, re-seeded every pass: the same positions every epoch and in the
+    init baseline, so the curves compare the same pixels), each labelled by the mask resized to ``(h, w)``
+    by nearest neighbour (``F.interpolate(mode="nearest")``'s choice of pixel), and its ``D`` features
+    (projected to ``max_features`` when wider; ``pooling`` is not used). The same logistic-regression
+    probe is fitted per layer, each on its own pixels (the split is stratified over pixels, not images).
+    The input baseline is the probe on the input's channel values at sampled pixels. ``layers="auto"``
+    probes the encoder and decoder stages of a U-Net (block outputs that run once per forward, see
+    :func:`auto_probe_layers`) and leaves out layers without a feature map and a 1x1 conv with one
+    channel per class (the head: a probe on the logits only measures the model's own accuracy). Bounds:
+    at most ``pixels_per_image`` pixels per image enter the reservoir, which keeps at most
+    ``max_samples`` pixels per layer: ``max_samples x (min(D, max_features) + 2)`` x 4 bytes per layer
+    (5,000 x 64 channels: about 1.3 MB), whatever the image size. Cost per evaluated epoch: the hooks'
+    ``nearest resize + sampling + gather`` on each validation batch (no extra pass) and one probe fit per
+    layer on at most ``max_samples`` rows. Accuracy is over pixels, so the background's share of the
+    pixels is the majority baseline; macro-F1 weighs the classes equally.
+
     Tags written (``<layer>`` is the dotted layer name):
 
     * ``introspect/probes/<layer>/accuracy``: probe-test accuracy at the step of each evaluated epoch;
@@ -110,6 +136,7 @@ class LinearProbes(IntrospectionCallback):
     * ``results``: ``{key: {layer: ProbeResult}}`` of this process (not checkpointed);
     * ``best_layer``: the layer with the highest accuracy at the latest evaluated epoch;
     * ``layer_names``: the probed layers in execution order;
+    * ``resolved_task``: ``"classification"`` or ``"segmentation"`` (per-pixel probes), detected at ``setup``;
     * ``timings``: seconds spent, by kind (``capture``, ``baseline_pass``, ``own_pass``, ``fit_inline``,
       ``submit``, ``wait``, ``log``), all in the training thread.
 
@@ -121,8 +148,9 @@ class LinearProbes(IntrospectionCallback):
         layers: ``"auto"`` (block outputs in execution order plus the penultimate layer, at most 7; see
             :func:`auto_probe_layers`),
             a dotted name, a glob (``"encoder.*"``) or a list of those. Resolved at ``setup``.
-        pooling: ``"avg"``, ``"max"``, ``"avgmax"`` or ``"flatten"`` (conv maps pooled over space).
-        max_samples: the most cached samples (rows) per layer.
+        pooling: ``"avg"``, ``"max"``, ``"avgmax"`` or ``"flatten"`` (conv maps pooled over space; not
+            used by per-pixel probes).
+        max_samples: the most cached samples (rows) per layer (per-pixel probes: pixels per layer).
         max_features: wider pooled features are reduced to this width by a seeded random projection.
         solver: ``"auto"``, ``"torch"`` (inline, model device) or ``"sklearn"`` (background thread, CPU).
         test_fraction: share of each class held out to score the probes.
@@ -137,10 +165,17 @@ class LinearProbes(IntrospectionCallback):
         probe_dataloader: a labelled ``DataLoader`` to probe with instead of the validation data (for
             models trained without labels). Not expressible in YAML; pass it from Python.
         target_transform: ``f(batch) -> (N,) int tensor``: the labels of a batch, where ``split_batch``
-            (the second element of a tuple, or a ``y``/``label``/``target`` key) is not right.
+            (the second element of a tuple, or a ``y``/``label``/``target`` key) is not right. With it,
+            ``task="auto"`` stays classification (one label per sample); with ``task="segmentation"`` it
+            must give the masks ``(N, H, W)``.
         figures_every_n_epochs: draw the accuracy-vs-depth figure every n-th evaluated epoch as well
             (``None``, the default: only at the ``at`` fractions and the last epoch; the scalars and the
             table are written at every evaluated epoch).
+        task: ``"auto"`` (detected at ``setup``), ``"classification"`` (one label per sample, pooled
+            features) or ``"segmentation"`` (per-pixel probes); an explicit task the output and labels
+            contradict is refused at ``setup``, with the shapes named.
+        pixels_per_image: per-pixel probes: the most positions drawn from each image's feature map, per layer.
+        ignore_index: per-pixel probes: the mask value of pixels that are never drawn (e.g. 255).
         enabled, every_n_epochs, at, num_samples, seed, on_error: see :class:`IntrospectionCallback`
             (``seed`` seeds the projection, the reservoir and the probe split).
 
@@ -180,6 +215,9 @@ class LinearProbes(IntrospectionCallback):
         probe_dataloader: Any = None,
         target_transform: Callable[[Any], torch.Tensor] | None = None,
         figures_every_n_epochs: int | None = None,
+        task: str = "auto",
+        pixels_per_image: int = 64,
+        ignore_index: int | None = None,
         enabled: bool = True,
         every_n_epochs: int | None = 1,
         at: Sequence[float] | None = (0.5,),
@@ -199,6 +237,10 @@ class LinearProbes(IntrospectionCallback):
         check_positive_int(max_features, "max_features")
         check_positive_int(max_iter, "max_iter")
         check_positive_int(figures_every_n_epochs, "figures_every_n_epochs", allow_none=True)
+        check_choice(task, "task", TASK_KINDS)
+        check_positive_int(pixels_per_image, "pixels_per_image")
+        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+            raise ValueError(f"Expected `ignore_index` to be an int or None, but got {ignore_index!r}.")
         if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0.0 < test_fraction < 1.0:
             raise ValueError(f"Expected `test_fraction` to be a float in (0, 1), but got {test_fraction!r}.")
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
@@ -223,6 +265,9 @@ class LinearProbes(IntrospectionCallback):
         self.probe_dataloader = probe_dataloader
         self.target_transform = target_transform
         self.figures_every_n_epochs = figures_every_n_epochs
+        self.task = task
+        self.pixels_per_image = pixels_per_image
+        self.ignore_index = ignore_index
 
         self._reset_fit_state()
 
@@ -235,13 +280,14 @@ class LinearProbes(IntrospectionCallback):
         self.results: dict[int | str, dict[str, ProbeResult]] = {}
         self.best_layer: str | None = None
         self.layer_names: list[str] = []
+        self.resolved_task: str | None = None  # "classification" / "segmentation", detected at setup
         self.timings: dict[str, float] = dict.fromkeys(
             ("capture", "baseline_pass", "own_pass", "fit_inline", "submit", "wait", "log"), 0.0
         )
         self._modules: dict[str, nn.Module] = {}
         self._calls_checked = False  # the named modules' call counts were checked on an example batch
         self._resolved_solver = "sklearn"
-        self._cache: FeatureCache | None = None
+        self._cache: FeatureCache | LayerCaches | None = None
         self._input_cache: FeatureCache | None = None
         self._capture: FeatureCapture | None = None
         self._stack: contextlib.ExitStack | None = None  # removes the hooks in the trainer's validation
@@ -356,23 +402,53 @@ class LinearProbes(IntrospectionCallback):
         if (loader := self._loader(trainer)) is not None:
             with contextlib.suppress(Exception):  # data not ready at setup (built in LightningModule.setup): later
                 example = draw_samples(loader, 2, seed=self.seed)
-        if example is not None and self.target_transform is None:
-            source = "`probe_dataloader`" if self.probe_dataloader is not None else "validation"
-            problem = probe_label_problem(example[1], source)
-            if problem is not None:
-                self.skip(problem)
-                return
+        source = "`probe_dataloader`" if self.probe_dataloader is not None else "validation"
+        if example is not None and self.target_transform is None and example[1] is None:
+            self.skip(str(probe_label_problem(None, source)))
+            return
         if example is None:
             modules = {} if self.layers == "auto" else resolve_layers(pl_module, self.layers, argument="layers")
             self._modules, self.layer_names = modules, list(modules)
             return
+        x = _to_device(example[0], _device_of(pl_module))
         try:
-            modules = resolve_probe_layers(pl_module, self.layers, _to_device(example[0], _device_of(pl_module)))
+            modules = resolve_probe_layers(pl_module, self.layers, x)
+            task, shapes, num_classes = self._detect_task(pl_module, x, example[1], modules)
+            if task == "segmentation" and shapes:
+                modules = pixel_probe_layers(modules, shapes, auto=self.layers == "auto", num_classes=num_classes)
         except ProbeLayersUnavailable as err:
             self.skip(str(err))
             return
+        if task == "classification" and self.target_transform is None:
+            problem = probe_label_problem(example[1], source)
+            if problem is not None:
+                self.skip(problem)
+                return
+        self.resolved_task = task
         self._modules, self.layer_names = modules, list(modules)
         self._calls_checked = True
+
+    def _detect_task(
+        self, pl_module: nn.Module, x: Any, labels: torch.Tensor | None, modules: dict[str, nn.Module]
+    ) -> tuple[str, dict[str, tuple[int, ...] | None], int | None]:
+        """``(task, layer output shapes, number of classes)`` from one forward pass of two samples.
+
+        ``task="auto"`` is segmentation for dense logits ``(N, C, H, W)`` with integer masks of their size
+        (:func:`~lightning_introspect.methods.task.resolve_task`); with a ``target_transform`` (which gives
+        one label per sample) it stays classification unless ``task="segmentation"`` says otherwise. An
+        explicit task the shapes contradict raises ``IntrospectionInputError``: the fit is refused at setup.
+        """
+        if self.task == "classification" or (self.task == "auto" and self.target_transform is not None):
+            return "classification", {}, None
+        try:
+            shapes, output = layer_output_shapes(pl_module, x, modules)
+        except Exception:  # the forward does not take the bare inputs: the shapes are checked when captured
+            shapes, output = {}, None
+        logits = extract_logits(output) if output is not None else None
+        if logits is None:
+            return ("segmentation" if self.task == "segmentation" else "classification"), shapes, None
+        task = resolve_task(self.task, logits, None if self.target_transform is not None else labels)
+        return task, shapes, int(logits.shape[1]) if logits.ndim == 4 else None
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check the data, pick the capture path and the solver, build the caches, fit the baselines."""
@@ -404,10 +480,13 @@ class LinearProbes(IntrospectionCallback):
         # "auto" left on CPU: chosen per evaluation by the size of the cached features (in `_fit`)
         self._resolved_solver = "torch" if self.solver == "auto" and device.type != "cpu" else self.solver
         cache_device = device if self._resolved_solver == "torch" else torch.device("cpu")
-        self._cache = FeatureCache(self.max_samples, policy=self.cache, seed=self.seed, device=cache_device)
+        per_pixel = self.resolved_task == "segmentation"
+        cache_type = LayerCaches if per_pixel else FeatureCache
+        self._cache = cache_type(self.max_samples, policy=self.cache, seed=self.seed, device=cache_device)
         self._input_cache = FeatureCache(self.max_samples, policy=self.cache, seed=self.seed, device=cache_device)
         self._capture = FeatureCapture(
-            self._modules, pooling=self.pooling, max_features=self.max_features, seed=self.seed, on_time=self._hook_seconds
+            self._modules, pooling=self.pooling, max_features=self.max_features, seed=self.seed, on_time=self._hook_seconds,
+            pixels_per_image=self.pixels_per_image if per_pixel else None, ignore_index=self.ignore_index,
         )
         want_init = self.include_init and INIT_KEY not in self.history
         want_input = self.include_input and INPUT_KEY not in self.history
@@ -466,9 +545,9 @@ class LinearProbes(IntrospectionCallback):
                 "LinearProbes found no labels in a batch. Pass `probe_dataloader` (a labelled DataLoader) or "
                 "`target_transform` (batch -> labels)."
             )
-        return check_probe_labels(labels)
+        return check_probe_masks(labels) if self.resolved_task == "segmentation" else check_probe_labels(labels)
 
-    def _parts(self) -> tuple[FeatureCapture, FeatureCache, FeatureCache]:
+    def _parts(self) -> tuple[FeatureCapture, FeatureCache | LayerCaches, FeatureCache]:
         """The capture, the cache of layer features and the cache of raw inputs (built at fit start)."""
         if self._capture is None or self._cache is None or self._input_cache is None:
             raise RuntimeError("LinearProbes: the feature caches are built at fit start, which has not run.")
@@ -478,6 +557,7 @@ class LinearProbes(IntrospectionCallback):
         self._remove_hooks()
         capture, layer_cache, _ = self._parts()
         layer_cache.reset()
+        capture.restart()  # the same pixel positions every epoch
         capture.error = None
         self._stack = capture.attach()
 
@@ -517,6 +597,7 @@ class LinearProbes(IntrospectionCallback):
         capture, layer_cache, input_cache = self._parts()
         layer_cache.reset()
         input_cache.reset()
+        capture.restart()
         with contextlib.ExitStack() as stack:
             stack.enter_context(introspection_mode(pl_module, grad=False))  # forked RNG before the iterator
             if layers:
@@ -525,8 +606,9 @@ class LinearProbes(IntrospectionCallback):
                 if i >= max_batches:
                     break
                 x, _ = split_batch(batch)
-                pixels = capture.project(INPUT_KEY, downsample_input(x, self.max_features)) if inputs else None
-                capture.begin(self._labels(batch), pixels, layers=layers)
+                capture.begin(self._labels(batch), layers=layers)
+                if inputs:
+                    capture.add_input(x, self.max_features)
                 if layers:
                     pl_module(_to_device(x, device))
                     capture.check()
@@ -540,17 +622,31 @@ class LinearProbes(IntrospectionCallback):
         self._drain(trainer)
 
     # ------------------------------------------------------------------------------------- fitting
-    def _fit(self, key: int | str, cache: FeatureCache, step: int) -> None:
+    def _fit(self, key: int | str, cache: FeatureCache | LayerCaches, step: int) -> None:
         """Fit the probes of one evaluation: inline (torch) or submitted to the background worker (sklearn)."""
-        labels = cache.labels
-        if cache.size < 4 or torch.unique(labels).numel() < 2:
-            self.warn_once(
-                f"few-{key}",
-                f"LinearProbes: only {cache.size} labelled samples with {torch.unique(labels).numel()} class(es) for "
-                f"{key!r}; a probe needs at least two classes. Skipped.",
-            )
-            return
-        names = cache.names
+        labels: torch.Tensor | dict[str, torch.Tensor]
+        if isinstance(cache, LayerCaches):  # per-pixel probes: every layer its own pixels and labels
+            names = [n for n in cache.names if cache.size_of(n) >= 4 and torch.unique(cache.labels_of(n)).numel() >= 2]
+            few = [n for n in self.layer_names if n not in names]
+            if few:
+                self.warn_once(
+                    f"few-{key}",
+                    f"LinearProbes: the layers {few} have fewer than 4 labelled pixels or a single class for {key!r} "
+                    f"(ignore_index={self.ignore_index}); a probe needs at least two classes. Their probes are skipped.",
+                )
+            if not names:
+                return
+            labels = {n: cache.labels_of(n) for n in names}
+        else:
+            labels = cache.labels
+            if cache.size < 4 or torch.unique(labels).numel() < 2:
+                self.warn_once(
+                    f"few-{key}",
+                    f"LinearProbes: only {cache.size} labelled samples with {torch.unique(labels).numel()} class(es) for "
+                    f"{key!r}; a probe needs at least two classes. Skipped.",
+                )
+                return
+            names = cache.names
         broken = [n for n in names if not bool(torch.isfinite(cache.features(n)).all())]
         if broken:
             raise ValueError(
@@ -559,7 +655,7 @@ class LinearProbes(IntrospectionCallback):
             )
         solver = self._resolved_solver
         if solver == "auto":  # on CPU: by the size of the cached features
-            solver = auto_solver(cache.size * sum(cache.features(n).shape[1] for n in names), _INLINE_FIT_VALUES)
+            solver = auto_solver(sum(cache.features(n).numel() for n in names), _INLINE_FIT_VALUES)
         if solver == "torch":
             self._collect(wait=True)  # keeps the results in epoch order and the warm start sequential
             start = time.perf_counter()
@@ -570,7 +666,10 @@ class LinearProbes(IntrospectionCallback):
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="linear-probes")
         features = {n: cache.features(n).detach().cpu().numpy().copy() for n in names}
-        labels_np = labels.detach().cpu().numpy().copy()
+        labels_np: Any = (
+            {n: v.detach().cpu().numpy().copy() for n, v in labels.items()} if isinstance(labels, dict)
+            else labels.detach().cpu().numpy().copy()
+        )
         self._jobs.append((key, step, self._executor.submit(self._solve, features, labels_np, key, solver)))
         self.timings["submit"] += time.perf_counter() - start
 
@@ -668,10 +767,19 @@ class LinearProbes(IntrospectionCallback):
         if INPUT_KEY in self.history:
             nan = float("nan")
             baseline = self.history[INPUT_KEY].get(INPUT_KEY, nan), self.macro_f1.get(INPUT_KEY, {}).get(INPUT_KEY, nan)
-        return probe_table(
+        table = probe_table(
             key, self.history.get(key, {}), self.macro_f1.get(key, {}), order=self.layer_names,
             init=self.history.get(INIT_KEY, {}), input_scores=baseline, best=self.best_layer if key == latest else None,
         )
+        if self.resolved_task != "segmentation":
+            return table
+        ignored = "" if self.ignore_index is None else f", pixels labelled {self.ignore_index} never drawn"
+        note = (
+            f"Per-pixel probes (segmentation): up to {self.pixels_per_image} positions per image, the same every epoch, "
+            f"each labelled by the mask resized to its layer's feature map (nearest){ignored}; at most {self.max_samples} "
+            "pixels per layer. Accuracy is over pixels (the background's share is the majority baseline)."
+        )
+        return note + "\n\n" + table
 
     @override
     def summary_lines(self) -> list[str]:

@@ -1,10 +1,12 @@
-"""``Misclassifications``: the most confidently wrong validation examples, and why they go wrong.
+"""``Misclassifications``: the most confidently wrong validation examples (classification) or the images of
+lowest mean IoU (segmentation), and why they go wrong.
 
-Looking at errors is the fastest way to find out what a classifier has not learned; this callback
-shows them and puts numbers on the usual suspects (blur, noise, lighting, colour filters). The
-gathering and the numbers are :mod:`lightning_introspect.methods.review` and
-:mod:`~lightning_introspect.methods.image_stats`, the galleries, tables and figures
-:mod:`lightning_introspect.render.review`.
+Looking at errors is the fastest way to find out what a model has not learned; this callback shows them
+and puts numbers on the usual suspects (blur, noise, lighting, colour filters). The gathering and the
+numbers are :mod:`lightning_introspect.methods.review`, :mod:`~lightning_introspect.methods.segmentation_review`
+and :mod:`~lightning_introspect.methods.image_stats`, the galleries, tables and figures
+:mod:`lightning_introspect.render.review` and :mod:`~lightning_introspect.render.segmentation_review`; the
+segmentation path is orchestrated by :mod:`lightning_introspect.callbacks.segmentation_review`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from lightning_introspect.callbacks.base import (
     IntrospectionCallback,
     IntrospectionInputError,
     check_callable,
+    check_choice,
     check_positive_int,
     split_batch,
 )
@@ -33,6 +36,7 @@ from lightning_introspect.callbacks.outputs import (
     extract_targets,
     validation_batches,
 )
+from lightning_introspect.callbacks.segmentation_review import SegmentationReview
 from lightning_introspect.methods.image_stats import (
     PERTURBATIONS,
     STATISTICS,
@@ -42,6 +46,7 @@ from lightning_introspect.methods.image_stats import (
     unnormalize,
 )
 from lightning_introspect.methods.review import ReviewBuffer, class_probabilities
+from lightning_introspect.methods.task import TASK_KINDS, resolve_task
 from lightning_introspect.render.review import (
     per_class_gallery,
     perturbation_figure,
@@ -52,6 +57,7 @@ from lightning_introspect.render.review import (
     wrong_gallery,
     wrong_markdown,
 )
+from lightning_introspect.render.segmentation_review import segmentation_summary_lines
 
 
 def _check_floats(values: Any, argument: str, *, low: float = 0.0, high: float = math.inf) -> list[float]:
@@ -76,12 +82,17 @@ def _normalization(value: Any, argument: str) -> tuple[float, ...] | None:
 
 
 class Misclassifications(IntrospectionCallback):
-    """The validation set's most confidently wrong examples, error rates by image statistic, and a perturbation test.
+    """The validation set's most confidently wrong examples (or, for segmentation, its images of lowest mean
+    IoU), error rates by image statistic, and a perturbation test.
 
     On each scheduled validation epoch (``every_n_epochs`` / ``at``; always during ``trainer.validate``)
     the callback reads the logits ``validation_step`` returns (``on_validation_batch_end`` outputs, or
     the module's own forward output when the step returns none; see :class:`PerClassMetrics` for the
-    extraction rules) and, as the batches pass, keeps per sample the confidence, prediction and label and
+    extraction rules). The task is read once from the logits and labels (``task="auto"``): per-pixel logits
+    ``(N, C, H, W)`` with integer masks ``(N, H, W)`` of the same size are *segmentation*, everything else
+    *classification*.
+
+    **Classification.** As the batches pass it keeps per sample the confidence, prediction and label and
     the image statistics of the input (sharpness, noise, brightness, contrast, saturation). Memory stays
     bounded: only the images of the ``top_k`` most confidently wrong examples (and ``per_class`` per
     class) are kept. At the end of the epoch it logs:
@@ -96,10 +107,25 @@ class Misclassifications(IntrospectionCallback):
       noise every time) and a colour / contrast filter (strength in [0, 1]); run in eval mode without
       gradients, the global RNG forked.
 
-    Non-image inputs (anything but ``(N, C, H, W)`` with 1 or 3 channels) skip the gallery, statistics
-    and perturbations with one warning; the confident-error table and error rates per class remain.
+    **Segmentation.** Per image it keeps the mean IoU (over the classes present in the image's truth or
+    prediction) and the image statistics; the image, true mask and prediction only for the ``top_k`` images
+    of lowest mean IoU; and two pixel confusion matrices: at class *boundaries* (pixels within
+    ``boundary_width`` pixels of a class change in the true mask) and in class *interiors*. Pixels labelled
+    ``ignore_index`` are left out everywhere. At the end of the epoch it logs:
 
-    Tags written:
+    * a gallery, one row per worst image: image / ground truth / prediction / error map (correct pixels
+      light grey; a wrong pixel split between the true class's colour, upper left, and the predicted
+      class's colour, lower right), captioned with the index and mean IoU, a colour legend below;
+    * per class the pixel error rate at boundaries vs in interiors and the classes it is mistaken for;
+    * the mean IoU per image in each quantile bin of each statistic (table, figure, scalars);
+    * the perturbation test as above in IoU per class (pixels pooled over the fixed subset, whose labels
+      are the masks) and its mean.
+
+    Non-image inputs (anything but ``(N, C, H, W)`` with 1 or 3 channels) skip the gallery (its image column
+    for segmentation), statistics and perturbations with one warning; the confident-error table and error
+    rates per class (the worst-image and boundary tables) remain.
+
+    Tags written (classification):
 
     * ``introspect/misclassifications/gallery`` -- image: top-K confidently wrong examples;
     * ``introspect/misclassifications/gallery_per_class`` -- image, one row per true class (``per_class``);
@@ -110,32 +136,61 @@ class Misclassifications(IntrospectionCallback):
     * ``introspect/misclassifications/statistics`` -- markdown table and ``.../statistics_figure`` -- figure;
     * ``introspect/misclassifications/perturbation/<kind>/<strength>`` -- scalar, accuracy on the subset;
     * ``introspect/misclassifications/perturbations`` -- markdown table (classes x kind@strength) and
-      ``.../perturbations_figure`` -- figure (accuracy vs strength, one line per class);
+      ``.../perturbations_figure`` -- figure (accuracy vs strength, one line per class).
+
+    Tags written (segmentation), under ``introspect/misclassifications/segmentation/``:
+
+    * ``gallery`` -- image: the images of lowest mean IoU with truth, prediction and error map;
+    * ``worst`` -- markdown: index, mean IoU; ``miou`` -- scalar, the mean over images of their mean IoU;
+    * ``boundary`` -- markdown: per class boundary error, interior error, most confused classes;
+    * ``boundary_error/<class>`` and ``interior_error/<class>`` -- scalars, pixel error rates;
+    * ``miou_by/<statistic>/q<i>`` -- scalar, mean IoU per image in quantile bin ``i`` of the statistic;
+    * ``statistics`` -- markdown table and ``statistics_figure`` -- figure;
+    * ``perturbation/<kind>/<strength>`` -- scalar, mean IoU on the subset;
+    * ``perturbations`` -- markdown table (classes x kind@strength) and ``perturbations_figure`` -- figure.
+
+    Both tasks:
+
     * ``introspect/misclassifications/warnings`` -- markdown, only when the model's outputs hold NaN / Inf
       (non-finite weights or inputs): what was left out of the review at that step and why;
     * ``introspect/misclassifications/seconds`` -- own wall time.
 
-    Non-finite values: validation samples whose probabilities hold NaN / Inf (from non-finite logits) are
-    left out of the review (``report["nonfinite"]`` counts them); when every sample is non-finite nothing
-    but the note is logged that epoch (no report). When the perturbation test's outputs are non-finite
-    its results are not logged. Each case warns once and writes a note to
+    Non-finite values: validation samples (images) whose probabilities (logits) hold NaN / Inf are left
+    out of the review (``report["nonfinite"]`` counts them); when every sample is non-finite nothing but
+    the note is logged that epoch (no report). When the perturbation test's outputs are non-finite its
+    results are not logged. Each case warns once and writes a note to
     ``introspect/misclassifications/warnings`` at each such step; the callback stays on and reviews
     normally again once the outputs are finite.
 
-    Results on the instance: ``report`` (the latest run: ``epoch``, ``step``, ``num_samples`` (reviewed),
-    ``nonfinite`` (samples left out for NaN / Inf outputs), ``error_rate``,
-    ``per_class_error``, ``wrong`` (top-K rows ``{"index", "label", "pred", "confidence"}``), ``bins``
-    ``{statistic: {"edges", "counts", "errors", "rate"}}``, ``perturbations`` ``{kind: {"strengths",
-    "accuracy", "per_class"}}``), ``history`` (every report) and ``wrong_images`` (the top-K inputs).
-    ``history`` is kept in the ``state_dict``.
+    Results on the instance: ``resolved_task`` (``task`` with ``"auto"`` resolved), ``report`` (the latest
+    run) and ``history`` (every report; kept in the ``state_dict``). A classification report holds
+    ``epoch``, ``step``, ``num_samples`` (reviewed), ``nonfinite`` (samples left out for NaN / Inf
+    outputs), ``error_rate``, ``per_class_error``, ``wrong`` (top-K rows ``{"index", "label", "pred",
+    "confidence"}``), ``bins`` ``{statistic: {"edges", "counts", "errors", "rate"}}``, ``perturbations``
+    ``{kind: {"strengths", "accuracy", "per_class"}}``; ``wrong_images`` holds the top-K inputs. A
+    segmentation report holds ``task`` (``"segmentation"``), ``epoch``, ``step``, ``num_samples`` (images
+    reviewed), ``nonfinite``, ``unlabelled`` (images without a labelled pixel, left out), ``miou`` (the
+    mean over images), ``class_iou`` (per class over every pixel), ``worst`` (rows ``{"index", "miou"}``,
+    lowest first), ``boundary`` (``width``, per class ``boundary_error`` / ``interior_error`` /
+    ``boundary_pixels`` / ``interior_pixels`` / ``boundary_confused_with`` / ``interior_confused_with``,
+    ``overall`` and the top ``confusions`` ``{"true", "pred", "pixels", "share"}`` of each region), ``bins``
+    ``{statistic: {"edges", "counts", "miou"}}`` and ``perturbations`` ``{kind: {"strengths", "miou",
+    "per_class"}}``; ``worst_samples`` holds the worst images' ``index``, ``miou``, ``image``, ``mask`` and
+    ``pred`` tensors.
 
     Args:
         every_n_epochs: run every n-th validation epoch as well (``None``, the default: only at ``at``
             and the last epoch; a run renders a gallery and two figures and makes ``1 + sum(strengths)``
             forward passes over ``num_samples`` images, so per-epoch runs cost).
         at: fractions of training at which to run; default ``(0.5,)``: half way (and the last epoch).
-        top_k: number of confidently wrong examples in the gallery.
-        per_class: wrong examples kept per true class for the per-class gallery (0: off).
+        task: ``"auto"`` (read from the first logits and labels), ``"classification"`` or
+            ``"segmentation"``; an explicit task that contradicts the shapes is refused before training.
+        top_k: number of confidently wrong examples (segmentation: images of lowest mean IoU) in the gallery.
+        per_class: wrong examples kept per true class for the per-class gallery (0: off; classification).
+        ignore_index: a mask label left out of the segmentation review (e.g. 255 for "void"); classification
+            labels are not filtered.
+        boundary_width: segmentation: a pixel within this many pixels of a class change in the true mask
+            counts as boundary.
         statistics: image statistics among ``"sharpness"``, ``"noise"``, ``"brightness"``, ``"contrast"``,
             ``"saturation"`` (3-channel images only).
         num_bins: quantile bins per statistic.
@@ -149,9 +204,9 @@ class Misclassifications(IntrospectionCallback):
         figures: log the statistics and perturbation figures (the tables are always logged).
         enabled, seed, on_error: see :class:`IntrospectionCallback`.
 
-    Limits: classification logits ``(N, C)`` (or one binary logit) only; under DDP only rank zero's shard
-    of the validation data is reviewed. Errors are not causes: a statistic's bins tell where errors
-    concentrate, the perturbation test tells what the model is sensitive to.
+    Limits: under DDP only rank zero's shard of the validation data is reviewed. Errors are not causes: a
+    statistic's bins tell where errors concentrate, the perturbation test tells what the model is
+    sensitive to.
 
     Example:
         >>> cb = Misclassifications(top_k=8, perturbations=["blur", "noise"], num_samples=128)
@@ -159,6 +214,10 @@ class Misclassifications(IntrospectionCallback):
         >>> trainer.fit(model, datamodule=dm)  # doctest: +SKIP
         >>> cb.report["perturbations"]["blur"]["accuracy"]  # doctest: +SKIP
         [0.95, 0.93, 0.81, 0.42]
+        >>> seg = Misclassifications(ignore_index=255)  # a U-Net: the segmentation review, found by itself
+        >>> trainer.fit(unet, datamodule=shapes)  # doctest: +SKIP
+        >>> seg.report["worst"][0]  # doctest: +SKIP
+        {'index': 17, 'miou': 0.31}
     """
 
     name = "misclassifications"
@@ -169,8 +228,11 @@ class Misclassifications(IntrospectionCallback):
         *,
         every_n_epochs: int | None = None,
         at: Sequence[float] | None = (0.5,),
+        task: str = "auto",
         top_k: int = 16,
         per_class: int = 0,
+        ignore_index: int | None = None,
+        boundary_width: int = 2,
         statistics: Sequence[str] = STATISTICS,
         num_bins: int = 5,
         perturbations: Sequence[str] = PERTURBATIONS,
@@ -191,8 +253,12 @@ class Misclassifications(IntrospectionCallback):
         super().__init__(
             enabled=enabled, every_n_epochs=every_n_epochs, at=at, num_samples=num_samples, seed=seed, on_error=on_error
         )
+        check_choice(task, "task", TASK_KINDS)
         check_positive_int(top_k, "top_k")
         check_positive_int(num_bins, "num_bins")
+        check_positive_int(boundary_width, "boundary_width")
+        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+            raise ValueError(f"Expected `ignore_index` to be an int or None, but got {ignore_index!r}.")
         if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 0:
             raise ValueError(f"Expected `per_class` to be a non-negative int, but got {per_class!r}.")
         statistics = [statistics] if isinstance(statistics, str) else list(statistics)
@@ -205,8 +271,11 @@ class Misclassifications(IntrospectionCallback):
             raise ValueError(f"Expected `perturbations` to be among {', '.join(map(repr, PERTURBATIONS))}, but got {bad}.")
         check_callable(output_transform, "output_transform")
         check_callable(target_transform, "target_transform")
+        self.task = task
         self.top_k = top_k
         self.per_class = per_class
+        self.ignore_index = ignore_index
+        self.boundary_width = boundary_width
         self.statistics = statistics
         self.num_bins = num_bins
         self.perturbations = perturbations
@@ -236,25 +305,40 @@ class Misclassifications(IntrospectionCallback):
         self.history: list[dict[str, Any]] = []
         self._last_step: int | None = None  # global step of the latest review: the fit-end catch-up compares it
         self.wrong_images: torch.Tensor | None = None
+        self.worst_samples: dict[str, torch.Tensor | None] | None = None
+        self.resolved_task: str | None = None  # `task` with "auto" resolved from the first logits and labels
         self._reset_epoch()
 
     @override
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":  # `trainer.validate()` may get another model: its task is read at its first batch
+            self.resolved_task = None
+
+    @override
     def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Two samples through the model: dense (segmentation) outputs are skipped, ``class_names`` of the
-        wrong length and labels out of range are refused, before training."""
+        """Example samples through the model: the task is resolved (a wrong explicit ``task`` is refused with
+        the shapes named), dense outputs without per-pixel masks are skipped, ``class_names`` of the wrong
+        length and labels out of range are refused, before training."""
         example = example_logits(self, trainer, pl_module)
         if example is None:
             return
         batch, logits = example
-        if logits.ndim > 2:
+        try:
+            target: torch.Tensor | None = extract_targets(batch, self.target_transform)
+        except IntrospectionInputError:  # no labels: refused below by the same check as at every batch
+            target = None
+        self.resolved_task = resolve_task(self.task, logits, target)
+        if self.resolved_task == "classification" and logits.ndim > 2:
+            labels = "" if target is None else f" with labels {tuple(target.shape)}"
             self.skip(
-                f"the model returns dense outputs {tuple(logits.shape)} (segmentation); this review ranks whole images "
+                f"the model returns dense outputs {tuple(logits.shape)}{labels}, which are not per-pixel masks of the "
+                "same size (a segmentation review needs masks (N, H, W)); a classification review ranks whole images "
                 "by the confidence of one class prediction, which dense outputs do not have."
             )
             return
-        self._collect_rows(logits, batch)  # the same checks as at every batch, on two samples
+        self._collect_rows(logits, batch)  # the same checks as at every batch, on the example samples
         self._reset_epoch()
-        if logits.ndim == 2:
+        if logits.ndim == 2 or self.resolved_task == "segmentation":
             self._class_labels(2 if logits.shape[1] == 1 else int(logits.shape[1]))  # `class_names` of the right length
 
     @override
@@ -316,6 +400,7 @@ class Misclassifications(IntrospectionCallback):
 
     def _reset_epoch(self) -> None:
         self._buffer = ReviewBuffer(top_k=self.top_k, per_class=self.per_class, statistics=self.statistics)
+        self._segmentation = SegmentationReview(self)
         self._images = True  # the inputs are images: gallery, statistics and perturbation test apply
 
     def _class_labels(self, n: int) -> list[str]:
@@ -368,8 +453,13 @@ class Misclassifications(IntrospectionCallback):
                 "Misclassifications found no logits: return them from `validation_step` (a tensor, or a dict with a "
                 "'logits' key), call `self(x)` in it, or pass `output_transform`."
             )
-        target = extract_targets(batch, self.target_transform).detach().flatten()
-        self._buffer.add(self._probabilities(logits), target, images=lambda: self._batch_images(batch))
+        target = extract_targets(batch, self.target_transform).detach()
+        if self.resolved_task is None:  # a `trainer.validate()` without a fit: resolved at its first batch
+            self.resolved_task = resolve_task(self.task, logits, target)
+        if self.resolved_task == "segmentation":
+            self._segmentation.add(logits, target, images=lambda: self._batch_images(batch))
+            return
+        self._buffer.add(self._probabilities(logits), target.flatten(), images=lambda: self._batch_images(batch))
 
     def _batch_images(self, batch: Any) -> torch.Tensor | None:
         """The batch's inputs un-normalised, or ``None`` (once they are found not to be images: warned once)."""
@@ -382,10 +472,12 @@ class Misclassifications(IntrospectionCallback):
         if not is_image_batch(x):
             self._images = False
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            kept = ("the gallery's image column, image statistics and perturbation test are skipped (the worst-image and "
+                    "boundary tables remain)" if self.resolved_task == "segmentation" else
+                    "gallery, image statistics and perturbation test are skipped (error rates per class remain)")
             self.warn_once(
                 "non-image",
-                f"Misclassifications: the inputs ({shape}) are not images (N, C, H, W) with 1 or 3 channels; the "
-                "gallery, image statistics and perturbation test are skipped (error rates per class remain).",
+                f"Misclassifications: the inputs ({shape}) are not images (N, C, H, W) with 1 or 3 channels; the {kept}.",
             )
             return None
         return unnormalize(x, self.mean, self.std)
@@ -394,6 +486,14 @@ class Misclassifications(IntrospectionCallback):
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | None = None) -> None:
         self._stop()
         self._last_step = int(trainer.global_step)  # reviewed at this step (also when nothing could be logged)
+        if self.resolved_task == "segmentation":
+            step, epoch = int(trainer.global_step), int(trainer.current_epoch if epoch is None else epoch)
+            seg_report = self._segmentation.finish(trainer, pl_module, step, epoch)
+            if seg_report is not None:
+                self.report = seg_report
+                self.history.append(seg_report)
+                self._reset_epoch()
+            return
         buffer = self._buffer
         if buffer.nonfinite:
             self._report_nonfinite(trainer, buffer.nonfinite, buffer.seen)
@@ -469,21 +569,26 @@ class Misclassifications(IntrospectionCallback):
         return {kind: {"strengths": r.strengths, "accuracy": r.accuracy, "per_class": r.per_class} for kind, r in results.items()}
 
     # ------------------------------------------------------------------------- non-finite values
-    def _report_nonfinite(self, trainer: pl.Trainer, k: int, total: int) -> None:
+    def _report_nonfinite(
+        self, trainer: pl.Trainer, k: int, total: int, *, outputs: str = "probabilities", samples: str = "samples"
+    ) -> None:
         """Warn once, and note at this step, that validation samples with NaN / Inf outputs were left out."""
-        what = f"the model's outputs (probabilities) are non-finite (NaN / Inf) for {k} of {total} validation samples"
+        what = f"the model's outputs ({outputs}) are non-finite (NaN / Inf) for {k} of {total} validation {samples}"
         if k >= total:
             action = ("Nothing of this review is logged (no gallery, error rates, statistics or perturbation test, "
                       "no report)")
         else:
-            action = "Those samples are left out of the review (error rates, gallery, statistics; `report['nonfinite']`)"
+            action = f"Those {samples} are left out of the review (error rates, gallery, statistics; `report['nonfinite']`)"
         self._note_nonfinite(trainer, "nonfinite", what, action, "reviews normally again once the outputs are finite")
 
-    def _report_nonfinite_perturbation(self, trainer: pl.Trainer, k: int, total: int) -> None:
+    def _report_nonfinite_perturbation(
+        self, trainer: pl.Trainer, k: int, total: int, *, outputs: str = "probabilities", samples: str = "samples",
+        results: str = "accuracies",
+    ) -> None:
         """Warn once, and note at this step, that the perturbation test's results were dropped for NaN / Inf outputs."""
-        what = (f"the model's outputs (probabilities) in the perturbation test are non-finite (NaN / Inf) for up to "
-                f"{k} of its {total} fixed samples")
-        self._note_nonfinite(trainer, "nonfinite-perturbation", what, "The perturbation test's accuracies are not logged at this step")
+        what = (f"the model's outputs ({outputs}) in the perturbation test are non-finite (NaN / Inf) for up to "
+                f"{k} of its {total} fixed {samples}")
+        self._note_nonfinite(trainer, "nonfinite-perturbation", what, f"The perturbation test's {results} are not logged at this step")
 
     def _note_nonfinite(self, trainer: pl.Trainer, key: str, what: str, action: str, again: str | None = None) -> None:
         step = int(trainer.global_step)
@@ -496,4 +601,6 @@ class Misclassifications(IntrospectionCallback):
         self.writer(trainer).text(self.tag("warnings"), f"**Step {step}:** {what}. {action}. {NONFINITE_CAUSE}", step)
 
     def summary_lines(self) -> list[str]:
+        if self.report is not None and self.report.get("task") == "segmentation":
+            return segmentation_summary_lines(self.report)
         return review_summary_lines(self.report)

@@ -38,6 +38,7 @@ from lightning_introspect.methods.sanity_report import (
 )
 from lightning_introspect.methods.sanity_report import resolve_thresholds as _resolve_thresholds
 from lightning_introspect.methods.similarity import METRICS
+from lightning_introspect.methods.task import TASK_KINDS, resolve_task
 from lightning_introspect.render.sanity import (
     annotated_grid,
     class_maps_grid,
@@ -70,6 +71,17 @@ class SanityChecks(IntrospectionCallback):
     * warns about caveats: BatchNorm, in-place / functional / hidden ReLU, non-ReLU activations,
       negative inputs for input x gradient, probability or segmentation-style outputs.
 
+    Segmentation (the task detected once before training from the output and labels: dense logits
+    ``(N, C, H, W)`` with masks ``(N, H, W)``; ``task`` overrides): a whole-image class target would
+    explain the background, so each sample's explained target is its largest non-background object of
+    the predicted masks (``target="pred"``; of the true masks for ``"true"``), the class's logits summed
+    over the object's region (:func:`~lightning_introspect.methods.targets.object_targets`). Class
+    sensitivity compares the map of that class with the map of another class present in the prediction
+    (or the least likely class) and of a random class, over the same region. ``report.target`` and the
+    verdict text say what was explained. Grad-CAM's ``"auto"`` layer is
+    :func:`~lightning_introspect.methods.attribution.auto_layer` (for an encoder-decoder, a feature map
+    before the output head).
+
     A method that fails is not explaining what the model learned: guided backprop and guided Grad-CAM
     typically fail (they reconstruct edges of the input whatever the weights), vanilla gradient and
     Grad-CAM pass. See ``lightning_introspect.methods.randomization`` for the exact definitions.
@@ -90,7 +102,10 @@ class SanityChecks(IntrospectionCallback):
         bn_mode: normalisation layers: ``"affine"`` (reset scale / shift, keep running stats; default),
             ``"stats"`` (reset running stats), ``"both"`` or ``"keep"``.
         cam_layer: Grad-CAM's feature map (dotted name) or ``"auto"``.
-        target: explain each sample's ``"pred"`` (predicted) or ``"true"`` class.
+        target: explain each sample's ``"pred"`` (predicted) or ``"true"`` class; for segmentation the
+            largest object of the predicted / true masks, over its region.
+        task: ``"auto"`` (detected before training), ``"classification"`` or ``"segmentation"``; an explicit
+            task the shapes contradict refuses the fit before the first step, with the shapes named.
         run_class_sensitivity: run the class-sensitivity check.
         others: the other classes compared with the predicted one: ``"second"`` (runner-up),
             ``"random"`` (uniform among the other classes, private generator from ``seed``).
@@ -125,8 +140,10 @@ class SanityChecks(IntrospectionCallback):
     * ``introspect/sanity/seconds``: wall time of the check.
 
     Results: ``report`` (the latest :class:`~lightning_introspect.methods.randomization.SanityReport`:
-    ``.verdicts``, ``.class_sensitivity_verdicts``, ``.curves``, ``.caveats``, ...), ``history``
-    (``[(global_step, report)]``); the report is saved in the checkpoint as plain values.
+    ``.verdicts``, ``.class_sensitivity_verdicts``, ``.curves``, ``.caveats``, ``.task``, ``.target``
+    (what was explained, e.g. ``"object regions of the predicted masks"``), ...), ``history``
+    (``[(global_step, report)]``), ``resolved_task`` (``task`` with ``"auto"`` resolved); the report is
+    saved in the checkpoint as plain values.
 
     Example:
         >>> from lightning_introspect.demo import DigitsCNN
@@ -150,6 +167,7 @@ class SanityChecks(IntrospectionCallback):
         bn_mode: str = "affine",
         cam_layer: str = "auto",
         target: str = "pred",
+        task: str = "auto",
         run_class_sensitivity: bool = True,
         others: list[str] | None = None,
         metrics: list[str] | None = None,
@@ -181,6 +199,7 @@ class SanityChecks(IntrospectionCallback):
         check_choice(bn_mode, "bn_mode", BN_MODES)
         check_choice(verdict_metric, "verdict_metric", VERDICT_METRICS)
         check_choice(target, "target", TARGET_CHOICES)
+        check_choice(task, "task", TASK_KINDS)
         check_positive_int(verdict_depth, "verdict_depth")
         check_positive_int(repeats, "repeats")
         if isinstance(layers, bool) or not isinstance(layers, (str, int, list, tuple)):
@@ -210,6 +229,7 @@ class SanityChecks(IntrospectionCallback):
         self.bn_mode = bn_mode
         self.cam_layer = cam_layer
         self.target = target
+        self.task = task
         self.run_class_sensitivity = bool(run_class_sensitivity)
         self.others = others
         self.metrics = metrics
@@ -225,6 +245,7 @@ class SanityChecks(IntrospectionCallback):
     def reset(self) -> None:
         self.report: SanityReport | None = None
         self.history: list[tuple[int, SanityReport]] = []
+        self.resolved_task: str | None = None  # `task` with "auto" resolved from the example output and labels
 
     @override
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -233,16 +254,25 @@ class SanityChecks(IntrospectionCallback):
     @override
     def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Inputs that are neither images nor tabular, and models without an input gradient, are skipped
-        (without validation data the training loader is not built yet: then at the first run)."""
+        (without validation data the training loader is not built yet: then at the first run); the task is
+        resolved from two samples (a wrong explicit ``task`` is refused with the shapes named)."""
         if self.val_dataloader(trainer) is None:
             return
-        x, _ = self.fixed_samples(trainer)
+        x, y = self.fixed_samples(trainer)
         if x.ndim not in (2, 4):
             self.skip(f"the inputs of shape {tuple(x.shape)} are neither images (N, C, H, W) nor tabular (N, F).")
             return
         problem = gradient_problem(pl_module, x[:2].to(module_device(pl_module)), self.output_transform, reraise=self.on_error == "raise")
         if problem is not None:
             self.skip(problem)
+            return
+        self.resolved_task = self._resolve_task(pl_module, x[:2], None if y is None else y[:2])
+
+    def _resolve_task(self, model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> str:
+        """``task`` resolved from one forward pass of ``x`` (eval mode, no gradients, global RNG forked)."""
+        with logits_only(model, self.output_transform), introspection_mode(model, grad=False):
+            output = model(x.to(module_device(model, x.device)))
+        return resolve_task(self.task, output, labels if isinstance(labels, torch.Tensor) else None)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -312,7 +342,9 @@ class SanityChecks(IntrospectionCallback):
         Args:
             model: the model to check.
             inputs: a batch of inputs ``(N, ...)`` (all of them are used).
-            targets: class ids to explain, one per sample; ``None``: each sample's predicted class.
+            targets: class ids to explain, one per sample (segmentation: masks ``(N, H, W)``, whose largest
+                objects are explained); ``None``: each sample's predicted class (segmentation: its largest
+                predicted object).
             writer: where to log (figures, grid, table, scalars); ``None``: nothing is logged.
             step: the step the logs are written at.
             trainer: the trainer, if any (its ``Attributions`` callback gives the default methods).
@@ -390,6 +422,7 @@ class SanityChecks(IntrospectionCallback):
             repeats=self.repeats,
             warn=False,
             progress=self._progress if self.progress else None,
+            task=self.resolved_task or self.task,
         )
 
     def _finish(self, report: SanityReport, inputs: torch.Tensor, writer: IntrospectionWriter | None, step: int) -> SanityReport:

@@ -27,7 +27,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "lrp_unsupported",
     ),
     "localization": ("chance_level", "energy_in_mask", "pointing_game"),
-    "targets": ("RegionTarget", "target_indices", "target_scores"),
+    "targets": ("RegionTarget", "dominant_class", "object_targets", "region_targets", "target_indices", "target_scores"),
+    "task": ("TASK_KINDS", "detect_task", "resolve_task"),
     "weights": (
         "DriftStats", "HistogramStats", "cosine_distance", "drift", "histogram", "histograms", "relative_change",
         "wasserstein_1d",
@@ -38,14 +39,17 @@ _MODULES: dict[str, tuple[str, ...]] = {
     ),
     "per_class": ("build_metrics", "due_snapshots", "least_improved", "per_class_values", "prepare_predictions"),
     "review": ("ReviewBuffer", "class_probabilities", "keep_most_confident"),
+    "segmentation_review": (
+        "SegmentationReviewBuffer", "boundary_mask", "per_image_miou", "perturbation_iou", "pixel_confusion",
+    ),
     "image_stats": (
         "PERTURBATIONS", "STATISTICS", "BinnedErrors", "PerturbationResult", "brightness", "color_filter", "contrast",
-        "error_rate_by_bin", "gaussian_blur", "gaussian_noise", "image_statistics", "noise_level",
+        "BinnedMeans", "error_rate_by_bin", "gaussian_blur", "mean_by_bin", "gaussian_noise", "image_statistics", "noise_level",
         "per_class_accuracy", "perturb", "perturbation_accuracy", "saturation", "sharpness",
     ),
     "feature_visualization": (
-        "FeatureVisualizationResult", "MLPDecoder", "Objective", "TransformRobustness", "channel", "class_logit",
-        "diversity", "fit_autoencoder_prior", "high_frequency_fraction", "layer", "neuron", "objective_values",
+        "FeatureVisualizationResult", "MLPDecoder", "Objective", "TransformRobustness", "central_region", "channel",
+        "class_logit", "dense_class_logit", "diversity", "fit_autoencoder_prior", "high_frequency_fraction", "layer", "neuron", "objective_values",
         "stack_objectives", "visualize_features",
     ),
     "similarity": ("map_similarity", "spearman_similarity", "ssim_similarity"),

@@ -244,6 +244,50 @@ def region_confidence(out: torch.Tensor, pairs: RegionPairs) -> torch.Tensor:
     return (probs * pairs.masks).flatten(1).sum(1) / area
 
 
+def localization_pairs(
+    true_masks: torch.Tensor,
+    num_classes: int,
+    *,
+    background: int | None,
+    ignore_index: int | None = None,
+    max_per_sample: int = 8,
+    min_pixels: int = 1,
+) -> RegionPairs:
+    """What the localisation scores explain: each object class of each sample's true mask (not the
+    background), for the class's *whole-image* score -- its logits summed over every pixel (``masks`` all
+    True) -- so that the target itself does not say where the object is.
+
+    A region target would: the gradient of a score summed over a region lies around that region even for
+    a randomly initialised network, so a map of it "localises" by construction. The whole-image score
+    leaves the method to find where the evidence for the class is; a map that lands on the true mask
+    has found the object. :func:`localization_scores` then scores the maps against the class's true mask.
+
+    Example:
+        >>> truth = torch.tensor([[[0, 1], [0, 0]], [[0, 0], [0, 0]]])
+        >>> pairs = localization_pairs(truth, 3, background=0)
+        >>> pairs.sample.tolist(), pairs.class_id.tolist(), bool(pairs.masks.all())
+        ([0], [1], True)
+    """
+    objects = [c for c in range(num_classes) if c != background]
+    pairs = region_pairs(true_masks, objects, background=None, source="true", ignore_index=ignore_index,
+                         max_per_sample=max_per_sample, min_pixels=min_pixels)
+    return RegionPairs(pairs.sample, pairs.class_id, torch.ones_like(pairs.masks), "whole image")
+
+
+def concat_pairs(first: RegionPairs, second: RegionPairs) -> RegionPairs:
+    """Both sets of pairs in one, for one batched :func:`attribute_pairs` (``.source`` of ``first``).
+
+    Example:
+        >>> a = region_pairs(torch.tensor([[[0, 1]]]), "all", background=None)
+        >>> len(concat_pairs(a, a))
+        4
+    """
+    return RegionPairs(
+        torch.cat([first.sample, second.sample]), torch.cat([first.class_id, second.class_id]),
+        torch.cat([first.masks, second.masks]), first.source,
+    )
+
+
 def localization_scores(maps: torch.Tensor, pairs: RegionPairs, true_masks: torch.Tensor) -> dict[str, Any]:
     """How well the maps of ``pairs`` point at the true object: the pointing-game hit rate and the share of
     positive attribution inside the true mask of the explained class, with the chance level of both (the
@@ -288,7 +332,9 @@ __all__ = [
     "attribute_pairs",
     "attribute_targets",
     "class_probabilities",
+    "concat_pairs",
     "explained_classes",
+    "localization_pairs",
     "localization_scores",
     "nonfinite_grids",
     "region_confidence",

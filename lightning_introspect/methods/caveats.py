@@ -253,7 +253,7 @@ def detect_caveats(
             "segmentation_output",
             f"The output has shape {tuple(output.shape)} (per position, segmentation-style): a plain class target "
             "sums the class score over all pixels, so a map explains the whole image's class mass; use a "
-            "RegionTarget to explain a region. Class sensitivity compares classes by their summed scores.",
+            "RegionTarget to explain a region. SanityChecks explains object regions and compares classes over the same region.",
         ))
     if warn:
         for caveat in caveats:

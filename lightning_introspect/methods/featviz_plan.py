@@ -213,10 +213,16 @@ def check_units(
     classes: str | Sequence[int] | None,
     *,
     max_auto_classes: int = 10,
+    task: str = "classification",
+    background: int | None = None,
 ) -> list[int]:
     """Check the asked channels and classes against the layers' and the model's output shapes, and
-    return the classes to visualise (``"auto"``: the first ``max_auto_classes`` of a classifier's
-    ``(N, C)`` output, none for other outputs).
+    return the classes to visualise.
+
+    ``classes="auto"``: for a classifier's ``(N, C)`` output the first ``max_auto_classes`` classes; for a
+    segmentation model's ``(N, C, H, W)`` output (``task="segmentation"``) the first ``max_auto_classes``
+    classes other than ``background`` (the class covering most pixels of the samples' masks: a
+    "background image" shows the absence of objects, not an object); none for other outputs.
 
     Args:
         shapes: ``{layer name: output shape}`` of every layer to visualise (``None``: it did not run).
@@ -224,6 +230,9 @@ def check_units(
         channels: ``"auto"`` or channel ids used in every layer.
         classes: ``"auto"``, class ids or ``None``.
         max_auto_classes: the most classes ``"auto"`` picks.
+        task: ``"classification"`` or ``"segmentation"`` (resolved by
+            :func:`~lightning_introspect.methods.task.resolve_task`).
+        background: the class ``"auto"`` leaves out for segmentation (``None``: none left out).
 
     Raises:
         ValueError: a layer without a channel dimension, or channel / class ids out of range (naming the
@@ -232,6 +241,8 @@ def check_units(
     Example:
         >>> check_units({"conv": (2, 8, 4, 4)}, (2, 5), [0, 7], "auto", max_auto_classes=3)
         [0, 1, 2]
+        >>> check_units({}, (2, 4, 8, 8), "auto", "auto", task="segmentation", background=0)
+        [1, 2, 3]
     """
     for name, shape in shapes.items():
         if shape is None or len(shape) < 2:
@@ -241,13 +252,19 @@ def check_units(
             bad = [ch for ch in channels if ch >= n_ch]
             if bad:
                 raise ValueError(f"Expected `channels` in [0, {n_ch - 1}] (layer {name!r} has {n_ch} channels), but got {bad}.")
+    dense = task == "segmentation" and len(out_shape) == 4
     if isinstance(classes, (list, tuple)) and classes:
-        if len(out_shape) != 2:
-            raise ValueError(f"`classes` needs a classifier output (N, num_classes), but the model gives {out_shape}; set classes=None.")
+        if len(out_shape) != 2 and not dense:
+            raise ValueError(
+                f"`classes` needs a classifier output (N, num_classes) or a segmentation output (N, C, H, W), but the model "
+                f"gives {out_shape}; set classes=None."
+            )
         bad = [k for k in classes if k >= out_shape[1]]
         if bad:
             raise ValueError(f"Expected `classes` in [0, {out_shape[1] - 1}] (the model outputs {out_shape[1]} classes), but got {bad}.")
     if isinstance(classes, str):  # "auto", the only string the callback accepts
+        if dense:
+            return [k for k in range(out_shape[1]) if k != background][:max_auto_classes]
         return list(range(min(out_shape[1], max_auto_classes))) if len(out_shape) == 2 else []
     return [] if classes is None else list(classes)
 

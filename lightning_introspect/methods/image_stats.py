@@ -10,7 +10,8 @@ Everything works on batches ``(N, C, H, W)`` of floats (any value range) in pure
   and :func:`color_filter` (an "Instagram-like" fade: contrast towards the image mean, for RGB also
   desaturation and a warm cast);
 * :func:`error_rate_by_bin`: the error rate in each quantile bin of a statistic, so "errors
-  concentrate on blurry images" is a number;
+  concentrate on blurry images" is a number; :func:`mean_by_bin`: the same bins for a score (an
+  image's mean IoU in segmentation);
 * :func:`perturbation_accuracy`: per-class accuracy of a classifier under each perturbation and strength.
 
 Example:
@@ -285,6 +286,23 @@ class BinnedErrors:
     rate: list[float | None]
 
 
+def _quantile_bins(values: torch.Tensor, num_bins: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(edges, bin index of each value, finite mask)``: ``num_bins`` quantile bins of the finite values (tied
+    quantiles merged); ``edges`` is empty when no value is finite."""
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
+        raise ValueError(f"Expected `num_bins` to be a positive int, but got {num_bins!r}.")
+    v = values.detach().flatten().double().cpu()
+    keep = torch.isfinite(v)
+    v = v[keep]
+    if v.numel() == 0:
+        return torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.long), keep
+    q = torch.quantile(v, torch.linspace(0, 1, num_bins + 1, dtype=torch.float64))
+    edges = torch.unique(q)  # sorted; ties merged
+    if edges.numel() == 1:
+        edges = torch.cat([edges, edges])
+    return edges, torch.bucketize(v, edges[1:-1], right=True), keep
+
+
 def error_rate_by_bin(values: torch.Tensor, wrong: torch.Tensor, *, num_bins: int = 5) -> BinnedErrors:
     """Split ``values`` into ``num_bins`` quantile bins and report the error rate of each.
 
@@ -296,26 +314,56 @@ def error_rate_by_bin(values: torch.Tensor, wrong: torch.Tensor, *, num_bins: in
         >>> b.counts, b.rate
         ([5, 5], [0.6, 0.0])
     """
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-        raise ValueError(f"Expected `num_bins` to be a positive int, but got {num_bins!r}.")
-    v = values.detach().flatten().double().cpu()
     w = wrong.detach().flatten().bool().cpu()
-    if v.shape != w.shape:
-        raise ValueError(f"Expected `values` and `wrong` to have the same length, but got {v.numel()} and {w.numel()}.")
-    keep = torch.isfinite(v)
-    v, w = v[keep], w[keep]
-    if v.numel() == 0:
+    if values.numel() != w.numel():
+        raise ValueError(f"Expected `values` and `wrong` to have the same length, but got {values.numel()} and {w.numel()}.")
+    edges, idx, keep = _quantile_bins(values, num_bins)
+    if edges.numel() == 0:
         return BinnedErrors(edges=[], counts=[], errors=[], rate=[])
-    q = torch.quantile(v, torch.linspace(0, 1, num_bins + 1, dtype=torch.float64))
-    edges = torch.unique(q)  # sorted; ties merged
-    if edges.numel() == 1:
-        edges = torch.cat([edges, edges])
-    idx = torch.bucketize(v, edges[1:-1], right=True)
     nb = edges.numel() - 1
     counts = torch.bincount(idx, minlength=nb)
-    errors = torch.bincount(idx, weights=w.double(), minlength=nb).round().long()
+    errors = torch.bincount(idx, weights=w[keep].double(), minlength=nb).round().long()
     rate = [None if int(c) == 0 else float(e) / float(c) for c, e in zip(counts, errors)]
     return BinnedErrors(edges=edges.tolist(), counts=counts.tolist(), errors=errors.tolist(), rate=rate)
+
+
+@dataclass
+class BinnedMeans:
+    """The mean of a per-sample score (e.g. an image's mean IoU) by quantile bin of one statistic.
+
+    Attributes:
+        edges: ``len(counts) + 1`` bin edges (quantiles of the statistic; tied quantiles merged).
+        counts: samples per bin.
+        mean: the mean score per bin (``None`` for an empty bin).
+    """
+
+    edges: list[float]
+    counts: list[int]
+    mean: list[float | None]
+
+
+def mean_by_bin(values: torch.Tensor, scores: torch.Tensor, *, num_bins: int = 5) -> BinnedMeans:
+    """Split ``values`` into ``num_bins`` quantile bins (as :func:`error_rate_by_bin`) and report the mean of
+    ``scores`` in each; samples whose value or score is not finite are left out.
+
+    Example:
+        >>> v = torch.arange(10.0)
+        >>> b = mean_by_bin(v, (v >= 5).float(), num_bins=2)
+        >>> b.counts, b.mean
+        ([5, 5], [0.0, 1.0])
+    """
+    s = scores.detach().flatten().double().cpu()
+    if values.numel() != s.numel():
+        raise ValueError(f"Expected `values` and `scores` to have the same length, but got {values.numel()} and {s.numel()}.")
+    finite = torch.isfinite(s)
+    edges, idx, keep = _quantile_bins(values.detach().flatten().double().cpu()[finite], num_bins)
+    if edges.numel() == 0:
+        return BinnedMeans(edges=[], counts=[], mean=[])
+    nb = edges.numel() - 1
+    counts = torch.bincount(idx, minlength=nb)
+    sums = torch.bincount(idx, weights=s[finite][keep], minlength=nb)
+    mean = [None if int(c) == 0 else float(t) / float(c) for c, t in zip(counts, sums)]
+    return BinnedMeans(edges=edges.tolist(), counts=counts.tolist(), mean=mean)
 
 
 def per_class_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> list[float | None]:

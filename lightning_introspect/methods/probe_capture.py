@@ -1,5 +1,8 @@
 """Catching probe features from a forward pass: forward hooks pool (and, when wide, project) the outputs of
 named modules, one batch at a time, and hand them to :class:`~lightning_introspect.methods.probes.FeatureCache`.
+For segmentation (``pixels_per_image``) they instead read the feature vectors at a few labelled positions of
+each image (per-pixel probes) and hand them, with their labels, to
+:class:`~lightning_introspect.methods.probes.LayerCaches`.
 
 Pure torch (no Lightning): the caller decides when hooks are attached (``attach()`` returns the
 ``ExitStack`` that removes them) and which batches count (``begin`` / ``commit``).
@@ -28,8 +31,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_introspect._torch.guards import private_generator
 from lightning_introspect._torch.hooks import hooks
-from lightning_introspect.methods.probes import FeatureCache, RandomProjection, pool_activation
+from lightning_introspect.methods.probes import (
+    FeatureCache,
+    LayerCaches,
+    RandomProjection,
+    check_probe_masks,
+    downsample_input,
+    first_tensor,
+    nearest_labels,
+    pixel_features,
+    pool_activation,
+    sample_pixels,
+)
 
 #: the name of the raw-input features (the input baseline) in a feature cache
 INPUT_KEY = "input"
@@ -45,6 +60,16 @@ class FeatureCapture:
             (the same every batch and every epoch).
         seed: seeds the projections.
         on_time: called with the seconds each hook call took (the caller's clock of its own work).
+        pixels_per_image: per-pixel probes (segmentation): the labels given to :meth:`begin` are integer masks
+            ``(N, H, W)``, and each module's output ``(N, D, h, w)`` gives the feature vectors at up to this
+            many positions per image, labelled by the masks resized to ``(h, w)`` by nearest neighbour
+            (:func:`~lightning_introspect.methods.probes.nearest_labels`). ``None``: pooled features, one
+            row per sample.
+        ignore_index: per-pixel probes: the mask value of pixels that are never drawn.
+
+    The positions are drawn from a private generator per module (and one for the raw input), re-seeded
+    by :meth:`restart`: call it before each pass over the same data, and every pass reads the same
+    positions (curves of different epochs compare the same pixels).
 
     Attributes:
         projections: ``{name: RandomProjection}`` made so far.
@@ -60,18 +85,54 @@ class FeatureCapture:
         max_features: int = 512,
         seed: int = 0,
         on_time: Callable[[float], None] | None = None,
+        pixels_per_image: int | None = None,
+        ignore_index: int | None = None,
     ) -> None:
         self.modules = dict(modules)
+        self.pixels_per_image = pixels_per_image
+        self.ignore_index = ignore_index
+        self._generators: dict[str, torch.Generator] = {}
         self.pooling = pooling
         self.max_features = max_features
         self.seed = seed
         self.on_time = on_time
         self.projections: dict[str, RandomProjection] = {}
         self.error: BaseException | None = None
-        self._pending: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, Any] = {}
         self._labels: torch.Tensor | None = None
-        self._inputs: torch.Tensor | None = None
+        self._inputs: Any = None
         self._active = False
+
+    @property
+    def per_pixel(self) -> bool:
+        """Whether the features are positions of feature maps (segmentation) rather than pooled samples."""
+        return self.pixels_per_image is not None
+
+    def restart(self) -> None:
+        """Re-seed the position draws: the next pass over the same data reads the same positions."""
+        self._generators = {}
+
+    def _generator(self, name: str) -> torch.Generator:
+        gen = self._generators.get(name)
+        if gen is None:
+            index = 1 + list(self.modules).index(name) if name in self.modules else 0
+            gen = self._generators[name] = private_generator(self.seed * 1_000_003 + 7919 * (index + 1))
+        return gen
+
+    def sample(self, name: str, feature_map: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features (n, D'), labels (n,))`` of ``name`` at up to ``pixels_per_image`` positions per image of
+        ``feature_map`` ``(N, D, h, w)``, labelled by the current batch's masks resized to ``(h, w)``."""
+        if self.pixels_per_image is None or self._labels is None:
+            raise RuntimeError("FeatureCapture.sample needs `pixels_per_image` and the batch's masks (begin).")
+        fmap = first_tensor(feature_map)
+        if fmap.ndim != 4:
+            raise ValueError(
+                f"Per-pixel probes (task='segmentation') need feature maps (N, D, h, w), but {name!r} gives shape "
+                f"{tuple(fmap.shape)}; probe convolutional layers."
+            )
+        labels = nearest_labels(self._labels, (int(fmap.shape[-2]), int(fmap.shape[-1])))
+        image, row, col = sample_pixels(labels, self.pixels_per_image, generator=self._generator(name), ignore_index=self.ignore_index)
+        return self.project(name, pixel_features(fmap, image, row, col)), labels[image, row, col]
 
     def attach(self) -> contextlib.ExitStack:
         """Register a forward hook on every module; closing the returned stack removes them all."""
@@ -87,7 +148,10 @@ class FeatureCapture:
                 return
             start = time.perf_counter()
             try:
-                self._pending[name] = self.project(name, pool_activation(output, self.pooling))
+                if self.per_pixel:
+                    self._pending[name] = self.sample(name, output)
+                else:
+                    self._pending[name] = self.project(name, pool_activation(output, self.pooling))
             except Exception as exc:  # surfaced by `check` at the end of the batch
                 if self.error is None:
                     self.error = exc
@@ -108,12 +172,31 @@ class FeatureCapture:
         return proj(features)
 
     def begin(self, labels: torch.Tensor | None, inputs: torch.Tensor | None = None, *, layers: bool = True) -> None:
-        """Start a batch: its ``labels``, its raw-input features (``inputs``, already pooled / projected) and
-        whether the hooks catch layer features in it (``layers``)."""
+        """Start a batch: its ``labels`` (per-pixel probes: integer masks ``(N, H, W)``), its raw-input features
+        (``inputs``, already pooled / projected; or :meth:`add_input` after this) and whether the hooks catch
+        layer features in it (``layers``)."""
         self._pending = {}
-        self._labels = labels
+        self._labels = None if labels is None else check_probe_masks(labels).cpu() if self.per_pixel else labels
         self._inputs = inputs
         self._active = layers
+
+    def add_input(self, x: Any, max_features: int | None = None) -> None:
+        """The raw-input features of the current batch (the input baseline): a small thumbnail per sample
+        (:func:`~lightning_introspect.methods.probes.downsample_input`), or, for per-pixel probes, the input's
+        values at up to ``pixels_per_image`` positions per image (the input taken as a feature map ``(N, C, H, W)``).
+
+        Raises:
+            ValueError: per-pixel probes on inputs that are not images ``(N, C, H, W)``.
+        """
+        if self.per_pixel:
+            if not isinstance(x, torch.Tensor) or x.ndim != 4:
+                raise ValueError(
+                    f"The per-pixel input baseline needs image inputs (N, C, H, W), but got {getattr(x, 'shape', type(x))}; "
+                    "pass `include_input=False`."
+                )
+            self._inputs = self.sample(INPUT_KEY, x if x.is_floating_point() else x.float())
+        else:
+            self._inputs = self.project(INPUT_KEY, downsample_input(x, max_features or self.max_features))
 
     def check(self) -> None:
         """Raise the error a hook met in this batch, if any (once)."""
@@ -121,8 +204,9 @@ class FeatureCapture:
         if error is not None:
             raise error
 
-    def commit(self, layer_cache: FeatureCache, input_cache: FeatureCache, *, layers: bool = True) -> None:
+    def commit(self, layer_cache: FeatureCache | LayerCaches, input_cache: FeatureCache, *, layers: bool = True) -> None:
         """Add the batch's features to the caches (layers when ``layers``; the raw input when given) and end it.
+        Per-pixel probes need a :class:`~lightning_introspect.methods.probes.LayerCaches` for the layers.
 
         Raises:
             RuntimeError: a module did not run in the batch's forward pass.
@@ -138,8 +222,13 @@ class FeatureCapture:
                         f"LinearProbes: the layers {missing} did not run in this forward pass, so they cannot be "
                         "probed. Choose layers that the model's forward (validation step) calls."
                     )
-                layer_cache.add(self._pending, labels)
-            if self._inputs is not None:
+                if isinstance(layer_cache, LayerCaches):
+                    layer_cache.add(self._pending)
+                else:
+                    layer_cache.add(self._pending, labels)
+            if isinstance(self._inputs, tuple):  # per-pixel: (features, their labels)
+                input_cache.add({INPUT_KEY: self._inputs[0]}, self._inputs[1])
+            elif self._inputs is not None:
                 input_cache.add({INPUT_KEY: self._inputs}, labels)
             self._labels = self._inputs = None
         finally:

@@ -15,10 +15,14 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
+from lightning_introspect._torch.guards import introspection_mode
+from lightning_introspect._torch.hooks import hooks
 from lightning_introspect._torch.layers import (
     ModuleCalls,
     refuse_reused_modules,
@@ -154,4 +158,73 @@ def distinct_outputs(names: list[str], calls: ModuleCalls) -> list[str]:
             kept.append(name)
         elif twin.startswith(name + "."):  # the wrapper came second: it names the output better
             kept[kept.index(twin)] = name
+    return kept
+
+
+def layer_output_shapes(model: nn.Module, example_input: Any, modules: Mapping[str, nn.Module]) -> tuple[dict[str, tuple[int, ...] | None], Any]:
+    """One eval-mode, no-grad forward pass of ``example_input`` (global RNG forked, hooks removed afterwards):
+    the output shape of each of ``modules`` (of its first tensor; ``None`` when it did not run or gave no
+    tensor) and the model's own output.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+        >>> shapes, out = layer_output_shapes(net, torch.zeros(2, 1, 8, 8), {"1": net[1]})
+        >>> shapes, tuple(out.shape)
+        ({'1': (2, 4, 8, 8)}, (2, 2, 8, 8))
+    """
+    shapes: dict[str, tuple[int, ...] | None] = dict.fromkeys(modules)
+
+    def catch(name: str) -> Any:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            t = output if isinstance(output, torch.Tensor) else next((o for o in output if isinstance(o, torch.Tensor)), None) if isinstance(output, (tuple, list)) else None
+            if shapes[name] is None and t is not None:
+                shapes[name] = tuple(t.shape)
+
+        return hook
+
+    with torch.inference_mode(False), introspection_mode(model, grad=False), hooks() as handles:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(catch(name)))
+        x = example_input.clone() if isinstance(example_input, torch.Tensor) and example_input.is_inference() else example_input
+        output = model(x)
+    return shapes, output
+
+
+def pixel_probe_layers(
+    modules: Mapping[str, nn.Module], shapes: Mapping[str, tuple[int, ...] | None], *, auto: bool, num_classes: int | None = None
+) -> dict[str, nn.Module]:
+    """The layers per-pixel probes (segmentation) read: those whose output is a feature map ``(N, D, h, w)``.
+
+    With ``auto`` (the layers :func:`auto_probe_layers` chose: a U-Net's encoder and decoder stages) the
+    others are dropped, and so is a 1x1 convolution with ``num_classes`` output channels (the segmentation
+    head: its "features" are the logits, and a probe on them only measures the model's own accuracy).
+    Layers named explicitly are all kept or refused.
+
+    Raises:
+        ValueError: a layer named in ``layers`` whose output is not a feature map (naming it and its shape).
+        ProbeLayersUnavailable: ``auto`` leaves no layer.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 1))
+        >>> shapes = {"1": (2, 4, 6, 6), "2": (2, 3, 6, 6)}
+        >>> list(pixel_probe_layers({"1": net[1], "2": net[2]}, shapes, auto=True, num_classes=3))
+        ['1']
+    """
+    maps = {n: m for n, m in modules.items() if (shapes.get(n) is not None and len(shapes[n] or ()) == 4)}
+    if not auto:
+        bad = {n: shapes.get(n) for n in modules if n not in maps}
+        if bad:
+            raise ValueError(
+                f"Expected the layers in `layers` to output feature maps (N, D, h, w) for per-pixel probes (segmentation), "
+                f"but got {bad} (shape None: the layer did not run); name convolutional layers, or pass `task='classification'`."
+            )
+        return dict(maps)
+    kept = {
+        n: m for n, m in maps.items()
+        if not (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and num_classes is not None and m.out_channels == num_classes)
+    }
+    if not kept:
+        raise ProbeLayersUnavailable(
+            "`layers='auto'` found no layer with feature maps (N, D, h, w) for per-pixel probes; name the layers explicitly."
+        )
     return kept

@@ -11,6 +11,10 @@ This module holds the pure parts (torch + numpy + scikit-learn, no Lightning):
   projection (dense Gaussian, or a sparse sign sketch when the dense matrix would be large);
 * :class:`FeatureCache` keeps a bounded, aligned sample of features and labels (reservoir sampling or
   the first N samples), at most ``max_samples x width`` floats per layer;
+* segmentation (per-pixel probes): :func:`nearest_labels` resizes the masks to a feature map's size,
+  :func:`sample_pixels` draws a bounded set of labelled positions per image, :func:`pixel_features`
+  reads the feature vectors there, and :class:`LayerCaches` keeps them per layer, each layer with its
+  own labels;
 * :func:`fit_probe` / :func:`fit_probes` standardise, split (stratified, seeded), fit and score the
   probe with either solver: scikit-learn ``LogisticRegression`` (lbfgs) or the same model in torch
   (``torch.optim.LBFGS``, full batch, on the features' device). Both can warm-start from a previous fit.
@@ -338,6 +342,180 @@ class FeatureCache:
             return torch.zeros(0, dtype=torch.long, device=self.device)
         return self._labels[: self.size]
 
+    def labels_of(self, name: str) -> torch.Tensor:
+        """The labels of layer ``name``'s rows: :attr:`labels`, shared by every layer (the same samples)."""
+        return self.labels
+
+
+class LayerCaches:
+    """One :class:`FeatureCache` per layer, each with its own labels: for per-pixel probes, where every
+    layer's samples are positions of its own feature map, labelled from the mask resized to that map, so
+    rows of different layers are different pixels and the labels differ too.
+
+    Memory: at most ``max_samples`` rows per layer, as in :class:`FeatureCache`.
+
+    Example:
+        >>> caches = LayerCaches(100)
+        >>> caches.add({"a": (torch.randn(30, 4), torch.zeros(30, dtype=torch.long)),
+        ...             "b": (torch.randn(12, 8), torch.ones(12, dtype=torch.long))})
+        >>> caches.names, tuple(caches.features("b").shape), caches.labels_of("b").tolist()[:3]
+        (['a', 'b'], (12, 8), [1, 1, 1])
+    """
+
+    def __init__(
+        self, max_samples: int, *, policy: str = "reservoir", seed: int = 0, device: torch.device | str = "cpu"
+    ) -> None:
+        FeatureCache(max_samples, policy=policy)  # checks the arguments now, before any layer is seen
+        self.max_samples, self.policy, self.seed = max_samples, policy, seed
+        self.device = torch.device(device)
+        self._caches: dict[str, FeatureCache] = {}
+
+    def reset(self) -> None:
+        """Forget the samples of every layer and re-seed their reservoirs (see :meth:`FeatureCache.reset`)."""
+        for cache in self._caches.values():
+            cache.reset()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._caches)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self._caches.values())
+
+    def size_of(self, name: str) -> int:
+        """The rows kept for layer ``name``."""
+        return self._caches[name].size if name in self._caches else 0
+
+    def add(self, items: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Add one batch: ``items[name]`` is ``(features (n, D), labels (n,))`` of that layer (``n`` may differ)."""
+        for name, (feats, labels) in items.items():
+            cache = self._caches.get(name)
+            if cache is None:
+                index = len(self._caches)  # its own reservoir stream, the same every epoch
+                cache = self._caches[name] = FeatureCache(
+                    self.max_samples, policy=self.policy, seed=self.seed * 1_000_003 + index, device=self.device
+                )
+            cache.add({name: feats}, labels)
+
+    def features(self, name: str) -> torch.Tensor:
+        if name not in self._caches:
+            raise KeyError(f"No features cached for layer {name!r}; cached layers: {self.names}.")
+        return self._caches[name].features(name)
+
+    def labels_of(self, name: str) -> torch.Tensor:
+        """The labels of layer ``name``'s rows, ``(size_of(name),)`` int64."""
+        if name not in self._caches:
+            raise KeyError(f"No features cached for layer {name!r}; cached layers: {self.names}.")
+        return self._caches[name].labels
+
+
+# --------------------------------------------------------------------------------- per-pixel probes
+def check_probe_masks(masks: Any) -> torch.Tensor:
+    """``masks`` as detached integer masks ``(N, H, W)`` (``(N, 1, H, W)`` accepted), as per-pixel probes need.
+
+    Raises:
+        ValueError: labels of another shape or floating-point labels with fractions.
+
+    Example:
+        >>> check_probe_masks(torch.zeros(2, 1, 4, 4)).shape
+        torch.Size([2, 4, 4])
+    """
+    masks = torch.as_tensor(masks).detach()
+    dense = masks.ndim == 3 or (masks.ndim == 4 and masks.shape[1] == 1)
+    integer = not masks.is_floating_point() and masks.dtype != torch.bool
+    if masks.is_floating_point() and dense:
+        integer = bool(torch.equal(masks, masks.round()))
+    if not dense or not integer:
+        raise ValueError(
+            f"Expected integer masks (N, H, W) for per-pixel probes (task='segmentation'), but got {masks.dtype} "
+            f"labels of shape {tuple(masks.shape)}."
+        )
+    return masks[:, 0].long() if masks.ndim == 4 else masks.long()
+
+
+def _nearest_source(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """The source index of every output index along one axis, as ``F.interpolate(mode="nearest")`` picks it."""
+    grid = torch.arange(n_in, dtype=torch.float32, device=device).view(1, 1, n_in)
+    return F.interpolate(grid, size=n_out, mode="nearest").view(-1).round().long()
+
+
+def nearest_labels(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Integer masks ``(N, H, W)`` resized to ``size`` ``(h, w)`` by nearest neighbour: each cell of a
+    feature map gets the label of the mask pixel ``F.interpolate(mode="nearest")`` reads for it (the same
+    choice of source pixels, made on the indices so any label value stays exact).
+
+    Example:
+        >>> m = torch.arange(16).view(1, 4, 4)
+        >>> nearest_labels(m, (2, 2)).tolist()
+        [[[0, 2], [8, 10]]]
+    """
+    h, w = int(size[0]), int(size[1])
+    if tuple(masks.shape[-2:]) == (h, w):
+        return masks
+    rows = _nearest_source(masks.shape[-2], h, masks.device)
+    cols = _nearest_source(masks.shape[-1], w, masks.device)
+    return masks[:, rows][:, :, cols]
+
+
+def sample_pixels(
+    labels: torch.Tensor, per_image: int, *, generator: torch.Generator, ignore_index: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Up to ``per_image`` distinct positions of each image of ``labels`` ``(N, h, w)``, drawn uniformly
+    among its pixels with a valid label (not ``ignore_index``, not negative): an image with fewer valid
+    pixels gives all of them, and an ignored pixel is never drawn.
+
+    The draw uses only ``generator`` (a CPU ``torch.Generator``; the global RNG is not touched): re-seeded
+    before each pass over the same data, it gives the same positions every pass.
+
+    Returns:
+        ``(image, row, col)`` long tensors on CPU, image by image.
+
+    Example:
+        >>> labels = torch.tensor([[[0, 255], [1, 255]]])
+        >>> image, row, col = sample_pixels(labels, 8, generator=torch.Generator().manual_seed(0), ignore_index=255)
+        >>> sorted(zip(row.tolist(), col.tolist()))  # both valid pixels, never an ignored one
+        [(0, 0), (1, 0)]
+    """
+    if isinstance(per_image, bool) or not isinstance(per_image, int) or per_image < 1:
+        raise ValueError(f"Expected `pixels_per_image` to be a positive int, but got {per_image!r}.")
+    labels = labels.detach().cpu()
+    n, h, w = labels.shape
+    flat = labels.reshape(n, h * w)
+    valid = flat >= 0
+    if ignore_index is not None:
+        valid &= flat != ignore_index
+    k = min(per_image, h * w)
+    scores = torch.rand(n, h * w, generator=generator)
+    scores[~valid] = 2.0  # past every valid pixel's draw in [0, 1): taken only when too few are valid, then dropped
+    index = scores.topk(k, dim=1, largest=False).indices
+    keep = valid.gather(1, index)
+    image = torch.arange(n).view(n, 1).expand(n, k)[keep]
+    position = index[keep]
+    return image, torch.div(position, w, rounding_mode="floor"), position % w
+
+
+def pixel_features(feature_map: Any, image: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """The feature vectors ``(n, D)`` (float32, detached) of a feature map ``(N, D, h, w)`` at the positions
+    ``(image, row, col)`` (from :func:`sample_pixels`).
+
+    Raises:
+        ValueError: the layer output is not a feature map ``(N, D, h, w)``.
+
+    Example:
+        >>> fmap = torch.arange(8.0).view(1, 2, 2, 2)
+        >>> pixel_features(fmap, torch.tensor([0]), torch.tensor([1]), torch.tensor([0])).tolist()
+        [[2.0, 6.0]]
+    """
+    x = first_tensor(feature_map).detach()
+    if x.ndim != 4:
+        raise ValueError(
+            f"Per-pixel probes (task='segmentation') need feature maps (N, D, h, w), but a layer gave shape {tuple(x.shape)}; "
+            "probe convolutional layers."
+        )
+    device = x.device
+    return x[image.to(device), :, row.to(device), col.to(device)].float()
+
 
 # ------------------------------------------------------------------------------------------- fitting
 @contextlib.contextmanager
@@ -610,7 +788,7 @@ def fit_probe(
 
 def fit_probes(
     features: Mapping[str, ArrayLike],
-    labels: ArrayLike,
+    labels: ArrayLike | Mapping[str, ArrayLike],
     *,
     solver: str = "sklearn",
     test_fraction: float = 0.3,
@@ -628,7 +806,8 @@ def fit_probes(
 
     Args:
         features: layer name -> ``(n, D_layer)`` features (rows aligned with ``labels``).
-        labels: ``(n,)`` integer labels.
+        labels: ``(n,)`` integer labels; or layer name -> that layer's own labels (per-pixel probes: every
+            layer has its own samples), each layer then with its own split.
         warm_start: layer name -> ``ProbeResult.state`` of the previous fit (missing layers start cold).
         split: precomputed ``(train, test)`` indices (default: :func:`probe_split`).
         solver, test_fraction, seed, max_iter, C, tol: as in :func:`fit_probe`.
@@ -649,6 +828,21 @@ def fit_probes(
     _check_choice(solver, "solver", SOLVER_CHOICES)
     if not features:
         raise ValueError("Expected `features` to map at least one layer name to its features, but got none.")
+    if isinstance(labels, Mapping):
+        missing = [n for n in features if n not in labels]
+        if missing or split is not None:
+            raise ValueError(
+                f"Expected per-layer `labels` for every layer of `features` and no shared `split`, but the labels miss "
+                f"{missing} (split given: {split is not None})."
+            )
+        warm = warm_start or {}
+        out: dict[str, ProbeResult] = {}
+        for name in features:
+            out.update(fit_probes(
+                {name: features[name]}, labels[name], solver=solver, test_fraction=test_fraction, seed=seed,
+                max_iter=max_iter, C=C, tol=tol, warm_start={name: warm.get(name)},
+            ))
+        return out
     start = time.perf_counter()
     train, test = split if split is not None else probe_split(labels, test_fraction, seed)
     y_np = _as_numpy(labels, np.int64)
@@ -762,6 +956,8 @@ def probe_label_problem(labels: torch.Tensor | None, source: str = "validation")
     if labels.ndim > 1:
         return (
             f"the labels have shape {tuple(labels.shape)} (dense masks, as in segmentation), and a probe needs one "
-            "class id per sample; pass `target_transform` (batch -> one label per sample) to probe such data."
+            "class id per sample; the model's output is not per-pixel logits of the masks' size, so per-pixel probes "
+            "were not chosen: pass `task='segmentation'` for per-pixel probes, or `target_transform` (batch -> one "
+            "label per sample)."
         )
     return None

@@ -14,6 +14,18 @@ and returns a :class:`SanityReport` with the curves, a ``"pass"`` / ``"fail"`` v
 caveats; ``report.to_dict()`` holds only plain Python values (for checkpoints loaded with
 ``weights_only=True``).
 
+What is explained
+-----------------
+Classification: each sample's predicted class (``target="pred"``) or the class ids given. Segmentation
+(the task detected from a dense ``(N, C, H, W)`` output, :func:`~lightning_introspect.methods.task.resolve_task`,
+or ``task="segmentation"``): a whole-image class target would explain the background, which covers most
+pixels, so each sample's target is instead its largest non-background object
+(:func:`~lightning_introspect.methods.targets.object_targets`): of the predicted masks for ``"pred"``, of the
+masks given for an ``(N, H, W)`` mask tensor; the score is that class's logits summed over the object's
+region. Class sensitivity then compares the maps of the object's class and of other classes over the same
+region (:func:`~lightning_introspect.methods.class_check.region_classes`). ``report.target`` says in words
+what was explained, ``report.task`` which task.
+
 Verdicts
 --------
 The verdict score is ``verdict_metric`` (default ``"spearman_max"``: the larger of the mean Spearman
@@ -69,8 +81,22 @@ from lightning_introspect.methods.randomization import (
     randomization_curves,
 )
 from lightning_introspect.methods.similarity import METRICS, check_metrics
+from lightning_introspect.methods.targets import RegionTarget, object_targets
+from lightning_introspect.methods.task import as_masks, resolve_task
 
 MODES: tuple[str, ...] = ("cascading", "independent", "both")
+PREDICTED_CLASS = "each sample's predicted class"
+PREDICTED_OBJECTS = "object regions of the predicted masks"
+"""``report.target`` of a segmentation check of ``"pred"``: each sample's largest non-background predicted
+object, the class's logits summed over its region."""
+TRUE_OBJECTS = "object regions of the true masks"
+GIVEN_REGIONS = "the given region targets"
+_REGION_TARGETS = (PREDICTED_OBJECTS, TRUE_OBJECTS, GIVEN_REGIONS)
+REGION_NOTE = (
+    "Region targets: a map explains the class's logits summed over the region, so part of its layout comes from "
+    "the region itself (even a randomised network's gradient map is a blob over the object's receptive field); "
+    "a high randomisation score means the map shows where the object is more than what the model learned about it."
+)
 DEFAULT_THRESHOLDS: dict[str, float] = {"randomization": 0.5, "class_sensitivity": 0.6}
 VERDICT_METRICS: tuple[str, ...] = ("spearman_max", "spearman_abs", "spearman", "ssim")
 DEFAULT_VERDICT_METRIC = "spearman_max"
@@ -117,7 +143,10 @@ class SanityReport:
         class_sensitivity_scores: ``{method: the largest score over the other classes}``.
         caveats: :class:`Caveat` list.
         thresholds: the thresholds used; ``verdict_metric``, ``verdict_depth``, ``bn_mode``, ``seed``,
-            ``num_samples``, ``repeats``: the settings; ``classes``: ``{"pred" | other: class id per sample}``.
+            ``num_samples``, ``repeats``: the settings; ``classes``: ``{"pred" | other: class id per sample}``
+            (``"pred"``: the explained class).
+        task: ``"classification"`` or ``"segmentation"``.
+        target: what the maps explain, in words (e.g. ``"object regions of the predicted masks"``).
         maps: ``{mode: {method: {"original" | layer: maps}}}`` and ``class_maps`` ``{method: {class: maps}}``
             for a few samples (kept for figures, not serialised).
     """
@@ -141,6 +170,8 @@ class SanityReport:
     num_samples: int
     repeats: int = 1
     classes: dict[str, list[int]] = field(default_factory=dict)
+    task: str = "classification"
+    target: str = PREDICTED_CLASS
     maps: dict[str, dict[str, dict[str, torch.Tensor]]] = field(default_factory=dict, repr=False)
     class_maps: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
@@ -171,6 +202,8 @@ class SanityReport:
             "num_samples": int(self.num_samples),
             "repeats": int(self.repeats),
             "classes": copy.deepcopy(self.classes),
+            "task": self.task,
+            "target": self.target,
         }
 
     @classmethod
@@ -196,16 +229,21 @@ class SanityReport:
             num_samples=int(data.get("num_samples", 0)),
             repeats=int(data.get("repeats", 1)),
             classes=copy.deepcopy(dict(data.get("classes", {}))),
+            task=str(data.get("task", "classification")),
+            target=str(data.get("target", PREDICTED_CLASS)),
         )
 
     def markdown(self) -> str:
         """The verdict table (and caveats) as markdown, for TensorBoard's text tab or a notebook."""
         depth_layer = self.layers[min(self.verdict_depth, len(self.layers)) - 1] if self.layers else "-"
-        lines = [
+        lines = [f"Explained: {self.target} ({self.task}).", ""]
+        if self.target in _REGION_TARGETS:
+            lines += [REGION_NOTE, ""]
+        lines += [
             f"Score: `{self.verdict_metric}` (lower = the map changed more). **Randomisation**: after randomising "
             f"the top {self.verdict_depth} block(s) (down to `{depth_layer}`; mean over {self.num_samples} samples x "
             f"{self.repeats} re-initialisation(s)), pass below "
-            f"{self.thresholds['randomization']:.2f}. **Class sensitivity**: predicted class vs other classes, "
+            f"{self.thresholds['randomization']:.2f}. **Class sensitivity**: {self._class_check_text()}, "
             f"pass below {self.thresholds['class_sensitivity']:.2f}.",
             "",
             "| method | randomisation | score | class sensitivity | score |",
@@ -222,6 +260,11 @@ class SanityReport:
         if self.caveats:
             lines += ["", "**Caveats**", ""] + [f"- {c}" for c in self.caveats]
         return "\n".join(lines)
+
+    def _class_check_text(self) -> str:
+        if self.target in _REGION_TARGETS:
+            return "the explained class vs other classes over the same region"
+        return "predicted class vs other classes"
 
 
 def verdict_score(values: Mapping[str, float], metric: str = DEFAULT_VERDICT_METRIC) -> float:
@@ -271,6 +314,36 @@ def decide_verdicts(
     return verdicts, scores
 
 
+def explained_target(output: torch.Tensor, target: Any, task: str) -> tuple[Any, str]:
+    """What the checks explain for ``target`` on a model whose (trained) output is ``output``, and its
+    description for the report (the module docstring's "What is explained").
+
+    Example:
+        >>> out = torch.zeros(2, 3, 4, 4); out[:, 0] = 1.0; out[0, 2, :2, :2] = 5.0
+        >>> region, text = explained_target(out, "pred", "segmentation")
+        >>> region.class_id.tolist(), region.mask.sum(dim=(1, 2)).tolist(), text
+        ([2, 0], [4, 16], 'object regions of the predicted masks')
+        >>> explained_target(torch.zeros(2, 3), "pred", "classification")[1]
+        "each sample's predicted class"
+    """
+    if task == "segmentation" and isinstance(output, torch.Tensor) and output.ndim == 4:
+        if isinstance(target, str) and target == "pred":
+            return object_targets(output.detach().argmax(1)), PREDICTED_OBJECTS
+        if isinstance(target, torch.Tensor) and target.ndim >= 3:
+            masks = as_masks(target).to(output.device)
+            if masks.ndim == 3 and masks.shape[0] == output.shape[0] and masks.shape[-2:] == output.shape[-2:]:
+                return object_targets(masks), TRUE_OBJECTS
+            raise ValueError(f"Expected `target` masks of shape (N, H, W) = {(output.shape[0], *output.shape[-2:])}, but got {tuple(target.shape)}.")
+    if isinstance(target, RegionTarget):
+        return target, GIVEN_REGIONS
+    if callable(target) and not isinstance(target, torch.Tensor):
+        return target, "a custom score of the output"
+    summed = " (logits summed over all positions)" if isinstance(output, torch.Tensor) and output.ndim > 2 else ""
+    if isinstance(target, str) and target == "pred":
+        return target, PREDICTED_CLASS + summed
+    return target, "the given class ids" + summed
+
+
 def run_sanity_checks(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -292,11 +365,14 @@ def run_sanity_checks(
     repeats: int = 1,
     warn: bool = True,
     progress: Callable[[str], None] | None = None,
+    task: str = "auto",
 ) -> SanityReport:
     """Caveats, randomisation (``mode``), class sensitivity and verdicts in one call.
 
     Args are those of :func:`~lightning_introspect.methods.randomization.randomization_curves` and
     :func:`~lightning_introspect.methods.class_check.class_sensitivity`, plus:
+        target: ``"pred"``, class ids, a callable or a ``RegionTarget``; for segmentation also integer
+            masks ``(N, H, W)`` (their largest objects are explained; see "What is explained").
         mode: ``"cascading"`` | ``"independent"`` | ``"both"``. Verdicts always use the cascading curve;
             in ``"independent"`` mode only the top ``verdict_depth`` cascading steps are run for them.
         thresholds: ``{"randomization": 0.5, "class_sensitivity": 0.6}`` (a float sets the first).
@@ -304,6 +380,9 @@ def run_sanity_checks(
         verdict_metric: one of :data:`VERDICT_METRICS` (module docstring); its metrics are always computed.
         class_check: run :func:`class_sensitivity`.
         warn: issue the caveats as :class:`SanityCaveatWarning`.
+        task: ``"auto"`` (segmentation for a dense ``(N, C, H, W)`` output), ``"classification"`` or
+            ``"segmentation"`` (:func:`~lightning_introspect.methods.task.resolve_task`; a task the shapes
+            contradict raises ``IntrospectionInputError``, a ``ValueError``).
 
     Returns:
         A :class:`SanityReport`.
@@ -320,14 +399,22 @@ def run_sanity_checks(
     caveats = detect_caveats(work, inputs, explainer.names, warn=warn)
     with work_mode(work):
         x = model_input(work, inputs)
+        with torch.no_grad():
+            output = work(x)
+        masks = target if isinstance(target, torch.Tensor) and target.ndim >= 3 else None
+        resolved_task = resolve_task(task, output, masks)
+        target, described = explained_target(output, target, resolved_task)
         blocks = randomization_blocks(work, x[:1], layers, bn_mode=bn_mode)
+    region = target if isinstance(target, RegionTarget) else None
     sensitivity = None
     cs_verdicts: dict[str, str] = {}
     cs_scores: dict[str, float] = {}
     if class_check:  # before any randomisation
         if progress is not None:
             progress("class sensitivity")
-        sensitivity = class_sensitivity(work, inputs, explainer, others=others, seed=seed, layer=layer, metrics=metrics, keep_maps=keep_maps)
+        sensitivity = class_sensitivity(
+            work, inputs, explainer, others=others, seed=seed, layer=layer, metrics=metrics, keep_maps=keep_maps, region=region
+        )
         for method, per_other in sensitivity.similarity.items():
             worst = max(verdict_score(vals, verdict_metric) for vals in per_other.values())
             cs_scores[method] = worst
@@ -368,6 +455,8 @@ def run_sanity_checks(
         num_samples=int(inputs.shape[0]),
         repeats=int(repeats),
         classes=sensitivity.classes if sensitivity else {},
+        task=resolved_task,
+        target=described,
         maps={k: results[k].maps for k in ("cascading", "independent") if k in results},
         class_maps=sensitivity.maps if sensitivity else {},
     )
@@ -380,6 +469,7 @@ __all__ = [
     "VERDICT_METRICS",
     "SanityReport",
     "decide_verdicts",
+    "explained_target",
     "resolve_thresholds",
     "run_sanity_checks",
     "verdict_score",

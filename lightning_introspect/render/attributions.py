@@ -95,20 +95,21 @@ def localization_markdown(scores: Mapping[str, Mapping[str, Any]], step: int) ->
     Example:
         >>> row = {"pointing_game": 0.75, "energy_in_mask": 0.5, "chance": 0.1, "pairs": 4, "skipped": 1}
         >>> print(localization_markdown({"saliency": row}, 7))
-        **Localisation at step 7** (maps of the explained class against its true mask; chance = the mask's area fraction)
+        **Localisation at step 7** (each true object's class explained for its whole-image score; the map against the object's true mask; chance = the mask's area fraction)
         <BLANKLINE>
         | method | pointing game | energy in mask | chance | regions scored |
         |---|---|---|---|---|
         | saliency | 0.750 | 0.500 | 0.100 | 4 |
         <BLANKLINE>
-        1 explained region(s) per method left out: the class is predicted there but absent from the true mask (no object to point at).
+        1 sample(s) left out: their true mask shows no object (only the background), so there is nothing to point at.
     """
 
     def fmt(v: Any) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
     lines = [
-        f"**Localisation at step {step}** (maps of the explained class against its true mask; chance = the mask's area fraction)",
+        f"**Localisation at step {step}** (each true object's class explained for its whole-image score; the map "
+        "against the object's true mask; chance = the mask's area fraction)",
         "",
         "| method | pointing game | energy in mask | chance | regions scored |",
         "|---|---|---|---|---|",
@@ -119,7 +120,7 @@ def localization_markdown(scores: Mapping[str, Mapping[str, Any]], step: int) ->
     ]
     skipped = max((int(r["skipped"]) for r in scores.values()), default=0)
     if skipped:
-        lines += ["", f"{skipped} explained region(s) per method left out: the class is predicted there but absent from the true mask (no object to point at)."]
+        lines += ["", f"{skipped} sample(s) left out: their true mask shows no object (only the background), so there is nothing to point at."]
     return "\n".join(lines)
 
 
@@ -239,7 +240,8 @@ def attribution_summary_lines(history: Sequence[Mapping[str, Any]], methods: Seq
         return ["no attribution maps logged"]
     last = history[-1]
     n = len(last["explained"])
-    lines = [f"{len(history)} logs of {', '.join(methods) or 'no methods'} on {n} fixed samples"]
+    on = f"{n} class regions of {len(set(last['samples']))} fixed samples" if "samples" in last else f"{n} fixed samples"
+    lines = [f"{len(history)} logs of {', '.join(methods) or 'no methods'} on {on}"]
     if cam_layer is not None:
         lines.append(f"Grad-CAM layer {cam_layer}")
     lines.append(f"last run {last['seconds']:.2f} s; mean confidence in the explained class {sum(last['confidence']) / max(n, 1):.2f}")

@@ -75,6 +75,23 @@ def featviz_table(
     return "\n".join(lines)
 
 
+def class_objective_text(classes: Sequence[int], *, task: str, region: float = 0.5, background: int | None = None) -> str:
+    """The class units in words, with the objective their images maximise (for the table's "Chosen" line).
+
+    Example:
+        >>> class_objective_text([3], task="classification")
+        'classes [3] (objective: the class logit)'
+        >>> class_objective_text([1, 2], task="segmentation", background=0)
+        'classes [1, 2] (segmentation; objective: mean logit of the class over the central half of the height and width of the output; background class 0 left out by classes="auto")'
+    """
+    if task != "segmentation":
+        return f"classes {list(classes)} (objective: the class logit)"
+    span = "half" if region == 0.5 else f"{region:g}"
+    where = "the whole output" if region == 1.0 else f"the central {span} of the height and width of the output"
+    text = f"classes {list(classes)} (segmentation; objective: mean logit of the class over {where}"
+    return text + (f"; background class {background} left out by classes=\"auto\")" if background is not None else ")")
+
+
 def nonfinite_units_text(nonfinite: Mapping[str, Sequence[str]], columns: Sequence[str]) -> str:
     """The units that held NaN / Inf, in words, with the settings concerned.
 
@@ -106,4 +123,4 @@ def featviz_summary_lines(results: Mapping[str, FeatureVisualizationResult], col
     return [f"{n_units} units; " + "; ".join(parts)]
 
 
-__all__ = ["featviz_summary_lines", "featviz_table", "nonfinite_units_text", "unit_image"]
+__all__ = ["class_objective_text", "featviz_summary_lines", "featviz_table", "nonfinite_units_text", "unit_image"]

@@ -156,8 +156,12 @@ def statistics_markdown(bins: Mapping[str, Mapping[str, Any]], overall: float) -
     return "\n".join(lines)
 
 
-def statistics_figure(bins: Mapping[str, Mapping[str, Any]], overall: float) -> Any:
-    """Bar chart per statistic: error rate in each quantile bin, the overall rate dashed.
+def statistics_figure(
+    bins: Mapping[str, Mapping[str, Any]], overall: float, *, value: str = "rate", label: str = "error rate",
+    color: str = "tab:red",
+) -> Any:
+    """Bar chart per statistic: error rate (or ``bins[stat][value]``, named ``label``) in each quantile bin,
+    the overall value dashed.
 
     A plain ``Figure`` (no pyplot state); each panel's bars are one ``PolyCollection``.
     """
@@ -169,8 +173,8 @@ def statistics_figure(bins: Mapping[str, Mapping[str, Any]], overall: float) -> 
     axes = fig.subplots(1, max(1, len(stats)), squeeze=False)
     for ax, stat in zip(axes[0], stats):
         b = bins[stat]
-        rates = [0.0 if r is None else r for r in b["rate"]]
-        bars = PolyCollection(bar_polygons(range(len(rates)), rates, 0.8), facecolors="tab:red", edgecolors="none",
+        rates = [0.0 if r is None else r for r in b[value]]
+        bars = PolyCollection(bar_polygons(range(len(rates)), rates, 0.8), facecolors=color, edgecolors="none",
                               alpha=0.7)
         bars.sticky_edges.y.append(0.0)  # no margin below zero, as with ``ax.bar``
         ax.add_collection(bars)
@@ -182,7 +186,7 @@ def statistics_figure(bins: Mapping[str, Mapping[str, Any]], overall: float) -> 
         ax.set_xticks(range(len(rates)), [f"q{i + 1}" for i in range(len(rates))], fontsize=7)
         ax.set_title(stat, fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
-    axes[0][0].set_ylabel("error rate", fontsize=8)
+    axes[0][0].set_ylabel(label, fontsize=8)
     set_margins(fig, left=0.55, bottom=0.35, top=0.3)
     return fig
 
@@ -212,8 +216,11 @@ def perturbation_markdown(results: Mapping[str, Mapping[str, Any]], names: Seque
     return "\n".join(lines)
 
 
-def perturbation_figure(results: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> Any:
-    """Accuracy vs strength, one panel per perturbation: a thin line per class, the overall in black."""
+def perturbation_figure(
+    results: Mapping[str, Mapping[str, Any]], names: Sequence[str], *, value: str = "accuracy", label: str = "accuracy",
+) -> Any:
+    """Accuracy (or ``results[kind][value]``, named ``label``) vs strength, one panel per perturbation: a thin
+    line per class, the overall in black (``None`` values are gaps)."""
     import matplotlib
     from matplotlib.figure import Figure
 
@@ -230,11 +237,11 @@ def perturbation_figure(results: Mapping[str, Mapping[str, Any]], names: Sequenc
                 continue
             ax.plot(s, [float("nan") if v is None else v for v in ys], color=cmap(c % cmap.N), linewidth=0.9,
                     alpha=0.8, label=name)
-        ax.plot(s, res["accuracy"], color="black", linewidth=2.2, label="all")
+        ax.plot(s, [float("nan") if v is None else v for v in res[value]], color="black", linewidth=2.2, label="all")
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel(_KIND_LABEL.get(kind, kind), fontsize=8)
         ax.tick_params(labelsize=7)
-    axes[0][0].set_ylabel("accuracy", fontsize=8)
+    axes[0][0].set_ylabel(label, fontsize=8)
     axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     set_margins(fig, left=0.55, right=1.2, bottom=0.45, top=0.15, wspace=0.25)
     return fig

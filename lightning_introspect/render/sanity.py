@@ -63,7 +63,8 @@ def plotted_metrics(report: SanityReport, mode: str, metrics: Sequence[str]) -> 
 
 
 def sanity_summary_lines(report: SanityReport | None) -> list[str]:
-    """A few plain-text lines: each method's verdicts with their scores, and the kinds of caveat.
+    """A few plain-text lines: each method's verdicts with their scores, the kinds of caveat and, for
+    segmentation, what was explained.
 
     Args:
         report: the latest report, or ``None`` (no lines).
@@ -84,6 +85,8 @@ def sanity_summary_lines(report: SanityReport | None) -> list[str]:
         )
     if r.caveats:
         lines.append("SanityChecks caveats: " + ", ".join(sorted({c.kind for c in r.caveats})))
+    if r.task == "segmentation":
+        lines.append(f"SanityChecks explained: {r.target}")
     return lines
 
 

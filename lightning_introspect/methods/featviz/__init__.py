@@ -6,7 +6,8 @@ so three kinds of regulariser are offered (Olah et al. 2017, "Feature Visualizat
 One module per concern:
 
 * :mod:`.objectives` -- what to maximise: :func:`channel`, :func:`neuron`, :func:`layer`,
-  :func:`class_logit`, :func:`diversity`, composed with ``+``, ``-`` and scalar ``*``;
+  :func:`class_logit`, :func:`dense_class_logit` (a class over the centre of a segmentation output),
+  :func:`diversity`, composed with ``+``, ``-`` and scalar ``*``;
   :func:`stack_objectives` for one batch serving several objectives;
 * :mod:`.param` -- what is optimised: :class:`Pixels`, :class:`Fourier` (1/f-scaled spectrum, a soft
   frequency regulariser, colour-decorrelated for RGB), :class:`Latent` (a decoder's latent: a learned
@@ -46,11 +47,14 @@ from lightning_introspect.methods.featviz.frequency import (
     total_variation,
 )
 from lightning_introspect.methods.featviz.objectives import (
+    DEFAULT_REGION,
     OUTPUT,
     ChannelSpec,
     Objective,
+    central_region,
     channel,
     class_logit,
+    dense_class_logit,
     diversity,
     layer,
     neuron,
@@ -85,6 +89,7 @@ from lightning_introspect.methods.featviz.transform import (
 )
 
 __all__ = [
+    "DEFAULT_REGION",
     "OUTPUT",
     "PARAMS",
     "PENALTIES",
@@ -103,10 +108,12 @@ __all__ = [
     "Pixels",
     "Transform",
     "TransformRobustness",
+    "central_region",
     "channel",
     "class_logit",
     "color_correlation_from_data",
     "default_color_correlation",
+    "dense_class_logit",
     "diversity",
     "fit_autoencoder_prior",
     "frequency_penalty_of",

@@ -2,7 +2,7 @@
 
 An :class:`Objective` maps the recorded activations of some layers (and, when asked for, the model
 output) to one differentiable score per image. The builders -- :func:`channel`, :func:`neuron`,
-:func:`layer`, :func:`class_logit`, :func:`diversity` -- compose with ``+``, ``-`` and scalar ``*``:
+:func:`layer`, :func:`class_logit`, :func:`dense_class_logit` (segmentation), :func:`diversity` -- compose with ``+``, ``-`` and scalar ``*``:
 ``channel("features.8", 3) - 0.5 * diversity("features.8")``; :func:`stack_objectives` gives
 different parts of one batch different objectives.
 """
@@ -222,21 +222,122 @@ def layer(layer: str) -> Objective:
 def class_logit(class_id: ChannelSpec) -> Objective:
     """The model output (pre-softmax logit) of ``class_id``; a list gives one class per image.
 
+    A dense ``(N, C, H, W)`` output (segmentation) has one logit per pixel, so "the logit of a class" is
+    not one number there: on such an output this objective *is* :func:`dense_class_logit` with its default
+    region (the class's mean logit over the central half of the height and width), so the function and
+    :class:`~lightning_introspect.callbacks.feature_visualization.FeatureVisualization` agree. Other
+    outputs with positions (``(N, C, L)``) give the mean over all positions.
+
     Example:
         >>> class_logit([1, 0])({}, torch.tensor([[1.0, 2.0], [3.0, 4.0]])).tolist()
         [2.0, 3.0]
+        >>> out = torch.zeros(1, 2, 4, 4); out[0, 1, 1:3, 1:3] = 1.0  # class 1 fires in the centre only
+        >>> class_logit(1)({}, out).tolist()
+        [1.0]
     """
 
     index = _IndexCache(class_id, "class_id")
+    dense = dense_class_logit(class_id)
 
-    def fn(_acts: Mapping[str, torch.Tensor], out: torch.Tensor | None) -> torch.Tensor:
+    def fn(acts: Mapping[str, torch.Tensor], out: torch.Tensor | None) -> torch.Tensor:
         if out is None or out.ndim < 2:
             raise ValueError(f"`class_logit` needs a model output of shape (N, num_classes), but got {None if out is None else tuple(out.shape)}.")
+        if out.ndim == 4:
+            return dense(acts, out)
         rows, idx = index(out.shape[0], out.shape[1], f"the model outputs {out.shape[1]} classes", out.device)
         picked = out[rows, idx]
         return picked.flatten(1).mean(1) if picked.ndim > 1 else picked
 
     return Objective(fn, [OUTPUT], f"class_logit({_short(class_id)})")
+
+
+#: the default region of :func:`dense_class_logit`: the central half of the height and of the width
+DEFAULT_REGION = 0.5
+
+
+def central_region(size: tuple[int, int], fraction: float = DEFAULT_REGION) -> torch.Tensor:
+    """A bool ``(H, W)`` mask of the centred box covering ``fraction`` of the height and of the width
+    (at least one pixel each way; rounded so the box stays centred, up to one pixel on odd sizes).
+
+    Example:
+        >>> central_region((4, 6), 0.5).int().tolist()
+        [[0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]]
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"Expected `region` to be a fraction in (0, 1] or an (H, W) bool mask, but got {fraction!r}.")
+    mask = torch.zeros(size, dtype=torch.bool)
+    spans = []
+    for side in size:
+        extent = min(side, max(1, round(fraction * side)))
+        start = (side - extent) // 2
+        spans.append(slice(start, start + extent))
+    mask[spans[0], spans[1]] = True
+    return mask
+
+
+def dense_class_logit(class_id: ChannelSpec, region: float | torch.Tensor = DEFAULT_REGION) -> Objective:
+    """Segmentation: the mean logit of ``class_id`` over a region of a dense ``(N, C, H, W)`` output.
+
+    The class image of a segmentation model should show *an object of the class*, not a texture of it:
+    maximising the class's logit at every pixel asks for the class everywhere, from edge to edge, which
+    is not what the model ever saw. Maximising it over a centred region asks for one object of the class
+    in the middle of the image, with room around it for the context the model uses to find its borders.
+    The *mean* over the region (not the sum) keeps the objective's scale the scale of one logit, whatever
+    the output's size, so the numbers compare across models, image sizes and the classifier's
+    :func:`class_logit`.
+
+    Args:
+        class_id: one class id, or one per image of the batch.
+        region: a fraction in (0, 1]: the centred box covering that fraction of the height and of the
+            width (default 0.5, the central half each way: a quarter of the pixels; 1.0: the whole
+            output), or an explicit ``(H, W)`` bool mask over the output's pixels.
+
+    Raises:
+        ValueError: a bad ``region`` (here, or, for a mask of the wrong size or an empty one, at the first
+            call), or an output that is not ``(N, C, H, W)``.
+
+    Example:
+        >>> out = torch.arange(32.0).view(1, 2, 4, 4)  # class 1: 16, 17, ... 31
+        >>> dense_class_logit(1)({}, out).tolist()  # the mean of 21, 22, 25, 26
+        [23.5]
+        >>> left = torch.zeros(4, 4, dtype=torch.bool); left[:, 0] = True
+        >>> dense_class_logit(1, region=left)({}, out).tolist()  # the mean of 16, 20, 24, 28
+        [22.0]
+    """
+    index = _IndexCache(class_id, "class_id")
+    if isinstance(region, torch.Tensor):
+        if region.dtype != torch.bool or region.ndim != 2:
+            raise ValueError(f"Expected `region` to be a fraction in (0, 1] or an (H, W) bool mask, but got a {region.dtype} tensor of shape {tuple(region.shape)}.")
+        if not bool(region.any()):
+            raise ValueError("Expected `region` to cover at least one pixel, but the mask is all False.")
+        described = f"mask {tuple(region.shape)}"
+    else:
+        central_region((1, 1), region)  # checks the fraction now, not at the first optimisation step
+        described = "central half" if region == DEFAULT_REGION else f"central {region:g}"
+    masks: dict[tuple[tuple[int, int], str], torch.Tensor] = {}
+
+    def region_of(size: tuple[int, int], device: torch.device) -> torch.Tensor:
+        key = (size, str(device))
+        if key not in masks:
+            if isinstance(region, torch.Tensor):
+                if tuple(region.shape) != size:
+                    raise ValueError(f"Expected the `region` mask to match the output's size {size}, but got {tuple(region.shape)}.")
+                masks[key] = region.to(device)
+            else:
+                masks[key] = central_region(size, float(region)).to(device)
+        return masks[key]
+
+    def fn(_acts: Mapping[str, torch.Tensor], out: torch.Tensor | None) -> torch.Tensor:
+        if out is None or out.ndim != 4:
+            raise ValueError(
+                f"`dense_class_logit` needs a dense model output of shape (N, C, H, W), but got {None if out is None else tuple(out.shape)}; "
+                "use `class_logit` for a classifier."
+            )
+        rows, idx = index(out.shape[0], out.shape[1], f"the model outputs {out.shape[1]} classes", out.device)
+        mask = region_of((int(out.shape[-2]), int(out.shape[-1])), out.device)
+        return out[rows, idx][:, mask].mean(1)
+
+    return Objective(fn, [OUTPUT], f"dense_class_logit({_short(class_id)}, {described})")
 
 
 def diversity(layer: str) -> Objective:
@@ -294,11 +395,14 @@ def _short(spec: object) -> str:
 
 
 __all__ = [
+    "DEFAULT_REGION",
     "OUTPUT",
     "ChannelSpec",
     "Objective",
+    "central_region",
     "channel",
     "class_logit",
+    "dense_class_logit",
     "diversity",
     "layer",
     "neuron",

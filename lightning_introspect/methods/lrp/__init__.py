@@ -22,18 +22,27 @@ Nothing of the user's model is modified: no hooks, no weight swaps, no ``.grad``
 pass runs in eval mode).
 
 Operations: conv / linear layers, folded BatchNorm, additions, average pooling, means and scaling by
-constants get their layer's rule. ReLU / ReLU6 / LeakyReLU / Tanh (module, functional, in-place or not),
-Dropout and Identity pass relevance through unchanged; max pooling is winner-take-all (the rule applied to
-the winning value, as captum does); reshapes, ``Flatten``, ``cat``, ``permute``, indexing move relevance
-with the values. ``BatchNorm`` directly after a conv / linear layer is folded into it (and gets its rule);
-a BatchNorm with no such layer before it is an elementwise affine layer (epsilon: its shift absorbs
-relevance and can amplify it; z+ / alpha-beta: relevance passes through). Anything else (GELU, Softmax,
-LayerNorm, attention, products of two input-dependent tensors, ...) raises ``TypeError`` naming the module /
-operation and its type.
+constants get their layer's rule. Transposed convolutions (``ConvTranspose1d/2d/3d``, any stride, padding,
+output padding, dilation, groups) get the same rules as convolutions; relevance flows back through the
+adjoint of their forward (a convolution with the same weight), i.e. over exactly the connections the
+forward used. Upsampling (``nn.Upsample``, ``UpsamplingNearest2d`` / ``UpsamplingBilinear2d``,
+``F.interpolate`` in the modes nearest, nearest-exact, linear, bilinear (``align_corners`` either way),
+trilinear, area) is a linear map with weights ``>= 0``: relevance goes back to each input in proportion to
+its contribution (nearest: each input gets the sum over its copies); bicubic (negative weights) is refused.
+ReLU / ReLU6 / LeakyReLU / Tanh (module, functional, in-place or not), Dropout and Identity pass relevance
+through unchanged; max pooling is winner-take-all (the rule applied to the winning value, as captum does);
+reshapes, ``Flatten``, ``cat`` (a U-Net's skip connections: each input gets its slice back), ``permute``,
+indexing and padding (``F.pad`` / ``nn.*Pad*d`` with zeros, reflect, replicate, circular; each input gets
+the sum over its copies) move relevance with the values. ``BatchNorm`` directly after a conv / linear / transposed conv
+layer is folded into it (and gets its rule); a BatchNorm with no such layer before it is an elementwise
+affine layer (epsilon: its shift absorbs relevance and can amplify it; z+ / alpha-beta: relevance passes
+through). Anything else (GELU, Softmax, LayerNorm, attention, products of two input-dependent tensors, ...)
+raises ``TypeError`` naming the module / operation and its type.
 
 Output relevance: like captum, the explained score itself, ``R_out = output * d score / d output``: for a
-class id that is the one-hot times the logit, for a :class:`RegionTarget` the logits of the class over
-the mask. So with zero biases the input relevance sums to the target score under epsilon, z+, alpha-beta.
+class id that is the one-hot times the logit (on a dense ``(N, C, H, W)`` output: the class's logit at every
+pixel), for a :class:`RegionTarget` the logits of the class inside the mask and zero elsewhere. So with
+zero biases the input relevance sums to the target score under epsilon, z+, alpha-beta.
 """
 
 from __future__ import annotations
@@ -79,9 +88,11 @@ def _rule_from_name(rule: str | Rule, epsilon: float, alpha: float, beta: float)
     return AlphaBeta(alpha, beta)
 
 
-def _working_dtype(model: nn.Module) -> torch.dtype:
+def _working_dtype(model: nn.Module, inputs: torch.Tensor) -> torch.dtype:
+    """fp64 for fp64 models (or fp64 inputs to a model without parameters, such as an upsampler), else fp32."""
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    return torch.float64 if param is not None and param.dtype == torch.float64 else torch.float32
+    reference = inputs.dtype if param is None else param.dtype
+    return torch.float64 if reference == torch.float64 else torch.float32
 
 
 def lrp(
@@ -99,7 +110,8 @@ def lrp(
 
     Args:
         model: a ``torch.fx``-traceable model with one input tensor and one output tensor (see the package
-            docstring for the supported layers). Never modified; evaluated in eval mode.
+            docstring for the supported layers; U-Nets with transposed convolutions, upsampling and skip
+            concatenations included). Never modified; evaluated in eval mode.
         inputs: ``(N, ...)`` batch. Works inside ``torch.inference_mode()`` (the input is cloned).
         target: int, per-sample ids (list / tensor), ``"pred"``, a callable on the output, or a
             :class:`~lightning_introspect.methods.targets.RegionTarget`; each sample uses its own target.
@@ -134,6 +146,16 @@ def lrp(
         torch.Size([2, 1, 8, 8])
         >>> lrp(net, x, target=0, composite="epsilon_plus_flat").shape
         torch.Size([2, 1, 8, 8])
+
+        A segmentation net, explained for class 1 over a region of its output:
+
+        >>> from lightning_introspect.methods.targets import RegionTarget
+        >>> unet = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        ...                      nn.ConvTranspose2d(4, 4, 2, stride=2), nn.ReLU(),
+        ...                      nn.Upsample(scale_factor=1.0, mode="bilinear"), nn.Conv2d(4, 3, 1))
+        >>> region = torch.zeros(8, 8, dtype=torch.bool); region[2:5, 2:5] = True
+        >>> lrp(unet, x, RegionTarget(class_id=1, mask=region)).shape
+        torch.Size([2, 1, 8, 8])
     """
     if composite is not None:
         if rule is not None:
@@ -144,7 +166,7 @@ def lrp(
     if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
         raise ValueError(f"Expected `inputs` to be a floating-point tensor, but got {getattr(inputs, 'dtype', type(inputs))}.")
     plan = plan_for(model)
-    dtype = _working_dtype(model)
+    dtype = _working_dtype(model, inputs)
     with introspection_mode(model):
         x = fresh_input(inputs, requires_grad=False, dtype=dtype)
         propagator = Propagator(plan, model, rules, dtype)

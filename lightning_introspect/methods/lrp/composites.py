@@ -7,7 +7,8 @@ input-independent rule (flat, w^2) or the box rule for the first layer, whose in
 
 Presets (each a function returning a :class:`Composite`; also by name in :data:`PRESETS`):
 
-* :func:`epsilon_plus`: epsilon for linear layers, z+ for convolutions, epsilon for everything else.
+* :func:`epsilon_plus`: epsilon for linear layers, z+ for convolutions (transposed ones too), epsilon for
+  everything else (upsampling, pooling, additions).
 * :func:`epsilon_plus_flat`: as :func:`epsilon_plus`, with the flat rule for the first conv / linear layer.
 * :func:`epsilon_alpha2_beta1`: epsilon for linear layers, alpha-beta (2, 1) for convolutions.
 
@@ -32,7 +33,8 @@ from lightning_introspect.methods.lrp.rules import AlphaBeta, Epsilon, Flat, Rul
 
 __all__ = ["PRESETS", "Composite", "as_composite", "epsilon_alpha2_beta1", "epsilon_plus", "epsilon_plus_flat"]
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# transposed convolutions are convolutions of the decoder: the same rule as the encoder's
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 @dataclass(frozen=True, eq=False)

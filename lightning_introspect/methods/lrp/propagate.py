@@ -34,6 +34,7 @@ from lightning_introspect.methods.lrp.trace import (
     fold_layer,
     op_name,
     pass_value,
+    transposed_groups,
 )
 
 __all__ = ["Propagator"]
@@ -69,6 +70,35 @@ def _inputs_of(terms: list[Term]) -> list[Modifier]:
         if term.input not in inputs:
             inputs.append(term.input)
     return inputs
+
+
+_TRANSPOSED_FUNCTIONS: dict[type[nn.Module], Callable[..., torch.Tensor]] = {
+    nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d, nn.ConvTranspose3d: F.conv_transpose3d,
+}
+
+
+def _layer_function(module: nn.Module) -> Callable[..., torch.Tensor]:
+    """``f(x, weight, bias)``: the layer's own operation with other weights (the plan's weighted types only).
+
+    For a transposed convolution, autograd's input gradient of this function is the adjoint operation (the
+    convolution with the same weight, stride, padding, dilation and groups), so relevance flows back through
+    exactly the connections the forward pass used.
+    """
+    if isinstance(module, nn.Linear):
+        return F.linear
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return module._conv_forward
+    transposed = _TRANSPOSED_FUNCTIONS.get(type(module))
+    if transposed is None or not isinstance(module, nn.modules.conv._ConvTransposeNd):
+        raise AssertionError(f"weighted step on a {type(module).__name__}")  # pragma: no cover
+    # output_padding as the module stores it: the plan refuses calls with an explicit output_size
+    stride, padding, output_padding = module.stride, module.padding, module.output_padding
+    groups, dilation = module.groups, module.dilation
+
+    def conv_transpose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return transposed(x, weight, bias, stride, padding, output_padding, groups, dilation)
+
+    return conv_transpose
 
 
 class Propagator:
@@ -109,13 +139,10 @@ class Propagator:
 
     def _layer(self, step: Step) -> tuple[Callable[..., torch.Tensor], torch.Tensor, torch.Tensor | None]:
         module = self.modules[str(step.module)]
-        if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):  # the plan's weighted types
-            raise AssertionError(f"weighted step on a {type(module).__name__}")  # pragma: no cover
         weight, bias = module.weight.detach().to(self.dtype), self._param(module.bias)
         if step.bn is not None:
-            weight, bias = fold_layer(weight, bias, self.modules[step.bn])
-        fn = F.linear if isinstance(module, nn.Linear) else module._conv_forward
-        return fn, weight, bias
+            weight, bias = fold_layer(weight, bias, self.modules[step.bn], transposed_groups=transposed_groups(module))
+        return _layer_function(module), weight, bias
 
     def _resolve_attr(self, target: str) -> Any:
         if target in self.plan.constants:
@@ -154,6 +181,8 @@ class Propagator:
         fn, weight, bias = self._layer(step)
         module = self.modules[str(step.module)]
         channel_dim = -1 if isinstance(module, nn.Linear) else 1
+        # where a weight keeps its input and output channels: (out, in, ...), transposed convs (in, out, ...)
+        in_dim, out_dim = (0, 1) if transposed_groups(module) is not None else (1, 0)
         terms = _live_terms(rule, step.nonneg)
         inputs, groups = _inputs_of(terms), rule.groups
         weights: dict[Modifier, torch.Tensor] = {}
@@ -175,12 +204,12 @@ class Propagator:
             for g in range(groups):
                 maybe_blocks = [block(m, g) for m in inputs]
                 blocks = [torch.zeros_like(weight) if b is None else b for b in maybe_blocks]
-                rows.append(blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1))
+                rows.append(blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=in_dim))
             stacked_bias = None
             if bias is not None and any(with_bias):
                 stacked_bias = bias if groups == 1 else torch.cat([bias if w else torch.zeros_like(bias) for w in with_bias])
-            out = fn(leaf, rows[0] if groups == 1 else torch.cat(rows), stacked_bias)
-            zs = [out.detach()] if groups == 1 else [z.detach() for z in out.split(weight.shape[0], dim=channel_dim)]
+            out = fn(leaf, rows[0] if groups == 1 else torch.cat(rows, dim=out_dim), stacked_bias)
+            zs = [out.detach()] if groups == 1 else [z.detach() for z in out.split(weight.shape[out_dim], dim=channel_dim)]
             self.ctx[step.node] = ("stacked", leaf, out, zs, len(inputs))
         else:
             leaves = [_modified(m, a, step.nonneg).detach().requires_grad_() for m in inputs]

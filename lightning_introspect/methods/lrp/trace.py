@@ -24,13 +24,14 @@ from torch import fx, nn
 from lightning_introspect._torch.guards import eval_mode, is_compiled
 
 __all__ = ["Plan", "Step", "bn_scale_shift", "call_node", "detach", "fold_batchnorm", "fold_layer",
-           "lrp_unsupported", "op_name", "pass_value", "plan_for"]
+           "lrp_unsupported", "op_name", "pass_value", "plan_for", "transposed_groups"]
 
 # --------------------------------------------------------------------------------------------------
 # What we know how to propagate through (exact types: a subclass may change forward).
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_WEIGHTED = (*_CONV, nn.Linear)
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_WEIGHTED = (*_CONV, *_CONV_TRANSPOSE, nn.Linear)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 _AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
@@ -38,6 +39,16 @@ _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dro
 _ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Tanh)
 _NONNEG_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 _REARRANGE_MODULES = (nn.Flatten, nn.Unflatten)
+_UPSAMPLE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
+# Padding copies values (or adds zeros): relevance moves back with the values like a reshape, each input getting
+# the sum over its copies (reflect / replicate / circular); a non-zero constant is refused (it would act as a bias).
+_PAD_MODULES = tuple(
+    getattr(nn, f"{kind}Pad{d}d") for kind in ("Zero", "Constant", "Reflection", "Replication", "Circular") for d in (1, 2, 3)
+    if hasattr(nn, f"{kind}Pad{d}d")
+)
+# Interpolation modes whose implicit weights are all >= 0 (each output a convex combination of inputs), so
+# relevance can be shared in proportion to the contributions; bicubic's negative lobes cannot.
+_INTERPOLATION_MODES = ("nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area")
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu6}
 _LEAKY_FUNCTIONS = {F.leaky_relu, F.leaky_relu_}
@@ -47,6 +58,7 @@ _LINEAR_FUNCTIONS = {
     F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     torch.mean, torch.sum,
 }
+_INTERPOLATE_FUNCTIONS = {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}
 _MAX_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d}
 _REARRANGE_FUNCTIONS = {
     torch.flatten, torch.reshape, torch.cat, torch.concat, torch.stack, torch.permute, torch.transpose,
@@ -69,9 +81,10 @@ _SCALE_METHODS = {"mul", "mul_", "div", "div_", "neg", "neg_"}
 _META_METHODS = {"size", "dim", "numel", "ndimension"}
 
 _SUPPORTED_TEXT = (
-    "Conv1d/2d/3d, Linear, BatchNorm (folded into a preceding conv / linear, else affine), max / avg / adaptive "
-    "pooling, ReLU / ReLU6 / LeakyReLU / Tanh, Dropout, Identity, Flatten, reshapes, cat, additions and "
-    "scaling by constants"
+    "Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear, BatchNorm (folded into a preceding conv / linear, else "
+    "affine), max / avg / adaptive pooling, Upsample / F.interpolate (nearest, linear, bilinear, trilinear, "
+    "area), padding (zero, reflect, replicate, circular), ReLU / ReLU6 / LeakyReLU / Tanh, Dropout, Identity, "
+    "Flatten, reshapes, cat, additions and scaling by constants"
 )
 
 
@@ -250,6 +263,8 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], single_source: Calla
         if node.kwargs:
             raise _unsupported(node, modules, " called with keyword arguments")
         if kind_of in _WEIGHTED:
+            if len(node.args) > 1:  # ConvTranspose's output_size: the propagator calls the layer on its input alone
+                raise _unsupported(node, modules, " called with more than one argument")
             return Step(node, "weighted", module=str(target), src=src, nonneg=src in nonneg)
         if kind_of in _BATCHNORM:
             if module.running_mean is None or module.running_var is None:
@@ -271,6 +286,10 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], single_source: Calla
         if kind_of in _AVGPOOL:
             _inherit(node, src, nonneg)
             return Step(node, "linear", src=src, nonneg=src in nonneg)
+        if kind_of in _UPSAMPLE_MODULES:
+            _check_interpolation(node, modules, str(module.mode))
+            _inherit(node, src, nonneg)
+            return Step(node, "linear", src=src, nonneg=src in nonneg)
         if kind_of in _ACTIVATION_MODULES:
             if kind_of in _NONNEG_ACTIVATIONS:
                 nonneg.add(node)
@@ -278,7 +297,9 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], single_source: Calla
         if kind_of in _IDENTITY_MODULES:
             _inherit(node, src, nonneg)
             return Step(node, "pass", src=src)
-        if kind_of in _REARRANGE_MODULES:
+        if kind_of in _REARRANGE_MODULES or kind_of in _PAD_MODULES:
+            if kind_of in _PAD_MODULES and float(getattr(module, "value", 0.0)) != 0.0:
+                raise _unsupported(node, modules, f" with value={module.value} (only zero padding has no relevance of its own)")
             _inherit(node, src, nonneg)
             return Step(node, "rearrange")
         raise _unsupported(node, modules)
@@ -297,6 +318,19 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], single_source: Calla
             return Step(node, "pass", src=src)
         if target in _LINEAR_FUNCTIONS:
             src = single_source(node)
+            _inherit(node, src, nonneg)
+            return Step(node, "linear", src=src, nonneg=src in nonneg)
+        if target is F.pad:
+            src = single_source(node)
+            mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+            value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+            if mode == "constant" and value not in (None, 0, 0.0):
+                raise _unsupported(node, modules, f" with value={value!r} (only zero padding has no relevance of its own)")
+            _inherit(node, src, nonneg)
+            return Step(node, "rearrange")
+        if target in _INTERPOLATE_FUNCTIONS:
+            src = single_source(node)
+            _check_interpolation(node, modules, _interpolation_mode(node))
             _inherit(node, src, nonneg)
             return Step(node, "linear", src=src, nonneg=src in nonneg)
         if target in _MAX_FUNCTIONS:
@@ -337,6 +371,20 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], single_source: Calla
             return _scale_step(node, modules, dependent)
         raise _unsupported(node, modules)
     raise _unsupported(node, modules)
+
+
+def _interpolation_mode(node: fx.Node) -> Any:
+    """The ``mode`` of an ``F.interpolate`` / ``F.upsample*`` call (positional or keyword)."""
+    if node.target is F.upsample_nearest:
+        return "nearest"
+    if node.target is F.upsample_bilinear:
+        return "bilinear"
+    return node.args[3] if len(node.args) > 3 else node.kwargs.get("mode", "nearest")
+
+
+def _check_interpolation(node: fx.Node, modules: dict[str, nn.Module], mode: Any) -> None:
+    if mode not in _INTERPOLATION_MODES:
+        raise _unsupported(node, modules, f" with mode={mode!r} (only modes whose weights are >= 0: {', '.join(_INTERPOLATION_MODES)})")
 
 
 def _inherit(node: fx.Node, src: fx.Node, nonneg: set[fx.Node]) -> None:
@@ -418,12 +466,28 @@ def bn_scale_shift(bn: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, tor
     return scale, shift
 
 
-def fold_layer(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of ``BN(layer(x))`` as one conv / linear layer (out channels first in ``weight``)."""
+def fold_layer(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module, *,
+               transposed_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``BN(layer(x))`` as one conv / linear layer.
+
+    ``weight`` has the output channels first (conv, linear), or, for a transposed convolution
+    (``transposed_groups``: its ``groups``), the layout ``(in, out / groups, *kernel)``, where output channel
+    ``g * out / groups + j`` is column ``j`` of group ``g``'s rows.
+    """
     scale, shift = bn_scale_shift(bn, weight.dtype)
-    folded_weight = weight * scale.view(-1, *([1] * (weight.ndim - 1)))
+    if transposed_groups is None:
+        folded_weight = weight * scale.view(-1, *([1] * (weight.ndim - 1)))
+    else:
+        g = transposed_groups
+        blocks = weight.view(g, weight.shape[0] // g, *weight.shape[1:])
+        folded_weight = (blocks * scale.view(g, 1, -1, *([1] * (weight.ndim - 2)))).view(weight.shape)
     folded_bias = shift if bias is None else bias * scale + shift
     return folded_weight, folded_bias
+
+
+def transposed_groups(layer: nn.Module) -> int | None:
+    """``groups`` of a transposed convolution (whose weight is laid out in-channels first), else ``None``."""
+    return int(layer.groups) if isinstance(layer, _CONV_TRANSPOSE) else None
 
 
 def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
@@ -453,7 +517,8 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
         if bn.running_mean is None:
             continue
         with torch.no_grad():
-            weight, bias = fold_layer(layer.weight.detach(), None if layer.bias is None else layer.bias.detach(), bn)
+            weight, bias = fold_layer(layer.weight.detach(), None if layer.bias is None else layer.bias.detach(), bn,
+                                      transposed_groups=transposed_groups(layer))
             layer.weight = nn.Parameter(weight.clone())
             layer.bias = nn.Parameter(bias.clone())
         node.replace_all_uses_with(conv)
