@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeGuard
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -437,17 +437,33 @@ def perturbation_accuracy(
     bad = [k for k in strengths if k not in PERTURBATIONS]
     if bad:
         raise ValueError(f"Expected `perturbations` entries to be among {', '.join(map(repr, PERTURBATIONS))}, but got {bad}.")
-    clean = accuracy_of(x)
-    out: dict[str, PerturbationResult] = {}
+    return {
+        kind: PerturbationResult(kind=kind, strengths=[s for s, _ in rows], accuracy=[r[0] for _, r in rows], per_class=[r[1] for _, r in rows])
+        for kind, rows in perturbation_sweep(accuracy_of, x, strengths, seed=seed, noise_scale=noise_scale).items()
+    }
+
+
+def perturbation_sweep(
+    score: Callable[[torch.Tensor], Any], x: torch.Tensor, strengths: Mapping[str, Sequence[float]], *, seed: int, noise_scale: float
+) -> dict[str, list[tuple[float, Any]]]:
+    """``score`` of the clean ``x`` and of ``x`` under each perturbation kind at each non-zero strength
+    (ascending; strength 0 is the clean score, computed once): ``{kind: [(strength, score), ...]}``.
+
+    Every strength draws its noise from a private generator seeded with ``seed`` (the same noise pattern
+    at every strength, and at every call: results compare across epochs); ``noise`` strengths are
+    multiplied by ``noise_scale``.
+
+    Example:
+        >>> sweep = perturbation_sweep(lambda t: float(t.std()), torch.ones(1, 1, 4, 4), {"noise": [0.5]}, seed=0, noise_scale=1.0)
+        >>> [s for s, _ in sweep["noise"]], sweep["noise"][0][1]
+        ([0.0, 0.5], 0.0)
+    """
+    clean = score(x)
+    out: dict[str, list[tuple[float, Any]]] = {}
     for kind, values in strengths.items():
-        levels = sorted({float(s) for s in values if float(s) != 0.0})
-        result = PerturbationResult(kind=kind, strengths=[0.0], accuracy=[clean[0]], per_class=[clean[1]])
-        for s in levels:
+        rows = [(0.0, clean)]
+        for s in sorted({float(v) for v in values if float(v) != 0.0}):
             gen = torch.Generator().manual_seed(int(seed))
-            scaled = s * noise_scale if kind == "noise" else s
-            acc, per_class = accuracy_of(perturb(x, kind, scaled, generator=gen))
-            result.strengths.append(s)
-            result.accuracy.append(acc)
-            result.per_class.append(per_class)
-        out[kind] = result
+            rows.append((s, score(perturb(x, kind, s * noise_scale if kind == "noise" else s, generator=gen))))
+        out[kind] = rows
     return out

@@ -28,7 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from lightning_introspect.errors import IntrospectionInputError
-from lightning_introspect.methods.image_stats import PERTURBATIONS, image_statistics, mean_by_bin, perturb
+from lightning_introspect.methods.image_stats import (
+    PERTURBATIONS,
+    image_statistics,
+    mean_by_bin,
+    perturbation_sweep,
+)
 from lightning_introspect.methods.per_class import check_label_range
 from lightning_introspect.methods.review import keep_most_confident
 from lightning_introspect.methods.task import as_masks
@@ -441,17 +446,7 @@ def perturbation_iou(
         present = [v for v in per_class if v is not None]
         return (sum(present) / len(present) if present else None), per_class
 
-    clean = iou_of(x)
-    out: dict[str, IoUPerturbationResult] = {}
-    for kind, values in strengths.items():
-        levels = sorted({float(s) for s in values if float(s) != 0.0})
-        result = IoUPerturbationResult(kind=kind, strengths=[0.0], miou=[clean[0]], per_class=[clean[1]])
-        for s in levels:
-            gen = torch.Generator().manual_seed(int(seed))
-            scaled = s * noise_scale if kind == "noise" else s
-            miou, per_class = iou_of(perturb(x, kind, scaled, generator=gen))
-            result.strengths.append(s)
-            result.miou.append(miou)
-            result.per_class.append(per_class)
-        out[kind] = result
-    return out
+    return {
+        kind: IoUPerturbationResult(kind=kind, strengths=[s for s, _ in rows], miou=[r[0] for _, r in rows], per_class=[r[1] for _, r in rows])
+        for kind, rows in perturbation_sweep(iou_of, x, strengths, seed=seed, noise_scale=noise_scale).items()
+    }
