@@ -46,6 +46,11 @@ CALLBACKS: dict[str, str] = {
     "sanity_checks": "lightning_introspect.callbacks.sanity_checks:SanityChecks",
 }
 
+#: the share of a fit's own time the default set may add (``introspection_callbacks(budget=...)``): chosen
+#: so that a 10-epoch fit of the digits demo CNN takes at most 1.5x as long with every callback on
+#: (docs/performance.md, "Budget").
+DEFAULT_BUDGET = 0.5
+
 #: section -> the options whose string value is an import path (a callback imports it and may call it).
 IMPORT_OPTIONS: dict[str, tuple[str, ...]] = {
     "feature_visualization": ("prior",),
@@ -79,14 +84,19 @@ def _section_dataclass(section: str) -> type:
 
 @dataclasses.dataclass
 class IntrospectionConfig:
-    """All sections. ``sections`` maps a section name (see ``CALLBACKS``) to its options dataclass."""
+    """All sections. ``sections`` maps a section name (see ``CALLBACKS``) to its options dataclass;
+    ``budget`` (the top-level ``budget:`` key) is the share of the fit's own time the callbacks may add
+    (see :class:`~lightning_introspect.callbacks.budget.IntrospectionBudget`): ``None`` for
+    :data:`DEFAULT_BUDGET`, ``False`` for none."""
 
     sections: dict[str, Any] = dataclasses.field(default_factory=dict)
+    budget: float | bool | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> IntrospectionConfig:
         """Build from ``{section: {option: value}}``; unknown sections or options raise ``ValueError``."""
         data = dict(data or {})
+        budget = data.pop("budget", None)
         unknown = sorted(set(data) - set(CALLBACKS))
         if unknown:
             raise ValueError(f"Unknown config section(s) {unknown}; valid sections: {', '.join(sorted(CALLBACKS))}.")
@@ -105,7 +115,10 @@ class IntrospectionConfig:
             if bad:
                 raise ValueError(f"Unknown option(s) {bad} in config section {section!r}; valid options: {', '.join(sorted(valid))}.")
             sections[section] = klass(**dict(options))
-        return cls(sections=sections)
+            # the options the config names: only these are passed on, so a callback can tell the sizes a
+            # user fixed (kept under a budget) from its defaults
+            sections[section]._given_options = frozenset(options)
+        return cls(sections=sections, budget=budget)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> IntrospectionConfig:
@@ -135,6 +148,7 @@ def introspection_callbacks(
     config: IntrospectionConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
     *,
     allow_imports: bool = False,
+    budget: float | bool | None = None,
 ) -> list[Any]:
     """The enabled callbacks of a config (an ``IntrospectionConfig``, a dict, or a YAML path).
 
@@ -142,6 +156,10 @@ def introspection_callbacks(
         config: the sections and their options; ``None`` for every callback at its defaults.
         allow_imports: let options listed in :data:`IMPORT_OPTIONS` be import paths (strings) that the
             callbacks import and call. Off by default: only enable it for configs you trust as code.
+        budget: the share of the fit's own time the callbacks together may add (e.g. ``0.5``); the
+            one-off analyses size themselves to it (see :class:`~lightning_introspect.callbacks.budget.IntrospectionBudget`).
+            ``None``: the config's top-level ``budget`` key, else :data:`DEFAULT_BUDGET`; ``False``: no
+            budget (every analysis at its configured sizes).
 
     Raises:
         ValueError: for unknown sections or options, and for an import path while ``allow_imports``
@@ -167,10 +185,19 @@ def introspection_callbacks(
         )
         if not kwargs.get("enabled", True):
             continue
+        given = getattr(options, "_given_options", None)
+        if given is not None:  # read from a dict / YAML: pass what the config names, the rest stays default
+            kwargs = {k: v for k, v in kwargs.items() if k in given}
         if not allow_imports:
             _refuse_imports(section, kwargs)
         cls = callback_class(section)
         if "enabled" not in inspect.signature(cls).parameters:
             kwargs.pop("enabled", None)
         callbacks.append(cls(**kwargs))
+    budget = config.budget if budget is None else budget
+    budget = DEFAULT_BUDGET if budget is None else budget
+    if budget is not False:
+        from lightning_introspect.callbacks.budget import IntrospectionBudget
+
+        IntrospectionBudget(budget).attach(callbacks)
     return callbacks

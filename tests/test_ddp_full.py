@@ -67,7 +67,7 @@ _DDP_SCRIPT = textwrap.dedent(
     pl.seed_everything(0, verbose=False)
     dm = DigitsDataModule(batch_size=16, limit=64, seed=0)  # 64 validation samples: 32 per rank
     dm.setup("fit")
-    callbacks = introspection_callbacks(demo_config(fast=True, mean=dm.mean, std=dm.std))
+    callbacks = introspection_callbacks(demo_config(fast=True, mean=dm.mean, std=dm.std), budget=False)
     for cb in callbacks:
         cb.on_error = "raise"
         if hasattr(cb, "progress"):

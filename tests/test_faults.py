@@ -44,7 +44,7 @@ def small_dm() -> DigitsDataModule:
 
 def full_set(dm: DigitsDataModule, on_error: str) -> list[Any]:
     """All seven callbacks with the demo's fast options."""
-    callbacks = introspection_callbacks(demo_config(fast=True, mean=dm.mean, std=dm.std))
+    callbacks = introspection_callbacks(demo_config(fast=True, mean=dm.mean, std=dm.std), budget=False)
     for cb in callbacks:
         cb.on_error = on_error
         if isinstance(cb, SanityChecks):

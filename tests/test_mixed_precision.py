@@ -44,7 +44,7 @@ def test_full_set_with_mixed_precision(tmp_path: Any, accelerator: str, precisio
     pl.seed_everything(0, verbose=False)
     dm = DigitsDataModule(batch_size=32, limit=64, seed=0)
     dm.setup("fit")
-    callbacks = introspection_callbacks(demo_config(fast=True, mean=dm.mean, std=dm.std))
+    callbacks = introspection_callbacks(demo_config(fast=True, mean=dm.mean, std=dm.std), budget=False)
     for cb in callbacks:
         cb.on_error = "raise"
         if hasattr(cb, "progress"):

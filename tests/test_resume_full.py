@@ -80,7 +80,7 @@ def fit_full(root: str, resume: str | None = None) -> tuple[Any, list[Any]]:
     pl.seed_everything(0, verbose=False)
     dm = ResumableDigits(batch_size=32, limit=64, seed=0)
     dm.setup("fit")
-    callbacks = introspection_callbacks(demo_config(fast=True, mean=dm.mean, std=dm.std))
+    callbacks = introspection_callbacks(demo_config(fast=True, mean=dm.mean, std=dm.std), budget=False)
     for cb in callbacks:
         cb.on_error = "raise"
         if hasattr(cb, "progress"):

@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from lightning_introspect._lightning import CALLBACK_BASES, rank_zero_warn
 from lightning_introspect._torch.guards import fork_global_rng
+from lightning_introspect.callbacks.budget import Choice, IntrospectionBudget, Option, UnitCosts
 from lightning_introspect.callbacks.checks import (
     NO_INPUT_GRADIENT,
     check_callable,
@@ -111,6 +112,8 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
     name: ClassVar[str] = "base"
     #: ``False`` for callbacks that take part in collectives (metric sync) on every rank
     rank_zero_only: ClassVar[bool] = True
+    #: whether the scheduled runs are one-off analyses the budget sizes (:meth:`sized`)
+    sized_runs: ClassVar[bool] = False
     #: attributes that hold live objects (hooks, writers, workers): dropped when pickled, rebuilt on use
     transient: ClassVar[tuple[str, ...]] = ()
 
@@ -148,6 +151,11 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self._samples: Any = None
         self._warned: set[str] = set()
         self._writer_cache: tuple[Any, IntrospectionWriter] | None = None
+        #: shared with the other callbacks of a set by ``introspection_callbacks(..., budget=...)``
+        self.budget: IntrospectionBudget | None = None
+        self.budget_choice: Choice | None = None  # the budget's decision for the latest sized run
+        self.budget_full_seconds: float | None = None  # estimated seconds of one run at the configured sizes
+        self.unit_costs = UnitCosts()  # seconds per unit of work, measured in this callback's own runs
 
     # ------------------------------------------------------------------------- what subclasses supply
     def reset(self) -> None:
@@ -178,12 +186,19 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
             self._samples = None
             self._warned = set()
             self._writer_cache = None
+            self.budget_choice = None
+            self.budget_full_seconds = None
+            self.unit_costs = UnitCosts()
+            if self.budget is not None:
+                self.budget.begin_fit()
             self.reset()
         if self.enabled:
             self.prepare(trainer, pl_module, stage)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.budget is not None:
+            self.budget.start_clock(trainer)
         if not self.enabled or self.disabled or trainer.global_step > 0:
             return
         try:
@@ -327,6 +342,55 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
         total = self.total_epochs(trainer)
         return total is not None and epoch == total - 1
 
+    # ------------------------------------------------------------------------------------- budget
+    def is_final(self, trainer: pl.Trainer, epoch: int | None = None) -> bool:
+        """Whether ``epoch`` (default: the current one) is the fit's last planned epoch, or the fit ended."""
+        epoch = trainer.current_epoch if epoch is None else epoch
+        total = self.total_epochs(trainer)
+        return total is None or epoch >= total - 1 or bool(getattr(trainer, "should_stop", False))
+
+    def budget_runs_left(self, trainer: pl.Trainer) -> int:
+        """Runs still to come that the :attr:`budget` sizes: :meth:`scheduled_runs_left` for a callback whose
+        runs are one-off analyses (``sized_runs``), else 0."""
+        return self.scheduled_runs_left(trainer) if self.sized_runs else 0
+
+    def scheduled_runs_left(self, trainer: pl.Trainer) -> int:
+        """Scheduled runs from the current epoch (included) to the last; what :attr:`budget` plans for."""
+        total = self.total_epochs(trainer)
+        if total is None:
+            return 1
+        return sum(1 for e in range(int(trainer.current_epoch), total) if self.is_scheduled(trainer, e))
+
+    def sized(self, trainer: pl.Trainer, options: Sequence[Option]) -> Option | None:
+        """The sizes of a one-off run: the first of ``options`` (the configured sizes) without a budget,
+        else the budget's choice; ``None``: skipped, it does not fit (never the fit's last run). The decision is kept in
+        :attr:`budget_choice` and written to ``introspect/<name>/budget`` (text)."""
+        if self.budget is None:
+            return options[0]
+        choice = self.budget.choose(trainer, self, options, final=self.is_final(trainer))
+        self.writer(trainer).text(self.tag("budget"), choice.note, trainer.global_step)
+        if choice.option is None:
+            self.warn_once("budget-skip", choice.note + " (said once per fit; see introspect/" + self.name + "/budget)")
+        return choice.option
+
+    def charge(self, seconds: float) -> None:
+        """Count ``seconds`` of sized work or extras against the budget (not as recurring cost)."""
+        if self.budget is not None:
+            self.budget.record(seconds)
+
+    def figure(self, trainer: pl.Trainer, tag: str, build: Callable[[], Any], step: int, *, final: bool = True) -> bool:
+        """Build and write a figure. A figure of a run before the last (``final=False``) is an extra: under a
+        :attr:`budget` it is drawn only when the allowance covers it. Returns whether it was written."""
+        if not final and self.budget is not None:
+            if not self.budget.affords(trainer, self, self.unit_costs.get("figure", 0.25)):
+                return False
+        start = time.perf_counter()
+        self.writer(trainer).figure(tag, build(), step)
+        elapsed = time.perf_counter() - start
+        self.unit_costs.observe("figure", elapsed)
+        self.charge(elapsed)
+        return True
+
     # -------------------------------------------------------------------------------- error policy
     def run(self, trainer: pl.Trainer, fn: Callable[..., T], *args: Any, log_seconds: bool = True, **kwargs: Any) -> T | None:
         """Call ``fn`` under the error policy and time it: the one place where failures are contained.
@@ -406,6 +470,21 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 "no grad; one forward serves every callback reading the batch)."
             )
         return logits
+
+    def note_nonfinite(self, trainer: pl.Trainer, key: str, what: str, action: str, again: str | None = None) -> None:
+        """The one NaN / Inf policy: what could not be logged is said once per fit in a warning (per ``key``)
+        and at every step where it happens in ``introspect/<name>/warnings`` (text); the callback stays on.
+
+        ``what``: which values are non-finite ("the model's outputs ... for 3 of 64 samples"); ``action``:
+        what is not logged because of it; ``again``: what the callback does once the values are finite."""
+        step = int(trainer.global_step)
+        stays = "The callback stays on" + (f" and {again}." if again else ".")
+        self.warn_once(
+            key,
+            f"{type(self).__name__}: {what} at step {step}. {NONFINITE_CAUSE} {action}; a note goes to "
+            f"`{self.tag('warnings')}` instead, at every step where this happens. {stays} (Warned once.)",
+        )
+        self.writer(trainer).text(self.tag("warnings"), f"**Step {step}:** {what}. {action}. {NONFINITE_CAUSE}", step)
 
     def warn_once(self, key: str, message: str) -> None:
         """Warn with ``message`` the first time ``key`` is seen by this callback in this fit."""

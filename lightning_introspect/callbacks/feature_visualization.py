@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,16 +17,17 @@ from lightning_introspect._torch.guards import introspection_mode, module_device
 from lightning_introspect._torch.hooks import layer_outputs
 from lightning_introspect._torch.layers import resolve_layers
 from lightning_introspect.callbacks.base import (
-    NONFINITE_CAUSE,
     IntrospectionCallback,
     IntrospectionInputError,
+    Option,
     check_callable,
     check_choice,
     check_positive_int,
     input_gradient_problem,
 )
+from lightning_introspect.callbacks.budget import best_of
 from lightning_introspect.callbacks.outputs import logits_only
-from lightning_introspect.loggers.adapter import IntrospectionWriter
+from lightning_introspect.callbacks.progress import IntrospectionProgress
 from lightning_introspect.methods.featviz import (
     PARAMS,
     PENALTIES,
@@ -163,6 +165,12 @@ class FeatureVisualization(IntrospectionCallback):
         enabled, every_n_epochs, at, num_samples, seed, on_error: see ``IntrospectionCallback``. By
             default it runs at half of training and at the last epoch (it costs seconds, not milliseconds).
 
+    Under a budget (``introspection_callbacks(config, budget=...)``) each run is sized to its share: first
+    only the ``all`` setting (no comparison), then half the steps (not below 16); when even that does not
+    fit the run is skipped with a note. ``compare`` and ``steps`` given explicitly are kept. The sizes
+    of the latest run are ``run_columns`` / ``run_steps``, the decision ``budget_choice`` and
+    ``introspect/featviz/budget`` (text).
+
     Tags written:
         * ``introspect/featviz/<layer>/<channel>`` -- image: one tile per setting, columns in the order
           of ``columns`` (e.g. none, frequency, transform, all);
@@ -208,6 +216,7 @@ class FeatureVisualization(IntrospectionCallback):
     """
 
     name = "featviz"
+    sized_runs = True
 
     def __init__(
         self,
@@ -324,6 +333,8 @@ class FeatureVisualization(IntrospectionCallback):
         self._last_step: int | None = None  # global step of the latest run: the fit-end catch-up compares it
         self._validated = False
         self._unsettled: set[str] = set()  # layers whose "auto" channels came from non-finite activations
+        self.run_columns: list[str] = list(self.columns)  # the settings and steps of the latest run (budget)
+        self.run_steps: int = self.steps
 
     @override
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -535,26 +546,58 @@ class FeatureVisualization(IntrospectionCallback):
         device = module_device(pl_module)
         if self.prior_module is not None and "prior" in self.regularizers:
             self.prior_module.to(device)
+
+        def optimise(setting: str, steps: int) -> FeatureVisualizationResult:
+            return visualize_features(pl_module, objective, shape=(n, c, h, w), steps=steps, lr=self.lr, value_range=value_range,
+                                      mean=mean, std=std, seed=self.seed, **self.setting_kwargs(setting, min(h, w)))
+
+        option = self.sized(trainer, self._options(optimise))
+        if option is None:
+            return {}
+        self.run_columns, self.run_steps = list(option.sizes["settings"]), int(option.sizes["steps"])
+        start = time.perf_counter()
         results: dict[str, FeatureVisualizationResult] = {}
-        for setting in self.columns:
-            results[setting] = visualize_features(
-                pl_module,
-                objective,
-                shape=(n, c, h, w),
-                steps=self.steps,
-                lr=self.lr,
-                value_range=value_range,
-                mean=mean,
-                std=std,
-                seed=self.seed,
-                **self.setting_kwargs(setting, min(h, w)),
-            )
+        with IntrospectionProgress(trainer, "feature visualisation", total=len(self.run_columns)) as bar:
+            for setting in self.run_columns:
+                results[setting] = optimise(setting, self.run_steps)
+                bar.update(message=setting)
+        elapsed = time.perf_counter() - start
+        self.unit_costs.observe("setting_step", elapsed, len(self.run_columns) * self.run_steps)
+        self.charge(elapsed)
         self.results = results
         self.log_results(trainer, results, value_range, epoch=epoch)
         for name in self._unsettled:  # chosen from NaN / Inf activations: choose again at the next run
             self.chosen.pop(name, None)
         self._unsettled = set()
         return results
+
+    def _options(self, optimise: Callable[[str, int], Any]) -> list[Option]:
+        """The sizes a run may take under a budget, largest first: the configured settings and steps, then
+        only the ``all`` setting, then half the steps (not below 16); explicit arguments are kept."""
+        given = set(self._given)
+        if not self.unit_costs.known("setting_step") and self.budget is not None:
+            self._probe_step(optimise)
+        per_step = self.unit_costs.get("setting_step", 0.0)
+
+        def option(settings: list[str], steps: int) -> Option:
+            return Option({"settings": settings, "steps": steps}, per_step * len(settings) * steps)
+
+        settings, steps = list(self.columns), self.steps
+        options = [option(settings, steps)]
+        if "compare" not in given and len(settings) > 1:
+            settings = comparison_columns(self.regularizers, False)
+            options.append(option(settings, steps))
+        while "steps" not in given and steps > 16:
+            steps = max(16, steps // 2)
+            options.append(option(settings, steps))
+        return options
+
+    def _probe_step(self, optimise: Callable[[str, int], Any]) -> None:
+        """Estimate one optimisation step of one setting before the first run: the most regularised setting
+        run for 1 and for 3 steps; the difference leaves out the set-up both share."""
+        setting = self.columns[-1]
+        one, three = best_of(1, lambda: optimise(setting, 1)), best_of(1, lambda: optimise(setting, 3))
+        self.unit_costs.observe("setting_step", max((three - one) / 2, one / 4))
 
     def log_results(
         self, trainer: pl.Trainer, results: dict[str, FeatureVisualizationResult], value_range: tuple[float, float], *, epoch: int | None = None
@@ -563,44 +606,34 @@ class FeatureVisualization(IntrospectionCallback):
         step, epoch = trainer.global_step, trainer.current_epoch if epoch is None else epoch
         keys = self.unit_keys()
         scalars: dict[str, float] = {}
-        self.nonfinite = nonfinite_units(keys, results, self.columns)
+        self.nonfinite = nonfinite_units(keys, results, self.run_columns)
         for i, key in enumerate(keys):
-            tiles = torch.stack([results[s].images[i] for s in self.columns])
+            tiles = torch.stack([results[s].images[i] for s in self.run_columns])
             self.images[key] = tiles.clone()
             if key not in self.nonfinite:  # a NaN / Inf image would be drawn as a silently wrong picture
                 writer.image(self.tag(key), unit_image(tiles, value_range), step)
-            for s in self.columns:
+            for s in self.run_columns:
                 r = results[s]
                 obj, hf = float(r.objective[i]), float(r.high_frequency_fraction[i])
                 if s not in self.nonfinite.get(key, ()):
                     scalars[self.tag("objective", s, key)] = obj
                     scalars[self.tag("hf_fraction", s, key)] = hf
                 self.history.append({"epoch": epoch, "step": step, "unit": key, "setting": s, "objective": obj, "initial_objective": float(r.initial_objective[i]), "hf_fraction": hf})
-        for s in self.columns:
+        for s in self.run_columns:
             good = [i for i, key in enumerate(keys) if s not in self.nonfinite.get(key, ())]
             if good:
                 scalars[self.tag("hf_fraction", s)] = float(results[s].high_frequency_fraction[good].mean())
         writer.scalars(scalars, step)
         writer.text(self.tag("table"), self.table(keys, results), step)
         if self.nonfinite:
-            self._report_nonfinite(writer, step)
+            self._report_nonfinite(trainer)
 
-    def _report_nonfinite(self, writer: IntrospectionWriter, step: int) -> None:
+    def _report_nonfinite(self, trainer: pl.Trainer) -> None:
         """Warn once, and note at this step, which units were not logged because of NaN / Inf values."""
-        units = nonfinite_units_text(self.nonfinite, self.columns)
-        self.warn_once(
-            "nonfinite",
-            f"FeatureVisualization: non-finite values (NaN / Inf) in the optimised images or final objective of "
-            f"{units} at step {step}. {NONFINITE_CAUSE} Their images and non-finite objective / hf_fraction scalars are not "
-            f"logged; a note goes to `{self.tag('warnings')}` instead, at every step where this happens. The callback "
-            "stays on and logs these units again once they are finite. (Warned once.)",
-        )
-        writer.text(
-            self.tag("warnings"),
-            f"**Not logged at step {step}:** the images of {units}. Non-finite values (NaN / Inf) in "
-            f"their optimised images or final objective. {NONFINITE_CAUSE}",
-            step,
-        )
+        units = nonfinite_units_text(self.nonfinite, self.run_columns)
+        self.note_nonfinite(trainer, "nonfinite", f"non-finite values (NaN / Inf) in the optimised images or final objective of {units}",
+                            "Their images and non-finite objective / hf_fraction scalars are not logged",
+                            "logs these units again once they are finite")
 
     def table(self, keys: Sequence[str], results: dict[str, FeatureVisualizationResult]) -> str:
         """A markdown table: one row per unit, objective and high-frequency fraction per setting."""
@@ -608,12 +641,12 @@ class FeatureVisualization(IntrospectionCallback):
         if self.classes_chosen:
             left_out = self.background if self.classes == "auto" else None
             chosen.append(class_objective_text(self.classes_chosen, task=self.resolved_task or "classification", region=self.class_region, background=left_out))
-        return featviz_table(keys, results, self.columns, steps=self.steps, lr=self.lr, chosen=chosen, nonfinite=self.nonfinite)
+        return featviz_table(keys, results, self.run_columns, steps=self.run_steps, lr=self.lr, chosen=chosen, nonfinite=self.nonfinite)
 
     # ---------------------------------------------------------------------------------- reporting
     @override
     def summary_lines(self) -> list[str]:
-        return featviz_summary_lines(self.results, self.columns, len(self.unit_keys()))
+        return featviz_summary_lines(self.results, self.run_columns, len(self.unit_keys()))
 
     @override
     def extra_state(self) -> dict[str, Any]:

@@ -12,7 +12,9 @@ segmentation path is orchestrated by :mod:`lightning_introspect.callbacks.segmen
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -21,14 +23,15 @@ from typing_extensions import override
 from lightning_introspect._lightning import pl
 from lightning_introspect._torch.guards import introspection_mode, module_device
 from lightning_introspect.callbacks.base import (
-    NONFINITE_CAUSE,
     IntrospectionCallback,
     IntrospectionInputError,
+    Option,
     check_callable,
     check_choice,
     check_positive_int,
     split_batch,
 )
+from lightning_introspect.callbacks.budget import best_of
 from lightning_introspect.callbacks.outputs import (
     LogitsSource,
     example_logits,
@@ -36,6 +39,7 @@ from lightning_introspect.callbacks.outputs import (
     extract_targets,
     validation_batches,
 )
+from lightning_introspect.callbacks.progress import IntrospectionProgress
 from lightning_introspect.callbacks.segmentation_review import SegmentationReview
 from lightning_introspect.methods.image_stats import (
     PERTURBATIONS,
@@ -69,6 +73,18 @@ def _check_floats(values: Any, argument: str, *, low: float = 0.0, high: float =
         if not low <= v <= high or math.isnan(v):
             raise ValueError(f"Expected every entry of `{argument}` to be in [{low}, {high}], but got {v!r}.")
     return out
+
+
+def _subset(values: Sequence[float], k: int | None) -> list[float]:
+    """``k`` of the strengths ``values`` spread over their range (``None``: all; 1: the middle one)."""
+    values = sorted(values)
+    if k is None or k >= len(values):
+        return list(values)
+    if k <= 0:
+        return []
+    if k == 1:
+        return [values[len(values) // 2]]
+    return [values[round(i * (len(values) - 1) / (k - 1))] for i in range(k)]
 
 
 def _normalization(value: Any, argument: str) -> tuple[float, ...] | None:
@@ -204,6 +220,11 @@ class Misclassifications(IntrospectionCallback):
         figures: log the statistics and perturbation figures (the tables are always logged).
         enabled, seed, on_error: see :class:`IntrospectionCallback`.
 
+    Under a budget (``introspection_callbacks(config, budget=...)``) each review is sized to its share:
+    first half the perturbation subset (not below 64 images), then 64 images at one strength per
+    perturbation (the middle one), then no perturbation test, then no figures; arguments given
+    explicitly are kept. The choice is in ``budget_choice`` and ``introspect/misclassifications/budget``.
+
     Limits: under DDP only rank zero's shard of the validation data is reviewed. Errors are not causes: a
     statistic's bins tell where errors concentrate, the perturbation test tells what the model is
     sensitive to.
@@ -222,6 +243,7 @@ class Misclassifications(IntrospectionCallback):
 
     name = "misclassifications"
     rank_zero_only = True
+    sized_runs = True
 
     def __init__(
         self,
@@ -438,6 +460,78 @@ class Misclassifications(IntrospectionCallback):
         finally:
             self._stop()
 
+    # ------------------------------------------------------------------------------- sizes (budget)
+    def _size_review(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fix this review's sizes: as configured, or the budget's choice (see the class docstring)."""
+        self.run_sizes = {"num_samples": self.num_samples, "strengths": None, "figures": self.figures}
+        if self.budget is None:
+            return
+        option = self.sized(trainer, self._review_options(trainer, pl_module))
+        if option is not None:  # the smallest option (tables only) costs nothing and always fits
+            self.run_sizes = dict(option.sizes)
+
+    def _review_options(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Option]:
+        given = set(self._given)
+        per_sample = self._seconds_per_sample(trainer, pl_module) if self._images and self.perturbations else 0.0
+        figure = self.unit_costs.get("figure", 0.25)
+        most = max((len(self.strengths[kind]) for kind in self.perturbations), default=0)
+
+        def option(n: int, k: int | None, figures: bool) -> Option:
+            passes = sum(len(_subset(self.strengths[kind], k)) for kind in self.perturbations) + 1 if k != 0 and most else 0
+            seconds = per_sample * n * passes + figure * figures * (1 + bool(passes))
+            return Option({"num_samples": n, "strengths": k, "figures": figures}, seconds)
+
+        n, k, figures = self.num_samples, None, self.figures
+        options = [option(n, k, figures)]
+        if "num_samples" not in given and n > 64 and most:
+            n = max(64, n // 2)
+            options.append(option(n, k, figures))
+        if not given & {"perturbations", "blur_sigmas", "noise_stds", "color_strengths"} and most > 1:
+            n, k = (n if "num_samples" in given else min(n, 64)), 1
+            options.append(option(n, k, figures))
+        if "perturbations" not in given and most:
+            k = 0
+            options.append(option(n, k, figures))
+        if "figures" not in given and figures:
+            options.append(option(n, k, False))
+        return options
+
+    def _seconds_per_sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """Seconds of one forward per image: measured in earlier perturbation tests, else by a probe batch
+        (the best of three: the first call of a model pays one-off set-up costs)."""
+        if not self.unit_costs.known("forward_sample"):
+            x, _ = self.fixed_samples(trainer)
+            probe = x[: min(128, int(x.shape[0]))].to(module_device(pl_module))
+            with introspection_mode(pl_module, grad=False):
+                self.unit_costs.observe("forward_sample", best_of(3, lambda: pl_module(probe)), int(probe.shape[0]))
+        return self.unit_costs.get("forward_sample", 0.0)
+
+    @property
+    def run_figures(self) -> bool:
+        """Whether this review draws its figures."""
+        return bool(getattr(self, "run_sizes", {}).get("figures", self.figures))
+
+    def run_strengths(self) -> dict[str, list[float]]:
+        """The perturbation strengths of this review, per kind."""
+        k = getattr(self, "run_sizes", {}).get("strengths")
+        return {kind: _subset(self.strengths[kind], k) for kind in self.perturbations}
+
+    def run_subset(self, x: torch.Tensor, y: Any) -> tuple[torch.Tensor, Any]:
+        """The first ``num_samples`` of this review of the fixed subset (a prefix: results compare across sizes)."""
+        n = int(getattr(self, "run_sizes", {}).get("num_samples", self.num_samples))
+        return x[:n], (None if y is None else y[:n])
+
+    @contextmanager
+    def timed_perturbations(self, trainer: pl.Trainer, passes: int, n: int, calls: int) -> Iterator[IntrospectionProgress]:
+        """Time a perturbation test of ``passes`` passes over ``n`` images (``calls`` model calls in all, for
+        the progress bar): its unit cost, and the budget."""
+        start = time.perf_counter()
+        with IntrospectionProgress(trainer, "perturbation test", total=calls) as bar:
+            yield bar
+        elapsed = time.perf_counter() - start
+        self.unit_costs.observe("forward_sample", elapsed, passes * n)
+        self.charge(elapsed)
+
     def _begin(self, pl_module: pl.LightningModule) -> None:
         self._reset_epoch()
         self._source.attach(pl_module)
@@ -486,6 +580,7 @@ class Misclassifications(IntrospectionCallback):
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | None = None) -> None:
         self._stop()
         self._last_step = int(trainer.global_step)  # reviewed at this step (also when nothing could be logged)
+        self._size_review(trainer, pl_module)
         if self.resolved_task == "segmentation":
             step, epoch = int(trainer.global_step), int(trainer.current_epoch if epoch is None else epoch)
             seg_report = self._segmentation.finish(trainer, pl_module, step, epoch)
@@ -522,8 +617,8 @@ class Misclassifications(IntrospectionCallback):
             for stat, binned in report["bins"].items():
                 scalars.update({self.tag("error_rate", stat, f"q{i + 1}"): r for i, r in enumerate(binned["rate"]) if r is not None})
             writer.text(self.tag("statistics"), statistics_markdown(report["bins"], error_rate), step)
-            if self.figures:
-                writer.figure(self.tag("statistics_figure"), statistics_figure(report["bins"], error_rate), step)
+            if self.run_figures:
+                self.figure(trainer, self.tag("statistics_figure"), lambda: statistics_figure(report["bins"], error_rate), step)
         if self._images and self.perturbations:
             results = self._perturbation_test(trainer, pl_module, n_classes)
             if results:
@@ -532,15 +627,18 @@ class Misclassifications(IntrospectionCallback):
                     scalars.update({self.tag("perturbation", kind, f"{s:g}"): acc
                                     for s, acc in zip(res["strengths"][1:], res["accuracy"][1:])})
                 writer.text(self.tag("perturbations"), perturbation_markdown(results, names), step)
-                if self.figures:
-                    writer.figure(self.tag("perturbations_figure"), perturbation_figure(results, names), step)
+                if self.run_figures:
+                    self.figure(trainer, self.tag("perturbations_figure"), lambda: perturbation_figure(results, names), step)
         writer.scalars(scalars, step)
         self.report = report
         self.history.append(report)
         self._reset_epoch()
 
     def _perturbation_test(self, trainer: pl.Trainer, pl_module: pl.LightningModule, n_classes: int) -> dict[str, Any]:
-        x, y = self.fixed_samples(trainer)
+        x, y = self.run_subset(*self.fixed_samples(trainer))
+        strengths = self.run_strengths()
+        if not any(strengths.values()):
+            return {}
         if y is None or not is_image_batch(x):
             self.warn_once("perturb-no-labels", "Misclassifications: the fixed samples have no labels or are not images; "
                            "the perturbation test is skipped.")
@@ -549,7 +647,11 @@ class Misclassifications(IntrospectionCallback):
         raw = unnormalize(x, self.mean, self.std)
         nonfinite: list[int] = []  # samples with NaN / Inf probabilities, per call of `predict`
 
+        progress: list[IntrospectionProgress] = []
+
         def predict(inputs: torch.Tensor) -> torch.Tensor:
+            for bar in progress:
+                bar.update()
             logits = extract_logits(pl_module(normalize(inputs, self.mean, self.std).to(device)), self.output_transform)
             if logits is None:
                 raise IntrospectionInputError("Misclassifications: the model's forward output holds no logits; pass `output_transform`.")
@@ -558,8 +660,9 @@ class Misclassifications(IntrospectionCallback):
                 nonfinite.append(int((~torch.isfinite(probs).all(dim=1)).sum()))
             return probs
 
-        strengths = {kind: self.strengths[kind] for kind in self.perturbations}
-        with introspection_mode(pl_module, grad=False):
+        passes = 1 + sum(len(v) for v in strengths.values())
+        with introspection_mode(pl_module, grad=False), self.timed_perturbations(trainer, passes, int(x.shape[0]), passes) as bar:
+            progress.append(bar)
             results = perturbation_accuracy(
                 predict, raw, y, num_classes=n_classes, strengths=strengths, seed=self.seed, noise_scale=float(raw.std()) or 1.0
             )
@@ -579,7 +682,7 @@ class Misclassifications(IntrospectionCallback):
                       "no report)")
         else:
             action = f"Those {samples} are left out of the review (error rates, gallery, statistics; `report['nonfinite']`)"
-        self._note_nonfinite(trainer, "nonfinite", what, action, "reviews normally again once the outputs are finite")
+        self.note_nonfinite(trainer, "nonfinite", what, action, "reviews normally again once the outputs are finite")
 
     def _report_nonfinite_perturbation(
         self, trainer: pl.Trainer, k: int, total: int, *, outputs: str = "probabilities", samples: str = "samples",
@@ -588,17 +691,7 @@ class Misclassifications(IntrospectionCallback):
         """Warn once, and note at this step, that the perturbation test's results were dropped for NaN / Inf outputs."""
         what = (f"the model's outputs ({outputs}) in the perturbation test are non-finite (NaN / Inf) for up to "
                 f"{k} of its {total} fixed {samples}")
-        self._note_nonfinite(trainer, "nonfinite-perturbation", what, f"The perturbation test's {results} are not logged at this step")
-
-    def _note_nonfinite(self, trainer: pl.Trainer, key: str, what: str, action: str, again: str | None = None) -> None:
-        step = int(trainer.global_step)
-        stays = "The callback stays on" + (f" and {again}." if again else ".")
-        self.warn_once(
-            key,
-            f"Misclassifications: {what} at step {step}. {NONFINITE_CAUSE} {action}; a note goes to `{self.tag('warnings')}` "
-            f"instead, at every step where this happens. {stays} (Warned once.)",
-        )
-        self.writer(trainer).text(self.tag("warnings"), f"**Step {step}:** {what}. {action}. {NONFINITE_CAUSE}", step)
+        self.note_nonfinite(trainer, "nonfinite-perturbation", what, f"The perturbation test's {results} are not logged at this step")
 
     def summary_lines(self) -> list[str]:
         if self.report is not None and self.report.get("task") == "segmentation":

@@ -528,7 +528,8 @@ class PerClassMetrics(IntrospectionCallback):
         writer.text(self.tag("table"), self.table_markdown(), step)
         writer.text(self.tag("summary"), self.summary_markdown(), step)
         if self.bar_chart:
-            writer.figure(self.tag("bars"), bars_figure(self.snapshots, self._shown_metrics(), self.names, self._column), step)
+            self.figure(trainer, self.tag("bars"), lambda: bars_figure(self.snapshots, self._shown_metrics(), self.names, self._column),
+                        step, final="end" in keys)
 
     # ---------------------------------------------------------------------------- reading
     def _column(self, key: str) -> str:

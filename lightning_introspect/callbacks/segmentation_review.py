@@ -94,10 +94,9 @@ class SegmentationReview:
             for stat, binned in report["bins"].items():
                 scalars.update({self.tag("miou_by", stat, f"q{i + 1}"): v for i, v in enumerate(binned["miou"]) if v is not None})
             writer.text(self.tag("statistics"), miou_statistics_markdown(report["bins"], report["miou"]), step)
-            if cb.figures:
-                figure = statistics_figure(report["bins"], report["miou"], value="miou", label="mean IoU per image",
-                                           color="tab:green")
-                writer.figure(self.tag("statistics_figure"), figure, step)
+            if cb.run_figures:
+                cb.figure(trainer, self.tag("statistics_figure"), lambda: statistics_figure(
+                    report["bins"], report["miou"], value="miou", label="mean IoU per image", color="tab:green"), step)
         if cb._images and cb.perturbations:
             results = self._perturbation_test(trainer, pl_module, len(names))
             if results:
@@ -106,15 +105,18 @@ class SegmentationReview:
                     scalars.update({self.tag("perturbation", kind, f"{s:g}"): v
                                     for s, v in zip(res["strengths"][1:], res["miou"][1:]) if v is not None})
                 writer.text(self.tag("perturbations"), iou_perturbation_markdown(results, names), step)
-                if cb.figures:
-                    figure = perturbation_figure(results, names, value="miou", label="IoU (mean: black)")
-                    writer.figure(self.tag("perturbations_figure"), figure, step)
+                if cb.run_figures:
+                    cb.figure(trainer, self.tag("perturbations_figure"), lambda: perturbation_figure(
+                        results, names, value="miou", label="IoU (mean: black)"), step)
         writer.scalars(scalars, step)
         return report
 
     def _perturbation_test(self, trainer: pl.Trainer, pl_module: pl.LightningModule, n_classes: int) -> dict[str, Any]:
         cb = self.cb
-        x, y = cb.fixed_samples(trainer)
+        x, y = cb.run_subset(*cb.fixed_samples(trainer))
+        strengths = cb.run_strengths()
+        if not any(strengths.values()):
+            return {}
         if y is None or not is_image_batch(x):
             cb.warn_once("perturb-no-labels", "Misclassifications: the fixed samples have no masks or are not images; "
                          "the perturbation test is skipped.")
@@ -125,7 +127,11 @@ class SegmentationReview:
         raw = unnormalize(x.to(device), cb.mean, cb.std)
         nonfinite: list[int] = []  # images with NaN / Inf logits, per call of `predict` (one chunk of a pass)
 
+        progress: list[Any] = []
+
         def predict(inputs: torch.Tensor) -> torch.Tensor:
+            for bar in progress:
+                bar.update()
             logits = extract_logits(pl_module(normalize(inputs, cb.mean, cb.std)), cb.output_transform)
             if logits is None or logits.ndim != 4:
                 raise IntrospectionInputError("Misclassifications: the model's forward output holds no per-pixel logits "
@@ -133,8 +139,10 @@ class SegmentationReview:
             nonfinite.append(int((~torch.isfinite(logits).flatten(1).all(dim=1)).sum()))
             return logits
 
-        strengths = {kind: cb.strengths[kind] for kind in cb.perturbations}
-        with introspection_mode(pl_module, grad=False):
+        passes = 1 + sum(len(v) for v in strengths.values())
+        calls = passes * -(-int(x.shape[0]) // _CHUNK)
+        with introspection_mode(pl_module, grad=False), cb.timed_perturbations(trainer, passes, int(x.shape[0]), calls) as bar:
+            progress.append(bar)
             results = perturbation_iou(predict, raw, masks, num_classes=n_classes, strengths=strengths, seed=cb.seed,
                                        noise_scale=float(raw.std()) or 1.0, ignore_index=cb.ignore_index,
                                        batch_size=_CHUNK)

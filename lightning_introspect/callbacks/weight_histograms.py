@@ -478,18 +478,18 @@ class WeightHistograms(IntrospectionCallback):
             self._figures(trainer)
 
     def _figures(self, trainer: pl.Trainer) -> None:
-        writer, step, epoch = self.writer(trainer), trainer.global_step, self.summary.get("epoch")
+        step, epoch, final = trainer.global_step, self.summary.get("epoch"), self.is_final(trainer)
         latest = {n: self.drift[n][-1] for n in self._modules if self.drift.get(n)}
         cosine = {n: self.cosine[n][-1] for n in latest}
-        by_depth = drift_by_depth_figure(
+        self.figure(trainer, self.tag("drift_by_depth"), lambda: drift_by_depth_figure(
             latest, cosine, threshold=self.drift_threshold, not_learning=self.summary.get("not_learning", []),
             frozen=self.summary.get("frozen", []), epoch=epoch,
-        )
-        writer.figure(self.tag("drift_by_depth"), by_depth, step)
+        ), step, final=final)
         if self._initial_hists is None:
             self._initial_hists = histograms(self._initial or {}, bins=self.bins)
-        current = {n: self.histograms[n] for n in self._modules if n in self.histograms}
-        writer.figure(self.tag("initial_vs_current"), initial_vs_current_figure(self._initial_hists, current, latest, epoch=epoch), step)
+        initial, current = self._initial_hists, {n: self.histograms[n] for n in self._modules if n in self.histograms}
+        self.figure(trainer, self.tag("initial_vs_current"),
+                    lambda: initial_vs_current_figure(initial, current, latest, epoch=epoch), step, final=final)
         self._figure_step = step
 
     @override
