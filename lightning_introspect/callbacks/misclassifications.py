@@ -634,15 +634,23 @@ class Misclassifications(IntrospectionCallback):
         self.history.append(report)
         self._reset_epoch()
 
-    def _perturbation_test(self, trainer: pl.Trainer, pl_module: pl.LightningModule, n_classes: int) -> dict[str, Any]:
+    def perturbation_inputs(self, trainer: pl.Trainer, labels: str = "labels") -> tuple[torch.Tensor, Any] | None:
+        """This review's share of the fixed subset for the perturbation test, or ``None`` (said once) when
+        there is nothing to perturb: no strengths left, no ``labels`` (or masks), or not images."""
+        if not any(self.run_strengths().values()):
+            return None
         x, y = self.run_subset(*self.fixed_samples(trainer))
-        strengths = self.run_strengths()
-        if not any(strengths.values()):
-            return {}
         if y is None or not is_image_batch(x):
-            self.warn_once("perturb-no-labels", "Misclassifications: the fixed samples have no labels or are not images; "
+            self.warn_once("perturb-no-labels", f"Misclassifications: the fixed samples have no {labels} or are not images; "
                            "the perturbation test is skipped.")
+            return None
+        return x, y
+
+    def _perturbation_test(self, trainer: pl.Trainer, pl_module: pl.LightningModule, n_classes: int) -> dict[str, Any]:
+        inputs = self.perturbation_inputs(trainer)
+        if inputs is None:
             return {}
+        (x, y), strengths = inputs, self.run_strengths()
         device = module_device(pl_module)
         raw = unnormalize(x, self.mean, self.std)
         nonfinite: list[int] = []  # samples with NaN / Inf probabilities, per call of `predict`

@@ -16,7 +16,7 @@ import torch
 from lightning_introspect._torch.guards import introspection_mode, module_device
 from lightning_introspect.callbacks.outputs import extract_logits
 from lightning_introspect.errors import IntrospectionInputError
-from lightning_introspect.methods.image_stats import is_image_batch, normalize, unnormalize
+from lightning_introspect.methods.image_stats import normalize, unnormalize
 from lightning_introspect.methods.per_class import check_label_range
 from lightning_introspect.methods.segmentation_review import SegmentationReviewBuffer, perturbation_iou
 from lightning_introspect.methods.task import as_masks
@@ -113,14 +113,10 @@ class SegmentationReview:
 
     def _perturbation_test(self, trainer: pl.Trainer, pl_module: pl.LightningModule, n_classes: int) -> dict[str, Any]:
         cb = self.cb
-        x, y = cb.run_subset(*cb.fixed_samples(trainer))
-        strengths = cb.run_strengths()
-        if not any(strengths.values()):
+        inputs = cb.perturbation_inputs(trainer, labels="masks")
+        if inputs is None:
             return {}
-        if y is None or not is_image_batch(x):
-            cb.warn_once("perturb-no-labels", "Misclassifications: the fixed samples have no masks or are not images; "
-                         "the perturbation test is skipped.")
-            return {}
+        (x, y), strengths = inputs, cb.run_strengths()
         masks = as_masks(y)
         check_label_range(masks, n_classes, cb.ignore_index)
         device = module_device(pl_module)
