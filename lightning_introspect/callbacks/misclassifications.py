@@ -60,6 +60,7 @@ from lightning_introspect.render.review import (
     statistics_markdown,
     wrong_gallery,
     wrong_markdown,
+    wrong_sentences_markdown,
 )
 from lightning_introspect.render.segmentation_review import segmentation_summary_lines
 
@@ -73,6 +74,9 @@ def _check_floats(values: Any, argument: str, *, low: float = 0.0, high: float =
         if not low <= v <= high or math.isnan(v):
             raise ValueError(f"Expected every entry of `{argument}` to be in [{low}, {high}], but got {v!r}.")
     return out
+
+
+MAX_TOKENS = 128  # text inputs: the tokens of a wrong sample kept for its row in `top_wrong_text`
 
 
 def _subset(values: Sequence[float], k: int | None) -> list[float]:
@@ -146,6 +150,8 @@ class Misclassifications(IntrospectionCallback):
     * ``introspect/misclassifications/gallery`` -- image: top-K confidently wrong examples;
     * ``introspect/misclassifications/gallery_per_class`` -- image, one row per true class (``per_class``);
     * ``introspect/misclassifications/top_wrong`` -- markdown: index, true, predicted, confidence;
+    * ``introspect/misclassifications/top_wrong_text`` -- markdown, text inputs (token ids): the same rows
+      with each text (``decode``d, else its ids);
     * ``introspect/misclassifications/error_rate/overall`` and ``.../error_rate/class/<class>`` -- scalars;
     * ``introspect/misclassifications/error_rate/<statistic>/q<i>`` -- scalar, error rate in quantile bin
       ``i`` (1 = lowest values) of the statistic;
@@ -182,7 +188,7 @@ class Misclassifications(IntrospectionCallback):
     run) and ``history`` (every report; kept in the ``state_dict``). A classification report holds
     ``epoch``, ``step``, ``num_samples`` (reviewed), ``nonfinite`` (samples left out for NaN / Inf
     outputs), ``error_rate``, ``per_class_error``, ``wrong`` (top-K rows ``{"index", "label", "pred",
-    "confidence"}``), ``bins`` ``{statistic: {"edges", "counts", "errors", "rate"}}``, ``perturbations``
+    "confidence"}``), ``wrong_texts`` (text inputs: the texts of those rows), ``bins`` ``{statistic: {"edges", "counts", "errors", "rate"}}``, ``perturbations``
     ``{kind: {"strengths", "accuracy", "per_class"}}``; ``wrong_images`` holds the top-K inputs. A
     segmentation report holds ``task`` (``"segmentation"``), ``epoch``, ``step``, ``num_samples`` (images
     reviewed), ``nonfinite``, ``unlabelled`` (images without a labelled pixel, left out), ``miou`` (the
@@ -214,6 +220,10 @@ class Misclassifications(IntrospectionCallback):
         blur_sigmas, noise_stds, color_strengths: strengths of each perturbation.
         num_samples: size of the fixed validation subset of the perturbation test.
         class_names: display names, one per class.
+        decode: text inputs (token ids ``(N, T)``): a callable turning one sample's token ids (a list of
+            ints, padding included) into its text (a string, or a list of tokens joined by spaces) for
+            ``top_wrong_text``; ``None``: the ids themselves. Set it from Python (a config file cannot
+            name code).
         output_transform, target_transform: as in :class:`PerClassMetrics`.
         mean, std: the input normalisation (a number or one per channel). When given, images are shown
             and measured un-normalised and perturbations are applied in that space.
@@ -263,6 +273,7 @@ class Misclassifications(IntrospectionCallback):
         color_strengths: Sequence[float] = (0.1, 0.25, 0.5),
         num_samples: int = 256,
         class_names: Sequence[str] | None = None,
+        decode: Callable[[list[int]], Any] | None = None,
         output_transform: Callable[[Any], Any] | None = None,
         target_transform: Callable[[Any], Any] | None = None,
         mean: float | Sequence[float] | None = None,
@@ -293,6 +304,8 @@ class Misclassifications(IntrospectionCallback):
             raise ValueError(f"Expected `perturbations` to be among {', '.join(map(repr, PERTURBATIONS))}, but got {bad}.")
         check_callable(output_transform, "output_transform")
         check_callable(target_transform, "target_transform")
+        check_callable(decode, "decode")
+        self.decode = decode
         self.task = task
         self.top_k = top_k
         self.per_class = per_class
@@ -553,7 +566,27 @@ class Misclassifications(IntrospectionCallback):
         if self.resolved_task == "segmentation":
             self._segmentation.add(logits, target, images=lambda: self._batch_images(batch))
             return
-        self._buffer.add(self._probabilities(logits), target.flatten(), images=lambda: self._batch_images(batch))
+        self._buffer.add(self._probabilities(logits), target.flatten(), images=lambda: self._batch_images(batch),
+                         tokens=lambda: self._batch_tokens(batch))
+
+    def _batch_tokens(self, batch: Any) -> torch.Tensor | None:
+        """Text inputs' token ids ``(N, MAX_TOKENS)`` (padded with -1, longer texts cut), or ``None``."""
+        try:
+            x = split_batch(batch)[0]
+        except ValueError:
+            return None
+        if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.dtype.is_floating_point or x.dtype == torch.bool:
+            return None
+        ids = x[:, :MAX_TOKENS].detach().long().cpu()
+        return torch.nn.functional.pad(ids, (0, MAX_TOKENS - ids.shape[1]), value=-1)
+
+    def sample_text(self, ids: Sequence[int]) -> str:
+        """One text sample as shown: ``decode`` of its token ids (padding marks removed), else the ids."""
+        ids = [int(i) for i in ids if int(i) >= 0]
+        if self.decode is None:
+            return " ".join(map(str, ids))
+        text = self.decode(ids)
+        return text if isinstance(text, str) else " ".join(map(str, text))
 
     def _batch_images(self, batch: Any) -> torch.Tensor | None:
         """The batch's inputs un-normalised, or ``None`` (once they are found not to be images: warned once)."""
@@ -605,6 +638,10 @@ class Misclassifications(IntrospectionCallback):
         scalars.update({self.tag("error_rate", "class", n.replace("/", "_")): v
                         for n, v in zip(names, report["per_class_error"]) if v is not None})
         writer.text(self.tag("top_wrong"), wrong_markdown(report["wrong"], names, error_rate, report["num_samples"]), step)
+        tokens = buffer.top["tokens"] if buffer.top is not None else None
+        if tokens is not None:  # text inputs: the confidently wrong texts themselves
+            report["wrong_texts"] = texts = [self.sample_text(row.tolist()) for row in tokens]
+            writer.text(self.tag("top_wrong_text"), wrong_sentences_markdown(report["wrong"], texts, names), step)
         top, shown_raw = buffer.top, self.mean is not None
         self.wrong_images = top["image"] if top is not None else None
         if self._images and top is not None and top["image"] is not None and top["image"].shape[0]:

@@ -111,13 +111,18 @@ class ReviewBuffer:
         return target
 
     def add(
-        self, probs: torch.Tensor, target: torch.Tensor, images: Callable[[], torch.Tensor | None] | None = None
+        self,
+        probs: torch.Tensor,
+        target: torch.Tensor,
+        images: Callable[[], torch.Tensor | None] | None = None,
+        tokens: Callable[[], torch.Tensor | None] | None = None,
     ) -> None:
         """Add one batch: ``probs`` ``(N, C)`` (:func:`class_probabilities`) and ``target`` ``(N,)`` labels.
 
         ``images`` returns the batch's images ``(N, C, H, W)`` as they are to be measured and shown, or
         ``None``; it is called only when the batch has a sample with finite probabilities, so a batch left
-        out entirely is never read.
+        out entirely is never read. ``tokens`` likewise returns token ids ``(N, T)`` of text inputs (padded
+        with -1 to one length for every batch), kept for the confidently wrong rows.
 
         Raises:
             IntrospectionInputError: the labels do not match the rows, are out of range, or the width changed.
@@ -139,6 +144,9 @@ class ReviewBuffer:
         self.pred.append(pred)
         self.label.append(target)
         raw = images() if images is not None else None
+        ids = tokens() if tokens is not None else None
+        if ids is not None and keep is not None:
+            ids = ids[keep.to(ids.device)]
         if raw is not None:
             if keep is not None:
                 raw = raw[keep.to(raw.device)]
@@ -154,6 +162,7 @@ class ReviewBuffer:
             "label": target[sel],
             "index": index[sel],
             "image": raw[sel.to(raw.device)].cpu() if raw is not None else None,
+            "tokens": ids[sel.to(ids.device)].cpu() if ids is not None else None,
         }
         self.top = keep_most_confident(self.top, rows, self.top_k)
         if self.per_class:

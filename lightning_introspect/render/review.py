@@ -93,6 +93,24 @@ def wrong_markdown(rows: Sequence[Mapping[str, Any]], names: Sequence[str], erro
     return "\n".join(lines)
 
 
+def wrong_sentences_markdown(rows: Sequence[Mapping[str, Any]], texts: Sequence[str], names: Sequence[str]) -> str:
+    """The confidently wrong text samples: rank, true and predicted class, confidence and the text itself.
+
+    Example:
+        >>> print(wrong_sentences_markdown([{"index": 3, "label": 0, "pred": 1, "confidence": 0.8}], ["a | b"], ["neg", "pos"]))
+        | rank | index | true | predicted | confidence | text |
+        |---|---|---|---|---|---|
+        | 1 | 3 | neg | pos | 0.800 | a \\| b |
+    """
+    lines = ["| rank | index | true | predicted | confidence | text |", "|---|---|---|---|---|---|"]
+    lines += [
+        f"| {r + 1} | {row['index']} | {markdown_cell(names[row['label']], max_chars=48)} | "
+        f"{markdown_cell(names[row['pred']], max_chars=48)} | {row['confidence']:.3f} | {markdown_cell(text, max_chars=300)} |"
+        for r, (row, text) in enumerate(zip(rows, texts))
+    ]
+    return "\n".join(lines)
+
+
 def review_summary_lines(report: Mapping[str, Any] | None) -> list[str]:
     """A few plain-text lines on one review: the error rate, where errors concentrate, accuracy under
     each perturbation."""
