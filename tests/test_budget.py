@@ -202,3 +202,23 @@ def test_a_run_sized_by_the_budget_equals_a_run_configured_with_those_sizes(tmp_
     assert set(again.images) == set(featviz.images)
     for key, image in featviz.images.items():
         assert torch.equal(image, again.images[key])
+
+
+def test_the_sanity_check_under_a_tiny_budget_runs_one_repeat_of_the_top_two_blocks(tmp_path: Any) -> None:
+    from lightning_introspect._lightning import Trainer, pl
+    from lightning_introspect.callbacks.sanity_checks import SanityChecks
+    from lightning_introspect.demo import DigitsCNN, DigitsDataModule
+
+    pl.seed_everything(0, verbose=False)
+    cb = SanityChecks(methods=["saliency", "grad_cam"], num_samples=4)
+    IntrospectionBudget(1e-4).attach([cb])
+    trainer = Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False, enable_model_summary=False,
+                      enable_progress_bar=False, limit_train_batches=2, limit_val_batches=1, default_root_dir=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(DigitsCNN(), datamodule=DigitsDataModule(limit=64))
+    choice = cb.budget_choice
+    assert choice is not None and choice.reduced and "never skipped" in choice.note  # the fit-end check is the last run
+    assert choice.option is not None and choice.option.sizes["repeats"] == 1 and choice.option.sizes["layers"] == 2
+    assert cb.report is not None and cb.report.repeats == 1 and len(cb.report.layers) == 2
+    assert cb.run_sizes == {}  # the sizes hold for that run only

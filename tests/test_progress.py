@@ -75,3 +75,21 @@ def test_the_trainers_tqdm_bar_shows_an_introspection_line_and_nothing_without_i
     _fit(tmp_path / "nobar", False)
     quiet = capsys.readouterr()
     assert "introspection:" not in quiet.out + quiet.err
+
+
+def test_the_sanity_check_shows_its_steps_in_the_trainers_bar(tmp_path: Any, capsys: Any, monkeypatch: Any) -> None:
+    from lightning_introspect._lightning import Trainer, pl
+    from lightning_introspect.callbacks.sanity_checks import SanityChecks
+    from lightning_introspect.demo import DigitsCNN, DigitsDataModule
+
+    monkeypatch.setattr(progress_module, "DELAY", 0.0)
+    pl.seed_everything(0, verbose=False)
+    cb = SanityChecks(methods=["saliency"], num_samples=2, layers=1, repeats=1)
+    trainer = Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False, enable_model_summary=False,
+                      limit_train_batches=2, limit_val_batches=1, default_root_dir=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(DigitsCNN(), datamodule=DigitsDataModule(limit=64))
+    shown = capsys.readouterr()
+    assert cb.report is not None
+    assert "introspection: sanity checks" in shown.out + shown.err and "[SanityChecks]" not in shown.out + shown.err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,6 +14,7 @@ from lightning_introspect._torch.guards import introspection_mode, module_device
 from lightning_introspect._torch.layers import get_layer, resolve_layers
 from lightning_introspect.callbacks.base import (
     IntrospectionCallback,
+    Option,
     check_callable,
     check_choice,
     check_positive_int,
@@ -22,13 +22,15 @@ from lightning_introspect.callbacks.base import (
     lrp_problem,
     renamed_argument,
 )
+from lightning_introspect.callbacks.budget import best_of
 from lightning_introspect.callbacks.checks import gradient_problem
 from lightning_introspect.callbacks.outputs import logits_only
+from lightning_introspect.callbacks.progress import IntrospectionProgress
 from lightning_introspect.loggers.adapter import IntrospectionWriter
 from lightning_introspect.methods.attribution import LAYER_METHODS
 from lightning_introspect.methods.class_check import OTHER_CLASSES
-from lightning_introspect.methods.explainers import DEFAULT_METHODS
-from lightning_introspect.methods.randomization import BN_MODES
+from lightning_introspect.methods.explainers import DEFAULT_METHODS, Explainer
+from lightning_introspect.methods.randomization import BN_MODES, randomization_blocks
 from lightning_introspect.methods.sanity_report import (
     DEFAULT_VERDICT_METRIC,
     MODES,
@@ -113,7 +115,8 @@ class SanityChecks(IntrospectionCallback):
         repeats: how many independent re-initialisations are averaged (verdicts from one random draw
             of a small head are noisy: Grad-CAM's score varies by about 0.15 between draws on the digits
             CNN). The cost grows linearly.
-        progress: print a progress line (stderr) while the check runs.
+        progress: show the check's progress in the trainer's progress bar (an ``introspection: sanity
+            checks`` line once it has taken two seconds; nothing without a progress bar).
         output_transform: callable ``forward output -> logits`` for a model that returns more than the
             logits (as in :class:`Attributions`; default: a tuple's first tensor, a dict's ``"logits"``).
         enabled: switch the callback off.
@@ -154,6 +157,7 @@ class SanityChecks(IntrospectionCallback):
     """
 
     name = "sanity"
+    sized_runs = True
 
     def __init__(
         self,
@@ -246,6 +250,8 @@ class SanityChecks(IntrospectionCallback):
         self.report: SanityReport | None = None
         self.history: list[tuple[int, SanityReport]] = []
         self.resolved_task: str | None = None  # `task` with "auto" resolved from the example output and labels
+        self.run_sizes: dict[str, Any] = {}  # the budget's sizes for the current run (empty: as configured)
+        self._bar: IntrospectionProgress | None = None
 
     @override
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -325,7 +331,59 @@ class SanityChecks(IntrospectionCallback):
         if problem is not None:
             self.warn_once("no-input-gradient", f"SanityChecks: {problem} The checks are skipped.")
             return None
-        return self.check(pl_module, x, targets, writer=self.writer(trainer), step=trainer.global_step, trainer=trainer)
+        self.run_sizes = {}
+        if self.budget is not None:
+            with logits_only(pl_module, self.output_transform):
+                option = self.sized(trainer, self._options(pl_module, x))
+            if option is None:
+                return None
+            self.run_sizes = dict(option.sizes)
+        blocks = self.run_sizes.get("blocks")
+        total = (1 + self.run_sizes.get("repeats", self.repeats) * blocks) * (2 if self.mode == "both" else 1) if blocks else None
+        with IntrospectionProgress(trainer if self.progress else None, "sanity checks", total=total) as self._bar:
+            try:
+                return self.check(pl_module, x, targets, writer=self.writer(trainer), step=trainer.global_step, trainer=trainer)
+            finally:
+                self._bar, self.run_sizes = None, {}
+
+    def _options(self, model: torch.nn.Module, x: torch.Tensor) -> list[Option]:
+        """The sizes a run may take under a budget, largest first: as configured, then one repeat, then only
+        the two blocks nearest the output (the verdict reads the top ones); explicit arguments are kept.
+        Cost: attribution passes (``1 + repeats x blocks`` per mode) times one pass, probed once."""
+        given = set(self._given)
+        device = module_device(model)
+        sample = x.to(device)
+        methods = list(self._resolved_methods or DEFAULT_METHODS)
+        layers = self.layers
+        blocks = len(randomization_blocks(model, sample[:1], layers, bn_mode=self.bn_mode))
+        if not self.unit_costs.known("pass"):
+            usable = [m for m in methods if (m != "lrp" or lrp_problem(model, None) is None) and (x.ndim == 4 or m not in LAYER_METHODS)]
+            explain = Explainer(usable or ["saliency"])
+            layer = self.cam_layer if any(m in LAYER_METHODS for m in usable) else None
+            try:
+                with introspection_mode(model, grad=True):
+                    resolved = None if layer is None else explain.resolve_layer(model, sample[:1], layer)
+                    self.unit_costs.observe("pass", best_of(2, lambda: explain(model, sample, "pred", resolved)))
+            except Exception:  # only an estimate: the check itself reports what fails, under the error policy
+                self.unit_costs.observe("pass", 0.0)
+        per_pass, figure = self.unit_costs.get("pass", 0.0), self.unit_costs.get("figure", 0.25)
+        modes = 2 if self.mode == "both" else 1
+        extra = 3 if self.run_class_sensitivity else 0
+
+        def option(repeats: int, top: int | None) -> Option:
+            k = blocks if top is None else min(top, blocks)
+            sizes = {"repeats": repeats, "blocks": k, **({} if top is None else {"layers": top})}
+            return Option(sizes, per_pass * ((1 + repeats * k) * modes + extra) + 4 * figure)
+
+        repeats, top = self.repeats, None
+        options = [option(repeats, top)]
+        if "repeats" not in given and repeats > 1:
+            repeats = 1
+            options.append(option(repeats, top))
+        if "layers" not in given and self.layers == "auto" and blocks > 2:
+            top = 2
+            options.append(option(repeats, top))
+        return options
 
     def check(
         self,
@@ -408,7 +466,7 @@ class SanityChecks(IntrospectionCallback):
             target="pred" if targets is None else torch.as_tensor(targets),
             methods=methods,
             mode=self.mode,
-            layers=self.layers,
+            layers=self.run_sizes.get("layers", self.layers),
             seed=self.seed,
             bn_mode=self.bn_mode,
             layer=layer,
@@ -419,15 +477,13 @@ class SanityChecks(IntrospectionCallback):
             others=self.others,
             metrics=self.metrics,
             keep_maps=1,
-            repeats=self.repeats,
+            repeats=int(self.run_sizes.get("repeats", self.repeats)),
             warn=False,
-            progress=self._progress if self.progress else None,
+            progress=self._advance if self.progress else None,
             task=self.resolved_task or self.task,
         )
 
     def _finish(self, report: SanityReport, inputs: torch.Tensor, writer: IntrospectionWriter | None, step: int) -> SanityReport:
-        if self.progress:
-            self._progress("done: " + ", ".join(f"{m} {v}" for m, v in report.verdicts.items()), end=True)
         for caveat in report.caveats:
             self.warn_once(f"caveat-{caveat.kind}", f"SanityChecks: {caveat}")
         self.report = report
@@ -436,15 +492,10 @@ class SanityChecks(IntrospectionCallback):
             self._log(writer, report, inputs, step)
         return report
 
-    def _progress(self, message: str, *, end: bool = False) -> None:
-        stream = sys.stderr
-        tty = getattr(stream, "isatty", lambda: False)()
-        line = f"[SanityChecks] {message}"
-        if tty:
-            stream.write("\r" + line.ljust(100) + ("\n" if end else ""))
-        else:
-            stream.write(line + "\n")
-        stream.flush()
+    def _advance(self, message: str) -> None:
+        """One step of the check done (``message``: what runs next); shown in the trainer's progress bar."""
+        if self._bar is not None:
+            self._bar.update(message=message)
 
     # ------------------------------------------------------------------------------- logging
     def _log(self, writer: IntrospectionWriter, report: SanityReport, inputs: torch.Tensor, step: int) -> None:
