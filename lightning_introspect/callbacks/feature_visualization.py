@@ -46,6 +46,7 @@ from lightning_introspect.methods.featviz_plan import (
     channel_spread,
     check_units,
     comparison_columns,
+    concat_results,
     image_shape,
     nonfinite_units,
     optimisation_space,
@@ -162,6 +163,10 @@ class FeatureVisualization(IntrospectionCallback):
             an explicit task the data contradict is refused before training, with the shapes named.
         class_region: segmentation only: the fraction of the output's height and width, centred, over which
             a class image's mean logit is maximised (1.0: the whole output).
+        batch_size: images optimised together (a run optimises its units in chunks of this size; each
+            chunk's start noise is seeded by its position, so a given size gives the same images). ``None``:
+            a quarter of the training batch size, at least 1 (an image under optimisation holds about three
+            times the memory of a training sample: its parameterisation, transforms and their gradients).
         enabled, every_n_epochs, at, num_samples, seed, on_error: see ``IntrospectionCallback``. By
             default it runs at half of training and at the last epoch (it costs seconds, not milliseconds).
 
@@ -244,6 +249,7 @@ class FeatureVisualization(IntrospectionCallback):
         output_transform: Callable[[Any], Any] | None = None,
         task: str = "auto",
         class_region: float = 0.5,
+        batch_size: int | None = None,
         enabled: bool = True,
         every_n_epochs: int | None = None,
         at: list[float] | tuple[float, ...] | None = (0.5,),
@@ -277,6 +283,8 @@ class FeatureVisualization(IntrospectionCallback):
         check_positive_int(image_size, "image_size", allow_none=True)
         check_positive_int(num_layers, "num_layers")
         check_positive_int(num_channels, "num_channels")
+        check_positive_int(batch_size, "batch_size", allow_none=True)
+        self.batch_size = batch_size
         check_positive_int(latent_dim, "latent_dim", allow_none=True)
         check_choice(frequency_param, "frequency_param", PARAMS)
         check_choice(penalty, "penalty", PENALTIES)
@@ -507,13 +515,44 @@ class FeatureVisualization(IntrospectionCallback):
             parts.append(("class", self.class_objective(), len(self.classes_chosen)))
         return parts
 
-    def class_objective(self) -> Objective:
-        """The objective of the class images: the class logit of a classifier; for segmentation the class's
-        mean logit over the central ``class_region`` of the output
+    def class_objective(self, classes: Sequence[int] | None = None) -> Objective:
+        """The objective of the class images (default: every chosen class): the class logit of a classifier;
+        for segmentation the class's mean logit over the central ``class_region`` of the output
         (:func:`~lightning_introspect.methods.featviz.objectives.dense_class_logit`)."""
+        classes = list(self.classes_chosen if classes is None else classes)
         if self.resolved_task == "segmentation":
-            return dense_class_logit(self.classes_chosen, region=self.class_region)
-        return class_logit(self.classes_chosen)
+            return dense_class_logit(classes, region=self.class_region)
+        return class_logit(classes)
+
+    def chunk_objectives(self, size: int) -> list[tuple[Objective, int]]:
+        """The images of a run split into chunks of at most ``size``: per chunk its objective and image count
+        (in batch order: layer channels, then classes)."""
+        units = [(name, c) for name in self.layer_names for c in self.chosen.get(name, [])]
+        units += [("class", c) for c in self.classes_chosen]
+        chunks = []
+        for start in range(0, len(units), size):
+            part = units[start : start + size]
+            groups: list[tuple[str, list[int]]] = []
+            for prefix, unit in part:
+                if groups and groups[-1][0] == prefix:
+                    groups[-1][1].append(unit)
+                else:
+                    groups.append((prefix, [unit]))
+            objective = stack_objectives([
+                (self.class_objective(ids) if prefix == "class" else channel(prefix, ids), len(ids)) for prefix, ids in groups
+            ])
+            chunks.append((objective, len(part)))
+        return chunks
+
+    def chunk_size(self, trainer: pl.Trainer) -> int:
+        """Images optimised together: ``batch_size``, else a quarter of the training batch size (at least 1):
+        one image under optimisation holds about three times the memory of a training sample (its
+        parameterisation, transforms and their gradients), so the extra memory stays near a training step's."""
+        if self.batch_size is not None:
+            return self.batch_size
+        loader = getattr(trainer, "train_dataloader", None)
+        size = getattr(loader, "batch_size", None)
+        return max(1, int(size) // 4) if isinstance(size, int) and size > 0 else 16
 
     def unit_keys(self) -> list[str]:
         """``"<layer>/<channel>"`` and ``"class/<c>"`` keys, in batch order."""
@@ -539,17 +578,21 @@ class FeatureVisualization(IntrospectionCallback):
         if not parts:
             self.warn_once("nothing", "FeatureVisualization has no channels or classes to visualise; set `layers`/`channels` or `classes`.")
             return {}
-        objective = stack_objectives([(obj, k) for _, obj, k in parts])
+        chunks = self.chunk_objectives(self.chunk_size(trainer))
         c, h, w = self._input_shape(x)
         value_range, mean, std = self._display(x)
-        n = sum(k for _, _, k in parts)
         device = module_device(pl_module)
         if self.prior_module is not None and "prior" in self.regularizers:
             self.prior_module.to(device)
 
         def optimise(setting: str, steps: int) -> FeatureVisualizationResult:
-            return visualize_features(pl_module, objective, shape=(n, c, h, w), steps=steps, lr=self.lr, value_range=value_range,
-                                      mean=mean, std=std, seed=self.seed, **self.setting_kwargs(setting, min(h, w)))
+            start, parts = 0, []
+            for objective, k in chunks:  # each chunk seeded by its first image's position: a given size is deterministic
+                parts.append(visualize_features(pl_module, objective, shape=(k, c, h, w), steps=steps, lr=self.lr,
+                                                value_range=value_range, mean=mean, std=std, seed=self.seed + start,
+                                                **self.setting_kwargs(setting, min(h, w))))
+                start += k
+            return concat_results(parts)
 
         option = self.sized(trainer, self._options(optimise))
         if option is None:

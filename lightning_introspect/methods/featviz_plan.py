@@ -282,3 +282,28 @@ __all__ = [
     "top_channels",
     "unit_keys",
 ]
+
+
+def concat_results(parts: Sequence[FeatureVisualizationResult]) -> FeatureVisualizationResult:
+    """The results of consecutive chunks of one batch as one result (images in chunk order).
+
+    Example:
+        >>> r = lambda n: FeatureVisualizationResult(torch.zeros(n, 1, 2, 2), torch.zeros(n), torch.zeros(n),
+        ...                                          torch.zeros(3, n), torch.zeros(n), torch.zeros(n, 1, 2, 2))
+        >>> joined = concat_results([r(2), r(1)])
+        >>> tuple(joined.images.shape), tuple(joined.trace.shape)
+        ((3, 1, 2, 2), (3, 3))
+    """
+    if len(parts) == 1:
+        return parts[0]
+    latents = [p.latents for p in parts]
+    return FeatureVisualizationResult(
+        images=torch.cat([p.images for p in parts]),
+        objective=torch.cat([p.objective for p in parts]),
+        initial_objective=torch.cat([p.initial_objective for p in parts]),
+        trace=torch.cat([p.trace for p in parts], dim=1),
+        high_frequency_fraction=torch.cat([p.high_frequency_fraction for p in parts]),
+        model_inputs=torch.cat([p.model_inputs for p in parts]),
+        latents=None if any(lat is None for lat in latents) else torch.cat([lat for lat in latents if lat is not None]),
+        settings=dict(parts[0].settings),
+    )
