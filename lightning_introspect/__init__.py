@@ -1,6 +1,7 @@
 """lightning_introspect: PyTorch Lightning callbacks to see inside a network while it trains.
 
-Public names: the callbacks, :class:`IntrospectionConfig`, :func:`introspection_callbacks`, the
+Public names: the callbacks, :class:`IntrospectionConfig`, :func:`introspection_callbacks`,
+:func:`introspection_summary` (what they found, as text lines), the
 warnings and error users filter or catch (``IntrospectionSkipWarning``, ``IntrospectionFailureWarning``,
 ``IntrospectionInputError``) and ``__version__``. They are imported lazily, so ``import lightning_introspect.methods`` (pure torch)
 never imports Lightning.
@@ -28,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "IntrospectionInputError": "lightning_introspect.errors",
     "IntrospectionSkipWarning": "lightning_introspect.errors",
     "introspection_callbacks": "lightning_introspect.config",
+    "introspection_summary": "lightning_introspect.callbacks.summary",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

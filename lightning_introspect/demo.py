@@ -225,6 +225,7 @@ def run_demo(
     import time
 
     from lightning_introspect._lightning import Trainer, pl
+    from lightning_introspect.callbacks.summary import introspection_summary
     from lightning_introspect.config import introspection_callbacks
 
     loggers = __import__(f"{pl.__name__}.loggers", fromlist=["TensorBoardLogger"])
@@ -264,8 +265,5 @@ def run_demo(
     seconds = time.perf_counter() - start
     metric = "val_pixel_acc" if task == "segmentation" else "val_acc"
     summary = [f"{metric} {float(trainer.callback_metrics.get(metric, float('nan'))):.3f} after {epochs} epochs ({seconds:.1f} s)"]
-    for cb in callbacks:
-        lines = cb.summary_lines() if hasattr(cb, "summary_lines") else []
-        name = type(cb).__name__
-        summary.extend(f"[{name}] {line.removeprefix(name).lstrip(' :')}" for line in lines)
+    summary.extend(introspection_summary(callbacks))
     return {"log_dir": logger.log_dir, "root": out, "callbacks": callbacks, "summary": summary, "seconds": seconds, "trainer": trainer, "model": model}

@@ -689,6 +689,7 @@ class FeatureVisualization(IntrospectionCallback):
     # ---------------------------------------------------------------------------------- reporting
     @override
     def summary_lines(self) -> list[str]:
+        """The units visualised, and per setting the mean objective and high-frequency fraction of the latest run."""
         return featviz_summary_lines(self.results, self.run_columns, len(self.unit_keys()))
 
     @override

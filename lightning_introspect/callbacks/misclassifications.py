@@ -476,7 +476,7 @@ class Misclassifications(IntrospectionCallback):
     # ------------------------------------------------------------------------------- sizes (budget)
     def _size_review(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fix this review's sizes: as configured, or the budget's choice (see the class docstring)."""
-        self.run_sizes = {"num_samples": self.num_samples, "strengths": None, "figures": self.figures}
+        self.run_sizes = {"num_samples": self.num_samples, "strengths": "all", "figures": self.figures}
         if self.budget is None:
             return
         option = self.sized(trainer, self._review_options(trainer, pl_module))
@@ -492,7 +492,7 @@ class Misclassifications(IntrospectionCallback):
         def option(n: int, k: int | None, figures: bool) -> Option:
             passes = sum(len(_subset(self.strengths[kind], k)) for kind in self.perturbations) + 1 if k != 0 and most else 0
             seconds = per_sample * n * passes + figure * figures * (1 + bool(passes))
-            return Option({"num_samples": n, "strengths": k, "figures": figures}, seconds)
+            return Option({"num_samples": n, "strengths": "all" if k is None else k, "figures": figures}, seconds)
 
         n, k, figures = self.num_samples, None, self.figures
         options = [option(n, k, figures)]
@@ -526,8 +526,8 @@ class Misclassifications(IntrospectionCallback):
 
     def run_strengths(self) -> dict[str, list[float]]:
         """The perturbation strengths of this review, per kind."""
-        k = getattr(self, "run_sizes", {}).get("strengths")
-        return {kind: _subset(self.strengths[kind], k) for kind in self.perturbations}
+        k = getattr(self, "run_sizes", {}).get("strengths", "all")
+        return {kind: _subset(self.strengths[kind], None if k == "all" else k) for kind in self.perturbations}
 
     def run_subset(self, x: torch.Tensor, y: Any) -> tuple[torch.Tensor, Any]:
         """The first ``num_samples`` of this review of the fixed subset (a prefix: results compare across sizes)."""
@@ -739,6 +739,7 @@ class Misclassifications(IntrospectionCallback):
         self.note_nonfinite(trainer, "nonfinite-perturbation", what, f"The perturbation test's {results} are not logged at this step")
 
     def summary_lines(self) -> list[str]:
+        """The latest review: error rate (segmentation: mean IoU), where errors concentrate, the perturbation results."""
         if self.report is not None and self.report.get("task") == "segmentation":
             return segmentation_summary_lines(self.report)
         return review_summary_lines(self.report)

@@ -572,6 +572,7 @@ class PerClassMetrics(IntrospectionCallback):
         return f"**Mean IoU** (classes with support): {cells}\n\n{summary}"
 
     def summary_lines(self) -> list[str]:
+        """The main metric at start / middle / end, the classes that improved least (and the mean IoU curve)."""
         lines = per_class_summary_lines(self.snapshots, self._shown_metrics(), self.least_improved_classes())
         if self.mean_iou:
             lines.append("mean IoU: " + " -> ".join("n/a" if v is None else f"{v:.3f}" for v in self.mean_iou.values()))

@@ -520,6 +520,7 @@ class SanityChecks(IntrospectionCallback):
     # ------------------------------------------------------------------------------- results
     @override
     def summary_lines(self) -> list[str]:
+        """The verdict of each method (randomisation, class sensitivity) and the caveats found in the model."""
         return sanity_summary_lines(self.report)
 
     @override
