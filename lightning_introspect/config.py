@@ -4,10 +4,15 @@ Each callback has one section, a dataclass generated from the callback's own key
 source of truth for names, types and defaults), plus ``enabled``. Sections can be given as
 dataclasses, dicts, or a YAML file (read with ``yaml.safe_load``)::
 
+    common:                 # shared settings (COMMON_OPTIONS), for every callback that takes them
+      class_names: [zero, one, two, three, four, five, six, seven, eight, nine]
     per_class_metrics:
       num_classes: 10
     attributions:
       enabled: false
+
+A ``common`` setting goes to every callback that has that argument, unless the callback's own section
+names it (the section wins); callbacks without the argument never see it.
 
 Example:
     >>> cfg = IntrospectionConfig.from_dict({})
@@ -51,6 +56,12 @@ CALLBACKS: dict[str, str] = {
 #: (docs/performance.md, "Budget").
 DEFAULT_BUDGET = 0.5
 
+#: the settings the ``common:`` section may hold: the data's description, shared by every callback that
+#: takes the argument (a section that names one overrides it for its callback).
+COMMON_OPTIONS: tuple[str, ...] = ("class_names", "mean", "std", "value_range")
+#: the top-level keys of a config besides the callback sections
+TOP_LEVEL_KEYS: tuple[str, ...] = ("budget", "common")
+
 #: section -> the options whose string value is an import path (a callback imports it and may call it).
 IMPORT_OPTIONS: dict[str, tuple[str, ...]] = {
     "feature_visualization": ("prior",),
@@ -87,19 +98,31 @@ class IntrospectionConfig:
     """All sections. ``sections`` maps a section name (see ``CALLBACKS``) to its options dataclass;
     ``budget`` (the top-level ``budget:`` key) is the share of the fit's own time the callbacks may add
     (see :class:`~lightning_introspect.callbacks.budget.IntrospectionBudget`): ``None`` for
-    :data:`DEFAULT_BUDGET`, ``False`` for none."""
+    :data:`DEFAULT_BUDGET`, ``False`` for none; ``common`` (the ``common:`` section) holds settings of
+    :data:`COMMON_OPTIONS` for every callback that takes them, unless its own section names them."""
 
     sections: dict[str, Any] = dataclasses.field(default_factory=dict)
     budget: float | bool | None = None
+    common: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.common = _check_common(self.common)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> IntrospectionConfig:
-        """Build from ``{section: {option: value}}``; unknown sections or options raise ``ValueError``."""
+        """Build from ``{section: {option: value}}`` (plus the top-level ``budget`` and ``common`` keys);
+        unknown sections or options raise ``ValueError``."""
         data = dict(data or {})
         budget = data.pop("budget", None)
+        common = data.pop("common", None)
         unknown = sorted(set(data) - set(CALLBACKS))
         if unknown:
-            raise ValueError(f"Unknown config section(s) {unknown}; valid sections: {', '.join(sorted(CALLBACKS))}.")
+            shared = sorted(set(unknown) & set(COMMON_OPTIONS))
+            hint = f" Shared settings ({', '.join(shared)}) go under `common:`." if shared else ""
+            raise ValueError(
+                f"Unknown config section(s) {unknown}; valid sections: {', '.join(sorted(CALLBACKS))} "
+                f"(and the top-level keys {', '.join(TOP_LEVEL_KEYS)}).{hint}"
+            )
         sections = {}
         for section in CALLBACKS:
             options = data.get(section)
@@ -116,9 +139,9 @@ class IntrospectionConfig:
                 raise ValueError(f"Unknown option(s) {bad} in config section {section!r}; valid options: {', '.join(sorted(valid))}.")
             sections[section] = klass(**dict(options))
             # the options the config names: only these are passed on, so a callback can tell the sizes a
-            # user fixed (kept under a budget) from its defaults
+            # user fixed (kept under a budget) from its defaults, and a section's own setting from `common`
             sections[section]._given_options = frozenset(options)
-        return cls(sections=sections, budget=budget)
+        return cls(sections=sections, budget=budget, common=common)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> IntrospectionConfig:
@@ -130,6 +153,38 @@ class IntrospectionConfig:
         if not isinstance(data, Mapping):
             raise ValueError(f"Expected the YAML file {os.fspath(path)!r} to hold a mapping of sections, but got {type(data).__name__}.")
         return cls.from_dict(data.get("introspection", data))
+
+
+def _check_common(common: Any) -> dict[str, Any]:
+    """The ``common`` section as a dict, refusing anything but a mapping of :data:`COMMON_OPTIONS`."""
+    if common is None:
+        return {}
+    if not isinstance(common, Mapping):
+        raise ValueError(f"Expected the config section 'common' to be a mapping of options, but got {common!r}.")
+    bad = sorted(set(common) - set(COMMON_OPTIONS), key=str)
+    if bad:
+        raise ValueError(f"Unknown option(s) {bad} in config section 'common'; valid options: {', '.join(sorted(COMMON_OPTIONS))}.")
+    return dict(common)
+
+
+def _with_common(cls: type, kwargs: dict[str, Any], common: Mapping[str, Any], given: frozenset[str] | None) -> list[str]:
+    """Add to ``kwargs`` the ``common`` settings ``cls`` takes and its section does not set; returns their names.
+
+    A section read from a dict or YAML sets what it names (``given``); a dataclass built in Python sets
+    what is not the callback's default (``None`` for every shared setting)."""
+    params = inspect.signature(cls).parameters
+    added = []
+    for key, value in common.items():
+        if key not in params:
+            continue
+        if given is not None:
+            if key in given:
+                continue
+        elif kwargs.get(key, params[key].default) is not params[key].default:
+            continue
+        kwargs[key] = copy.copy(value)  # each callback its own list: one may not change another's
+        added.append(key)
+    return added
 
 
 def _refuse_imports(section: str, options: Mapping[str, Any]) -> None:
@@ -161,9 +216,14 @@ def introspection_callbacks(
             ``None``: the config's top-level ``budget`` key, else :data:`DEFAULT_BUDGET`; ``False``: no
             budget (every analysis at its configured sizes).
 
+    Shared settings (:data:`COMMON_OPTIONS`: ``class_names``, ``mean``, ``std``, ``value_range``) are
+    given once in the ``common`` section and reach every enabled callback that takes the argument; a
+    section that names the argument keeps its own value.
+
     Raises:
-        ValueError: for unknown sections or options, and for an import path while ``allow_imports``
-            is ``False``.
+        ValueError: for unknown sections or options (``common`` included), for an import path while
+            ``allow_imports`` is ``False``, and for a value a callback refuses (a shared one names
+            the section and the ``common`` key it came from).
 
     Example:
         >>> introspection_callbacks({})  # doctest: +SKIP
@@ -175,6 +235,7 @@ def introspection_callbacks(
         config = IntrospectionConfig.from_dict(config)
     elif isinstance(config, (str, os.PathLike)):
         config = IntrospectionConfig.from_yaml(config)
+    common = _check_common(config.common)
     callbacks = []
     for section, options in config.sections.items():
         # shallow: `dataclasses.asdict` would deep-copy objects passed in Python (a decoder, a DataLoader)
@@ -193,7 +254,15 @@ def introspection_callbacks(
         cls = callback_class(section)
         if "enabled" not in inspect.signature(cls).parameters:
             kwargs.pop("enabled", None)
-        callbacks.append(cls(**kwargs))
+        shared = _with_common(cls, kwargs, common, given)
+        try:
+            callbacks.append(cls(**kwargs))
+        except ValueError as err:
+            if not shared:
+                raise
+            # the value came from `common`: say which section refused it, so the user knows where to override
+            keys = ", ".join(f"`common.{k}`" for k in shared)
+            raise ValueError(f"{err} (config section {section!r}; shared settings from {keys})") from err
     budget = config.budget if budget is None else budget
     budget = DEFAULT_BUDGET if budget is None else budget
     if budget is not False:

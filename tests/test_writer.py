@@ -109,8 +109,9 @@ def test_odd_tags_read_back_from_tensorboard_as_sanitised(tmp_path: Any) -> None
         sanitize_tag(f"introspect/attributions/{ODD_NAMES[2]}"),
         sanitize_tag(f"introspect/x/{ODD_NAMES[4]}"),
     }
-    assert set(events["text"]) == {sanitize_tag(f"introspect/x/{ODD_NAMES[9]}") + "/text_summary"}
-    written = [*events["scalars"], *events["histograms"], *events["images"], *events["text"]]
+    layout = "custom_scalars__config__"  # the chart layout of the scalars (a tensor event, not text)
+    assert set(events["text"]) == {sanitize_tag(f"introspect/x/{ODD_NAMES[9]}") + "/text_summary", layout}
+    written = [*events["scalars"], *events["histograms"], *events["images"], *(t for t in events["text"] if t != layout)]
     assert all(all(_TAG_COMPONENT.fullmatch(p) for p in tag.split("/")) for tag in written)
 
 
@@ -176,16 +177,52 @@ def test_tensorboard_writer_uses_only_public_summary_writer_methods(tmp_path: An
     assert not plt.get_fignums()
 
 
-def test_register_layout_writes_once_per_summary_writer(tmp_path: Any) -> None:
+def _layouts(log_dir: Any) -> list[Any]:
+    """Every custom-scalars layout written under ``log_dir``, in order (TensorBoard shows the last)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
 
-    sw = _summary_writer(tmp_path)
-    TensorBoardWriter(sw).register_layout({"weights": (), "odd/name\n": ()})
-    TensorBoardWriter(sw).register_layout({"weights": ()})  # a second callback's writer
-    sw.close()
-    acc = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
     acc.Reload()
-    assert len(acc.Tensors("custom_scalars__config__")) == 1
+    if "custom_scalars__config__" not in acc.Tags()["tensors"]:
+        return []
+    out = []
+    for event in acc.Tensors("custom_scalars__config__"):
+        layout = layout_pb2.Layout()
+        layout.ParseFromString(event.tensor_proto.string_val[0])
+        out.append(layout)
+    return out
+
+
+def test_the_layout_is_written_when_a_chart_opens_and_shared_by_the_writers_of_a_summary_writer(tmp_path: Any) -> None:
+    sw = _summary_writer(tmp_path)
+    first, second = TensorBoardWriter(sw), TensorBoardWriter(sw)  # two callbacks' writers of one run
+    first.register_layout({"weights": {}, "odd/name\n": {}})
+    first.scalars({"introspect/weights/drift/a": 1.0, "introspect/weights/drift/b": 2.0}, 1)
+    second.scalars({"introspect/weights/drift/a": 1.5}, 2)  # no new chart: no new layout
+    second.scalars({"introspect/weights/drift/c": 1.5}, 2)  # a new series of a known chart: none either
+    second.scalars({"introspect/per_class/recall/cat": 0.5}, 2)  # a new chart: the layout again, with both
+    sw.close()
+    layouts = _layouts(tmp_path)
+    assert len(layouts) == 2
+    charts = {(c.title, chart.title): list(chart.multiline.tag) for c in layouts[-1].category for chart in c.chart}
+    assert charts == {
+        ("introspect/weights", "drift"): [r"^introspect/weights/drift/[^/]+$"],
+        ("introspect/per_class", "recall"): [r"^introspect/per_class/recall/[^/]+$"],
+    }
+
+
+def test_a_chart_whose_pattern_would_catch_another_charts_tags_lists_its_own() -> None:
+    layout = adapter.ScalarLayout()
+    layout.declare({"probes": {"accuracy per layer": r"[^/]+/accuracy"}})
+    layout.add(["introspect/probes/a/accuracy", "introspect/probes/b/accuracy", "introspect/probes/a/other"])
+    charts = layout.as_dict()["introspect/probes"]
+    assert charts["accuracy per layer"] == ["Multiline", [r"^introspect/probes/(?:[^/]+/accuracy)$"]]
+    # `introspect/probes/a/[^/]+` would also match a's accuracy: the chart of `a` lists its one tag instead
+    assert charts["a"] == ["Multiline", [r"^(?:introspect/probes/a/other)$"]]
+    # declared later, a chart takes the tags already seen that it matches
+    assert layout.declare({"probes": {"other per layer": r"[^/]+/other"}})
+    assert set(layout.as_dict()["introspect/probes"]) == {"accuracy per layer", "other per layer"}
 
 
 # ----------------------------------------------------------------------------------- batching, errors

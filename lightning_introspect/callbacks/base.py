@@ -11,14 +11,15 @@ from __future__ import annotations
 import math
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from typing_extensions import override
 
-from lightning_introspect._lightning import CALLBACK_BASES, rank_zero_warn
+from lightning_introspect._lightning import CALLBACK_BASES
 from lightning_introspect._torch.guards import fork_global_rng
+from lightning_introspect._warnings import warn
 from lightning_introspect.callbacks.budget import Choice, IntrospectionBudget, Option, UnitCosts
 from lightning_introspect.callbacks.checks import (
     NO_INPUT_GRADIENT,
@@ -37,7 +38,7 @@ from lightning_introspect.errors import (
     IntrospectionInputError,
     IntrospectionSkipWarning,
 )
-from lightning_introspect.loggers.adapter import IntrospectionWriter, TensorBoardWriter, writer_for
+from lightning_introspect.loggers.adapter import IntrospectionWriter, TensorBoardWriter, start_fit, writer_for
 
 if TYPE_CHECKING:
     from lightning_introspect._lightning import pl
@@ -116,6 +117,10 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
     sized_runs: ClassVar[bool] = False
     #: attributes that hold live objects (hooks, writers, workers): dropped when pickled, rebuilt on use
     transient: ClassVar[tuple[str, ...]] = ()
+    #: charts of TensorBoard's custom-scalars layout for tags that do not end in their item (layer, class,
+    #: method): ``{title: pattern}``, the pattern matched against the tag after ``introspect/<name>/``.
+    #: Every other tag gets the chart of its tag without the last component (see ``loggers.adapter.ScalarLayout``).
+    scalar_charts: ClassVar[Mapping[str, str]] = {}
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         self = super().__new__(cls)
@@ -189,6 +194,7 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
             self.budget_choice = None
             self.budget_full_seconds = None
             self.unit_costs = UnitCosts()
+            start_fit(trainer, self)  # a new fit: a new fallback directory when there is no logger
             if self.budget is not None:
                 self.budget.begin_fit()
             self.reset()
@@ -426,10 +432,10 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if self.on_error == "raise":
             raise  # called from an ``except`` block: re-raises the exception being handled
         self.disabled = True
-        rank_zero_warn(
+        warn(  # reported at the user's line (their trainer.fit), not at ours
             f"{type(self).__name__} failed and is disabled for the rest of this fit (on_error='warn'); training "
             f"continues and what was already logged is kept.\n{details}",
-            category=IntrospectionFailureWarning,
+            IntrospectionFailureWarning,
         )
 
     def skip(self, reason: str) -> None:
@@ -440,7 +446,7 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.disabled = True
         self.skip_reason = reason
         self.on_disable()
-        rank_zero_warn(f"{type(self).__name__} is skipped for this fit: {reason}", category=IntrospectionSkipWarning)
+        warn(f"{type(self).__name__} is skipped for this fit: {reason}", IntrospectionSkipWarning)
 
     def agree(self, trainer: pl.Trainer) -> bool:
         """Whether every rank still runs this callback; on disagreement all ranks disable it.
@@ -490,7 +496,7 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
         """Warn with ``message`` the first time ``key`` is seen by this callback in this fit."""
         if key not in self._warned:
             self._warned.add(key)
-            rank_zero_warn(message)
+            warn(message)
 
     # ------------------------------------------------------------------------------------- logging
     def tag(self, *parts: Any) -> str:
@@ -504,8 +510,7 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
             return cached[1]
         writer = writer_for(trainer)
         if isinstance(writer, TensorBoardWriter):  # once per SummaryWriter: later calls do nothing
-            names = [cb.name for cb in trainer.callbacks if isinstance(cb, IntrospectionCallback)]
-            writer.register_layout(dict.fromkeys(names, ()))
+            writer.register_layout({cb.name: cb.scalar_charts for cb in trainer.callbacks if isinstance(cb, IntrospectionCallback)})
         self._writer_cache = (trainer, writer)
         return writer
 

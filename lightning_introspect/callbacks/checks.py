@@ -4,11 +4,12 @@ model checks the gradient callbacks share."""
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from lightning_introspect._warnings import warn
 
 NO_INPUT_GRADIENT = (
     "autograd does not connect the model's output to its input: its forward runs the part the input enters "
@@ -82,7 +83,7 @@ def renamed_argument(old: str, new: str, old_value: Any, new_value: Any, default
         return new_value
     if new_value != default and new_value != old_value:
         raise ValueError(f"Expected only `{new}` (the new name of `{old}`), but got both: {new}={new_value!r}, {old}={old_value!r}.")
-    warnings.warn(f"`{old}` is renamed to `{new}`; `{old}` stops working in the next release.", DeprecationWarning, stacklevel=3)
+    warn(f"`{old}` is renamed to `{new}`; `{old}` stops working in the next release.", DeprecationWarning)  # at the user's line
     return old_value
 
 

@@ -196,6 +196,8 @@ class LinearProbes(IntrospectionCallback):
 
     name = "probes"
     transient = ("_stack", "_executor", "_jobs")
+    # the layer is not the tag's last part: one chart per score, a line per layer (custom-scalars layout)
+    scalar_charts = {"accuracy per layer": r"[^/]+/accuracy", "macro_f1 per layer": r"[^/]+/macro_f1"}
 
     def __init__(
         self,

@@ -158,6 +158,13 @@ class SanityChecks(IntrospectionCallback):
 
     name = "sanity"
     sized_runs = True
+    # the verdicts end in their quantity, not the method: one chart each, a line per method (custom scalars)
+    scalar_charts = {
+        "score per method": r"[^/]+/score",
+        "passed per method": r"[^/]+/passed",
+        "class_score per method": r"[^/]+/class_score",
+        "class_passed per method": r"[^/]+/class_passed",
+    }
 
     def __init__(
         self,

@@ -28,6 +28,10 @@ background writer thread has nothing of ours left to fail on at teardown; and af
 :meth:`TensorBoardWriter._write_errors`). ``writer_for`` may raise ``OSError`` too (it creates the
 fallback directory). Bad arguments raise ``ValueError``.
 
+Charts: the scalars of a TensorBoard run are laid out in its Custom Scalars dashboard one chart per
+quantity (per-class recall, drift per layer, probe accuracy per layer), kept up to date as tags appear
+(:class:`ScalarLayout`).
+
 TensorBoard is written through the public ``SummaryWriter`` methods only (``add_scalar``,
 ``add_histogram_raw``, ``add_image``, ``add_figure``, ``add_text``, ``add_custom_scalars``,
 ``flush``), with TensorBoard's own record writer and checksum.
@@ -45,13 +49,14 @@ import hashlib
 import json
 import os
 import re
-import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+from lightning_introspect._warnings import warn
 
 _HIST_STATS = ("min", "max", "num", "sum", "sum_squares")
 
@@ -227,8 +232,11 @@ class IntrospectionWriter:
         """Markdown text; put table cells through :func:`markdown_cell`."""
         raise NotImplementedError
 
-    def register_layout(self, groups: Mapping[str, Sequence[str]]) -> None:
-        """A chart layout grouping each callback's scalars (TensorBoard only; others ignore it)."""
+    def register_layout(self, charts: Mapping[str, Mapping[str, str]]) -> None:
+        """Declare charts of the scalar layout: ``{callback name: {chart title: pattern}}``, each pattern a
+        regular expression for the part of the tag after ``introspect/<callback name>/`` (TensorBoard's
+        custom-scalars dashboard; other writers ignore it). See :class:`ScalarLayout` for the charts
+        every other tag falls into."""
 
     def flush(self) -> None:
         """Make written data visible now (TensorBoard polls the files)."""
@@ -282,8 +290,105 @@ class NullWriter(IntrospectionWriter):
         pass
 
 
-# SummaryWriters that already hold our custom-scalars layout (TensorBoard keeps the first one per run).
-_LAYOUT_REGISTERED: weakref.WeakSet[Any] = weakref.WeakSet()
+class ScalarLayout:
+    """The TensorBoard custom-scalars layout of one run: one chart per quantity, its series the items.
+
+    A scalar tag ``introspect/<callback>/<what>/<item>`` falls into the chart of ``<what>`` (category
+    ``introspect/<callback>``), whose series are the items: the tag convention puts the layer, class,
+    method or strength last, so ``per_class/recall/<class>``, ``weights/drift/<layer>``,
+    ``attributions/localization/<method>/<score>`` and ``sanity/<method>/spearman/cascading/<layer>`` each
+    make one chart of one quantity on one scale. A tag right under the callback (``introspect/<callback>/
+    seconds``) shares one chart per name across the callbacks (category ``introspect``). A callback whose
+    tags put the item elsewhere declares its charts (``{title: pattern}``, e.g. LinearProbes'
+    ``[^/]+/accuracy``: accuracy per layer); declared charts are matched first.
+
+    The layout holds only charts with data: it is (re)written whenever a scalar tag opens a new chart, and
+    TensorBoard shows the run's latest layout. A chart's regular expression is the general one
+    (``^introspect/per_class/recall/[^/]+$``) unless that would also match a tag of another chart; then it
+    lists its own tags.
+
+    Example:
+        >>> layout = ScalarLayout()
+        >>> layout.add(["introspect/per_class/recall/cat", "introspect/per_class/recall/dog", "introspect/weights/seconds"])
+        True
+        >>> layout.as_dict()["introspect/per_class"]
+        {'recall': ['Multiline', ['^introspect/per_class/recall/[^/]+$']]}
+    """
+
+    def __init__(self) -> None:
+        self.declared: dict[str, dict[str, re.Pattern[str]]] = {}
+        self.chart_of: dict[str, tuple[str, str, str]] = {}  # tag -> (category, title, general regex)
+        self.written: dict[str, dict[str, list[Any]]] | None = None
+        self._patterns: dict[tuple[str, str, str], re.Pattern[str]] = {}  # chart -> its general regex
+        self._listed: set[tuple[str, str, str]] = set()  # charts that list their tags (see as_dict)
+
+    def declare(self, charts: Mapping[str, Mapping[str, str]]) -> bool:
+        """Add declared charts; returns whether any tag seen so far moved to another chart."""
+        for callback, patterns in charts.items():
+            if not isinstance(patterns, Mapping):  # a plain list of names declares nothing
+                continue
+            name = sanitize_component(str(callback).replace("/", "_"))
+            own = self.declared.setdefault(name, {})
+            for title, pattern in patterns.items():
+                own.setdefault(str(title), re.compile(str(pattern)))
+        before = dict(self.chart_of)
+        self.chart_of = {tag: self._chart(tag) for tag in before}
+        self._patterns = {chart: re.compile(chart[2]) for chart in self.chart_of.values()}
+        return self.chart_of != before
+
+    def _chart(self, tag: str) -> tuple[str, str, str]:
+        parts = tag.split("/")
+        if len(parts) >= 3 and parts[0] == "introspect":
+            callback, rest = parts[1], "/".join(parts[2:])
+            for title, pattern in self.declared.get(callback, {}).items():
+                if pattern.fullmatch(rest):
+                    return f"introspect/{callback}", title, rf"^introspect/{re.escape(callback)}/(?:{pattern.pattern})$"
+            if len(parts) == 3:  # right under the callback: one chart per name, across callbacks
+                return "introspect", parts[2], rf"^introspect/[^/]+/{re.escape(parts[2])}$"
+            return f"introspect/{callback}", "/".join(parts[2:-1]), rf"^{re.escape('/'.join(parts[:-1]))}/[^/]+$"
+        if len(parts) == 1:
+            return "other", tag, rf"^{re.escape(tag)}$"
+        return parts[0], "/".join(parts[:-1]), rf"^{re.escape('/'.join(parts[:-1]))}/[^/]+$"
+
+    def add(self, tags: Sequence[str]) -> bool:
+        """Place new (sanitised) scalar tags; returns whether the layout changed (and must be written)."""
+        changed = False
+        for tag in tags:
+            if tag in self.chart_of:
+                continue
+            chart = self.chart_of[tag] = self._chart(tag)
+            if chart not in self._patterns:  # a new chart
+                self._patterns[chart] = re.compile(chart[2])
+                changed = True
+            elif chart in self._listed:  # a chart that lists its tags gets one more
+                changed = True
+            # a tag another chart's general regex would also match: that chart must list its tags
+            changed = changed or any(p.match(tag) for c, p in self._patterns.items() if c[:2] != chart[:2])
+        return changed and self.as_dict() != self.written
+
+    def as_dict(self) -> dict[str, dict[str, list[Any]]]:
+        """``{category: {chart title: ["Multiline", [regex]]}}`` (``SummaryWriter.add_custom_scalars``)."""
+        members: dict[tuple[str, str, str], list[str]] = {}
+        for tag, chart in self.chart_of.items():
+            members.setdefault(chart, []).append(tag)
+        layout: dict[str, dict[str, list[Any]]] = {}
+        self._listed = set()
+        for chart, own in members.items():
+            category, title, regex = chart
+            pattern = self._patterns.get(chart) or re.compile(regex)
+            if any(pattern.match(tag) for tag, other in self.chart_of.items() if other[:2] != (category, title)):
+                regex = "^(?:" + "|".join(re.escape(tag) for tag in sorted(own)) + ")$"
+                self._listed.add(chart)
+            charts = layout.setdefault(category, {})
+            if title in charts:  # two general patterns under one title: keep both
+                charts[title][1].append(regex)
+            else:
+                charts[title] = ["Multiline", [regex]]
+        return layout
+
+
+# One layout per SummaryWriter (every callback's writer of a run shares the logger's SummaryWriter).
+_LAYOUTS: weakref.WeakKeyDictionary[Any, ScalarLayout] = weakref.WeakKeyDictionary()
 
 
 class TensorBoardWriter(IntrospectionWriter):
@@ -372,6 +477,9 @@ class TensorBoardWriter(IntrospectionWriter):
         with self._write_errors() as experiment:
             for tag, value in metrics.items():
                 experiment.add_scalar(tag, value, global_step=step)
+            layout = self._layout(experiment)
+            if layout.add(list(metrics)):  # a new chart: TensorBoard shows the latest layout of a run
+                self._write_layout(experiment, layout)
         for logger in self.other_loggers:
             logger.log_metrics(metrics, step=step)
         self._written()
@@ -416,19 +524,26 @@ class TensorBoardWriter(IntrospectionWriter):
             with self._write_errors() as experiment:
                 experiment.flush()
 
-    def register_layout(self, groups: Mapping[str, Sequence[str]]) -> None:
-        """A TensorBoard custom-scalars layout: one chart per callback name in ``groups``, matching its
-        scalar tags. Written once per ``SummaryWriter`` (later calls do nothing)."""
-        experiment = self.experiment
-        if experiment in _LAYOUT_REGISTERED:
-            return
-        charts = {}
-        for name in groups:
-            safe = sanitize_component(str(name).replace("/", "_"))
-            charts[safe] = ["Multiline", [rf"introspect/{re.escape(safe)}/.*"]]
-        with self._write_errors():
-            experiment.add_custom_scalars({"introspect": charts})
-        _LAYOUT_REGISTERED.add(experiment)
+    @staticmethod
+    def _layout(experiment: Any) -> ScalarLayout:
+        layout = _LAYOUTS.get(experiment)
+        if layout is None:
+            layout = _LAYOUTS[experiment] = ScalarLayout()
+        return layout
+
+    @staticmethod
+    def _write_layout(experiment: Any, layout: ScalarLayout) -> None:
+        charts = layout.as_dict()
+        experiment.add_custom_scalars(charts)
+        layout.written = charts
+
+    def register_layout(self, charts: Mapping[str, Mapping[str, str]]) -> None:
+        """Declare charts of the custom-scalars layout (see :class:`ScalarLayout`), shared by every writer
+        of this ``SummaryWriter``. Writes the layout again only when it moves tags already written."""
+        with self._write_errors() as experiment:
+            layout = self._layout(experiment)
+            if layout.declare(charts) and layout.as_dict() != layout.written:
+                self._write_layout(experiment, layout)
         self._written()
 
 
@@ -497,8 +612,43 @@ def _is_tensorboard(logger: Any) -> bool:
 FALLBACK_DIR = "introspect_runs"
 
 _WARNED_FALLBACK: set[str] = set()
-# One fallback directory per trainer (every callback of a fit writes to the same one).
-_FALLBACK_ROOTS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+class _FallbackRun:
+    """The fallback directory of a trainer's current fit, and the callbacks that announced that fit."""
+
+    def __init__(self) -> None:
+        self.root: str | None = None
+        self.members: set[int] = set()
+
+
+# One fallback directory per fit of a trainer: every callback of a fit writes to the same one.
+_FALLBACK_RUNS: weakref.WeakKeyDictionary[Any, _FallbackRun] = weakref.WeakKeyDictionary()
+# stand-ins for trainers that take no weak reference (kept by id; tests and tools only)
+_FALLBACK_RUNS_BY_ID: dict[int, _FallbackRun] = {}
+
+
+def _fallback_run(trainer: Any) -> _FallbackRun:
+    try:
+        return _FALLBACK_RUNS.setdefault(trainer, _FallbackRun())
+    except TypeError:  # no weak reference to this object
+        return _FALLBACK_RUNS_BY_ID.setdefault(id(trainer), _FallbackRun())
+
+
+def start_fit(trainer: Any, member: object) -> None:
+    """Announce that a fit of ``trainer`` starts; every callback of the fit calls it once, at its ``setup``.
+
+    A member that announces again means the trainer's previous fit is over: the next fallback writer of
+    this trainer (no logger directory) opens a new ``version_<N>`` directory, so a second
+    ``trainer.fit`` never appends to or overwrites the first one's files. ``validate`` / ``test`` after
+    a fit keep writing into that fit's directory. Cheap and rank-independent (no file is touched).
+    """
+    run = _fallback_run(trainer)
+    key = id(member)
+    if key in run.members:
+        run.root = None
+        run.members = set()
+    run.members.add(key)
 
 
 def new_version_dir(parent: str | os.PathLike[str]) -> str:
@@ -527,13 +677,12 @@ def writer_for(trainer: Any) -> IntrospectionWriter:
         return TensorBoardWriter(logger=tb[0], other_loggers=[lg for lg in loggers if lg is not tb[0]])
     root = getattr(loggers[0], "log_dir", None) if loggers else None
     if root is None:
-        root = _FALLBACK_ROOTS.get(trainer)
-        if root is None:
+        run = _fallback_run(trainer)
+        if run.root is None:
             # not `trainer.log_dir`: it broadcasts, and only rank zero gets here (a DDP deadlock)
             base = getattr(trainer, "default_root_dir", None) or os.getcwd()
-            root = new_version_dir(os.path.join(base, FALLBACK_DIR))
-            with contextlib.suppress(TypeError):  # a trainer stand-in that takes no weak reference
-                _FALLBACK_ROOTS[trainer] = root
+            run.root = new_version_dir(os.path.join(base, FALLBACK_DIR))
+        root = run.root
     root = os.path.abspath(os.fspath(root))
     if root not in _WARNED_FALLBACK:
         _WARNED_FALLBACK.add(root)
@@ -542,8 +691,6 @@ def writer_for(trainer: Any) -> IntrospectionWriter:
             if loggers
             else "scalars (scalars.csv), images, figures, histograms and tables are written as files"
         )
-        warnings.warn(
-            f"lightning_introspect: no TensorBoardLogger on the trainer; {where} under {root}.",
-            stacklevel=2,
-        )
+        # the directory that FileWriter writes into (tags add their own `introspect/<callback>/...` below it)
+        warn(f"lightning_introspect: no TensorBoardLogger on the trainer; {where} under {root}.")
     return FileWriter(root, loggers=loggers)
