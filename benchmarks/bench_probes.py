@@ -38,14 +38,13 @@ from lightning_introspect._lightning import Callback, Trainer, pl
 from lightning_introspect.callbacks.linear_probes import LinearProbes, auto_probe_layers
 from lightning_introspect.demo import DigitsCNN, DigitsDataModule, load_digits_tensors
 from lightning_introspect.methods.probes import (
-    _softmax_objective,
-    _standardise,
     blas_threads,
     classification_scores,
     fit_probes,
     pool_activation,
     probe_split,
 )
+from lightning_introspect.methods.probes.fitting import _softmax_objective, _standardise
 
 warnings.filterwarnings("ignore")
 

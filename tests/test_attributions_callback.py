@@ -95,6 +95,8 @@ def test_training_is_bitwise_unchanged(tmp_path):
                       num_samples=4)
     watched, t_watched = _fit_digits(tmp_path / "watched", [cb])
     assert len(cb.history) == 3 and len(cb.class_maps["grad_cam"]) == 10
+    # the faithfulness curves (on by default) ran at every run: their forwards are part of what is checked
+    assert all(list(h["faithfulness"]) == ["guided_backprop", "grad_cam", "lrp", "random", "edges"] for h in cb.history)
     assert torch.equal(rng_plain, torch.get_rng_state())
     a, b = plain.state_dict(), watched.state_dict()
     for key in a:
@@ -161,6 +163,9 @@ def test_tabular_inputs_get_feature_bar_charts(tmp_path):
         assert {f"introspect/attributions/{m}/class_{c}" for c in range(3)} <= tags
     assert not any("grad_cam" in t for t in tags)
     assert cb.maps["saliency"].shape == (8, 7)
+    # features are removed; a random map is the reference (no edges without pixels)
+    assert list(cb.history[-1]["faithfulness"]) == ["saliency", "lrp", "random"]
+    assert "introspect/attributions/faithfulness/lrp/deletion_auc" in events["scalars"]
 
 
 def test_other_input_shapes_are_skipped_with_one_warning(tmp_path):

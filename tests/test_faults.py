@@ -376,7 +376,7 @@ def test_keyboard_interrupt_mid_epoch_stops_cleanly_and_keeps_what_was_logged(tm
     assert pcm.snapshots["end"] == pcm.snapshots["middle"]
     assert not any(cb.disabled for cb in callbacks)
     assert cbs["SanityChecks"].report is None  # a fit-end check: not run on an interrupted fit
-    assert cbs["LinearProbes"]._executor is None  # background worker shut down
+    assert cbs["LinearProbes"]._evaluations.executor is None  # background worker shut down
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
     events = events_of(trainer.logger.log_dir)

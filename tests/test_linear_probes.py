@@ -180,8 +180,8 @@ def test_hooks_exist_only_during_validation(small_fits):
 
 def test_background_results_arrive_with_their_epoch_step(small_fits):
     _, trainer, probes = small_fits["sklearn"]
-    assert probes._resolved_solver == "sklearn"
-    assert set(probes.history) == {"input", "init", 0, 1} and not probes._jobs and probes._executor is None
+    assert probes._evaluations.solver == "sklearn"
+    assert set(probes.history) == {"input", "init", 0, 1} and not probes._evaluations.jobs and probes._evaluations.executor is None
     assert probes.timings["submit"] > 0 and probes.timings["fit_inline"] == 0
     events = read_events(trainer.logger.log_dir)
     steps = [trainer.num_training_batches * (e + 1) for e in range(2)]
@@ -214,7 +214,7 @@ def test_background_results_logged_before_fit_end_when_ready(tmp_path):
     class Watch(pl.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
             if trainer.current_epoch == 1:
-                for _, _, future in probes._jobs:
+                for _, _, future in probes._evaluations.jobs:
                     future.result()  # make sure epoch 0's fit is done before the next batches
         def on_train_epoch_end(self, trainer, pl_module):
             logged_during_training.append(set(probes.history))
@@ -416,17 +416,17 @@ def test_ddp_rank_zero_probes_without_collectives(tmp_path):
 def test_auto_solver_on_cpu_fits_small_caches_inline_and_large_ones_in_the_background(
     tmp_path, monkeypatch, inline_limit, expected
 ):
-    monkeypatch.setattr("lightning_introspect.callbacks.linear_probes._INLINE_FIT_VALUES", inline_limit)
+    monkeypatch.setattr("lightning_introspect.methods.probes.evaluations.INLINE_FIT_VALUES", inline_limit)
     probes = LinearProbes(on_error="raise")
     _, trainer = small_fit(tmp_path, [probes], epochs=2, limit_train_batches=2)
-    assert probes._resolved_solver == "auto"
+    assert probes._evaluations.solver == "auto"
     assert {r.solver for res in probes.results.values() for r in res.values()} == {expected}
     assert (probes.timings["fit_inline"] > 0) == (expected == "torch")
     assert (probes.timings["submit"] > 0) == (expected == "sklearn")
     assert set(probes.history) == {"input", "init", 0, 1}
-    assert probes._executor is None and not probes._jobs
+    assert probes._evaluations.executor is None and not probes._evaluations.jobs
     # warm start carried from epoch 0 to epoch 1 with the solver that fitted them
-    assert probes._warm and all(state["solver"] == expected for state in probes._warm.values())
+    assert probes._evaluations.warm and all(state["solver"] == expected for state in probes._evaluations.warm.values())
 
 
 def test_the_callbacks_tolerance_reaches_the_solver_and_reads_the_same_accuracies(tmp_path):

@@ -111,3 +111,6 @@ def test_default_set_logs_its_tags_or_skips_once_on_every_zoo_model(tmp_path: An
         assert outcome[name] == "logged", (name, outcome[name])
     if entry.inputs == "image":  # gradients w.r.t. float images exist: nothing image-related may skip
         assert outcome["Attributions"] == "logged", outcome["Attributions"]
+    if entry.inputs == "tokens":  # token ids are explained at the embedding output, as coloured sentences (text)
+        assert outcome["Attributions"] == "logged", outcome["Attributions"]
+        assert "introspect/attributions/saliency/text_summary" in read_events(str(tmp_path))["text"]

@@ -11,7 +11,6 @@ from sklearn.metrics import f1_score
 from lightning_introspect.methods.probes import (
     FeatureCache,
     RandomProjection,
-    _softmax_objective,
     classification_scores,
     downsample_input,
     fit_probe,
@@ -19,6 +18,7 @@ from lightning_introspect.methods.probes import (
     pool_activation,
     probe_split,
 )
+from lightning_introspect.methods.probes.fitting import _softmax_objective
 
 
 @pytest.fixture(scope="module")

@@ -296,6 +296,35 @@ def test_cascading_and_independent_randomise_the_right_blocks_on_a_copy():
     assert_unchanged(model, before, flags_before)
 
 
+def test_bottom_up_randomises_from_the_input_side_in_execution_order():
+    """Which weights changed at each step: bottom-up re-initialises the first conv first, then the next, and
+    ends where top-down ends (the per-layer seeds do not depend on the order)."""
+    model = small_cnn()
+    before, flags_before = snapshot(model), [m.training for m in model.modules()]
+    names, flags = trained_flags(model)  # ['0', '4', '8'] in execution order
+    x = torch.randn(3, 1, 8, 8)
+    up = cascading_randomization(model, x, methods={"flags": flags}, metrics=["spearman"], order="bottom_up")
+    assert up.layers == ["0", "4", "8"] and up.order == "bottom_up"
+    rows = {k: v[0].tolist() for k, v in up.maps["flags"].items()}
+    assert rows == {"original": [1, 1, 1], "0": [0, 1, 1], "4": [0, 0, 1], "8": [0, 0, 0]}
+    seen = []
+
+    def weights(m, inputs, target, layer=None):
+        seen.append({n: dict(m.named_modules())[n].weight.detach().clone() for n in names})
+        return gradient(m, inputs, target)
+
+    cascading_randomization(model, x, methods={"w": weights}, metrics=["spearman"], order="bottom_up")
+    top = []
+    cascading_randomization(model, x, methods={"w": lambda m, i, t, layer=None: top.append(
+        {n: dict(m.named_modules())[n].weight.detach().clone() for n in names}) or gradient(m, i, t)}, metrics=["spearman"])
+    assert all(torch.equal(seen[-1][n], top[-1][n]) for n in names)  # the same fully randomised model
+    # with layers=2 the two blocks nearest the output are chosen, bottom-up runs them input side first
+    assert cascading_randomization(model, x, methods={"flags": flags}, metrics=["spearman"], order="bottom_up", layers=2).layers == ["4", "8"]
+    with pytest.raises(ValueError, match="order"):
+        cascading_randomization(model, x, methods={"flags": flags}, order="sideways")
+    assert_unchanged(model, before, flags_before)
+
+
 def test_both_modes_share_one_implementation_and_accept_given_blocks():
     model = small_cnn()
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
@@ -367,18 +396,23 @@ def test_class_sensitivity_on_a_linear_model_matches_scipy():
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 6)).eval()
     x = torch.randn(5, 1, 4, 4)
     before = snapshot(model)
-    res = class_sensitivity(model, x, {"gradient": gradient}, metrics=["spearman"])
+    res = class_sensitivity(model, x, {"gradient": gradient}, metrics=["spearman"], others=["least", "second", "random"])
     logits = model(x)
     ranked = logits.argsort(1, descending=True)
     assert res.classes["pred"] == ranked[:, 0].tolist()
     assert res.classes["second"] == ranked[:, 1].tolist()
+    assert res.classes["least"] == logits.argmin(1).tolist()  # the least likely class: the smallest logit
     assert all(r != p for r, p in zip(res.classes["random"], res.classes["pred"]))
     w = model[1].weight.detach()
-    ref = np.mean([spearmanr(w[p], w[s]).statistic for p, s in zip(res.classes["pred"], res.classes["second"])])
-    assert res.similarity["gradient"]["second"]["spearman"] == pytest.approx(ref, abs=1e-4)
-    again = class_sensitivity(model, x, {"gradient": gradient}, metrics=["spearman"])
+    for other in ("second", "least"):
+        ref = np.mean([spearmanr(w[p], w[s]).statistic for p, s in zip(res.classes["pred"], res.classes[other])])
+        assert res.similarity["gradient"][other]["spearman"] == pytest.approx(ref, abs=1e-4)
+    # a linear model's gradient does not depend on the input: the same class under input noise is the same map
+    assert res.same_class["gradient"]["spearman"] == pytest.approx(1.0, abs=1e-6) and res.noise == 0.01
+    assert sorted(res.samples["gradient"]) == ["least", "random", "same", "second"]
+    again = class_sensitivity(model, x, {"gradient": gradient}, metrics=["spearman"], others=["least", "second", "random"])
     assert again.to_dict() == res.to_dict()
-    assert class_sensitivity(model, x, {"gradient": gradient}, seed=5).classes["random"] != res.classes["random"]
+    assert class_sensitivity(model, x, {"gradient": gradient}, seed=5, others=["random"]).classes["random"] != res.classes["random"]
     assert_unchanged(model, before, [m.training for m in model.modules()])
     with pytest.raises(ValueError, match="others"):
         class_sensitivity(model, x, {"gradient": gradient}, others=["third"])
@@ -433,7 +467,8 @@ def test_report_round_trips_through_weights_only_checkpoint(tmp_path):
         report = run_sanity_checks(model, x, methods={"gradient": gradient}, mode="both", layers=2)
     assert set(report.curves) == {"cascading", "independent"}
     assert report.layers == ["8", "4"]
-    assert set(report.verdicts.values()) <= {"pass", "fail"} and set(report.class_sensitivity_verdicts) == {"gradient"}
+    assert set(report.verdicts.values()) <= {"pass", "fail", "inconclusive"} and set(report.class_sensitivity_verdicts) == {"gradient"}
+    assert set(report.details) == {"randomization", "class_least", "class_second"} and set(report.emprt) == {"gradient"}
     assert [c.kind for c in report.caveats] == ["batchnorm"]
     # with name-derived seeds the top block is re-initialised identically by both modes
     top = report.layers[0]
@@ -444,7 +479,7 @@ def test_report_round_trips_through_weights_only_checkpoint(tmp_path):
     torch.save(report.to_dict(), path)
     loaded = SanityReport.from_dict(torch.load(path, weights_only=True))
     assert loaded.to_dict() == report.to_dict()
-    assert isinstance(loaded.caveats[0], Caveat)
+    assert isinstance(loaded.caveats[0], Caveat) and loaded.details["randomization"]["gradient"] == report.details["randomization"]["gradient"]
     assert "| gradient |" in report.markdown()
 
 

@@ -116,7 +116,7 @@ def report_of(callbacks: list[Any]) -> dict[str, Any]:
         },
         "LinearProbes": {
             "history": [[k, v] for k, v in lp.history.items()], "macro_f1": [[k, v] for k, v in lp.macro_f1.items()],
-            "best_layer": lp.best_layer, "coef": {n: torch.as_tensor(s["coef"]) for n, s in lp._warm.items()},
+            "best_layer": lp.best_layer, "coef": {n: torch.as_tensor(s["coef"]) for n, s in lp._evaluations.warm.items()},
         },
         "Misclassifications": {"history": cbs["Misclassifications"].history},
         "Attributions": {"history": [{k: v for k, v in h.items() if k != "seconds"} for h in cbs["Attributions"].history]},

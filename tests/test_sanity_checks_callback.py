@@ -31,7 +31,7 @@ def _fit(tmp_path, callbacks, epochs=2):
 def test_fit_is_bitwise_unchanged_and_every_tag_is_written(tmp_path):
     plain, _ = _fit(tmp_path / "plain", [])
     rng_plain = torch.get_rng_state()
-    cb = SanityChecks(mode="both", every_n_epochs=1, metrics=["spearman_abs", "ssim"], **FAST)
+    cb = SanityChecks(mode="both", order="both", every_n_epochs=1, metrics=["spearman_abs", "ssim"], **FAST)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         watched, trainer = _fit(tmp_path / "watched", [cb])
@@ -46,21 +46,27 @@ def test_fit_is_bitwise_unchanged_and_every_tag_is_written(tmp_path):
     assert [step for step, _ in cb.history] == [3, 6]
     report = cb.report
     assert isinstance(report, SanityReport) and report.layers == ["classifier", "features.8"]
-    assert set(report.verdicts) == {"saliency", "grad_cam"} and set(report.verdicts.values()) <= {"pass", "fail"}
+    assert set(report.verdicts) == {"saliency", "grad_cam"} and set(report.verdicts.values()) <= {"pass", "fail", "inconclusive"}
     assert set(report.class_sensitivity_verdicts) == {"saliency", "grad_cam"}
+    assert set(report.details) == {"randomization", "bottom_up", "class_least", "class_second"}
 
     events = read_events(str(tmp_path / "watched"))
     scalars, images, text = events["scalars"], events["images"], events["text"]
     for method in ("saliency", "grad_cam"):
-        for mode in ("cascading", "independent"):
+        for mode in ("cascading", "bottom_up", "independent"):
             for metric in ("spearman_abs", "spearman", "ssim"):  # spearman: needed by the verdict
                 for layer in ("classifier", "features.8"):
                     assert f"introspect/sanity/{method}/{metric}/{mode}/{layer}" in scalars
-        for what in ("score", "passed", "class_score", "class_passed"):
-            assert [s for s, _ in scalars[f"introspect/sanity/{method}/{what}"]] == [3, 6]
-        assert scalars[f"introspect/sanity/{method}/passed"][-1][1] == float(report.verdicts[method] == "pass")
+        for what in ("score", "score_low", "score_high", "threshold", "passed", "class_score", "class_passed", "class_threshold",
+                     "class_second_score", "bottom_up_score", "bottom_up_passed", "emprt"):
+            assert [s for s, _ in scalars[f"introspect/sanity/{method}/{what}"]] == [3, 6], what
+        expected = {"pass": 1.0, "inconclusive": 0.5, "fail": 0.0}[report.verdicts[method]]
+        assert scalars[f"introspect/sanity/{method}/passed"][-1][1] == expected
+        detail = report.details["randomization"][method]
+        assert scalars[f"introspect/sanity/{method}/score_low"][-1][1] == pytest.approx(detail.low, abs=1e-6)
+        assert scalars[f"introspect/sanity/{method}/emprt"][-1][1] == pytest.approx(report.emprt[method]["score"], abs=1e-6)
     assert "introspect/sanity/seconds" in scalars
-    for mode in ("cascading", "independent"):
+    for mode in ("cascading", "bottom_up", "independent"):
         assert images[f"introspect/sanity/maps/{mode}"] == [3, 6]
         for metric in ("spearman_abs", "ssim"):  # the metrics asked for
             assert images[f"introspect/sanity/curve/{mode}/{metric}"] == [3, 6]
@@ -99,7 +105,7 @@ def test_on_demand_check_leaves_the_model_untouched_and_round_trips_state(tmp_pa
 @pytest.mark.parametrize(
     ("kwargs", "argument"),
     [
-        ({"methods": ["smoothgrad"]}, "methods"),
+        ({"methods": ["no_such_method"]}, "methods"),
         ({"methods": []}, "methods"),
         ({"mode": "random"}, "mode"),
         ({"bn_mode": "reset"}, "bn_mode"),
@@ -115,6 +121,10 @@ def test_on_demand_check_leaves_the_model_untouched_and_round_trips_state(tmp_pa
         ({"metrics": ["hog"]}, "metrics"),
         ({"num_samples": 0}, "num_samples"),
         ({"repeats": 0}, "repeats"),
+        ({"order": "sideways"}, "order"),
+        ({"resamples": 0}, "resamples"),
+        ({"confidence": 1.0}, "confidence"),
+        ({"thresholds": {"class_sensitivity": -0.1}}, "thresholds"),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs, argument):
@@ -172,10 +182,11 @@ def test_curve_figures_on_one_reused_figure_equal_fresh_figures():
         warnings.simplefilter("ignore")
         report = cb.check(DigitsCNN(width=8).eval(), torch.randn(3, 1, 32, 32))
     metrics = ["spearman_abs", "spearman", "ssim"]
-    reused = curve_figures(report, "cascading", metrics)
+    assert list(report.curves) == ["bottom_up"]  # the default order
+    reused = curve_figures(report, "bottom_up", metrics)
     assert list(reused) == metrics
     for metric in metrics:
-        fresh = curve_figure(report, "cascading", metric)
+        fresh = curve_figure(report, "bottom_up", metric)
         assert fresh.shape == reused[metric].shape and (fresh == reused[metric]).all(), metric
     assert not (reused["spearman"] == reused["ssim"]).all()
 

@@ -76,11 +76,14 @@ def test_class_sensitivity_compares_classes_over_the_same_region() -> None:
         out = model(x)
     region = object_targets(out.argmax(1))
     assert (region.class_id == 2).all()  # the largest non-background predicted object of each image
-    result = class_sensitivity(model, x, GRADIENT_METHODS, metrics=["spearman_abs"], region=region)
+    result = class_sensitivity(model, x, GRADIENT_METHODS, metrics=["spearman_abs"], region=region, others=["least", "second", "random"])
     # Over one region, every class's map is the same map times the class's head weight: |map| ranks agree.
     for method in GRADIENT_METHODS:
-        for other in ("second", "random"):
+        for other in ("least", "second", "random"):
             assert result.similarity[method][other]["spearman_abs"] == pytest.approx(1.0, abs=1e-6)
+    # the least likely class: the smallest logit sum over the region
+    sums = (out * region.mask.unsqueeze(1).float()).sum((2, 3))
+    assert result.classes["least"] == sums.argmin(1).tolist()
     assert result.classes["pred"] == [2] * len(x)
 
 
@@ -92,8 +95,11 @@ def test_region_classes_pick_a_present_class_else_the_least_likely() -> None:
     out[1, 2] = 3.0  # sample 1 is class 2 everywhere
     out[1, 3] = -4.0
     region = object_targets(out.argmax(1), background=0)
-    classes = region_classes(out, region, ["second", "random"], seed=0)
+    classes = region_classes(out, region, ["second", "random", "least"], seed=0)
     assert classes["pred"].tolist() == [3, 2]
+    # least likely over the region: sample 0 (rows 0-1): classes 1 and 2 both score 0 there, the first is taken;
+    # sample 1: class 3 (-4 everywhere)
+    assert classes["least"].tolist() == [1, 3]
     # sample 0: background and class 1 are present; over the object's region background scores 8 x 1.0, class 1 0
     # sample 1: nothing else is predicted: the least likely class over the region is 3
     assert classes["second"].tolist() == [0, 3]
@@ -144,10 +150,11 @@ def test_sanity_checks_at_defaults_on_the_zoo_unet(tmp_path):
     report = cb.report
     assert report is not None and report.task == "segmentation" and report.target == PREDICTED_OBJECTS
     assert set(report.verdicts) == set(report.methods) == set(report.class_sensitivity_verdicts)
-    assert set(report.verdicts.values()) <= {"pass", "fail"}
+    assert set(report.verdicts.values()) <= {"pass", "fail", "inconclusive"}
+    assert set(report.curves) == {"bottom_up"} and report.order == "bottom_up"  # the callback's default order
     # the explained classes are objects, not the background (class 0 covers most pixels of these images)
     assert 0 not in report.classes["pred"]
-    assert all(o != p for other in ("second", "random") for o, p in zip(report.classes[other], report.classes["pred"]))
+    assert all(o != p for other in ("least", "second") for o, p in zip(report.classes[other], report.classes["pred"]))
     assert "SanityChecks explained: object regions of the predicted masks" in cb.summary_lines()
 
     events = read_events(str(tmp_path / "watched"))

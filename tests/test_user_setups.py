@@ -302,7 +302,7 @@ def test_a_frozen_backbone_under_no_grad_skips_the_gradient_callbacks_with_the_r
     assert [k for k in cbs["LinearProbes"].history if isinstance(k, int)] == [0, 1]
 
 
-def test_token_ids_get_the_metrics_and_probes_and_a_reason_for_the_rest(tmp_path: Any) -> None:
+def test_token_ids_get_the_metrics_probes_and_token_attributions_and_a_reason_for_the_rest(tmp_path: Any) -> None:
     class Tokens(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -327,10 +327,12 @@ def test_token_ids_get_the_metrics_and_probes_and_a_reason_for_the_rest(tmp_path
         trainer.fit(TokenNet(Tokens()), *as_ids)
     messages = [str(w.message) for w in caught]
     cbs = {type(cb).__name__: cb for cb in ours}
-    for name in ("Attributions", "SanityChecks"):
-        assert any(m.startswith(f"{name} is skipped for this fit: the inputs are torch.int64 (integer data such as token ids")
-                   for m in messages), name
-    assert cbs["Attributions"].maps == {} and cbs["SanityChecks"].report is None and cbs["FeatureVisualization"].disabled
+    # token ids: attributions on the embedding output (one score per token); the sanity check needs float inputs
+    assert any(m.startswith("SanityChecks is skipped for this fit: the inputs are torch.int64 (integer data such as token ids")
+               for m in messages)
+    assert not cbs["Attributions"].disabled and cbs["Attributions"].maps
+    assert all(m.shape == (cbs["Attributions"].num_samples, 12) for m in cbs["Attributions"].maps.values())
+    assert cbs["SanityChecks"].report is None and cbs["FeatureVisualization"].disabled
     assert set(cbs["PerClassMetrics"].snapshots) == {"start", "middle", "end"}
     assert [k for k in cbs["LinearProbes"].history if isinstance(k, int)] == [0, 1]
 

@@ -11,18 +11,20 @@ import torch
 from typing_extensions import override
 
 from lightning_introspect._lightning import pl
-from lightning_introspect._torch.guards import introspection_mode
+from lightning_introspect._torch.guards import introspection_mode, module_device
 from lightning_introspect._torch.layers import get_layer
 from lightning_introspect.callbacks.base import (
     NONFINITE_CAUSE,
     IntrospectionCallback,
     IntrospectionInputError,
+    Option,
     check_callable,
     check_choice,
     check_positive_int,
     lrp_problem,
     renamed_argument,
 )
+from lightning_introspect.callbacks.budget import best_of
 from lightning_introspect.callbacks.checks import gradient_problem
 from lightning_introspect.callbacks.outputs import logits_only
 from lightning_introspect.loggers.adapter import IntrospectionWriter
@@ -41,6 +43,7 @@ from lightning_introspect.methods.attribution_runs import (
     class_probabilities,
     concat_pairs,
     explained_classes,
+    faithfulness_scores,
     localization_pairs,
     localization_scores,
     nonfinite_grids,
@@ -48,14 +51,23 @@ from lightning_introspect.methods.attribution_runs import (
     region_pairs,
     skipped_grids,
 )
+from lightning_introspect.methods.faithfulness import BASELINES
 from lightning_introspect.methods.targets import dominant_class, target_indices
 from lightning_introspect.methods.task import TASK_KINDS, as_masks, resolve_task
+from lightning_introspect.methods.token_attribution import (
+    SIGNED_TOKEN_METHODS,
+    TOKEN_METHODS,
+    find_embedding,
+    is_token_ids,
+    token_attributions,
+)
 from lightning_introspect.render.attributions import (
     attribution_captions,
     attribution_overlays,
     attribution_summary_lines,
     class_label,
     display_inputs,
+    faithfulness_markdown,
     feature_bar_chart,
     grid_list,
     localization_markdown,
@@ -64,6 +76,7 @@ from lightning_introspect.render.attributions import (
     region_captions,
 )
 from lightning_introspect.render.grid import captioned_grid
+from lightning_introspect.render.tokens import token_sentences_markdown, token_strings, top_tokens_markdown
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +87,7 @@ MAX_BATCH = 128  # samples x targets explained in one pass
 MAX_REGIONS = 4  # segmentation: the largest class regions explained per sample
 MIN_REGION = 0.005  # segmentation: regions below this fraction of the image (stray pixels) are not explained
 DEFAULT_METHODS = ("saliency", "guided_backprop", "grad_cam", "lrp")
+TOKEN_DEFAULT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "lrp")  # token ids, `methods` left at its default
 
 
 def _check_display_stats(value: Any, argument: str) -> tuple[float, ...] | None:
@@ -98,8 +112,20 @@ class Attributions(IntrospectionCallback):
     diverging colormap centred on 0.
 
     Inputs ``(N, F)`` (tabular) get a bar chart per method of the mean ``|attribution|`` per feature
-    instead (Grad-CAM methods are dropped with a warning); inputs of other ranks than 2 and 4 are
-    skipped with one warning.
+    instead, the features named by ``feature_names`` (Grad-CAM methods are dropped with a warning); inputs
+    of other ranks than 2 and 4 are skipped with one warning.
+
+    Token ids (integer inputs ``(N, T)``, a text model) are explained at the output of the model's
+    embedding layer (``embedding_layer``; ``"auto"``: the first ``nn.Embedding`` that takes the ids, see
+    :func:`~lightning_introspect.methods.token_attribution.find_embedding`), one score per token: the
+    methods of :data:`~lightning_introspect.methods.token_attribution.TOKEN_METHODS` (saliency: the
+    gradient's norm; input x gradient: gradient x embedding; integrated gradients from the embedding of
+    ``baseline_token_id``, or zeros; LRP where the LRP package serves the model). With ``methods`` left at
+    its default a text model gets ``saliency``, ``input_x_gradient``, ``integrated_gradients`` and
+    ``lrp``; other methods given explicitly are dropped with one warning. Each method logs text: every
+    fixed sentence with its tokens coloured by score (detokenised by ``decode``, else the ids;
+    ``pad_token_id`` hidden), then the top tokens per class (the mean score of each token id over the
+    samples explained for the class). See :mod:`lightning_introspect.render.tokens` for the colours.
 
     Segmentation (per-pixel logits ``(N, C, H, W)`` with integer masks, detected once before training;
     ``task`` overrides): each sample is explained for each class present in its predicted mask, over
@@ -117,6 +143,18 @@ class Attributions(IntrospectionCallback):
     the mask, next to chance (the mask's area fraction) -- a training curve of how well the explanations
     find the objects, defined from the untrained model on. A sample whose true mask shows only the
     background is left out and counted in the note, never scored as a miss.
+
+    Faithfulness (``faithfulness=True``, the default): every run also scores how much the model's output
+    depends on what each map calls important (:func:`~lightning_introspect.methods.attribution_runs.faithfulness_scores`):
+    the explained class's probability as the pixels (features) are removed in the map's order, most
+    important first (deletion, RISE: a low area is good), and as they are put back on the baseline
+    (insertion: a high area is good), each over ``faithfulness_steps`` steps; the same for two reference
+    maps, a random map and the Sobel edges of the input (images only). A method that does not beat the
+    edge detector explains the image, not the model. Segmentation: the grid's pairs are scored, each for
+    its region target -- the class's mean probability over the explained region. Cost:
+    about ``samples x 2 x (faithfulness_steps - 1) x (methods + 2)`` perturbed inputs (the curves' ends,
+    the input and the baseline, run once for all maps), 128 per forward pass without gradients (8 samples,
+    4 methods, 20 steps: 1,840 inputs in 17 forwards).
 
     Args:
         methods: names from ``METHODS``: ``saliency``, ``input_x_gradient``, ``guided_backprop``,
@@ -153,6 +191,14 @@ class Attributions(IntrospectionCallback):
         region: segmentation: the mask a listed / ``"all"`` class's region is cut from, ``"pred"`` or
             ``"true"``.
         ignore_index: segmentation: a mask value that is never a region (e.g. 255).
+        faithfulness: score every run's maps by deletion / insertion curves next to a random and an
+            edge-detector map (see "Faithfulness" above); ``False`` saves their forward passes.
+        faithfulness_steps: removal steps per curve (each curve has ``faithfulness_steps + 1`` points). Under
+            a budget (``introspection_callbacks``) a run may use half of them (not below 5) or none, unless
+            given explicitly; the steps used are in the run's ``faithfulness`` table.
+        faithfulness_baseline: what a removed pixel becomes: ``"blur"`` (the image blurred with a Gaussian of
+            ``max(H, W) / 16`` pixels; tabular inputs use ``"mean"``), ``"mean"`` (the fixed samples' mean per
+            channel / feature) or ``"zero"``.
         enabled: switch the callback off.
         every_n_epochs: run every n-th epoch as well (``None``, the default: only at ``at`` and the last
             epoch; each run renders one captioned grid per method and class, so per-epoch runs cost).
@@ -162,16 +208,29 @@ class Attributions(IntrospectionCallback):
         seed: seed of the private generator that draws the samples.
         on_error: ``"warn"`` (disable the callback with a warning, training goes on) or ``"raise"``.
         layer: the former name of ``cam_layer`` (deprecated; works with a ``DeprecationWarning``).
+        decode: token ids: a callable ``list of ids -> list of strings`` (one per id, e.g. a tokenizer's
+            ``convert_ids_to_tokens``) for the sentences; ``None``: the ids are shown.
+        embedding_layer: token ids: the embedding module whose output is explained (dotted name) or ``"auto"``.
+        baseline_token_id: token ids: the token whose embedding is the integrated-gradients baseline at every
+            position (a pad or mask token); ``None``: the zero embedding.
+        pad_token_id: token ids: a token left out of the sentences and of the top tokens (padding).
+        feature_names: tabular inputs: the names of the features on the bar charts (default: their index).
 
     Tags:
-        * ``introspect/attributions/<method>`` -- overlay grid (bar chart for tabular inputs);
+        * ``introspect/attributions/<method>`` -- overlay grid (bar chart for tabular inputs; text for token
+          ids: the coloured sentences and the top tokens per class);
         * ``introspect/attributions/<method>/class_<name>`` -- one grid per class for a list / ``"all"``
           (tiles in the same order as the main grid);
         * ``introspect/attributions/inputs`` -- the fixed samples, once;
-        * ``introspect/attributions/layer`` -- text: the Grad-CAM layer and how it was chosen, once;
+        * ``introspect/attributions/layer`` -- text: the Grad-CAM layer (token ids: the embedding layer) and
+          how it was chosen, once;
         * ``introspect/attributions/localization/<method>/{pointing_game,energy_in_mask,chance}`` --
           segmentation with true masks: scalars at every run, and ``introspect/attributions/localization``
           -- text: the table of the run, with the regions left out;
+        * ``introspect/attributions/faithfulness/<method>/{deletion_auc,insertion_auc}`` -- scalars at every run
+          (``faithfulness=True``), the same for the references ``faithfulness/random/...`` and
+          ``faithfulness/edges/...`` (images), and ``introspect/attributions/faithfulness`` -- text: the
+          table of the run, each method against the references;
         * ``introspect/attributions/warnings`` -- text, only when a grid holds NaN / Inf (non-finite weights
           or inputs): which grids were not logged at that step and why (see "Non-finite values" below);
         * ``introspect/attributions/seconds`` -- wall time of each run.
@@ -186,12 +245,15 @@ class Attributions(IntrospectionCallback):
         * ``class_maps``: ``{method: {class_id: Tensor}}`` of the latest run (list / ``"all"``);
         * ``resolved_cam_layer``: the Grad-CAM layer in use (``cam_layer`` resolved; ``None`` when no
           method needs one);
+        * ``resolved_embedding_layer``: token ids: the embedding layer explained (``None`` otherwise);
         * ``nonfinite``: the grids of the latest run that held NaN / Inf and were not logged (``"outputs"``
           when the model's outputs on the samples were non-finite; empty when all was finite);
         * ``history``: one dict per run: ``step``, ``epoch`` (-1 before training), ``explained``,
           ``predicted``, ``confidence`` (lists per sample), ``seconds``; segmentation: ``explained``,
           ``samples``, ``region_pixels``, ``confidence`` per region, ``region`` (``"pred"`` / ``"true"``)
-          and ``localization`` ``{method: {"pointing_game", "energy_in_mask", "chance", "pairs", "skipped"}}``.
+          and ``localization`` ``{method: {"pointing_game", "energy_in_mask", "chance", "pairs", "skipped"}}``;
+          both: ``faithfulness`` ``{method or "random" / "edges": {"deletion_auc", "insertion_auc"}}`` (means
+          over the samples or regions; empty when ``faithfulness=False`` or the outputs were non-finite).
 
     Non-finite values: when the maps of a method (or of one class) hold NaN / Inf, that grid is not
     logged (it would be a silently wrong picture); when the model's outputs on the samples are
@@ -208,6 +270,7 @@ class Attributions(IntrospectionCallback):
     """
 
     name = "attributions"
+    sized_runs = True  # the faithfulness curves: sized by a budget
 
     def __init__(
         self,
@@ -229,6 +292,14 @@ class Attributions(IntrospectionCallback):
         task: str = "auto",
         region: str = "pred",
         ignore_index: int | None = None,
+        faithfulness: bool = True,
+        faithfulness_steps: int = 20,
+        faithfulness_baseline: str = "blur",
+        decode: Callable[[list[int]], list[str]] | None = None,
+        embedding_layer: str = "auto",
+        baseline_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        feature_names: list[str] | None = None,
         layer: str | None = None,
         enabled: bool = True,
         every_n_epochs: int | None = None,
@@ -256,6 +327,10 @@ class Attributions(IntrospectionCallback):
         check_choice(region, "region", REGION_SOURCES)
         if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
             raise ValueError(f"Expected `ignore_index` to be an int or None, but got {ignore_index!r}.")
+        if not isinstance(faithfulness, bool):
+            raise ValueError(f"Expected `faithfulness` to be a bool, but got {faithfulness!r}.")
+        check_positive_int(faithfulness_steps, "faithfulness_steps")
+        check_choice(faithfulness_baseline, "faithfulness_baseline", BASELINES)
         self.mean = _check_display_stats(mean, "mean")
         self.std = _check_display_stats(std, "std")
         if (self.mean is None) != (self.std is None):
@@ -282,6 +357,23 @@ class Attributions(IntrospectionCallback):
         self.task = task
         self.region = region
         self.ignore_index = ignore_index
+        self.faithfulness = faithfulness
+        self.faithfulness_steps = faithfulness_steps
+        self.faithfulness_baseline = faithfulness_baseline
+        check_callable(decode, "decode")
+        if not isinstance(embedding_layer, str) or not embedding_layer:
+            raise ValueError(f"Expected `embedding_layer` to be 'auto' or a dotted module name, but got {embedding_layer!r}.")
+        for argument, value in (("baseline_token_id", baseline_token_id), ("pad_token_id", pad_token_id)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"Expected `{argument}` to be a token id (int >= 0) or None, but got {value!r}.")
+        if feature_names is not None and (not isinstance(feature_names, (list, tuple)) or not all(isinstance(n, str) for n in feature_names)):
+            raise ValueError(f"Expected `feature_names` to be a list of str or None, but got {feature_names!r}.")
+        self.decode = decode
+        self.embedding_layer = embedding_layer
+        self.baseline_token_id = baseline_token_id
+        self.pad_token_id = pad_token_id
+        self.feature_names = list(feature_names) if feature_names is not None else None
+        self._default_methods = not isinstance(methods, str) and list(methods) == list(DEFAULT_METHODS)
         check_callable(output_transform, "output_transform")
         self.output_transform = output_transform
         self.reset()
@@ -302,11 +394,14 @@ class Attributions(IntrospectionCallback):
         self._last_step: int | None = None  # global step of the latest run: the fit-end catch-up compares it
         self._logged_static = False
         self._layer_note: str | None = None
+        self.resolved_embedding_layer: str | None = None
 
     @override
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.cam_layer != "auto":
             get_layer(pl_module, self.cam_layer, argument="cam_layer")
+        if self.embedding_layer != "auto":
+            get_layer(pl_module, self.embedding_layer, argument="embedding_layer")
 
     @override
     def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -358,10 +453,15 @@ class Attributions(IntrospectionCallback):
                 "pass `output_transform` to pick them out."
             )
             return
-        problem = gradient_problem(pl_module, x, self.output_transform, reraise=self.on_error == "raise")
-        if problem is not None:
-            self.skip(problem)
-            return
+        if is_token_ids(x):
+            methods = self._token_methods(pl_module, x, methods)
+            if not methods:
+                return
+        else:
+            problem = gradient_problem(pl_module, x, self.output_transform, reraise=self.on_error == "raise")
+            if problem is not None:
+                self.skip(problem)
+                return
         if x.ndim == 2 and any(m in LAYER_METHODS for m in methods):
             dropped = [m for m in methods if m in LAYER_METHODS]
             self.warn_once("tabular", f"Attributions: {dropped} need a spatial feature map; tabular inputs (N, F) skip them.")
@@ -398,17 +498,69 @@ class Attributions(IntrospectionCallback):
             self._layer_note = f"Grad-CAM layer `{self.resolved_cam_layer}` ({how})."
         self._active_methods = methods
 
+    def _token_methods(self, pl_module: pl.LightningModule, x: torch.Tensor, methods: list[str]) -> list[str]:
+        """Token ids: the embedding layer and the methods with a token version (``[]`` after a skip)."""
+        if self._default_methods:
+            methods = list(TOKEN_DEFAULT_METHODS)
+        dropped = [m for m in methods if m not in TOKEN_METHODS]
+        methods = [m for m in methods if m in TOKEN_METHODS]
+        if not methods:
+            self.skip(f"the inputs are token ids {tuple(x.shape)}, and none of the methods {self.methods} explains tokens; "
+                      f"use {', '.join(TOKEN_METHODS)}.")
+            return []
+        if dropped:
+            self.warn_once("tokens", f"Attributions: {dropped} have no token version; token ids are explained with {methods}.")
+        named = None if self.embedding_layer == "auto" else self.embedding_layer
+        sample = x[:1].to(pl_module.device)
+        try:
+            with logits_only(pl_module, self.output_transform):
+                self.resolved_embedding_layer = find_embedding(pl_module, sample, named)
+                check = token_attributions(pl_module, sample, "pred", ["saliency"], embedding_layer=self.resolved_embedding_layer)
+        except ValueError as err:
+            self.skip(f"the inputs are token ids, explained at the output of the embedding layer, but: {err}")
+            return []
+        if not bool(check["saliency"].any()):
+            self.skip(f"autograd does not connect the model's output to the output of the embedding layer "
+                      f"{self.resolved_embedding_layer!r} (run under torch.no_grad() or detached?), so there is no gradient to explain.")
+            return []
+        if self.decode is not None:
+            try:
+                token_strings(x[:1], self.decode)
+            except ValueError as err:
+                raise IntrospectionInputError(str(err)) from err
+        how = "given" if named else "found automatically: the first nn.Embedding that takes the token ids"
+        log.info("Attributions: embedding layer %r (%s).", self.resolved_embedding_layer, how)
+        self._layer_note = f"Token scores at the output of the embedding layer `{self.resolved_embedding_layer}` ({how})."
+        return methods
+
+    def _token_markdown(
+        self, x: torch.Tensor, maps: torch.Tensor, method: str, *, captions: list[str] | None, title: str, classes: torch.Tensor | None,
+    ) -> str:
+        """The sentences with coloured tokens and, for the main entry, the top tokens per class."""
+        strings = token_strings(x, self.decode)
+        keep = None if self.pad_token_id is None else x.cpu() != self.pad_token_id
+        signed = method in SIGNED_TOKEN_METHODS
+        text = token_sentences_markdown(strings, maps, signed=signed, captions=captions, keep=keep, normalize=self.normalize, title=title)
+        if classes is None:
+            return text
+        table = top_tokens_markdown(x, strings, maps, classes, keep=keep, class_names=self.class_names)
+        return f"{text}\n\n**Top tokens per class** (mean score of each token over the fixed samples explained for the class)\n\n{table}"
+
     def _class_name(self, c: int) -> str:
         return class_label(c, self.class_names)
 
     def _attribute(self, model: Any, x: torch.Tensor, target: Any, methods: list[str]) -> dict[str, torch.Tensor]:
         """The maps of ``methods``; LRP apart, so that a model LRP cannot serve drops LRP (one warning) and keeps the rest."""
         plain = [m for m in methods if m != "lrp"]
-        options = {"guided_backprop": {"top_k": self.top_k}} if self.top_k is not None and "guided_backprop" in plain else {}
-        maps = attribute(model, x, target, plain, layer=self.resolved_cam_layer, options=options) if plain else {}
+        options: dict[str, dict[str, Any]] = {"guided_backprop": {"top_k": self.top_k}} if self.top_k is not None and "guided_backprop" in plain else {}
+        layer = self.resolved_cam_layer
+        if is_token_ids(x):  # token scores at the embedding output
+            layer = self.resolved_embedding_layer
+            options = {"integrated_gradients": {"baseline": self.baseline_token_id}} if "integrated_gradients" in plain else {}
+        maps = attribute(model, x, target, plain, layer=layer, options=options) if plain else {}
         if "lrp" in methods and "lrp" in (self._active_methods or []):
             try:
-                maps.update(attribute(model, x, target, ["lrp"], options={"lrp": {"rule": self.lrp_rule}}))
+                maps.update(attribute(model, x, target, ["lrp"], layer=self.resolved_embedding_layer, options={"lrp": {"rule": self.lrp_rule}}))
             except (TypeError, ValueError, NotImplementedError, RuntimeError) as err:
                 if self.on_error == "raise":
                     raise
@@ -470,12 +622,13 @@ class Attributions(IntrospectionCallback):
         skip = set(skipped_grids(broken, list(self.maps)))
         for m in methods:
             if m not in skip:
-                self._write(writer, self.tag(m), x, self.maps[m], m, step, captions=captions, title=f"{m} (step {step})")
+                self._write(writer, self.tag(m), x, self.maps[m], m, step, captions=captions, title=f"{m} (step {step})", classes=explained)
             for c, v in self.class_maps.get(m, {}).items():
                 if f"{m}/class_{self._class_name(c)}" not in skip:
                     self._write(writer, self.tag(m, f"class_{self._class_name(c)}"), x, v, m, step, captions=None, title=f"{m}: class {self._class_name(c)}")
         if broken:
             self._report_nonfinite(writer, step, broken, n)
+        faithful = self._faithfulness(trainer, writer, pl_module, x, {m: v for m, v in self.maps.items() if m not in skip}, explained, step)
         self.history.append(
             {
                 "step": step,
@@ -483,6 +636,7 @@ class Attributions(IntrospectionCallback):
                 "explained": explained.tolist(),
                 "predicted": predicted.tolist(),
                 "confidence": [round(float(c), 6) for c in confidence],
+                "faithfulness": faithful,
                 "seconds": time.perf_counter() - start,
             }
         )
@@ -539,6 +693,8 @@ class Attributions(IntrospectionCallback):
             scalars = {self.tag("localization", m, k): r[k] for m, r in scores.items() for k in ("pointing_game", "energy_in_mask", "chance") if r[k] is not None}
             writer.scalars(scalars, step)
             writer.text(self.tag("localization"), localization_markdown(scores, step), step)
+        ok = {m: self.maps[m] for m in methods if len(pairs) and "outputs" not in broken and m not in broken}
+        faithful = self._faithfulness(trainer, writer, pl_module, shown, ok, pairs.target(), step)  # each region's class over the region
         self.history.append(
             {
                 "step": step,
@@ -549,9 +705,59 @@ class Attributions(IntrospectionCallback):
                 "region_pixels": pairs.masks.flatten(1).sum(1).tolist(),
                 "confidence": [round(float(c), 6) for c in confidence],
                 "localization": scores,
+                "faithfulness": faithful,
                 "seconds": time.perf_counter() - start,
             }
         )
+
+    def _faithfulness(
+        self, trainer: pl.Trainer, writer: IntrospectionWriter, pl_module: pl.LightningModule, x: torch.Tensor,
+        maps: dict[str, torch.Tensor], target: Any, step: int,
+    ) -> dict[str, dict[str, float]]:
+        """Deletion / insertion areas of the finite maps and of the references: scalars, a table, and the numbers for ``history``."""
+        if not self.faithfulness or not maps or is_token_ids(x):  # removing tokens is not defined here: images and tabular only
+            return {}
+        steps = self._faithfulness_steps(trainer, pl_module, x, len(maps))
+        if not steps:
+            return {}
+        inputs = int(x.shape[0]) * (2 + 2 * (steps - 1) * (len(maps) + 2))  # perturbed inputs of one run
+        start = time.perf_counter()
+        scores = faithfulness_scores(pl_module, x, maps, target, steps=steps, baseline=self.faithfulness_baseline,
+                                     seed=self.seed, max_batch=MAX_BATCH)
+        elapsed = time.perf_counter() - start
+        self.unit_costs.observe("faithfulness_input", elapsed, inputs)
+        self.charge(elapsed)
+        writer.scalars({self.tag("faithfulness", name, k): v for name, row in scores.items() for k, v in row.items()}, step)
+        score = "each region's mean probability of its class" if self.resolved_task == "segmentation" else "the explained class's probability"
+        baseline = "mean" if x.ndim == 2 and self.faithfulness_baseline == "blur" else self.faithfulness_baseline
+        writer.text(self.tag("faithfulness"), faithfulness_markdown(scores, step, steps=steps, baseline=baseline, score=score), step)
+        return scores
+
+    def _faithfulness_steps(self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: torch.Tensor, methods: int) -> int:
+        """The curves' steps this run: ``faithfulness_steps``, or under a budget half of them (at least 5),
+        then none; an explicit ``faithfulness_steps`` is kept. Cost: perturbed inputs x seconds per input
+        (from earlier runs, else three timed forwards of the samples)."""
+        if self.budget is None:
+            return self.faithfulness_steps
+        if not self.unit_costs.known("faithfulness_input"):
+            sample = x.to(module_device(pl_module))
+            with introspection_mode(pl_module, grad=False):
+                self.unit_costs.observe("faithfulness_input", best_of(3, lambda: pl_module(sample)), int(x.shape[0]))
+        per_input = self.unit_costs.get("faithfulness_input", 0.0)
+
+        def option(steps: int) -> Option:
+            inputs = int(x.shape[0]) * (2 + 2 * (steps - 1) * (methods + 2)) if steps else 0
+            return Option({"faithfulness_steps": steps}, per_input * inputs)
+
+        steps = self.faithfulness_steps
+        options = [option(steps)]
+        if "faithfulness_steps" not in self._given:
+            while steps > 5:
+                steps = max(5, steps // 2)
+                options.append(option(steps))
+            options.append(option(0))
+        chosen = self.sized(trainer, options)
+        return int(chosen.sizes["faithfulness_steps"]) if chosen is not None else 0
 
     def _report_nonfinite(self, writer: IntrospectionWriter, step: int, broken: list[str], n: int) -> None:
         """Warn once, and note at this step, which grids were not logged because of NaN / Inf values."""
@@ -576,10 +782,13 @@ class Attributions(IntrospectionCallback):
 
     def _write(
         self, writer: IntrospectionWriter, tag: str, x: torch.Tensor, maps: torch.Tensor, method: str, step: int, *,
-        captions: list[str] | None, title: str, regions: torch.Tensor | None = None,
+        captions: list[str] | None, title: str, regions: torch.Tensor | None = None, classes: torch.Tensor | None = None,
     ) -> None:
+        if is_token_ids(x):
+            writer.text(tag, self._token_markdown(x, maps, method, captions=captions, title=title, classes=classes), step)
+            return
         if x.ndim == 2:
-            writer.figure(tag, feature_bar_chart(maps, title=title), step)
+            writer.figure(tag, feature_bar_chart(maps, title=title, feature_names=self.feature_names), step)
             return
         signed = method in SIGNED_METHODS
         cmaps = {"colormap": self.colormap, "signed_colormap": self.signed_colormap}

@@ -1,8 +1,13 @@
-"""``LinearProbes``: how linearly separable the classes are at each layer, every epoch (Alain & Bengio 2016)."""
+"""``LinearProbes``: how linearly separable the classes are at each layer, every epoch (Alain & Bengio 2016).
+
+The callback decides when (the validation pass of scheduled epochs, the baselines at fit start), on what
+(the layers of :func:`~lightning_introspect.methods.probe_layers.plan_probe_layers`, their activations caught
+by :class:`~lightning_introspect.methods.probe_capture.FeatureCapture`) and where (TensorBoard); the fits are
+:class:`~lightning_introspect.methods.probes.ProbeEvaluations`, the drawing :mod:`lightning_introspect.render.probes`.
+"""
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import math
 import time
@@ -29,31 +34,32 @@ from lightning_introspect.methods.probe_capture import INPUT_KEY, FeatureCapture
 from lightning_introspect.methods.probe_layers import (
     ProbeLayersUnavailable,
     auto_probe_layers,
-    layer_output_shapes,
-    pixel_probe_layers,
-    resolve_probe_layers,
+    plan_probe_layers,
 )
 from lightning_introspect.methods.probes import (
     CACHE_POLICIES,
     POOLING_CHOICES,
+    TOKEN_POOLING_CHOICES,
     FeatureCache,
     LayerCaches,
+    ProbeEvaluations,
     ProbeResult,
     RandomProjection,
-    auto_solver,
-    best_layer,
-    blas_threads,
     check_probe_labels,
     check_probe_masks,
-    fit_probes,
     probe_label_problem,
+    token_mask,
 )
-from lightning_introspect.methods.task import TASK_KINDS, resolve_task
-from lightning_introspect.render.probes import accuracy_vs_depth_figure, probe_summary_lines, probe_table
+from lightning_introspect.methods.task import TASK_KINDS
+from lightning_introspect.render.probes import (
+    accuracy_vs_depth_figure,
+    probe_notes,
+    probe_summary_lines,
+    probe_table,
+)
 
 SOLVERS = ("auto", "sklearn", "torch")
 INIT_KEY = "init"
-_INLINE_FIT_VALUES = 1 << 20  # solver="auto" on CPU: fit inline with torch up to this many cached feature values
 
 __all__ = ["INIT_KEY", "INPUT_KEY", "SOLVERS", "LinearProbes", "auto_probe_layers"]
 
@@ -69,8 +75,8 @@ class LinearProbes(IntrospectionCallback):
 
     Activations come from forward hooks during the validation pass the trainer already runs (no extra
     pass). The hooks exist only between ``on_validation_epoch_start`` and ``on_validation_epoch_end``
-    (and are removed on exceptions). Outputs are detached, pooled (conv maps over space), reduced with a
-    seeded random projection when wider than ``max_features`` and copied into a bounded cache
+    (and are removed on exceptions). Outputs are detached, pooled (conv maps over space, token sequences as
+    below), reduced with a seeded random projection when wider than ``max_features`` and copied into a bounded cache
     (``max_samples`` rows per layer; reservoir sampling re-seeded every epoch, so every epoch and the
     init baseline probe the same samples). With ``probe_dataloader`` (models trained without labels,
     e.g. autoencoders) the callback instead runs its own eval-mode, no-grad pass over that loader at the
@@ -95,6 +101,21 @@ class LinearProbes(IntrospectionCallback):
     the bare inputs is not checked. The callback is
     skipped for the fit (one ``IntrospectionSkipWarning``) when the data carries no labels or ``"auto"``
     cannot run the model; each fit starts with clean results (``trainer.validate()`` afterwards keeps them).
+
+    Tokens (transformers, RNNs): a 3-D output is read as tokens ``(N, T, D)`` or as a 1-D conv map
+    ``(N, C, L)`` by the module that made it (``Linear``, ``LayerNorm``, ``Embedding``, attention, RNNs and
+    transformer layers give tokens; ``Conv1d``, ``BatchNorm1d`` and 1-D pooling give channels; a block, an
+    activation or dropout takes the layout of the last such module in it or before it; see
+    :func:`~lightning_introspect.methods.probe_layers.token_layers`), decided at ``setup`` on two samples. A
+    token layer gives one vector per sample by ``token_pooling``: ``"auto"`` takes the class token where there
+    is one (image inputs whose ``T - k`` tokens form the image's patch grid after ``k >= 1`` prefix tokens:
+    token 0) and otherwise the mean over the tokens that are not padding (the batch's ``attention_mask`` when
+    a dict batch or dict inputs carry one, else the token ids that differ from ``pad_token_id``; neither: every
+    token; prefix tokens left out); ``"cls"`` / ``"mean"`` force one. What was decided is in
+    ``resolved_token_pooling`` and above the table. Layers that give the same output on those samples (a block
+    and its last norm, a wrapper and its only child) are probed once, under the outer name (one warning
+    when they were named). ``layers="auto"`` in a model with attention probes the embedding and the
+    transformer blocks (:func:`~lightning_introspect.methods.probe_layers.transformer_blocks`).
 
     Segmentation (per-pixel probes, no ``target_transform`` needed): the task is detected once, at ``setup``,
     from one forward pass of two samples and their labels (``task="auto"``: dense logits ``(N, C, H, W)``
@@ -125,7 +146,7 @@ class LinearProbes(IntrospectionCallback):
     * ``introspect/probes/input/accuracy``, ``introspect/probes/input/macro_f1``: the raw-input baseline;
     * ``introspect/probes/accuracy_vs_depth``: a figure (accuracy vs layer depth, with the init curve and
       the input baseline) at the ``at`` fractions, the last epoch and every ``figures_every_n_epochs``-th;
-    * ``introspect/probes/table``: a markdown table per evaluated epoch;
+    * ``introspect/probes/table``: a markdown table per evaluated epoch (how token layers were pooled above it);
     * ``introspect/probes/fit_seconds``: solver time of each evaluation (in the background for sklearn);
     * ``introspect/probes/seconds``: time this callback spent in the training loop's thread (base class).
 
@@ -137,6 +158,7 @@ class LinearProbes(IntrospectionCallback):
     * ``best_layer``: the layer with the highest accuracy at the latest evaluated epoch;
     * ``layer_names``: the probed layers in execution order;
     * ``resolved_task``: ``"classification"`` or ``"segmentation"`` (per-pixel probes), detected at ``setup``;
+    * ``resolved_token_pooling``: ``{layer: how its tokens are pooled}`` for the token layers, decided at ``setup``;
     * ``timings``: seconds spent, by kind (``capture``, ``baseline_pass``, ``own_pass``, ``fit_inline``,
       ``submit``, ``wait``, ``log``), all in the training thread.
 
@@ -149,7 +171,11 @@ class LinearProbes(IntrospectionCallback):
             :func:`auto_probe_layers`),
             a dotted name, a glob (``"encoder.*"``) or a list of those. Resolved at ``setup``.
         pooling: ``"avg"``, ``"max"``, ``"avgmax"`` or ``"flatten"`` (conv maps pooled over space; not
-            used by per-pixel probes).
+            used by per-pixel probes nor by token layers).
+        token_pooling: token layers ``(N, T, D)``: ``"auto"`` (the class token where the patch grid shows one,
+            else the mean over the tokens that are not padding), ``"cls"`` (token 0) or ``"mean"``.
+        pad_token_id: the padding token id, left out of the token mean when the batch carries no
+            ``attention_mask`` (token-id inputs ``(N, T)`` only).
         max_samples: the most cached samples (rows) per layer (per-pixel probes: pixels per layer).
         max_features: wider pooled features are reduced to this width by a seeded random projection.
         solver: ``"auto"``, ``"torch"`` (inline, model device) or ``"sklearn"`` (background thread, CPU).
@@ -195,7 +221,7 @@ class LinearProbes(IntrospectionCallback):
     """
 
     name = "probes"
-    transient = ("_stack", "_executor", "_jobs")
+    transient = ("_stack",)
     # the layer is not the tag's last part: one chart per score, a line per layer (custom-scalars layout)
     scalar_charts = {"accuracy per layer": r"[^/]+/accuracy", "macro_f1 per layer": r"[^/]+/macro_f1"}
 
@@ -204,6 +230,8 @@ class LinearProbes(IntrospectionCallback):
         *,
         layers: str | list[str] = "auto",
         pooling: str = "avg",
+        token_pooling: str = "auto",
+        pad_token_id: int | None = None,
         max_samples: int = 5000,
         max_features: int = 512,
         solver: str = "auto",
@@ -233,6 +261,7 @@ class LinearProbes(IntrospectionCallback):
         if not (isinstance(layers, str) or (isinstance(layers, (list, tuple)) and all(isinstance(n, str) for n in layers))):
             raise ValueError(f"Expected `layers` to be 'auto', a layer name or a list of layer names, but got {layers!r}.")
         check_choice(pooling, "pooling", POOLING_CHOICES)
+        check_choice(token_pooling, "token_pooling", TOKEN_POOLING_CHOICES)
         check_choice(solver, "solver", SOLVERS)
         check_choice(cache, "cache", CACHE_POLICIES)
         check_positive_int(max_samples, "max_samples")
@@ -241,8 +270,9 @@ class LinearProbes(IntrospectionCallback):
         check_positive_int(figures_every_n_epochs, "figures_every_n_epochs", allow_none=True)
         check_choice(task, "task", TASK_KINDS)
         check_positive_int(pixels_per_image, "pixels_per_image")
-        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-            raise ValueError(f"Expected `ignore_index` to be an int or None, but got {ignore_index!r}.")
+        for value, argument in ((ignore_index, "ignore_index"), (pad_token_id, "pad_token_id")):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"Expected `{argument}` to be an int or None, but got {value!r}.")
         if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0.0 < test_fraction < 1.0:
             raise ValueError(f"Expected `test_fraction` to be a float in (0, 1), but got {test_fraction!r}.")
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
@@ -253,52 +283,59 @@ class LinearProbes(IntrospectionCallback):
         if probe_dataloader is not None and not hasattr(probe_dataloader, "__iter__"):
             raise ValueError(f"Expected `probe_dataloader` to be an iterable DataLoader or None, but got {probe_dataloader!r}.")
         self.layers = layers if isinstance(layers, str) else list(layers)
-        self.pooling = pooling
-        self.max_samples = max_samples
-        self.max_features = max_features
-        self.solver = solver
-        self.test_fraction = float(test_fraction)
-        self.max_iter = max_iter
-        self.tol = float(tol)
-        self.C = float(C)
-        self.cache = cache
-        self.include_input = bool(include_input)
-        self.include_init = bool(include_init)
-        self.probe_dataloader = probe_dataloader
-        self.target_transform = target_transform
+        self.pooling, self.token_pooling, self.pad_token_id = pooling, token_pooling, pad_token_id
+        self.max_samples, self.max_features, self.cache = max_samples, max_features, cache
+        self.solver, self.test_fraction, self.max_iter = solver, float(test_fraction), max_iter
+        self.tol, self.C = float(tol), float(C)
+        self.include_input, self.include_init = bool(include_input), bool(include_init)
+        self.probe_dataloader, self.target_transform = probe_dataloader, target_transform
         self.figures_every_n_epochs = figures_every_n_epochs
-        self.task = task
-        self.pixels_per_image = pixels_per_image
-        self.ignore_index = ignore_index
-
+        self.task, self.pixels_per_image, self.ignore_index = task, pixels_per_image, ignore_index
         self._reset_fit_state()
 
     def _reset_fit_state(self) -> None:
         """Everything that belongs to one fit: a callback object used for a second fit (another model or
         data) starts clean. A resumed fit restores the checkpointed part afterwards (``load_state_dict``
         runs after ``setup``)."""
-        self.history: dict[int | str, dict[str, float]] = {}
-        self.macro_f1: dict[int | str, dict[str, float]] = {}
-        self.results: dict[int | str, dict[str, ProbeResult]] = {}
-        self.best_layer: str | None = None
         self.layer_names: list[str] = []
         self.resolved_task: str | None = None  # "classification" / "segmentation", detected at setup
-        self.timings: dict[str, float] = dict.fromkeys(
-            ("capture", "baseline_pass", "own_pass", "fit_inline", "submit", "wait", "log"), 0.0
+        self.resolved_token_pooling: dict[str, str] = {}
+        self._evaluations = ProbeEvaluations(
+            solver=self.solver, test_fraction=self.test_fraction, seed=self.seed, max_iter=self.max_iter, tol=self.tol,
+            C=self.C,
         )
+        self._timings: dict[str, float] = dict.fromkeys(("capture", "baseline_pass", "own_pass", "log"), 0.0)
         self._modules: dict[str, nn.Module] = {}
+        self._tokens: dict[str, Any] = {}  # {layer: TokenPooling} of the token layers
         self._calls_checked = False  # the named modules' call counts were checked on an example batch
-        self._resolved_solver = "sklearn"
         self._cache: FeatureCache | LayerCaches | None = None
         self._input_cache: FeatureCache | None = None
         self._capture: FeatureCapture | None = None
         self._stack: contextlib.ExitStack | None = None  # removes the hooks in the trainer's validation
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._jobs: list[tuple[int | str, int, concurrent.futures.Future]] = []
-        self._to_log: list[tuple[int | str, int, dict[str, ProbeResult]]] = []
-        self._warm: dict[str, dict[str, Any]] = {}
         self._figure_key: int | None = None  # the epoch of the latest accuracy-vs-depth figure
         self._eager_pass = False  # capture with an own eager pass instead of hooks in the trainer's validation
+
+    # the results on the instance (the class docstring says what they hold), kept by the evaluations
+    @property
+    def history(self) -> dict[int | str, dict[str, float]]:
+        return self._evaluations.history
+
+    @property
+    def macro_f1(self) -> dict[int | str, dict[str, float]]:
+        return self._evaluations.macro_f1
+
+    @property
+    def results(self) -> dict[int | str, dict[str, ProbeResult]]:
+        return self._evaluations.results
+
+    @property
+    def best_layer(self) -> str | None:
+        return self._evaluations.best_layer
+
+    @property
+    def timings(self) -> dict[str, float]:
+        t = {**self._timings, **self._evaluations.timings}
+        return {k: t[k] for k in ("capture", "baseline_pass", "own_pass", "fit_inline", "submit", "wait", "log")}
 
     # ------------------------------------------------------------------------------- lightning hooks
     @override
@@ -306,7 +343,7 @@ class LinearProbes(IntrospectionCallback):
         # only a fit starts over (the base class calls this at setup("fit")): `trainer.validate()`
         # afterwards keeps this fit's results
         self._remove_hooks()
-        self._shutdown(wait=True)
+        self._evaluations.shutdown(wait=True)
         self._reset_fit_state()
 
     @override
@@ -316,7 +353,7 @@ class LinearProbes(IntrospectionCallback):
 
     @override
     def restore_transient(self) -> None:
-        self._stack, self._executor, self._jobs = None, None, []
+        self._stack = None
 
     @override
     def on_disable(self) -> None:
@@ -330,7 +367,7 @@ class LinearProbes(IntrospectionCallback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._fit_ready() and self.active(trainer):
+        if self._evaluations.ready() and self.active(trainer):
             self.run(trainer, self._drain, trainer)
 
     @override
@@ -364,28 +401,28 @@ class LinearProbes(IntrospectionCallback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.probe_dataloader is not None and self.active(trainer) and self.is_scheduled(trainer):
             self.run(trainer, self._own_pass_and_fit, trainer, pl_module)
-        elif self._fit_ready() and self.active(trainer):
+        elif self._evaluations.ready() and self.active(trainer):
             self.run(trainer, self._drain, trainer)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._jobs or self._to_log:
+        if self._evaluations.pending:
             self.run(trainer, self._drain, trainer, wait=True)
-        self._shutdown(wait=True)
+        self._evaluations.shutdown(wait=True)
         # a fit that ended before its last scheduled epoch (EarlyStopping, max_time): the figure of its last probes
-        latest = self._latest_epoch()
+        latest = self._evaluations.latest_epoch()
         if latest is not None and latest != self._figure_key and self.active(trainer):
             self.run(trainer, self._write_figure, trainer, latest, trainer.global_step)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_hooks()
-        self._shutdown(wait=False)
+        self._evaluations.shutdown(wait=False)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
-        self._shutdown(wait=True)
+        self._evaluations.shutdown(wait=True)
 
     # --------------------------------------------------------------------------------- preparation
     def _loader(self, trainer: pl.Trainer) -> Any:
@@ -410,47 +447,40 @@ class LinearProbes(IntrospectionCallback):
             return
         if example is None:
             modules = {} if self.layers == "auto" else resolve_layers(pl_module, self.layers, argument="layers")
-            self._modules, self.layer_names = modules, list(modules)
+            self._set_layers(modules)
             return
         x = _to_device(example[0], _device_of(pl_module))
+        # with a target_transform (one label per sample) "auto" stays classification
+        task = "classification" if self.task == "auto" and self.target_transform is not None else self.task
         try:
-            modules = resolve_probe_layers(pl_module, self.layers, x)
-            task, shapes, num_classes = self._detect_task(pl_module, x, example[1], modules)
-            if task == "segmentation" and shapes:
-                modules = pixel_probe_layers(modules, shapes, auto=self.layers == "auto", num_classes=num_classes)
+            plan = plan_probe_layers(
+                pl_module, self.layers, x, labels=None if self.target_transform is not None else example[1], task=task,
+                logits_of=extract_logits, token_pooling=self.token_pooling,
+            )
         except ProbeLayersUnavailable as err:
             self.skip(str(err))
             return
-        if task == "classification" and self.target_transform is None:
+        if plan.task == "classification" and self.target_transform is None:
             problem = probe_label_problem(example[1], source)
             if problem is not None:
                 self.skip(problem)
                 return
-        self.resolved_task = task
-        self._modules, self.layer_names = modules, list(modules)
+        if plan.merged:
+            merged = ", ".join(f"{n!r} as {k!r}" for n, k in plan.merged.items())
+            self.warn_once(
+                "merged",
+                f"LinearProbes: some layers in `layers` give the same output as another on an example batch (a block "
+                f"and its last norm, a wrapper and its only child), so each output is probed once: {merged}.",
+            )
+        self.resolved_task = plan.task
+        self._set_layers(plan.modules, plan.tokens)
         self._calls_checked = True
 
-    def _detect_task(
-        self, pl_module: nn.Module, x: Any, labels: torch.Tensor | None, modules: dict[str, nn.Module]
-    ) -> tuple[str, dict[str, tuple[int, ...] | None], int | None]:
-        """``(task, layer output shapes, number of classes)`` from one forward pass of two samples.
-
-        ``task="auto"`` is segmentation for dense logits ``(N, C, H, W)`` with integer masks of their size
-        (:func:`~lightning_introspect.methods.task.resolve_task`); with a ``target_transform`` (which gives
-        one label per sample) it stays classification unless ``task="segmentation"`` says otherwise. An
-        explicit task the shapes contradict raises ``IntrospectionInputError``: the fit is refused at setup.
-        """
-        if self.task == "classification" or (self.task == "auto" and self.target_transform is not None):
-            return "classification", {}, None
-        try:
-            shapes, output = layer_output_shapes(pl_module, x, modules)
-        except Exception:  # the forward does not take the bare inputs: the shapes are checked when captured
-            shapes, output = {}, None
-        logits = extract_logits(output) if output is not None else None
-        if logits is None:
-            return ("segmentation" if self.task == "segmentation" else "classification"), shapes, None
-        task = resolve_task(self.task, logits, None if self.target_transform is not None else labels)
-        return task, shapes, int(logits.shape[1]) if logits.ndim == 4 else None
+    def _set_layers(self, modules: dict[str, nn.Module], tokens: dict[str, Any] | None = None) -> None:
+        self._modules, self.layer_names = modules, list(modules)
+        self._evaluations.order = self.layer_names
+        self._tokens = dict(tokens or {})
+        self.resolved_token_pooling = {n: t.describe() for n, t in self._tokens.items()}
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check the data, pick the capture path and the solver, build the caches, fit the baselines."""
@@ -479,9 +509,9 @@ class LinearProbes(IntrospectionCallback):
                 "forward pass) instead of hooks in the compiled validation.",
             )
         device = _device_of(pl_module)
-        # "auto" left on CPU: chosen per evaluation by the size of the cached features (in `_fit`)
-        self._resolved_solver = "torch" if self.solver == "auto" and device.type != "cpu" else self.solver
-        cache_device = device if self._resolved_solver == "torch" else torch.device("cpu")
+        # "auto" left on CPU: chosen per evaluation by the size of the cached features (ProbeEvaluations.fit)
+        self._evaluations.solver = "torch" if self.solver == "auto" and device.type != "cpu" else self.solver
+        cache_device = device if self._evaluations.solver == "torch" else torch.device("cpu")
         per_pixel = self.resolved_task == "segmentation"
         cache_type = LayerCaches if per_pixel else FeatureCache
         self._cache = cache_type(self.max_samples, policy=self.cache, seed=self.seed, device=cache_device)
@@ -489,13 +519,14 @@ class LinearProbes(IntrospectionCallback):
         self._capture = FeatureCapture(
             self._modules, pooling=self.pooling, max_features=self.max_features, seed=self.seed, on_time=self._hook_seconds,
             pixels_per_image=self.pixels_per_image if per_pixel else None, ignore_index=self.ignore_index,
+            tokens=self._tokens,
         )
         want_init = self.include_init and INIT_KEY not in self.history
         want_input = self.include_input and INPUT_KEY not in self.history
         if want_init or want_input:
             start = time.perf_counter()
             self._own_pass(trainer, pl_module, layers=want_init, inputs=want_input)
-            self.timings["baseline_pass"] += time.perf_counter() - start
+            self._timings["baseline_pass"] += time.perf_counter() - start
             if want_input:
                 self._fit(INPUT_KEY, self._input_cache, trainer.global_step)
             if want_init:
@@ -524,7 +555,7 @@ class LinearProbes(IntrospectionCallback):
         )
 
     def _hook_seconds(self, elapsed: float) -> None:
-        self.timings["capture"] += elapsed
+        self._timings["capture"] += elapsed
         if self._stack is not None:  # the trainer's validation forward (outside `run`): count it here
             self.seconds_total += elapsed
 
@@ -549,6 +580,15 @@ class LinearProbes(IntrospectionCallback):
             )
         return check_probe_masks(labels) if self.resolved_task == "segmentation" else check_probe_labels(labels)
 
+    def _token_mask(self, batch: Any, inputs: Any = None) -> torch.Tensor | None:
+        """Which tokens of ``batch`` are not padding (for the token layers' mean), when the batch says."""
+        if not self._tokens:
+            return None
+        if inputs is None:
+            with contextlib.suppress(ValueError):
+                inputs = split_batch(batch)[0]
+        return token_mask(batch, inputs=inputs, pad_token_id=self.pad_token_id)
+
     def _parts(self) -> tuple[FeatureCapture, FeatureCache | LayerCaches, FeatureCache]:
         """The capture, the cache of layer features and the cache of raw inputs (built at fit start)."""
         if self._capture is None or self._cache is None or self._input_cache is None:
@@ -565,7 +605,7 @@ class LinearProbes(IntrospectionCallback):
 
     def _batch_start(self, batch: Any, dataloader_idx: int) -> None:
         first = dataloader_idx == 0
-        self._parts()[0].begin(self._labels(batch) if first else None, layers=first)
+        self._parts()[0].begin(self._labels(batch) if first else None, layers=first, mask=self._token_mask(batch))
 
     def _batch_end(self) -> None:
         start = time.perf_counter()
@@ -575,7 +615,7 @@ class LinearProbes(IntrospectionCallback):
             capture.commit(layer_cache, input_cache)
         finally:
             capture.clear()
-            self.timings["capture"] += time.perf_counter() - start
+            self._timings["capture"] += time.perf_counter() - start
 
     def _end_capture(self, trainer: pl.Trainer) -> None:
         try:
@@ -608,7 +648,7 @@ class LinearProbes(IntrospectionCallback):
                 if i >= max_batches:
                     break
                 x, _ = split_batch(batch)
-                capture.begin(self._labels(batch), layers=layers)
+                capture.begin(self._labels(batch), layers=layers, mask=self._token_mask(batch, x))
                 if inputs:
                     capture.add_input(x, self.max_features)
                 if layers:
@@ -619,119 +659,24 @@ class LinearProbes(IntrospectionCallback):
     def _own_pass_and_fit(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
         start = time.perf_counter()
         self._own_pass(trainer, pl_module, layers=True, inputs=False)
-        self.timings["own_pass"] += time.perf_counter() - start
+        self._timings["own_pass"] += time.perf_counter() - start
         self._fit(trainer.current_epoch, self._parts()[1], trainer.global_step)
         self._drain(trainer)
 
-    # ------------------------------------------------------------------------------------- fitting
+    # --------------------------------------------------------------------------- fitting and logging
     def _fit(self, key: int | str, cache: FeatureCache | LayerCaches, step: int) -> None:
-        """Fit the probes of one evaluation: inline (torch) or submitted to the background worker (sklearn)."""
-        labels: torch.Tensor | dict[str, torch.Tensor]
-        if isinstance(cache, LayerCaches):  # per-pixel probes: every layer its own pixels and labels
-            names = [n for n in cache.names if cache.size_of(n) >= 4 and torch.unique(cache.labels_of(n)).numel() >= 2]
-            few = [n for n in self.layer_names if n not in names]
-            if few:
-                self.warn_once(
-                    f"few-{key}",
-                    f"LinearProbes: the layers {few} have fewer than 4 labelled pixels or a single class for {key!r} "
-                    f"(ignore_index={self.ignore_index}); a probe needs at least two classes. Their probes are skipped.",
-                )
-            if not names:
-                return
-            labels = {n: cache.labels_of(n) for n in names}
-        else:
-            labels = cache.labels
-            if cache.size < 4 or torch.unique(labels).numel() < 2:
-                self.warn_once(
-                    f"few-{key}",
-                    f"LinearProbes: only {cache.size} labelled samples with {torch.unique(labels).numel()} class(es) for "
-                    f"{key!r}; a probe needs at least two classes. Skipped.",
-                )
-                return
-            names = cache.names
-        broken = [n for n in names if not bool(torch.isfinite(cache.features(n)).all())]
-        if broken:
-            raise ValueError(
-                f"LinearProbes: the activations of {broken} hold NaN / Inf values at {key!r} (non-finite weights or "
-                "inputs?), so no probe can be fitted."
-            )
-        solver = self._resolved_solver
-        if solver == "auto":  # on CPU: by the size of the cached features
-            solver = auto_solver(sum(cache.features(n).numel() for n in names), _INLINE_FIT_VALUES)
-        if solver == "torch":
-            self._collect(wait=True)  # keeps the results in epoch order and the warm start sequential
-            start = time.perf_counter()
-            self._to_log.append((key, step, self._solve({n: cache.features(n) for n in names}, labels, key, solver)))
-            self.timings["fit_inline"] += time.perf_counter() - start
-            return
-        start = time.perf_counter()
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="linear-probes")
-        features = {n: cache.features(n).detach().cpu().numpy().copy() for n in names}
-        labels_np: Any = (
-            {n: v.detach().cpu().numpy().copy() for n, v in labels.items()} if isinstance(labels, dict)
-            else labels.detach().cpu().numpy().copy()
-        )
-        self._jobs.append((key, step, self._executor.submit(self._solve, features, labels_np, key, solver)))
-        self.timings["submit"] += time.perf_counter() - start
-
-    def _solve(self, features: dict[str, Any], labels: Any, key: int | str, solver: str) -> dict[str, ProbeResult]:
-        """Fit every layer's probe (background thread for sklearn). Only epochs read / write the warm start."""
-        trained = isinstance(key, int)
-        with blas_threads(1) if solver == "sklearn" else contextlib.nullcontext():
-            results = fit_probes(
-                features, labels, solver=solver, test_fraction=self.test_fraction, seed=self.seed,
-                max_iter=self.max_iter, tol=self.tol, C=self.C, warm_start=self._warm if trained else None,
-            )
-        if trained:
-            self._warm = {n: r.state for n, r in results.items() if r.state is not None}
-        return results
-
-    def _fit_ready(self) -> bool:
-        """Whether the oldest background fit has finished (its results can be logged)."""
-        return bool(self._jobs) and self._jobs[0][2].done()
-
-    def _collect(self, wait: bool = False) -> None:
-        """Move finished background fits (in submission order) into the log queue."""
-        while self._jobs:
-            key, step, future = self._jobs[0]
-            if not future.done():
-                if not wait:
-                    return
-                start = time.perf_counter()
-                concurrent.futures.wait([future])
-                self.timings["wait"] += time.perf_counter() - start
-            self._jobs.pop(0)
-            self._to_log.append((key, step, future.result()))
+        """Fit the probes of one evaluation: inline (torch) or in the background (sklearn)."""
+        skipped = self._evaluations.fit(key, cache, step)
+        if skipped is not None:
+            ignored = f" (ignore_index={self.ignore_index})" if isinstance(cache, LayerCaches) else ""
+            self.warn_once(f"few-{key}", f"LinearProbes: {skipped}{ignored}")
 
     def _drain(self, trainer: pl.Trainer, wait: bool = False) -> None:
-        """Record and log every finished evaluation, in order."""
-        self._collect(wait=wait)
-        start = time.perf_counter()
-        while self._to_log:
-            key, step, results = self._to_log.pop(0)
-            self._record(key, results)
+        """Log every finished evaluation, in order."""
+        for key, step, results in self._evaluations.finished(wait=wait):
+            start = time.perf_counter()
             self._log(trainer, key, step, results)
-        self.timings["log"] += time.perf_counter() - start
-
-    def _shutdown(self, *, wait: bool) -> None:
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=wait, cancel_futures=not wait)
-        if not wait:
-            self._jobs = []
-
-    # ------------------------------------------------------------------------------------- results
-    def _record(self, key: int | str, results: dict[str, ProbeResult]) -> None:
-        self.results[key] = results
-        self.history[key] = {n: float(r.accuracy) for n, r in results.items()}
-        self.macro_f1[key] = {n: float(r.macro_f1) for n, r in results.items()}
-        latest = self._latest_epoch()
-        if latest is not None:
-            self.best_layer = best_layer(self.history[latest], self.layer_names)
-
-    def _latest_epoch(self) -> int | None:
-        return max((k for k in self.history if isinstance(k, int)), default=None)
+            self._timings["log"] += time.perf_counter() - start
 
     def _input_accuracy(self) -> float | None:
         return self.history[INPUT_KEY][INPUT_KEY] if INPUT_KEY in self.history else None
@@ -760,7 +705,7 @@ class LinearProbes(IntrospectionCallback):
 
     def table(self, key: int | str | None = None) -> str:
         """A markdown table of the probe accuracies of ``key`` (default: the latest epoch) beside the baselines."""
-        latest = self._latest_epoch()
+        latest = self._evaluations.latest_epoch()
         if key is None:
             if latest is None:
                 return "No probe results yet."
@@ -773,19 +718,15 @@ class LinearProbes(IntrospectionCallback):
             key, self.history.get(key, {}), self.macro_f1.get(key, {}), order=self.layer_names,
             init=self.history.get(INIT_KEY, {}), input_scores=baseline, best=self.best_layer if key == latest else None,
         )
-        if self.resolved_task != "segmentation":
-            return table
-        ignored = "" if self.ignore_index is None else f", pixels labelled {self.ignore_index} never drawn"
-        note = (
-            f"Per-pixel probes (segmentation): up to {self.pixels_per_image} positions per image, the same every epoch, "
-            f"each labelled by the mask resized to its layer's feature map (nearest){ignored}; at most {self.max_samples} "
-            "pixels per layer. Accuracy is over pixels (the background's share is the majority baseline)."
+        notes = probe_notes(
+            token_pooling=self.resolved_token_pooling, ignore_index=self.ignore_index, max_samples=self.max_samples,
+            pixels_per_image=self.pixels_per_image if self.resolved_task == "segmentation" else None,
         )
-        return note + "\n\n" + table
+        return notes + "\n\n" + table if notes else table
 
     @override
     def summary_lines(self) -> list[str]:
-        latest = self._latest_epoch()
+        latest = self._evaluations.latest_epoch()
         if latest is None or self.best_layer is None:
             return []
         return probe_summary_lines(
@@ -796,34 +737,16 @@ class LinearProbes(IntrospectionCallback):
     # ------------------------------------------------------------------------------------ state
     @override
     def extra_state(self) -> dict[str, Any]:
-        # A checkpoint is written right after the validation pass that submitted this epoch's fit: wait
-        # for it, so a resumed fit has every finished epoch (and the warm start the next fit begins from).
-        self._collect(wait=True)
-        for key, _step, results in self._to_log:  # finished but not yet logged: keep them in the checkpoint
-            self._record(key, results)
-        return {
-            "history": [[k, dict(v)] for k, v in self.history.items()],
-            "macro_f1": [[k, dict(v)] for k, v in self.macro_f1.items()],
-            "best_layer": self.best_layer or "",
-            "layer_names": list(self.layer_names),
-            "warm": {
-                n: {k: (v if isinstance(v, str) else torch.as_tensor(v)) for k, v in st.items()}
-                for n, st in self._warm.items()
-                if st is not None
-            },
-        }
+        # A checkpoint is written right after the validation pass that submitted this epoch's fit: the
+        # evaluations wait for it, so a resumed fit has every finished epoch (and the next warm start).
+        return {**self._evaluations.state_dict(), "layer_names": list(self.layer_names)}
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.history = {k: {n: float(a) for n, a in v.items()} for k, v in state.get("history", [])}
-        self.macro_f1 = {k: {n: float(a) for n, a in v.items()} for k, v in state.get("macro_f1", [])}
-        self.best_layer = state.get("best_layer") or None
+        self._evaluations.load_state_dict(state)
         if state.get("layer_names") and not self.layer_names:
             self.layer_names = list(state["layer_names"])
-        self._warm = {
-            n: {k: (v if isinstance(v, str) else torch.as_tensor(v).numpy()) for k, v in st.items()}
-            for n, st in dict(state.get("warm", {})).items()
-        }
+            self._evaluations.order = self.layer_names
 
 
 def _has_compiled(model: nn.Module) -> bool:

@@ -28,12 +28,13 @@ from lightning_introspect.callbacks.outputs import logits_only
 from lightning_introspect.callbacks.progress import IntrospectionProgress
 from lightning_introspect.loggers.adapter import IntrospectionWriter
 from lightning_introspect.methods.attribution import LAYER_METHODS
-from lightning_introspect.methods.class_check import OTHER_CLASSES
+from lightning_introspect.methods.class_check import DEFAULT_OTHERS, OTHER_CLASSES
 from lightning_introspect.methods.explainers import DEFAULT_METHODS, Explainer
 from lightning_introspect.methods.randomization import BN_MODES, randomization_blocks
 from lightning_introspect.methods.sanity_report import (
     DEFAULT_VERDICT_METRIC,
     MODES,
+    ORDER_CHOICES,
     VERDICT_METRICS,
     SanityReport,
     run_sanity_checks,
@@ -61,17 +62,31 @@ class SanityChecks(IntrospectionCallback):
     Once at fit end (and on demand with :meth:`check`), on global rank zero and on a deep copy of the
     model (the trained weights are never touched), the callback:
 
-    * re-initialises the model's layers from the output side to the input side (``mode="cascading"``)
-      and / or one at a time (``"independent"``), recomputing each method's maps for a few fixed
-      validation samples after each step, and measures how similar they stay to the trained model's
-      maps (Spearman rank correlation of ``|map|`` and of the signed map, SSIM);
-    * compares the map for the predicted class with the map for the runner-up and for a random other
-      class (class sensitivity);
-    * gives each method a verdict: ``"pass"`` when its maps change clearly once the top layer(s) are
-      randomised (score below ``thresholds["randomization"]``), ``"fail"`` when they stay similar,
-      and likewise for class sensitivity (``thresholds["class_sensitivity"]``);
+    * re-initialises the model's layers cumulatively (``mode="cascading"``; ``order="bottom_up"``: from
+      the input side, ``"top_down"``: from the output side, or ``"both"``) and / or one at a time
+      (``"independent"``), recomputing each method's maps for a few fixed validation samples after each
+      step, and measures how similar they stay to the trained model's maps (Spearman rank correlation of
+      ``|map|`` and of the signed map, SSIM);
+    * measures eMPRT (Hedström et al. 2023): the relative rise of the maps' histogram entropy from the
+      trained to the fully randomised model (two attribution passes);
+    * compares the map for the predicted class with the maps for the least likely class and the
+      runner-up (class sensitivity), against the same class's map under a 1 % input noise;
+    * gives each method verdicts with a bootstrap interval over the samples (and repeats): ``"pass"``
+      when the whole interval lies below a threshold relative to reference maps, ``"fail"`` when it lies
+      at or above it, ``"inconclusive"`` when it straddles it. Randomisation (top-down, after the top
+      ``verdict_depth`` blocks: Adebayo et al.'s test): threshold ``f + thresholds["randomization"] x (1 - f)``,
+      ``f`` the larger similarity of the trained map to a random map and to the input's Sobel edges.
+      Class sensitivity (the least likely class): threshold ``f + thresholds["class_sensitivity"] x (c - f)``,
+      ``c`` the same-class similarity under noise. The numbers are in ``report.details`` and the table;
     * warns about caveats: BatchNorm, in-place / functional / hidden ReLU, non-ReLU activations,
       negative inputs for input x gradient, probability or segmentation-style outputs.
+
+    ``order="bottom_up"`` by default, as Hedström et al. (2023) recommend: top-down randomisation keeps
+    the lower layers, and the forward signal they carry, intact, so the first steps of a top-down curve
+    still show what those layers compute; bottom-up cuts the signal first. The randomisation verdict
+    stays top-down (Adebayo et al.'s reading, which the thresholds were set on): its first
+    ``verdict_depth`` steps always run (``repeats x verdict_depth`` passes on top of the bottom-up curve),
+    and the bottom-up curve has its own verdict after its first ``verdict_depth`` blocks.
 
     Segmentation (the task detected once before training from the output and labels: dense logits
     ``(N, C, H, W)`` with masks ``(N, H, W)``; ``task`` overrides): a whole-image class target would
@@ -97,10 +112,17 @@ class SanityChecks(IntrospectionCallback):
             normalisation layers), an int ``k`` (the ``k`` blocks nearest the output; cheaper), or a
             list of dotted names / glob patterns (a container is one block).
         mode: ``"cascading"``, ``"independent"`` or ``"both"``.
-        thresholds: ``{"randomization": 0.5, "class_sensitivity": 0.6}``; a float sets the first.
-        verdict_metric: ``"spearman_max"`` (the larger of the two Spearman correlations; default),
-            ``"spearman_abs"``, ``"spearman"`` or ``"ssim"``.
-        verdict_depth: the verdict is taken after randomising this many top blocks (1: the output layer).
+        order: the cascade's sequence: ``"bottom_up"`` (default, see above), ``"top_down"`` or ``"both"``
+            (twice the cost).
+        thresholds: ``{"randomization": 0.5, "class_sensitivity": 1.0}``, fractions in [0, 1] of the way
+            from a reference floor to a ceiling (above); a float sets the first.
+        verdict_metric: ``"spearman_max"`` (of the two Spearman correlations the one with the larger mean;
+            default), ``"spearman_abs"``, ``"spearman"`` or ``"ssim"``.
+        verdict_depth: the verdict is taken after randomising this many blocks (1: the output layer
+            top-down, the first layer bottom-up).
+        resamples: bootstrap resamples of every interval (a private generator seeded from ``seed``).
+        confidence: the intervals' coverage (0.95).
+        run_emprt: measure eMPRT.
         bn_mode: normalisation layers: ``"affine"`` (reset scale / shift, keep running stats; default),
             ``"stats"`` (reset running stats), ``"both"`` or ``"keep"``.
         cam_layer: Grad-CAM's feature map (dotted name) or ``"auto"``.
@@ -109,8 +131,9 @@ class SanityChecks(IntrospectionCallback):
         task: ``"auto"`` (detected before training), ``"classification"`` or ``"segmentation"``; an explicit
             task the shapes contradict refuses the fit before the first step, with the shapes named.
         run_class_sensitivity: run the class-sensitivity check.
-        others: the other classes compared with the predicted one: ``"second"`` (runner-up),
-            ``"random"`` (uniform among the other classes, private generator from ``seed``).
+        others: the other classes compared with the predicted one: ``"least"`` (least likely; the class
+            verdict), ``"second"`` (runner-up), ``"random"`` (uniform among the other classes, private
+            generator from ``seed``). Default ``["least", "second"]``.
         metrics: similarity metrics to compute and plot (the verdict's metrics are always added).
         repeats: how many independent re-initialisations are averaged (verdicts from one random draw
             of a small head are noisy: Grad-CAM's score varies by about 0.15 between draws on the digits
@@ -129,17 +152,25 @@ class SanityChecks(IntrospectionCallback):
         layer: the former name of ``cam_layer`` (deprecated; works with a ``DeprecationWarning``).
         class_sensitivity: the former name of ``run_class_sensitivity`` (deprecated, as ``layer``).
 
-    Tags written (``<mode>`` is ``cascading`` / ``independent``, ``<metric>`` one of ``metrics``):
+    Tags written (``<mode>`` is ``cascading`` (top-down) / ``bottom_up`` / ``independent``, ``<metric>``
+    one of ``metrics``):
 
-    * ``introspect/sanity/curve/<mode>/<metric>``: similarity vs randomised layer, one line per method
-      (image of a figure, Adebayo's figure 2 layout);
+    * ``introspect/sanity/curve/<mode>/<metric>``: similarity vs randomised layer, one line per method,
+      each method's threshold dashed (image of a figure, Adebayo's figure 2 layout);
     * ``introspect/sanity/maps/<mode>``: the maps of the first sample, rows = randomisation depth
       (original first), columns = methods (image);
     * ``introspect/sanity/class_maps``: the maps for the predicted and the other classes (image);
-    * ``introspect/sanity/verdicts``: the verdict table and the caveats (markdown text);
+    * ``introspect/sanity/verdicts``: the verdict table with intervals and thresholds, the references
+      and the caveats (markdown text);
     * ``introspect/sanity/<method>/<metric>/<mode>/<layer>``: the similarity after randomising ``<layer>``;
-    * ``introspect/sanity/<method>/score`` and ``.../passed`` (1.0 pass / 0.0 fail): randomisation verdict;
-    * ``introspect/sanity/<method>/class_score`` and ``.../class_passed``: class-sensitivity verdict;
+    * ``introspect/sanity/<method>/score``, ``.../score_low``, ``.../score_high``, ``.../threshold`` and
+      ``.../passed`` (1.0 pass / 0.5 inconclusive / 0.0 fail): the top-down randomisation verdict;
+      ``.../bottom_up_score`` (``_low``, ``_high``), ``.../bottom_up_threshold``, ``.../bottom_up_passed``:
+      the bottom-up one;
+    * ``introspect/sanity/<method>/class_score`` (``_low``, ``_high``), ``.../class_threshold`` and
+      ``.../class_passed``: the class-sensitivity verdict (least likely class); ``.../class_second_*``:
+      the runner-up;
+    * ``introspect/sanity/<method>/emprt``: eMPRT (mean relative entropy rise);
     * ``introspect/sanity/seconds``: wall time of the check.
 
     Results: ``report`` (the latest :class:`~lightning_introspect.methods.randomization.SanityReport`:
@@ -160,10 +191,11 @@ class SanityChecks(IntrospectionCallback):
     sized_runs = True
     # the verdicts end in their quantity, not the method: one chart each, a line per method (custom scalars)
     scalar_charts = {
-        "score per method": r"[^/]+/score",
-        "passed per method": r"[^/]+/passed",
-        "class_score per method": r"[^/]+/class_score",
-        "class_passed per method": r"[^/]+/class_passed",
+        "score per method": r"[^/]+/score$",
+        "passed per method": r"[^/]+/passed$",
+        "class_score per method": r"[^/]+/class_score$",
+        "class_passed per method": r"[^/]+/class_passed$",
+        "emprt per method": r"[^/]+/emprt$",
     }
 
     def __init__(
@@ -172,6 +204,7 @@ class SanityChecks(IntrospectionCallback):
         methods: list[str] | None = None,
         layers: str | int | list[str] = "auto",
         mode: str = "cascading",
+        order: str = "bottom_up",
         thresholds: dict[str, float] | float | None = None,
         verdict_metric: str = DEFAULT_VERDICT_METRIC,
         verdict_depth: int = 1,
@@ -183,6 +216,9 @@ class SanityChecks(IntrospectionCallback):
         others: list[str] | None = None,
         metrics: list[str] | None = None,
         repeats: int = 3,
+        resamples: int = 1000,
+        confidence: float = 0.95,
+        run_emprt: bool = True,
         progress: bool = True,
         output_transform: Callable[[Any], Any] | None = None,
         enabled: bool = True,
@@ -207,6 +243,10 @@ class SanityChecks(IntrospectionCallback):
             for method in methods:
                 check_choice(method, "methods", list(METHODS))
         check_choice(mode, "mode", MODES)
+        check_choice(order, "order", ORDER_CHOICES)
+        check_positive_int(resamples, "resamples")
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 < float(confidence) < 1.0:
+            raise ValueError(f"Expected `confidence` to be a number in (0, 1), but got {confidence!r}.")
         check_choice(bn_mode, "bn_mode", BN_MODES)
         check_choice(verdict_metric, "verdict_metric", VERDICT_METRICS)
         check_choice(target, "target", TARGET_CHOICES)
@@ -221,7 +261,7 @@ class SanityChecks(IntrospectionCallback):
             raise ValueError(f"Expected `layers` to be a non-empty list of layer names, but got {layers!r}.")
         if not isinstance(cam_layer, str):
             raise ValueError(f"Expected `cam_layer` to be 'auto' or a dotted layer name, but got {cam_layer!r}.")
-        others = list(OTHER_CLASSES) if others is None else list(others)
+        others = list(DEFAULT_OTHERS) if others is None else list(others)
         if not others:
             raise ValueError(f"Expected `others` to list at least one of {', '.join(repr(o) for o in OTHER_CLASSES)}, but got [].")
         for other in others:
@@ -234,6 +274,10 @@ class SanityChecks(IntrospectionCallback):
         self.methods = None if methods is None else list(methods)
         self.layers = list(layers) if isinstance(layers, tuple) else layers
         self.mode = mode
+        self.order = order
+        self.resamples = resamples
+        self.confidence = float(confidence)
+        self.run_emprt = bool(run_emprt)
         self.thresholds = _resolve_thresholds(thresholds)
         self.verdict_metric = verdict_metric
         self.verdict_depth = verdict_depth
@@ -346,7 +390,7 @@ class SanityChecks(IntrospectionCallback):
                 return None
             self.run_sizes = dict(option.sizes)
         blocks = self.run_sizes.get("blocks")
-        total = (1 + self.run_sizes.get("repeats", self.repeats) * blocks) * (2 if self.mode == "both" else 1) if blocks else None
+        total = self._progress_total(int(self.run_sizes.get("repeats", self.repeats)), blocks) if blocks else None
         with IntrospectionProgress(trainer if self.progress else None, "sanity checks", total=total) as self._bar:
             try:
                 return self.check(pl_module, x, targets, writer=self.writer(trainer), step=trainer.global_step, trainer=trainer)
@@ -374,13 +418,14 @@ class SanityChecks(IntrospectionCallback):
             except Exception:  # only an estimate: the check itself reports what fails, under the error policy
                 self.unit_costs.observe("pass", 0.0)
         per_pass, figure = self.unit_costs.get("pass", 0.0), self.unit_costs.get("figure", 0.25)
-        modes = 2 if self.mode == "both" else 1
-        extra = 3 if self.run_class_sensitivity else 0
+        # class sensitivity: one call over every compared class, the reference noise copy and the prediction;
+        # the references: one pass; eMPRT: two
+        extra = (len(self.others) + 2 if self.run_class_sensitivity else 0) + 1 + (2 if self.run_emprt else 0)
 
         def option(repeats: int, top: int | None) -> Option:
             k = blocks if top is None else min(top, blocks)
             sizes = {"repeats": repeats, "blocks": k, **({} if top is None else {"layers": top})}
-            return Option(sizes, per_pass * ((1 + repeats * k) * modes + extra) + 4 * figure)
+            return Option(sizes, per_pass * (self._steps(repeats, k) + extra) + 4 * figure)
 
         repeats, top = self.repeats, None
         options = [option(repeats, top)]
@@ -391,6 +436,22 @@ class SanityChecks(IntrospectionCallback):
             top = 2
             options.append(option(repeats, top))
         return options
+
+    def _curves(self) -> int:
+        """How many full randomisation curves a run computes."""
+        return int(self.mode in ("independent", "both")) + int(self.mode != "independent") * (2 if self.order == "both" else 1)
+
+    def _progress_total(self, repeats: int, blocks: int) -> int:
+        """The progress bar's steps: class sensitivity, eMPRT, one per block and repeat of every full curve."""
+        return int(self.run_class_sensitivity) + int(self.run_emprt) + self._curves() * repeats * blocks
+
+    def _steps(self, repeats: int, blocks: int) -> int:
+        """Attribution passes of the randomisation runs: ``1 + repeats x blocks`` per full curve, and the
+        top-down verdict's ``1 + repeats x verdict_depth`` when no full top-down curve runs."""
+        passes = self._curves() * (1 + repeats * blocks)
+        if self.mode == "independent" or self.order == "bottom_up":
+            passes += 1 + repeats * min(self.verdict_depth, blocks)
+        return int(passes)
 
     def check(
         self,
@@ -473,6 +534,7 @@ class SanityChecks(IntrospectionCallback):
             target="pred" if targets is None else torch.as_tensor(targets),
             methods=methods,
             mode=self.mode,
+            order=self.order,
             layers=self.run_sizes.get("layers", self.layers),
             seed=self.seed,
             bn_mode=self.bn_mode,
@@ -488,6 +550,9 @@ class SanityChecks(IntrospectionCallback):
             warn=False,
             progress=self._advance if self.progress else None,
             task=self.resolved_task or self.task,
+            resamples=self.resamples,
+            confidence=self.confidence,
+            run_emprt=self.run_emprt,
         )
 
     def _finish(self, report: SanityReport, inputs: torch.Tensor, writer: IntrospectionWriter | None, step: int) -> SanityReport:

@@ -20,7 +20,11 @@ from typing import Any
 _MODULES: dict[str, tuple[str, ...]] = {
     "attribution": (
         "METHODS", "SIGNED_METHODS", "attribute", "auto_layer", "deconvnet", "grad_cam", "guided_backprop",
-        "guided_grad_cam", "input_x_gradient", "saliency",
+        "guided_grad_cam", "input_x_gradient", "saliency", "smoothgrad", "integrated_gradients",
+    ),
+    "token_attribution": (
+        "TOKEN_METHODS", "find_embedding", "gradient_x_embedding", "token_attributions", "token_integrated_gradients",
+        "token_saliency",
     ),
     "lrp": (
         "LRP_RULES", "AlphaBeta", "Composite", "Epsilon", "Flat", "Gamma", "WSquare", "ZBox", "ZPlus", "fold_batchnorm",

@@ -37,6 +37,7 @@ methods warn when they see such activations or no ReLU at all (then guided backp
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,25 +48,34 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_introspect._torch.guards import fresh_input, introspection_mode
+from lightning_introspect._torch.guards import fresh_input, introspection_mode, private_generator
 from lightning_introspect._torch.hooks import hooks
 from lightning_introspect._torch.layers import get_layer
-from lightning_introspect.methods.targets import Target, target_scores
+from lightning_introspect.methods.attention import ATTENTION_METHODS, attention_rollout, grad_rollout, token_grid, tokens_first
+from lightning_introspect.methods.targets import RegionTarget, Target, target_indices, target_scores
 
 __all__ = [
+    "IG_METHODS",
     "METHODS",
     "SIGNED_METHODS",
+    "attention_rollout",
     "attribute",
     "auto_layer",
     "deconvnet",
     "grad_cam",
     "guided_backprop",
+    "grad_rollout",
     "guided_grad_cam",
+    "ig_alphas",
     "input_x_gradient",
+    "integrated_gradients",
     "saliency",
+    "smoothgrad",
 ]
 
 LayerSpec = str | nn.Module | None
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------
 # Switchable ReLU backward
@@ -191,13 +201,20 @@ class _Forward:
         return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads))
 
 
+def _is_token_ids(inputs: Any) -> bool:
+    """Integer ``(N, T)`` inputs: token ids, explained at the embedding output."""
+    return isinstance(inputs, torch.Tensor) and inputs.ndim == 2 and not inputs.is_floating_point() and not inputs.is_complex() and inputs.dtype != torch.bool
+
+
 def _check_inputs(inputs: Any) -> None:
     if not isinstance(inputs, torch.Tensor):
         raise ValueError(f"Expected `inputs` to be a tensor of shape (N, ...), but got {type(inputs).__name__}.")
     if inputs.ndim < 2:
         raise ValueError(f"Expected `inputs` of shape (N, ...) with a batch dimension, but got {tuple(inputs.shape)}.")
     if not inputs.is_floating_point():
-        raise ValueError(f"Expected floating-point `inputs` (gradients w.r.t. them are needed), but got dtype {inputs.dtype}.")
+        hint = (" Token ids (N, T) are explained at the embedding output: use `attribute(...)`, `integrated_gradients` or "
+                "`lightning_introspect.methods.token_attribution`.") if _is_token_ids(inputs) else ""
+        raise ValueError(f"Expected floating-point `inputs` (gradients w.r.t. them are needed), but got dtype {inputs.dtype}.{hint}")
 
 
 @contextlib.contextmanager
@@ -287,7 +304,11 @@ def _warn_relu_coverage(fwd: _Forward, method: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Pieces shared by the public functions and `attribute`
 # ----------------------------------------------------------------------------------------------------
-def _cam(activation: torch.Tensor, grad: torch.Tensor, *, relu: bool) -> torch.Tensor:
+def _cam(
+    activation: torch.Tensor, grad: torch.Tensor, *, relu: bool, inputs: torch.Tensor | None = None, num_prefix_tokens: int | None = None,
+) -> torch.Tensor:
+    if activation.ndim == 3 and inputs is not None and inputs.ndim == 4:
+        return _token_cam(activation, grad, inputs, relu=relu, num_prefix_tokens=num_prefix_tokens)
     if activation.ndim < 3:
         raise ValueError(
             f"Grad-CAM needs a layer with spatial dimensions, output (N, C, H, W), but the layer gave {tuple(activation.shape)}; "
@@ -296,6 +317,18 @@ def _cam(activation: torch.Tensor, grad: torch.Tensor, *, relu: bool) -> torch.T
     spatial = tuple(range(2, activation.ndim))
     alpha = grad.mean(dim=spatial, keepdim=True)
     cam = (alpha * activation).sum(dim=1, keepdim=True)
+    return F.relu(cam) if relu else cam
+
+
+def _token_cam(activation: torch.Tensor, grad: torch.Tensor, inputs: torch.Tensor, *, relu: bool, num_prefix_tokens: int | None) -> torch.Tensor:
+    """Grad-CAM of tokens ``(N, T, D)`` (or ``(T, N, D)``) of an image model: the patch tokens on their grid
+    (:func:`~lightning_introspect.methods.attention.token_grid`), channel weights = mean gradient over the
+    patches, ``(N, 1, h, w)``; the prefix tokens (class, registers) are left out."""
+    n = inputs.shape[0]
+    tokens, grads = tokens_first(activation, n), tokens_first(grad, n)
+    k, h, w = token_grid(tokens.shape[1], inputs.shape[2:], num_prefix_tokens)
+    alpha = grads[:, k:].mean(dim=1, keepdim=True)
+    cam = (alpha * tokens[:, k:]).sum(dim=-1).reshape(n, 1, h, w)
     return F.relu(cam) if relu else cam
 
 
@@ -450,6 +483,7 @@ def grad_cam(
     *,
     relu: bool = True,
     upsample: bool = True,
+    num_prefix_tokens: int | None = None,
 ) -> torch.Tensor:
     """Grad-CAM (Selvaraju et al. 2017): ``ReLU(sum_k alpha_k A^k)``, ``alpha_k`` the spatial mean of ``d score / d A^k``.
 
@@ -459,6 +493,15 @@ def grad_cam(
     with ``"bilinear"`` (captum's own default is ``"nearest"``). The absolute scale is kept (no
     min-max normalisation).
 
+    Vision transformers: a layer whose output is tokens ``(N, T, D)`` (``(T, N, D)`` with
+    ``batch_first=False``) for image inputs ``(N, C, H, W)`` -- a transformer block -- is explained on its
+    patch tokens: the ``k`` prefix tokens (class, registers) are dropped, the ``T - k`` patch tokens laid
+    out on their ``h x w`` grid (:func:`~lightning_introspect.methods.attention.token_grid`: ``k`` inferred
+    unless ``num_prefix_tokens`` states it), and the embedding dimension ``D`` plays the channels:
+    ``alpha_d`` is the mean over the patches of ``d score / d A[:, p, d]``. With a head that reads only
+    the class token, the patch tokens of the *last* block's output do not reach the score (zero map):
+    explain an earlier block, as :func:`auto_layer` does.
+
     Args:
         model: the model.
         inputs: ``(N, C, H, W)`` inputs (1-D / 3-D spatial inputs work too).
@@ -467,6 +510,7 @@ def grad_cam(
             by :func:`auto_layer`).
         relu: apply the ReLU to the weighted sum.
         upsample: resize to the input's spatial size.
+        num_prefix_tokens: token outputs only: the tokens before the patches (``None``: inferred).
 
     Returns:
         A detached ``(N, 1, H, W)`` tensor (``(N, 1, h, w)`` without upsampling).
@@ -484,15 +528,18 @@ def grad_cam(
     with _forward(model, inputs, target, layer=layer) as fwd:
         assert fwd.activation is not None
         (g,) = fwd.grad([fwd.activation], retain=False)
-        cam = _cam(fwd.activation.detach(), g, relu=relu)
+        cam = _cam(fwd.activation.detach(), g, relu=relu, inputs=inputs, num_prefix_tokens=num_prefix_tokens)
     return (_upsample(cam, inputs) if upsample else cam).detach()
 
 
-def guided_grad_cam(model: nn.Module, inputs: torch.Tensor, target: Target, layer: LayerSpec) -> torch.Tensor:
+def guided_grad_cam(
+    model: nn.Module, inputs: torch.Tensor, target: Target, layer: LayerSpec, *, num_prefix_tokens: int | None = None,
+) -> torch.Tensor:
     """Guided Grad-CAM: guided backprop times the (ReLU'd, bilinearly upsampled) Grad-CAM map.
 
     One forward pass and two backward passes (captum ``GuidedGradCam`` needs two of each). Equals
-    captum ``GuidedGradCam(...).attribute(..., interpolate_mode="bilinear")``.
+    captum ``GuidedGradCam(...).attribute(..., interpolate_mode="bilinear")``. A token layer of a vision
+    transformer is laid out as in :func:`grad_cam` (``num_prefix_tokens``).
 
     Returns:
         A detached signed tensor of the inputs' shape.
@@ -503,8 +550,287 @@ def guided_grad_cam(model: nn.Module, inputs: torch.Tensor, target: Target, laye
         >>> guided_grad_cam(net, torch.randn(2, 1, 8, 8), 0, "1").shape
         torch.Size([2, 1, 8, 8])
     """
-    out = attribute(model, inputs, target, ["guided_grad_cam"], layer=layer)
+    options = {"grad_cam": {"num_prefix_tokens": num_prefix_tokens}} if num_prefix_tokens is not None else None
+    out = attribute(model, inputs, target, ["guided_grad_cam"], layer=layer, options=options)
     return out["guided_grad_cam"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Path methods: SmoothGrad and integrated gradients (many gradients of inputs built from the samples)
+# ----------------------------------------------------------------------------------------------------
+IG_METHODS = ("riemann_trapezoid", "riemann_right", "riemann_left", "riemann_middle", "gausslegendre")
+"""Quadrature rules of :func:`integrated_gradients` (captum's ``method`` names and meaning)."""
+
+DEFAULT_PATH_BATCH = 128
+"""Rows (noisy copies / path points x samples) per forward pass of SmoothGrad and integrated gradients."""
+
+
+def ig_alphas(steps: int, method: str = "riemann_trapezoid") -> tuple[list[float], list[float]]:
+    """The points ``alpha_j`` on the straight path from the baseline (0) to the input (1) and their
+    weights ``w_j``: integrated gradients is ``(x - x') * sum_j w_j * grad(x' + alpha_j (x - x'))``.
+
+    * ``riemann_left`` / ``riemann_right`` / ``riemann_middle``: ``steps`` equal intervals, each evaluated
+      at its left end / right end / middle, weight ``1 / steps``;
+    * ``riemann_trapezoid``: ``steps`` equally spaced points from 0 to 1 included, weight
+      ``1 / (steps - 1)`` with the end points weighted half (the trapezoidal rule; needs ``steps >= 2``).
+      captum's ``riemann_trapezoid`` uses the same points with weights ``1 / steps`` (its weights sum to
+      ``(steps - 1) / steps``, so its attributions are that factor smaller than ours and fall short of
+      completeness by it);
+    * ``gausslegendre``: Gauss-Legendre nodes and weights mapped from [-1, 1] to [0, 1].
+
+    The weights sum to 1 (the path has length one), so a model linear in its input gets exactly
+    ``(x - x') * gradient``.
+
+    Example:
+        >>> ig_alphas(3, "riemann_trapezoid")
+        ([0.0, 0.5, 1.0], [0.25, 0.5, 0.25])
+        >>> ig_alphas(2, "riemann_right")
+        ([0.5, 1.0], [0.5, 0.5])
+    """
+    _check_steps(steps, method)
+    if method == "gausslegendre":
+        import numpy as np
+
+        nodes, gauss = np.polynomial.legendre.leggauss(steps)
+        return [float(0.5 * (a + 1.0)) for a in nodes], [float(0.5 * w) for w in gauss]
+    if method == "riemann_trapezoid":
+        alphas = [j / (steps - 1) for j in range(steps)]
+        weights = [1.0 / (steps - 1)] * steps
+        weights[0] = weights[-1] = 0.5 / (steps - 1)
+        return alphas, weights
+    offset = {"riemann_left": 0.0, "riemann_right": 1.0, "riemann_middle": 0.5}[method]
+    return [(j + offset) / steps for j in range(steps)], [1.0 / steps] * steps
+
+
+def _check_steps(steps: Any, method: Any) -> None:
+    if method not in IG_METHODS:
+        raise ValueError(f"Expected `method` to be one of {', '.join(repr(m) for m in IG_METHODS)}, but got {method!r}.")
+    least = 2 if method == "riemann_trapezoid" else 1
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < least:
+        raise ValueError(f"Expected `steps` to be an int >= {least} for method {method!r}, but got {steps!r}.")
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"Expected `batch_size` to be a positive int (rows per forward pass), but got {batch_size!r}.")
+
+
+def _predicted_ids(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Each sample's arg-max class on the clean inputs (one forward, no gradients): ``"pred"`` of a path
+    method explains the prediction for the sample itself, not for each perturbed copy."""
+    with introspection_mode(model, grad=False):
+        x = fresh_input(inputs.to(_model_device(model, inputs)), requires_grad=False, dtype=_input_dtype(model))
+        output = model(x)
+        if not isinstance(output, torch.Tensor):
+            raise ValueError(f"Expected the model to return one tensor (N, C, ...), but got {type(output).__name__}.")
+        return target_indices(output.float(), "pred")
+
+
+def _tiled_target(target: Target, n: int, model: nn.Module, inputs: torch.Tensor) -> Callable[[int], Target]:
+    """``copies -> target`` for ``copies`` stacked copies of the ``N`` samples (row ``c * N + i`` is a copy
+    of sample ``i``): each copy is explained with its sample's own target."""
+    if isinstance(target, str):
+        target = _predicted_ids(model, inputs) if target == "pred" else target  # a bad string: target_scores names it
+    if isinstance(target, RegionTarget):
+        ids = target.class_id if isinstance(target.class_id, int) else torch.as_tensor(target.class_id).flatten()
+        mask = torch.as_tensor(target.mask)
+        region = target
+
+        def tile_region(copies: int) -> Target:
+            class_id = ids if isinstance(ids, int) or ids.numel() == 1 else ids.repeat(copies)
+            tiled = mask.repeat(copies, 1, 1) if mask.ndim == 3 and mask.shape[0] == n else mask
+            return RegionTarget(class_id=class_id, mask=tiled) if copies > 1 else region
+
+        return tile_region
+    if isinstance(target, (int, str)) or (callable(target) and not isinstance(target, torch.Tensor)):
+        return lambda copies: target  # the same class for every row / a row-wise score function
+    ids = torch.as_tensor(target)
+    if ids.ndim > 1 or ids.numel() not in (1, n):
+        raise ValueError(f"Expected `target` to hold 1 or N={n} class ids (one per sample), but got shape {tuple(ids.shape)}.")
+    flat = ids.flatten()
+    return lambda copies: flat if flat.numel() == 1 else flat.repeat(copies)
+
+
+def _copy_gradients(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: Target,
+    copies: int,
+    make: Callable[[int, int], torch.Tensor],
+    batch_size: int,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Gradients of the target score w.r.t. ``copies`` inputs built from the samples, a chunk at a time.
+
+    ``make(start, stop)`` returns copies ``start .. stop - 1`` stacked, ``((stop - start) * N, ...)``;
+    yields ``(start, gradients)`` with gradients ``(stop - start, N, ...)``. Every chunk is one guarded
+    forward pass (:func:`_forward`) of at most ``batch_size`` rows (at least one copy of the samples).
+    """
+    n = inputs.shape[0]
+    tiled = _tiled_target(target, n, model, inputs)
+    per_pass = max(1, batch_size // n)
+    for start in range(0, copies, per_pass):
+        stop = min(copies, start + per_pass)
+        with _forward(model, make(start, stop), tiled(stop - start)) as fwd:
+            (g,) = fwd.grad([fwd.x], retain=False)
+        yield start, g.detach().view(stop - start, *inputs.shape)
+
+
+def _noise_std(inputs: torch.Tensor, noise: float) -> torch.Tensor:
+    """Smilkov et al.'s noise level: ``noise`` times each sample's value range ``max - min``, shaped to broadcast."""
+    flat = inputs.detach().flatten(1).float()
+    spread = flat.max(dim=1).values - flat.min(dim=1).values
+    return (noise * spread).view(-1, *([1] * (inputs.ndim - 1)))
+
+
+def smoothgrad(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: Target,
+    *,
+    samples: int = 16,
+    noise: float = 0.15,
+    abs: bool = True,  # noqa: A002
+    generator: torch.Generator | None = None,
+    batch_size: int = DEFAULT_PATH_BATCH,
+) -> torch.Tensor:
+    """SmoothGrad (Smilkov et al. 2017): the saliency map averaged over noisy copies of each input.
+
+    Each sample ``x`` is copied ``samples`` times with Gaussian noise of standard deviation
+    ``sigma = noise * (max(x) - min(x))`` added (the paper's noise level: a fraction of the sample's value
+    range; 0.1-0.2 is its recommendation), and the gradients of the target score at the copies are
+    averaged: ``mean_s |d score / d x (x + e_s)|`` with ``abs=True`` (the smoothed saliency map, captum
+    ``NoiseTunnel(Saliency()).attribute(nt_type="smoothgrad", stdevs=sigma)``), or the signed mean
+    gradient with ``abs=False`` (the paper's ``M_hat``; show its magnitude).
+
+    The noise comes from ``generator`` (a private ``torch.Generator`` seeded 0 when ``None``; the global
+    RNG is never drawn from): for ``s = 0 .. samples - 1`` in turn, ``torch.randn(inputs.shape,
+    generator=generator)`` on the model's device, times ``sigma``. Copies are explained in batches of at most
+    ``batch_size`` rows; ``"pred"`` is each sample's prediction on the clean input.
+
+    Args:
+        model: the model.
+        inputs: ``(N, ...)`` floating inputs (not modified).
+        target: int, per-sample ids, ``"pred"``, a callable on the output (row-wise) or a ``RegionTarget``.
+        samples: number of noisy copies per sample.
+        noise: noise standard deviation as a fraction of each sample's value range (>= 0).
+        abs: average ``|gradient|`` (unsigned) instead of the signed gradient.
+        generator: the source of the noise (on the model's device).
+        batch_size: most rows (copies x samples) per forward pass.
+
+    Returns:
+        A detached tensor of the inputs' shape.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> smoothgrad(net, torch.randn(2, 4), [0, 2], samples=4).shape
+        torch.Size([2, 4])
+    """
+    _check_inputs(inputs)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"Expected `samples` to be a positive int (noisy copies per sample), but got {samples!r}.")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
+        raise ValueError(f"Expected `noise` to be a float >= 0 (a fraction of each sample's value range), but got {noise!r}.")
+    _check_batch_size(batch_size)
+    device = _model_device(model, inputs)
+    if generator is None:
+        generator = private_generator(0, device)
+    x = inputs.detach().to(device, _input_dtype(model))
+    sigma = _noise_std(x, float(noise))
+    total = torch.zeros_like(x)
+
+    def noisy(start: int, stop: int) -> torch.Tensor:
+        draws = [torch.randn(x.shape, generator=generator, device=device) for _ in range(start, stop)]
+        return torch.cat([x + sigma * e for e in draws])
+
+    for _, grads in _copy_gradients(model, x, target, samples, noisy, batch_size):
+        total += (grads.abs() if abs else grads).sum(dim=0)
+    return total / samples
+
+
+def integrated_gradients(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: Target,
+    *,
+    steps: int = 32,
+    baseline: float | torch.Tensor | None = None,
+    method: str = "riemann_trapezoid",
+    batch_size: int = DEFAULT_PATH_BATCH,
+    embedding_layer: LayerSpec = None,
+) -> torch.Tensor:
+    """Integrated gradients (Sundararajan et al. 2017): ``(x - x') * integral_0^1 grad(x' + a (x - x')) da``.
+
+    The integral along the straight path from the baseline ``x'`` to the input is approximated by the
+    quadrature ``method`` with ``steps`` points (:func:`ig_alphas`), evaluated in batches of at most
+    ``batch_size`` rows. Equals captum ``IntegratedGradients(model).attribute(inputs, baselines, target,
+    n_steps=steps, method=method)`` (for ``riemann_trapezoid``: captum's times ``steps / (steps - 1)``, see
+    :func:`ig_alphas`). Completeness: each sample's attributions sum to ``score(x) -
+    score(x')`` up to the quadrature error (``riemann_trapezoid`` and ``gausslegendre`` converge fastest).
+
+    Token ids (integer inputs ``(N, T)``): the path runs in the embedding space instead, from the
+    baseline embedding to the embedding output of ``embedding_layer`` (found automatically when
+    ``None``), and the result is one score per token ``(N, T)``, summed over the embedding dimension;
+    ``baseline`` is then a token id (its embedding at every position: a pad or mask token) or ``None``
+    (the zero embedding). See :func:`lightning_introspect.methods.token_attribution.token_integrated_gradients`.
+
+    Args:
+        model: the model.
+        inputs: ``(N, ...)`` floating inputs (not modified), or ``(N, T)`` integer token ids.
+        target: int, per-sample ids, ``"pred"`` (the prediction on the input itself), a callable on the
+            output (row-wise) or a ``RegionTarget``.
+        steps: number of points on the path.
+        baseline: floating inputs: ``None`` (zeros), a number, or a tensor broadcastable to ``inputs``
+            (e.g. a blurred copy, or the data mean of shape ``(C, 1, 1)``).
+        method: one of :data:`IG_METHODS`.
+        batch_size: most rows (path points x samples) per forward pass.
+        embedding_layer: token ids only: the embedding module (dotted name or submodule).
+
+    Returns:
+        A detached signed tensor of the inputs' shape (``(N, T)`` for token ids).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x = torch.randn(2, 4)
+        >>> ig = integrated_gradients(net, x, 1, steps=64)
+        >>> gap = net(x)[:, 1] - net(torch.zeros(2, 4))[:, 1]
+        >>> torch.allclose(ig.sum(1), gap, atol=1e-3)
+        True
+    """
+    if isinstance(inputs, torch.Tensor) and inputs.ndim == 2 and not inputs.is_floating_point():
+        from lightning_introspect.methods.token_attribution import token_integrated_gradients
+
+        if baseline is not None and not isinstance(baseline, int):
+            raise ValueError(f"Expected `baseline` to be a token id (int) or None for token-id inputs, but got {baseline!r}.")
+        return token_integrated_gradients(
+            model, inputs, target, steps=steps, baseline=baseline, method=method, batch_size=batch_size, embedding_layer=embedding_layer
+        )
+    _check_inputs(inputs)
+    _check_batch_size(batch_size)
+    alphas, weights = ig_alphas(steps, method)
+    device = _model_device(model, inputs)
+    dtype = _input_dtype(model)
+    x = inputs.detach().to(device, dtype)
+    if baseline is None:
+        base = torch.zeros_like(x)
+    elif isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        base = torch.full_like(x, float(baseline))
+    elif isinstance(baseline, torch.Tensor):
+        try:
+            base = torch.broadcast_to(baseline.detach().to(device, dtype), x.shape).clone()
+        except RuntimeError as err:
+            raise ValueError(f"Expected `baseline` to broadcast to the inputs' shape {tuple(x.shape)}, but got {tuple(baseline.shape)}.") from err
+    else:
+        raise ValueError(f"Expected `baseline` to be None, a number or a tensor broadcastable to the inputs, but got {type(baseline).__name__}.")
+    delta = x - base
+    total = torch.zeros_like(x)
+
+    def path(start: int, stop: int) -> torch.Tensor:
+        return torch.cat([base + alphas[j] * delta for j in range(start, stop)])
+
+    for start, grads in _copy_gradients(model, x, target, steps, path, batch_size):
+        w = torch.tensor(weights[start : start + grads.shape[0]], dtype=grads.dtype, device=grads.device)
+        total += (w.view(-1, *([1] * x.ndim)) * grads).sum(dim=0)
+    return (delta * total).detach()
 
 
 def _lrp(model: nn.Module, inputs: torch.Tensor, target: Target, **options: Any) -> torch.Tensor:
@@ -522,16 +848,30 @@ METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "grad_cam": grad_cam,
     "guided_grad_cam": guided_grad_cam,
     "lrp": _lrp,
+    "smoothgrad": smoothgrad,
+    "integrated_gradients": integrated_gradients,
+    "attention_rollout": attention_rollout,
+    "grad_rollout": grad_rollout,
 }
-"""Name -> function. ``grad_cam`` and ``guided_grad_cam`` take the layer as 4th argument."""
+"""Name -> function. ``grad_cam`` and ``guided_grad_cam`` take the layer as 4th argument; ``attention_rollout``
+and ``grad_rollout`` (:mod:`~lightning_introspect.methods.attention`) explain vision transformers."""
 
-SIGNED_METHODS: frozenset[str] = frozenset({"input_x_gradient", "guided_backprop", "deconvnet", "guided_grad_cam", "lrp"})
+SIGNED_METHODS: frozenset[str] = frozenset({"input_x_gradient", "guided_backprop", "deconvnet", "guided_grad_cam", "lrp", "integrated_gradients"})
 """Methods whose maps take both signs (show them with a diverging colormap centred on 0).
 
-``saliency`` is unsigned with its default ``abs=True``; ``grad_cam`` with its default ``relu=True``."""
+``saliency`` and ``smoothgrad`` are unsigned with their default ``abs=True``; ``grad_cam`` with its default
+``relu=True``."""
+
+PATH_METHODS: frozenset[str] = frozenset({"smoothgrad", "integrated_gradients"})
+"""Methods that explain many inputs built from each sample (noisy copies, points on a path): their own
+passes, in batches, after the shared forward pass of :func:`attribute`."""
 
 LAYER_METHODS: frozenset[str] = frozenset({"grad_cam", "guided_grad_cam"})
 """Methods that explain a layer (need ``layer``)."""
+
+ROLLOUT_METHODS: frozenset[str] = frozenset(ATTENTION_METHODS)
+"""Methods that read the attention probabilities (vision transformers): their own pass after the shared one;
+a model without self-attention is refused (``attention.attention_problem`` says why before a fit)."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -565,7 +905,14 @@ def attribute(
     One forward pass serves every gradient method asked for: saliency, input x gradient and Grad-CAM
     share one ``torch.autograd.grad`` w.r.t. ``[input, activation]``; guided backprop, guided Grad-CAM
     and deconvnet are extra backward passes over the same graph with the ReLU rule switched. LRP runs
-    its own pass. The results equal the single-method functions.
+    its own pass; SmoothGrad and integrated gradients their own batched passes over the noisy copies /
+    path points (``"pred"`` is taken from the shared pass); attention rollout and its gradient-weighted
+    version one pass each. The results equal the single-method functions.
+
+    Token ids (integer inputs ``(N, T)``): the methods of
+    :data:`~lightning_introspect.methods.token_attribution.TOKEN_METHODS` give one score per token, at the
+    output of the embedding layer (``layer``; ``None`` or ``"auto"``: found automatically), see
+    :func:`~lightning_introspect.methods.token_attribution.token_attributions`.
 
     Args:
         model: the model.
@@ -576,7 +923,10 @@ def attribute(
         layer: the feature map for ``grad_cam`` / ``guided_grad_cam`` and for guided backprop's ``top_k``
             (``None`` or ``"auto"``: :func:`auto_layer`).
         options: per-method keyword options, e.g. ``{"saliency": {"abs": False}, "guided_backprop":
-            {"top_k": 4}, "grad_cam": {"relu": True, "upsample": True}, "lrp": {"rule": "epsilon"}}``.
+            {"top_k": 4}, "grad_cam": {"relu": True, "upsample": True}, "lrp": {"rule": "epsilon"},
+            "smoothgrad": {"samples": 16, "noise": 0.15}, "integrated_gradients": {"steps": 32, "baseline": 0.0},
+            "attention_rollout": {"head_fusion": "mean", "discard_ratio": 0.0}}``; ``num_prefix_tokens`` (the
+            class / register tokens of a vision transformer) for ``grad_cam`` and the rollouts.
 
     Returns:
         ``{method: map}`` in the order of ``methods``.
@@ -596,7 +946,17 @@ def attribute(
     sal_opts = options.get("saliency", {})
     cam_opts = options.get("grad_cam", {})
     guided_opts = options.get("guided_backprop", {})
-    for method, allowed in (("saliency", {"abs"}), ("grad_cam", {"relu", "upsample"}), ("guided_backprop", {"top_k", "layer"})):
+    if _is_token_ids(inputs):  # token ids: scores per token at the embedding output
+        from lightning_introspect.methods.token_attribution import token_attributions
+
+        return token_attributions(model, inputs, target, names, embedding_layer=None if layer == "auto" else layer, options=options)
+    for method, allowed in (
+        ("saliency", {"abs"}), ("grad_cam", {"relu", "upsample", "num_prefix_tokens"}), ("guided_backprop", {"top_k", "layer"}),
+        ("attention_rollout", {"head_fusion", "discard_ratio", "num_prefix_tokens", "upsample"}),
+        ("grad_rollout", {"num_prefix_tokens", "upsample"}),
+        ("smoothgrad", {"samples", "noise", "abs", "generator", "batch_size"}),
+        ("integrated_gradients", {"steps", "baseline", "method", "batch_size"}),
+    ):
         bad = sorted(set(options.get(method, {})) - allowed)
         if bad:
             raise ValueError(f"Unknown option(s) {bad} for {method!r} in `options`; valid: {', '.join(sorted(allowed))}.")
@@ -606,7 +966,8 @@ def attribute(
     top_k = guided_opts.get("top_k")
     _check_top_k(top_k)
 
-    gradient_names = [m for m in names if m != "lrp"]
+    gradient_names = [m for m in names if m != "lrp" and m not in PATH_METHODS and m not in ROLLOUT_METHODS]
+    predicted: torch.Tensor | None = None  # "pred" resolved once, so the path methods explain the same classes
     needs_layer = any(m in LAYER_METHODS for m in gradient_names) or ("guided_backprop" in gradient_names and top_k is not None)
     if isinstance(layer, str) and layer == "auto":
         layer = None
@@ -648,7 +1009,8 @@ def attribute(
                         grads["x"] = got[0]
                     if want_cam:
                         assert fwd.activation is not None
-                        cam = _cam(fwd.activation.detach(), got[-1], relu=bool(cam_opts.get("relu", True)))
+                        cam = _cam(fwd.activation.detach(), got[-1], relu=bool(cam_opts.get("relu", True)), inputs=inputs,
+                                   num_prefix_tokens=cam_opts.get("num_prefix_tokens"))
                 elif step == "guided":
                     grads["guided"] = _guided_grad(fwd, top_k=top_k, retain=retain)
                 elif step == "guided_plain":
@@ -656,6 +1018,8 @@ def attribute(
                 else:
                     (grads["deconvnet"],) = fwd.grad([fwd.x], rule="deconvnet", retain=retain)
             x = fwd.x.detach()
+            if isinstance(target, str) and target == "pred":
+                predicted = target_indices(fwd.output.detach(), "pred")
         for name in gradient_names:
             if name == "saliency":
                 g = grads["x"]
@@ -676,6 +1040,19 @@ def attribute(
                 results[name] = guided * _upsample(plain_cam, inputs)
     if "lrp" in names:
         results["lrp"] = _lrp(model, inputs, target, **options.get("lrp", {}))
+    if any(m in PATH_METHODS for m in names):
+        path_target: Target = target
+        if isinstance(target, str) and target == "pred":
+            path_target = predicted if predicted is not None else _predicted_ids(model, inputs)
+        if "smoothgrad" in names:
+            results["smoothgrad"] = smoothgrad(model, inputs, path_target, **options.get("smoothgrad", {}))
+        if "integrated_gradients" in names:
+            results["integrated_gradients"] = integrated_gradients(model, inputs, path_target, **options.get("integrated_gradients", {}))
+    if "attention_rollout" in names:  # the same map for every class: no target
+        results["attention_rollout"] = attention_rollout(model, inputs, **options.get("attention_rollout", {}))
+    if "grad_rollout" in names:
+        rollout_target: Target = predicted if predicted is not None else target  # "pred" of the shared pass, if any
+        results["grad_rollout"] = grad_rollout(model, inputs, rollout_target, **options.get("grad_rollout", {}))
     return {name: results[name].detach() for name in names}
 
 
@@ -707,8 +1084,19 @@ def auto_layer(model: nn.Module, example_input: torch.Tensor) -> str:
     the choice is the deepest feature map before the head (for a U-Net its last decoder stage). Grad-CAM
     of the head itself would only re-weight the logit map it produces.
 
+    Vision transformers (image inputs, and after the last convolution -- the patch embedding, if it is
+    one -- modules with children that output tokens ``(1, T, D)`` / ``(T, 1, D)`` laid out as prefix tokens
+    and a patch grid, see :func:`~lightning_introspect.methods.attention.token_grid`): the last such block
+    whose *patch tokens reach the output*, found with one more forward and backward pass (the gradient of
+    the predicted class's score w.r.t. each block's output; a module returning the same tensor as a block
+    inside it, such as the ``nn.Sequential`` holding the blocks, gives way to that block). With a
+    mean-pooling head this is the last block; with a head that reads only the class token it is the block
+    before the last (the last block's patch tokens feed nothing but themselves), as pytorch-grad-cam
+    recommends. When no block qualifies (one block and a class-token head) the convolution rule above
+    applies (the patch embedding). The choice is logged at INFO.
+
     Raises:
-        ValueError: if no module outputs a spatial feature map.
+        ValueError: if no module outputs a spatial feature map (images: 4-D) or a qualifying token block.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 2))
@@ -718,9 +1106,11 @@ def auto_layer(model: nn.Module, example_input: torch.Tensor) -> str:
     _check_inputs(example_input)
     names = {m: n for n, m in model.named_modules() if n}
     calls: list[tuple[str, tuple[int, ...] | None, bool]] = []
+    containers: set[str] = {n for m, n in names.items() if next(m.children(), None) is not None}
 
     def record(module: nn.Module, _inputs: Any, output: Any) -> None:
-        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+        first = _first_tensor(output)
+        shape = tuple(first.shape) if first is not None and isinstance(module, tuple(containers_types)) or isinstance(output, torch.Tensor) else None
         calls.append((names[module], shape, isinstance(module, nn.modules.conv._ConvNd)))
 
     with introspection_mode(model, grad=False), hooks() as handles:

@@ -1,5 +1,6 @@
 """One attribution run over fixed samples, as numbers: which classes, many targets in few passes, NaN / Inf,
-and for segmentation which (sample, class, region) triples are explained and how well the maps localise.
+for segmentation which (sample, class, region) triples are explained and how well the maps localise, and
+how faithful the maps are (deletion / insertion areas next to a random and an edge-detector map).
 
 The :class:`~lightning_introspect.callbacks.attributions.Attributions` callback explains the same samples
 for their predicted class and for a list of classes at every run; these helpers hold that arithmetic
@@ -15,7 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lightning_introspect._torch.guards import private_generator
 from lightning_introspect.methods import localization
+from lightning_introspect.methods.faithfulness import edge_map, faithfulness_curves, random_map
 from lightning_introspect.methods.targets import RegionTarget
 
 Explain = Callable[[torch.Tensor, Any], Mapping[str, torch.Tensor]]
@@ -325,7 +328,69 @@ def localization_scores(maps: torch.Tensor, pairs: RegionPairs, true_masks: torc
     return out
 
 
+# ------------------------------------------------------------------------------------- faithfulness
+#: the reference maps every method's faithfulness is read against (``edges`` for images only)
+FAITHFULNESS_REFERENCES = ("random", "edges")
+
+
+def faithfulness_scores(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    maps: Mapping[str, torch.Tensor],
+    target: torch.Tensor | RegionTarget,
+    *,
+    steps: int = 20,
+    baseline: str = "blur",
+    seed: int = 0,
+    max_batch: int = 128,
+) -> dict[str, dict[str, float]]:
+    """The mean deletion and insertion AUC of each method's maps and of two reference maps, ``"random"``
+    (:func:`~lightning_introspect.methods.faithfulness.random_map`) and, for images, ``"edges"`` (the Sobel
+    edges of the input, :func:`~lightning_introspect.methods.faithfulness.edge_map`), in one batched run
+    (:func:`~lightning_introspect.methods.faithfulness.faithfulness_curves`: every map's ties broken by the
+    same keys).
+
+    Args:
+        model: returns logits (wrap a model with another output first).
+        x: the explained inputs, one per map: images ``(N, C, H, W)`` or tabular ``(N, F)``.
+        maps: ``{method: maps}`` (finite).
+        target: the class id explained in each input ``(N,)``, or a :class:`RegionTarget` (segmentation: the
+            class's mean probability over the region is scored).
+        steps: steps of each curve.
+        baseline: ``"blur"``, ``"mean"`` or ``"zero"``; tabular inputs use ``"mean"`` for ``"blur"``.
+        seed: seeds the tie breaks (``seed``) and the random map (``seed + 1``).
+        max_batch: the most perturbed inputs in one forward.
+
+    Returns:
+        ``{name: {"deletion_auc": float, "insertion_auc": float}}``: the methods in order, then the
+        references; ``{}`` without maps. Cost: ``N x (2 + 2 x (steps - 1) x (methods + references))`` perturbed
+        inputs, ``max_batch`` per forward.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        >>> x = torch.rand(2, 1, 4, 4)
+        >>> scores = faithfulness_scores(net, x, {"saliency": torch.rand(2, 1, 4, 4)}, torch.tensor([0, 2]), steps=4)
+        >>> list(scores), sorted(scores["edges"])
+        (['saliency', 'random', 'edges'], ['deletion_auc', 'insertion_auc'])
+    """
+    if not maps:
+        return {}
+    references = {"random": random_map(x, private_generator(seed + 1))}
+    if x.ndim == 4:
+        references["edges"] = edge_map(x)
+    if x.ndim == 2 and baseline == "blur":  # features have no neighbours to blur with
+        baseline = "mean"
+    curves = faithfulness_curves(
+        model, x, {**maps, **references}, target, steps=steps, baseline=baseline, generator=private_generator(seed), max_batch=max_batch,
+    )
+    return {
+        name: {"deletion_auc": float(c["deletion"].auc.mean()), "insertion_auc": float(c["insertion"].auc.mean())}
+        for name, c in curves.items()
+    }
+
+
 __all__ = [
+    "FAITHFULNESS_REFERENCES",
     "REGION_SOURCES",
     "Explain",
     "RegionPairs",
@@ -334,6 +399,7 @@ __all__ = [
     "class_probabilities",
     "concat_pairs",
     "explained_classes",
+    "faithfulness_scores",
     "localization_pairs",
     "localization_scores",
     "nonfinite_grids",

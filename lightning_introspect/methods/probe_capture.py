@@ -1,5 +1,6 @@
 """Catching probe features from a forward pass: forward hooks pool (and, when wide, project) the outputs of
 named modules, one batch at a time, and hand them to :class:`~lightning_introspect.methods.probes.FeatureCache`.
+Token layers (``tokens``) are pooled by their class token or their mean over the tokens the batch's mask keeps.
 For segmentation (``pixels_per_image``) they instead read the feature vectors at a few labelled positions of
 each image (per-pixel probes) and hand them, with their labels, to
 :class:`~lightning_introspect.methods.probes.LayerCaches`.
@@ -37,6 +38,7 @@ from lightning_introspect.methods.probes import (
     FeatureCache,
     LayerCaches,
     RandomProjection,
+    TokenPooling,
     check_probe_masks,
     downsample_input,
     first_tensor,
@@ -66,6 +68,9 @@ class FeatureCapture:
             (:func:`~lightning_introspect.methods.probes.nearest_labels`). ``None``: pooled features, one
             row per sample.
         ignore_index: per-pixel probes: the mask value of pixels that are never drawn.
+        tokens: ``{name: TokenPooling}`` of the modules whose 3-D outputs are tokens ``(N, T, D)``
+            (:func:`~lightning_introspect.methods.probe_layers.token_layers`); the others' 3-D outputs are
+            ``(N, C, L)`` maps, pooled by ``pooling``.
 
     The positions are drawn from a private generator per module (and one for the raw input), re-seeded
     by :meth:`restart`: call it before each pass over the same data, and every pass reads the same
@@ -87,8 +92,11 @@ class FeatureCapture:
         on_time: Callable[[float], None] | None = None,
         pixels_per_image: int | None = None,
         ignore_index: int | None = None,
+        tokens: Mapping[str, TokenPooling] | None = None,
     ) -> None:
         self.modules = dict(modules)
+        self.tokens = dict(tokens or {})
+        self._mask: torch.Tensor | None = None
         self.pixels_per_image = pixels_per_image
         self.ignore_index = ignore_index
         self._generators: dict[str, torch.Generator] = {}
@@ -151,7 +159,8 @@ class FeatureCapture:
                 if self.per_pixel:
                     self._pending[name] = self.sample(name, output)
                 else:
-                    self._pending[name] = self.project(name, pool_activation(output, self.pooling))
+                    pooled = pool_activation(output, self.pooling, tokens=self.tokens.get(name), mask=self._mask)
+                    self._pending[name] = self.project(name, pooled)
             except Exception as exc:  # surfaced by `check` at the end of the batch
                 if self.error is None:
                     self.error = exc
@@ -171,11 +180,16 @@ class FeatureCapture:
             self.projections[name] = proj
         return proj(features)
 
-    def begin(self, labels: torch.Tensor | None, inputs: torch.Tensor | None = None, *, layers: bool = True) -> None:
+    def begin(
+        self, labels: torch.Tensor | None, inputs: torch.Tensor | None = None, *, layers: bool = True,
+        mask: torch.Tensor | None = None,
+    ) -> None:
         """Start a batch: its ``labels`` (per-pixel probes: integer masks ``(N, H, W)``), its raw-input features
-        (``inputs``, already pooled / projected; or :meth:`add_input` after this) and whether the hooks catch
-        layer features in it (``layers``)."""
+        (``inputs``, already pooled / projected; or :meth:`add_input` after this), whether the hooks catch
+        layer features in it (``layers``) and which of its tokens are not padding (``mask`` ``(N, T)``, for the
+        mean of token layers; :func:`~lightning_introspect.methods.probes.token_mask`)."""
         self._pending = {}
+        self._mask = mask
         self._labels = None if labels is None else check_probe_masks(labels).cpu() if self.per_pixel else labels
         self._inputs = inputs
         self._active = layers
@@ -238,3 +252,4 @@ class FeatureCapture:
         """Drop what the current batch caught and stop catching until the next :meth:`begin`."""
         self._active = False
         self._pending = {}
+        self._mask = None

@@ -4,11 +4,18 @@ An explanation that does not change when the network is destroyed cannot be expl
 :func:`randomization_curves` measures that on a deep copy of the model (the trained model is never
 touched), in one of two modes:
 
-* ``"cascading"`` (:func:`cascading_randomization`): the model's blocks are re-initialised from the
-  output side to the input side, in execution order, cumulatively; every attribution map is recomputed
-  after each step and compared with the trained model's map (:mod:`~lightning_introspect.methods.similarity`).
+* ``"cascading"`` (:func:`cascading_randomization`): the model's blocks are re-initialised one after the
+  other, cumulatively; every attribution map is recomputed after each step and compared with the trained
+  model's map (:mod:`~lightning_introspect.methods.similarity`).
 * ``"independent"`` (:func:`independent_randomization`): one block at a time, the others kept trained
   (each block is restored before the next one is randomised).
+
+``order`` is the sequence (:data:`ORDERS`): ``"top_down"`` (default; Adebayo et al. 2018) goes from the
+output side to the input side in reverse execution order, ``"bottom_up"`` from the input side to the
+output side (recommended by Hedström et al. 2023, "Sanity Checks Revisited": top-down randomisation leaves
+the lower layers and the forward signal they carry intact, so the maps after the first steps still show
+what those untouched layers compute; bottom-up cuts that signal first). The fully randomised end point is
+the same model in both orders (the per-layer seeds do not depend on the order).
 
 Blocks and re-initialisation
 ----------------------------
@@ -69,6 +76,7 @@ from lightning_introspect.methods.similarity import METRICS, PendingSimilarities
 from lightning_introspect.methods.targets import RegionTarget, target_indices
 
 RANDOMIZATION_MODES: tuple[str, ...] = ("cascading", "independent")
+ORDERS: tuple[str, ...] = ("top_down", "bottom_up")
 BN_MODES: tuple[str, ...] = ("affine", "stats", "both", "keep")
 ORIGINAL = "original"
 """The key of the trained model's maps in :attr:`RandomizationCurves.maps`."""
@@ -100,6 +108,12 @@ def _has_own_state(module: nn.Module, bn_mode: str) -> bool:
 def _check_bn_mode(bn_mode: str) -> None:
     if bn_mode not in BN_MODES:
         raise ValueError(f"Expected `bn_mode` to be one of {', '.join(repr(m) for m in BN_MODES)}, but got {bn_mode!r}.")
+
+
+def check_order(order: str) -> None:
+    """Raise ``ValueError`` unless ``order`` is one of :data:`ORDERS`."""
+    if order not in ORDERS:
+        raise ValueError(f"Expected `order` to be one of {', '.join(repr(o) for o in ORDERS)}, but got {order!r}.")
 
 
 def randomization_blocks(
@@ -246,14 +260,18 @@ class RandomizationCurves:
 
     Attributes:
         mode: ``"cascading"`` or ``"independent"``.
-        layers: the blocks in the order they were randomised (output side first).
+        layers: the blocks in the order they were randomised (output side first for ``"top_down"``,
+            input side first for ``"bottom_up"``).
         curves: ``{method: {metric: {layer: mean similarity to the original map}}}``; for cascading,
-            the value at a layer is with that block and every block above it randomised.
+            the value at a layer is with that block and every block randomised before it.
         curves_std: the same shape, standard deviation over the samples.
         agreement: ``{layer: fraction of samples whose predicted class is unchanged}`` (shows that
             the randomisation did change the model).
         maps: ``{method: {"original" | layer: maps}}`` for the first ``keep_maps`` samples (not
             serialised).
+        order: ``"top_down"`` or ``"bottom_up"``.
+        samples: ``{method: {metric: {layer: (repeats, N) similarities}}}``, every sample's value (for
+            intervals; not serialised).
     """
 
     mode: str
@@ -262,6 +280,8 @@ class RandomizationCurves:
     curves_std: dict[str, dict[str, dict[str, float]]]
     agreement: dict[str, float]
     maps: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    order: str = "top_down"
+    samples: dict[str, dict[str, dict[str, torch.Tensor]]] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values only (the maps left out)."""
@@ -271,17 +291,19 @@ class RandomizationCurves:
             "curves": copy.deepcopy(self.curves),
             "curves_std": copy.deepcopy(self.curves_std),
             "agreement": dict(self.agreement),
+            "order": self.order,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RandomizationCurves:
-        """Rebuild from :meth:`to_dict` (without the maps)."""
+        """Rebuild from :meth:`to_dict` (without the maps and per-sample values)."""
         return cls(
             mode=str(data["mode"]),
             layers=list(data["layers"]),
             curves=copy.deepcopy(dict(data["curves"])),
             curves_std=copy.deepcopy(dict(data.get("curves_std", {}))),
             agreement=dict(data.get("agreement", {})),
+            order=str(data.get("order", "top_down")),
         )
 
 
@@ -312,6 +334,7 @@ def randomization_curves(
     methods: MethodSpec | Explainer = DEFAULT_METHODS,
     *,
     mode: str = "cascading",
+    order: str = "top_down",
     layers: str | int | Sequence[str] | Sequence[RandomizationBlock] = "auto",
     seed: int = 0,
     bn_mode: str = "affine",
@@ -334,9 +357,12 @@ def randomization_curves(
             predicted class.
         methods: names from ``attribution.METHODS``, callables ``fn(model, inputs, target, layer=None)``,
             or a dict ``{name: name or callable}`` (:mod:`~lightning_introspect.methods.explainers`).
-        mode: ``"cascading"`` (cumulative, output side first) or ``"independent"`` (one block at a
-            time, the others trained).
-        layers: which blocks (see :func:`randomization_blocks`), or the blocks themselves.
+        mode: ``"cascading"`` (cumulative) or ``"independent"`` (one block at a time, the others trained).
+        order: ``"top_down"`` (output side first) or ``"bottom_up"`` (input side first); see the module
+            docstring. ``layers`` chooses the blocks, ``order`` only their sequence.
+        layers: which blocks (see :func:`randomization_blocks`; an int ``k``: the ``k`` blocks nearest the
+            output, in either order), or the blocks themselves (output side first, as
+            :func:`randomization_blocks` returns them).
         seed: base of the private per-layer seeds (:func:`layer_seed`).
         bn_mode: ``"affine"`` | ``"stats"`` | ``"both"`` | ``"keep"`` (module docstring).
         layer: the layer of layer methods (Grad-CAM); ``"auto"`` asks ``attribution.auto_layer``.
@@ -366,6 +392,7 @@ def randomization_curves(
         raise ValueError(f"Expected `mode` to be one of {', '.join(repr(m) for m in RANDOMIZATION_MODES)}, but got {mode!r}.")
     check_metrics(metrics)
     _check_bn_mode(bn_mode)
+    check_order(order)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"Expected `repeats` to be a positive int, but got {repeats!r}.")
     if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2:
@@ -381,6 +408,8 @@ def randomization_curves(
             blocks = list(layers)
         else:  # the str / int / Sequence[str] forms (a TypeGuard does not narrow the other branch)
             blocks = randomization_blocks(work, x[:1], layers, bn_mode=bn_mode)  # type: ignore[arg-type]
+        if order == "bottom_up":
+            blocks.reverse()
         original = explainer(work, x, fixed, layer)
         original_pred = _predictions(work, x)
         modules = dict(work.named_modules())
@@ -412,21 +441,24 @@ def randomization_curves(
             values[name].setdefault(metric, {}).setdefault(block_name, []).append(sim)
     curves: dict[str, dict[str, dict[str, float]]] = {m: {} for m in explainer.names}
     stds: dict[str, dict[str, dict[str, float]]] = {m: {} for m in explainer.names}
+    samples: dict[str, dict[str, dict[str, torch.Tensor]]] = {m: {} for m in explainer.names}
     for name, per_metric in values.items():
         for metric, per_block in per_metric.items():
             for block_name, per_repeat in per_block.items():
                 means, spread = mean_and_std({metric: torch.cat(per_repeat)})
                 curves[name].setdefault(metric, {})[block_name] = means[metric]
                 stds[name].setdefault(metric, {})[block_name] = spread[metric]
+                samples[name].setdefault(metric, {})[block_name] = torch.stack(per_repeat)
     agreement = {k: sum(v) / len(v) for k, v in unchanged.items()}
-    return RandomizationCurves(mode, [b.name for b in blocks], curves, stds, agreement, kept)
+    return RandomizationCurves(mode, [b.name for b in blocks], curves, stds, agreement, kept, order, samples)
 
 
 def cascading_randomization(
     model: nn.Module, inputs: torch.Tensor, target: Any = "pred", methods: MethodSpec = DEFAULT_METHODS, **options: Any
 ) -> RandomizationCurves:
-    """Re-initialise blocks from the output side to the input side, cumulatively, on a deep copy:
-    :func:`randomization_curves` with ``mode="cascading"`` (``options`` are its keyword arguments).
+    """Re-initialise blocks one after the other, cumulatively (``order="top_down"``: output side first, or
+    ``"bottom_up"``), on a deep copy: :func:`randomization_curves` with ``mode="cascading"`` (``options`` are
+    its keyword arguments).
 
     Example:
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -456,11 +488,13 @@ def independent_randomization(
 
 __all__ = [
     "BN_MODES",
+    "ORDERS",
     "ORIGINAL",
     "RANDOMIZATION_MODES",
     "RandomizationBlock",
     "RandomizationCurves",
     "cascading_randomization",
+    "check_order",
     "independent_randomization",
     "layer_seed",
     "randomization_blocks",

@@ -5,14 +5,17 @@
 * :func:`~lightning_introspect.methods.caveats.detect_caveats`: model and data properties that make
   maps untrustworthy;
 * :func:`~lightning_introspect.methods.class_check.class_sensitivity`: the map for the predicted class
-  against the map for other classes (the same picture for every class is a failure);
-* :func:`~lightning_introspect.methods.randomization.randomization_curves`: cascading and / or
-  independent re-initialisation of the model's blocks, with every map compared to the trained one
-  (:mod:`~lightning_introspect.methods.similarity`);
+  against the maps for the least likely class and the runner-up, with the same class under a small input
+  noise as the reference (the same picture for every class is a failure);
+* :func:`~lightning_introspect.methods.randomization.randomization_curves`: cascading (``order``:
+  top-down and / or bottom-up) and / or independent re-initialisation of the model's blocks, with every
+  map compared to the trained one (:mod:`~lightning_introspect.methods.similarity`);
+* :func:`~lightning_introspect.methods.emprt.emprt`: the rise in map entropy from the trained to the fully
+  randomised model (two attribution passes);
 
-and returns a :class:`SanityReport` with the curves, a ``"pass"`` / ``"fail"`` verdict per method and the
-caveats; ``report.to_dict()`` holds only plain Python values (for checkpoints loaded with
-``weights_only=True``).
+and returns a :class:`SanityReport` with the curves, a ``"pass"`` / ``"fail"`` / ``"inconclusive"``
+verdict per method with its interval and the caveats; ``report.to_dict()`` holds only plain Python values
+(for checkpoints loaded with ``weights_only=True``).
 
 What is explained
 -----------------
@@ -28,17 +31,37 @@ what was explained, ``report.task`` which task.
 
 Verdicts
 --------
-The verdict score is ``verdict_metric`` (default ``"spearman_max"``: the larger of the mean Spearman
-correlations of ``|map|`` and of the signed map; a map fails if either its magnitude ranking or its
-sign pattern survives; ``"spearman_abs"``, ``"spearman"`` and ``"ssim"`` use that metric alone).
-``verdicts[method]`` is ``"pass"`` when the score after the top ``verdict_depth`` blocks are randomised
-(cascading; default 1, the output layer) is below ``thresholds["randomization"]`` (default 0.5), else
-``"fail"``. ``class_sensitivity_verdicts[method]`` is ``"pass"`` when the score between the map for the
-predicted class and the map for every other class compared is below ``thresholds["class_sensitivity"]``
-(default 0.6), else ``"fail"``. On a small CNN trained on digits (Spearman of ``|map|`` / signed, top
-layer randomised): gradient 0.28 / 0.28, Grad-CAM 0.0 / 0.0, input x gradient 0.43 / 0.09, guided
-backprop 0.69 / 0.86, deconvnet 0.46 / 0.69, guided Grad-CAM 0.15 / 0.60 -- the signed ranking is
-what betrays guided backprop, deconvnet and guided Grad-CAM (as in the paper and Sixt et al. 2020).
+The verdict score is ``verdict_metric`` (default ``"spearman_max"``: of the Spearman correlations of
+``|map|`` and of the signed map, the one with the larger mean; a map fails if either its magnitude ranking
+or its sign pattern survives; ``"spearman_abs"``, ``"spearman"`` and ``"ssim"`` use that metric alone).
+Every verdict reads the per-sample scores through a percentile bootstrap interval of their mean
+(``resamples`` resamples of the samples, each with its repeats; ``confidence`` 0.95;
+:mod:`~lightning_introspect.methods.verdicts`): ``"pass"`` when the whole interval lies below the
+threshold, ``"fail"`` when it lies at or above it, ``"inconclusive"`` when it straddles it. Thresholds are
+relative to references measured on the same trained maps, and every number is kept in
+``report.details``:
+
+* **Randomisation** (``verdicts``: top-down, Adebayo et al.'s test, after the top ``verdict_depth``
+  blocks are randomised; ``details["bottom_up"]``: after the first ``verdict_depth`` blocks of the
+  bottom-up cascade, when it ran). The floor ``f`` is what a map that knows nothing about the model
+  shares with the trained map: the larger of its similarity to a random map (about 0) and to the Sobel
+  edge map of the input. The threshold is ``f + thresholds["randomization"] * (1 - f)`` (default 0.5:
+  the randomised model's map must be nearer the floor than the trained map itself).
+* **Class sensitivity** (``class_sensitivity_verdicts``: the least likely class, the classes the model
+  tells furthest apart; ``details["class_second"]``: the runner-up, reported apart, as a similar class
+  may legitimately share its evidence). The ceiling ``c`` is the similarity of the predicted class's map
+  to its own map under a 1 % input noise (``class_noise``), the floor ``f`` the random-map similarity;
+  the threshold is ``f + thresholds["class_sensitivity"] * (c - f)`` (default 1.0: a method fails only
+  when maps for different classes are as similar as the same class's maps under resampling).
+
+On the demo CNN trained 8 epochs on digits (16 images, one re-initialisation; Spearman of ``|map|`` /
+signed, top layer randomised; edge reference in brackets): gradient 0.31 / 0.31 (0.13), Grad-CAM
+-0.04 (0.21), input x gradient 0.46 / -0.11 (-0.10), guided backprop 0.66 / 0.84 (0.05 / 0.15), guided
+Grad-CAM 0.11 / 0.58 (0.15 / 0.11): thresholds 0.57, 0.61, 0.50, 0.58 and 0.56 -- the signed ranking is
+what betrays guided backprop and guided Grad-CAM (as in the paper and Sixt et al. 2020). Bottom-up, the
+first block randomised already lowers every method below 0.35 (guided backprop 0.31 signed): guided
+backprop does depend on the learned input-side filters; what survives top-down randomisation is what the
+intact lower layers compute.
 
 Example:
     >>> import torch
@@ -66,8 +89,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_introspect._torch.guards import private_generator
 from lightning_introspect.methods.caveats import Caveat, detect_caveats
-from lightning_introspect.methods.class_check import OTHER_CLASSES, class_sensitivity
+from lightning_introspect.methods.class_check import (
+    DEFAULT_NOISE,
+    DEFAULT_OTHERS,
+    SAME,
+    ClassSensitivity,
+    class_sensitivity,
+)
+from lightning_introspect.methods.emprt import emprt
 from lightning_introspect.methods.explainers import (
     DEFAULT_METHODS,
     Explainer,
@@ -76,15 +107,33 @@ from lightning_introspect.methods.explainers import (
     work_mode,
 )
 from lightning_introspect.methods.randomization import (
+    ORDERS,
     RandomizationCurves,
+    _fixed_target,
+    layer_seed,
     randomization_blocks,
     randomization_curves,
 )
 from lightning_introspect.methods.similarity import METRICS, check_metrics
 from lightning_introspect.methods.targets import RegionTarget, object_targets
 from lightning_introspect.methods.task import as_masks, resolve_task
+from lightning_introspect.methods.verdicts import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_RESAMPLES,
+    Verdict,
+    bootstrap_interval,
+    decide,
+    reference_similarities,
+    relative_threshold,
+)
 
 MODES: tuple[str, ...] = ("cascading", "independent", "both")
+ORDER_CHOICES: tuple[str, ...] = (*ORDERS, "both")
+CURVES: tuple[str, ...] = ("cascading", "bottom_up", "independent")
+"""The keys of :attr:`SanityReport.curves`: ``"cascading"`` is the top-down cascade (its name before bottom-up
+existed), ``"bottom_up"`` the bottom-up cascade, ``"independent"`` one block at a time."""
+CHECKS: tuple[str, ...] = ("randomization", "bottom_up", "class_least", "class_second", "class_random")
+"""The keys of :attr:`SanityReport.details`."""
 PREDICTED_CLASS = "each sample's predicted class"
 PREDICTED_OBJECTS = "object regions of the predicted masks"
 """``report.target`` of a segmentation check of ``"pred"``: each sample's largest non-background predicted
@@ -97,17 +146,19 @@ REGION_NOTE = (
     "the region itself (even a randomised network's gradient map is a blob over the object's receptive field); "
     "a high randomisation score means the map shows where the object is more than what the model learned about it."
 )
-DEFAULT_THRESHOLDS: dict[str, float] = {"randomization": 0.5, "class_sensitivity": 0.6}
+DEFAULT_THRESHOLDS: dict[str, float] = {"randomization": 0.5, "class_sensitivity": 1.0}
+"""Fractions of the way from a reference floor to a ceiling (module docstring, "Verdicts")."""
 VERDICT_METRICS: tuple[str, ...] = ("spearman_max", "spearman_abs", "spearman", "ssim")
 DEFAULT_VERDICT_METRIC = "spearman_max"
 
 
 def resolve_thresholds(thresholds: Mapping[str, float] | float | None) -> dict[str, float]:
-    """:data:`DEFAULT_THRESHOLDS` updated with ``thresholds`` (a float sets ``"randomization"``), checked.
+    """:data:`DEFAULT_THRESHOLDS` updated with ``thresholds`` (a float sets ``"randomization"``), checked:
+    each a fraction in [0, 1].
 
     Example:
         >>> resolve_thresholds(0.4)
-        {'randomization': 0.4, 'class_sensitivity': 0.6}
+        {'randomization': 0.4, 'class_sensitivity': 1.0}
     """
     out = dict(DEFAULT_THRESHOLDS)
     if thresholds is None:
@@ -119,8 +170,8 @@ def resolve_thresholds(thresholds: Mapping[str, float] | float | None) -> dict[s
     for key, value in thresholds.items():
         if key not in DEFAULT_THRESHOLDS:
             raise ValueError(f"Expected the keys of `thresholds` to be among {', '.join(repr(k) for k in DEFAULT_THRESHOLDS)}, but got {key!r}.")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= float(value) <= 1.0 or math.isnan(value):
-            raise ValueError(f"Expected `thresholds[{key!r}]` to be a number in [-1, 1], but got {value!r}.")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"Expected `thresholds[{key!r}]` to be a fraction in [0, 1], but got {value!r}.")
         out[key] = float(value)
     return out
 
@@ -132,22 +183,28 @@ class SanityReport:
     Attributes:
         methods: the method names, in order.
         layers: the randomised blocks, output side first.
-        curves: ``{mode: {method: {metric: {layer: similarity}}}}``, ``mode`` in ``"cascading"`` /
-            ``"independent"``; cascading values are with that block and all above it randomised.
+        curves: ``{curve: {method: {metric: {layer: similarity}}}}``, ``curve`` in :data:`CURVES`
+            (``"cascading"``: top-down, ``"bottom_up"``, ``"independent"``); cascading values are with that
+            block and every block randomised before it (:meth:`steps` gives the sequence).
         curves_std: the same shape, standard deviation over samples.
-        agreement: ``{mode: {layer: fraction of unchanged predictions}}``.
-        verdicts: ``{method: "pass" | "fail"}`` for the randomisation test.
-        verdict_scores: ``{method: the similarity the verdict was decided on}``.
+        agreement: ``{curve: {layer: fraction of unchanged predictions}}``.
+        verdicts: ``{method: "pass" | "fail" | "inconclusive"}`` for the (top-down) randomisation test.
+        verdict_scores: ``{method: the mean similarity the verdict was decided on}``.
         class_sensitivity: ``{method: {other: {metric: similarity}}}`` (empty when not run).
-        class_sensitivity_verdicts: ``{method: "pass" | "fail"}``.
-        class_sensitivity_scores: ``{method: the largest score over the other classes}``.
+        class_sensitivity_verdicts: ``{method: "pass" | "fail" | "inconclusive"}`` (the least likely class).
+        class_sensitivity_scores: ``{method: the mean similarity of that verdict}``.
         caveats: :class:`Caveat` list.
-        thresholds: the thresholds used; ``verdict_metric``, ``verdict_depth``, ``bn_mode``, ``seed``,
-            ``num_samples``, ``repeats``: the settings; ``classes``: ``{"pred" | other: class id per sample}``
-            (``"pred"``: the explained class).
+        thresholds: the threshold fractions used; ``verdict_metric``, ``verdict_depth``, ``bn_mode``,
+            ``seed``, ``num_samples``, ``repeats``, ``order``, ``resamples``, ``confidence``: the settings;
+            ``classes``: ``{"pred" | other: class id per sample}`` (``"pred"``: the explained class).
         task: ``"classification"`` or ``"segmentation"``.
         target: what the maps explain, in words (e.g. ``"object regions of the predicted masks"``).
-        maps: ``{mode: {method: {"original" | layer: maps}}}`` and ``class_maps`` ``{method: {class: maps}}``
+        details: ``{check: {method: Verdict}}``, ``check`` in :data:`CHECKS`: each verdict with its score,
+            bootstrap interval, threshold and the reference similarities the threshold comes from.
+        emprt: ``{method: {"score", "low", "high", "trained_entropy", "random_entropy"}}``: eMPRT's mean
+            relative entropy rise with its bootstrap interval and the mean entropies (empty when not run).
+        class_same: ``{method: {metric: similarity}}``: the same-class resampling reference.
+        maps: ``{curve: {method: {"original" | layer: maps}}}`` and ``class_maps`` ``{method: {class: maps}}``
             for a few samples (kept for figures, not serialised).
     """
 
@@ -172,13 +229,23 @@ class SanityReport:
     classes: dict[str, list[int]] = field(default_factory=dict)
     task: str = "classification"
     target: str = PREDICTED_CLASS
+    order: str = "top_down"
+    resamples: int = DEFAULT_RESAMPLES
+    confidence: float = DEFAULT_CONFIDENCE
+    details: dict[str, dict[str, Verdict]] = field(default_factory=dict)
+    emprt: dict[str, dict[str, float]] = field(default_factory=dict)
+    class_same: dict[str, dict[str, float]] = field(default_factory=dict)
     maps: dict[str, dict[str, dict[str, torch.Tensor]]] = field(default_factory=dict, repr=False)
     class_maps: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
+    def steps(self, curve: str = "cascading") -> list[str]:
+        """The layers of one curve in the order they were randomised (input side first for ``"bottom_up"``)."""
+        return list(reversed(self.layers)) if curve == "bottom_up" else list(self.layers)
+
     def curve(self, method: str, metric: str = "spearman_abs", mode: str = "cascading") -> list[float]:
-        """The similarity values along ``layers`` for one method (``1.0`` for the original is not included)."""
+        """The similarity values along :meth:`steps` for one method (``1.0`` for the original is not included)."""
         values = self.curves.get(mode, {}).get(method, {}).get(metric, {})
-        return [values[layer] for layer in self.layers if layer in values]
+        return [values[layer] for layer in self.steps(mode) if layer in values]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values only (str, int, float, list, dict): safe for ``weights_only`` checkpoints."""
@@ -204,6 +271,12 @@ class SanityReport:
             "classes": copy.deepcopy(self.classes),
             "task": self.task,
             "target": self.target,
+            "order": self.order,
+            "resamples": int(self.resamples),
+            "confidence": float(self.confidence),
+            "details": {check: {m: v.to_dict() for m, v in per.items()} for check, per in self.details.items()},
+            "emprt": copy.deepcopy(self.emprt),
+            "class_same": copy.deepcopy(self.class_same),
         }
 
     @classmethod
@@ -231,40 +304,91 @@ class SanityReport:
             classes=copy.deepcopy(dict(data.get("classes", {}))),
             task=str(data.get("task", "classification")),
             target=str(data.get("target", PREDICTED_CLASS)),
+            order=str(data.get("order", "top_down")),
+            resamples=int(data.get("resamples", DEFAULT_RESAMPLES)),
+            confidence=float(data.get("confidence", DEFAULT_CONFIDENCE)),
+            details={str(c): {str(m): Verdict.from_dict(v) for m, v in dict(per).items()} for c, per in dict(data.get("details", {})).items()},
+            emprt=copy.deepcopy(dict(data.get("emprt", {}))),
+            class_same=copy.deepcopy(dict(data.get("class_same", {}))),
         )
 
+    def reading(self, method: str) -> str:
+        """One line on how far to trust ``method``'s maps, from its verdicts."""
+        rand = self.verdicts.get(method)
+        cls_ = self.class_sensitivity_verdicts.get(method)
+        if rand == "fail":
+            return "survives randomisation: shows the input more than the model"
+        if cls_ == "fail":
+            return "the same picture for very different classes: not class-specific"
+        if "inconclusive" in (rand, cls_):
+            return "inconclusive: more samples or repeats would decide"
+        if rand == "pass" and cls_ in ("pass", None):
+            return "depends on the weights" + (" and the class" if cls_ == "pass" else "")
+        return "-"
+
     def markdown(self) -> str:
-        """The verdict table (and caveats) as markdown, for TensorBoard's text tab or a notebook."""
+        """The verdict table with intervals, the references, eMPRT and the caveats as markdown, for
+        TensorBoard's text tab or a notebook."""
         depth_layer = self.layers[min(self.verdict_depth, len(self.layers)) - 1] if self.layers else "-"
         lines = [f"Explained: {self.target} ({self.task}).", ""]
         if self.target in _REGION_TARGETS:
             lines += [REGION_NOTE, ""]
+        pct = f"{100 * self.confidence:.0f} %"
         lines += [
-            f"Score: `{self.verdict_metric}` (lower = the map changed more). **Randomisation**: after randomising "
-            f"the top {self.verdict_depth} block(s) (down to `{depth_layer}`; mean over {self.num_samples} samples x "
-            f"{self.repeats} re-initialisation(s)), pass below "
-            f"{self.thresholds['randomization']:.2f}. **Class sensitivity**: {self._class_check_text()}, "
-            f"pass below {self.thresholds['class_sensitivity']:.2f}.",
+            f"Score: `{self.verdict_metric}`, mean over {self.num_samples} samples x {self.repeats} re-initialisation(s), "
+            f"with its {pct} bootstrap interval ({self.resamples} resamples) and the threshold: **pass** when the interval "
+            "lies below the threshold, **fail** when it lies at or above it, **inconclusive** when it straddles it. "
+            f"**Randomisation** (top-down: the top {self.verdict_depth} block(s), down to `{depth_layer}`; bottom-up: "
+            f"the first {self.verdict_depth}): threshold = floor + {self.thresholds['randomization']:.2f} x (1 - floor), "
+            "floor = the larger similarity of the trained map to a random map and to the input's edge map. "
+            f"**Class sensitivity** ({self._class_check_text()}): threshold = floor + "
+            f"{self.thresholds['class_sensitivity']:.2f} x (same-class similarity under input noise - floor), floor = the "
+            "random-map similarity. **eMPRT**: the relative rise of the map's histogram entropy from the trained to the "
+            "fully randomised model (higher: the maps depend more on the weights).",
             "",
-            "| method | randomisation | score | class sensitivity | score |",
-            "|---|---|---|---|---|",
+            "| method | randomisation (top-down) | bottom-up | eMPRT | class: least likely | class: runner-up | reading |",
+            "|---|---|---|---|---|---|---|",
         ]
         for method in self.methods:
-            score = self.verdict_scores.get(method, float("nan"))
-            cs = self.class_sensitivity.get(method, {})
-            cs_values = ", ".join(f"{other} {verdict_score(vals, self.verdict_metric):.2f}" for other, vals in cs.items()) or "-"
-            lines.append(
-                f"| {method} | {self.verdicts.get(method, '-')} | {score:.2f} | "
-                f"{self.class_sensitivity_verdicts.get(method, '-')} | {cs_values} |"
-            )
+            cells = [self._cell("randomization", method, self.verdicts, self.verdict_scores), self._cell("bottom_up", method)]
+            e = self.emprt.get(method)
+            cells.append(f"{e['score']:.2f} [{e['low']:.2f}, {e['high']:.2f}]" if e else "-")
+            cells.append(self._cell("class_least", method, self.class_sensitivity_verdicts, self.class_sensitivity_scores))
+            cells.append(self._cell("class_second", method))
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {self.reading(method)} |")
+        refs = self._references_lines()
+        if refs:
+            lines += ["", "**References** (mean similarity of the trained map to each reference, in the verdict's metric)", "", *refs]
         if self.caveats:
             lines += ["", "**Caveats**", ""] + [f"- {c}" for c in self.caveats]
         return "\n".join(lines)
 
+    def _cell(self, check: str, method: str, verdicts: Mapping[str, str] | None = None, scores: Mapping[str, float] | None = None) -> str:
+        detail = self.details.get(check, {}).get(method)
+        if detail is not None:
+            return f"{detail.verdict} {detail.interval_text()}"
+        if verdicts is not None and method in verdicts:
+            score = (scores or {}).get(method, float("nan"))
+            return f"{verdicts[method]} {score:.2f}"
+        return "-"
+
+    def _references_lines(self) -> list[str]:
+        lines = []
+        for method in self.methods:
+            parts = []
+            for check, label in (("randomization", "randomisation"), ("class_least", "class")):
+                detail = self.details.get(check, {}).get(method)
+                if detail is not None and detail.references:
+                    refs = ", ".join(f"{k} {v:.2f}" for k, v in detail.references.items())
+                    parts.append(f"{label} ({detail.metric}): {refs} -> threshold {detail.threshold:.2f}")
+            if parts:
+                lines.append(f"- {method}: " + "; ".join(parts))
+        return lines
+
     def _class_check_text(self) -> str:
         if self.target in _REGION_TARGETS:
             return "the explained class vs other classes over the same region"
-        return "predicted class vs other classes"
+        return "predicted class vs the least likely class and the runner-up"
 
 
 def verdict_score(values: Mapping[str, float], metric: str = DEFAULT_VERDICT_METRIC) -> float:
@@ -344,6 +468,98 @@ def explained_target(output: torch.Tensor, target: Any, task: str) -> tuple[Any,
     return target, "the given class ids" + summed
 
 
+def _chosen_metric(metric: str, means: Mapping[str, float]) -> str:
+    """The metric a verdict reads: ``metric`` itself, or for ``"spearman_max"`` the Spearman variant with
+    the larger mean (the one :func:`verdict_score` returns)."""
+    if metric != "spearman_max":
+        return metric
+    present = [m for m in ("spearman_abs", "spearman") if m in means and math.isfinite(means[m])]
+    return max(present, key=lambda m: means[m]) if present else "spearman_abs"
+
+
+def _mean(values: torch.Tensor | None) -> float:
+    if values is None:
+        return float("nan")
+    v = values.double()
+    v = v[torch.isfinite(v)]
+    return float(v.mean()) if v.numel() else float("nan")
+
+
+def _bootstrap(seed: int, check: str, method: str) -> torch.Generator:
+    """The private generator of one verdict's bootstrap (a stream per check and method)."""
+    return private_generator(layer_seed(seed, f"bootstrap/{check}/{method}"))
+
+
+def _randomization_verdicts(
+    curves: RandomizationCurves,
+    references: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]],
+    *,
+    check: str,
+    depth: int,
+    fraction: float,
+    metric: str,
+    seed: int,
+    resamples: int,
+    confidence: float,
+) -> dict[str, Verdict]:
+    """Each method's verdict after the first ``depth`` steps of ``curves`` (module docstring, "Verdicts")."""
+    if not curves.layers:
+        return {}
+    at = curves.layers[min(depth, len(curves.layers)) - 1]
+    out = {}
+    for method, per_metric in curves.samples.items():
+        chosen = _chosen_metric(metric, {m: curves.curves[method][m][at] for m in per_metric if at in per_metric[m]})
+        values = per_metric.get(chosen, {}).get(at)
+        refs = {name: _mean(sims.get(chosen)) for name, sims in references.get(method, {}).items()}
+        finite = [v for v in refs.values() if math.isfinite(v)]
+        floor = max(finite) if finite else 0.0
+        out[method] = decide(
+            values if values is not None else torch.full((1,), float("nan")),
+            relative_threshold(fraction, floor, 1.0),
+            generator=_bootstrap(seed, check, method),
+            metric=chosen,
+            resamples=resamples,
+            confidence=confidence,
+            references=refs,
+        )
+    return out
+
+
+def _class_verdicts(
+    sensitivity: ClassSensitivity,
+    references: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]],
+    *,
+    fraction: float,
+    metric: str,
+    seed: int,
+    resamples: int,
+    confidence: float,
+) -> dict[str, dict[str, Verdict]]:
+    """``{"class_<other>": {method: Verdict}}``: each other class against the same-class ceiling."""
+    out: dict[str, dict[str, Verdict]] = {}
+    for method, per_other in sensitivity.samples.items():
+        same = per_other.get(SAME)
+        for other, sims in per_other.items():
+            if other == SAME:
+                continue
+            chosen = _chosen_metric(metric, sensitivity.similarity[method][other])
+            floor = _mean(references.get(method, {}).get("random", {}).get(chosen))
+            floor = floor if math.isfinite(floor) else 0.0
+            ceiling = _mean(same.get(chosen)) if same is not None else 1.0
+            refs = {"random": floor, "same_class": ceiling}
+            check = f"class_{other}"
+            out.setdefault(check, {})[method] = decide(
+                sims.get(chosen, torch.full((1,), float("nan"))),
+                relative_threshold(fraction, floor, ceiling),
+                generator=_bootstrap(seed, check, method),
+                metric=chosen,
+                resamples=resamples,
+                confidence=confidence,
+                references=refs,
+            )
+    return out
+
+
 def run_sanity_checks(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -351,6 +567,7 @@ def run_sanity_checks(
     methods: MethodSpec = DEFAULT_METHODS,
     *,
     mode: str = "cascading",
+    order: str = "top_down",
     layers: str | int | Sequence[str] = "auto",
     seed: int = 0,
     bn_mode: str = "affine",
@@ -359,40 +576,57 @@ def run_sanity_checks(
     verdict_depth: int = 1,
     verdict_metric: str = DEFAULT_VERDICT_METRIC,
     class_check: bool = True,
-    others: Sequence[str] = OTHER_CLASSES,
+    others: Sequence[str] = DEFAULT_OTHERS,
     metrics: Sequence[str] = METRICS,
     keep_maps: int = 1,
     repeats: int = 1,
     warn: bool = True,
     progress: Callable[[str], None] | None = None,
     task: str = "auto",
+    resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    class_noise: float | None = DEFAULT_NOISE,
+    run_emprt: bool = True,
 ) -> SanityReport:
-    """Caveats, randomisation (``mode``), class sensitivity and verdicts in one call.
+    """Caveats, randomisation (``mode``, ``order``), class sensitivity, eMPRT and verdicts in one call.
 
     Args are those of :func:`~lightning_introspect.methods.randomization.randomization_curves` and
     :func:`~lightning_introspect.methods.class_check.class_sensitivity`, plus:
         target: ``"pred"``, class ids, a callable or a ``RegionTarget``; for segmentation also integer
             masks ``(N, H, W)`` (their largest objects are explained; see "What is explained").
-        mode: ``"cascading"`` | ``"independent"`` | ``"both"``. Verdicts always use the cascading curve;
-            in ``"independent"`` mode only the top ``verdict_depth`` cascading steps are run for them.
-        thresholds: ``{"randomization": 0.5, "class_sensitivity": 0.6}`` (a float sets the first).
-        verdict_depth: how many top blocks are randomised when the verdict is taken (1: the output layer).
+        mode: ``"cascading"`` | ``"independent"`` | ``"both"``.
+        order: the cascade's sequence: ``"top_down"`` (output side first; the curve ``"cascading"``),
+            ``"bottom_up"`` (input side first; the curve ``"bottom_up"``) or ``"both"``. The randomisation
+            verdicts (``verdicts``) are always top-down: without a full top-down cascade only its first
+            ``verdict_depth`` steps run for them (``repeats x verdict_depth`` more passes). A bottom-up
+            cascade adds ``details["bottom_up"]``.
+        thresholds: ``{"randomization": 0.5, "class_sensitivity": 1.0}`` (a float sets the first): the
+            fractions of the relative thresholds (module docstring, "Verdicts").
+        verdict_depth: how many blocks are randomised when a verdict is taken (1: the output layer top-down).
         verdict_metric: one of :data:`VERDICT_METRICS` (module docstring); its metrics are always computed.
         class_check: run :func:`class_sensitivity`.
         warn: issue the caveats as :class:`SanityCaveatWarning`.
         task: ``"auto"`` (segmentation for a dense ``(N, C, H, W)`` output), ``"classification"`` or
             ``"segmentation"`` (:func:`~lightning_introspect.methods.task.resolve_task`; a task the shapes
             contradict raises ``IntrospectionInputError``, a ``ValueError``).
+        resamples: bootstrap resamples of every interval (a private generator per check and method,
+            seeded from ``seed``: the same seed gives the same intervals).
+        confidence: the intervals' coverage.
+        class_noise: the same-class reference's input noise (a fraction of each sample's value range).
+        run_emprt: also measure eMPRT (:func:`~lightning_introspect.methods.emprt.emprt`; two passes).
 
     Returns:
         A :class:`SanityReport`.
     """
     if mode not in MODES:
         raise ValueError(f"Expected `mode` to be one of {', '.join(repr(m) for m in MODES)}, but got {mode!r}.")
+    if order not in ORDER_CHOICES:
+        raise ValueError(f"Expected `order` to be one of {', '.join(repr(o) for o in ORDER_CHOICES)}, but got {order!r}.")
     if isinstance(verdict_depth, bool) or not isinstance(verdict_depth, int) or verdict_depth < 1:
         raise ValueError(f"Expected `verdict_depth` to be a positive int, but got {verdict_depth!r}.")
     check_metrics(metrics)
     resolved = resolve_thresholds(thresholds)
+    bootstrap_interval(torch.zeros(1), generator=torch.Generator(), resamples=resamples, confidence=confidence)  # checks both
     explainer = Explainer(methods)
     metrics = _verdict_metrics(verdict_metric, metrics)
     work = copy.deepcopy(model)  # everything below runs on this copy; the trained model is only read
@@ -405,42 +639,86 @@ def run_sanity_checks(
         resolved_task = resolve_task(task, output, masks)
         target, described = explained_target(output, target, resolved_task)
         blocks = randomization_blocks(work, x[:1], layers, bn_mode=bn_mode)
+        # the references: the trained maps against a random map and the input's edges
+        resolved_layer = explainer.resolve_layer(work, x[:1], layer)
+        trained_maps = explainer(work, x, _fixed_target(work, x, target), resolved_layer)
+    ref_gen = private_generator(layer_seed(seed, "references"))
+    references = {
+        name: reference_similarities(trained_maps[name], x if isinstance(x, torch.Tensor) else None, metrics, generator=ref_gen)
+        for name in explainer.names
+    }
     region = target if isinstance(target, RegionTarget) else None
     sensitivity = None
+    details: dict[str, dict[str, Verdict]] = {}
     cs_verdicts: dict[str, str] = {}
     cs_scores: dict[str, float] = {}
     if class_check:  # before any randomisation
         if progress is not None:
             progress("class sensitivity")
         sensitivity = class_sensitivity(
-            work, inputs, explainer, others=others, seed=seed, layer=layer, metrics=metrics, keep_maps=keep_maps, region=region
+            work, inputs, explainer, others=others, seed=seed, layer=layer, metrics=metrics, keep_maps=keep_maps,
+            region=region, noise=class_noise,
         )
-        for method, per_other in sensitivity.similarity.items():
-            worst = max(verdict_score(vals, verdict_metric) for vals in per_other.values())
-            cs_scores[method] = worst
-            cs_verdicts[method] = "pass" if worst < resolved["class_sensitivity"] else "fail"
+        details.update(_class_verdicts(
+            sensitivity, references, fraction=resolved["class_sensitivity"], metric=verdict_metric, seed=seed,
+            resamples=resamples, confidence=confidence,
+        ))
+        for method in explainer.names:
+            per_check = {o: details[f"class_{o}"][method] for o in others if method in details.get(f"class_{o}", {})}
+            if not per_check:
+                continue
+            primary = per_check["least"] if "least" in per_check else max(per_check.values(), key=lambda v: v.score)
+            cs_verdicts[method], cs_scores[method] = primary.verdict, primary.score
+    emprt_summary: dict[str, dict[str, float]] = {}
+    if run_emprt:
+        if progress is not None:
+            progress("eMPRT")
+        result = emprt(work, inputs, target, explainer, generator=private_generator(layer_seed(seed, "emprt")), layer=layer, bn_mode=bn_mode)
+        for name in explainer.names:
+            low, high = bootstrap_interval(
+                result.scores[name], generator=_bootstrap(seed, "emprt", name), resamples=resamples, confidence=confidence
+            )
+            emprt_summary[name] = {
+                "score": result.mean[name], "low": low, "high": high,
+                "trained_entropy": _mean(result.trained_entropy[name]), "random_entropy": _mean(result.random_entropy[name]),
+            }
     common: dict[str, Any] = dict(
         seed=seed, bn_mode=bn_mode, layer=layer, metrics=metrics, keep_maps=keep_maps, progress=progress, repeats=repeats,
         copy_model=False,
     )
+    trained_state = copy.deepcopy(work.state_dict())  # cascades leave their blocks randomised: restored between runs
     results: dict[str, RandomizationCurves] = {}
-    if mode in ("independent", "both"):  # restores every block it touches, so it goes first
+    if mode in ("independent", "both"):  # restores every block it touches
         results["independent"] = randomization_curves(work, inputs, target, explainer, mode="independent", layers=blocks, **common)
-    if mode in ("cascading", "both"):
+    cascading = mode in ("cascading", "both")
+    if cascading and order in ("bottom_up", "both"):
+        results["bottom_up"] = randomization_curves(
+            work, inputs, target, explainer, mode="cascading", order="bottom_up", layers=blocks, **common
+        )
+        work.load_state_dict(trained_state)
+    if cascading and order in ("top_down", "both"):
         results["cascading"] = randomization_curves(work, inputs, target, explainer, mode="cascading", layers=blocks, **common)
-        cascade = results["cascading"]
-    else:  # the verdicts need only the top `verdict_depth` cascading steps
+        top_down = results["cascading"]
+    else:  # the verdicts need only the first `verdict_depth` top-down steps
         quiet = {**common, "keep_maps": 0, "progress": None}
-        cascade = randomization_curves(work, inputs, target, explainer, mode="cascading", layers=blocks[:verdict_depth], **quiet)
-    verdicts, scores = decide_verdicts(
-        cascade.curves, cascade.layers, threshold=resolved["randomization"], depth=verdict_depth, metric=verdict_metric
+        top_down = randomization_curves(work, inputs, target, explainer, mode="cascading", layers=blocks[:verdict_depth], **quiet)
+    work.load_state_dict(trained_state)
+    settings: dict[str, Any] = dict(
+        depth=verdict_depth, fraction=resolved["randomization"], metric=verdict_metric, seed=seed, resamples=resamples,
+        confidence=confidence,
     )
+    details["randomization"] = _randomization_verdicts(top_down, references, check="randomization", **settings)
+    if "bottom_up" in results:
+        details["bottom_up"] = _randomization_verdicts(results["bottom_up"], references, check="bottom_up", **settings)
+    verdicts = {m: v.verdict for m, v in details["randomization"].items()}
+    scores = {m: v.score for m, v in details["randomization"].items()}
+    kept = [k for k in CURVES if k in results]
     return SanityReport(
         methods=list(explainer.names),
         layers=[b.name for b in blocks],
-        curves={k: results[k].curves for k in ("cascading", "independent") if k in results},
-        curves_std={k: results[k].curves_std for k in ("cascading", "independent") if k in results},
-        agreement={k: results[k].agreement for k in ("cascading", "independent") if k in results},
+        curves={k: results[k].curves for k in kept},
+        curves_std={k: results[k].curves_std for k in kept},
+        agreement={k: results[k].agreement for k in kept},
         verdicts=verdicts,
         verdict_scores=scores,
         class_sensitivity=sensitivity.similarity if sensitivity else {},
@@ -457,15 +735,24 @@ def run_sanity_checks(
         classes=sensitivity.classes if sensitivity else {},
         task=resolved_task,
         target=described,
-        maps={k: results[k].maps for k in ("cascading", "independent") if k in results},
+        order=order,
+        resamples=int(resamples),
+        confidence=float(confidence),
+        details={k: v for k, v in details.items() if v},
+        emprt=emprt_summary,
+        class_same=sensitivity.same_class if sensitivity else {},
+        maps={k: results[k].maps for k in kept},
         class_maps=sensitivity.maps if sensitivity else {},
     )
 
 
 __all__ = [
+    "CHECKS",
+    "CURVES",
     "DEFAULT_THRESHOLDS",
     "DEFAULT_VERDICT_METRIC",
     "MODES",
+    "ORDER_CHOICES",
     "VERDICT_METRICS",
     "SanityReport",
     "decide_verdicts",

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from lightning_introspect.methods.attribution_runs import FAITHFULNESS_REFERENCES
 from lightning_introspect.render.heatmap import colorize, normalize_maps, overlay, to_display
 
 
@@ -124,6 +125,58 @@ def localization_markdown(scores: Mapping[str, Mapping[str, Any]], step: int) ->
     return "\n".join(lines)
 
 
+
+def _against(row: Mapping[str, float], ref: Mapping[str, float] | None) -> str:
+    """``better`` (removing its top pixels hurts more and inserting them helps more than the reference's),
+    ``worse`` (both the other way), ``mixed``, or ``n/a``."""
+    if ref is None:
+        return "n/a"
+    deletes, inserts = row["deletion_auc"] < ref["deletion_auc"], row["insertion_auc"] > ref["insertion_auc"]
+    return "better" if deletes and inserts else "worse" if not (deletes or inserts) else "mixed"
+
+
+def faithfulness_markdown(scores: Mapping[str, Mapping[str, float]], step: int, *, steps: int, baseline: str, score: str) -> str:
+    """The deletion / insertion areas of one run as a markdown table: each method, how it compares with the
+    random map and the edge detector, and the two references.
+
+    Args:
+        scores: ``{name: {"deletion_auc", "insertion_auc"}}`` with the references under ``"random"`` / ``"edges"``.
+        step: the global step of the run.
+        steps: removal steps per curve.
+        baseline: what removed pixels became.
+        score: what the curve follows, in words (e.g. "the explained class's probability").
+
+    Example:
+        >>> rows = {"saliency": {"deletion_auc": 0.2, "insertion_auc": 0.7}, "random": {"deletion_auc": 0.5, "insertion_auc": 0.5}}
+        >>> print(faithfulness_markdown(rows, 3, steps=20, baseline="blur", score="the explained class's probability"))  # doctest: +NORMALIZE_WHITESPACE
+        **Faithfulness at step 3**: the explained class's probability as the pixels are removed in the map's order, most important first, replaced by the blur baseline (deletion: lower is better), and put back on the baseline in the same order (insertion: higher is better); 20 steps, area over the fraction 0..1.
+        <BLANKLINE>
+        | map | deletion AUC | insertion AUC | vs random | vs edges |
+        |---|---|---|---|---|
+        | saliency | 0.200 | 0.700 | better | n/a |
+        | random (reference) | 0.500 | 0.500 | | |
+        <BLANKLINE>
+        A method no better than the edge detector explains the image, not the model; one no better than random explains nothing.
+    """
+    lines = [
+        f"**Faithfulness at step {step}**: {score} as the pixels are removed in the map's order, most important first, "
+        f"replaced by the {baseline} baseline (deletion: lower is better), and put back on the baseline in the same order "
+        f"(insertion: higher is better); {steps} steps, area over the fraction 0..1.",
+        "",
+        "| map | deletion AUC | insertion AUC | vs random | vs edges |",
+        "|---|---|---|---|---|",
+    ]
+    refs = {name: scores.get(name) for name in FAITHFULNESS_REFERENCES}
+    for name, row in scores.items():
+        if name in FAITHFULNESS_REFERENCES:
+            continue
+        against = " | ".join(_against(row, refs[r]) for r in FAITHFULNESS_REFERENCES)
+        lines.append(f"| {name} | {row['deletion_auc']:.3f} | {row['insertion_auc']:.3f} | {against} |")
+    lines += [f"| {name} (reference) | {r['deletion_auc']:.3f} | {r['insertion_auc']:.3f} | | |" for name, r in refs.items() if r is not None]
+    lines += ["", "A method no better than the edge detector explains the image, not the model; one no better than random explains nothing."]
+    return "\n".join(lines)
+
+
 def display_inputs(x: torch.Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
     """Images ``(N, C, H, W)`` ready to show under a heat map: un-normalised with ``mean`` / ``std`` (else
     min-max scaled per image), and averaged to one channel unless they have 1 or 3.
@@ -171,9 +224,16 @@ def attribution_overlays(
     return overlay(display, heat, alpha=alpha)
 
 
-def feature_bar_chart(maps: torch.Tensor, *, title: str, max_features: int = 40) -> Any:
+def feature_bar_chart(maps: torch.Tensor, *, title: str, max_features: int = 40, feature_names: Sequence[str] | None = None) -> Any:
     """Mean ``|attribution|`` per feature of tabular maps ``(N, F)`` as a matplotlib bar chart (the
-    ``max_features`` strongest features, in feature order, when there are more)."""
+    ``max_features`` strongest features, in feature order, when there are more), each bar labelled with
+    its name from ``feature_names`` (its index where no name is given).
+
+    Example:
+        >>> fig = feature_bar_chart(torch.tensor([[1.0, -3.0]]), title="saliency", feature_names=["age", "income"])
+        >>> [t.get_text() for t in fig.axes[0].get_xticklabels()]
+        ['age', 'income']
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -186,7 +246,7 @@ def feature_bar_chart(maps: torch.Tensor, *, title: str, max_features: int = 40)
     fig, ax = plt.subplots(figsize=(max(3.0, 0.25 * idx.numel() + 1.0), 2.6))
     ax.bar(range(idx.numel()), importance[idx].numpy(), color="#4c72b0")
     ax.set_xticks(range(idx.numel()))
-    ax.set_xticklabels([str(int(i)) for i in idx], fontsize=6, rotation=90)
+    ax.set_xticklabels([class_label(int(i), feature_names) for i in idx], fontsize=6, rotation=90)
     ax.set_xlabel("feature")
     ax.set_ylabel("mean |attribution|")
     ax.set_title(title, fontsize=9)
@@ -250,10 +310,16 @@ def attribution_summary_lines(history: Sequence[Mapping[str, Any]], methods: Seq
         lines.append("localisation (pointing game / energy in mask / chance): " + "; ".join(
             f"{m} {r['pointing_game']:.2f} / {r['energy_in_mask']:.2f} / {r['chance']:.2f}" for m, r in scored.items()
         ))
+    faithful = last.get("faithfulness") or {}
+    if faithful:
+        lines.append("faithfulness (deletion AUC, lower better / insertion AUC, higher better): " + "; ".join(
+            f"{m} {r['deletion_auc']:.2f} / {r['insertion_auc']:.2f}" for m, r in faithful.items()
+        ))
     return lines
 
 
 __all__ = [
+    "faithfulness_markdown",
     "localization_markdown",
     "outline_regions",
     "region_captions",

@@ -136,3 +136,32 @@ def probe_summary_lines(
         parts.append(f"raw input {input_accuracy:.3f}")
     curve = ", ".join(f"{n} {accuracy[n]:.2f}" for n in _by_depth(accuracy, order))
     return [" | ".join(parts), f"by depth: {curve}"]
+
+
+def probe_notes(
+    *,
+    token_pooling: Mapping[str, str] | None = None,
+    pixels_per_image: int | None = None,
+    ignore_index: int | None = None,
+    max_samples: int | None = None,
+) -> str:
+    """What a reader of the probe table needs to know about how the features were made, as markdown
+    paragraphs ("" when there is nothing to say): how token layers were pooled and, for per-pixel probes
+    (``pixels_per_image`` given), which pixels were drawn.
+
+    Example:
+        >>> print(probe_notes(token_pooling={"blocks.1": "class token (token 0 of 17)"}))
+        Token layers (N, T, D), one vector per sample: `blocks.1`: class token (token 0 of 17).
+    """
+    notes = []
+    if token_pooling:
+        layers = "; ".join(f"`{name}`: {how}" for name, how in token_pooling.items())
+        notes.append(f"Token layers (N, T, D), one vector per sample: {layers}.")
+    if pixels_per_image is not None:
+        ignored = "" if ignore_index is None else f", pixels labelled {ignore_index} never drawn"
+        notes.append(
+            f"Per-pixel probes (segmentation): up to {pixels_per_image} positions per image, the same every epoch, "
+            f"each labelled by the mask resized to its layer's feature map (nearest){ignored}; at most {max_samples} "
+            "pixels per layer. Accuracy is over pixels (the background's share is the majority baseline)."
+        )
+    return "\n\n".join(notes)

@@ -19,6 +19,12 @@ from lightning_introspect.methods.sanity_report import SanityReport
 from lightning_introspect.methods.similarity import map_similarities
 from lightning_introspect.render.heatmap import colorize, normalize_maps, to_display
 
+PASSED = {"pass": 1.0, "inconclusive": 0.5, "fail": 0.0}
+"""The ``.../passed`` scalar of each verdict."""
+
+CURVE_TITLES = {"cascading": "top-down cascading", "bottom_up": "bottom-up cascading", "independent": "independent"}
+CURVE_ROWS = {"cascading": "cumulative, output side first", "bottom_up": "cumulative, input side first", "independent": "one block each"}
+
 METRIC_LABELS = {
     "spearman_abs": "Spearman rank correlation of |map|",
     "spearman": "Spearman rank correlation (signed)",
@@ -29,10 +35,14 @@ METRIC_LABELS = {
 def report_scalars(report: SanityReport) -> dict[str, float]:
     """The report as finite scalars keyed by tag path (below ``introspect/sanity/``).
 
-    ``<method>/<metric>/<mode>/<layer>`` holds each similarity after randomising ``<layer>``;
-    ``<method>/score`` and ``<method>/passed`` (1.0 pass / 0.0 fail) the randomisation verdict;
-    ``<method>/class_score`` and ``<method>/class_passed`` the class-sensitivity verdict. NaN / Inf
-    values are left out (a scalar chart cannot show them).
+    ``<method>/<metric>/<curve>/<layer>`` holds each similarity after randomising ``<layer>`` (``<curve>``:
+    ``cascading`` top-down, ``bottom_up``, ``independent``); ``<method>/score`` and ``<method>/passed``
+    (1.0 pass / 0.5 inconclusive / 0.0 fail) the top-down randomisation verdict, with ``score_low``,
+    ``score_high`` (its bootstrap interval) and ``threshold``; ``<method>/bottom_up_score`` and
+    ``bottom_up_passed`` the bottom-up verdict; ``<method>/class_score`` and ``<method>/class_passed`` the
+    class-sensitivity verdict (least likely class) with ``class_threshold``, ``class_second_score`` and
+    ``class_second_passed`` for the runner-up; ``<method>/emprt`` eMPRT. NaN / Inf values are left out (a
+    scalar chart cannot show them).
 
     Args:
         report: the sanity-check report.
@@ -49,10 +59,23 @@ def report_scalars(report: SanityReport) -> dict[str, float]:
     for method in report.methods:
         if method in report.verdicts:
             scalars[f"{method}/score"] = report.verdict_scores[method]
-            scalars[f"{method}/passed"] = float(report.verdicts[method] == "pass")
+            scalars[f"{method}/passed"] = PASSED[report.verdicts[method]]
         if method in report.class_sensitivity_verdicts:
             scalars[f"{method}/class_score"] = report.class_sensitivity_scores[method]
-            scalars[f"{method}/class_passed"] = float(report.class_sensitivity_verdicts[method] == "pass")
+            scalars[f"{method}/class_passed"] = PASSED[report.class_sensitivity_verdicts[method]]
+        for check, prefix in (("randomization", "score"), ("bottom_up", "bottom_up_score"), ("class_least", "class_score"),
+                              ("class_second", "class_second_score")):
+            detail = report.details.get(check, {}).get(method)
+            if detail is None:
+                continue
+            stem = prefix.removesuffix("score")
+            scalars[f"{method}/{prefix}"] = detail.score
+            scalars[f"{method}/{prefix}_low"] = detail.low
+            scalars[f"{method}/{prefix}_high"] = detail.high
+            scalars[f"{method}/{stem}threshold"] = detail.threshold
+            scalars[f"{method}/{stem}passed"] = PASSED[detail.verdict]
+        if method in report.emprt:
+            scalars[f"{method}/emprt"] = report.emprt[method]["score"]
     return {k: v for k, v in scalars.items() if math.isfinite(v)}
 
 
@@ -75,14 +98,23 @@ def sanity_summary_lines(report: SanityReport | None) -> list[str]:
     if report is None:
         return []
     r = report
+
+    def text(check: str, method: str, verdict: str, score: float) -> str:
+        detail = r.details.get(check, {}).get(method)
+        return f"{method} {verdict} ({detail.interval_text() if detail is not None else f'{score:.2f}'})"
+
     lines = [
-        "SanityChecks randomisation: " + ", ".join(f"{m} {v} ({r.verdict_scores[m]:.2f})" for m, v in r.verdicts.items()),
+        "SanityChecks randomisation: " + ", ".join(text("randomization", m, v, r.verdict_scores[m]) for m, v in r.verdicts.items()),
     ]
+    if r.details.get("bottom_up"):
+        lines.append("SanityChecks bottom-up: " + ", ".join(text("bottom_up", m, v.verdict, v.score) for m, v in r.details["bottom_up"].items()))
     if r.class_sensitivity_verdicts:
         lines.append(
-            "SanityChecks class sensitivity: "
-            + ", ".join(f"{m} {v} ({r.class_sensitivity_scores[m]:.2f})" for m, v in r.class_sensitivity_verdicts.items())
+            "SanityChecks class sensitivity (least likely class): "
+            + ", ".join(text("class_least", m, v, r.class_sensitivity_scores[m]) for m, v in r.class_sensitivity_verdicts.items())
         )
+    if r.emprt:
+        lines.append("SanityChecks eMPRT: " + ", ".join(f"{m} {v['score']:.2f}" for m, v in r.emprt.items()))
     if r.caveats:
         lines.append("SanityChecks caveats: " + ", ".join(sorted({c.kind for c in r.caveats})))
     if r.task == "segmentation":
@@ -149,7 +181,7 @@ def maps_grid(report: SanityReport, mode: str, inputs: torch.Tensor) -> Any:
     if not methods:
         return None
     size = (int(inputs.shape[-2]), int(inputs.shape[-1])) if inputs.ndim == 4 else None
-    steps = [ORIGINAL, *report.layers]
+    steps = [ORIGINAL, *report.steps(mode)]
     first = input_image(inputs)
     images, captions = [], []
     pairs, slots = [], []  # caption similarities, measured in one batched call below
@@ -175,8 +207,8 @@ def maps_grid(report: SanityReport, mode: str, inputs: torch.Tensor) -> Any:
                 captions.append("")
     _fill_captions(captions, slots, pairs)
     ncol = len(methods) + (first is not None)
-    labels = [ORIGINAL] + [f"{'→ ' if mode == 'cascading' else ''}{name}" for name in report.layers]
-    title = f"{mode} randomisation (rows: {'cumulative, output side first' if mode == 'cascading' else 'one block each'})"
+    labels = [ORIGINAL] + [f"{'→ ' if mode != 'independent' else ''}{name}" for name in report.steps(mode)]
+    title = f"{CURVE_TITLES.get(mode, mode)} randomisation (rows: {CURVE_ROWS.get(mode, mode)})"
     return annotated_grid(torch.stack(images), captions, nrow=ncol, row_labels=labels, title=title)
 
 
@@ -262,6 +294,13 @@ def annotated_grid(
     return figure_to_array(fig)
 
 
+def _verdict_of(report: SanityReport, mode: str, method: str) -> str:
+    if mode == "bottom_up":
+        detail = report.details.get("bottom_up", {}).get(method)
+        return detail.verdict if detail is not None else "?"
+    return report.verdicts.get(method, "?")
+
+
 def curve_figure(report: SanityReport, mode: str, metric: str) -> Any:
     """HWC uint8 image of the similarity-vs-layer curves of one mode and metric (one line per method)."""
     return curve_figures(report, mode, [metric])[metric]
@@ -278,16 +317,16 @@ def curve_figures(report: SanityReport, mode: str, metrics: Sequence[str]) -> di
 
     from lightning_introspect.loggers.adapter import figure_to_array
 
-    xs = [ORIGINAL, *report.layers]
+    steps = report.steps(mode)
+    xs = [ORIGINAL, *steps]
     fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(xs) + 2.5), 3.4), dpi=90)
     out: dict[str, Any] = {}
     try:
         ax.set_xticks(range(len(xs)))
         ax.set_xticklabels(xs, rotation=35, ha="right", fontsize=7)
-        what = "cumulative, from the output" if mode == "cascading" else "one layer at a time"
         # y given: the title sits where matplotlib puts it anyway (no ticks on top) without the per-draw
         # search for overlapping tick labels
-        ax.set_title(f"{mode} randomisation ({what})", fontsize=9, y=1.0)
+        ax.set_title(f"{CURVE_TITLES.get(mode, mode)} randomisation ({CURVE_ROWS.get(mode, mode)})", fontsize=9, y=1.0)
         fig.subplots_adjust(left=0.13, right=0.98, top=0.9, bottom=0.3)  # fixed layout: tight_layout costs more than the plot
         for metric in metrics:
             ax.set_prop_cycle(None)  # every figure starts at the first colour
@@ -297,18 +336,20 @@ def curve_figures(report: SanityReport, mode: str, metrics: Sequence[str]) -> di
                 values = report.curves.get(mode, {}).get(method, {}).get(metric)
                 if not values:
                     continue
-                ys = [1.0] + [values.get(name, float("nan")) for name in report.layers]
-                std = [0.0] + [report.curves_std.get(mode, {}).get(method, {}).get(metric, {}).get(name, 0.0) for name in report.layers]
-                line = ax.plot(range(len(xs)), ys, marker="o", label=f"{method} ({report.verdicts.get(method, '?')})")[0]
+                ys = [1.0] + [values.get(name, float("nan")) for name in steps]
+                std = [0.0] + [report.curves_std.get(mode, {}).get(method, {}).get(metric, {}).get(name, 0.0) for name in steps]
+                line = ax.plot(range(len(xs)), ys, marker="o", label=f"{method} ({_verdict_of(report, mode, method)})")[0]
                 lo = [y - s for y, s in zip(ys, std)]
                 band = ax.fill_between(range(len(xs)), lo, [y + s for y, s in zip(ys, std)], color=line.get_color(), alpha=0.15)
                 artists += [line, band]
                 lowest = min(lowest, min(v for v in lo if math.isfinite(v)))
-            if metric in ("spearman_abs", "spearman") or report.verdict_metric == metric:
-                artists.append(ax.axhline(report.thresholds["randomization"], color="grey", ls="--", lw=1, label="pass threshold"))
+                detail = report.details.get("bottom_up" if mode == "bottom_up" else "randomization", {}).get(method)
+                if detail is not None and detail.metric == metric and mode != "independent":  # its own relative threshold
+                    artists.append(ax.axhline(detail.threshold, color=line.get_color(), ls="--", lw=0.8))
             ax.set_ylim(min(-0.1, lowest - 0.05), 1.05)
             ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=8)
-            artists.append(ax.legend(fontsize=6, loc="lower left"))
+            if any(isinstance(a, matplotlib.lines.Line2D) and not str(a.get_label()).startswith("_") for a in artists):
+                artists.append(ax.legend(fontsize=6, loc="lower left"))
             out[metric] = figure_to_array(fig, close=False)
             for artist in artists:
                 artist.remove()
@@ -318,7 +359,10 @@ def curve_figures(report: SanityReport, mode: str, metrics: Sequence[str]) -> di
 
 
 __all__ = [
+    "CURVE_ROWS",
+    "CURVE_TITLES",
     "METRIC_LABELS",
+    "PASSED",
     "annotated_grid",
     "class_maps_grid",
     "curve_figure",
