@@ -149,7 +149,7 @@ def test_attribute_shares_one_forward_and_one_gradient_call(digits, monkeypatch)
 def test_inference_mode_gives_the_same_maps(digits):
     """Lightning runs validation hooks under torch.inference_mode(): every method must still work."""
     model, x, y = digits
-    names = [m for m in METHODS if m != "lrp"]
+    names = [m for m in METHODS if m not in ("lrp", "attention_rollout", "grad_rollout")]  # a CNN: no attention (ViT: test_attention_methods)
     outside = attribute(model, x, y, names, layer="features.9")
     with torch.inference_mode():
         xi = x.clone()  # an inference tensor
@@ -390,3 +390,96 @@ def test_bad_arguments_raise_value_errors(digits):
         attribute(model, x, y, ["saliency"], options={"salency": {}})
     with pytest.raises(ValueError, match="floating"):
         saliency(model, x.long(), y)
+
+
+# ---------------------------------------------------------------------------- vision transformers
+def _token_cam_by_hand(model, x, target, layer, k, *, relu=True, upsample=True):
+    """Grad-CAM on the reshaped patch grid, computed here: hook -> autograd.grad -> (N, D, h, w) Grad-CAM."""
+    captured = []
+    module = dict(model.named_modules())[layer]
+    handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        out = model(x)
+    finally:
+        handle.remove()
+    act = captured[0]
+    (grad,) = torch.autograd.grad(out.gather(1, torch.as_tensor(target).view(-1, 1)).sum(), act)
+    if act.shape[0] != x.shape[0]:  # (T, N, D)
+        act, grad = act.transpose(0, 1), grad.transpose(0, 1)
+    n, t, d = act.shape
+    side = int(round((t - k) ** 0.5))
+    grid = act[:, k:].reshape(n, side, side, d).permute(0, 3, 1, 2).detach()
+    ggrid = grad[:, k:].reshape(n, side, side, d).permute(0, 3, 1, 2)
+    cam = (ggrid.mean(dim=(2, 3), keepdim=True) * grid).sum(1, keepdim=True)
+    cam = F.relu(cam) if relu else cam
+    return F.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False) if upsample else cam
+
+
+def _vit(name):
+    from tests.test_attention_methods import HandViT, StackedViT
+    from tests.zoo import TinyViT
+
+    torch.manual_seed(0)
+    return {
+        "registers": (HandViT(cls=True, registers=4), "blocks.0", 5),
+        "mean_pool": (HandViT(cls=False, registers=0), "blocks.1", 0),
+        "encoder_layers": (StackedViT(), "layers.0", 1),
+        "sequence_first": (StackedViT(batch_first=False), "layers.0", 1),
+        "zoo_tiny_vit": (TinyViT(), "encoder", 1),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["registers", "mean_pool", "encoder_layers", "sequence_first", "zoo_tiny_vit"])
+def test_grad_cam_on_tokens_equals_grad_cam_on_the_reshaped_grid(name):
+    model, layer, k = _vit(name)
+    model.eval()
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    target = [0, 1, 2]
+    for relu, upsample in ((True, True), (False, False)):
+        ours = grad_cam(model, x, target, layer, relu=relu, upsample=upsample)
+        torch.testing.assert_close(ours, _token_cam_by_hand(model, x, target, layer, k, relu=relu, upsample=upsample), rtol=1e-5, atol=1e-6)
+    stated = attribute(model, x, target, ["grad_cam"], layer=layer, options={"grad_cam": {"num_prefix_tokens": k}})["grad_cam"]
+    torch.testing.assert_close(stated, grad_cam(model, x, target, layer))
+    raw = grad_cam(model, x, target, layer, relu=False)
+    if name == "zoo_tiny_vit":  # one block, class-token head: its patch tokens never reach the score (documented)
+        assert float(raw.abs().max()) == 0.0
+    else:
+        assert float(raw.abs().max()) > 0.0
+
+
+def test_guided_grad_cam_on_tokens_is_guided_backprop_times_the_token_cam():
+    model, layer, k = _vit("registers")
+    model.eval()
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    with pytest.warns(UserWarning, match="no ReLU"):
+        guided = guided_backprop(model, x, [1, 2])
+        ours = guided_grad_cam(model, x, [1, 2], layer, num_prefix_tokens=k)
+    torch.testing.assert_close(ours, guided * _token_cam_by_hand(model, x, [1, 2], layer, k), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("registers", "blocks.0"), ("mean_pool", "blocks.1"), ("encoder_layers", "layers.0"), ("zoo_tiny_vit", "patch_embed")],
+)
+def test_auto_layer_on_vision_transformers(name, expected, caplog):
+    model, _, _ = _vit(name)
+    with caplog.at_level("INFO", logger="lightning_introspect.methods.attribution"):
+        assert auto_layer(model, torch.randn(2, 1, 16, 16)) == expected
+    assert "patch tokens" in caplog.text
+
+
+def test_auto_layer_without_a_reaching_block_or_feature_map_says_so():
+    from tests.test_attention_methods import Block
+
+    class LinearPatchViT(nn.Module):  # linear patch embedding, one block, class-token head
+        def __init__(self):
+            super().__init__()
+            self.embed, self.cls, self.block, self.head = nn.Linear(16, 8), nn.Parameter(torch.zeros(1, 1, 8)), Block(8, 2), nn.Linear(8, 3)
+
+        def forward(self, x):
+            patches = F.unfold(x, 4, stride=4).transpose(1, 2)
+            t = torch.cat([self.cls.expand(len(x), -1, -1), self.embed(patches)], 1)
+            return self.head(self.block(t)[:, 0])
+
+    with pytest.raises(ValueError, match="transformer block"):
+        auto_layer(LinearPatchViT(), torch.randn(1, 1, 16, 16))

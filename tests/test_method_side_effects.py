@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_introspect.methods.attention import ATTENTION_METHODS
 from lightning_introspect.methods.attribution import METHODS, attribute
 
 
@@ -79,13 +80,17 @@ def _assert_unchanged(net, x, before):
     assert torch.is_inference_mode_enabled() == before["inference"]
 
 
+# The CNN has no attention: the rollouts get the same checks on a ViT in tests/test_attention_methods.py.
+CNN_METHODS = [m for m in METHODS if m not in ATTENTION_METHODS]
+
+
 def _methods():
-    return [*METHODS, "attribute(all)"]
+    return [*CNN_METHODS, "attribute(all)"]
 
 
 def _call(name, net, x, target):
     if name == "attribute(all)":
-        return attribute(net, x, target, list(METHODS), layer="bn2", options={"guided_backprop": {"top_k": 3}})
+        return attribute(net, x, target, CNN_METHODS, layer="bn2", options={"guided_backprop": {"top_k": 3}})
     if name in ("grad_cam", "guided_grad_cam"):
         return METHODS[name](net, x, target, "bn2")
     if name == "guided_backprop":

@@ -28,6 +28,7 @@ from lightning_introspect.callbacks.budget import best_of
 from lightning_introspect.callbacks.checks import gradient_problem
 from lightning_introspect.callbacks.outputs import logits_only
 from lightning_introspect.loggers.adapter import IntrospectionWriter
+from lightning_introspect.methods.attention import ATTENTION_METHODS, attention_problem
 from lightning_introspect.methods.attribution import (
     LAYER_METHODS,
     SIGNED_METHODS,
@@ -158,7 +159,8 @@ class Attributions(IntrospectionCallback):
 
     Args:
         methods: names from ``METHODS``: ``saliency``, ``input_x_gradient``, ``guided_backprop``,
-            ``deconvnet``, ``grad_cam``, ``guided_grad_cam``, ``lrp``. ``lrp`` is skipped with one
+            ``deconvnet``, ``grad_cam``, ``guided_grad_cam``, ``lrp``, ``attention_rollout``, ``grad_rollout``
+            (vision transformers; skipped with one warning for a model without self-attention). ``lrp`` is skipped with one
             warning when ``lightning_introspect.methods.lrp`` is not available or fails on the model.
         cam_layer: the feature map for Grad-CAM (and guided backprop's ``top_k``): a dotted module name or
             ``"auto"`` (the last conv feature map, see ``auto_layer``; the choice is logged as text).
@@ -470,6 +472,11 @@ class Attributions(IntrospectionCallback):
         if problem is not None:
             self.warn_once("lrp-skipped", f"Attributions: {problem}")
             methods.remove("lrp")
+        rollouts = [m for m in methods if m in ATTENTION_METHODS]
+        problem = attention_problem(pl_module, x[:1].to(pl_module.device)) if rollouts else None
+        if problem is not None:
+            self.warn_once("attention-skipped", f"Attributions: {rollouts} are skipped for this model: {problem}")
+            methods = [m for m in methods if m not in ATTENTION_METHODS]
         self.resolved_task = resolve_task(self.task, out, y, argument="task")
         if self.resolved_task == "segmentation" and self.per_class is not None:
             self.warn_once("per-class-seg", "Attributions: `per_class` draws samples by their one label; segmentation samples have masks, "
@@ -490,7 +497,7 @@ class Attributions(IntrospectionCallback):
                 with logits_only(pl_module, self.output_transform):
                     self.resolved_cam_layer = auto_layer(pl_module, x[:1].to(pl_module.device))
                 how = ("chosen automatically (the deepest feature map before the output head)" if self.resolved_task == "segmentation"
-                       else "chosen automatically (last convolutional feature map)")
+                       else "chosen automatically (last convolutional feature map, or a vision transformer's last block whose patch tokens reach the output)")
             else:
                 get_layer(pl_module, self.cam_layer, argument="cam_layer")
                 self.resolved_cam_layer = self.cam_layer

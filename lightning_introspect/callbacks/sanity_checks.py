@@ -27,6 +27,7 @@ from lightning_introspect.callbacks.checks import gradient_problem
 from lightning_introspect.callbacks.outputs import logits_only
 from lightning_introspect.callbacks.progress import IntrospectionProgress
 from lightning_introspect.loggers.adapter import IntrospectionWriter
+from lightning_introspect.methods.attention import ATTENTION_METHODS, attention_problem
 from lightning_introspect.methods.attribution import LAYER_METHODS
 from lightning_introspect.methods.class_check import DEFAULT_OTHERS, OTHER_CLASSES
 from lightning_introspect.methods.explainers import DEFAULT_METHODS, Explainer
@@ -496,6 +497,11 @@ class SanityChecks(IntrospectionCallback):
         if problem is not None:
             self.warn_once("lrp-skipped", f"SanityChecks: {problem}")
             methods.remove("lrp")
+        rollouts = [m for m in methods if m in ATTENTION_METHODS]
+        problem = attention_problem(model, inputs[:1]) if rollouts else None
+        if problem is not None:
+            self.warn_once("attention-skipped", f"SanityChecks: {rollouts} are skipped for this model: {problem}")
+            methods = [m for m in methods if m not in ATTENTION_METHODS]
         if inputs.ndim == 2 and any(m in LAYER_METHODS for m in methods):
             dropped = [m for m in methods if m in LAYER_METHODS]
             self.warn_once("tabular", f"SanityChecks: {dropped} need a spatial feature map; tabular inputs (N, F) skip them.")

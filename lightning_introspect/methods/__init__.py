@@ -22,6 +22,9 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "METHODS", "SIGNED_METHODS", "attribute", "auto_layer", "deconvnet", "grad_cam", "guided_backprop",
         "guided_grad_cam", "input_x_gradient", "saliency", "smoothgrad", "integrated_gradients",
     ),
+    "attention": (
+        "ATTENTION_METHODS", "AttentionMap", "attention_maps", "attention_problem", "attention_rollout", "grad_rollout", "token_grid",
+    ),
     "token_attribution": (
         "TOKEN_METHODS", "find_embedding", "gradient_x_embedding", "token_attributions", "token_integrated_gradients",
         "token_saliency",

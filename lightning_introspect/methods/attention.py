@@ -232,6 +232,7 @@ class _AttentionRecorder(TorchFunctionMode):
         if probs.ndim < 3 or probs.shape[-1] != probs.shape[-2]:
             return  # cross-attention (queries and keys differ): not part of a rollout
         tokens = probs.shape[-1]
+        graph = probs if graph is None else graph  # the tensor the output was computed from: gradients are taken w.r.t. it
         if probs.ndim == 3:
             if probs.shape[0] % self.batch:
                 return
@@ -249,7 +250,8 @@ class _AttentionRecorder(TorchFunctionMode):
             bound.apply_defaults()
             need, average = bound.arguments["need_weights"], bound.arguments["average_attn_weights"]
             bound.arguments["need_weights"], bound.arguments["average_attn_weights"] = True, False
-            output, weights = func(*bound.args, **bound.kwargs)
+            result: Any = func(*bound.args, **bound.kwargs)
+            output, weights = result
             # `weights` is a view of the probabilities the output was computed from (heads folded into the
             # batch); the gradient is taken w.r.t. that tensor.
             base = weights._base if weights._base is not None and weights._base.numel() == weights.numel() else None
@@ -537,8 +539,11 @@ def grad_rollout(
         maps = _self_attention(recorder.maps)
         score = target_scores(output.float(), target).sum()
         wrt = [m.graph if m.graph is not None else m.probs for m in maps]
-        grads = torch.autograd.grad(score, wrt, allow_unused=True)
-        gradients = [torch.zeros_like(m.probs) if g is None else g.reshape(m.probs.shape) for m, g in zip(maps, grads)]
+        live = [t for t in wrt if t.requires_grad]  # probabilities outside the graph (constant attention) get zeros
+        found = dict(zip(map(id, live), torch.autograd.grad(score, live, allow_unused=True))) if live and score.requires_grad else {}
+        gradients = [
+            torch.zeros_like(m.probs) if found.get(id(t)) is None else found[id(t)].reshape(m.probs.shape) for m, t in zip(maps, wrt)
+        ]
         attentions = [m.probs.detach() for m in maps]
     k, h, w = token_grid(attentions[-1].shape[-1], inputs.shape[2:], num_prefix_tokens)
     relevance = gradient_rollout(attentions, [g.detach() for g in gradients])

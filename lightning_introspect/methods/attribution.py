@@ -4,7 +4,10 @@ Every function takes ``(model, inputs, target)`` and returns a detached map per 
 
 * :func:`saliency`, :func:`input_x_gradient`, :func:`guided_backprop`, :func:`deconvnet` and
   :func:`guided_grad_cam` return maps of the inputs' shape;
-* :func:`grad_cam` returns ``(N, 1, *spatial)`` (the input's spatial size when ``upsample=True``).
+* :func:`grad_cam` returns ``(N, 1, *spatial)`` (the input's spatial size when ``upsample=True``), also
+  for a vision transformer's token outputs ``(N, T, D)`` (the patch tokens on their grid);
+* :func:`attention_rollout` and :func:`grad_rollout` (vision transformers, from
+  :mod:`~lightning_introspect.methods.attention`) return ``(N, 1, H, W)``.
 
 :func:`attribute` computes several methods sharing one forward pass: one ``torch.autograd.grad`` w.r.t.
 ``[input, activation]`` serves saliency, input x gradient and Grad-CAM; guided backprop and deconvnet
@@ -51,7 +54,13 @@ from torch.overrides import TorchFunctionMode
 from lightning_introspect._torch.guards import fresh_input, introspection_mode, private_generator
 from lightning_introspect._torch.hooks import hooks
 from lightning_introspect._torch.layers import get_layer
-from lightning_introspect.methods.attention import ATTENTION_METHODS, attention_rollout, grad_rollout, token_grid, tokens_first
+from lightning_introspect.methods.attention import (
+    ATTENTION_METHODS,
+    attention_rollout,
+    grad_rollout,
+    token_grid,
+    tokens_first,
+)
 from lightning_introspect.methods.targets import RegionTarget, Target, target_indices, target_scores
 
 __all__ = [
@@ -1106,12 +1115,13 @@ def auto_layer(model: nn.Module, example_input: torch.Tensor) -> str:
     _check_inputs(example_input)
     names = {m: n for n, m in model.named_modules() if n}
     calls: list[tuple[str, tuple[int, ...] | None, bool]] = []
-    containers: set[str] = {n for m, n in names.items() if next(m.children(), None) is not None}
+    block_shapes: list[tuple[int, ...] | None] = []  # per call: a container's output (a tuple's first tensor)
 
     def record(module: nn.Module, _inputs: Any, output: Any) -> None:
-        first = _first_tensor(output)
-        shape = tuple(first.shape) if first is not None and isinstance(module, tuple(containers_types)) or isinstance(output, torch.Tensor) else None
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
         calls.append((names[module], shape, isinstance(module, nn.modules.conv._ConvNd)))
+        first = _first_tensor(output) if next(module.children(), None) is not None else None
+        block_shapes.append(None if first is None else tuple(first.shape))
 
     with introspection_mode(model, grad=False), hooks() as handles:
         for module in names:
@@ -1122,10 +1132,23 @@ def auto_layer(model: nn.Module, example_input: torch.Tensor) -> str:
     for name, _, _ in calls:
         counts[name] = counts.get(name, 0) + 1
 
+    image = example_input.ndim == 4
+
     def spatial(shape: tuple[int, ...] | None) -> bool:
-        return shape is not None and len(shape) >= 3 and any(s > 1 for s in shape[2:])
+        # image inputs: 3-D outputs are tokens (N, T, D), not 1-D feature maps
+        return shape is not None and len(shape) >= 3 and any(s > 1 for s in shape[2:]) and (not image or len(shape) == 4)
 
     conv_idx = [i for i, (_, shape, is_conv) in enumerate(calls) if is_conv and spatial(shape)]
+    blocks = [
+        name for i, (name, _, _) in enumerate(calls)
+        if image and i > (conv_idx[-1] if conv_idx else -1) and counts[name] == 1 and _token_layout(block_shapes[i], example_input) is not None
+    ]
+    if blocks:
+        chosen = _reaching_block(model, example_input, blocks)
+        if chosen is not None:
+            log.info("auto_layer: %r, the last transformer block whose patch tokens reach the output.", chosen)
+            return chosen
+        log.info("auto_layer: the patch tokens of no transformer block (%s) reach the output; using the feature-map rule.", ", ".join(blocks))
     if conv_idx:
         start = conv_idx[-1]
         shape = calls[start][1]
@@ -1139,8 +1162,67 @@ def auto_layer(model: nn.Module, example_input: torch.Tensor) -> str:
             return best
     candidates = [name for name, shape, _ in calls if spatial(shape) and counts[name] == 1]
     if not candidates:
+        tokens = f" nor a transformer block whose patch tokens reach the output (blocks seen: {', '.join(blocks)})" if blocks else ""
         raise ValueError(
-            "Cannot choose a layer automatically: no submodule outputs a spatial feature map (N, C, H, W). "
-            "Pass `layer` with the dotted name of a convolutional layer."
+            f"Cannot choose a layer automatically: no submodule outputs a spatial feature map (N, C, H, W){tokens}. "
+            "Pass `layer` with the dotted name of a convolutional layer or of a transformer block."
         )
     return candidates[-1]
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    """A module's output tensor, or the first element of a tuple / list output (a transformer layer's
+    ``(hidden, attention)``)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+def _token_layout(shape: tuple[int, ...] | None, example_input: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(k, h, w)`` when ``shape`` is one sample's tokens ``(1, T, D)`` / ``(T, 1, D)`` of the image: prefix
+    tokens and a patch grid of at least two patches; else ``None``."""
+    if shape is None or len(shape) != 3 or 1 not in shape[:2]:
+        return None
+    tokens = shape[1] if shape[0] == 1 else shape[0]
+    try:
+        k, h, w = token_grid(tokens, example_input.shape[2:])
+    except ValueError:
+        return None
+    return (k, h, w) if h * w >= 2 else None
+
+
+def _reaching_block(model: nn.Module, example_input: torch.Tensor, blocks: Sequence[str]) -> str | None:
+    """The last of ``blocks`` (token outputs, in call order) whose patch tokens get a non-zero gradient of
+    the predicted class's score (one sample; one forward and one backward pass); ``None`` if none does."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            first = _first_tensor(output)
+            if first is not None and first.requires_grad:
+                captured[name] = first
+        return hook
+
+    with introspection_mode(model), hooks() as handles:
+        for name in blocks:
+            handles.append(get_layer(model, name).register_forward_hook(capture(name)))
+        x = fresh_input(example_input[:1].to(_model_device(model, example_input)), dtype=_input_dtype(model))
+        output = _first_tensor(model(x.clone()))
+        if output is None or not output.is_floating_point() or output.ndim < 2:
+            return None
+        names = [n for n in blocks if n in captured]
+        if not names:
+            return None
+        grads = torch.autograd.grad(target_scores(output.float(), "pred").sum(), [captured[n] for n in names], allow_unused=True)
+        reaching = []
+        for name, grad in zip(names, grads):
+            layout = _token_layout(tuple(captured[name].shape), example_input)
+            if grad is not None and layout is not None and bool(tokens_first(grad, 1)[:, layout[0]:].abs().sum() > 0):
+                reaching.append(name)
+        if not reaching:
+            return None
+        chosen = reaching[-1]
+        # a container returning the very tensor of a block inside it (nn.Sequential of blocks): the block
+        return next(n for n in names if captured[n] is captured[chosen])
