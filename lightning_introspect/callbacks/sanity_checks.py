@@ -191,13 +191,12 @@ class SanityChecks(IntrospectionCallback):
     name = "sanity"
     sized_runs = True
     # the verdicts end in their quantity, not the method: one chart each, a line per method (custom scalars)
+    #: one Custom Scalars chart per quantity, a line per method (render/sanity.py `report_scalars` names them)
     scalar_charts = {
-        "score per method": r"[^/]+/score$",
-        "passed per method": r"[^/]+/passed$",
-        "class_score per method": r"[^/]+/class_score$",
-        "class_passed per method": r"[^/]+/class_passed$",
-        "emprt per method": r"[^/]+/emprt$",
-    }
+        f"{what} per method": rf"[^/]+/{what}$"
+        for check in ("", "bottom_up_", "class_", "class_second_")
+        for what in (f"{check}score", f"{check}score_low", f"{check}score_high", f"{check}threshold", f"{check}passed")
+    } | {"emprt per method": r"[^/]+/emprt$"}
 
     def __init__(
         self,
