@@ -86,7 +86,7 @@ def test_full_set_with_mixed_precision(tmp_path: Any, accelerator: str, precisio
             "introspect/attributions/grad_cam",
             "introspect/attributions/lrp",
             "introspect/featviz/class/0",
-            "introspect/sanity/maps/cascading",
+            "introspect/sanity/maps/bottom_up",  # the default order (top-down runs only its verdict steps)
         ],
         "histograms": ["introspect/weights/features.0", "introspect/weights/grad/features.0"],
     }
