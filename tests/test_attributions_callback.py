@@ -217,12 +217,12 @@ def test_lrp_failing_on_a_model_is_dropped_and_the_rest_goes_on(tmp_path):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(32, 1, 8, 8, generator=gen)
     y = (x.mean((1, 2, 3)) > 0).long()
-    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GELU(), nn.Flatten(), nn.Linear(256, 2))  # no LRP rule for GELU
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(1, 4), nn.Flatten(), nn.Linear(256, 2))  # no LRP rule for GroupNorm
     cb = Attributions(methods=["saliency", "lrp"], num_samples=4, every_n_epochs=1, at=None)  # on_error="warn"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quick_trainer(tmp_path, [cb], epochs=2).fit(_Generic(net, x, y))
-    # known before training (the model has no rule for GELU): dropped at the first resolution, one warning
+    # known before training (the model has no rule for GroupNorm): dropped at the first resolution, one warning
     assert sum("'lrp' is skipped for this model: LRP has no rule for module 'net.1'" in str(w.message) for w in caught) == 1
     assert not cb.disabled and len(cb.history) == 2 and list(cb.maps) == ["saliency"]
 

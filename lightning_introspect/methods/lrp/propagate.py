@@ -10,6 +10,15 @@ channels, weights in blocks, groups along output channels), parameter-free linea
 means; their implicit weights are positive) and operations where each output has one contribution per
 input (additions, scaling by constants, a BatchNorm that is not folded, the winners of max pooling). There
 is no code per rule here.
+
+The operations of transformers get their operation rules (:class:`~.rules.OperationRule`), all in the same
+gradient-times-input form on a small local graph recomputed at backward time: LayerNorm / RMSNorm with the
+standard deviation detached (:class:`~.rules.NormIdentity`), products of input-dependent tensors shared
+uniformly (:class:`~.rules.Uniform`), softmax held constant (:class:`~.rules.HoldConstant`: every value computed
+only from held values is held too, and relevance that reaches a held value is dropped) or linearised
+(:class:`~.rules.AttnLRPSoftmax`), and attention calls (``F.scaled_dot_product_attention``, the traced
+``nn.MultiheadAttention``) as the three steps ``q k^T`` -> softmax -> ``@ v``. Relevance stops at an
+embedding's output (token ids carry none).
 """
 
 from __future__ import annotations
@@ -23,8 +32,20 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from lightning_introspect._torch.guards import fresh_input, introspection_mode
 from lightning_introspect.methods.lrp.composites import Composite
-from lightning_introspect.methods.lrp.rules import Modifier, Rule, Term
+from lightning_introspect.methods.lrp.decompose import attention_arguments, attention_inputs
+from lightning_introspect.methods.lrp.rules import (
+    AttnLRPSoftmax,
+    HoldConstant,
+    Modifier,
+    NormIdentity,
+    OperationRule,
+    Rule,
+    Term,
+    Uniform,
+    stabilize,
+)
 from lightning_introspect.methods.lrp.trace import (
     Plan,
     Step,
@@ -37,7 +58,12 @@ from lightning_introspect.methods.lrp.trace import (
     transposed_groups,
 )
 
-__all__ = ["Propagator"]
+__all__ = ["Propagator", "check_forward"]
+
+# steps whose value is held constant when everything input-dependent they read is
+_HOLDABLE = frozenset({"rearrange", "pass", "linear", "wta", "scale", "sum", "product", "softmax", "norm", "split", "attention"})
+# steps whose output carries relevance: it must be floating (token ids must go into an embedding first)
+_CARRIERS = frozenset({"weighted", "affine", "linear", "wta", "rearrange", "sum", "scale", "pass", "norm", "softmax", "product", "attention"})
 
 
 def _add(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -118,6 +144,9 @@ class Propagator:
         self.ctx: dict[fx.Node, Any] = {}
         self.dependent = plan.dependent
         self.rules = self._assign(composite)
+        self.operation_rules = self._assign_operations(composite)
+        self.held = self._held()
+        self.reached: dict[fx.Node, torch.Tensor] = {}
 
     def _assign(self, composite: Composite) -> dict[fx.Node, Rule]:
         rules: dict[fx.Node, Rule] = {}
@@ -125,19 +154,64 @@ class Propagator:
         for step in self.plan.steps:
             node = step.node
             if step.kind == "weighted":
-                rules[node] = composite.rule_for(step.module, self.modules[str(step.module)], first)
+                if step.module is None:  # F.linear: the rule of nn.Linear, or of the module owning the weight
+                    rules[node] = composite.rule_for(_owner(step.params[0] if step.params else None), nn.Linear, first)
+                else:
+                    rules[node] = composite.rule_for(step.module, self.modules[str(step.module)], first)
                 first = False
             elif step.kind in ("affine", "linear", "wta", "sum", "scale"):
                 name = str(node.target) if node.op == "call_module" else None
                 rules[node] = composite.rule_for(name, self.modules[name] if name is not None else None)
         return rules
 
+    def _enclosing(self, node: fx.Node) -> tuple[list[str], list[type]]:
+        """The module doing ``node`` (a module call) and the modules around it, innermost first."""
+        names: list[str] = [str(node.target)] if node.op == "call_module" else []
+        for entry in reversed(list((node.meta.get("nn_module_stack") or {}).values())):
+            path = entry[0] if isinstance(entry, tuple) else None
+            if isinstance(path, str) and path in self.modules and path not in names:
+                names.append(path)
+        return names, [type(self.modules[n]) for n in names]
+
+    def _assign_operations(self, composite: Composite) -> dict[fx.Node, tuple[OperationRule, ...]]:
+        rules: dict[fx.Node, tuple[OperationRule, ...]] = {}
+        kinds = {"norm": ("norm",), "softmax": ("softmax",), "product": ("product",), "attention": ("softmax", "product")}
+        for step in self.plan.steps:
+            if step.kind in kinds:
+                names, types = self._enclosing(step.node)
+                rules[step.node] = tuple(composite.operation_rule(kind, names, types) for kind in kinds[step.kind])
+        return rules
+
+    def _held(self) -> set[fx.Node]:
+        """Values held constant: softmax outputs under :class:`HoldConstant`, and what is computed from them alone."""
+        held: set[fx.Node] = set()
+        for step in self.plan.steps:
+            node = step.node
+            if step.kind == "softmax" and isinstance(self.operation_rules[node][0], HoldConstant):
+                held.add(node)
+            elif step.kind in _HOLDABLE and node in self.dependent:
+                deps = [n for n in node.all_input_nodes if n in self.dependent]
+                if deps and all(n in held for n in deps):
+                    held.add(node)
+        return held
+
+    def _relevant(self, n: Any) -> bool:
+        """``n`` is a node whose value carries relevance (input-dependent, not held constant)."""
+        return isinstance(n, fx.Node) and n in self.dependent and n not in self.held
+
     # ---- forward -------------------------------------------------------------------------------
 
     def _param(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         return None if tensor is None else tensor.detach().to(self.dtype)
 
+    def _value(self, arg: Any) -> Any:
+        return self.vals[arg] if isinstance(arg, fx.Node) else arg
+
     def _layer(self, step: Step) -> tuple[Callable[..., torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        if step.module is None:  # F.linear with constant weight and bias
+            assert step.params is not None
+            weight, bias = (self._value(p) for p in step.params)
+            return F.linear, weight.detach().to(self.dtype), self._param(bias)
         module = self.modules[str(step.module)]
         weight, bias = module.weight.detach().to(self.dtype), self._param(module.bias)
         if step.bn is not None:
@@ -179,10 +253,10 @@ class Propagator:
         """
         rule = self.rules[step.node]
         fn, weight, bias = self._layer(step)
-        module = self.modules[str(step.module)]
-        channel_dim = -1 if isinstance(module, nn.Linear) else 1
+        module = None if step.module is None else self.modules[str(step.module)]
+        channel_dim = -1 if module is None or isinstance(module, nn.Linear) else 1
         # where a weight keeps its input and output channels: (out, in, ...), transposed convs (in, out, ...)
-        in_dim, out_dim = (0, 1) if transposed_groups(module) is not None else (1, 0)
+        in_dim, out_dim = (0, 1) if module is not None and transposed_groups(module) is not None else (1, 0)
         terms = _live_terms(rule, step.nonneg)
         inputs, groups = _inputs_of(terms), rule.groups
         weights: dict[Modifier, torch.Tensor] = {}
@@ -240,6 +314,23 @@ class Propagator:
                 vals[node] = x
             elif kind == "skip":
                 continue
+            elif node in self.held or kind in ("norm", "softmax", "product", "attention", "split", "embedding"):
+                # relevance of these is computed at backward time, on a local graph of their own
+                if kind == "attention":
+                    vals[node] = self._attention(node, None, None)
+                else:
+                    args, kwargs = self._arguments(node, None)
+                    with torch.no_grad():
+                        value = detach(self._call(node, args, kwargs))
+                    vals[node] = value.to(self.dtype) if kind == "embedding" else value
+                    if kind == "embedding" and not isinstance(value, torch.Tensor):  # pragma: no cover - nn.Embedding returns one
+                        raise TypeError(f"LRP expected embedding '{op_name(node)}' to return one tensor.")
+            elif kind == "rearrange" and step.via is not None:
+                leaf = vals[step.source].detach().requires_grad_()
+                parts = self._call(step.via, *self._arguments(step.via, None, {step.source: leaf}))
+                z = parts[node.args[1]]
+                ctx[node] = [(step.source, leaf)], z
+                vals[node] = z.detach()
             elif kind in ("const", "meta", "sum", "scale"):
                 if node.op == "placeholder":
                     vals[node] = node.args[0]
@@ -276,6 +367,13 @@ class Propagator:
                 vals[node] = z.detach()
             elif kind == "output":
                 output = vals[step.source]
+            if kind in _CARRIERS and node not in self.held:
+                value = vals.get(node)
+                if isinstance(value, torch.Tensor) and not value.is_floating_point():
+                    raise TypeError(
+                        f"LRP needs token ids to go into an nn.Embedding (where their relevance is read), but operation "
+                        f"'{op_name(node)}' computes a {value.dtype} tensor from them."
+                    )
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"LRP needs a model that returns one tensor, but it returned {type(output).__name__}.")
         return output
@@ -287,7 +385,7 @@ class Propagator:
         how, *saved = self.ctx.pop(step.node)
         if how == "stacked":
             leaf, out, zs, n_inputs = saved
-            channel_dim = -1 if isinstance(self.modules[str(step.module)], nn.Linear) else 1
+            channel_dim = -1 if step.module is None or isinstance(self.modules[str(step.module)], nn.Linear) else 1
             scales = rule.scales(relevance, zs)
             (grad,) = torch.autograd.grad(out, leaf, scales[0] if len(scales) == 1 else torch.cat(scales, dim=channel_dim))
             share = leaf.detach() * grad
@@ -338,11 +436,17 @@ class Propagator:
         scales = rule.scales(relevance, zs)
         return [_add([_modified(t.input, c, False) * scales[t.group] for t in terms]) for c in contributions]
 
-    def backward(self, relevance_out: torch.Tensor, output_node: fx.Node) -> torch.Tensor | None:
+    def backward(self, relevance_out: torch.Tensor, output_node: fx.Node, stop: frozenset[fx.Node] = frozenset()) -> dict[fx.Node, torch.Tensor]:
+        """Relevance from the output node back; returns the relevance where it stops: at the input node, at
+        embeddings, and at the nodes of ``stop`` (read there, not propagated further). Nodes no relevance reached
+        are missing."""
         vals, ctx = self.vals, self.ctx
         relevance: dict[fx.Node, torch.Tensor] = {output_node: relevance_out}
+        reached = self.reached
 
         def add(node: fx.Node, r: torch.Tensor) -> None:
+            if node in self.held:  # attention probabilities held constant: no relevance of their own
+                return
             relevance[node] = relevance[node] + r if node in relevance else r
 
         for step in reversed(self.plan.steps):
@@ -350,8 +454,11 @@ class Propagator:
             r = relevance.pop(node, None)
             if r is None:
                 continue
-            if kind == "input":
-                return r
+            if kind in ("input", "embedding") or node in stop:
+                reached[node] = r
+                continue
+            if node in self.held:  # e.g. a model that returns attention probabilities held constant
+                continue
             if kind == "pass":
                 add(step.source, r)
             elif kind == "weighted":
@@ -381,8 +488,162 @@ class Propagator:
                 (share,) = self._one_to_one(self.rules[node], r, [z], z, shift=False)
                 add(step.source, share.sum_to_size(x.shape))
             elif kind == "sum":
-                contributions = [sign * vals[n] for n, sign in step.terms]
+                operands = [(n, sign) for n, sign in step.terms if n not in self.held]  # held terms count as constants
+                contributions = [sign * vals[n] for n, sign in operands]
                 shares = self._one_to_one(self.rules[node], r, contributions, vals[node], shift=False)
-                for (n, _), share in zip(step.terms, shares):
+                for (n, _), share in zip(operands, shares):
                     add(n, share.sum_to_size(vals[n].shape))
-        return None
+            elif kind == "norm":
+                add(step.source, self._norm(step, r))
+            elif kind == "softmax":
+                add(step.source, self._softmax(step, r))
+            elif kind == "product":
+                uniform = self.operation_rules[node][0]
+                assert isinstance(uniform, Uniform)
+                for n, share in self._product(node, r, uniform):
+                    add(n, share)
+            elif kind == "attention":
+                by_source = self._attention(node, r, self.operation_rules[node])
+                assert isinstance(by_source, dict)
+                for n, share in by_source.items():
+                    add(n, share)
+        return reached
+
+    # ---- the operations of transformers ----------------------------------------------------------
+
+    def _norm(self, step: Step, relevance: torch.Tensor) -> torch.Tensor:
+        """LayerNorm / RMSNorm with the standard deviation detached: a linear map of the input under epsilon."""
+        rule = self.operation_rules[step.node][0]
+        assert isinstance(rule, NormIdentity)
+        node = step.node
+        args, kwargs = self._arguments(node, None)
+        if node.op == "call_module":
+            module = self.modules[str(node.target)]
+            x, shape, eps = args[0], tuple(module.normalized_shape), module.eps
+            weight, bias = module.weight, getattr(module, "bias", None)
+            layer = isinstance(module, nn.LayerNorm)
+        else:
+            layer = node.target is F.layer_norm
+            names = ("input", "normalized_shape", "weight", "bias", "eps") if layer else ("input", "normalized_shape", "weight", "eps")
+            bound = {**dict(zip(names, args)), **kwargs}
+            x, shape, eps = bound["input"], tuple(bound["normalized_shape"]), bound.get("eps")
+            weight, bias = bound.get("weight"), bound.get("bias")
+            eps = 1e-5 if layer and eps is None else eps
+        eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
+        dims = tuple(range(-len(shape), 0))
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_()
+            if layer:
+                inverse = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)  # x is detached: a constant
+                y = (leaf - leaf.mean(dims, keepdim=True)) * inverse
+            else:
+                y = leaf * torch.rsqrt(x.square().mean(dims, keepdim=True) + eps)
+            if weight is not None:
+                y = y * weight.detach().to(y.dtype)
+            if bias is not None:
+                y = y + bias.detach().to(y.dtype)
+            (grad,) = torch.autograd.grad(y, leaf, relevance / stabilize(y.detach(), float(rule.epsilon)))
+        return x * grad
+
+    def _softmax(self, step: Step, relevance: torch.Tensor) -> torch.Tensor:
+        """AttnLRP's softmax rule ``R_x = x * (R - s * sum(R))`` (held softmaxes never get here)."""
+        node = step.node
+        with torch.enable_grad():
+            leaf = self.vals[step.source].detach().requires_grad_()
+            s = self._call(node, *self._arguments(node, None, {step.source: leaf}))
+            return _softmax_share(leaf, s, relevance)
+
+    def _product(self, node: fx.Node, relevance: torch.Tensor, rule: Uniform) -> list[tuple[fx.Node, torch.Tensor]]:
+        """The uniform rule: the epsilon-rule relevance of the product in equal shares to its relevant operands."""
+        leaves: list[tuple[fx.Node, torch.Tensor]] = []
+
+        def value(n: fx.Node) -> Any:
+            v = self.vals[n]
+            if self._relevant(n) and isinstance(v, torch.Tensor) and v.is_floating_point():
+                v = v.detach().requires_grad_()
+                leaves.append((n, v))
+            return v
+
+        with torch.enable_grad():
+            z = self._call(node, fx.node.map_arg(node.args, value), fx.node.map_arg(node.kwargs, value))
+            shares = _uniform_shares(z, [leaf for _, leaf in leaves], relevance, rule)
+        return [(n, share) for (n, _), share in zip(leaves, shares)]
+
+    def _attention(self, node: fx.Node, relevance: torch.Tensor | None,
+                   rules: tuple[OperationRule, ...] | None) -> torch.Tensor | dict[fx.Node, torch.Tensor]:
+        """``softmax(q k^T * scale + mask) v``: its value (``relevance=None``), or the relevance of q, k and v
+        through the three steps, ``@ v`` (uniform), softmax (its rule), ``q k^T`` (uniform; the mask acts as a bias)."""
+        args, kwargs = self._arguments(node, None)
+        bound = attention_arguments(node.target, args, kwargs)
+        names = {"query": 0, "key": 1, "value": 2}
+        sources: dict[str, Any] = {name: node.args[i] if len(node.args) > i else node.kwargs.get(name) for name, i in names.items()}
+        if relevance is None:
+            with torch.no_grad():
+                key, value, mask, scale = attention_inputs(**bound)
+                scores = bound["query"] @ key.transpose(-2, -1) * scale
+                return torch.softmax(scores if mask is None else scores + mask, dim=-1) @ value
+        assert rules is not None
+        softmax_rule, product_rule = rules
+        assert isinstance(product_rule, Uniform)
+        out: dict[fx.Node, torch.Tensor] = {}
+        with torch.enable_grad():
+            leaves = {name: bound[name].detach().requires_grad_(self._relevant(sources[name])) for name in names}
+            key, value, mask, scale = attention_inputs(**{**bound, **leaves})
+            scores = leaves["query"] @ key.transpose(-2, -1) * scale
+            if mask is not None:
+                scores = scores + mask
+            probs = torch.softmax(scores.detach(), dim=-1)
+            hold = isinstance(softmax_rule, HoldConstant)
+            probs_leaf = probs.requires_grad_(not hold)
+            z = probs_leaf @ value
+            operands = [t for t in (probs_leaf, leaves["value"]) if t.requires_grad]
+            shares = _uniform_shares(z, operands, relevance, product_rule)
+            by_operand = dict(zip((id(t) for t in operands), shares))
+            if id(leaves["value"]) in by_operand:
+                out_value = by_operand[id(leaves["value"])]
+                out[sources["value"]] = out_value
+            if not hold and isinstance(softmax_rule, AttnLRPSoftmax):
+                scores_leaf = scores.detach().requires_grad_()
+                r_scores = _softmax_share(scores_leaf, torch.softmax(scores_leaf, dim=-1), by_operand[id(probs_leaf)])
+                qk = [leaves[n] for n in ("query", "key") if leaves[n].requires_grad]
+                if qk:
+                    for name, share in zip([n for n in ("query", "key") if leaves[n].requires_grad],
+                                           _uniform_shares(scores, qk, r_scores, product_rule)):
+                        out[sources[name]] = out[sources[name]] + share if sources[name] in out else share
+        return out
+
+
+def _uniform_shares(z: torch.Tensor, leaves: list[torch.Tensor], relevance: torch.Tensor, rule: Uniform) -> list[torch.Tensor]:
+    """``leaf * d(z . s)/d leaf / k`` for each of the ``k`` leaves, ``s = R / (z + eps sign(z))``."""
+    if not leaves:
+        return []
+    scale = relevance / stabilize(z.detach(), float(rule.epsilon))
+    grads = torch.autograd.grad(z, leaves, scale, allow_unused=True)
+    return [leaf.detach() * (torch.zeros_like(leaf) if g is None else g) / len(leaves) for leaf, g in zip(leaves, grads)]
+
+
+def _softmax_share(leaf: torch.Tensor, s: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """AttnLRP: ``x * (R - s * sum(R))`` as ``x * J^T (R / s)``; entries masked to ``-inf`` get zero."""
+    tiny = torch.finfo(s.dtype).tiny
+    (grad,) = torch.autograd.grad(s, leaf, relevance / s.detach().clamp(min=tiny))
+    x = leaf.detach()
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x)) * grad.nan_to_num(0.0, 0.0, 0.0)
+
+
+def _owner(param: Any) -> str | None:
+    """The dotted name of the module owning a parameter read with ``get_attr`` (maybe sliced), else ``None``."""
+    while isinstance(param, fx.Node) and param.op == "call_function" and param.args:
+        param = param.args[0]
+    if isinstance(param, fx.Node) and param.op == "get_attr":
+        return str(param.target).rpartition(".")[0] or None
+    return None
+
+
+def check_forward(plan: Plan, model: nn.Module, sample: torch.Tensor) -> None:
+    """One LRP forward pass of ``sample`` (no relevance): raises the ``TypeError`` of what only shows at run time."""
+    if not isinstance(sample, torch.Tensor):
+        raise TypeError(f"LRP needs one input tensor, but got {type(sample).__name__}.")
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = torch.float64 if param is not None and param.dtype == torch.float64 else torch.float32
+    with introspection_mode(model, grad=False):
+        Propagator(plan, model, Composite(), dtype).forward(fresh_input(sample, requires_grad=False, dtype=dtype))

@@ -17,6 +17,19 @@ knows no rule by name.
 * :class:`WSquare` - shares in proportion to ``w^2`` (input-independent, also for first layers).
 * :class:`ZBox` - for a first layer whose inputs lie in ``[low, high]`` (pixel bounds).
 
+The operations of transformers that are not linear layers have rules of their own kind
+(:class:`OperationRule`), chosen per composite (:class:`~.composites.Composite` ``softmax`` / ``product`` /
+``norm``):
+
+* :class:`HoldConstant` - softmax (attention probabilities) held constant, CP-LRP (Ali et al. 2022): no
+  relevance flows into the queries and keys, and ``attention @ v`` is a linear map of ``v``. The default.
+* :class:`AttnLRPSoftmax` - the softmax rule of AttnLRP (Achtibat et al. 2024), ``R_x = x (R - s sum(R))``.
+* :class:`Uniform` - products of two (or more) input-dependent tensors (``q @ k^T``, ``attention @ v``,
+  gating): each operand gets an equal share of the epsilon-rule relevance of the product (AttnLRP).
+* :class:`NormIdentity` - LayerNorm / RMSNorm: the division by the standard deviation treated as a constant
+  (the identity rule on the normalisation, CP-LRP / AttnLRP), the rest (centering, scale, shift) a linear map
+  under the epsilon rule.
+
 Example:
     >>> rule = AlphaBeta(alpha=2.0, beta=1.0)
     >>> [(t.input.name, t.weight.name, t.group) for t in rule.terms]
@@ -34,8 +47,9 @@ from typing import ClassVar
 import torch
 
 __all__ = [
-    "KEEP", "NEGATIVE", "ONES", "POSITIVE", "SQUARE", "AlphaBeta", "Epsilon", "Flat", "Gamma", "Modifier", "Rule",
-    "Term", "WSquare", "ZBox", "ZPlus", "stabilize",
+    "KEEP", "NEGATIVE", "ONES", "POSITIVE", "SQUARE", "AlphaBeta", "AttnLRPSoftmax", "Epsilon", "Flat", "Gamma",
+    "HoldConstant", "Modifier", "NormIdentity", "OperationRule", "Rule", "Term", "Uniform", "WSquare", "ZBox", "ZPlus",
+    "stabilize",
 ]
 
 
@@ -305,3 +319,73 @@ class ZBox(Rule):
 
     def scales(self, relevance: torch.Tensor, z: list[torch.Tensor]) -> list[torch.Tensor]:
         return [relevance / stabilize(z[0], float(self.epsilon))]
+
+
+# --------------------------------------------------------------------------------------------------
+# Rules of the operations of transformers that are not linear layers
+
+
+def _check_epsilon(epsilon: object) -> None:
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
+        raise ValueError(f"Expected `epsilon` to be a positive float, but got {epsilon!r}.")
+
+
+class OperationRule:
+    """Base of the rules of operations that are not linear layers (softmax, products, normalisations)."""
+
+
+@dataclass(frozen=True)
+class HoldConstant(OperationRule):
+    """Softmax held constant (CP-LRP, Ali et al. 2022, "XAI for transformers: better explanations through
+    conservative propagation"): the attention probabilities are treated as fixed weights, so no relevance
+    flows into the queries and keys, ``attention @ v`` is a linear map of ``v`` and relevance is conserved
+    through the attention (exactly, without biases)."""
+
+
+@dataclass(frozen=True)
+class AttnLRPSoftmax(OperationRule):
+    """The softmax rule of AttnLRP (Achtibat et al. 2024, "AttnLRP: attention-aware layer-wise relevance
+    propagation for transformers"): ``R_x = x * (R - s * sum(R))`` along the softmax dimension, the
+    gradient-times-input of the softmax linearised at ``x``.
+
+    Relevance then reaches the queries and keys (through :class:`Uniform` on ``q @ k^T``). It is not
+    conservative: the part of the softmax that is not explained by its input acts as a bias. Entries masked
+    with ``-inf`` get zero relevance.
+    """
+
+
+@dataclass(frozen=True)
+class Uniform(OperationRule):
+    """Products of ``k`` input-dependent tensors (``q @ k^T``, ``attention @ v``, ``a * b``, ``einsum``): the
+    epsilon-rule relevance of each product term goes in equal shares ``1 / k`` to the operands (AttnLRP's
+    uniform rule for bilinear products). ``R_a = a * d(z . s)/da / k`` with ``s = R / (z + eps sign(z))``; each
+    share sums to ``sum(z s) / k``, so the rule is conservative. An operand that is held constant (attention
+    probabilities under :class:`HoldConstant`) or is a constant gets nothing: the product is linear in the
+    others, which share all of it.
+
+    Args:
+        epsilon: the stabiliser of the denominator.
+    """
+
+    epsilon: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_epsilon(self.epsilon)
+
+
+@dataclass(frozen=True)
+class NormIdentity(OperationRule):
+    """LayerNorm / RMSNorm (modules and ``F.layer_norm`` / ``F.rms_norm``): the identity rule on the
+    normalisation, as in CP-LRP and AttnLRP. The division by the standard deviation (RMS) is treated as a
+    constant, so the layer is the linear map ``y = (x - mean(x)) / std * gamma + beta`` of its input, and its
+    relevance goes back by the epsilon rule, ``R_x = x * J^T (R / (y + eps sign(y)))``: conservative up to the
+    share absorbed by ``beta`` (exact for ``bias=False``).
+
+    Args:
+        epsilon: the stabiliser of the denominator.
+    """
+
+    epsilon: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_epsilon(self.epsilon)

@@ -3,14 +3,21 @@
 The model's ``forward`` is traced once with :mod:`torch.fx` (cached per model, traced again when its
 modules change). Every node of the graph becomes a :class:`Step` whose ``kind`` says how relevance
 crosses it (a conv / linear layer, a parameter-free linear operation, a winner-take-all max, an addition,
-a rearrangement, an activation it passes through, ...). Anything without a known kind is refused with a
-``TypeError`` naming the module or operation and its type. Nothing here knows about rules.
+a rearrangement, an activation it passes through, a normalisation, a softmax, a product of input-dependent
+tensors, an attention, an embedding where relevance stops, ...). Anything without a known kind is refused
+with a ``TypeError`` naming the module or operation and its type. Nothing here knows about rules.
+
+``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` are traced through
+their reference computation (:mod:`.decompose`), not as opaque leaves and never through their fused fast
+path. The plan also records which graph node is the output of each module call (:attr:`Plan.module_outputs`),
+so relevance can be read at a named layer.
 """
 
 from __future__ import annotations
 
 import builtins
 import copy
+import functools
 import operator
 import weakref
 from collections.abc import Callable
@@ -22,6 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lightning_introspect._torch.guards import eval_mode, is_compiled
+from lightning_introspect.methods.lrp.decompose import DECOMPOSED, attention
 
 __all__ = ["Plan", "Step", "bn_scale_shift", "call_node", "detach", "fold_batchnorm", "fold_layer",
            "lrp_unsupported", "op_name", "pass_value", "plan_for", "transposed_groups"]
@@ -31,12 +39,17 @@ __all__ = ["Plan", "Step", "bn_scale_shift", "call_node", "detach", "fold_batchn
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_WEIGHTED = (*_CONV, *_CONV_TRANSPOSE, nn.Linear)
+# MultiheadAttention's out_proj is a NonDynamicallyQuantizableLinear: nn.Linear's forward under another name
+_WEIGHTED = (*_CONV, *_CONV_TRANSPOSE, nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 _AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Tanh)
+# Smooth elementwise activations: relevance passes through unchanged (the identity rule, AttnLRP's choice).
+_SMOOTH_ACTIVATION_MODULES = (nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Hardswish, nn.Hardtanh,
+                              nn.Sigmoid, nn.Hardsigmoid, nn.Softsign)
+_NORM_MODULES = (nn.LayerNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 _NONNEG_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 _REARRANGE_MODULES = (nn.Flatten, nn.Unflatten)
 _UPSAMPLE_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
@@ -51,6 +64,22 @@ _PAD_MODULES = tuple(
 _INTERPOLATION_MODES = ("nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area")
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu6}
+_SMOOTH_ACTIVATION_FUNCTIONS = {
+    F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu, F.softplus, F.hardswish, F.hardtanh, F.sigmoid, torch.sigmoid,
+    F.hardsigmoid, F.softsign, torch.selu, torch.celu,
+}
+_NORM_FUNCTIONS = {F.layer_norm, *((F.rms_norm,) if hasattr(F, "rms_norm") else ())}
+_SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax}
+_PRODUCT_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm, torch.mm, torch.einsum}
+_MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
+_ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, attention}
+_EMBEDDING_FUNCTIONS = {F.embedding}
+# comparisons make masks: computed from the input (token ids), but they carry no relevance
+_MASK_FUNCTIONS = {
+    operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.invert, torch.eq, torch.ne,
+    torch.lt, torch.le, torch.gt, torch.ge, torch.logical_not, torch.isnan, torch.isfinite,
+}
+_SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.unbind, torch.tensor_split}
 _LEAKY_FUNCTIONS = {F.leaky_relu, F.leaky_relu_}
 _TANH_FUNCTIONS = {torch.tanh, F.tanh}
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
@@ -62,7 +91,7 @@ _INTERPOLATE_FUNCTIONS = {F.interpolate, F.upsample, F.upsample_nearest, F.upsam
 _MAX_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d}
 _REARRANGE_FUNCTIONS = {
     torch.flatten, torch.reshape, torch.cat, torch.concat, torch.stack, torch.permute, torch.transpose,
-    torch.squeeze, torch.unsqueeze, operator.getitem,
+    torch.squeeze, torch.unsqueeze, operator.getitem, torch.masked_fill,
 }
 _SUM_FUNCTIONS = {operator.add: 1, operator.iadd: 1, torch.add: 1, operator.sub: -1, operator.isub: -1, torch.sub: -1}
 _SCALE_FUNCTIONS = {operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div, operator.neg, torch.neg}
@@ -70,21 +99,29 @@ _META_FUNCTIONS = {builtins.getattr, builtins.len}
 _OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul, operator.itruediv: operator.truediv}
 
 _RELU_METHODS = {"relu", "relu_"}
+_SMOOTH_ACTIVATION_METHODS = {"sigmoid", "sigmoid_"}
+_SOFTMAX_METHODS = {"softmax"}
+_PRODUCT_METHODS = {"matmul", "bmm", "mm"}
+_MUL_METHODS = {"mul", "mul_"}
+_MASK_METHODS = {"eq", "ne", "lt", "le", "gt", "ge", "logical_not", "bool", "isnan", "isfinite"}
+_SPLIT_METHODS = {"chunk", "split", "unbind", "tensor_split"}
 _TANH_METHODS = {"tanh", "tanh_"}
 _LINEAR_METHODS = {"mean", "sum"}
 _REARRANGE_METHODS = {
     "view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-    "expand", "repeat", "clone", "t",
+    "expand", "repeat", "clone", "t", "masked_fill", "masked_fill_", "expand_as", "float", "to", "type_as",
 }
 _SUM_METHODS = {"add": 1, "add_": 1, "sub": -1, "sub_": -1}
 _SCALE_METHODS = {"mul", "mul_", "div", "div_", "neg", "neg_"}
 _META_METHODS = {"size", "dim", "numel", "ndimension"}
 
 _SUPPORTED_TEXT = (
-    "Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear, BatchNorm (folded into a preceding conv / linear, else "
-    "affine), max / avg / adaptive pooling, Upsample / F.interpolate (nearest, linear, bilinear, trilinear, "
-    "area), padding (zero, reflect, replicate, circular), ReLU / ReLU6 / LeakyReLU / Tanh, Dropout, Identity, "
-    "Flatten, reshapes, cat, additions and scaling by constants"
+    "Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear / F.linear, BatchNorm (folded into a preceding conv / linear, else "
+    "affine), LayerNorm / RMSNorm, max / avg / adaptive pooling, Upsample / F.interpolate (nearest, linear, bilinear, "
+    "trilinear, area), padding (zero, reflect, replicate, circular), ReLU / ReLU6 / LeakyReLU / Tanh and smooth "
+    "activations (GELU, SiLU, ELU, Sigmoid, ...), softmax, MultiheadAttention / TransformerEncoderLayer / "
+    "F.scaled_dot_product_attention, products of input-dependent tensors (matmul, einsum, mul), Embedding (for token "
+    "ids), Dropout, Identity, Flatten, reshapes, cat, chunk / split, additions and scaling by constants"
 )
 
 
@@ -95,12 +132,16 @@ _SUPPORTED_TEXT = (
 @dataclass
 class Step:
     node: fx.Node
-    kind: str  # input, output, const, meta, skip, weighted, affine, linear, wta, rearrange, sum, scale, pass
-    module: str | None = None  # the conv / linear / BatchNorm module of weighted and affine steps
+    # input, output, const, meta, skip, weighted, affine, linear, wta, rearrange, sum, scale, pass, norm, softmax,
+    # product, attention, embedding, split
+    kind: str
+    module: str | None = None  # the conv / linear / BatchNorm module of weighted and affine steps (None: F.linear)
     bn: str | None = None  # the BatchNorm folded into a weighted step
     src: fx.Node | None = None  # the one input-dependent argument of single-input steps
     terms: list[tuple[fx.Node, int]] = field(default_factory=list)  # sum steps: (operand, sign)
     nonneg: bool = False  # the input of the step is known to be >= 0 (saves work for z+ / alpha-beta)
+    params: tuple[Any, Any] | None = None  # F.linear steps: the weight and bias arguments (nodes or constants)
+    via: fx.Node | None = None  # rearrange steps that take one part of a split (chunk / split / unbind) of src
 
     @property
     def source(self) -> fx.Node:
@@ -116,20 +157,42 @@ class Plan:
     steps: list[Step]
     constants: dict[str, Any]  # tensor constants the tracer would have stored on the model
     dependent: set[fx.Node]  # nodes whose tensor value depends on the input
+    module_outputs: dict[str, list[fx.Node]] = field(default_factory=dict)  # module name -> the output node of each call
 
 
 class _Tracer(fx.Tracer):
     """The default tracer: torch.nn modules are leaves, user modules (blocks) are traced through.
 
     A ``torch.compile``-d submodule (``OptimizedModule``) is traced through its eager original
-    (``_orig_mod``, the same weights): fx cannot trace dynamo-compiled code.
+    (``_orig_mod``, the same weights): fx cannot trace dynamo-compiled code. The transformer modules of
+    :data:`~.decompose.DECOMPOSED` are traced through their reference computation. Every module call's output
+    node is recorded in ``module_outputs``.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module_outputs: dict[str, list[fx.Node]] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return type(m) not in DECOMPOSED and super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         original = getattr(m, "_orig_mod", None)
         if is_compiled(m) and isinstance(original, nn.Module):
             return self.call_module(original, original.forward, args, kwargs)
-        return super().call_module(m, forward, args, kwargs)
+        decomposed = DECOMPOSED.get(type(m))
+        if decomposed is not None:
+            forward = functools.partial(decomposed, m)
+        out = super().call_module(m, forward, args, kwargs)
+        first = out if isinstance(out, fx.Proxy) else next((v for v in out if isinstance(v, fx.Proxy)), None) if isinstance(out, tuple) else None
+        if first is not None:
+            try:
+                name = self.path_of_module(m)
+            except NameError:  # a module that is not a submodule of the traced model
+                name = None
+            if name is not None:
+                self.module_outputs.setdefault(name, []).append(first.node)
+        return out
 
 
 def _type_name(obj: object) -> str:
@@ -175,11 +238,14 @@ def _output_source(value: Any) -> fx.Node | None:
     return None
 
 
-def _trace(model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
+def _trace(model: nn.Module, outputs: dict[str, list[fx.Node]] | None = None) -> tuple[fx.Graph, dict[str, Any]]:
     before = set(model.__dict__)
+    tracer = _Tracer()
     try:
         with eval_mode(model):
-            graph = _Tracer().trace(model)
+            graph = tracer.trace(model)
+        if outputs is not None:
+            outputs.update(tracer.module_outputs)
     except Exception as err:
         raise TypeError(
             f"LRP needs a model whose forward torch.fx can trace symbolically; tracing {type(model).__name__} "
@@ -205,7 +271,8 @@ def _fusable(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node, fx.
 
 
 def _build_plan(model: nn.Module) -> Plan:
-    graph, constants = _trace(model)
+    module_outputs: dict[str, list[fx.Node]] = {}
+    graph, constants = _trace(model, module_outputs)
     modules = dict(model.named_modules())
     steps: list[Step] = []
     by_node: dict[fx.Node, Step] = {}
@@ -241,7 +308,7 @@ def _build_plan(model: nn.Module) -> Plan:
             step = Step(node, "const")
         else:
             dependent.add(node)
-            step = _classify(node, modules, single_source, dependent, nonneg)
+            step = _classify(node, modules, single_source, dependent, nonneg, by_node)
             if step.kind == "meta":  # sizes / shapes: values computed from the input, but no relevance
                 dependent.discard(node)
             if step.kind == "weighted" and step.bn is not None:
@@ -250,12 +317,15 @@ def _build_plan(model: nn.Module) -> Plan:
                 by_node[conv_node].kind = "skip"  # the conv / linear is computed with the BatchNorm
         steps.append(step)
         by_node[node] = step
-    return Plan(graph=graph, steps=steps, constants=constants, dependent=dependent)
+    return Plan(graph=graph, steps=steps, constants=constants, dependent=dependent, module_outputs=module_outputs)
 
 
 def _classify(node: fx.Node, modules: dict[str, nn.Module], single_source: Callable[[fx.Node], fx.Node],
-              dependent: set[fx.Node], nonneg: set[fx.Node]) -> Step:
+              dependent: set[fx.Node], nonneg: set[fx.Node], by_node: dict[fx.Node, Step]) -> Step:
     op, target = node.op, node.target
+    step = _classify_transformer(node, modules, single_source, dependent, by_node)
+    if step is not None:
+        return step
     if op == "call_module":
         module = modules[str(target)]
         kind_of = type(module)
@@ -373,6 +443,78 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], single_source: Calla
     raise _unsupported(node, modules)
 
 
+def _argument(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _classify_transformer(node: fx.Node, modules: dict[str, nn.Module], single_source: Callable[[fx.Node], fx.Node],
+                          dependent: set[fx.Node], by_node: dict[fx.Node, Step]) -> Step | None:
+    """The steps of transformers (and of token inputs): normalisations, smooth activations, softmax, products of
+    input-dependent tensors, attention, embeddings, masks, splits, ``F.linear``; ``None`` for anything else."""
+    op, target = node.op, node.target
+    deps = [a for a in node.args if isinstance(a, fx.Node) and a in dependent]  # x * x: two operands
+    if op == "call_module":
+        module = modules[str(target)]
+        kind_of = type(module)
+        if kind_of in _SMOOTH_ACTIVATION_MODULES:
+            return Step(node, "pass", src=single_source(node))
+        if kind_of in _NORM_MODULES:
+            return Step(node, "norm", src=single_source(node))
+        if kind_of is nn.Softmax:
+            return Step(node, "softmax", src=single_source(node))
+        if kind_of is nn.Embedding:
+            if module.max_norm is not None:
+                raise _unsupported(node, modules, " with max_norm (it renormalises its weights in place)")
+            return Step(node, "embedding", src=single_source(node))
+        return None
+    if op == "call_function":
+        if target is F.linear:
+            src = single_source(node)
+            params = (_argument(node, 1, "weight"), _argument(node, 2, "bias"))
+            if any(isinstance(p, fx.Node) and p in dependent for p in params):
+                raise _unsupported(node, modules, " with input-dependent weights")
+            return Step(node, "weighted", src=src, params=params)
+        if target in _SMOOTH_ACTIVATION_FUNCTIONS:
+            return Step(node, "pass", src=single_source(node))
+        if target in _NORM_FUNCTIONS:
+            return Step(node, "norm", src=single_source(node))
+        if target in _SOFTMAX_FUNCTIONS:
+            return Step(node, "softmax", src=single_source(node))
+        if target in _PRODUCT_FUNCTIONS or (target in _MUL_FUNCTIONS and len(deps) > 1):
+            return Step(node, "product")
+        if target in _ATTENTION_FUNCTIONS:
+            masks = [a for a in (*node.args[3:], *node.kwargs.values()) if isinstance(a, fx.Node)]
+            if any(m in dependent for m in masks):
+                raise _unsupported(node, modules, " with a mask computed from the input's values")
+            return Step(node, "attention")
+        if target in _EMBEDDING_FUNCTIONS:
+            if _argument(node, 3, "max_norm") is not None:
+                raise _unsupported(node, modules, " with max_norm (it renormalises its weights in place)")
+            return Step(node, "embedding", src=single_source(node))
+        if target in _MASK_FUNCTIONS:
+            return Step(node, "meta")
+        if target in _SPLIT_FUNCTIONS:
+            return Step(node, "split", src=single_source(node))
+        if target is operator.getitem and node.args and isinstance(node.args[0], fx.Node):
+            split = by_node.get(node.args[0])
+            if split is not None and split.kind == "split":
+                return Step(node, "rearrange", src=split.source, via=split.node)
+        return None
+    if op == "call_method":
+        name = str(target)
+        if name in _SMOOTH_ACTIVATION_METHODS:
+            return Step(node, "pass", src=single_source(node))
+        if name in _SOFTMAX_METHODS:
+            return Step(node, "softmax", src=single_source(node))
+        if name in _PRODUCT_METHODS or (name in _MUL_METHODS and len(deps) > 1):
+            return Step(node, "product")
+        if name in _MASK_METHODS:
+            return Step(node, "meta")
+        if name in _SPLIT_METHODS:
+            return Step(node, "split", src=single_source(node))
+    return None
+
+
 def _interpolation_mode(node: fx.Node) -> Any:
     """The ``mode`` of an ``F.interpolate`` / ``F.upsample*`` call (positional or keyword)."""
     if node.target is F.upsample_nearest:
@@ -430,18 +572,31 @@ def plan_for(model: nn.Module) -> Plan:
     return plan
 
 
-def lrp_unsupported(model: nn.Module) -> str | None:
+def lrp_unsupported(model: nn.Module, sample: torch.Tensor | None = None) -> str | None:
     """Why :func:`lrp` cannot explain ``model`` (a module or operation without a rule, a forward fx cannot
-    trace), or ``None`` when it can. Traces the model symbolically; runs no forward pass.
+    trace), or ``None`` when it can. Traces the model symbolically; without ``sample`` it runs no forward pass.
+
+    Args:
+        model: the model.
+        sample: optional ``(N, ...)`` inputs (floating, or token ids): then one LRP forward pass runs on them (eval
+            mode, no gradients kept, the model untouched) and what only shows at run time is found too, such as
+            token ids reaching something other than an ``nn.Embedding``.
 
     Example:
-        >>> lrp_unsupported(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))) is None
+        >>> lrp_unsupported(nn.Sequential(nn.Linear(4, 3), nn.GELU(), nn.Linear(3, 2))) is None
         True
-        >>> lrp_unsupported(nn.Sequential(nn.Linear(4, 3), nn.GELU())).startswith("LRP has no rule for module '1'")
+        >>> lrp_unsupported(nn.Sequential(nn.Linear(4, 3), nn.GroupNorm(1, 3))).startswith("LRP has no rule for module '1'")
+        True
+        >>> lrp_unsupported(nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2)), torch.tensor([[1, 2]])) is None
         True
     """
     try:
-        plan_for(model)
+        plan = plan_for(model)
+        if sample is not None:
+            # imported here: propagate imports this module
+            from lightning_introspect.methods.lrp.propagate import check_forward
+
+            check_forward(plan, model, sample)
     except TypeError as err:
         return str(err)
     return None
@@ -566,6 +721,19 @@ def call_node(node: fx.Node, modules: dict[str, nn.Module], args: tuple, kwargs:
 
 def pass_value(node: fx.Node, modules: dict[str, nn.Module], x: torch.Tensor) -> torch.Tensor:
     """The output of a ``"pass"`` step (activation, Dropout, Identity) on ``x``, out of place."""
+    if node.op == "call_module" and isinstance(modules[str(node.target)], _SMOOTH_ACTIVATION_MODULES):
+        module = modules[str(node.target)]
+        return module.forward(x.clone() if getattr(module, "inplace", False) else x)
+    if node.target in _SMOOTH_ACTIVATION_FUNCTIONS or node.target in _SMOOTH_ACTIVATION_METHODS:
+        rest = node.args[1:]
+        if any(isinstance(a, fx.Node) for a in (*rest, *node.kwargs.values())):
+            raise TypeError(f"LRP needs constant arguments besides the input in '{op_name(node)}'.")
+        if node.op == "call_method":
+            return torch.sigmoid(x)
+        fn = node.target
+        assert callable(fn)
+        kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
+        return fn(x.clone(), *rest, **kwargs)  # cloned: a positional inplace=True must not change our stored value
     if node.op == "call_module":
         module = modules[str(node.target)]
         if isinstance(module, nn.ReLU):
