@@ -51,9 +51,10 @@ CALLBACKS: dict[str, str] = {
     "sanity_checks": "lightning_introspect.callbacks.sanity_checks:SanityChecks",
 }
 
-#: the share of a fit's own time the default set may add (``introspection_callbacks(budget=...)``): chosen
-#: so that a 10-epoch fit of the digits demo CNN takes at most 1.5x as long with every callback on
-#: (docs/performance.md, "Budget").
+#: the share of a fit's own time the default set may add (``introspection_callbacks(budget=...)``). The
+#: one-off analyses are sized to it; the work no budget sizes yet (probe baselines, snapshots, the fit-start
+#: runs) comes on top: a 10-epoch digits demo fit measured 1.66x, a 50-epoch one 1.44x (docs/performance.md).
+
 DEFAULT_BUDGET = 0.5
 
 #: the settings the ``common:`` section may hold: the data's description, shared by every callback that
