@@ -92,6 +92,15 @@ class UnitCosts:
         self.observe(key, time.perf_counter() - start, units)
 
 
+def steps_per_epoch(trainer: Any) -> int | None:
+    """Optimizer steps per training epoch (batches / gradient accumulation), ``None`` when not known."""
+    batches = getattr(trainer, "num_training_batches", math.inf)
+    if batches in (None, math.inf) or not batches:
+        return None
+    accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
+    return max(1, math.ceil(batches / accumulate))
+
+
 def best_of(repeats: int, fn: Any) -> float:
     """The shortest of ``repeats`` timings of ``fn()`` in seconds (the first call of a model pays set-up costs)."""
     best = math.inf
@@ -167,23 +176,19 @@ class IntrospectionBudget:
     @staticmethod
     def epochs_done(trainer: Any) -> float:
         """Training epochs completed so far (fractional), from the optimizer steps taken."""
-        batches = getattr(trainer, "num_training_batches", math.inf)
-        accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
-        if batches in (None, math.inf) or not batches:
+        per_epoch = steps_per_epoch(trainer)
+        if per_epoch is None:
             return float(getattr(trainer, "current_epoch", 0))
-        steps_per_epoch = max(1, math.ceil(batches / accumulate))
-        return float(getattr(trainer, "global_step", 0)) / steps_per_epoch
+        return float(getattr(trainer, "global_step", 0)) / per_epoch
 
     @staticmethod
     def epochs_planned(trainer: Any, done: float) -> float:
         max_epochs = getattr(trainer, "max_epochs", None)
         if max_epochs is not None and max_epochs >= 0:
             return float(max_epochs)
-        max_steps = getattr(trainer, "max_steps", -1)
-        batches = getattr(trainer, "num_training_batches", math.inf)
-        accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
-        if max_steps and max_steps > 0 and batches not in (None, math.inf) and batches:
-            return max_steps / max(1, math.ceil(batches / accumulate))
+        max_steps, per_epoch = getattr(trainer, "max_steps", -1), steps_per_epoch(trainer)
+        if max_steps and max_steps > 0 and per_epoch is not None:
+            return max_steps / per_epoch
         return done  # unbounded: the budget is relative to the time so far
 
     def projection(self, trainer: Any) -> tuple[float, float, float] | None:
