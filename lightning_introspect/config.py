@@ -51,11 +51,11 @@ CALLBACKS: dict[str, str] = {
     "sanity_checks": "lightning_introspect.callbacks.sanity_checks:SanityChecks",
 }
 
-#: the share of a fit's own time the default set may add (``introspection_callbacks(budget=...)``). The
-#: one-off analyses are sized to it; the work no budget sizes yet (probe baselines, snapshots, the fit-start
-#: runs) comes on top: a 10-epoch digits demo fit measured 1.66x, a 50-epoch one 1.44x (docs/performance.md).
-
-DEFAULT_BUDGET = 0.5
+#: the share of a fit's own time the default set may add (``introspection_callbacks(budget=...)``). Chosen
+#: by measuring the 10-epoch digits demo fit (benchmarks/bench_whole_fit.py, docs/performance.md): a smaller
+#: budget saves nothing more there, since what remains is the fit-end results every budget keeps (the last
+#: run of each analysis at its smallest size, the final figures).
+DEFAULT_BUDGET = 0.25
 
 #: the settings the ``common:`` section may hold: the data's description, shared by every callback that
 #: takes the argument (a section that names one overrides it for its callback).
@@ -212,7 +212,7 @@ def introspection_callbacks(
         config: the sections and their options; ``None`` for every callback at its defaults.
         allow_imports: let options listed in :data:`IMPORT_OPTIONS` be import paths (strings) that the
             callbacks import and call. Off by default: only enable it for configs you trust as code.
-        budget: the share of the fit's own time the callbacks together may add (e.g. ``0.5``); the
+        budget: the share of the fit's own time the callbacks together may add (e.g. ``0.25``); the
             one-off analyses size themselves to it (see :class:`~lightning_introspect.callbacks.budget.IntrospectionBudget`).
             ``None``: the config's top-level ``budget`` key, else :data:`DEFAULT_BUDGET`; ``False``: no
             budget (every analysis at its configured sizes).

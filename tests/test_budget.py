@@ -101,16 +101,18 @@ def test_sizes_given_explicitly_run_as_configured_whatever_the_budget(clock: Clo
     assert choice.option is only and "given explicitly" in choice.note
 
 
-def test_before_the_first_step_runs_use_the_configured_sizes(clock: Clock) -> None:
+def test_before_the_first_step_runs_take_their_smallest_size_and_no_extra_is_drawn(clock: Clock) -> None:
     me = Member(runs=3)
-    budget = IntrospectionBudget(0.01)
+    budget = IntrospectionBudget(10.0)  # however generous: the fit's length is not known yet
     budget.attach([me])
     budget.begin_fit()
     budget.start_clock(fake_trainer(0))
     options = [Option({"steps": 32}, 100.0), Option({"steps": 16}, 50.0)]
     choice = budget.choose(fake_trainer(0), me, options)
-    assert choice.option is options[0] and choice.grant is None and "unknown" in choice.note
-    assert budget.affords(fake_trainer(0), me, 100.0)
+    assert choice.option is options[-1] and choice.grant is None and "unknown" in choice.note and "smallest" in choice.note
+    assert not budget.affords(fake_trainer(0), me, 0.01)
+    only = [Option({"steps": 32}, 100.0)]  # sizes given explicitly: kept
+    assert budget.choose(fake_trainer(0), me, only).option is only[0]
 
 
 def test_an_extra_is_drawn_only_on_top_of_every_analysis_still_to_come(clock: Clock) -> None:
@@ -222,3 +224,39 @@ def test_the_sanity_check_under_a_tiny_budget_runs_one_repeat_of_the_top_two_blo
     assert choice.option is not None and choice.option.sizes["repeats"] == 1 and choice.option.sizes["layers"] == 2
     assert cb.report is not None and cb.report.repeats == 1 and len(cb.report.layers) == 2
     assert cb.run_sizes == {}  # the sizes hold for that run only
+
+
+def _probe_fit(tmp_path: Any, budget: float | None, **probes: Any) -> Any:
+    from lightning_introspect._lightning import Trainer, pl
+    from lightning_introspect.callbacks.linear_probes import LinearProbes
+    from lightning_introspect.demo import DigitsCNN, DigitsDataModule
+
+    pl.seed_everything(0, verbose=False)
+    cb = LinearProbes(layers=["features.2", "features.9"], solver="torch", **probes)
+    if budget is not None:
+        IntrospectionBudget(budget).attach([cb])
+    loggers = __import__(f"{pl.__name__}.loggers", fromlist=["TensorBoardLogger"])
+    trainer = Trainer(max_epochs=4, callbacks=[cb], logger=loggers.TensorBoardLogger(str(tmp_path)), enable_checkpointing=False,
+                      enable_model_summary=False, enable_progress_bar=False, limit_train_batches=3, limit_val_batches=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(DigitsCNN(), datamodule=DigitsDataModule(limit=256))
+    return cb
+
+
+def test_probe_evaluations_between_the_at_fractions_are_extras_under_a_budget(tmp_path: Any) -> None:
+    tight = _probe_fit(tmp_path / "tight", 1e-4)
+    # at=(0.5,) of 4 epochs is epoch 1, the last is 3: those always run; 0 and 2 do not fit a tiny budget
+    assert sorted(k for k in tight.history if isinstance(k, int)) == [1, 3] and tight.thinned_epochs == [0, 2]
+    assert {"init", "input"} <= set(tight.history)  # the baselines are once per fit, not extras
+    texts = read_events(str(tmp_path / "tight"))["text"]
+    assert "introspect/probes/budget/text_summary" in texts
+    free = _probe_fit(tmp_path / "free", None)
+    assert sorted(k for k in free.history if isinstance(k, int)) == [0, 1, 2, 3] and free.thinned_epochs == []
+    # the same epochs evaluated give the same result; another set of earlier evaluations changes the warm start
+    # of the solver, which moves an accuracy by at most a test sample or two (tol=1e-3)
+    assert _probe_fit(tmp_path / "again", 1e-4).history == tight.history
+    assert all(abs(free.history[1][k] - tight.history[1][k]) <= 0.03 for k in free.history[1])
+    # an explicit schedule is kept whatever the budget
+    kept = _probe_fit(tmp_path / "kept", 1e-4, every_n_epochs=1)
+    assert sorted(k for k in kept.history if isinstance(k, int)) == [0, 1, 2, 3] and kept.thinned_epochs == []

@@ -742,7 +742,7 @@ class Attributions(IntrospectionCallback):
 
     def _faithfulness_steps(self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: torch.Tensor, methods: int) -> int:
         """The curves' steps this run: ``faithfulness_steps``, or under a budget half of them (at least 5),
-        then none; an explicit ``faithfulness_steps`` is kept. Cost: perturbed inputs x seconds per input
+        or none (the run skips the curves; never the last run); an explicit ``faithfulness_steps`` is kept. Cost: perturbed inputs x seconds per input
         (from earlier runs, else three timed forwards of the samples)."""
         if self.budget is None:
             return self.faithfulness_steps
@@ -762,7 +762,6 @@ class Attributions(IntrospectionCallback):
             while steps > 5:
                 steps = max(5, steps // 2)
                 options.append(option(steps))
-            options.append(option(0))
         chosen = self.sized(trainer, options)
         return int(chosen.sizes["faithfulness_steps"]) if chosen is not None else 0
 

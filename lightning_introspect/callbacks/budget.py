@@ -16,8 +16,8 @@ come, and picks the largest option that fits; when even the smallest does not, t
 the choice says what budget it would need. Optional extras (figures at mid-fit runs) are drawn only when
 the allowance covers them on top of every analysis still to come at full size (:meth:`affords`).
 
-Before the first training step nothing is known of the fit's length, so runs at ``at=0.0`` use the
-configured sizes. Sizes the user gave explicitly are never changed (the callbacks leave them out of
+Before the first training step nothing is known of the fit's length, so runs at ``at=0.0`` take their
+smallest size and no extra is drawn. Sizes the user gave explicitly are never changed (the callbacks leave them out of
 their options). Every choice is deterministic for its sizes: the budget picks sizes, never stops work
 half way.
 """
@@ -239,8 +239,12 @@ class IntrospectionBudget:
         name = type(callback).__name__
         allowance = self.allowance(trainer)
         if allowance is None:
-            choice = Choice(full, full, None, f"{name}: before the first training step the fit's length is unknown; "
-                                               f"ran as configured ({format_sizes(full.sizes)}).")
+            # nothing to judge by yet: the smallest size, so that a long analysis cannot blow a short fit's
+            # budget before the budget knows the fit's length; later runs are sized as usual
+            smallest = options[-1]
+            how = "as configured" if smallest is full else "at its smallest size"
+            choice = Choice(smallest, full, None, f"{name}: before the first training step the fit's length is unknown; "
+                                                  f"ran {how} ({format_sizes(smallest.sizes)}).")
         else:
             mine = max(1, callback.budget_runs_left(trainer) if hasattr(callback, "budget_runs_left") else 1)
             others = self._pending(trainer, callback, unknown=full.seconds)
@@ -278,9 +282,10 @@ class IntrospectionBudget:
                 "sizes given explicitly are never reduced.")
 
     def affords(self, trainer: Any, callback: Any, seconds: float) -> bool:
-        """Whether an optional extra of ``seconds`` (a mid-fit figure) fits on top of every budgeted run
-        still to come at full size. Always true before the first step (nothing to judge by)."""
+        """Whether an optional extra of ``seconds`` (a mid-fit figure, a probe evaluation between the
+        scheduled ones) fits on top of every budgeted run still to come at full size. Never before the first
+        step: nothing is known of the fit's length yet (the fit-end figures show every snapshot)."""
         allowance = self.allowance(trainer)
         if allowance is None:
-            return True
+            return False
         return seconds <= allowance - self._pending(trainer, None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -159,6 +159,9 @@ class LinearProbes(IntrospectionCallback):
     * ``layer_names``: the probed layers in execution order;
     * ``resolved_task``: ``"classification"`` or ``"segmentation"`` (per-pixel probes), detected at ``setup``;
     * ``resolved_token_pooling``: ``{layer: how its tokens are pooled}`` for the token layers, decided at ``setup``;
+    * ``thinned_epochs``: the epochs a budget (``introspection_callbacks``) left unevaluated: under a budget
+      the evaluations between the ``at`` fractions and the last epoch run only when it covers them (an
+      explicit ``every_n_epochs`` keeps the fixed schedule);
     * ``timings``: seconds spent, by kind (``capture``, ``baseline_pass``, ``own_pass``, ``fit_inline``,
       ``submit``, ``wait``, ``log``), all in the training thread.
 
@@ -313,6 +316,8 @@ class LinearProbes(IntrospectionCallback):
         self._capture: FeatureCapture | None = None
         self._stack: contextlib.ExitStack | None = None  # removes the hooks in the trainer's validation
         self._figure_key: int | None = None  # the epoch of the latest accuracy-vs-depth figure
+        #: epochs whose evaluation the budget left out (between the ``at`` fractions and the last epoch)
+        self.thinned_epochs: list[int] = []
         self._eager_pass = False  # capture with an own eager pass instead of hooks in the trainer's validation
 
     # the results on the instance (the class docstring says what they hold), kept by the evaluations
@@ -399,7 +404,7 @@ class LinearProbes(IntrospectionCallback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.probe_dataloader is not None and self.active(trainer) and self.is_scheduled(trainer):
+        if self.probe_dataloader is not None and self.active(trainer) and self.is_scheduled(trainer) and self._within_budget(trainer):
             self.run(trainer, self._own_pass_and_fit, trainer, pl_module)
         elif self._evaluations.ready() and self.active(trainer):
             self.run(trainer, self._drain, trainer)
@@ -530,8 +535,10 @@ class LinearProbes(IntrospectionCallback):
             if want_input:
                 self._fit(INPUT_KEY, self._input_cache, trainer.global_step)
             if want_init:
-                self._fit(INIT_KEY, self._cache, trainer.global_step)
+                with self._evaluation_timed(charge=False):  # the first estimate of an evaluation's cost
+                    self._fit(INIT_KEY, self._cache, trainer.global_step)
             self._drain(trainer)
+            self.charge(time.perf_counter() - start)  # once per fit: not recurring work
 
     def _has_validation(self, trainer: pl.Trainer) -> bool:
         limit = getattr(trainer, "limit_val_batches", 1.0)
@@ -552,7 +559,31 @@ class LinearProbes(IntrospectionCallback):
             and self.is_scheduled(trainer)
             and not getattr(trainer, "sanity_checking", False)
             and self.trainer_fn(trainer) in ("fit", None)  # not `trainer.validate()` after the fit: an epoch that never trained
+            and self._within_budget(trainer)
         )
+
+    def _within_budget(self, trainer: pl.Trainer) -> bool:
+        """Under a budget the evaluations between the ``at`` fractions and the last epoch are extras: they run
+        when the allowance covers one (the cost of the latest evaluation) on top of every analysis still to
+        come. An explicit ``every_n_epochs`` is kept."""
+        if self.budget is None or "every_n_epochs" in self._given:
+            return True
+        epoch = int(trainer.current_epoch)
+        if epoch in self.fraction_epochs(trainer).values() or self.is_final(trainer):
+            return True
+        if self.budget.affords(trainer, self, self.unit_costs.get("evaluation", 0.0)):
+            return True
+        self.thinned_epochs.append(epoch)
+        if len(self.thinned_epochs) == 1:
+            self.writer(trainer).text(
+                self.tag("budget"),
+                f"LinearProbes: the budget ({self.budget.fraction:g} of the fit's own time) does not cover an evaluation "
+                f"at every epoch (about {self.unit_costs.get('evaluation', 0.0):.2f} s each): from epoch {epoch} on, the "
+                "probes are evaluated at the `at` fractions, the last epoch and whenever the budget allows. Set "
+                "`every_n_epochs` to keep a fixed schedule.",
+                trainer.global_step,
+            )
+        return False
 
     def _hook_seconds(self, elapsed: float) -> None:
         self._timings["capture"] += elapsed
@@ -622,8 +653,21 @@ class LinearProbes(IntrospectionCallback):
             self._parts()[0].check()
         finally:
             self._remove_hooks()
-        self._fit(trainer.current_epoch, self._parts()[1], trainer.global_step)
+        with self._evaluation_timed():
+            self._fit(trainer.current_epoch, self._parts()[1], trainer.global_step)
         self._drain(trainer)
+
+    @contextlib.contextmanager
+    def _evaluation_timed(self, *, charge: bool = True) -> Iterator[None]:
+        """Time one evaluation (its unit cost, for the budget) and count it as one-off work, not recurring."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.unit_costs.observe("evaluation", elapsed)
+            if charge:
+                self.charge(elapsed)
 
     def _own_pass(self, trainer: pl.Trainer, pl_module: nn.Module, *, layers: bool = True, inputs: bool = False) -> None:
         """An eval-mode, no-grad pass of ours over the probe data (``probe_dataloader`` or validation)."""
@@ -657,10 +701,11 @@ class LinearProbes(IntrospectionCallback):
                 capture.commit(layer_cache, input_cache, layers=layers)
 
     def _own_pass_and_fit(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
-        start = time.perf_counter()
-        self._own_pass(trainer, pl_module, layers=True, inputs=False)
-        self._timings["own_pass"] += time.perf_counter() - start
-        self._fit(trainer.current_epoch, self._parts()[1], trainer.global_step)
+        with self._evaluation_timed():
+            start = time.perf_counter()
+            self._own_pass(trainer, pl_module, layers=True, inputs=False)
+            self._timings["own_pass"] += time.perf_counter() - start
+            self._fit(trainer.current_epoch, self._parts()[1], trainer.global_step)
         self._drain(trainer)
 
     # --------------------------------------------------------------------------- fitting and logging
@@ -692,16 +737,17 @@ class LinearProbes(IntrospectionCallback):
             return
         writer.scalar(self.tag("fit_seconds"), sum(r.seconds for r in results.values()), step)
         if self.is_due(trainer, self.figures_every_n_epochs, key):
-            self._write_figure(trainer, key, step)
+            self._write_figure(trainer, key, step, final=self.is_final(trainer, key))
         writer.text(self.tag("table"), self.table(key), step)
 
-    def _write_figure(self, trainer: pl.Trainer, key: int, step: int) -> None:
-        figure = accuracy_vs_depth_figure(
+    def _write_figure(self, trainer: pl.Trainer, key: int, step: int, *, final: bool = True) -> None:
+        """The accuracy-vs-depth figure of epoch ``key``; before the last epoch an extra the budget may leave out."""
+        drawn = self.figure(trainer, self.tag("accuracy_vs_depth"), lambda: accuracy_vs_depth_figure(
             key, self.history[key], order=self.layer_names, init=self.history.get(INIT_KEY),
             input_accuracy=self._input_accuracy(),
-        )
-        self.writer(trainer).figure(self.tag("accuracy_vs_depth"), figure, step)
-        self._figure_key = key
+        ), step, final=final)
+        if drawn:
+            self._figure_key = key
 
     def table(self, key: int | str | None = None) -> str:
         """A markdown table of the probe accuracies of ``key`` (default: the latest epoch) beside the baselines."""
