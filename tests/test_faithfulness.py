@@ -410,3 +410,39 @@ def test_attributions_faithfulness_off_and_on_segmentation_regions(tmp_path):
         Attributions(faithfulness_baseline="black")
     with pytest.raises(ValueError, match="faithfulness_steps"):
         Attributions(faithfulness_steps=0)
+
+
+def test_attributions_logs_emprt_per_run_equal_to_the_method_on_the_same_samples(tmp_path):
+    from lightning_introspect._lightning import pl
+    from lightning_introspect.callbacks.attributions import Attributions
+    from lightning_introspect.demo import DigitsCNN, DigitsDataModule
+    from lightning_introspect.methods.emprt import emprt
+    from tests.helpers import quick_trainer, read_events
+
+    pl.seed_everything(0, verbose=False)
+    dm = DigitsDataModule(batch_size=32, limit=96, seed=0)
+    cb = Attributions(methods=["saliency", "grad_cam"], num_samples=4, faithfulness=False, at=(0.0,), on_error="raise")
+    off = Attributions(methods=["saliency"], num_samples=2, faithfulness=False, run_emprt=False, at=None, on_error="raise")
+    model = DigitsCNN()
+    trainer = quick_trainer(tmp_path, [cb, off], epochs=1)
+    trainer.fit(model, datamodule=dm)
+
+    steps = [h["step"] for h in cb.history]
+    scalars = read_events(str(tmp_path))["scalars"]
+    for m in ("saliency", "grad_cam"):
+        logged = scalars[f"introspect/attributions/emprt/{m}"]
+        assert [s for s, _ in logged] == steps
+        assert [v for _, v in logged] == pytest.approx([h["emprt"][m] for h in cb.history], abs=1e-6)
+    # the last run's numbers are those of the function on the final model, the fixed samples and the same seed
+    x, _ = cb.fixed_samples(trainer)
+    explained = torch.tensor(cb.history[-1]["explained"])
+    want = emprt(model, x, explained, ["saliency", "grad_cam"],
+                 generator=torch.Generator().manual_seed(cb.seed), layer=cb.resolved_cam_layer)
+    for m in ("saliency", "grad_cam"):
+        assert cb.history[-1]["emprt"][m] == pytest.approx(want.mean[m], abs=1e-5)
+    # re-initialising every layer makes saliency maps of a trained CNN more disordered, as the paper reports
+    assert cb.history[-1]["emprt"]["saliency"] > 0
+    assert any("eMPRT" in line for line in cb.summary_lines())
+    assert all(h["emprt"] == {} for h in off.history)
+    with pytest.raises(ValueError, match="run_emprt"):
+        Attributions(run_emprt="yes")

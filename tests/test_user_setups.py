@@ -327,12 +327,13 @@ def test_token_ids_get_the_metrics_probes_and_token_attributions_and_a_reason_fo
         trainer.fit(TokenNet(Tokens()), *as_ids)
     messages = [str(w.message) for w in caught]
     cbs = {type(cb).__name__: cb for cb in ours}
-    # token ids: attributions on the embedding output (one score per token); the sanity check needs float inputs
-    assert any(m.startswith("SanityChecks is skipped for this fit: the inputs are torch.int64 (integer data such as token ids")
-               for m in messages)
+    # token ids: attributions and the sanity check on the embedding output (one score per token)
+    assert not any(m.startswith("SanityChecks is skipped") for m in messages)
     assert not cbs["Attributions"].disabled and cbs["Attributions"].maps
     assert all(m.shape == (cbs["Attributions"].num_samples, 12) for m in cbs["Attributions"].maps.values())
-    assert cbs["SanityChecks"].report is None and cbs["FeatureVisualization"].disabled
+    report = cbs["SanityChecks"].report
+    assert report is not None and report.input_kind == "token_ids" and report.embedding_layer == "body.embed"
+    assert cbs["FeatureVisualization"].disabled
     assert set(cbs["PerClassMetrics"].snapshots) == {"start", "middle", "end"}
     assert [k for k in cbs["LinearProbes"].history if isinstance(k, int)] == [0, 1]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,7 +15,6 @@ from lightning_introspect._lightning import pl
 from lightning_introspect._torch.guards import introspection_mode, module_device
 from lightning_introspect._torch.layers import get_layer
 from lightning_introspect.callbacks.base import (
-    NONFINITE_CAUSE,
     IntrospectionCallback,
     IntrospectionInputError,
     Option,
@@ -25,8 +25,18 @@ from lightning_introspect.callbacks.base import (
     renamed_argument,
 )
 from lightning_introspect.callbacks.budget import best_of
-from lightning_introspect.callbacks.checks import gradient_problem
+from lightning_introspect.callbacks.checks import (
+    check_bool,
+    check_channel_stats,
+    check_colormap,
+    check_int,
+    check_module_name,
+    check_names,
+    check_unit_interval,
+    gradient_problem,
+)
 from lightning_introspect.callbacks.outputs import logits_only
+from lightning_introspect.callbacks.token_inputs import plan_token_attributions
 from lightning_introspect.loggers.adapter import IntrospectionWriter
 from lightning_introspect.methods.attention import ATTENTION_METHODS, attention_problem
 from lightning_introspect.methods.attribution import (
@@ -52,16 +62,11 @@ from lightning_introspect.methods.attribution_runs import (
     region_pairs,
     skipped_grids,
 )
+from lightning_introspect.methods.emprt import emprt
 from lightning_introspect.methods.faithfulness import BASELINES
 from lightning_introspect.methods.targets import dominant_class, target_indices
 from lightning_introspect.methods.task import TASK_KINDS, as_masks, resolve_task
-from lightning_introspect.methods.token_attribution import (
-    SIGNED_TOKEN_METHODS,
-    TOKEN_METHODS,
-    find_embedding,
-    is_token_ids,
-    token_attributions,
-)
+from lightning_introspect.methods.token_attribution import SIGNED_TOKEN_METHODS, is_token_ids
 from lightning_introspect.render.attributions import (
     attribution_captions,
     attribution_overlays,
@@ -89,15 +94,6 @@ MAX_REGIONS = 4  # segmentation: the largest class regions explained per sample
 MIN_REGION = 0.005  # segmentation: regions below this fraction of the image (stray pixels) are not explained
 DEFAULT_METHODS = ("saliency", "guided_backprop", "grad_cam", "lrp")
 TOKEN_DEFAULT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "lrp")  # token ids, `methods` left at its default
-
-
-def _check_display_stats(value: Any, argument: str) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    values = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-    if not isinstance(values, (list, tuple)) or not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
-        raise ValueError(f"Expected `{argument}` to be a float, a list of floats (one per channel) or None, but got {value!r}.")
-    return tuple(float(v) for v in values)
 
 
 class Attributions(IntrospectionCallback):
@@ -157,6 +153,14 @@ class Attributions(IntrospectionCallback):
     the input and the baseline, run once for all maps), 128 per forward pass without gradients (8 samples,
     4 methods, 20 steps: 1,840 inputs in 17 forwards).
 
+    eMPRT (``run_emprt=True``, the default): every run also measures, per method, how much more disordered
+    the maps become when every layer of a copy of the model is re-initialised
+    (:func:`~lightning_introspect.methods.emprt.emprt`, Hedström et al. 2023): the relative rise of the map
+    entropy, the same re-initialisation (seeded by ``seed``) at every run. A curve that rises as the network
+    learns says the maps come to depend on what it learnt; one that stays near 0 says they would look the same
+    for a random network. Cost: a copy of the model and two attribution passes per method (images and tabular
+    inputs; token ids are checked by ``SanityChecks``).
+
     Args:
         methods: names from ``METHODS``: ``saliency``, ``input_x_gradient``, ``guided_backprop``,
             ``deconvnet``, ``grad_cam``, ``guided_grad_cam``, ``lrp``, ``attention_rollout``, ``grad_rollout``
@@ -198,6 +202,7 @@ class Attributions(IntrospectionCallback):
         faithfulness_steps: removal steps per curve (each curve has ``faithfulness_steps + 1`` points). Under
             a budget (``introspection_callbacks``) a run may use half of them (not below 5) or none, unless
             given explicitly; the steps used are in the run's ``faithfulness`` table.
+        run_emprt: log eMPRT at every run (see "eMPRT" above); ``False`` saves its model copy and passes.
         faithfulness_baseline: what a removed pixel becomes: ``"blur"`` (the image blurred with a Gaussian of
             ``max(H, W) / 16`` pixels; tabular inputs use ``"mean"``), ``"mean"`` (the fixed samples' mean per
             channel / feature) or ``"zero"``.
@@ -233,6 +238,8 @@ class Attributions(IntrospectionCallback):
           (``faithfulness=True``), the same for the references ``faithfulness/random/...`` and
           ``faithfulness/edges/...`` (images), and ``introspect/attributions/faithfulness`` -- text: the
           table of the run, each method against the references;
+        * ``introspect/attributions/emprt/<method>`` -- scalars at every run (``run_emprt=True``): the mean eMPRT
+          over the samples (regions);
         * ``introspect/attributions/warnings`` -- text, only when a grid holds NaN / Inf (non-finite weights
           or inputs): which grids were not logged at that step and why (see "Non-finite values" below);
         * ``introspect/attributions/seconds`` -- wall time of each run.
@@ -255,7 +262,8 @@ class Attributions(IntrospectionCallback):
           ``samples``, ``region_pixels``, ``confidence`` per region, ``region`` (``"pred"`` / ``"true"``)
           and ``localization`` ``{method: {"pointing_game", "energy_in_mask", "chance", "pairs", "skipped"}}``;
           both: ``faithfulness`` ``{method or "random" / "edges": {"deletion_auc", "insertion_auc"}}`` (means
-          over the samples or regions; empty when ``faithfulness=False`` or the outputs were non-finite).
+          over the samples or regions; empty when ``faithfulness=False`` or the outputs were non-finite) and
+          ``emprt`` ``{method: mean eMPRT}`` (empty when ``run_emprt=False``).
 
     Non-finite values: when the maps of a method (or of one class) hold NaN / Inf, that grid is not
     logged (it would be a silently wrong picture); when the model's outputs on the samples are
@@ -297,6 +305,7 @@ class Attributions(IntrospectionCallback):
         faithfulness: bool = True,
         faithfulness_steps: int = 20,
         faithfulness_baseline: str = "blur",
+        run_emprt: bool = True,
         decode: Callable[[list[int]], list[str]] | None = None,
         embedding_layer: str = "auto",
         baseline_token_id: int | None = None,
@@ -312,72 +321,42 @@ class Attributions(IntrospectionCallback):
     ) -> None:
         super().__init__(enabled=enabled, every_n_epochs=every_n_epochs, at=at, num_samples=num_samples, seed=seed, on_error=on_error)
         self.methods = _check_methods(list(methods) if not isinstance(methods, str) else [methods])
-        cam_layer = renamed_argument("layer", "cam_layer", layer, cam_layer, "auto")
-        if not isinstance(cam_layer, str) or not cam_layer:
-            raise ValueError(f"Expected `cam_layer` to be 'auto' or a dotted module name, but got {cam_layer!r}.")
+        self.cam_layer = renamed_argument("layer", "cam_layer", layer, cam_layer, "auto")
+        check_module_name(self.cam_layer, "cam_layer")
+        check_module_name(embedding_layer, "embedding_layer")
         if isinstance(targets, str):
             check_choice(targets, "targets", TARGET_CHOICES)
         elif not isinstance(targets, (list, tuple)) or not targets or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in targets):
             raise ValueError(f"Expected `targets` to be one of 'pred', 'true', 'all' or a non-empty list of class ids (ints >= 0), but got {targets!r}.")
-        if class_names is not None and (not isinstance(class_names, (list, tuple)) or not all(isinstance(n, str) for n in class_names)):
-            raise ValueError(f"Expected `class_names` to be a list of str or None, but got {class_names!r}.")
-        check_positive_int(per_class, "per_class", allow_none=True)
-        check_positive_int(top_k, "top_k", allow_none=True)
-        check_choice(normalize, "normalize", NORMALIZE_CHOICES)
-        check_choice(lrp_rule, "lrp_rule", ("epsilon", "zplus", "alpha_beta"))
-        check_choice(task, "task", TASK_KINDS)
-        check_choice(region, "region", REGION_SOURCES)
-        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-            raise ValueError(f"Expected `ignore_index` to be an int or None, but got {ignore_index!r}.")
-        if not isinstance(faithfulness, bool):
-            raise ValueError(f"Expected `faithfulness` to be a bool, but got {faithfulness!r}.")
+        for argument, count in (("per_class", per_class), ("top_k", top_k)):
+            check_positive_int(count, argument, allow_none=True)
+        for argument, value, choices in (("normalize", normalize, NORMALIZE_CHOICES), ("lrp_rule", lrp_rule, ("epsilon", "zplus", "alpha_beta")),
+                                         ("task", task, TASK_KINDS), ("region", region, REGION_SOURCES),
+                                         ("faithfulness_baseline", faithfulness_baseline, BASELINES)):
+            check_choice(value, argument, choices)
+        check_int(ignore_index, "ignore_index")
+        for argument, token in (("baseline_token_id", baseline_token_id), ("pad_token_id", pad_token_id)):
+            check_int(token, argument, minimum=0, what="a token id (int >= 0)")
+        for argument, flag in (("faithfulness", faithfulness), ("run_emprt", run_emprt)):
+            check_bool(flag, argument)
         check_positive_int(faithfulness_steps, "faithfulness_steps")
-        check_choice(faithfulness_baseline, "faithfulness_baseline", BASELINES)
-        self.mean = _check_display_stats(mean, "mean")
-        self.std = _check_display_stats(std, "std")
-        if (self.mean is None) != (self.std is None):
-            raise ValueError(f"Expected `mean` and `std` to be given together (or both None), but got mean={mean!r}, std={std!r}.")
-        if self.std is not None and any(s <= 0 for s in self.std):
-            raise ValueError(f"Expected every `std` entry to be > 0, but got {std!r}.")
-        import matplotlib
-
-        for argument, cmap in (("colormap", colormap), ("signed_colormap", signed_colormap)):
-            if cmap not in matplotlib.colormaps:
-                raise ValueError(f"Expected `{argument}` to be a matplotlib colormap name (e.g. 'inferno', 'viridis', 'bwr'), but got {cmap!r}.")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"Expected `alpha` to be a float in [0, 1], but got {alpha!r}.")
-        self.cam_layer = cam_layer
+        check_colormap(colormap, "colormap")
+        check_colormap(signed_colormap, "signed_colormap")
+        for argument, fn in (("decode", decode), ("output_transform", output_transform)):
+            check_callable(fn, argument)
+        self.mean, self.std = check_channel_stats(mean, std)
+        self.alpha = check_unit_interval(alpha, "alpha")
+        self.class_names = check_names(class_names, "class_names")
+        self.feature_names = check_names(feature_names, "feature_names")
         self.targets = targets if isinstance(targets, str) else list(targets)
-        self.class_names = list(class_names) if class_names is not None else None
-        self.per_class = per_class
-        self.colormap = colormap
-        self.signed_colormap = signed_colormap
-        self.normalize = normalize
-        self.alpha = float(alpha)
-        self.top_k = top_k
-        self.lrp_rule = lrp_rule
-        self.task = task
-        self.region = region
-        self.ignore_index = ignore_index
-        self.faithfulness = faithfulness
-        self.faithfulness_steps = faithfulness_steps
-        self.faithfulness_baseline = faithfulness_baseline
-        check_callable(decode, "decode")
-        if not isinstance(embedding_layer, str) or not embedding_layer:
-            raise ValueError(f"Expected `embedding_layer` to be 'auto' or a dotted module name, but got {embedding_layer!r}.")
-        for argument, value in (("baseline_token_id", baseline_token_id), ("pad_token_id", pad_token_id)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"Expected `{argument}` to be a token id (int >= 0) or None, but got {value!r}.")
-        if feature_names is not None and (not isinstance(feature_names, (list, tuple)) or not all(isinstance(n, str) for n in feature_names)):
-            raise ValueError(f"Expected `feature_names` to be a list of str or None, but got {feature_names!r}.")
-        self.decode = decode
-        self.embedding_layer = embedding_layer
-        self.baseline_token_id = baseline_token_id
-        self.pad_token_id = pad_token_id
-        self.feature_names = list(feature_names) if feature_names is not None else None
+        self.per_class, self.top_k, self.normalize, self.lrp_rule = per_class, top_k, normalize, lrp_rule
+        self.colormap, self.signed_colormap = colormap, signed_colormap
+        self.task, self.region, self.ignore_index = task, region, ignore_index
+        self.faithfulness, self.faithfulness_steps, self.faithfulness_baseline = faithfulness, faithfulness_steps, faithfulness_baseline
+        self.run_emprt = run_emprt
+        self.decode, self.output_transform = decode, output_transform
+        self.embedding_layer, self.baseline_token_id, self.pad_token_id = embedding_layer, baseline_token_id, pad_token_id
         self._default_methods = not isinstance(methods, str) and list(methods) == list(DEFAULT_METHODS)
-        check_callable(output_transform, "output_transform")
-        self.output_transform = output_transform
         self.reset()
 
     # ------------------------------------------------------------------------------ Lightning hooks
@@ -507,38 +486,16 @@ class Attributions(IntrospectionCallback):
 
     def _token_methods(self, pl_module: pl.LightningModule, x: torch.Tensor, methods: list[str]) -> list[str]:
         """Token ids: the embedding layer and the methods with a token version (``[]`` after a skip)."""
-        if self._default_methods:
-            methods = list(TOKEN_DEFAULT_METHODS)
-        dropped = [m for m in methods if m not in TOKEN_METHODS]
-        methods = [m for m in methods if m in TOKEN_METHODS]
-        if not methods:
-            self.skip(f"the inputs are token ids {tuple(x.shape)}, and none of the methods {self.methods} explains tokens; "
-                      f"use {', '.join(TOKEN_METHODS)}.")
+        plan = plan_token_attributions(pl_module, x, TOKEN_DEFAULT_METHODS if self._default_methods else methods,
+                                       embedding_layer=self.embedding_layer, output_transform=self.output_transform, decode=self.decode)
+        if plan.problem is not None:
+            self.skip(plan.problem)
             return []
-        if dropped:
-            self.warn_once("tokens", f"Attributions: {dropped} have no token version; token ids are explained with {methods}.")
-        named = None if self.embedding_layer == "auto" else self.embedding_layer
-        sample = x[:1].to(pl_module.device)
-        try:
-            with logits_only(pl_module, self.output_transform):
-                self.resolved_embedding_layer = find_embedding(pl_module, sample, named)
-                check = token_attributions(pl_module, sample, "pred", ["saliency"], embedding_layer=self.resolved_embedding_layer)
-        except ValueError as err:
-            self.skip(f"the inputs are token ids, explained at the output of the embedding layer, but: {err}")
-            return []
-        if not bool(check["saliency"].any()):
-            self.skip(f"autograd does not connect the model's output to the output of the embedding layer "
-                      f"{self.resolved_embedding_layer!r} (run under torch.no_grad() or detached?), so there is no gradient to explain.")
-            return []
-        if self.decode is not None:
-            try:
-                token_strings(x[:1], self.decode)
-            except ValueError as err:
-                raise IntrospectionInputError(str(err)) from err
-        how = "given" if named else "found automatically: the first nn.Embedding that takes the token ids"
-        log.info("Attributions: embedding layer %r (%s).", self.resolved_embedding_layer, how)
-        self._layer_note = f"Token scores at the output of the embedding layer `{self.resolved_embedding_layer}` ({how})."
-        return methods
+        if plan.dropped:
+            self.warn_once("tokens", f"Attributions: {plan.dropped} have no token version; token ids are explained with {plan.methods}.")
+        self.resolved_embedding_layer, self._layer_note = plan.embedding_layer, plan.note
+        log.info("Attributions: %s", plan.note)
+        return plan.methods
 
     def _token_markdown(
         self, x: torch.Tensor, maps: torch.Tensor, method: str, *, captions: list[str] | None, title: str, classes: torch.Tensor | None,
@@ -634,8 +591,10 @@ class Attributions(IntrospectionCallback):
                 if f"{m}/class_{self._class_name(c)}" not in skip:
                     self._write(writer, self.tag(m, f"class_{self._class_name(c)}"), x, v, m, step, captions=None, title=f"{m}: class {self._class_name(c)}")
         if broken:
-            self._report_nonfinite(writer, step, broken, n)
-        faithful = self._faithfulness(trainer, writer, pl_module, x, {m: v for m, v in self.maps.items() if m not in skip}, explained, step)
+            self._report_nonfinite(trainer, broken, n)
+        finite = {m: v for m, v in self.maps.items() if m not in skip}
+        faithful = self._faithfulness(trainer, writer, pl_module, x, finite, explained, step)
+        randomised = self._emprt(writer, pl_module, x, list(finite), explained.to(device), step)
         self.history.append(
             {
                 "step": step,
@@ -644,6 +603,7 @@ class Attributions(IntrospectionCallback):
                 "predicted": predicted.tolist(),
                 "confidence": [round(float(c), 6) for c in confidence],
                 "faithfulness": faithful,
+                "emprt": randomised,
                 "seconds": time.perf_counter() - start,
             }
         )
@@ -695,13 +655,14 @@ class Attributions(IntrospectionCallback):
                 scores[m] = localization_scores(flat[m][len(pairs) :], located, truth)
                 scores[m]["skipped"] = int(x.shape[0]) - len(set(located.sample.tolist()))  # samples without an object
         if broken:
-            self._report_nonfinite(writer, step, broken, x.shape[0])
+            self._report_nonfinite(trainer, broken, x.shape[0])
         if scores:
             scalars = {self.tag("localization", m, k): r[k] for m, r in scores.items() for k in ("pointing_game", "energy_in_mask", "chance") if r[k] is not None}
             writer.scalars(scalars, step)
             writer.text(self.tag("localization"), localization_markdown(scores, step), step)
         ok = {m: self.maps[m] for m in methods if len(pairs) and "outputs" not in broken and m not in broken}
         faithful = self._faithfulness(trainer, writer, pl_module, shown, ok, pairs.target(), step)  # each region's class over the region
+        randomised = self._emprt(writer, pl_module, shown.to(pl_module.device), list(ok), pairs.target(), step)
         self.history.append(
             {
                 "step": step,
@@ -713,6 +674,7 @@ class Attributions(IntrospectionCallback):
                 "confidence": [round(float(c), 6) for c in confidence],
                 "localization": scores,
                 "faithfulness": faithful,
+                "emprt": randomised,
                 "seconds": time.perf_counter() - start,
             }
         )
@@ -740,6 +702,28 @@ class Attributions(IntrospectionCallback):
         writer.text(self.tag("faithfulness"), faithfulness_markdown(scores, step, steps=steps, baseline=baseline, score=score), step)
         return scores
 
+    def _emprt(self, writer: IntrospectionWriter, pl_module: pl.LightningModule, x: torch.Tensor, methods: list[str],
+               target: Any, step: int) -> dict[str, float]:
+        """eMPRT of the methods whose maps were finite: the rise in map entropy from the trained to the fully
+        randomised model (a copy), the same re-initialisation at every run (seeded by ``seed``)."""
+        if not self.run_emprt or not methods or is_token_ids(x):  # token scores: the sanity check, not this curve
+            return {}
+        explain = {m: self._single_method(m) for m in methods}
+        result = emprt(pl_module, x, target, explain, generator=torch.Generator().manual_seed(self.seed), layer=None)
+        means = {m: v for m, v in result.mean.items() if math.isfinite(v)}
+        writer.scalars({self.tag("emprt", m): v for m, v in means.items()}, step)
+        return means
+
+    def _single_method(self, method: str) -> Callable[..., torch.Tensor]:
+        """``fn(model, inputs, target, layer=None)`` for eMPRT: the maps of one method, as this callback makes them
+        (its Grad-CAM / embedding layer by name, which the randomised copy shares)."""
+        def explain(model: Any, inputs: torch.Tensor, target: Any, layer: str | None = None) -> torch.Tensor:
+            maps = self._attribute(model, inputs, target, [method])
+            if method not in maps:
+                raise RuntimeError(f"Attributions: {method} gave no maps on the randomised copy of the model.")
+            return maps[method]
+        return explain
+
     def _faithfulness_steps(self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: torch.Tensor, methods: int) -> int:
         """The curves' steps this run: ``faithfulness_steps``, or under a budget half of them (at least 5),
         or none (the run skips the curves; never the last run); an explicit ``faithfulness_steps`` is kept. Cost: perturbed inputs x seconds per input
@@ -765,18 +749,12 @@ class Attributions(IntrospectionCallback):
         chosen = self.sized(trainer, options)
         return int(chosen.sizes["faithfulness_steps"]) if chosen is not None else 0
 
-    def _report_nonfinite(self, writer: IntrospectionWriter, step: int, broken: list[str], n: int) -> None:
-        """Warn once, and note at this step, which grids were not logged because of NaN / Inf values."""
+    def _report_nonfinite(self, trainer: pl.Trainer, broken: list[str], n: int) -> None:
+        """The base class's NaN / Inf note, naming the grids not logged at this step."""
         counts = {m: len(self.class_maps.get(m, {})) for m in self.maps}
-        what = nonfinite_what(broken, counts, n)
         skipped = grid_list(skipped_grids(broken, list(self.maps)), counts)
-        self.warn_once(
-            "nonfinite",
-            f"Attributions: non-finite values (NaN / Inf) in {what} at step {step}. {NONFINITE_CAUSE} Not logged: {skipped}; "
-            f"a note goes to `{self.tag('warnings')}` instead, at every step where this happens. The callback stays on "
-            "and logs these grids again once they are finite. (Warned once.)",
-        )
-        writer.text(self.tag("warnings"), f"**Not logged at step {step}:** {skipped}. Non-finite values (NaN / Inf) in {what}. {NONFINITE_CAUSE}", step)
+        self.note_nonfinite(trainer, "nonfinite", f"non-finite values (NaN / Inf) in {nonfinite_what(broken, counts, n)}",
+                            f"Not logged: {skipped}", "logs these grids again once they are finite")
 
     # ------------------------------------------------------------------------------------ rendering
     def _display(self, x: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,77 @@ def check_choice(value: Any, argument: str, choices: Sequence[Any]) -> None:
         raise ValueError(f"Expected `{argument}` to be one of {', '.join(repr(c) for c in choices)}, but got {value!r}.")
 
 
+def check_bool(value: Any, argument: str) -> None:
+    """Raise ``ValueError`` naming ``argument`` unless ``value`` is a bool (``1`` / ``"yes"`` are refused:
+    a YAML typo must not switch an analysis on)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Expected `{argument}` to be a bool, but got {value!r}.")
+
+
+def check_int(value: Any, argument: str, *, minimum: int | None = None, what: str = "an int") -> None:
+    """Raise ``ValueError`` naming ``argument`` unless ``value`` is ``None`` or an int (``>= minimum`` if given)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        raise ValueError(f"Expected `{argument}` to be {what} or None, but got {value!r}.")
+
+
+def check_names(value: Any, argument: str) -> list[str] | None:
+    """``value`` as a list of str (class or feature names), or ``None``; ``ValueError`` naming ``argument`` otherwise.
+
+    Example:
+        >>> check_names(("cat", "dog"), "class_names")
+        ['cat', 'dog']
+    """
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(n, str) for n in value):
+        raise ValueError(f"Expected `{argument}` to be a list of str or None, but got {value!r}.")
+    return list(value)
+
+
+def check_module_name(value: Any, argument: str) -> None:
+    """Raise ``ValueError`` naming ``argument`` unless ``value`` is ``"auto"`` or a (non-empty) dotted module name."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"Expected `{argument}` to be 'auto' or a dotted module name, but got {value!r}.")
+
+
+def check_unit_interval(value: Any, argument: str) -> float:
+    """``value`` as a float in [0, 1]; ``ValueError`` naming ``argument`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"Expected `{argument}` to be a float in [0, 1], but got {value!r}.")
+    return float(value)
+
+
+def check_colormap(value: Any, argument: str) -> None:
+    """Raise ``ValueError`` naming ``argument`` unless ``value`` names a matplotlib colormap."""
+    import matplotlib
+
+    if not isinstance(value, str) or value not in matplotlib.colormaps:
+        raise ValueError(f"Expected `{argument}` to be a matplotlib colormap name (e.g. 'inferno', 'viridis', 'bwr'), but got {value!r}.")
+
+
+def check_channel_stats(mean: Any, std: Any) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """``(mean, std)`` of the input normalisation, each a float or one per channel, given together or not at all.
+
+    Example:
+        >>> check_channel_stats(0.5, [0.2, 0.3, 0.4])
+        ((0.5,), (0.2, 0.3, 0.4))
+    """
+    stats: list[tuple[float, ...] | None] = []
+    for argument, value in (("mean", mean), ("std", std)):
+        if value is None:
+            stats.append(None)
+            continue
+        values = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if not isinstance(values, (list, tuple)) or not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+            raise ValueError(f"Expected `{argument}` to be a float, a list of floats (one per channel) or None, but got {value!r}.")
+        stats.append(tuple(float(v) for v in values))
+    if (stats[0] is None) != (stats[1] is None):
+        raise ValueError(f"Expected `mean` and `std` to be given together (or both None), but got mean={mean!r}, std={std!r}.")
+    if stats[1] is not None and any(s <= 0 for s in stats[1]):
+        raise ValueError(f"Expected every `std` entry to be > 0, but got {std!r}.")
+    return stats[0], stats[1]
 
 
 def gradient_problem(model: Any, inputs: torch.Tensor, output_transform: Any = None, *, reraise: bool = False) -> str | None:

@@ -10,19 +10,24 @@ import torch
 
 from lightning_introspect._torch.guards import fork_global_rng, private_generator
 
-_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "data", "features")
+_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "input_ids", "data", "features")
 _TARGET_KEYS = ("y", "target", "targets", "label", "labels", "mask", "masks")
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(inputs, targets)`` from a batch: a tensor, a ``(x, y, ...)`` tuple/list, or a dict.
 
-    Dicts are searched for the usual keys (``x``/``input``/``image``..., ``y``/``target``/``label``...).
+    Dicts are searched for the usual keys (``x``/``input``/``image``/``pixel_values``/``input_ids``...,
+    ``y``/``target``/``label``/``labels``...), so a Hugging Face style text batch gives its token ids.
 
     Example:
         >>> x, y = split_batch((torch.zeros(2, 3), torch.tensor([0, 1])))
         >>> x.shape, y.tolist()
         (torch.Size([2, 3]), [0, 1])
+        >>> ids, labels = split_batch({"input_ids": torch.tensor([[5, 7, 0]]), "attention_mask": torch.tensor([[1, 1, 0]]),
+        ...                            "labels": torch.tensor([2])})
+        >>> ids.tolist(), labels.tolist()
+        ([[5, 7, 0]], [2])
     """
     if isinstance(batch, torch.Tensor):
         return batch, None

@@ -37,10 +37,17 @@ from lightning_introspect.methods.featviz import (
     class_logit,
     dense_class_logit,
     infer_latent_dim,
+    patch_token_channels,
     stack_objectives,
+    token_channel,
     visualize_features,
 )
-from lightning_introspect.methods.featviz.layers import main_conv_chain
+from lightning_introspect.methods.featviz.layers import (
+    PatchTokens,
+    main_conv_chain,
+    patch_token_layouts,
+    vit_blocks,
+)
 from lightning_introspect.methods.featviz_plan import (
     REGULARIZERS,
     channel_spread,
@@ -122,15 +129,29 @@ class FeatureVisualization(IntrospectionCallback):
     classifier's class images (one batch per setting, ``steps`` forward and backward passes of the model
     at the image size).
 
+    Vision transformers: a block of a ViT outputs tokens ``(N, T, D)``: class / register tokens, then one
+    token per image patch. There an *embedding dimension* plays the part of a channel and the patch tokens
+    the part of the positions: a channel image maximises the dimension's mean over the patch tokens (the
+    class and register tokens left out: they belong to no place in the image, and the class token is what
+    the class images already show; :func:`~lightning_introspect.methods.featviz.objectives.token_channel`).
+    Which outputs are tokens and how many tokens come before the patches is found as for the linear probes
+    and Grad-CAM (the module types, then the patch grid of the image's aspect; see
+    :func:`~lightning_introspect.methods.featviz.layers.patch_token_layouts`); the table's "Chosen" line
+    says so (``encoder: embedding dimensions [3, 7, 9] (mean over the 4x4 patch tokens; 1 prefix token
+    left out)``). Class images need nothing special. Tags, results and costs are as for a CNN.
+
     Args:
-        layers: layer names / glob patterns, or ``"auto"``: ``num_layers`` conv layers spread over the
-            network's main path, the last one included: the convolutions on the longest chain that leads to
+        layers: layer names / glob patterns, or ``"auto"``: ``num_layers`` layers spread over the network,
+            the last one included. A vision transformer: its blocks whose outputs are patch tokens (found as
+            the linear probes find them; see :func:`~lightning_introspect.methods.featviz.layers.vit_blocks`).
+            Otherwise conv layers on the network's main path: the convolutions on the longest chain that leads to
             the feature map Attributions' Grad-CAM uses by default (so a residual block's 1x1 shortcut conv
             is never taken for the last conv; see :func:`~lightning_introspect.methods.featviz.layers.main_conv_chain`;
             a network without convs: its hidden ``nn.Linear`` layers). Logged in ``introspect/featviz/table``.
             ``[]`` for classes only.
-        channels: a list of channel ids used for every layer, or ``"auto"``: the ``num_channels``
-            channels with the largest activation spread over the fixed samples at the first run (then kept).
+        channels: a list of channel ids used for every layer (embedding dimensions for a token layer), or
+            ``"auto"``: the ``num_channels`` channels with the largest activation spread over the fixed samples
+            (and positions, or patch tokens) at the first run (then kept).
         classes: class ids to visualise (class logits), ``"auto"`` (the first 10 classes of a
             classifier's ``(N, C)`` output; for segmentation every class but the background, at most 10;
             nothing for other outputs) or ``None``.
@@ -178,7 +199,8 @@ class FeatureVisualization(IntrospectionCallback):
 
     Tags written:
         * ``introspect/featviz/<layer>/<channel>`` -- image: one tile per setting, columns in the order
-          of ``columns`` (e.g. none, frequency, transform, all);
+          of ``columns`` (e.g. none, frequency, transform, all); for a token layer ``<channel>`` is the
+          embedding dimension;
         * ``introspect/featviz/class/<class>`` -- image: the same for a class logit (segmentation: the class's
           mean logit over the central region);
         * ``introspect/featviz/objective/<setting>/<layer>/<channel>`` and ``.../objective/<setting>/class/<class>``
@@ -199,7 +221,9 @@ class FeatureVisualization(IntrospectionCallback):
     it is finite. ``channels="auto"`` does not keep a choice made from non-finite activations.
 
     Results on the instance:
-        ``columns`` (setting names), ``chosen`` (layer -> channel ids), ``classes_chosen``, ``resolved_task``
+        ``columns`` (setting names), ``chosen`` (layer -> channel ids), ``token_layouts`` (token layer ->
+        :class:`~lightning_introspect.methods.featviz.layers.PatchTokens`: its prefix tokens and patch grid),
+        ``classes_chosen``, ``resolved_task``
         (``"classification"`` or ``"segmentation"``), ``background`` (segmentation: the class
         ``classes="auto"`` left out),
         ``images`` (unit key ``"<layer>/<channel>"`` or ``"class/<c>"`` -> ``(S, C, H, W)`` tensor in
@@ -329,6 +353,7 @@ class FeatureVisualization(IntrospectionCallback):
     @override
     def reset(self) -> None:
         self.layer_names: list[str] = []
+        self.token_layouts: dict[str, PatchTokens] = {}  # token layers among layer_names: where their patches are
         self.chosen: dict[str, list[int]] = {}
         self.classes_chosen: list[int] = []
         self.resolved_task: str | None = None  # "classification" / "segmentation", detected once per fit
@@ -400,8 +425,12 @@ class FeatureVisualization(IntrospectionCallback):
 
     # ------------------------------------------------------------------------------------ choices
     def auto_layers(self, model: nn.Module, example: torch.Tensor) -> list[str]:
-        """``num_layers`` conv layers spread evenly over the main path (:func:`main_conv_chain` on ``example``),
-        ending with its last conv; without convs, the hidden ``nn.Linear`` layers."""
+        """``num_layers`` layers spread evenly over the network, the last one included: a vision transformer's
+        blocks whose outputs are patch tokens (:func:`vit_blocks`), else the conv layers on the main path
+        (:func:`main_conv_chain` on ``example``); without either, the hidden ``nn.Linear`` layers."""
+        blocks = vit_blocks(model, example)
+        if blocks:  # a ViT's patch embedding is a conv too, but its blocks are where the features are
+            return spread_picks(blocks, self.num_layers)
         try:
             convs = main_conv_chain(model, example)
         except ValueError:  # no spatial feature map at all
@@ -466,9 +495,11 @@ class FeatureVisualization(IntrospectionCallback):
         probe = F.interpolate(x[:2].float(), size=(h, w), mode="bilinear", align_corners=False) if (h, w) != tuple(x.shape[-2:]) else x[:2]
         shapes, out_shape = self._record_shapes(pl_module, probe)
         named = {name: shapes.get(name) for name in self.layer_names}
+        three_d = [name for name, shape in named.items() if shape is not None and len(shape) == 3]
+        self.token_layouts = patch_token_layouts(pl_module, probe, three_d) if three_d else {}
         self.classes_chosen = check_units(
             named, out_shape, self.channels, self.classes, max_auto_classes=_MAX_AUTO_CLASSES,
-            task=self.resolved_task or "classification", background=self.background,
+            task=self.resolved_task or "classification", background=self.background, tokens=set(self.token_layouts),
         )
         if self.prior_module is not None and "prior" in self.regularizers:
             dim = self.latent_dim or infer_latent_dim(self.prior_module)
@@ -480,13 +511,30 @@ class FeatureVisualization(IntrospectionCallback):
         self._validated = True
 
     def choose_channels(self, model: nn.Module, x: torch.Tensor) -> dict[str, list[int]]:
-        """``channels="auto"``: per layer the ``num_channels`` channels whose activation varies most."""
+        """``channels="auto"``: per layer the ``num_channels`` channels (embedding dimensions of a token layer)
+        whose activation varies most over the samples and positions (patch tokens)."""
         if isinstance(self.channels, (list, tuple)):
             return {name: list(self.channels) for name in self.layer_names}
         outs, _ = layer_outputs(model, x, self.layer_names)
-        spread = {name: channel_spread(out) for name, out in outs.items()}
+        spread = {name: channel_spread(self._as_channels(name, out)) for name, out in outs.items()}
         self._unsettled = {name for name, v in spread.items() if not bool(torch.isfinite(v).all())}
         return {name: top_channels(spread[name], self.num_channels) for name in self.layer_names}
+
+    def _as_channels(self, name: str, activation: torch.Tensor) -> torch.Tensor:
+        """A token layer's output as its embedding dimensions over the patch tokens ``(N, D, P)``; others as they are."""
+        layout = self.token_layouts.get(name)
+        if layout is None:
+            return activation
+        return patch_token_channels(activation, layout.prefix, sequence_first=layout.sequence_first)
+
+    def channel_objective(self, name: str, ids: Sequence[int]) -> Objective:
+        """The objective of the channel images of layer ``name``: a channel's mean activation over its positions;
+        for a token layer the embedding dimension's mean over the patch tokens
+        (:func:`~lightning_introspect.methods.featviz.objectives.token_channel`)."""
+        layout = self.token_layouts.get(name)
+        if layout is None:
+            return channel(name, list(ids))
+        return token_channel(name, list(ids), prefix=layout.prefix, sequence_first=layout.sequence_first)
 
     # ------------------------------------------------------------------------------------ the work
     def setting_kwargs(self, setting: str, size: int) -> dict[str, Any]:
@@ -510,7 +558,7 @@ class FeatureVisualization(IntrospectionCallback):
         for name in self.layer_names:
             chans = self.chosen.get(name, [])
             if chans:
-                parts.append((name, channel(name, chans), len(chans)))
+                parts.append((name, self.channel_objective(name, chans), len(chans)))
         if self.classes_chosen:
             parts.append(("class", self.class_objective(), len(self.classes_chosen)))
         return parts
@@ -539,7 +587,7 @@ class FeatureVisualization(IntrospectionCallback):
                 else:
                     groups.append((prefix, [unit]))
             objective = stack_objectives([
-                (self.class_objective(ids) if prefix == "class" else channel(prefix, ids), len(ids)) for prefix, ids in groups
+                (self.class_objective(ids) if prefix == "class" else self.channel_objective(prefix, ids), len(ids)) for prefix, ids in groups
             ])
             chunks.append((objective, len(part)))
         return chunks
@@ -680,11 +728,18 @@ class FeatureVisualization(IntrospectionCallback):
 
     def table(self, keys: Sequence[str], results: dict[str, FeatureVisualizationResult]) -> str:
         """A markdown table: one row per unit, objective and high-frequency fraction per setting."""
-        chosen = [f"{n}: channels {self.chosen.get(n, [])}" for n in self.layer_names]
+        chosen = [self._layer_text(n) for n in self.layer_names]
         if self.classes_chosen:
             left_out = self.background if self.classes == "auto" else None
             chosen.append(class_objective_text(self.classes_chosen, task=self.resolved_task or "classification", region=self.class_region, background=left_out))
         return featviz_table(keys, results, self.run_columns, steps=self.run_steps, lr=self.lr, chosen=chosen, nonfinite=self.nonfinite)
+
+    def _layer_text(self, name: str) -> str:
+        """One layer's chosen units for the table's "Chosen" line."""
+        layout = self.token_layouts.get(name)
+        if layout is None:
+            return f"{name}: channels {self.chosen.get(name, [])}"
+        return f"{name}: embedding dimensions {self.chosen.get(name, [])} ({layout.describe()})"
 
     # ---------------------------------------------------------------------------------- reporting
     @override

@@ -1,65 +1,58 @@
 """``LinearProbes``: how linearly separable the classes are at each layer, every epoch (Alain & Bengio 2016).
 
 The callback decides when (the validation pass of scheduled epochs, the baselines at fit start), on what
-(the layers of :func:`~lightning_introspect.methods.probe_layers.plan_probe_layers`, their activations caught
-by :class:`~lightning_introspect.methods.probe_capture.FeatureCapture`) and where (TensorBoard); the fits are
+(the layers :mod:`~lightning_introspect.callbacks.probe_setup` resolves, their activations read by
+:class:`~lightning_introspect.callbacks.probe_pass.ProbePass`) and where (TensorBoard); its arguments are checked by
+:mod:`~lightning_introspect.callbacks.probe_arguments`, the fits are
 :class:`~lightning_introspect.methods.probes.ProbeEvaluations`, the drawing :mod:`lightning_introspect.render.probes`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 from typing_extensions import override
 
 from lightning_introspect._lightning import pl
-from lightning_introspect._torch.guards import introspection_mode, is_compiled, module_device
-from lightning_introspect._torch.layers import resolve_layers
-from lightning_introspect.callbacks.base import (
-    IntrospectionCallback,
-    check_callable,
-    check_choice,
-    check_positive_int,
-    draw_samples,
-    split_batch,
+from lightning_introspect.callbacks.base import IntrospectionCallback
+from lightning_introspect.callbacks.probe_arguments import SOLVERS, check_probe_arguments
+from lightning_introspect.callbacks.probe_pass import (
+    COMPILED_EAGER_PASS,
+    NO_VALIDATION,
+    ProbePass,
+    device_of,
+    has_compiled,
+    has_validation,
+    validation_batches,
 )
-from lightning_introspect.callbacks.outputs import extract_logits
-from lightning_introspect.methods.probe_capture import INPUT_KEY, FeatureCapture
-from lightning_introspect.methods.probe_layers import (
-    ProbeLayersUnavailable,
-    auto_probe_layers,
-    plan_probe_layers,
+from lightning_introspect.callbacks.probe_report import (
+    INIT_KEY,
+    depth_figure,
+    evaluation_table,
+    latest_summary_lines,
 )
+from lightning_introspect.callbacks.probe_setup import (
+    CannotProbe,
+    ProbeSetup,
+    merged_layers_note,
+    resolve_probe_setup,
+)
+from lightning_introspect.methods.probe_capture import INPUT_KEY
+from lightning_introspect.methods.probe_layers import auto_probe_layers
 from lightning_introspect.methods.probes import (
-    CACHE_POLICIES,
-    POOLING_CHOICES,
-    TOKEN_POOLING_CHOICES,
     FeatureCache,
     LayerCaches,
     ProbeEvaluations,
     ProbeResult,
     RandomProjection,
-    check_probe_labels,
-    check_probe_masks,
-    probe_label_problem,
-    token_mask,
 )
-from lightning_introspect.methods.task import TASK_KINDS
-from lightning_introspect.render.probes import (
-    accuracy_vs_depth_figure,
-    probe_notes,
-    probe_summary_lines,
-    probe_table,
-)
-
-SOLVERS = ("auto", "sklearn", "torch")
-INIT_KEY = "init"
+from lightning_introspect.render.probes import probe_notes
 
 __all__ = ["INIT_KEY", "INPUT_KEY", "SOLVERS", "LinearProbes", "auto_probe_layers"]
 
@@ -224,7 +217,6 @@ class LinearProbes(IntrospectionCallback):
     """
 
     name = "probes"
-    transient = ("_stack",)
     # the layer is not the tag's last part: one chart per score, a line per layer (custom-scalars layout)
     scalar_charts = {"accuracy per layer": r"[^/]+/accuracy", "macro_f1 per layer": r"[^/]+/macro_f1"}
 
@@ -261,30 +253,13 @@ class LinearProbes(IntrospectionCallback):
         super().__init__(
             enabled=enabled, every_n_epochs=every_n_epochs, at=at, num_samples=num_samples, seed=seed, on_error=on_error
         )
-        if not (isinstance(layers, str) or (isinstance(layers, (list, tuple)) and all(isinstance(n, str) for n in layers))):
-            raise ValueError(f"Expected `layers` to be 'auto', a layer name or a list of layer names, but got {layers!r}.")
-        check_choice(pooling, "pooling", POOLING_CHOICES)
-        check_choice(token_pooling, "token_pooling", TOKEN_POOLING_CHOICES)
-        check_choice(solver, "solver", SOLVERS)
-        check_choice(cache, "cache", CACHE_POLICIES)
-        check_positive_int(max_samples, "max_samples")
-        check_positive_int(max_features, "max_features")
-        check_positive_int(max_iter, "max_iter")
-        check_positive_int(figures_every_n_epochs, "figures_every_n_epochs", allow_none=True)
-        check_choice(task, "task", TASK_KINDS)
-        check_positive_int(pixels_per_image, "pixels_per_image")
-        for value, argument in ((ignore_index, "ignore_index"), (pad_token_id, "pad_token_id")):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"Expected `{argument}` to be an int or None, but got {value!r}.")
-        if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0.0 < test_fraction < 1.0:
-            raise ValueError(f"Expected `test_fraction` to be a float in (0, 1), but got {test_fraction!r}.")
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
-            raise ValueError(f"Expected `tol` to be a positive finite float, but got {tol!r}.")
-        if isinstance(C, bool) or not isinstance(C, (int, float)) or not C > 0 or math.isinf(C):
-            raise ValueError(f"Expected `C` to be a positive finite float, but got {C!r}.")
-        check_callable(target_transform, "target_transform")
-        if probe_dataloader is not None and not hasattr(probe_dataloader, "__iter__"):
-            raise ValueError(f"Expected `probe_dataloader` to be an iterable DataLoader or None, but got {probe_dataloader!r}.")
+        check_probe_arguments(
+            layers=layers, pooling=pooling, token_pooling=token_pooling, pad_token_id=pad_token_id,
+            max_samples=max_samples, max_features=max_features, solver=solver, test_fraction=test_fraction,
+            max_iter=max_iter, tol=tol, C=C, cache=cache, probe_dataloader=probe_dataloader,
+            target_transform=target_transform, figures_every_n_epochs=figures_every_n_epochs, task=task,
+            pixels_per_image=pixels_per_image, ignore_index=ignore_index,
+        )
         self.layers = layers if isinstance(layers, str) else list(layers)
         self.pooling, self.token_pooling, self.pad_token_id = pooling, token_pooling, pad_token_id
         self.max_samples, self.max_features, self.cache = max_samples, max_features, cache
@@ -301,24 +276,18 @@ class LinearProbes(IntrospectionCallback):
         data) starts clean. A resumed fit restores the checkpointed part afterwards (``load_state_dict``
         runs after ``setup``)."""
         self.layer_names: list[str] = []
-        self.resolved_task: str | None = None  # "classification" / "segmentation", detected at setup
+        self.resolved_task: str | None = None  # "classification" / "segmentation", detected on an example batch
         self.resolved_token_pooling: dict[str, str] = {}
+        self.thinned_epochs: list[int] = []  # epochs whose evaluation the budget left out
         self._evaluations = ProbeEvaluations(
             solver=self.solver, test_fraction=self.test_fraction, seed=self.seed, max_iter=self.max_iter, tol=self.tol,
             C=self.C,
         )
-        self._timings: dict[str, float] = dict.fromkeys(("capture", "baseline_pass", "own_pass", "log"), 0.0)
-        self._modules: dict[str, nn.Module] = {}
-        self._tokens: dict[str, Any] = {}  # {layer: TokenPooling} of the token layers
-        self._calls_checked = False  # the named modules' call counts were checked on an example batch
-        self._cache: FeatureCache | LayerCaches | None = None
-        self._input_cache: FeatureCache | None = None
-        self._capture: FeatureCapture | None = None
-        self._stack: contextlib.ExitStack | None = None  # removes the hooks in the trainer's validation
-        self._figure_key: int | None = None  # the epoch of the latest accuracy-vs-depth figure
-        #: epochs whose evaluation the budget left out (between the ``at`` fractions and the last epoch)
-        self.thinned_epochs: list[int] = []
+        self._timings: dict[str, float] = dict.fromkeys(("baseline_pass", "own_pass", "log"), 0.0)
+        self._setup = ProbeSetup()  # the layers and how they are probed (resolved at setup or fit start)
+        self._pass: ProbePass | None = None  # the capture and its caches, built at fit start
         self._eager_pass = False  # capture with an own eager pass instead of hooks in the trainer's validation
+        self._figure_key: int | None = None  # the epoch of the latest accuracy-vs-depth figure
 
     # the results on the instance (the class docstring says what they hold), kept by the evaluations
     @property
@@ -339,8 +308,21 @@ class LinearProbes(IntrospectionCallback):
 
     @property
     def timings(self) -> dict[str, float]:
-        t = {**self._timings, **self._evaluations.timings}
+        t = {**self._timings, **self._evaluations.timings, "capture": self._pass.seconds if self._pass else 0.0}
         return {k: t[k] for k in ("capture", "baseline_pass", "own_pass", "fit_inline", "submit", "wait", "log")}
+
+    # the capture's parts (the tests read them): the latest pass's features, the projections, the live hooks
+    @property
+    def _cache(self) -> FeatureCache | LayerCaches | None:
+        return self._pass.cache if self._pass is not None else None
+
+    @property
+    def _projections(self) -> dict[str, RandomProjection]:
+        return self._pass.projections if self._pass is not None else {}
+
+    @property
+    def _stack(self) -> contextlib.ExitStack | None:
+        return self._pass.stack if self._pass is not None else None
 
     # ------------------------------------------------------------------------------- lightning hooks
     @override
@@ -355,10 +337,6 @@ class LinearProbes(IntrospectionCallback):
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._resolve(trainer, pl_module)
-
-    @override
-    def restore_transient(self) -> None:
-        self._stack = None
 
     @override
     def on_disable(self) -> None:
@@ -384,33 +362,35 @@ class LinearProbes(IntrospectionCallback):
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if self._stack is not None:
-            self.run(trainer, self._batch_start, batch, dataloader_idx, log_seconds=False)
+        if (hooked := self._hooked()) is not None:
+            self.run(trainer, hooked.batch_start, batch, dataloader_idx, log_seconds=False)
 
     @override
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._stack is not None:
-            self.run(trainer, self._batch_end, log_seconds=False)
+        if (hooked := self._hooked()) is not None:
+            self.run(trainer, hooked.batch_end, log_seconds=False)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._stack is not None:
-            self.run(trainer, self._end_capture, trainer)
+        if (hooked := self._hooked()) is not None:
+            self.run(trainer, self._end_capture, trainer, hooked)
         elif self._eager_pass and self._should_capture(trainer):
-            self.run(trainer, self._own_pass_and_fit, trainer, pl_module)
+            self.run(trainer, self._evaluate_own_pass, trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.probe_dataloader is not None and self.active(trainer) and self.is_scheduled(trainer) and self._within_budget(trainer):
-            self.run(trainer, self._own_pass_and_fit, trainer, pl_module)
+            self.run(trainer, self._evaluate_own_pass, trainer, pl_module)
         elif self._evaluations.ready() and self.active(trainer):
             self.run(trainer, self._drain, trainer)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.thinned_epochs and self.thinned_epochs[-1] == self.last_epoch(trainer) and self.active(trainer):
+            self.run(trainer, self._evaluate_own_pass, trainer, pl_module, self.thinned_epochs.pop())
         if self._evaluations.pending:
             self.run(trainer, self._drain, trainer, wait=True)
         self._evaluations.shutdown(wait=True)
@@ -433,128 +413,76 @@ class LinearProbes(IntrospectionCallback):
     def _loader(self, trainer: pl.Trainer) -> Any:
         return self.probe_dataloader if self.probe_dataloader is not None else self.val_dataloader(trainer)
 
-    def _resolve(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
-        """Resolve the layers and check that they can be probed.
-
-        Raises ``ValueError`` for a wrong name (with close matches) and for a named module that runs more
-        than once per forward pass (naming the block to probe instead). Skips the callback for the fit
-        (one warning) when the data carries no labels or ``"auto"`` cannot run the model on the bare inputs.
-        The call counts need one example batch: without data yet (built in ``LightningModule.setup``) they
-        are checked at fit start.
-        """
-        example = None
-        if (loader := self._loader(trainer)) is not None:
-            with contextlib.suppress(Exception):  # data not ready at setup (built in LightningModule.setup): later
-                example = draw_samples(loader, 2, seed=self.seed)
-        source = "`probe_dataloader`" if self.probe_dataloader is not None else "validation"
-        if example is not None and self.target_transform is None and example[1] is None:
-            self.skip(str(probe_label_problem(None, source)))
-            return
-        if example is None:
-            modules = {} if self.layers == "auto" else resolve_layers(pl_module, self.layers, argument="layers")
-            self._set_layers(modules)
-            return
-        x = _to_device(example[0], _device_of(pl_module))
-        # with a target_transform (one label per sample) "auto" stays classification
-        task = "classification" if self.task == "auto" and self.target_transform is not None else self.task
+    def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Resolve the layers (:func:`resolve_probe_setup`): a wrong name raises ``ValueError``, a model or data
+        that cannot be probed skips the callback for the fit. Without data yet (built in
+        ``LightningModule.setup``) the call counts are checked at fit start."""
         try:
-            plan = plan_probe_layers(
-                pl_module, self.layers, x, labels=None if self.target_transform is not None else example[1], task=task,
-                logits_of=extract_logits, token_pooling=self.token_pooling,
+            setup = resolve_probe_setup(
+                pl_module, self._loader(trainer), layers=self.layers, task=self.task, token_pooling=self.token_pooling,
+                target_transform=self.target_transform, seed=self.seed,
+                source="`probe_dataloader`" if self.probe_dataloader is not None else "validation",
             )
-        except ProbeLayersUnavailable as err:
-            self.skip(str(err))
+        except CannotProbe as reason:
+            self.skip(str(reason))
             return
-        if plan.task == "classification" and self.target_transform is None:
-            problem = probe_label_problem(example[1], source)
-            if problem is not None:
-                self.skip(problem)
-                return
-        if plan.merged:
-            merged = ", ".join(f"{n!r} as {k!r}" for n, k in plan.merged.items())
-            self.warn_once(
-                "merged",
-                f"LinearProbes: some layers in `layers` give the same output as another on an example batch (a block "
-                f"and its last norm, a wrapper and its only child), so each output is probed once: {merged}.",
-            )
-        self.resolved_task = plan.task
-        self._set_layers(plan.modules, plan.tokens)
-        self._calls_checked = True
-
-    def _set_layers(self, modules: dict[str, nn.Module], tokens: dict[str, Any] | None = None) -> None:
-        self._modules, self.layer_names = modules, list(modules)
-        self._evaluations.order = self.layer_names
-        self._tokens = dict(tokens or {})
-        self.resolved_token_pooling = {n: t.describe() for n, t in self._tokens.items()}
+        if setup.merged:
+            self.warn_once("merged", merged_layers_note(setup.merged))
+        self._setup, self.resolved_task = setup, setup.task
+        self.layer_names = self._evaluations.order = list(setup.modules)
+        self.resolved_token_pooling = {n: t.describe() for n, t in setup.tokens.items()}
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check the data, pick the capture path and the solver, build the caches, fit the baselines."""
-        if self.probe_dataloader is None and not self._has_validation(trainer):
-            self.warn_once(
-                "no-validation",
-                "LinearProbes probes the validation pass, but this fit has no validation data (or "
-                "limit_val_batches=0): nothing will be probed. Pass `probe_dataloader` or validation data.",
-            )
+        if self.probe_dataloader is None and not has_validation(trainer, self.val_dataloader(trainer)):
+            self.warn_once("no-validation", NO_VALIDATION)
             return
-        if not self._calls_checked:  # no data at setup: resolve (and check the call counts) now
+        if self._setup.task is None:  # no data at setup: resolve (and check the call counts) now
             self._resolve(trainer, pl_module)
             if self.disabled:
                 return
-            if not self._modules:
+            if not self._setup.modules:
                 raise RuntimeError("LinearProbes could not resolve `layers='auto'`: no data to run an example through.")
-        if self.probe_dataloader is None and _has_compiled(pl_module):
+        if self.probe_dataloader is None and has_compiled(pl_module):
             # Hooks added after dynamo cached a graph do not fire in it (and fire traced, with graph breaks,
             # when they do): the trainer's compiled validation is left alone and the probes get their
             # activations from an eager pass of ours over the same validation data.
             self._eager_pass = True
-            self.warn_once(
-                "compiled",
-                "LinearProbes: the model contains torch.compile-d modules, so the probes take their activations "
-                "from an eager pass of their own over the validation data at each evaluated epoch (one extra "
-                "forward pass) instead of hooks in the compiled validation.",
-            )
-        device = _device_of(pl_module)
+            self.warn_once("compiled", COMPILED_EAGER_PASS)
+        device = device_of(pl_module)
         # "auto" left on CPU: chosen per evaluation by the size of the cached features (ProbeEvaluations.fit)
         self._evaluations.solver = "torch" if self.solver == "auto" and device.type != "cpu" else self.solver
-        cache_device = device if self._evaluations.solver == "torch" else torch.device("cpu")
-        per_pixel = self.resolved_task == "segmentation"
-        cache_type = LayerCaches if per_pixel else FeatureCache
-        self._cache = cache_type(self.max_samples, policy=self.cache, seed=self.seed, device=cache_device)
-        self._input_cache = FeatureCache(self.max_samples, policy=self.cache, seed=self.seed, device=cache_device)
-        self._capture = FeatureCapture(
-            self._modules, pooling=self.pooling, max_features=self.max_features, seed=self.seed, on_time=self._hook_seconds,
-            pixels_per_image=self.pixels_per_image if per_pixel else None, ignore_index=self.ignore_index,
-            tokens=self._tokens,
+        self._pass = ProbePass(
+            self._setup.modules, tokens=self._setup.tokens, pooling=self.pooling, max_features=self.max_features,
+            max_samples=self.max_samples, cache=self.cache, seed=self.seed, ignore_index=self.ignore_index,
+            pixels_per_image=self.pixels_per_image if self.resolved_task == "segmentation" else None,
+            pad_token_id=self.pad_token_id, target_transform=self.target_transform, on_hook_time=self._hook_seconds,
+            device=device if self._evaluations.solver == "torch" else torch.device("cpu"),
         )
+        self._fit_baselines(trainer, pl_module)
+
+    def _fit_baselines(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The probes on the raw input and on the model as initialised, once per fit (not after a resume)."""
         want_init = self.include_init and INIT_KEY not in self.history
         want_input = self.include_input and INPUT_KEY not in self.history
-        if want_init or want_input:
-            start = time.perf_counter()
-            self._own_pass(trainer, pl_module, layers=want_init, inputs=want_input)
-            self._timings["baseline_pass"] += time.perf_counter() - start
-            if want_input:
-                self._fit(INPUT_KEY, self._input_cache, trainer.global_step)
-            if want_init:
-                with self._evaluation_timed(charge=False):  # the first estimate of an evaluation's cost
-                    self._fit(INIT_KEY, self._cache, trainer.global_step)
-            self._drain(trainer)
-            self.charge(time.perf_counter() - start)  # once per fit: not recurring work
-
-    def _has_validation(self, trainer: pl.Trainer) -> bool:
-        limit = getattr(trainer, "limit_val_batches", 1.0)
-        if limit is not None and not isinstance(limit, bool) and limit == 0:
-            return False
-        loader = self.val_dataloader(trainer)  # loads the validation data early (without a barrier under DDP)
-        if loader is None or loader is getattr(trainer, "train_dataloader", None):  # the base falls back to training data
-            return False
-        counts = list(getattr(trainer, "num_val_batches", None) or [])
-        return not counts or counts[0] != 0
+        if not (want_init or want_input):
+            return
+        start = time.perf_counter()
+        probe_pass = self._own_pass(trainer, pl_module, layers=want_init, inputs=want_input)
+        self._timings["baseline_pass"] += time.perf_counter() - start
+        if want_input:
+            self._fit(INPUT_KEY, probe_pass.input_cache, trainer.global_step)
+        if want_init:
+            with self._evaluation_timed(charge=False):  # the first estimate of an evaluation's cost
+                self._fit(INIT_KEY, probe_pass.cache, trainer.global_step)
+        self._drain(trainer)
+        self.charge(time.perf_counter() - start)  # once per fit: not recurring work
 
     # ------------------------------------------------------------------------------------ capture
     def _should_capture(self, trainer: pl.Trainer) -> bool:
         return (
             self.probe_dataloader is None
-            and self._cache is not None
+            and self._pass is not None
             and self.active(trainer)
             and self.is_scheduled(trainer)
             and not getattr(trainer, "sanity_checking", False)
@@ -585,76 +513,50 @@ class LinearProbes(IntrospectionCallback):
             )
         return False
 
+    def _probe_pass(self) -> ProbePass:
+        """The capture of this fit (built at fit start)."""
+        if self._pass is None:
+            raise RuntimeError("LinearProbes: the feature caches are built at fit start, which has not run.")
+        return self._pass
+
+    def _hooked(self) -> ProbePass | None:
+        """The capture while its hooks sit in the trainer's validation pass, else ``None``."""
+        return self._pass if self._pass is not None and self._pass.hooked else None
+
     def _hook_seconds(self, elapsed: float) -> None:
-        self._timings["capture"] += elapsed
-        if self._stack is not None:  # the trainer's validation forward (outside `run`): count it here
-            self.seconds_total += elapsed
+        self.seconds_total += elapsed  # the trainer's validation forward runs outside `run`: count it here
 
     def _remove_hooks(self) -> None:
-        stack, self._stack = self._stack, None
-        if self._capture is not None:
-            self._capture.clear()
-        if stack is not None:
-            stack.close()
-
-    @property
-    def _projections(self) -> dict[str, RandomProjection]:
-        """The seeded projections of the layers wider than ``max_features``."""
-        return self._capture.projections if self._capture is not None else {}
-
-    def _labels(self, batch: Any) -> torch.Tensor:
-        labels = self.target_transform(batch) if self.target_transform is not None else split_batch(batch)[1]
-        if labels is None:
-            raise ValueError(
-                "LinearProbes found no labels in a batch. Pass `probe_dataloader` (a labelled DataLoader) or "
-                "`target_transform` (batch -> labels)."
-            )
-        return check_probe_masks(labels) if self.resolved_task == "segmentation" else check_probe_labels(labels)
-
-    def _token_mask(self, batch: Any, inputs: Any = None) -> torch.Tensor | None:
-        """Which tokens of ``batch`` are not padding (for the token layers' mean), when the batch says."""
-        if not self._tokens:
-            return None
-        if inputs is None:
-            with contextlib.suppress(ValueError):
-                inputs = split_batch(batch)[0]
-        return token_mask(batch, inputs=inputs, pad_token_id=self.pad_token_id)
-
-    def _parts(self) -> tuple[FeatureCapture, FeatureCache | LayerCaches, FeatureCache]:
-        """The capture, the cache of layer features and the cache of raw inputs (built at fit start)."""
-        if self._capture is None or self._cache is None or self._input_cache is None:
-            raise RuntimeError("LinearProbes: the feature caches are built at fit start, which has not run.")
-        return self._capture, self._cache, self._input_cache
+        if self._pass is not None:
+            self._pass.remove_hooks()
 
     def _begin_capture(self) -> None:
-        self._remove_hooks()
-        capture, layer_cache, _ = self._parts()
-        layer_cache.reset()
-        capture.restart()  # the same pixel positions every epoch
-        capture.error = None
-        self._stack = capture.attach()
+        self._probe_pass().begin()
 
-    def _batch_start(self, batch: Any, dataloader_idx: int) -> None:
-        first = dataloader_idx == 0
-        self._parts()[0].begin(self._labels(batch) if first else None, layers=first, mask=self._token_mask(batch))
-
-    def _batch_end(self) -> None:
-        start = time.perf_counter()
-        capture, layer_cache, input_cache = self._parts()
-        try:
-            capture.check()
-            capture.commit(layer_cache, input_cache)
-        finally:
-            capture.clear()
-            self._timings["capture"] += time.perf_counter() - start
-
-    def _end_capture(self, trainer: pl.Trainer) -> None:
-        try:
-            self._parts()[0].check()
-        finally:
-            self._remove_hooks()
+    def _end_capture(self, trainer: pl.Trainer, probe_pass: ProbePass) -> None:
+        probe_pass.end()
         with self._evaluation_timed():
-            self._fit(trainer.current_epoch, self._parts()[1], trainer.global_step)
+            self._fit(trainer.current_epoch, probe_pass.cache, trainer.global_step)
+        self._drain(trainer)
+
+    def _own_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, layers: bool = True, inputs: bool = False) -> ProbePass:
+        """An eval-mode, no-grad pass of ours over the probe data (``probe_dataloader`` or validation)."""
+        loader = self._loader(trainer)
+        if loader is None:
+            raise RuntimeError("LinearProbes needs validation data or a `probe_dataloader` to probe with.")
+        max_batches = math.inf if self.probe_dataloader is not None else validation_batches(trainer)
+        probe_pass = self._probe_pass()
+        probe_pass.run(pl_module, loader, max_batches=max_batches, layers=layers, inputs=inputs)
+        return probe_pass
+
+    def _evaluate_own_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | None = None) -> None:
+        """One evaluation on a pass of ours (``probe_dataloader``, a compiled model, or the final model of a fit
+        that stopped early on an epoch the budget left out)."""
+        with self._evaluation_timed():
+            start = time.perf_counter()
+            probe_pass = self._own_pass(trainer, pl_module)
+            self._timings["own_pass"] += time.perf_counter() - start
+            self._fit(trainer.current_epoch if epoch is None else epoch, probe_pass.cache, trainer.global_step)
         self._drain(trainer)
 
     @contextlib.contextmanager
@@ -668,45 +570,6 @@ class LinearProbes(IntrospectionCallback):
             self.unit_costs.observe("evaluation", elapsed)
             if charge:
                 self.charge(elapsed)
-
-    def _own_pass(self, trainer: pl.Trainer, pl_module: nn.Module, *, layers: bool = True, inputs: bool = False) -> None:
-        """An eval-mode, no-grad pass of ours over the probe data (``probe_dataloader`` or validation)."""
-        loader = self._loader(trainer)
-        if loader is None:
-            raise RuntimeError("LinearProbes needs validation data or a `probe_dataloader` to probe with.")
-        max_batches = math.inf
-        if self.probe_dataloader is None:
-            counts = list(getattr(trainer, "num_val_batches", None) or [])
-            if counts and counts[0] not in (None, math.inf):
-                max_batches = counts[0]
-        device = _device_of(pl_module)
-        capture, layer_cache, input_cache = self._parts()
-        layer_cache.reset()
-        input_cache.reset()
-        capture.restart()
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(introspection_mode(pl_module, grad=False))  # forked RNG before the iterator
-            if layers:
-                stack.enter_context(capture.attach())
-            for i, batch in enumerate(loader):
-                if i >= max_batches:
-                    break
-                x, _ = split_batch(batch)
-                capture.begin(self._labels(batch), layers=layers, mask=self._token_mask(batch, x))
-                if inputs:
-                    capture.add_input(x, self.max_features)
-                if layers:
-                    pl_module(_to_device(x, device))
-                    capture.check()
-                capture.commit(layer_cache, input_cache, layers=layers)
-
-    def _own_pass_and_fit(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
-        with self._evaluation_timed():
-            start = time.perf_counter()
-            self._own_pass(trainer, pl_module, layers=True, inputs=False)
-            self._timings["own_pass"] += time.perf_counter() - start
-            self._fit(trainer.current_epoch, self._parts()[1], trainer.global_step)
-        self._drain(trainer)
 
     # --------------------------------------------------------------------------- fitting and logging
     def _fit(self, key: int | str, cache: FeatureCache | LayerCaches, step: int) -> None:
@@ -722,9 +585,6 @@ class LinearProbes(IntrospectionCallback):
             start = time.perf_counter()
             self._log(trainer, key, step, results)
             self._timings["log"] += time.perf_counter() - start
-
-    def _input_accuracy(self) -> float | None:
-        return self.history[INPUT_KEY][INPUT_KEY] if INPUT_KEY in self.history else None
 
     def _log(self, trainer: pl.Trainer, key: int | str, step: int, results: dict[str, ProbeResult]) -> None:
         writer = self.writer(trainer)
@@ -742,43 +602,21 @@ class LinearProbes(IntrospectionCallback):
 
     def _write_figure(self, trainer: pl.Trainer, key: int, step: int, *, final: bool = True) -> None:
         """The accuracy-vs-depth figure of epoch ``key``; before the last epoch an extra the budget may leave out."""
-        drawn = self.figure(trainer, self.tag("accuracy_vs_depth"), lambda: accuracy_vs_depth_figure(
-            key, self.history[key], order=self.layer_names, init=self.history.get(INIT_KEY),
-            input_accuracy=self._input_accuracy(),
-        ), step, final=final)
-        if drawn:
+        build = functools.partial(depth_figure, self._evaluations, key, order=self.layer_names)
+        if self.figure(trainer, self.tag("accuracy_vs_depth"), build, step, final=final):
             self._figure_key = key
 
     def table(self, key: int | str | None = None) -> str:
         """A markdown table of the probe accuracies of ``key`` (default: the latest epoch) beside the baselines."""
-        latest = self._evaluations.latest_epoch()
-        if key is None:
-            if latest is None:
-                return "No probe results yet."
-            key = latest
-        baseline = None
-        if INPUT_KEY in self.history:
-            nan = float("nan")
-            baseline = self.history[INPUT_KEY].get(INPUT_KEY, nan), self.macro_f1.get(INPUT_KEY, {}).get(INPUT_KEY, nan)
-        table = probe_table(
-            key, self.history.get(key, {}), self.macro_f1.get(key, {}), order=self.layer_names,
-            init=self.history.get(INIT_KEY, {}), input_scores=baseline, best=self.best_layer if key == latest else None,
-        )
         notes = probe_notes(
             token_pooling=self.resolved_token_pooling, ignore_index=self.ignore_index, max_samples=self.max_samples,
             pixels_per_image=self.pixels_per_image if self.resolved_task == "segmentation" else None,
         )
-        return notes + "\n\n" + table if notes else table
+        return evaluation_table(self._evaluations, key, order=self.layer_names, notes=notes)
 
     @override
     def summary_lines(self) -> list[str]:
-        latest = self._evaluations.latest_epoch()
-        if latest is None or self.best_layer is None:
-            return []
-        return probe_summary_lines(
-            latest, self.history[latest], self.best_layer, order=self.layer_names,
-            init_accuracy=self.history.get(INIT_KEY, {}).get(self.best_layer), input_accuracy=self._input_accuracy(),
-        )
+        return latest_summary_lines(self._evaluations, order=self.layer_names)
 
     # ------------------------------------------------------------------------------------ state
     @override
@@ -794,24 +632,3 @@ class LinearProbes(IntrospectionCallback):
             self.layer_names = list(state["layer_names"])
             self._evaluations.order = self.layer_names
 
-
-def _has_compiled(model: nn.Module) -> bool:
-    """Whether ``model`` is or contains a ``torch.compile``-d module (dynamo's ``OptimizedModule``)."""
-    return any(is_compiled(m) for m in model.modules()) or getattr(model, "_compiler_ctx", None) is not None
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    device = getattr(module, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return module_device(module)
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_device(v, device) for v in x)
-    return x

@@ -32,11 +32,13 @@ from lightning_introspect.callbacks.base import (
     split_batch,
 )
 from lightning_introspect.callbacks.budget import best_of
+from lightning_introspect.callbacks.checks import check_int
 from lightning_introspect.callbacks.outputs import (
     LogitsSource,
     example_logits,
     extract_logits,
     extract_targets,
+    logits_only,
     validation_batches,
 )
 from lightning_introspect.callbacks.progress import IntrospectionProgress
@@ -51,6 +53,7 @@ from lightning_introspect.methods.image_stats import (
 )
 from lightning_introspect.methods.review import ReviewBuffer, class_probabilities
 from lightning_introspect.methods.task import TASK_KINDS, resolve_task
+from lightning_introspect.methods.token_attribution import gradient_x_embedding
 from lightning_introspect.render.review import (
     per_class_gallery,
     perturbation_figure,
@@ -151,7 +154,8 @@ class Misclassifications(IntrospectionCallback):
     * ``introspect/misclassifications/gallery_per_class`` -- image, one row per true class (``per_class``);
     * ``introspect/misclassifications/top_wrong`` -- markdown: index, true, predicted, confidence;
     * ``introspect/misclassifications/top_wrong_text`` -- markdown, text inputs (token ids): the same rows
-      with each text (``decode``d, else its ids);
+      with each text (``decode``d, else its ids) and its tokens coloured by their gradient x embedding score
+      for the predicted class (at the output of the embedding layer; ``report["wrong_token_scores"]``);
     * ``introspect/misclassifications/error_rate/overall`` and ``.../error_rate/class/<class>`` -- scalars;
     * ``introspect/misclassifications/error_rate/<statistic>/q<i>`` -- scalar, error rate in quantile bin
       ``i`` (1 = lowest values) of the statistic;
@@ -290,8 +294,7 @@ class Misclassifications(IntrospectionCallback):
         check_positive_int(top_k, "top_k")
         check_positive_int(num_bins, "num_bins")
         check_positive_int(boundary_width, "boundary_width")
-        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-            raise ValueError(f"Expected `ignore_index` to be an int or None, but got {ignore_index!r}.")
+        check_int(ignore_index, "ignore_index")
         if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 0:
             raise ValueError(f"Expected `per_class` to be a non-negative int, but got {per_class!r}.")
         statistics = [statistics] if isinstance(statistics, str) else list(statistics)
@@ -580,6 +583,38 @@ class Misclassifications(IntrospectionCallback):
         ids = x[:, :MAX_TOKENS].detach().long().cpu()
         return torch.nn.functional.pad(ids, (0, MAX_TOKENS - ids.shape[1]), value=-1)
 
+    def _wrong_token_scores(self, pl_module: pl.LightningModule, rows: list[list[int]], preds: list[int]) -> list[torch.Tensor | None] | None:
+        """Gradient x embedding of each wrong sentence for its predicted class (one call per sentence length,
+        at the output of the embedding layer; :func:`~lightning_introspect.methods.token_attribution.gradient_x_embedding`),
+        or ``None`` when the model cannot be explained that way (warned once, the table keeps its text)."""
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        by_length: dict[int, list[int]] = {}
+        for i, ids in enumerate(rows):
+            if ids and len(ids) < MAX_TOKENS:  # a text cut at MAX_TOKENS is not the sentence the model saw
+                by_length.setdefault(len(ids), []).append(i)
+        try:
+            with logits_only(pl_module, self.output_transform):
+                for length, members in by_length.items():
+                    sentences = torch.tensor([rows[i] for i in members], dtype=torch.long)
+                    target = torch.tensor([preds[i] for i in members], dtype=torch.long)
+                    scores = gradient_x_embedding(pl_module, sentences, target)
+                    for j, i in enumerate(members):
+                        out[i] = scores[j, :length].cpu()
+        except (ValueError, RuntimeError, IndexError) as err:
+            if self.on_error == "raise":
+                raise
+            self.warn_once("token-scores", f"Misclassifications: the token scores of the wrong texts are left out: {err}")
+            return None
+        return out
+
+    def _token_strings(self, ids: list[int]) -> list[str]:
+        """One string per token: ``decode``'s list when it returns one item per id, else the ids."""
+        if self.decode is not None:
+            got = self.decode(ids)
+            if not isinstance(got, str) and isinstance(got, Sequence) and len(got) == len(ids):
+                return [str(t) for t in got]
+        return [str(i) for i in ids]
+
     def sample_text(self, ids: Sequence[int]) -> str:
         """One text sample as shown: ``decode`` of its token ids (padding marks removed), else the ids."""
         ids = [int(i) for i in ids if int(i) >= 0]
@@ -639,9 +674,15 @@ class Misclassifications(IntrospectionCallback):
                         for n, v in zip(names, report["per_class_error"]) if v is not None})
         writer.text(self.tag("top_wrong"), wrong_markdown(report["wrong"], names, error_rate, report["num_samples"]), step)
         tokens = buffer.top["tokens"] if buffer.top is not None else None
-        if tokens is not None:  # text inputs: the confidently wrong texts themselves
+        if tokens is not None:  # text inputs: the confidently wrong texts themselves, with their token scores
             report["wrong_texts"] = texts = [self.sample_text(row.tolist()) for row in tokens]
-            writer.text(self.tag("top_wrong_text"), wrong_sentences_markdown(report["wrong"], texts, names), step)
+            rows = [[int(i) for i in row.tolist() if int(i) >= 0] for row in tokens]
+            scores = self._wrong_token_scores(pl_module, rows, [int(r["pred"]) for r in report["wrong"]])
+            report["wrong_token_scores"] = [None if v is None else v.tolist() for v in scores] if scores is not None else None
+            table = wrong_sentences_markdown(
+                report["wrong"], texts, names, tokens=[self._token_strings(ids) for ids in rows] if scores is not None else None, scores=scores,
+            )
+            writer.text(self.tag("top_wrong_text"), table, step)
         top, shown_raw = buffer.top, self.mean is not None
         self.wrong_images = top["image"] if top is not None else None
         if self._images and top is not None and top["image"] is not None and top["image"].shape[0]:

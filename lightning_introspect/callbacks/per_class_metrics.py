@@ -25,6 +25,7 @@ from lightning_introspect.callbacks.base import (
     check_positive_int,
     split_batch,
 )
+from lightning_introspect.callbacks.checks import check_int
 from lightning_introspect.callbacks.outputs import (
     LogitsSource,
     example_logits,
@@ -196,8 +197,7 @@ class PerClassMetrics(IntrospectionCallback):
             raise ValueError(f"Expected `num_classes` to be 1, 2 or None for task='binary', but got {num_classes!r}.")
         if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0.0 <= threshold <= 1.0:
             raise ValueError(f"Expected `threshold` to be a probability in [0, 1], but got {threshold!r}.")
-        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-            raise ValueError(f"Expected `ignore_index` to be an int or None, but got {ignore_index!r}.")
+        check_int(ignore_index, "ignore_index")
         check_callable(output_transform, "output_transform")
         check_callable(target_transform, "target_transform")
         self.task = task

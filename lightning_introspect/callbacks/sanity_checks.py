@@ -26,6 +26,7 @@ from lightning_introspect.callbacks.budget import best_of
 from lightning_introspect.callbacks.checks import gradient_problem
 from lightning_introspect.callbacks.outputs import logits_only
 from lightning_introspect.callbacks.progress import IntrospectionProgress
+from lightning_introspect.errors import IntrospectionInputError
 from lightning_introspect.loggers.adapter import IntrospectionWriter
 from lightning_introspect.methods.attention import ATTENTION_METHODS, attention_problem
 from lightning_introspect.methods.attribution import LAYER_METHODS
@@ -33,9 +34,11 @@ from lightning_introspect.methods.class_check import DEFAULT_OTHERS, OTHER_CLASS
 from lightning_introspect.methods.explainers import DEFAULT_METHODS, Explainer
 from lightning_introspect.methods.randomization import BN_MODES, randomization_blocks
 from lightning_introspect.methods.sanity_report import (
+    DEFAULT_TOKEN_METHODS,
     DEFAULT_VERDICT_METRIC,
     MODES,
     ORDER_CHOICES,
+    TOKEN_VERDICT_METRICS,
     VERDICT_METRICS,
     SanityReport,
     run_sanity_checks,
@@ -43,6 +46,12 @@ from lightning_introspect.methods.sanity_report import (
 from lightning_introspect.methods.sanity_report import resolve_thresholds as _resolve_thresholds
 from lightning_introspect.methods.similarity import METRICS
 from lightning_introspect.methods.task import TASK_KINDS, resolve_task
+from lightning_introspect.methods.token_attribution import (
+    TOKEN_METHODS,
+    find_embedding,
+    is_token_ids,
+    token_attributions,
+)
 from lightning_introspect.render.sanity import (
     annotated_grid,
     class_maps_grid,
@@ -52,6 +61,8 @@ from lightning_introspect.render.sanity import (
     plotted_metrics,
     report_scalars,
     sanity_summary_lines,
+    token_class_maps_figure,
+    token_maps_figure,
 )
 
 TARGET_CHOICES = ("pred", "true")
@@ -100,6 +111,15 @@ class SanityChecks(IntrospectionCallback):
     :func:`~lightning_introspect.methods.attribution.auto_layer` (for an encoder-decoder, a feature map
     before the output head).
 
+    Text models (token ids ``(N, T)``): the maps are token scores ``(N, T)`` computed at the output of the
+    embedding layer (found automatically, :func:`~lightning_introspect.methods.token_attribution.find_embedding`),
+    with saliency, gradient x embedding and integrated gradients by default (``methods`` left at ``None``;
+    named methods without a token version are dropped with one warning). Every check runs on these 1-D
+    score vectors: the curves and verdicts with the Spearman correlations (SSIM, an image measure, is left
+    out with a note; ``verdict_metric="ssim"`` is refused before the first step), the class check's
+    same-class reference with its noise on the embedding output, eMPRT on the scores. The maps figures show
+    each sentence's tokens (their ids) as a heat strip per randomisation step / class.
+
     A method that fails is not explaining what the model learned: guided backprop and guided Grad-CAM
     typically fail (they reconstruct edges of the input whatever the weights), vanilla gradient and
     Grad-CAM pass. See ``lightning_introspect.methods.randomization`` for the exact definitions.
@@ -108,7 +128,7 @@ class SanityChecks(IntrospectionCallback):
         methods: attribution method names (``saliency``, ``input_x_gradient``, ``guided_backprop``,
             ``deconvnet``, ``grad_cam``, ``guided_grad_cam``, ``lrp``). ``None``: the methods of an
             ``Attributions`` callback on the same trainer, else saliency, guided backprop, Grad-CAM
-            and input x gradient.
+            and input x gradient; for token ids saliency, input x gradient and integrated gradients.
         layers: the blocks to randomise: ``"auto"`` (every parametrised layer with its following
             normalisation layers), an int ``k`` (the ``k`` blocks nearest the output; cheaper), or a
             list of dotted names / glob patterns (a container is one block).
@@ -319,11 +339,52 @@ class SanityChecks(IntrospectionCallback):
         if x.ndim not in (2, 4):
             self.skip(f"the inputs of shape {tuple(x.shape)} are neither images (N, C, H, W) nor tabular (N, F).")
             return
-        problem = gradient_problem(pl_module, x[:2].to(module_device(pl_module)), self.output_transform, reraise=self.on_error == "raise")
-        if problem is not None:
-            self.skip(problem)
-            return
+        if is_token_ids(x):
+            if not self._token_preflight(pl_module, x):
+                return
+        else:
+            problem = gradient_problem(pl_module, x[:2].to(module_device(pl_module)), self.output_transform, reraise=self.on_error == "raise")
+            if problem is not None:
+                self.skip(problem)
+                return
         self.resolved_task = self._resolve_task(pl_module, x[:2], None if y is None else y[:2])
+
+    def _token_preflight(self, pl_module: pl.LightningModule, x: torch.Tensor) -> bool:
+        """Token ids: the verdict metric, the methods with a token version and a gradient at the embedding
+        output; ``False`` after a skip."""
+        if self.verdict_metric not in TOKEN_VERDICT_METRICS:
+            raise IntrospectionInputError(
+                f"Expected `verdict_metric` to be one of {', '.join(repr(m) for m in TOKEN_VERDICT_METRICS)} for token ids "
+                f"{tuple(x.shape)} (SSIM needs 2-D maps; token scores are one value per token), but got {self.verdict_metric!r}."
+            )
+        if not self._token_methods(list(self._resolved_methods or []), x):
+            self.skip(f"the inputs are token ids {tuple(x.shape)}, and none of the methods {self.methods} explains tokens; "
+                      f"use {', '.join(TOKEN_METHODS)}.")
+            return False
+        sample = x[:2].to(module_device(pl_module))
+        try:
+            with logits_only(pl_module, self.output_transform):
+                layer = find_embedding(pl_module, sample)
+                check = token_attributions(pl_module, sample, "pred", ["saliency"], embedding_layer=layer)
+        except ValueError as err:
+            self.skip(f"the inputs are token ids, explained at the output of the embedding layer, but: {err}")
+            return False
+        if not bool(check["saliency"].any()):
+            self.skip(f"autograd does not connect the model's output to the output of the embedding layer {layer!r} "
+                      "(run under torch.no_grad() or detached?), so there is no gradient to explain.")
+            return False
+        return True
+
+    def _token_methods(self, methods: list[str], x: torch.Tensor) -> list[str]:
+        """The methods that explain token ids: the token defaults when ``methods`` was left at ``None``,
+        else those of ``methods`` with a token version (the others dropped with one warning)."""
+        if self.methods is None:
+            return list(DEFAULT_TOKEN_METHODS)
+        dropped = [m for m in methods if m not in TOKEN_METHODS]
+        kept = [m for m in methods if m in TOKEN_METHODS]
+        if dropped and kept:
+            self.warn_once("tokens", f"SanityChecks: {dropped} have no token version; token ids {tuple(x.shape)} are checked with {kept}.")
+        return kept
 
     def _resolve_task(self, model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> str:
         """``task`` resolved from one forward pass of ``x`` (eval mode, no gradients, global RNG forked)."""
@@ -378,7 +439,7 @@ class SanityChecks(IntrospectionCallback):
         if self.target == "true" and y is None:
             self.warn_once("no-labels", "SanityChecks: target='true' but the validation data has no labels; explaining the predictions.")
         with logits_only(pl_module, self.output_transform):
-            problem = input_gradient_problem(pl_module, x)
+            problem = None if is_token_ids(x) else input_gradient_problem(pl_module, x)  # token ids: checked in preflight
         if problem is not None:
             self.warn_once("no-input-gradient", f"SanityChecks: {problem} The checks are skipped.")
             return None
@@ -405,12 +466,17 @@ class SanityChecks(IntrospectionCallback):
         device = module_device(model)
         sample = x.to(device)
         methods = list(self._resolved_methods or DEFAULT_METHODS)
+        tokens = is_token_ids(x)
+        if tokens:
+            methods = self._token_methods(methods, x)
         layers = self.layers
         blocks = len(randomization_blocks(model, sample[:1], layers, bn_mode=self.bn_mode))
         if not self.unit_costs.known("pass"):
             usable = [m for m in methods if (m != "lrp" or lrp_problem(model, None) is None) and (x.ndim == 4 or m not in LAYER_METHODS)]
             explain = Explainer(usable or ["saliency"])
             layer = self.cam_layer if any(m in LAYER_METHODS for m in usable) else None
+            if tokens:  # token scores at the embedding output
+                layer = find_embedding(model, sample[:1])
             try:
                 with introspection_mode(model, grad=True):
                     resolved = None if layer is None else explain.resolve_layer(model, sample[:1], layer)
@@ -492,6 +558,14 @@ class SanityChecks(IntrospectionCallback):
                 "attribution maps and verdicts would be meaningless, so the check is not run."
             )
         methods = list(self._resolved_methods or DEFAULT_METHODS)
+        tokens = is_token_ids(inputs)
+        if tokens:
+            methods = self._token_methods(methods, inputs)
+            if not methods:
+                raise ValueError(
+                    f"SanityChecks: none of the methods {self.methods} explains token ids {tuple(inputs.shape)}; "
+                    f"use {', '.join(TOKEN_METHODS)}."
+                )
         problem = lrp_problem(model, self.output_transform) if "lrp" in methods else None
         if problem is not None:
             self.warn_once("lrp-skipped", f"SanityChecks: {problem}")
@@ -501,7 +575,7 @@ class SanityChecks(IntrospectionCallback):
         if problem is not None:
             self.warn_once("attention-skipped", f"SanityChecks: {rollouts} are skipped for this model: {problem}")
             methods = [m for m in methods if m not in ATTENTION_METHODS]
-        if inputs.ndim == 2 and any(m in LAYER_METHODS for m in methods):
+        if inputs.ndim == 2 and not tokens and any(m in LAYER_METHODS for m in methods):
             dropped = [m for m in methods if m in LAYER_METHODS]
             self.warn_once("tabular", f"SanityChecks: {dropped} need a spatial feature map; tabular inputs (N, F) skip them.")
             methods = [m for m in methods if m not in LAYER_METHODS]
@@ -511,6 +585,8 @@ class SanityChecks(IntrospectionCallback):
                     "(N, F) do not have; add e.g. 'saliency' or 'input_x_gradient'."
                 )
         layer = None if self.cam_layer == "auto" and not any(m in ("grad_cam", "guided_grad_cam") for m in methods) else self.cam_layer
+        if tokens:  # the embedding layer, found by run_sanity_checks
+            layer = "auto"
         with logits_only(model, self.output_transform):
             class_check = self.run_class_sensitivity
             if class_check and self._num_outputs(model, inputs) < 2:
@@ -583,13 +659,14 @@ class SanityChecks(IntrospectionCallback):
 
     def _write(self, writer: IntrospectionWriter, report: SanityReport, inputs: torch.Tensor, step: int) -> None:
         writer.scalars({self.tag(path): value for path, value in report_scalars(report).items()}, step)
+        tokens = report.input_kind == "token_ids"
         for mode in report.curves:
             for metric, image in curve_figures(report, mode, plotted_metrics(report, mode, self.metrics)).items():
                 writer.image(self.tag("curve", mode, metric), image, step)
-            grid = maps_grid(report, mode, inputs)
+            grid = token_maps_figure(report, mode, inputs) if tokens else maps_grid(report, mode, inputs)
             if grid is not None:
                 writer.image(self.tag("maps", mode), grid, step)
-        class_grid = class_maps_grid(report, inputs)
+        class_grid = token_class_maps_figure(report, inputs) if tokens else class_maps_grid(report, inputs)
         if class_grid is not None:
             writer.image(self.tag("class_maps"), class_grid, step)
         writer.text(self.tag("verdicts"), report.markdown(), step)

@@ -24,6 +24,7 @@ from typing_extensions import override
 
 from lightning_introspect._lightning import pl
 from lightning_introspect.callbacks.base import IntrospectionCallback, check_positive_int, split_batch
+from lightning_introspect.callbacks.checks import check_bool
 from lightning_introspect.loggers.adapter import IntrospectionWriter
 from lightning_introspect.methods.not_learning import not_learning_summary
 from lightning_introspect.methods.weight_layers import (
@@ -219,8 +220,7 @@ class WeightHistograms(IntrospectionCallback):
         check_positive_int(bins, "bins")
         check_positive_int(figures_every_n_epochs, "figures_every_n_epochs", allow_none=True)
         for arg, value in (("include_bias", include_bias), ("include_gradients", include_gradients)):
-            if not isinstance(value, bool):
-                raise ValueError(f"Expected `{arg}` to be a bool, but got {value!r}.")
+            check_bool(value, arg)
         if isinstance(drift_threshold, bool) or not isinstance(drift_threshold, (int, float)) or not drift_threshold >= 0:
             raise ValueError(f"Expected `drift_threshold` to be a non-negative float, but got {drift_threshold!r}.")
         if not math.isfinite(drift_threshold):

@@ -17,6 +17,12 @@ changes; a method whose maps for very different classes are as similar as that c
 (Raw gradients are noisy: on the digits CNN a 1 % perturbation already lowers the Spearman correlation of a
 saliency map with itself to about 0.42, while Grad-CAM stays at 1.0.)
 
+Token ids ``(N, T)`` cannot take noise, and their maps are token scores computed at the output of the
+embedding layer (:mod:`~lightning_introspect.methods.token_attribution`): there the reference's noise goes
+instead, added to each sentence's embedding output (standard deviation ``noise`` times that sentence's
+embedding value range) by a forward hook for one extra explanation call, so the same class is explained
+for a slightly moved point of the space the scores live in.
+
 Segmentation (``region``: a :class:`~lightning_introspect.methods.targets.RegionTarget` per sample, e.g.
 the largest predicted object): every class is explained over the SAME region, so the maps differ only by
 the class asked about. The explained class is the region's class; ``"second"`` is another class present in
@@ -35,8 +41,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +51,8 @@ import torch
 from torch import nn
 
 from lightning_introspect._torch.guards import private_generator
+from lightning_introspect._torch.hooks import hooks
+from lightning_introspect._torch.layers import get_layer
 from lightning_introspect.methods.explainers import (
     DEFAULT_METHODS,
     Explainer,
@@ -54,6 +63,7 @@ from lightning_introspect.methods.explainers import (
 )
 from lightning_introspect.methods.similarity import METRICS, check_metrics, map_similarities, mean_and_std
 from lightning_introspect.methods.targets import RegionTarget, target_indices
+from lightning_introspect.methods.token_attribution import find_embedding, is_token_ids
 
 OTHER_CLASSES: tuple[str, ...] = ("least", "second", "random")
 DEFAULT_OTHERS: tuple[str, ...] = ("least", "second")
@@ -208,7 +218,8 @@ def class_sensitivity(
             (:func:`region_classes` picks the others). ``None``: classes over the whole output.
         noise: the same-class reference's noise (standard deviation as a fraction of each sample's value
             range, drawn from a private generator seeded by ``seed``); ``None`` skips the reference. Cost:
-            one more copy of the batch in the one attribution call.
+            one more copy of the batch in the one attribution call. Token ids: the noise is added to the
+            embedding output (module docstring), in one more attribution call.
 
     Returns:
         The :class:`ClassSensitivity`.
@@ -240,8 +251,9 @@ def class_sensitivity(
         # (the maps are per sample, so this is the same as one call per class, with one forward pass).
         keys = list(classes)
         copies = [x] * len(keys)
-        resample = noise is not None and x.is_floating_point()
-        if resample:  # the same class again, for the input under a small resampling noise
+        tokens = is_token_ids(x)
+        resample = noise is not None and (x.is_floating_point() or tokens)
+        if resample and not tokens:  # the same class again, for the input under a small resampling noise
             keys.append(SAME)
             classes_ids = [classes[k] for k in keys[:-1]] + [classes["pred"]]
             copies.append(_noisy(x, float(noise or 0.0), seed))
@@ -252,6 +264,11 @@ def class_sensitivity(
         joint = explainer(model, tiled, ids if region is None else _tiled_region(region, ids, x.shape[0], len(keys)), layer)
         n = x.shape[0]
         maps = {key: {name: joint[name][i * n : (i + 1) * n] for name in explainer.names} for i, key in enumerate(keys)}
+        if resample and tokens:  # the same class with the noise on the embedding output (ids take none)
+            keys.append(SAME)
+            embedding = find_embedding(model, x, None if layer in (None, "auto") else layer)
+            with _embedding_noise(model, embedding, x, float(noise or 0.0), seed):
+                maps[SAME] = explainer(model, x, classes["pred"], layer)
     similarity: dict[str, dict[str, dict[str, float]]] = {m: {} for m in explainer.names}
     spread: dict[str, dict[str, dict[str, float]]] = {m: {} for m in explainer.names}
     same_class: dict[str, dict[str, float]] = {}
@@ -282,6 +299,40 @@ def _noisy(x: torch.Tensor, level: float, seed: int) -> torch.Tensor:
     span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(-1, *([1] * (x.ndim - 1)))
     eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float32).to(x.dtype)
     return x + level * span * eps
+
+
+@contextlib.contextmanager
+def _embedding_noise(model: nn.Module, layer: str, ids: torch.Tensor, level: float, seed: int) -> Iterator[None]:
+    """While active, the output of the embedding layer ``layer`` gets Gaussian noise of standard deviation
+    ``level`` times each sentence's embedding value range: one draw from a private generator, measured on
+    one forward pass of ``ids`` (no gradient) and added at every later call, per copy for a pass over ``k``
+    stacked copies of the sentences (as integrated gradients runs its path)."""
+    module = get_layer(model, layer, argument="embedding_layer")
+    n = ids.shape[0]
+    seen: list[torch.Tensor] = []
+
+    def capture(_module: nn.Module, _args: Any, output: Any) -> None:
+        if not seen and isinstance(output, torch.Tensor):
+            seen.append(output.detach().float())
+
+    with hooks() as handles, torch.no_grad():
+        handles.append(module.register_forward_hook(capture))
+        model(ids)
+    if not seen or seen[0].ndim != 3 or seen[0].shape[0] != n:
+        raise ValueError(f"Expected the embedding layer {layer!r} to output one tensor (N, T, D) for the sentences.")
+    first = seen[0]
+    span = (first.flatten(1).amax(1) - first.flatten(1).amin(1)).view(-1, 1, 1)
+    eps = torch.randn(first.shape, generator=private_generator(seed, device=first.device), device=first.device, dtype=torch.float32)
+    noise = level * span * eps
+
+    def add(_module: nn.Module, _args: Any, output: Any) -> Any:
+        if not isinstance(output, torch.Tensor) or output.shape[1:] != noise.shape[1:] or output.shape[0] % n:
+            return None
+        return output + noise.repeat(output.shape[0] // n, 1, 1).to(output.device, output.dtype)
+
+    with hooks() as handles:
+        handles.append(module.register_forward_hook(add))
+        yield
 
 
 def _tiled_region(region: RegionTarget, ids: torch.Tensor, n: int, copies: int) -> RegionTarget:

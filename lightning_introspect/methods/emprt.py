@@ -48,10 +48,10 @@ from lightning_introspect.methods.explainers import (
     work_mode,
 )
 from lightning_introspect.methods.randomization import (
-    _check_bn_mode,
-    _fixed_target,
-    _randomize_block,
+    check_bn_mode,
+    fixed_target,
     randomization_blocks,
+    randomize_block,
 )
 
 DEFAULT_BINS = 100
@@ -140,23 +140,31 @@ def emprt(
     Returns:
         An :class:`EMPRTResult`.
     """
-    _check_bn_mode(bn_mode)
+    check_bn_mode(bn_mode)
     if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2:
         raise ValueError(f"Expected `inputs` to be a batch tensor (N, ...), but got {getattr(inputs, 'shape', type(inputs).__name__)}.")
     if not isinstance(generator, torch.Generator):
         raise ValueError(f"Expected `generator` to be a torch.Generator, but got {type(generator).__name__}.")
     explainer = as_explainer(explain)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-    work = copy.deepcopy(model)
+    # a copy made inside torch.inference_mode (a Lightning validation hook) would hold inference tensors,
+    # which autograd refuses: copy and explain outside it
+    with torch.inference_mode(False):
+        work = copy.deepcopy(model)
+        return _emprt_of_copy(work, inputs, targets, explainer, seed=seed, layer=layer, bn_mode=bn_mode, bins=bins, absolute=absolute)
+
+
+def _emprt_of_copy(work: nn.Module, inputs: torch.Tensor, targets: Any, explainer: Explainer, *, seed: int,
+                   layer: str | None, bn_mode: str, bins: int, absolute: bool) -> EMPRTResult:
     with work_mode(work):
         x = model_input(work, inputs)
-        fixed = _fixed_target(work, x, targets)
+        fixed = fixed_target(work, x, targets)
         layer = explainer.resolve_layer(work, x[:1], layer)
         blocks = randomization_blocks(work, x[:1], "auto", bn_mode=bn_mode)
         trained = explainer(work, x, fixed, layer)
         modules = dict(work.named_modules())
         for block in blocks:
-            _randomize_block(modules, block, seed=seed, bn_mode=bn_mode, repeat=0)
+            randomize_block(modules, block, seed=seed, bn_mode=bn_mode, repeat=0)
         randomised = explainer(work, x, fixed, layer)
     scores, means, h_trained, h_random = {}, {}, {}, {}
     for name in explainer.names:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -215,9 +215,13 @@ def check_units(
     max_auto_classes: int = 10,
     task: str = "classification",
     background: int | None = None,
+    tokens: Collection[str] = (),
 ) -> list[int]:
     """Check the asked channels and classes against the layers' and the model's output shapes, and
     return the classes to visualise.
+
+    The channels of a conv or linear layer are its dimension 1; those of a token layer (``tokens``: a
+    vision transformer's ``(N, T, D)`` outputs) are its embedding dimensions, the last dimension.
 
     ``classes="auto"``: for a classifier's ``(N, C)`` output the first ``max_auto_classes`` classes; for a
     segmentation model's ``(N, C, H, W)`` output (``task="segmentation"``) the first ``max_auto_classes``
@@ -233,6 +237,7 @@ def check_units(
         task: ``"classification"`` or ``"segmentation"`` (resolved by
             :func:`~lightning_introspect.methods.task.resolve_task`).
         background: the class ``"auto"`` leaves out for segmentation (``None``: none left out).
+        tokens: the names among ``shapes`` whose outputs are tokens ``(N, T, D)`` (or ``(T, N, D)``).
 
     Raises:
         ValueError: a layer without a channel dimension, or channel / class ids out of range (naming the
@@ -243,15 +248,20 @@ def check_units(
         [0, 1, 2]
         >>> check_units({}, (2, 4, 8, 8), "auto", "auto", task="segmentation", background=0)
         [1, 2, 3]
+        >>> check_units({"blocks.1": (2, 17, 64)}, (2, 10), [64], None, tokens={"blocks.1"})
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `channels` in [0, 63] (layer 'blocks.1' has 64 embedding dimensions), but got [64].
     """
     for name, shape in shapes.items():
-        if shape is None or len(shape) < 2:
-            raise ValueError(f"Expected layer {name!r} in `layers` to output (N, C, ...) tensors, but got shape {shape}.")
-        n_ch = shape[1]
+        if shape is None or len(shape) < 2 or (name in tokens and len(shape) != 3):
+            need = "tokens (N, T, D)" if name in tokens else "(N, C, ...) tensors"
+            raise ValueError(f"Expected layer {name!r} in `layers` to output {need}, but got shape {shape}.")
+        n_ch, what = (shape[-1], "embedding dimensions") if name in tokens else (shape[1], "channels")
         if not isinstance(channels, str):
             bad = [ch for ch in channels if ch >= n_ch]
             if bad:
-                raise ValueError(f"Expected `channels` in [0, {n_ch - 1}] (layer {name!r} has {n_ch} channels), but got {bad}.")
+                raise ValueError(f"Expected `channels` in [0, {n_ch - 1}] (layer {name!r} has {n_ch} {what}), but got {bad}.")
     dense = task == "segmentation" and len(out_shape) == 4
     if isinstance(classes, (list, tuple)) and classes:
         if len(out_shape) != 2 and not dense:

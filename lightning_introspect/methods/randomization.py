@@ -105,7 +105,8 @@ def _has_own_state(module: nn.Module, bn_mode: str) -> bool:
     return any(True for _ in module.parameters(recurse=False))
 
 
-def _check_bn_mode(bn_mode: str) -> None:
+def check_bn_mode(bn_mode: str) -> None:
+    """Raise ``ValueError`` unless ``bn_mode`` is one of :data:`BN_MODES`."""
     if bn_mode not in BN_MODES:
         raise ValueError(f"Expected `bn_mode` to be one of {', '.join(repr(m) for m in BN_MODES)}, but got {bn_mode!r}.")
 
@@ -138,7 +139,7 @@ def randomization_blocks(
         >>> [(b.name, b.modules) for b in randomization_blocks(net, torch.zeros(1, 1, 4, 4))]
         [('4', ('4',)), ('0', ('0', '1'))]
     """
-    _check_bn_mode(bn_mode)
+    check_bn_mode(bn_mode)
     modules = dict(model.named_modules())
     order = record_execution_order(model, example_input)
     position = {name: i for i, name in enumerate(order)}
@@ -248,7 +249,17 @@ def reinitialize_(module: nn.Module, *, seed: int, bn_mode: str = "affine") -> N
         param.copy_(fresh.to(param.dtype))
 
 
-def _randomize_block(modules: Mapping[str, nn.Module], block: RandomizationBlock, *, seed: int, bn_mode: str, repeat: int) -> None:
+def randomize_block(modules: Mapping[str, nn.Module], block: RandomizationBlock, *, seed: int, bn_mode: str, repeat: int) -> None:
+    """Re-initialise every module of ``block`` in place (:func:`reinitialize_`, each with its own
+    :func:`layer_seed` of ``(seed, name, repeat)``).
+
+    Args:
+        modules: ``dict(model.named_modules())`` of the model being randomised.
+        block: the block to re-initialise.
+        seed: base of the per-layer seeds.
+        bn_mode: how normalisation layers are treated (:data:`BN_MODES`).
+        repeat: the repeat index (another draw per repeat).
+    """
     for name in block.modules:
         reinitialize_(modules[name], seed=layer_seed(seed, name, repeat), bn_mode=bn_mode)
 
@@ -317,8 +328,18 @@ def _are_blocks(layers: object) -> TypeGuard[Sequence[RandomizationBlock]]:
     return isinstance(layers, Sequence) and bool(layers) and all(isinstance(b, RandomizationBlock) for b in layers)
 
 
-def _fixed_target(model: nn.Module, x: torch.Tensor, target: Any) -> Any:
-    """The target as class ids of the trained model (``"pred"`` stays the trained model's prediction)."""
+def fixed_target(model: nn.Module, x: torch.Tensor, target: Any) -> Any:
+    """The target as class ids of the trained model, so that a randomised copy explains the same classes
+    (``"pred"`` stays the trained model's prediction; a ``RegionTarget`` gets its class ids filled in).
+
+    Args:
+        model: the trained model (one forward pass, no gradient).
+        x: its inputs.
+        target: any target form of :mod:`~lightning_introspect.methods.targets`.
+
+    Returns:
+        Class ids ``(N,)``, a ``RegionTarget`` with class ids, or ``target`` itself (a callable).
+    """
     with torch.no_grad():
         output = model(x)
     ids = target_indices(output, target)
@@ -391,7 +412,7 @@ def randomization_curves(
     if mode not in RANDOMIZATION_MODES:
         raise ValueError(f"Expected `mode` to be one of {', '.join(repr(m) for m in RANDOMIZATION_MODES)}, but got {mode!r}.")
     check_metrics(metrics)
-    _check_bn_mode(bn_mode)
+    check_bn_mode(bn_mode)
     check_order(order)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"Expected `repeats` to be a positive int, but got {repeats!r}.")
@@ -401,7 +422,7 @@ def randomization_curves(
     work = copy.deepcopy(model) if copy_model else model
     with work_mode(work):
         x = model_input(work, inputs)
-        fixed = _fixed_target(work, x, target)
+        fixed = fixed_target(work, x, target)
         layer = explainer.resolve_layer(work, x[:1], layer)
         blocks: list[RandomizationBlock]
         if _are_blocks(layers):
@@ -426,7 +447,7 @@ def randomization_curves(
                     again = f" (repeat {repeat + 1}/{repeats})" if repeats > 1 else ""
                     progress(f"{mode} randomisation {step}/{len(blocks)}: {block.name}{again}")
                 saved = {n: copy.deepcopy(modules[n].state_dict()) for n in block.modules} if mode == "independent" else {}
-                _randomize_block(modules, block, seed=seed, bn_mode=bn_mode, repeat=repeat)
+                randomize_block(modules, block, seed=seed, bn_mode=bn_mode, repeat=repeat)
                 maps = explainer(work, x, fixed, layer)
                 unchanged.setdefault(block.name, []).append(float((_predictions(work, x) == original_pred).float().mean()))
                 for name in explainer.names:
@@ -494,10 +515,13 @@ __all__ = [
     "RandomizationBlock",
     "RandomizationCurves",
     "cascading_randomization",
+    "check_bn_mode",
     "check_order",
+    "fixed_target",
     "independent_randomization",
     "layer_seed",
     "randomization_blocks",
     "randomization_curves",
+    "randomize_block",
     "reinitialize_",
 ]

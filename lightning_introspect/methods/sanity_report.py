@@ -29,6 +29,20 @@ region. Class sensitivity then compares the maps of the object's class and of ot
 region (:func:`~lightning_introspect.methods.class_check.region_classes`). ``report.target`` says in words
 what was explained, ``report.task`` which task.
 
+Token ids
+---------
+For a text model fed integer token ids ``(N, T)`` the maps are token scores ``(N, T)``, computed at the
+output of the embedding layer (:mod:`~lightning_introspect.methods.token_attribution`; ``layer`` names that
+layer, ``"auto"`` finds it with :func:`~lightning_introspect.methods.token_attribution.find_embedding`); the
+default methods are :data:`DEFAULT_TOKEN_METHODS` (image-only methods such as guided backprop and Grad-CAM
+have no token version and are refused by name). Every check runs as for images on these 1-D score vectors:
+the randomisation curves and verdicts with the Spearman rank correlations of ``|score|`` and of the signed
+score; SSIM needs 2-D maps and is left out (:data:`TOKEN_NOTE`; ``verdict_metric="ssim"`` is refused); the
+randomisation floor is the random-map reference alone (there is no edge map of a sentence); the class check's
+same-class reference puts its 1 % noise on the embedding output (:mod:`~lightning_introspect.methods.class_check`);
+eMPRT takes the entropy of the ``T`` scores. The embedding layer is a block like any other, so the bottom-up
+cascade randomises it first.
+
 Verdicts
 --------
 The verdict score is ``verdict_metric`` (default ``"spearman_max"``: of the Spearman correlations of
@@ -109,7 +123,7 @@ from lightning_introspect.methods.explainers import (
 from lightning_introspect.methods.randomization import (
     ORDERS,
     RandomizationCurves,
-    _fixed_target,
+    fixed_target,
     layer_seed,
     randomization_blocks,
     randomization_curves,
@@ -117,6 +131,7 @@ from lightning_introspect.methods.randomization import (
 from lightning_introspect.methods.similarity import METRICS, check_metrics
 from lightning_introspect.methods.targets import RegionTarget, object_targets
 from lightning_introspect.methods.task import as_masks, resolve_task
+from lightning_introspect.methods.token_attribution import TOKEN_METHODS, find_embedding, is_token_ids
 from lightning_introspect.methods.verdicts import (
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
@@ -150,6 +165,14 @@ DEFAULT_THRESHOLDS: dict[str, float] = {"randomization": 0.5, "class_sensitivity
 """Fractions of the way from a reference floor to a ceiling (module docstring, "Verdicts")."""
 VERDICT_METRICS: tuple[str, ...] = ("spearman_max", "spearman_abs", "spearman", "ssim")
 DEFAULT_VERDICT_METRIC = "spearman_max"
+DEFAULT_TOKEN_METHODS: tuple[str, ...] = ("saliency", "input_x_gradient", "integrated_gradients")
+"""The methods explained for token ids ``(N, T)`` when ``methods`` is left at its default."""
+TOKEN_VERDICT_METRICS: tuple[str, ...] = ("spearman_max", "spearman_abs", "spearman")
+"""The verdict metrics of token scores (SSIM needs 2-D maps)."""
+TOKEN_NOTE = (
+    "Token scores are one value per token (N, T), not images: similarity is the Spearman rank correlation of "
+    "|score| and of the signed score; SSIM is left out; the randomisation floor is the random-map reference alone."
+)
 
 
 def resolve_thresholds(thresholds: Mapping[str, float] | float | None) -> dict[str, float]:
@@ -204,6 +227,9 @@ class SanityReport:
         emprt: ``{method: {"score", "low", "high", "trained_entropy", "random_entropy"}}``: eMPRT's mean
             relative entropy rise with its bootstrap interval and the mean entropies (empty when not run).
         class_same: ``{method: {metric: similarity}}``: the same-class resampling reference.
+        input_kind: ``"floating"`` (images, tabular: maps of the input's shape) or ``"token_ids"`` (token
+            scores ``(N, T)`` at the output of ``embedding_layer``, module docstring "Token ids").
+        embedding_layer: the embedding layer the token scores were computed at (``None`` otherwise).
         maps: ``{curve: {method: {"original" | layer: maps}}}`` and ``class_maps`` ``{method: {class: maps}}``
             for a few samples (kept for figures, not serialised).
     """
@@ -235,6 +261,8 @@ class SanityReport:
     details: dict[str, dict[str, Verdict]] = field(default_factory=dict)
     emprt: dict[str, dict[str, float]] = field(default_factory=dict)
     class_same: dict[str, dict[str, float]] = field(default_factory=dict)
+    input_kind: str = "floating"
+    embedding_layer: str | None = None
     maps: dict[str, dict[str, dict[str, torch.Tensor]]] = field(default_factory=dict, repr=False)
     class_maps: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
@@ -277,6 +305,8 @@ class SanityReport:
             "details": {check: {m: v.to_dict() for m, v in per.items()} for check, per in self.details.items()},
             "emprt": copy.deepcopy(self.emprt),
             "class_same": copy.deepcopy(self.class_same),
+            "input_kind": self.input_kind,
+            "embedding_layer": self.embedding_layer,
         }
 
     @classmethod
@@ -310,6 +340,8 @@ class SanityReport:
             details={str(c): {str(m): Verdict.from_dict(v) for m, v in dict(per).items()} for c, per in dict(data.get("details", {})).items()},
             emprt=copy.deepcopy(dict(data.get("emprt", {}))),
             class_same=copy.deepcopy(dict(data.get("class_same", {}))),
+            input_kind=str(data.get("input_kind", "floating")),
+            embedding_layer=None if data.get("embedding_layer") is None else str(data["embedding_layer"]),
         )
 
     def reading(self, method: str) -> str:
@@ -330,9 +362,15 @@ class SanityReport:
         """The verdict table with intervals, the references, eMPRT and the caveats as markdown, for
         TensorBoard's text tab or a notebook."""
         depth_layer = self.layers[min(self.verdict_depth, len(self.layers)) - 1] if self.layers else "-"
-        lines = [f"Explained: {self.target} ({self.task}).", ""]
+        tokens = self.input_kind == "token_ids"
+        at = f", token scores at the output of the embedding layer `{self.embedding_layer}`" if tokens else ""
+        lines = [f"Explained: {self.target} ({self.task}{at}).", ""]
         if self.target in _REGION_TARGETS:
             lines += [REGION_NOTE, ""]
+        if tokens:
+            lines += [TOKEN_NOTE, ""]
+        floor = "the similarity of the trained map to a random map" if tokens else (
+            "the larger similarity of the trained map to a random map and to the input's edge map")
         pct = f"{100 * self.confidence:.0f} %"
         lines += [
             f"Score: `{self.verdict_metric}`, mean over {self.num_samples} samples x {self.repeats} re-initialisation(s), "
@@ -340,7 +378,7 @@ class SanityReport:
             "lies below the threshold, **fail** when it lies at or above it, **inconclusive** when it straddles it. "
             f"**Randomisation** (top-down: the top {self.verdict_depth} block(s), down to `{depth_layer}`; bottom-up: "
             f"the first {self.verdict_depth}): threshold = floor + {self.thresholds['randomization']:.2f} x (1 - floor), "
-            "floor = the larger similarity of the trained map to a random map and to the input's edge map. "
+            f"floor = {floor}. "
             f"**Class sensitivity** ({self._class_check_text()}): threshold = floor + "
             f"{self.thresholds['class_sensitivity']:.2f} x (same-class similarity under input noise - floor), floor = the "
             "random-map similarity. **eMPRT**: the relative rise of the map's histogram entropy from the trained to the "
@@ -560,6 +598,30 @@ def _class_verdicts(
     return out
 
 
+def _token_settings(methods: MethodSpec, metrics: Sequence[str], verdict_metric: str) -> tuple[MethodSpec, list[str]]:
+    """The methods and metrics of a check on token ids: :data:`DEFAULT_TOKEN_METHODS` for the default
+    methods, named methods checked against the token methods, SSIM left out (1-D scores)."""
+    if verdict_metric not in TOKEN_VERDICT_METRICS:
+        raise ValueError(
+            f"Expected `verdict_metric` to be one of {', '.join(repr(m) for m in TOKEN_VERDICT_METRICS)} for token ids (N, T) "
+            f"(SSIM needs 2-D maps; token scores are one value per token), but got {verdict_metric!r}."
+        )
+    if methods is DEFAULT_METHODS:
+        methods = DEFAULT_TOKEN_METHODS
+    if isinstance(methods, str) or callable(methods):
+        names: list[Any] = [methods]
+    else:
+        names = list(methods.values()) if isinstance(methods, Mapping) else list(methods)
+    bad = [m for m in names if isinstance(m, str) and m not in TOKEN_METHODS]
+    if bad:
+        raise ValueError(
+            f"Expected `methods` for token ids (N, T) to be names from {', '.join(repr(m) for m in TOKEN_METHODS)} or callables "
+            f"(the others need floating inputs or a spatial feature map), but got {bad!r}."
+        )
+    kept = [m for m in metrics if m != "ssim"]
+    return methods, kept or ["spearman_abs", "spearman"]
+
+
 def run_sanity_checks(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -615,6 +677,9 @@ def run_sanity_checks(
         class_noise: the same-class reference's input noise (a fraction of each sample's value range).
         run_emprt: also measure eMPRT (:func:`~lightning_introspect.methods.emprt.emprt`; two passes).
 
+    Token ids ``(N, T)`` (module docstring, "Token ids"): ``methods`` left at its default explains
+    :data:`DEFAULT_TOKEN_METHODS`; ``layer`` is the embedding layer (``"auto"``: found); SSIM is left out.
+
     Returns:
         A :class:`SanityReport`.
     """
@@ -627,9 +692,16 @@ def run_sanity_checks(
     check_metrics(metrics)
     resolved = resolve_thresholds(thresholds)
     bootstrap_interval(torch.zeros(1), generator=torch.Generator(), resamples=resamples, confidence=confidence)  # checks both
+    tokens = is_token_ids(inputs)
+    if tokens:
+        methods, metrics = _token_settings(methods, metrics, verdict_metric)
     explainer = Explainer(methods)
     metrics = _verdict_metrics(verdict_metric, metrics)
     work = copy.deepcopy(model)  # everything below runs on this copy; the trained model is only read
+    embedding_layer = None
+    if tokens:  # every pass explains the same embedding output, found once
+        embedding_layer = find_embedding(work, inputs, None if layer in (None, "auto") else layer)
+        layer = embedding_layer
     caveats = detect_caveats(work, inputs, explainer.names, warn=warn)
     with work_mode(work):
         x = model_input(work, inputs)
@@ -641,7 +713,7 @@ def run_sanity_checks(
         blocks = randomization_blocks(work, x[:1], layers, bn_mode=bn_mode)
         # the references: the trained maps against a random map and the input's edges
         resolved_layer = explainer.resolve_layer(work, x[:1], layer)
-        trained_maps = explainer(work, x, _fixed_target(work, x, target), resolved_layer)
+        trained_maps = explainer(work, x, fixed_target(work, x, target), resolved_layer)
     ref_gen = private_generator(layer_seed(seed, "references"))
     references = {
         name: reference_similarities(trained_maps[name], x if isinstance(x, torch.Tensor) else None, metrics, generator=ref_gen)
@@ -741,6 +813,8 @@ def run_sanity_checks(
         details={k: v for k, v in details.items() if v},
         emprt=emprt_summary,
         class_same=sensitivity.same_class if sensitivity else {},
+        input_kind="token_ids" if tokens else "floating",
+        embedding_layer=embedding_layer,
         maps={k: results[k].maps for k in kept},
         class_maps=sensitivity.maps if sensitivity else {},
     )
@@ -750,9 +824,12 @@ __all__ = [
     "CHECKS",
     "CURVES",
     "DEFAULT_THRESHOLDS",
+    "DEFAULT_TOKEN_METHODS",
     "DEFAULT_VERDICT_METRIC",
     "MODES",
     "ORDER_CHOICES",
+    "TOKEN_NOTE",
+    "TOKEN_VERDICT_METRICS",
     "VERDICT_METRICS",
     "SanityReport",
     "decide_verdicts",

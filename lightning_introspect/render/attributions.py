@@ -315,6 +315,9 @@ def attribution_summary_lines(history: Sequence[Mapping[str, Any]], methods: Seq
         lines.append("faithfulness (deletion AUC, lower better / insertion AUC, higher better): " + "; ".join(
             f"{m} {r['deletion_auc']:.2f} / {r['insertion_auc']:.2f}" for m, r in faithful.items()
         ))
+    rise = last.get("emprt") or {}
+    if rise:
+        lines.append("eMPRT (map entropy rise under full randomisation, higher better): " + "; ".join(f"{m} {v:.2f}" for m, v in rise.items()))
     return lines
 
 

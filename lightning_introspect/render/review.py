@@ -93,8 +93,25 @@ def wrong_markdown(rows: Sequence[Mapping[str, Any]], names: Sequence[str], erro
     return "\n".join(lines)
 
 
-def wrong_sentences_markdown(rows: Sequence[Mapping[str, Any]], texts: Sequence[str], names: Sequence[str]) -> str:
-    """The confidently wrong text samples: rank, true and predicted class, confidence and the text itself.
+def wrong_sentences_markdown(
+    rows: Sequence[Mapping[str, Any]],
+    texts: Sequence[str],
+    names: Sequence[str],
+    *,
+    tokens: Sequence[Sequence[str]] | None = None,
+    scores: Sequence[torch.Tensor | None] | None = None,
+) -> str:
+    """The confidently wrong text samples: rank, true and predicted class, confidence and the text itself;
+    with ``scores``, a last column with each token coloured by its score for the predicted class (gradient x
+    embedding; :func:`~lightning_introspect.render.tokens.token_line`: red for the predicted class, blue
+    against it), under a legend.
+
+    Args:
+        rows: the wrong rows (``index``, ``label``, ``pred``, ``confidence``).
+        texts: each row's text.
+        names: the class names.
+        tokens: each row's tokens as strings (needed with ``scores``).
+        scores: each row's ``(T,)`` token scores, or ``None`` for a row without (its cell shows ``-``).
 
     Example:
         >>> print(wrong_sentences_markdown([{"index": 3, "label": 0, "pred": 1, "confidence": 0.8}], ["a | b"], ["neg", "pos"]))
@@ -102,12 +119,21 @@ def wrong_sentences_markdown(rows: Sequence[Mapping[str, Any]], texts: Sequence[
         |---|---|---|---|---|---|
         | 1 | 3 | neg | pos | 0.800 | a \\| b |
     """
-    lines = ["| rank | index | true | predicted | confidence | text |", "|---|---|---|---|---|---|"]
-    lines += [
-        f"| {r + 1} | {row['index']} | {markdown_cell(names[row['label']], max_chars=48)} | "
-        f"{markdown_cell(names[row['pred']], max_chars=48)} | {row['confidence']:.3f} | {markdown_cell(text, max_chars=300)} |"
-        for r, (row, text) in enumerate(zip(rows, texts))
-    ]
+    from lightning_introspect.render.tokens import token_legend, token_line
+
+    scored = scores is not None and tokens is not None
+    token_rows, score_rows = list(tokens or []), list(scores or [])
+    head = "| rank | index | true | predicted | confidence | text |"
+    rule = "|---|---|---|---|---|---|"
+    lines = [f"Token colours (gradient x embedding for the predicted class): {token_legend(True)}", ""] if scored else []
+    lines += [head + (" tokens for the predicted class |" if scored else ""), rule + ("---|" if scored else "")]
+    for r, (row, text) in enumerate(zip(rows, texts)):
+        line = (f"| {r + 1} | {row['index']} | {markdown_cell(names[row['label']], max_chars=48)} | "
+                f"{markdown_cell(names[row['pred']], max_chars=48)} | {row['confidence']:.3f} | {markdown_cell(text, max_chars=300)} |")
+        if scored:  # token_line escapes markdown (a token "|" included)
+            score = score_rows[r] if r < len(score_rows) else None
+            line += f" {token_line(token_rows[r], score, signed=True) if score is not None else '-'} |"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -119,6 +119,8 @@ def sanity_summary_lines(report: SanityReport | None) -> list[str]:
         lines.append("SanityChecks caveats: " + ", ".join(sorted({c.kind for c in r.caveats})))
     if r.task == "segmentation":
         lines.append(f"SanityChecks explained: {r.target}")
+    if r.input_kind == "token_ids":
+        lines.append(f"SanityChecks explained: token scores at the output of `{r.embedding_layer}` (Spearman only; no SSIM for 1-D scores)")
     return lines
 
 
@@ -247,6 +249,81 @@ def class_maps_grid(report: SanityReport, inputs: torch.Tensor) -> Any:
     return annotated_grid(torch.stack(images), captions, nrow=ncol, row_labels=labels, title="class sensitivity (first sample)")
 
 
+def _heat_strips(
+    rows: Sequence[tuple[str, dict[str, torch.Tensor]]], methods: Sequence[str], ids: torch.Tensor, title: str, signed: dict[str, bool],
+) -> Any:
+    """HWC uint8 figure: one panel per method, one heat strip per row (a label and ``{method: (T,) scores}``),
+    the tokens of the sentence as column labels, each strip after the first with its Spearman correlation of
+    ``|score|`` with the first strip at its right. Each strip is scaled by its own largest ``|score|``
+    (signed methods: blue against the explained class, red for it; unsigned: white to red)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from lightning_introspect.loggers.adapter import figure_to_array
+
+    tokens = [str(int(t)) for t in ids.detach().cpu().long().tolist()]
+    n_rows, n_tok = len(rows), len(tokens)
+    strips = {m: torch.stack([r[m].detach().float().cpu().reshape(-1)[:n_tok] for _, r in rows]) for m in methods}
+    pairs = [(strips[m][:1], strips[m][i : i + 1]) for m in methods for i in range(1, n_rows)]
+    rho = iter(map_similarities(pairs, ["spearman_abs"]) if pairs else [])
+    width = max(2.4, 0.32 * n_tok + 1.0)
+    fig, axes = plt.subplots(1, len(methods), figsize=(max(6.0, width * len(methods) + 1.2), 0.34 * n_rows + 1.3), dpi=90, squeeze=False)
+    try:
+        for k, (ax, method) in enumerate(zip(axes[0], methods)):
+            values = strips[method]
+            scale = values.abs().amax(1, keepdim=True).clamp_min(1e-12)
+            if signed[method]:
+                ax.imshow((values / scale).numpy(), cmap="bwr", vmin=-1.0, vmax=1.0, aspect="auto", interpolation="nearest")
+            else:
+                ax.imshow((values.abs() / scale).numpy(), cmap="Reds", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+            ax.set_xticks(range(n_tok))
+            ax.set_xticklabels(tokens, fontsize=6, rotation=90)
+            ax.set_yticks(range(n_rows))
+            ax.set_yticklabels([label for label, _ in rows] if k == 0 else [""] * n_rows, fontsize=7)
+            for i in range(1, n_rows):
+                value = float(next(rho)["spearman_abs"][0])
+                ax.text(n_tok - 0.4, i, f" ρ {value:.2f}", va="center", ha="left", fontsize=6)
+            ax.set_title(f"{method} (ρ: Spearman of |score| with the first row)" if k == 0 else method, fontsize=7.5)
+        fig.suptitle(title, fontsize=8.5)
+        fig.subplots_adjust(left=min(0.45, 1.4 / fig.get_figwidth()), right=1 - 0.45 / fig.get_figwidth(), top=1 - 0.45 / fig.get_figheight(),
+                            bottom=0.5 / fig.get_figheight(), wspace=0.22)
+        return figure_to_array(fig, close=False)
+    finally:
+        plt.close(fig)
+
+
+def token_maps_figure(report: SanityReport, mode: str, ids: torch.Tensor) -> Any:
+    """The token scores of the first sentence along one randomisation curve: HWC uint8, a panel per method,
+    a heat strip per step (original first) with its Spearman correlation of ``|score|`` with the original,
+    the token ids as column labels. ``None`` without kept maps."""
+    per_method = report.maps.get(mode, {})
+    methods = [m for m in report.methods if m in per_method and ORIGINAL in per_method[m]]
+    if not methods or ids.ndim != 2:
+        return None
+    steps = [ORIGINAL, *(s for s in report.steps(mode) if all(s in per_method[m] for m in methods))]
+    signed = {m: bool((per_method[m][ORIGINAL][0] < 0).any()) for m in methods}
+    rows = [
+        (ORIGINAL if step == ORIGINAL else f"{'→ ' if mode != 'independent' else ''}{step}", {m: per_method[m][step][0] for m in methods})
+        for step in steps
+    ]
+    title = f"{CURVE_TITLES.get(mode, mode)} randomisation: token scores of sentence #0 ({CURVE_ROWS.get(mode, mode)})"
+    return _heat_strips(rows, methods, ids[0], title, signed)
+
+
+def token_class_maps_figure(report: SanityReport, ids: torch.Tensor) -> Any:
+    """The token scores of the first sentence for the predicted and the other classes: HWC uint8, a panel per
+    method, a heat strip per class (the predicted class first). ``None`` without class maps."""
+    if not report.class_maps or ids.ndim != 2:
+        return None
+    methods = [m for m in report.methods if m in report.class_maps]
+    keys = list(report.class_maps[methods[0]])
+    signed = {m: bool((report.class_maps[m]["pred"][0] < 0).any()) for m in methods}
+    rows = [(f"{key}: class {report.classes.get(key, [None])[0]}", {m: report.class_maps[m][key][0] for m in methods}) for key in keys]
+    return _heat_strips(rows, methods, ids[0], "class sensitivity: token scores of sentence #0", signed)
+
+
 def annotated_grid(
     images: torch.Tensor,
     captions: Sequence[str],
@@ -373,4 +450,6 @@ __all__ = [
     "plotted_metrics",
     "report_scalars",
     "sanity_summary_lines",
+    "token_class_maps_figure",
+    "token_maps_figure",
 ]

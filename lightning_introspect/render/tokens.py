@@ -27,6 +27,7 @@ __all__ = [
     "NORMALIZE_CHOICES",
     "token_colour",
     "token_legend",
+    "token_line",
     "token_sentences_markdown",
     "token_strings",
     "top_tokens_markdown",
@@ -107,6 +108,24 @@ def token_legend(signed: bool) -> str:
     if signed:
         return f"{_POSITIVE} for the explained class, {_NEGATIVE} against it, {_ZERO} below 25 % of the largest |score|; **bold**: from 75 % on."
     return "⬜ < 25 % of the largest score ≤ 🟨 < 50 % ≤ 🟧 < 75 % ≤ 🟥 (**bold**)."
+
+
+def token_line(tokens: Sequence[str], scores: torch.Tensor, *, signed: bool) -> str:
+    """One sentence as a single line of coloured tokens (each scaled by the sentence's largest ``|score|``;
+    colours and bold as in the module docstring), for a markdown table cell.
+
+    Example:
+        >>> token_line(["the", "good", "film"], torch.tensor([0.0, 1.0, -0.4]), signed=True)
+        '⬜the 🟥**good** 🟦film'
+    """
+    values = scores.detach().float().cpu().reshape(-1)
+    scale = float(values.abs().max()) if values.numel() else 0.0
+    words = []
+    for token, value in zip(tokens, values.tolist()):
+        square, strong = token_colour(value, scale, signed=signed)
+        text = _escape(token)
+        words.append(f"{square}**{text}**" if strong else f"{square}{text}")
+    return " ".join(words)
 
 
 def token_sentences_markdown(

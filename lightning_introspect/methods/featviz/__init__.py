@@ -7,6 +7,7 @@ One module per concern:
 
 * :mod:`.objectives` -- what to maximise: :func:`channel`, :func:`neuron`, :func:`layer`,
   :func:`class_logit`, :func:`dense_class_logit` (a class over the centre of a segmentation output),
+  :func:`token_channel` (an embedding dimension of a vision transformer, over its patch tokens),
   :func:`diversity`, composed with ``+``, ``-`` and scalar ``*``;
   :func:`stack_objectives` for one batch serving several objectives;
 * :mod:`.param` -- what is optimised: :class:`Pixels`, :class:`Fourier` (1/f-scaled spectrum, a soft
@@ -17,8 +18,10 @@ One module per concern:
 * :mod:`.transform` -- transformation robustness: :class:`TransformRobustness` (random pad, jitter,
   scale, rotation), any callable of your own, :class:`Compose`;
 * :mod:`.prior` -- :func:`fit_autoencoder_prior`: a small autoencoder whose decoder serves as the prior;
-* :mod:`.layers` -- :func:`~.layers.main_conv_chain`: the convolutions on the main path, for an
-  automatic choice of layers (imported from its module: it uses the attribution methods);
+* :mod:`.layers` -- :func:`~.layers.main_conv_chain`: the convolutions on the main path, and
+  :func:`~.layers.vit_blocks` / :func:`~.layers.patch_token_layouts`: a vision transformer's blocks and
+  where their patch tokens are, for an automatic choice of layers (imported from its module: it uses the
+  attribution and probe-layer methods);
 * :mod:`.render` -- the optimisation loop :func:`visualize_features` (your own optimiser via
   ``optimizer=``), :class:`ActivationRecorder` and :class:`FeatureVisualizationResult`.
 
@@ -58,7 +61,9 @@ from lightning_introspect.methods.featviz.objectives import (
     diversity,
     layer,
     neuron,
+    patch_token_channels,
     stack_objectives,
+    token_channel,
 )
 from lightning_introspect.methods.featviz.param import (
     PARAMS,
@@ -124,8 +129,10 @@ __all__ = [
     "layer",
     "neuron",
     "objective_values",
+    "patch_token_channels",
     "resolve_transforms",
     "stack_objectives",
+    "token_channel",
     "total_variation",
     "visualize_features",
 ]

@@ -2,7 +2,9 @@
 
 An :class:`Objective` maps the recorded activations of some layers (and, when asked for, the model
 output) to one differentiable score per image. The builders -- :func:`channel`, :func:`neuron`,
-:func:`layer`, :func:`class_logit`, :func:`dense_class_logit` (segmentation), :func:`diversity` -- compose with ``+``, ``-`` and scalar ``*``:
+:func:`layer`, :func:`class_logit`, :func:`dense_class_logit` (segmentation), :func:`token_channel` (an
+embedding dimension of a vision transformer over its patch tokens), :func:`diversity` -- compose with
+``+``, ``-`` and scalar ``*``:
 ``channel("features.8", 3) - 0.5 * diversity("features.8")``; :func:`stack_objectives` gives
 different parts of one batch different objectives.
 """
@@ -169,6 +171,56 @@ def channel(layer: str, channel: ChannelSpec) -> Objective:
         return picked.flatten(1).mean(1) if picked.ndim > 1 else picked
 
     return Objective(fn, [name], f"channel({name}, {_short(channel)})")
+
+
+def patch_token_channels(activation: torch.Tensor, prefix: int = 0, *, sequence_first: bool = False) -> torch.Tensor:
+    """The patch tokens of a token activation as channels over positions: ``(N, T, D)`` -> ``(N, D, T - prefix)``.
+
+    ``prefix`` tokens (a class token, register tokens) come before the patches and are left out;
+    ``sequence_first``: the activation is ``(T, N, D)`` (``batch_first=False`` transformers). In this
+    layout an embedding dimension of a vision transformer is what a channel is to a CNN, and the patch
+    tokens are its positions.
+
+    Example:
+        >>> tokens = torch.arange(6.0).view(1, 3, 2)  # a class token and two patch tokens of width 2
+        >>> patch_token_channels(tokens, 1).tolist()
+        [[[2.0, 4.0], [3.0, 5.0]]]
+    """
+    a = activation.transpose(0, 1) if sequence_first else activation
+    if a.ndim != 3:
+        raise ValueError(f"Expected token activations (N, T, D), but got shape {tuple(activation.shape)}.")
+    if not 0 <= prefix < a.shape[1]:
+        raise ValueError(f"Expected `prefix` in [0, {a.shape[1] - 1}] (the tokens before the patches), but got {prefix}.")
+    return a[:, prefix:].transpose(1, 2)
+
+
+def token_channel(layer: str, channel: ChannelSpec, *, prefix: int = 0, sequence_first: bool = False) -> Objective:
+    """Vision transformers: the mean of one embedding dimension over the patch tokens of a token layer.
+
+    The token counterpart of :func:`channel`: a block of a ViT outputs ``(N, T, D)``, ``prefix`` class /
+    register tokens followed by the patch tokens; the objective is dimension ``channel`` of the output,
+    averaged over the patch tokens (tokens ``prefix:``; :func:`patch_token_channels`). The prefix tokens
+    are left out because they do not belong to a place in the image: the class token mixes every patch
+    and is what the head reads, so it is what a class image already shows.
+    :func:`~lightning_introspect.methods.featviz.layers.patch_token_layouts` finds ``prefix``.
+
+    ``channel`` may be a list with one entry per image of the batch.
+
+    Example:
+        >>> tokens = torch.tensor([[[9.0, 0.0], [1.0, 2.0], [3.0, 4.0]]])  # class token 9 is left out
+        >>> token_channel("blocks.1", 0, prefix=1)({"blocks.1": tokens}).tolist()
+        [2.0]
+    """
+    name = _check_layer_name(layer)
+    index = _IndexCache(channel, "channel")
+
+    def fn(acts: Mapping[str, torch.Tensor], _out: torch.Tensor | None) -> torch.Tensor:
+        a = patch_token_channels(acts[name], prefix, sequence_first=sequence_first)
+        rows, idx = index(a.shape[0], a.shape[1], f"layer {name!r} has {a.shape[1]} embedding dimensions", a.device)
+        return a[rows, idx].mean(1)
+
+    skipped = f", patches from token {prefix}" if prefix else ""
+    return Objective(fn, [name], f"token_channel({name}, {_short(channel)}{skipped})")
 
 
 def neuron(layer: str, channel: ChannelSpec, y: int | None = None, x: int | None = None) -> Objective:
@@ -406,5 +458,7 @@ __all__ = [
     "diversity",
     "layer",
     "neuron",
+    "patch_token_channels",
     "stack_objectives",
+    "token_channel",
 ]
