@@ -165,7 +165,9 @@ def test_constructor_types_work_with_lightning_cli_yaml():
         "sanity:\n  methods: [saliency, grad_cam]\n  layers: [classifier, features.8]\n  mode: both\n"
         "  thresholds: {randomization: 0.4, class_sensitivity: 0.7}\n  bn_mode: keep\n  num_samples: 4\n"
     )
-    init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
+    # thresholds from a config written for the absolute similarities of before must not pass silently
+    with pytest.warns(FutureWarning, match="fractions of the way from a reference floor"):
+        init = parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
     cb = init.sanity
     assert isinstance(cb, SanityChecks)
     assert cb.layers == ["classifier", "features.8"] and cb.thresholds == {"randomization": 0.4, "class_sensitivity": 0.7}
@@ -241,3 +243,11 @@ def test_plain_map_sums_channels_and_resizes_like_interpolate():
     got = plain_map(maps, (8, 8))
     expected = F.interpolate(maps.sum(0)[None, None], size=(8, 8), mode="bilinear", align_corners=False)[0, 0]
     assert got is not None and torch.allclose(got, expected)
+
+
+def test_default_thresholds_say_nothing_about_their_changed_meaning():
+    import warnings as _warnings
+
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error", FutureWarning)
+        SanityChecks(num_samples=2)

@@ -12,6 +12,7 @@ from typing_extensions import override
 from lightning_introspect._lightning import pl
 from lightning_introspect._torch.guards import introspection_mode, module_device
 from lightning_introspect._torch.layers import get_layer, resolve_layers
+from lightning_introspect._warnings import warn
 from lightning_introspect.callbacks.base import (
     IntrospectionCallback,
     Option,
@@ -26,6 +27,7 @@ from lightning_introspect.callbacks.budget import best_of
 from lightning_introspect.callbacks.checks import gradient_problem
 from lightning_introspect.callbacks.outputs import logits_only
 from lightning_introspect.callbacks.progress import IntrospectionProgress
+from lightning_introspect.callbacks.token_inputs import plan_token_attributions
 from lightning_introspect.errors import IntrospectionInputError
 from lightning_introspect.loggers.adapter import IntrospectionWriter
 from lightning_introspect.methods.attention import ATTENTION_METHODS, attention_problem
@@ -50,7 +52,6 @@ from lightning_introspect.methods.token_attribution import (
     TOKEN_METHODS,
     find_embedding,
     is_token_ids,
-    token_attributions,
 )
 from lightning_introspect.render.sanity import (
     annotated_grid,
@@ -299,6 +300,14 @@ class SanityChecks(IntrospectionCallback):
         self.confidence = float(confidence)
         self.run_emprt = bool(run_emprt)
         self.thresholds = _resolve_thresholds(thresholds)
+        if thresholds is not None:  # a config written for the absolute thresholds of before must not pass silently
+            warn(
+                f"SanityChecks: `thresholds` are fractions of the way from a reference floor (the random-map similarity) to a "
+                f"ceiling since this release, no longer absolute similarities (the old defaults were {{'randomization': 0.5, "
+                f"'class_sensitivity': 0.6}}). Check that {thresholds!r} means what you intend (now {self.thresholds}); "
+                "this notice goes away in the next release.",
+                FutureWarning,
+            )
         self.verdict_metric = verdict_metric
         self.verdict_depth = verdict_depth
         self.bn_mode = bn_mode
@@ -357,22 +366,13 @@ class SanityChecks(IntrospectionCallback):
                 f"Expected `verdict_metric` to be one of {', '.join(repr(m) for m in TOKEN_VERDICT_METRICS)} for token ids "
                 f"{tuple(x.shape)} (SSIM needs 2-D maps; token scores are one value per token), but got {self.verdict_metric!r}."
             )
-        if not self._token_methods(list(self._resolved_methods or []), x):
-            self.skip(f"the inputs are token ids {tuple(x.shape)}, and none of the methods {self.methods} explains tokens; "
-                      f"use {', '.join(TOKEN_METHODS)}.")
+        requested = list(DEFAULT_TOKEN_METHODS) if self.methods is None else list(self._resolved_methods or [])
+        plan = plan_token_attributions(pl_module, x, requested, output_transform=self.output_transform)
+        if plan.problem is not None:
+            self.skip(plan.problem)
             return False
-        sample = x[:2].to(module_device(pl_module))
-        try:
-            with logits_only(pl_module, self.output_transform):
-                layer = find_embedding(pl_module, sample)
-                check = token_attributions(pl_module, sample, "pred", ["saliency"], embedding_layer=layer)
-        except ValueError as err:
-            self.skip(f"the inputs are token ids, explained at the output of the embedding layer, but: {err}")
-            return False
-        if not bool(check["saliency"].any()):
-            self.skip(f"autograd does not connect the model's output to the output of the embedding layer {layer!r} "
-                      "(run under torch.no_grad() or detached?), so there is no gradient to explain.")
-            return False
+        if plan.dropped:
+            self.warn_once("tokens", f"SanityChecks: {plan.dropped} have no token version; token ids {tuple(x.shape)} are checked with {plan.methods}.")
         return True
 
     def _token_methods(self, methods: list[str], x: torch.Tensor) -> list[str]:
