@@ -70,7 +70,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_introspect._torch.guards import fresh_input, introspection_mode, model_dtype, module_device
 from lightning_introspect._torch.hooks import hooks
-from lightning_introspect.methods.targets import Target, target_scores
+from lightning_introspect.methods.targets import Target, model_logits, target_scores
 
 __all__ = [
     "ATTENTION_METHODS",
@@ -533,9 +533,7 @@ def grad_rollout(
     with introspection_mode(model, grad=True):
         x = _image_input(model, inputs, requires_grad=True)
         with _recording(model, x.shape[0]) as recorder:
-            output = model(x.clone())
-        if not isinstance(output, torch.Tensor):
-            raise ValueError(f"Expected the model to return one tensor (N, C, ...), but got {type(output).__name__}.")
+            output = model_logits(model(x.clone()))
         maps = _self_attention(recorder.maps)
         score = target_scores(output.float(), target).sum()
         wrt = [m.graph if m.graph is not None else m.probs for m in maps]

@@ -61,7 +61,13 @@ from lightning_introspect.methods.attention import (
     token_grid,
     tokens_first,
 )
-from lightning_introspect.methods.targets import RegionTarget, Target, target_indices, target_scores
+from lightning_introspect.methods.targets import (
+    RegionTarget,
+    Target,
+    model_logits,
+    target_indices,
+    target_scores,
+)
 
 __all__ = [
     "IG_METHODS",
@@ -268,10 +274,7 @@ def _forward(
         switch = _ReluSwitch()
         # The model gets a clone of the leaf, so an in-place first op cannot touch the leaf.
         with _ReluInterceptor(switch) if modified_relu else contextlib.nullcontext():
-            output = model(x.clone())
-        if not isinstance(output, torch.Tensor):
-            raise ValueError(f"Expected the model to return one tensor (N, C, ...), but got {type(output).__name__}.")
-        output = output.float()
+            output = model_logits(model(x.clone())).float()
         scores = target_scores(output, target)
         if module is not None and not captured:
             raise ValueError(f"The layer {layer_name!r} did not run in the forward pass; choose a layer the model calls.")
@@ -629,10 +632,7 @@ def _predicted_ids(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     method explains the prediction for the sample itself, not for each perturbed copy."""
     with introspection_mode(model, grad=False):
         x = fresh_input(inputs.to(_model_device(model, inputs)), requires_grad=False, dtype=_input_dtype(model))
-        output = model(x)
-        if not isinstance(output, torch.Tensor):
-            raise ValueError(f"Expected the model to return one tensor (N, C, ...), but got {type(output).__name__}.")
-        return target_indices(output.float(), "pred")
+        return target_indices(model_logits(model(x)).float(), "pred")
 
 
 def _tiled_target(target: Target, n: int, model: nn.Module, inputs: torch.Tensor) -> Callable[[int], Target]:

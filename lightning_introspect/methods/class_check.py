@@ -62,7 +62,7 @@ from lightning_introspect.methods.explainers import (
     work_mode,
 )
 from lightning_introspect.methods.similarity import METRICS, check_metrics, map_similarities, mean_and_std
-from lightning_introspect.methods.targets import RegionTarget, target_indices
+from lightning_introspect.methods.targets import RegionTarget, model_logits, target_indices
 from lightning_introspect.methods.token_attribution import find_embedding, is_token_ids
 
 OTHER_CLASSES: tuple[str, ...] = ("least", "second", "random")
@@ -241,7 +241,7 @@ def class_sensitivity(
     with work_mode(model):
         x = model_input(model, inputs)
         with torch.no_grad():
-            out = model(x).detach()
+            out = model_logits(model(x)).detach()
         if region is not None:
             classes = region_classes(out, region, list(others), seed)
         else:

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_introspect._torch.guards import introspection_mode, module_device, private_generator
-from lightning_introspect.methods.targets import RegionTarget, Target, target_indices
+from lightning_introspect.methods.targets import RegionTarget, Target, model_logits, target_indices
 
 __all__ = [
     "BASELINES",
@@ -237,8 +237,8 @@ class _Scorer:
 
 
 def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x.to(module_device(model, x.device)))
-    if not isinstance(out, torch.Tensor) or out.ndim < 2:
+    out = model_logits(model(x.to(module_device(model, x.device))))
+    if out.ndim < 2:
         raise ValueError(
             f"Expected the model to return logits of shape (N, C, ...), but got {getattr(out, 'shape', type(out).__name__)}; "
             "wrap the model so that it returns the logits."

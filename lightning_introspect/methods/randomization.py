@@ -73,7 +73,7 @@ from lightning_introspect.methods.explainers import (
     work_mode,
 )
 from lightning_introspect.methods.similarity import METRICS, PendingSimilarities, check_metrics, mean_and_std
-from lightning_introspect.methods.targets import RegionTarget, target_indices
+from lightning_introspect.methods.targets import RegionTarget, model_logits, target_indices
 
 RANDOMIZATION_MODES: tuple[str, ...] = ("cascading", "independent")
 ORDERS: tuple[str, ...] = ("top_down", "bottom_up")
@@ -320,7 +320,7 @@ class RandomizationCurves:
 
 def _predictions(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        out = model(inputs).detach()
+        out = model_logits(model(inputs)).detach()
     return out.argmax(1) if out.ndim >= 2 else out
 
 
@@ -341,7 +341,7 @@ def fixed_target(model: nn.Module, x: torch.Tensor, target: Any) -> Any:
         Class ids ``(N,)``, a ``RegionTarget`` with class ids, or ``target`` itself (a callable).
     """
     with torch.no_grad():
-        output = model(x)
+        output = model_logits(model(x))
     ids = target_indices(output, target)
     if isinstance(target, RegionTarget) and ids is not None:  # always has ids: the region's class
         return RegionTarget(class_id=ids, mask=target.mask)

@@ -43,6 +43,33 @@ class RegionTarget:
 Target = int | Sequence[int] | torch.Tensor | str | Callable[[torch.Tensor], torch.Tensor] | RegionTarget
 
 
+def model_logits(output: object) -> torch.Tensor:
+    """The logits in what a model returned: a tensor ``(N, C, ...)``, a dict's ``"logits"``, an output object's
+    ``.logits`` (Hugging Face's ``ModelOutput``) or a tuple's / list's first tensor -- what the callbacks accept.
+
+    Example:
+        >>> model_logits({"logits": torch.zeros(2, 3), "loss": torch.tensor(1.0)}).shape
+        torch.Size([2, 3])
+        >>> model_logits((torch.zeros(2, 3), torch.zeros(2, 5))).shape
+        torch.Size([2, 3])
+
+    Raises:
+        ValueError: when none of those holds a tensor.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    if isinstance(getattr(output, "logits", None), torch.Tensor):
+        return output.logits  # type: ignore[attr-defined]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ValueError(
+        "Expected the model to return logits: a tensor (N, C, ...), a dict with a 'logits' tensor, an object with a "
+        f"`.logits` tensor or a tuple whose first item is a tensor, but got {type(output).__name__}."
+    )
+
+
 def _class_ids(output: torch.Tensor, target: object, argument: str) -> torch.Tensor:
     n, num_classes = output.shape[0], output.shape[1]
     if isinstance(target, str):

@@ -53,7 +53,7 @@ from lightning_introspect.methods.attribution import (
     _tiled_target,
     ig_alphas,
 )
-from lightning_introspect.methods.targets import Target, target_indices, target_scores
+from lightning_introspect.methods.targets import Target, model_logits, target_indices, target_scores
 
 __all__ = [
     "SIGNED_TOKEN_METHODS",
@@ -90,9 +90,7 @@ def _check_ids(ids: Any) -> None:
 
 
 def _output_tensor(output: Any) -> torch.Tensor:
-    if not isinstance(output, torch.Tensor):
-        raise ValueError(f"Expected the model to return one tensor (N, C, ...), but got {type(output).__name__}.")
-    return output.float()
+    return model_logits(output).float()
 
 
 def find_embedding(model: nn.Module, ids: torch.Tensor, embedding_layer: LayerSpec = None) -> str:

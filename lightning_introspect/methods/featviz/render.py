@@ -44,6 +44,7 @@ from lightning_introspect.methods.featviz.frequency import (
 from lightning_introspect.methods.featviz.objectives import Objective
 from lightning_introspect.methods.featviz.param import PARAMS, Fourier, ImageSpec, Latent, Pixels
 from lightning_introspect.methods.featviz.transform import Transform, resolve_transforms
+from lightning_introspect.methods.targets import model_logits
 
 # Below this many input elements a step is dominated by per-op overhead, where `functional_call` adds more
 # than channels-last saves (one 32 px image: ~1.4x slower; four: ~0.6-0.8x of the module's time).
@@ -144,8 +145,8 @@ class ActivationRecorder:
             output = self.model(x) if self.params is None else torch.func.functional_call(self.model, self.params, (x,))
         except _Stop:
             pass
-        if isinstance(output, (tuple, list)):
-            output = output[0]
+        if output is not None:
+            output = model_logits(output)  # a dict's "logits", an output object's .logits, a tuple's first tensor
         missing = sorted(set(self.modules) - set(self.acts))
         if missing:
             raise ValueError(f"The layer(s) {missing} did not run in the model's forward pass; choose layers that do.")
