@@ -22,9 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--task",
-        choices=("classification", "segmentation"),
+        choices=("classification", "segmentation", "text"),
         default="classification",
-        help="classification: a CNN on digits; segmentation: a U-Net on generated shapes (default: classification)",
+        help="classification: a CNN on digits; segmentation: a U-Net on generated shapes; text: a tiny transformer on "
+        "generated sentences whose label is decided by known words (default: classification)",
     )
     demo.add_argument("--out", default="introspect_runs", help="log root (default: ./introspect_runs)")
     demo.add_argument("--name", default=None, help="run name under the log root (default: digits / shapes)")

@@ -24,7 +24,7 @@ from lightning_introspect._lightning import LightningDataModule, LightningModule
 
 DIGIT_NAMES = [str(i) for i in range(10)]
 #: what ``run_demo(task=...)`` / ``lightning-introspect demo --task`` train
-DEMO_TASKS = ("classification", "segmentation")
+DEMO_TASKS = ("classification", "segmentation", "text")
 
 
 def load_digits_tensors(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,9 +217,10 @@ def run_demo(
 ) -> dict[str, Any]:
     """Train :class:`DigitsCNN` on digits (``task="classification"``) or
     :class:`~lightning_introspect.segmentation_demo.ShapesUNet` on generated shapes
-    (``task="segmentation"``) with every introspection callback on; return what they found.
+    (``task="segmentation"``) or :class:`~lightning_introspect.text_demo.SentenceTransformer` on generated
+    sentences (``task="text"``) with every introspection callback on; return what they found.
 
-    ``name`` defaults to ``"digits"`` / ``"shapes"``. Returns a dict with ``log_dir``, ``callbacks`` (the instances, results on them), ``summary``
+    ``name`` defaults to ``"digits"`` / ``"shapes"`` / ``"sentences"``. Returns a dict with ``log_dir``, ``callbacks`` (the instances, results on them), ``summary``
     (text lines) and ``seconds``.
     """
     import time
@@ -239,13 +240,18 @@ def run_demo(
 
         dm, model = ShapesDataModule(seed=seed, train_size=64 if fast else 512, val_size=32 if fast else 128), ShapesUNet()
         config = segmentation_config(fast=fast)
+    elif task == "text":
+        from lightning_introspect.text_demo import SentencesDataModule, SentenceTransformer, text_config
+
+        dm, model = SentencesDataModule(seed=seed, train_size=192 if fast else 768, val_size=64 if fast else 192), SentenceTransformer()
+        config = text_config(fast=fast)
     else:
         dm = DigitsDataModule(seed=seed, limit=256 if fast else None, batch_size=64)
         dm.setup("fit")
         model = DigitsCNN()
         config = demo_config(fast=fast, mean=dm.mean, std=dm.std)
     callbacks = introspection_callbacks(config)
-    name = name or ("shapes" if task == "segmentation" else "digits")
+    name = name or {"segmentation": "shapes", "text": "sentences"}.get(task, "digits")
     logger = loggers.TensorBoardLogger(out, name=name)
     trainer = Trainer(
         max_epochs=epochs,
