@@ -55,6 +55,17 @@ def test_logs_each_method_per_class_from_the_untrained_model_on(tmp_path):
         for name in ("3", "8"):
             assert events["images"][f"introspect/attributions/{m}/class_{name}"] == expected_steps
     assert events["images"]["introspect/attributions/inputs"] == [0]
+    # a class grid is captioned and titled like the main grid: the same layout, so the same image size
+    import glob
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(glob.glob(str(tmp_path / "**" / "events.out.tfevents.*"), recursive=True)[0], size_guidance={"images": 0})
+    acc.Reload()
+    main = acc.Images("introspect/attributions/grad_cam")[-1]
+    for name in ("3", "8"):
+        grid = acc.Images(f"introspect/attributions/grad_cam/class_{name}")[-1]
+        assert (grid.width, grid.height) == (main.width, main.height)
     assert [s for s, _ in events["scalars"]["introspect/attributions/seconds"]] == expected_steps
     assert any(tag.startswith("introspect/attributions/layer") for tag in events["text"])
     assert cb.resolved_cam_layer == "features.9"

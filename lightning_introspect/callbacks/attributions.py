@@ -227,7 +227,8 @@ class Attributions(IntrospectionCallback):
         * ``introspect/attributions/<method>`` -- overlay grid (bar chart for tabular inputs; text for token
           ids: the coloured sentences and the top tokens per class);
         * ``introspect/attributions/<method>/class_<name>`` -- one grid per class for a list / ``"all"``
-          (tiles in the same order as the main grid);
+          (tiles in the same order as the main grid, captioned and titled like it: true class, prediction, the
+          class and its probability);
         * ``introspect/attributions/inputs`` -- the fixed samples, once;
         * ``introspect/attributions/layer`` -- text: the Grad-CAM layer (token ids: the embedding layer) and
           how it was chosen, once;
@@ -580,6 +581,8 @@ class Attributions(IntrospectionCallback):
         split = {m: flat[m].split(n) for m in methods}
         confidence = probs.gather(1, explained.to(probs.device).view(-1, 1)).squeeze(1).cpu()
         captions = attribution_captions(predicted, explained, confidence, labels, self.class_names)
+        # a class grid's tiles say, like the main grid's, what each sample is and how likely the explained class is
+        class_captions = {c: attribution_captions(predicted, torch.full((n,), c), probs[:, c].cpu(), labels, self.class_names) for c in classes}
         self.maps = {m: split[m][0] for m in methods}
         self.class_maps = {m: {c: split[m][j + 1] for j, c in enumerate(classes)} for m in methods} if classes else {}
         self.nonfinite = broken = nonfinite_grids(probs, flat, [self._class_name(c) for c in classes])
@@ -589,7 +592,8 @@ class Attributions(IntrospectionCallback):
                 self._write(writer, self.tag(m), x, self.maps[m], m, step, captions=captions, title=f"{m} (step {step})", classes=explained)
             for c, v in self.class_maps.get(m, {}).items():
                 if f"{m}/class_{self._class_name(c)}" not in skip:
-                    self._write(writer, self.tag(m, f"class_{self._class_name(c)}"), x, v, m, step, captions=None, title=f"{m}: class {self._class_name(c)}")
+                    self._write(writer, self.tag(m, f"class_{self._class_name(c)}"), x, v, m, step, captions=class_captions[c],
+                                title=f"{m}: class {self._class_name(c)} (step {step})")
         if broken:
             self._report_nonfinite(trainer, broken, n)
         finite = {m: v for m, v in self.maps.items() if m not in skip}
