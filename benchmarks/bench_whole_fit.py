@@ -10,13 +10,21 @@ default budget) and with nothing. The 10-epoch fits also run the default set wit
 every analysis at its configured sizes, to show what the budget saves. Printed: seconds, ratios, and the
 budget's decisions of the budgeted 10-epoch demo fit.
 
-    python benchmarks/bench_whole_fit.py [--epochs 10 50] [--models demo resnet64] [--device cpu|cuda]
+A fit's wall time on a small shared machine varies by 10-20 % from run to run, so each configuration
+runs ``--repeats`` times (``--long-repeats`` for fits longer than 10 epochs), the configurations
+interleaved (none, default, no budget, none, ...) so that drift hits them alike; the seconds shown are
+medians, the ratio is median / median, and the range of the per-round ratios is printed beside it. The
+callbacks' own clocks give a steadier second reading: (median fit without + median time inside the
+callbacks) / median fit without.
+
+    python benchmarks/bench_whole_fit.py [--epochs 10 50] [--models demo resnet64] [--repeats 3] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 
@@ -88,10 +96,16 @@ def run(model: str, epochs: int, mode: str, device: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def median_seconds(fits: list[dict]) -> float:
+    return statistics.median(f["seconds"] for f in fits)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--models", nargs="+", choices=("demo", "resnet64"), default=["demo", "resnet64"])
+    parser.add_argument("--repeats", type=int, default=3, help="fits per configuration for fits of up to 10 epochs")
+    parser.add_argument("--long-repeats", type=int, default=1, help="fits per configuration for longer fits")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     short = min(args.epochs)
@@ -99,19 +113,29 @@ def main() -> None:
     notes: list[str] = []
     for model in args.models:
         for epochs in args.epochs:
-            none = run(model, epochs, "none", args.device)
-            default = run(model, epochs, "default", args.device)
-            ratio = default["seconds"] / none["seconds"]
-            line = f"{model:10s}{epochs:7d}{none['seconds']:9.1f}{default['seconds']:11.1f}{ratio:7.2f}"
+            modes = ["none", "default"] + (["nobudget"] if epochs == short else [])
+            repeats = args.repeats if epochs <= 10 else args.long_repeats
+            fits: dict[str, list[dict]] = {mode: [] for mode in modes}
+            for _ in range(max(1, repeats)):
+                for mode in modes:
+                    fits[mode].append(run(model, epochs, mode, args.device))
+            none, default = median_seconds(fits["none"]), median_seconds(fits["default"])
+            ratio = default / none
+            per_round = sorted(d["seconds"] / n["seconds"] for n, d in zip(fits["none"], fits["default"]))
+            own = statistics.median(sum(f["own"].values()) for f in fits["default"])
+            line = f"{model:10s}{epochs:7d}{none:9.1f}{default:11.1f}{ratio:7.2f}"
             print(f"RATIO whole_fit_{model}_{epochs}ep {ratio:.2f}")
-            if epochs == short:
-                nobudget = run(model, epochs, "nobudget", args.device)
-                line += f"{nobudget['seconds']:13.1f}{nobudget['seconds'] / none['seconds']:7.2f}"
-                print(f"RATIO whole_fit_nobudget_{model}_{epochs}ep {nobudget['seconds'] / none['seconds']:.2f}")
+            print(f"RATIO whole_fit_clocks_{model}_{epochs}ep {(none + own) / none:.2f}")
+            if "nobudget" in fits:
+                nobudget = median_seconds(fits["nobudget"])
+                line += f"{nobudget:13.1f}{nobudget / none:7.2f}"
+                print(f"RATIO whole_fit_nobudget_{model}_{epochs}ep {nobudget / none:.2f}")
                 if model == args.models[0]:
-                    notes = default["choices"]
-            print(line + f"   ({default['params'] / 1e6:.2f}M parameters; inside each callback: "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in default["own"].items()) + ")", flush=True)
+                    notes = fits["default"][-1]["choices"]
+            spread = f"per-round ratios {per_round[0]:.2f}-{per_round[-1]:.2f} over {len(per_round)}" if len(per_round) > 1 else "one round"
+            inside = ", ".join(f"{k} {statistics.median(f['own'][k] for f in fits['default']):.1f}" for k in fits["default"][0]["own"])
+            print(line + f"   (clocks {(none + own) / none:.2f}x; {spread}; {fits['default'][0]['params'] / 1e6:.2f}M parameters; "
+                  f"inside each callback: {inside})", flush=True)
     print(f"\nthe budget's decisions in the {short}-epoch {args.models[0]} fit:")
     for note in notes:
         print("  " + note)

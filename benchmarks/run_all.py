@@ -28,16 +28,17 @@ DOCS_PAGE = os.path.join(os.path.dirname(HERE), "docs", "performance.md")
 # one row of bench_callback_costs' per-callback table: name, runs, s / run, / epoch, / val pass
 COST_ROW = re.compile(r"^(\S.*?)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$")
 # one row of bench_whole_fit's table: model, epochs, none s, default s, ratio[, no-budget s, ratio]
-FIT_ROW = re.compile(r"^(demo|resnet64)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)(?:\s+([\d.]+)\s+([\d.]+))?")
+FIT_ROW = re.compile(r"^(demo|resnet64)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)(?:\s+([\d.]+)\s+([\d.]+))?.*?clocks ([\d.]+)x")
 
 # script, extra args (normal / quick), [(label, regex with one or two groups, format)]
 BENCHMARKS: list[tuple[str, list[str], list[str], list[tuple[str, str]]]] = [
     (
         "bench_whole_fit.py",
         [],
-        ["--models", "demo", "--epochs", "10"],
+        ["--models", "demo", "--epochs", "10", "--repeats", "1"],
         [
             ("whole fit, default set (default budget) / none, demo CNN, 10 epochs", r"RATIO whole_fit_demo_10ep ([\d.]+)"),
+            ("the same, by the callbacks' own clocks", r"RATIO whole_fit_clocks_demo_10ep ([\d.]+)"),
             ("the same, 50 epochs", r"RATIO whole_fit_demo_50ep ([\d.]+)"),
             ("the same, budget=False (every analysis as configured), 10 epochs", r"RATIO whole_fit_nobudget_demo_10ep ([\d.]+)"),
             ("whole fit, default set / none, ResNet at 64 px, 10 epochs", r"RATIO whole_fit_resnet64_10ep ([\d.]+)"),
@@ -167,8 +168,8 @@ def fit_rows(output: str) -> list[tuple[str, ...]]:
     for line in output.splitlines():
         match = FIT_ROW.match(line)
         if match:
-            model, epochs, none, default, ratio, nobudget, ratio_nb = match.groups()
-            rows.append((names[model], epochs, none, default, f"**{ratio}x**",
+            model, epochs, none, default, ratio, nobudget, ratio_nb, clocks = match.groups()
+            rows.append((names[model], epochs, none, default, f"**{ratio}x**", f"{clocks}x",
                          f"{nobudget} ({ratio_nb}x)" if nobudget else "-"))
     return rows
 
@@ -209,7 +210,8 @@ def write_docs(path: str, summary: list[tuple[str, str]], costs: list[tuple[str,
         header = ("callback run (defaults)", "runs", "seconds per run", "per training epoch", "per validation pass")
         text = replace_between_markers(text, "callback_costs", stamp + "\n\n" + markdown_table(header, costs))
     if fits:
-        header = ("model", "epochs", "no callbacks (s)", "default set (s)", "ratio", "default set, budget=False (s)")
+        header = ("model", "epochs", "no callbacks (s)", "default set (s)", "ratio", "by the callbacks' clocks",
+                  "default set, budget=False (s)")
         text = replace_between_markers(text, "whole_fit", stamp + "\n\n" + markdown_table(header, fits))
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)

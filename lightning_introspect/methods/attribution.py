@@ -1127,7 +1127,7 @@ def auto_layer(model: nn.Module, example_input: torch.Tensor) -> str:
         for module in names:
             handles.append(module.register_forward_hook(record))
         output = model(example_input[:1].to(_model_device(model, example_input)))
-    calls = calls[: _dense_head_index(calls, output)]
+    calls = calls[: _dense_head_index(calls, _logits_or_none(output))]
     counts: dict[str, int] = {}
     for name, _, _ in calls:
         counts[name] = counts.get(name, 0) + 1
@@ -1180,6 +1180,14 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
+def _logits_or_none(output: Any) -> torch.Tensor | None:
+    """The logits of a model's output as :func:`model_logits` reads them (tensor, dict, ``.logits``, tuple), or ``None``."""
+    try:
+        return model_logits(output)
+    except ValueError:
+        return None
+
+
 def _token_layout(shape: tuple[int, ...] | None, example_input: torch.Tensor) -> tuple[int, int, int] | None:
     """``(k, h, w)`` when ``shape`` is one sample's tokens ``(1, T, D)`` / ``(T, 1, D)`` of the image: prefix
     tokens and a patch grid of at least two patches; else ``None``."""
@@ -1209,7 +1217,7 @@ def _reaching_block(model: nn.Module, example_input: torch.Tensor, blocks: Seque
         for name in blocks:
             handles.append(get_layer(model, name).register_forward_hook(capture(name)))
         x = fresh_input(example_input[:1].to(_model_device(model, example_input)), dtype=_input_dtype(model))
-        output = _first_tensor(model(x.clone()))
+        output = _logits_or_none(model(x.clone()))
         if output is None or not output.is_floating_point() or output.ndim < 2:
             return None
         names = [n for n in blocks if n in captured]
