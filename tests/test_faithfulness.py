@@ -446,3 +446,24 @@ def test_attributions_logs_emprt_per_run_equal_to_the_method_on_the_same_samples
     assert all(h["emprt"] == {} for h in off.history)
     with pytest.raises(ValueError, match="run_emprt"):
         Attributions(run_emprt="yes")
+
+
+def test_emprt_given_the_trained_maps_equals_emprt_computing_them():
+    from lightning_introspect.demo import DigitsCNN
+    from lightning_introspect.methods.attribution import attribute
+    from lightning_introspect.methods.emprt import emprt
+
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    methods = ["saliency", "grad_cam"]
+    maps = attribute(model, x, [1, 2, 3, 4], methods, layer="features.9")
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    given = emprt(model, x, torch.tensor([1, 2, 3, 4]), methods, generator=g(), layer="features.9", trained_maps=maps)
+    computed = emprt(model, x, torch.tensor([1, 2, 3, 4]), methods, generator=g(), layer="features.9")
+    assert given.mean == computed.mean
+    # the maps stand in for the trained model's: different maps give a different rise in entropy
+    flat = {m: torch.ones_like(v) for m, v in maps.items()}
+    assert emprt(model, x, torch.tensor([1, 2, 3, 4]), methods, generator=g(), layer="features.9", trained_maps=flat).mean != computed.mean
+    with pytest.raises(ValueError, match="trained_maps"):
+        emprt(model, x, torch.tensor([1, 2, 3, 4]), methods, generator=g(), layer="features.9", trained_maps={"saliency": maps["saliency"]})

@@ -53,14 +53,21 @@ def test_without_an_enabled_bar_nothing_is_shown(bar: Any) -> None:
         assert bar.progress.tasks == {}
 
 
-def _fit(tmp_path: Any, progress_bar: bool) -> None:
+def _bar(kind: str) -> Any:
+    """The trainer's bar, named: Lightning's default is Rich when ``rich`` is installed, else TQDM."""
+    from lightning_introspect._lightning import pl
+
+    return {"tqdm": pl.callbacks.TQDMProgressBar, "rich": pl.callbacks.RichProgressBar}[kind]()
+
+
+def _fit(tmp_path: Any, progress_bar: bool, kind: str = "tqdm") -> None:
     from lightning_introspect._lightning import Trainer, pl
     from lightning_introspect.callbacks.feature_visualization import FeatureVisualization
     from lightning_introspect.demo import DigitsCNN, DigitsDataModule
 
     pl.seed_everything(0, verbose=False)
     cb = FeatureVisualization(layers=["features.4"], num_channels=1, classes=[0], steps=2, at=None)
-    trainer = Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False, enable_model_summary=False,
+    trainer = Trainer(max_epochs=1, callbacks=[cb, *([_bar(kind)] if progress_bar else [])], logger=False, enable_checkpointing=False, enable_model_summary=False,
                       enable_progress_bar=progress_bar, limit_train_batches=2, limit_val_batches=1, default_root_dir=str(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -77,6 +84,20 @@ def test_the_trainers_tqdm_bar_shows_an_introspection_line_and_nothing_without_i
     assert "introspection:" not in quiet.out + quiet.err
 
 
+def test_the_trainers_rich_bar_gets_an_introspection_task_while_the_work_runs(tmp_path: Any, monkeypatch: Any) -> None:
+    rich_progress = pytest.importorskip("rich.progress")
+    added: list[str] = []
+    add_task = rich_progress.Progress.add_task
+
+    def recording(self: Any, description: str, *args: Any, **kwargs: Any) -> Any:
+        added.append(description)
+        return add_task(self, description, *args, **kwargs)
+
+    monkeypatch.setattr(rich_progress.Progress, "add_task", recording)
+    _fit(tmp_path, True, kind="rich")
+    assert any(d.startswith("introspection: feature visualisation") for d in added), added
+
+
 def test_the_sanity_check_shows_its_steps_in_the_trainers_bar(tmp_path: Any, capsys: Any, monkeypatch: Any) -> None:
     from lightning_introspect._lightning import Trainer, pl
     from lightning_introspect.callbacks.sanity_checks import SanityChecks
@@ -85,7 +106,7 @@ def test_the_sanity_check_shows_its_steps_in_the_trainers_bar(tmp_path: Any, cap
     monkeypatch.setattr(progress_module, "DELAY", 0.0)
     pl.seed_everything(0, verbose=False)
     cb = SanityChecks(methods=["saliency"], num_samples=2, layers=1, repeats=1)
-    trainer = Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False, enable_model_summary=False,
+    trainer = Trainer(max_epochs=1, callbacks=[cb, _bar("tqdm")], logger=False, enable_checkpointing=False, enable_model_summary=False,
                       limit_train_batches=2, limit_val_batches=1, default_root_dir=str(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,9 +1,18 @@
-"""``Attributions``: saliency, guided backprop, Grad-CAM and LRP maps of fixed samples, epoch by epoch."""
+"""``Attributions``: saliency, guided backprop, Grad-CAM and LRP maps of fixed samples, epoch by epoch.
+
+The callback decides when (fit start, the ``at`` fractions, every ``every_n_epochs``, the last epoch), on what
+(the fixed samples; the methods, task and layer resolved once per fit by
+:mod:`~lightning_introspect.callbacks.attribution_setup`) and where (TensorBoard). Its arguments are checked by
+:mod:`~lightning_introspect.callbacks.attribution_arguments`; a run is
+:mod:`~lightning_introspect.callbacks.attribution_classes` (classification) or
+:mod:`~lightning_introspect.callbacks.attribution_regions` (segmentation), each followed by the faithfulness and
+eMPRT of :mod:`~lightning_introspect.callbacks.attribution_scores`; token ids are planned and written as text by
+:mod:`~lightning_introspect.callbacks.attribution_tokens`. The maps are :mod:`lightning_introspect.methods.attribution`
+and :mod:`~lightning_introspect.methods.attribution_runs`, the drawing :mod:`lightning_introspect.render.attributions`.
+"""
 
 from __future__ import annotations
 
-import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -12,88 +21,34 @@ import torch
 from typing_extensions import override
 
 from lightning_introspect._lightning import pl
-from lightning_introspect._torch.guards import introspection_mode, module_device
+from lightning_introspect._torch.guards import introspection_mode
 from lightning_introspect._torch.layers import get_layer
-from lightning_introspect.callbacks.base import (
-    IntrospectionCallback,
-    IntrospectionInputError,
-    Option,
-    check_callable,
-    check_choice,
-    check_positive_int,
-    lrp_problem,
-    renamed_argument,
+from lightning_introspect.callbacks.attribution_arguments import (
+    DEFAULT_METHODS,
+    check_attribution_arguments,
+    is_default_methods,
 )
-from lightning_introspect.callbacks.budget import best_of
-from lightning_introspect.callbacks.checks import (
-    check_bool,
-    check_channel_stats,
-    check_colormap,
-    check_int,
-    check_module_name,
-    check_names,
-    check_unit_interval,
-    gradient_problem,
-)
+from lightning_introspect.callbacks.attribution_classes import log_classes
+from lightning_introspect.callbacks.attribution_regions import log_regions
+from lightning_introspect.callbacks.attribution_setup import CannotExplain, resolve_attribution_setup
+from lightning_introspect.callbacks.attribution_tokens import token_markdown
+from lightning_introspect.callbacks.base import IntrospectionCallback
 from lightning_introspect.callbacks.outputs import logits_only
-from lightning_introspect.callbacks.token_inputs import plan_token_attributions
 from lightning_introspect.loggers.adapter import IntrospectionWriter
-from lightning_introspect.methods.attention import ATTENTION_METHODS, attention_problem
-from lightning_introspect.methods.attribution import (
-    LAYER_METHODS,
-    SIGNED_METHODS,
-    _check_methods,
-    attribute,
-    auto_layer,
-)
-from lightning_introspect.methods.attribution_runs import (
-    REGION_SOURCES,
-    RegionPairs,
-    attribute_pairs,
-    attribute_targets,
-    class_probabilities,
-    concat_pairs,
-    explained_classes,
-    faithfulness_scores,
-    localization_pairs,
-    localization_scores,
-    nonfinite_grids,
-    region_confidence,
-    region_pairs,
-    skipped_grids,
-)
-from lightning_introspect.methods.emprt import emprt
-from lightning_introspect.methods.faithfulness import BASELINES
-from lightning_introspect.methods.targets import dominant_class, target_indices
-from lightning_introspect.methods.task import TASK_KINDS, as_masks, resolve_task
-from lightning_introspect.methods.token_attribution import SIGNED_TOKEN_METHODS, is_token_ids
+from lightning_introspect.methods.attribution import SIGNED_METHODS, attribute
+from lightning_introspect.methods.attribution_runs import RegionPairs, skipped_grids
+from lightning_introspect.methods.token_attribution import is_token_ids
 from lightning_introspect.render.attributions import (
-    attribution_captions,
     attribution_overlays,
     attribution_summary_lines,
     class_label,
     display_inputs,
-    faithfulness_markdown,
     feature_bar_chart,
     grid_list,
-    localization_markdown,
     nonfinite_what,
     outline_regions,
-    region_captions,
 )
 from lightning_introspect.render.grid import captioned_grid
-from lightning_introspect.render.tokens import token_sentences_markdown, token_strings, top_tokens_markdown
-
-log = logging.getLogger(__name__)
-
-NORMALIZE_CHOICES = ("per_map", "per_batch")
-TARGET_CHOICES = ("pred", "true", "all")
-MAX_CLASSES = 32
-MAX_BATCH = 128  # samples x targets explained in one pass
-MAX_REGIONS = 4  # segmentation: the largest class regions explained per sample
-MIN_REGION = 0.005  # segmentation: regions below this fraction of the image (stray pixels) are not explained
-DEFAULT_METHODS = ("saliency", "guided_backprop", "grad_cam", "lrp")
-TOKEN_DEFAULT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "lrp")  # token ids, `methods` left at its default
 
 
 class Attributions(IntrospectionCallback):
@@ -158,8 +113,9 @@ class Attributions(IntrospectionCallback):
     (:func:`~lightning_introspect.methods.emprt.emprt`, Hedström et al. 2023): the relative rise of the map
     entropy, the same re-initialisation (seeded by ``seed``) at every run. A curve that rises as the network
     learns says the maps come to depend on what it learnt; one that stays near 0 says they would look the same
-    for a random network. Cost: a copy of the model and two attribution passes per method (images and tabular
-    inputs; token ids are checked by ``SanityChecks``).
+    for a random network. Cost: a copy of the model and one attribution pass per method on it (the trained
+    model's maps are those the run has just logged; images and tabular inputs; token ids are checked by
+    ``SanityChecks``).
 
     Args:
         methods: names from ``METHODS``: ``saliency``, ``input_x_gradient``, ``guided_backprop``,
@@ -280,6 +236,7 @@ class Attributions(IntrospectionCallback):
         torch.Size([8, 1, 32, 32])
     """
 
+
     name = "attributions"
     sized_runs = True  # the faithfulness curves: sized by a budget
 
@@ -321,35 +278,17 @@ class Attributions(IntrospectionCallback):
         on_error: str = "warn",
     ) -> None:
         super().__init__(enabled=enabled, every_n_epochs=every_n_epochs, at=at, num_samples=num_samples, seed=seed, on_error=on_error)
-        self.methods = _check_methods(list(methods) if not isinstance(methods, str) else [methods])
-        self.cam_layer = renamed_argument("layer", "cam_layer", layer, cam_layer, "auto")
-        check_module_name(self.cam_layer, "cam_layer")
-        check_module_name(embedding_layer, "embedding_layer")
-        if isinstance(targets, str):
-            check_choice(targets, "targets", TARGET_CHOICES)
-        elif not isinstance(targets, (list, tuple)) or not targets or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in targets):
-            raise ValueError(f"Expected `targets` to be one of 'pred', 'true', 'all' or a non-empty list of class ids (ints >= 0), but got {targets!r}.")
-        for argument, count in (("per_class", per_class), ("top_k", top_k)):
-            check_positive_int(count, argument, allow_none=True)
-        for argument, value, choices in (("normalize", normalize, NORMALIZE_CHOICES), ("lrp_rule", lrp_rule, ("epsilon", "zplus", "alpha_beta")),
-                                         ("task", task, TASK_KINDS), ("region", region, REGION_SOURCES),
-                                         ("faithfulness_baseline", faithfulness_baseline, BASELINES)):
-            check_choice(value, argument, choices)
-        check_int(ignore_index, "ignore_index")
-        for argument, token in (("baseline_token_id", baseline_token_id), ("pad_token_id", pad_token_id)):
-            check_int(token, argument, minimum=0, what="a token id (int >= 0)")
-        for argument, flag in (("faithfulness", faithfulness), ("run_emprt", run_emprt)):
-            check_bool(flag, argument)
-        check_positive_int(faithfulness_steps, "faithfulness_steps")
-        check_colormap(colormap, "colormap")
-        check_colormap(signed_colormap, "signed_colormap")
-        for argument, fn in (("decode", decode), ("output_transform", output_transform)):
-            check_callable(fn, argument)
-        self.mean, self.std = check_channel_stats(mean, std)
-        self.alpha = check_unit_interval(alpha, "alpha")
-        self.class_names = check_names(class_names, "class_names")
-        self.feature_names = check_names(feature_names, "feature_names")
-        self.targets = targets if isinstance(targets, str) else list(targets)
+        checked = check_attribution_arguments(
+            methods=methods, cam_layer=cam_layer, layer=layer, embedding_layer=embedding_layer, targets=targets, per_class=per_class,
+            top_k=top_k, normalize=normalize, lrp_rule=lrp_rule, task=task, region=region, faithfulness_baseline=faithfulness_baseline,
+            ignore_index=ignore_index, baseline_token_id=baseline_token_id, pad_token_id=pad_token_id, faithfulness=faithfulness,
+            run_emprt=run_emprt, faithfulness_steps=faithfulness_steps, colormap=colormap, signed_colormap=signed_colormap,
+            decode=decode, output_transform=output_transform, mean=mean, std=std, alpha=alpha, class_names=class_names,
+            feature_names=feature_names,
+        )
+        self.methods, self.cam_layer, self.targets = checked.methods, checked.cam_layer, checked.targets
+        self.mean, self.std, self.alpha = checked.mean, checked.std, checked.alpha
+        self.class_names, self.feature_names = checked.class_names, checked.feature_names
         self.per_class, self.top_k, self.normalize, self.lrp_rule = per_class, top_k, normalize, lrp_rule
         self.colormap, self.signed_colormap = colormap, signed_colormap
         self.task, self.region, self.ignore_index = task, region, ignore_index
@@ -357,10 +296,9 @@ class Attributions(IntrospectionCallback):
         self.run_emprt = run_emprt
         self.decode, self.output_transform = decode, output_transform
         self.embedding_layer, self.baseline_token_id, self.pad_token_id = embedding_layer, baseline_token_id, pad_token_id
-        self._default_methods = not isinstance(methods, str) and list(methods) == list(DEFAULT_METHODS)
+        self._default_methods = is_default_methods(methods)
         self.reset()
 
-    # ------------------------------------------------------------------------------ Lightning hooks
     @override
     def reset(self) -> None:
         self.resolved_cam_layer: str | None = None
@@ -378,6 +316,7 @@ class Attributions(IntrospectionCallback):
         self._layer_note: str | None = None
         self.resolved_embedding_layer: str | None = None
 
+    # ------------------------------------------------------------------------------ Lightning hooks
     @override
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.cam_layer != "auto":
@@ -394,7 +333,7 @@ class Attributions(IntrospectionCallback):
         x, y = self.fixed_samples(trainer, per_class=self.per_class)
         with introspection_mode(pl_module, grad=False), logits_only(pl_module, self.output_transform):
             out = pl_module(x[:1].to(pl_module.device))
-        self._resolve(trainer, pl_module, x, out, None if y is None else y[:1])
+        self._resolve(pl_module, x, out, None if y is None else y[:1])
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -418,101 +357,26 @@ class Attributions(IntrospectionCallback):
         if self.final_run_missed(trainer, self._last_step):
             self.run(trainer, self._log, trainer, pl_module, self.last_epoch(trainer))
 
-    # ------------------------------------------------------------------------------------ helpers
     def _due(self, trainer: pl.Trainer) -> bool:
         return self.active(trainer) and self._last_epoch != trainer.current_epoch and self.is_scheduled(trainer)
 
-    def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: torch.Tensor, out: Any, y: torch.Tensor | None) -> None:
-        """The methods and the layer this model and these inputs allow: :meth:`skip` for what cannot be
-        explained at all, ``IntrospectionInputError`` for explicit arguments the model contradicts."""
-        methods = list(self.methods)
-        if x.ndim not in (2, 4):
-            self.skip(f"the inputs of shape {tuple(x.shape)} are neither images (N, C, H, W) nor tabular (N, F).")
+    # ------------------------------------------------------------------------------ what
+    def _resolve(self, pl_module: pl.LightningModule, x: torch.Tensor, out: Any, y: torch.Tensor | None) -> None:
+        """The methods and the layer this model and these inputs allow (:func:`resolve_attribution_setup`): a
+        skip for what cannot be explained at all, ``IntrospectionInputError`` for explicit arguments the model
+        contradicts."""
+        try:
+            setup = resolve_attribution_setup(self, pl_module, x, out, y)
+        except CannotExplain as reason:
+            self.skip(str(reason))
             return
-        if not isinstance(out, torch.Tensor) or out.ndim < 2:
-            self.skip(
-                f"the model output {getattr(out, 'shape', type(out).__name__)} is not logits of shape (N, C, ...); "
-                "pass `output_transform` to pick them out."
-            )
-            return
-        if is_token_ids(x):
-            methods = self._token_methods(pl_module, x, methods)
-            if not methods:
-                return
-        else:
-            problem = gradient_problem(pl_module, x, self.output_transform, reraise=self.on_error == "raise")
-            if problem is not None:
-                self.skip(problem)
-                return
-        if x.ndim == 2 and any(m in LAYER_METHODS for m in methods):
-            dropped = [m for m in methods if m in LAYER_METHODS]
-            self.warn_once("tabular", f"Attributions: {dropped} need a spatial feature map; tabular inputs (N, F) skip them.")
-            methods = [m for m in methods if m not in LAYER_METHODS]
-        problem = lrp_problem(pl_module, self.output_transform) if "lrp" in methods else None
-        if problem is not None:
-            self.warn_once("lrp-skipped", f"Attributions: {problem}")
-            methods.remove("lrp")
-        rollouts = [m for m in methods if m in ATTENTION_METHODS]
-        problem = attention_problem(pl_module, x[:1].to(pl_module.device)) if rollouts else None
-        if problem is not None:
-            self.warn_once("attention-skipped", f"Attributions: {rollouts} are skipped for this model: {problem}")
-            methods = [m for m in methods if m not in ATTENTION_METHODS]
-        self.resolved_task = resolve_task(self.task, out, y, argument="task")
-        if self.resolved_task == "segmentation" and self.per_class is not None:
-            self.warn_once("per-class-seg", "Attributions: `per_class` draws samples by their one label; segmentation samples have masks, "
-                           "so `num_samples` random samples are drawn instead.")
-        num_classes = int(out.shape[1])
-        if isinstance(self.targets, list):
-            bad = [t for t in self.targets if t >= num_classes]
-            if bad:
-                raise IntrospectionInputError(
-                    f"Expected `targets` class ids in [0, {num_classes - 1}] (the model outputs {num_classes} classes), but got {bad}."
-                )
-        if self.class_names is not None and len(self.class_names) < num_classes:
-            raise IntrospectionInputError(f"Expected `class_names` to name all {num_classes} classes, but got {len(self.class_names)}.")
-        needs_layer = any(m in LAYER_METHODS for m in methods) or ("guided_backprop" in methods and self.top_k is not None)
-        if needs_layer:
-            how = "given"
-            if self.cam_layer == "auto":
-                with logits_only(pl_module, self.output_transform):
-                    self.resolved_cam_layer = auto_layer(pl_module, x[:1].to(pl_module.device))
-                how = ("chosen automatically (the deepest feature map before the output head)" if self.resolved_task == "segmentation"
-                       else "chosen automatically (last convolutional feature map, or a vision transformer's last block whose patch tokens reach the output)")
-            else:
-                get_layer(pl_module, self.cam_layer, argument="cam_layer")
-                self.resolved_cam_layer = self.cam_layer
-            log.info("Attributions: Grad-CAM layer %r (%s).", self.resolved_cam_layer, how)
-            self._layer_note = f"Grad-CAM layer `{self.resolved_cam_layer}` ({how})."
-        self._active_methods = methods
-
-    def _token_methods(self, pl_module: pl.LightningModule, x: torch.Tensor, methods: list[str]) -> list[str]:
-        """Token ids: the embedding layer and the methods with a token version (``[]`` after a skip)."""
-        plan = plan_token_attributions(pl_module, x, TOKEN_DEFAULT_METHODS if self._default_methods else methods,
-                                       embedding_layer=self.embedding_layer, output_transform=self.output_transform, decode=self.decode)
-        if plan.problem is not None:
-            self.skip(plan.problem)
-            return []
-        if plan.dropped:
-            self.warn_once("tokens", f"Attributions: {plan.dropped} have no token version; token ids are explained with {plan.methods}.")
-        self.resolved_embedding_layer, self._layer_note = plan.embedding_layer, plan.note
-        log.info("Attributions: %s", plan.note)
-        return plan.methods
-
-    def _token_markdown(
-        self, x: torch.Tensor, maps: torch.Tensor, method: str, *, captions: list[str] | None, title: str, classes: torch.Tensor | None,
-    ) -> str:
-        """The sentences with coloured tokens and, for the main entry, the top tokens per class."""
-        strings = token_strings(x, self.decode)
-        keep = None if self.pad_token_id is None else x.cpu() != self.pad_token_id
-        signed = method in SIGNED_TOKEN_METHODS
-        text = token_sentences_markdown(strings, maps, signed=signed, captions=captions, keep=keep, normalize=self.normalize, title=title)
-        if classes is None:
-            return text
-        table = top_tokens_markdown(x, strings, maps, classes, keep=keep, class_names=self.class_names)
-        return f"{text}\n\n**Top tokens per class** (mean score of each token over the fixed samples explained for the class)\n\n{table}"
-
-    def _class_name(self, c: int) -> str:
-        return class_label(c, self.class_names)
+        self.resolved_task, self._active_methods = setup.task, setup.methods
+        if setup.embedding_layer is not None:
+            self.resolved_embedding_layer = setup.embedding_layer
+        if setup.cam_layer is not None:
+            self.resolved_cam_layer = setup.cam_layer
+        if setup.note is not None:
+            self._layer_note = setup.note
 
     def _attribute(self, model: Any, x: torch.Tensor, target: Any, methods: list[str]) -> dict[str, torch.Tensor]:
         """The maps of ``methods``; LRP apart, so that a model LRP cannot serve drops LRP (one warning) and keeps the rest."""
@@ -543,11 +407,10 @@ class Attributions(IntrospectionCallback):
         self._last_epoch = trainer.current_epoch if epoch >= 0 else None
         self._last_step = step = int(trainer.global_step)
         x, y = self.fixed_samples(trainer, per_class=self.per_class)
-        device = pl_module.device
         with introspection_mode(pl_module, grad=False):
-            out = pl_module(x.to(device)).float()
+            out = pl_module(x.to(pl_module.device)).float()
         if self._active_methods is None:
-            self._resolve(trainer, pl_module, x, out, y)
+            self._resolve(pl_module, x, out, y)
         methods = list(self._active_methods or [])
         if not methods:
             return
@@ -558,200 +421,8 @@ class Attributions(IntrospectionCallback):
                 writer.image_grid(self.tag("inputs"), self._display(x), step)
             if self._layer_note:
                 writer.text(self.tag("layer"), self._layer_note, step)
-        if self.resolved_task == "segmentation":
-            self._log_regions(trainer, pl_module, x, y, out, methods, epoch, start)
-            return
-
-        probs = class_probabilities(out)
-        predicted = explained = target_indices(out, "pred").cpu()
-        labels = y.long().cpu() if (y is not None and y.ndim == 1 and not y.is_floating_point()) else None
-        if self.targets == "true":
-            if labels is not None and labels.numel() == x.shape[0]:
-                explained = labels
-            else:
-                self.warn_once("true", "Attributions: targets='true' needs one class id per sample; explaining the predictions instead.")
-        if self.targets == "all" and out.shape[1] > MAX_CLASSES:
-            self.warn_once("all", f"Attributions: targets='all' logs the first {MAX_CLASSES} of {out.shape[1]} classes.")
-        classes = explained_classes(self.targets, int(out.shape[1]), MAX_CLASSES)
-        # the main target, then each class: every target in as few passes as possible
-        n = x.shape[0]
-        targets = [explained] + [torch.full((n,), c, dtype=torch.long) for c in classes]
-        flat = attribute_targets(lambda xs, t: self._attribute(pl_module, xs, t.to(device), methods), x, targets, max_batch=MAX_BATCH)
-        methods = [m for m in methods if m in flat]
-        split = {m: flat[m].split(n) for m in methods}
-        confidence = probs.gather(1, explained.to(probs.device).view(-1, 1)).squeeze(1).cpu()
-        captions = attribution_captions(predicted, explained, confidence, labels, self.class_names)
-        # a class grid's tiles say, like the main grid's, what each sample is and how likely the explained class is
-        class_captions = {c: attribution_captions(predicted, torch.full((n,), c), probs[:, c].cpu(), labels, self.class_names) for c in classes}
-        self.maps = {m: split[m][0] for m in methods}
-        self.class_maps = {m: {c: split[m][j + 1] for j, c in enumerate(classes)} for m in methods} if classes else {}
-        self.nonfinite = broken = nonfinite_grids(probs, flat, [self._class_name(c) for c in classes])
-        skip = set(skipped_grids(broken, list(self.maps)))
-        for m in methods:
-            if m not in skip:
-                self._write(writer, self.tag(m), x, self.maps[m], m, step, captions=captions, title=f"{m} (step {step})", classes=explained)
-            for c, v in self.class_maps.get(m, {}).items():
-                if f"{m}/class_{self._class_name(c)}" not in skip:
-                    self._write(writer, self.tag(m, f"class_{self._class_name(c)}"), x, v, m, step, captions=class_captions[c],
-                                title=f"{m}: class {self._class_name(c)} (step {step})")
-        if broken:
-            self._report_nonfinite(trainer, broken, n)
-        finite = {m: v for m, v in self.maps.items() if m not in skip}
-        faithful = self._faithfulness(trainer, writer, pl_module, x, finite, explained, step)
-        randomised = self._emprt(writer, pl_module, x, list(finite), explained.to(device), step)
-        self.history.append(
-            {
-                "step": step,
-                "epoch": epoch,
-                "explained": explained.tolist(),
-                "predicted": predicted.tolist(),
-                "confidence": [round(float(c), 6) for c in confidence],
-                "faithfulness": faithful,
-                "emprt": randomised,
-                "seconds": time.perf_counter() - start,
-            }
-        )
-
-    def _log_regions(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: torch.Tensor, y: torch.Tensor | None, out: torch.Tensor,
-        methods: list[str], epoch: int, start: float,
-    ) -> None:
-        """Segmentation: explain each sample's class regions (one ``RegionTarget`` per region) for the grids
-        and, when the true masks are known, each true object's class for the localisation scores -- all in
-        one batched attribution."""
-        step, writer = int(trainer.global_step), self.writer(trainer)
-        truth = as_masks(y) if y is not None and y.ndim in (3, 4) and y.shape[-2:] == out.shape[-2:] else None
-        source = "true" if self.targets == "true" else self.region
-        if source == "true" and truth is None:
-            self.warn_once("true", "Attributions: the regions of the true masks need masks with the samples; explaining the predicted regions instead.")
-            source = "pred"
-        if self._background is None:  # the class the objects stand on: not explained by default
-            self._background = dominant_class(truth if truth is not None else out.argmax(1).cpu(), ignore_index=self.ignore_index)
-        sizes: dict[str, Any] = {
-            "ignore_index": self.ignore_index, "max_per_sample": MAX_REGIONS, "min_pixels": round(MIN_REGION * out.shape[-2] * out.shape[-1]),
-        }
-        classes = "present" if self.targets in ("pred", "true") else self.targets
-        masks = truth if source == "true" and truth is not None else out.argmax(1).cpu()
-        self.pairs = pairs = region_pairs(masks, classes, background=self._background, source=source, **sizes)
-        located = localization_pairs(truth, int(out.shape[1]), background=self._background, **sizes) if truth is not None else None
-        both = pairs if located is None else concat_pairs(pairs, located)
-        if not len(both):
-            writer.text(self.tag("warnings"), f"**Step {step}:** no region of the classes {self.targets} in the {source} masks of the fixed samples; nothing explained.", step)
-            return
-        flat = attribute_pairs(lambda xs, t: self._attribute(pl_module, xs, t, methods), x.to(pl_module.device), both, max_batch=MAX_BATCH)
-        methods = [m for m in methods if m in flat]
-        self.maps, self.class_maps = {m: flat[m][: len(pairs)] for m in methods}, {}
-        self.nonfinite = broken = ([] if bool(torch.isfinite(out).all()) else ["outputs"]) + [m for m in methods if not bool(torch.isfinite(flat[m]).all())]
-        confidence = region_confidence(out, pairs)
-        shown = x[pairs.sample]
-        captions = region_captions(pairs.class_id, pairs.sample, pairs.masks.flatten(1).sum(1), confidence, source, self.class_names)
-        per_class = sorted(set(pairs.class_id.tolist())) if not isinstance(self.targets, str) or self.targets == "all" else []
-        scores: dict[str, Any] = {}
-        for m in (m for m in methods if "outputs" not in broken and m not in broken):
-            if len(pairs):
-                title = f"{m}: class regions, outlined (step {step})"
-                self._write(writer, self.tag(m), shown, self.maps[m], m, step, captions=captions, title=title, regions=pairs.masks)
-            for c in per_class:
-                keep = pairs.class_id == c
-                self._write(writer, self.tag(m, f"class_{self._class_name(c)}"), shown[keep], self.maps[m][keep], m, step,
-                            captions=None, title="", regions=pairs.masks[keep])
-            if located is not None and truth is not None:
-                scores[m] = localization_scores(flat[m][len(pairs) :], located, truth)
-                scores[m]["skipped"] = int(x.shape[0]) - len(set(located.sample.tolist()))  # samples without an object
-        if broken:
-            self._report_nonfinite(trainer, broken, x.shape[0])
-        if scores:
-            scalars = {self.tag("localization", m, k): r[k] for m, r in scores.items() for k in ("pointing_game", "energy_in_mask", "chance") if r[k] is not None}
-            writer.scalars(scalars, step)
-            writer.text(self.tag("localization"), localization_markdown(scores, step), step)
-        ok = {m: self.maps[m] for m in methods if len(pairs) and "outputs" not in broken and m not in broken}
-        faithful = self._faithfulness(trainer, writer, pl_module, shown, ok, pairs.target(), step)  # each region's class over the region
-        randomised = self._emprt(writer, pl_module, shown.to(pl_module.device), list(ok), pairs.target(), step)
-        self.history.append(
-            {
-                "step": step,
-                "epoch": epoch,
-                "explained": pairs.class_id.tolist(),
-                "samples": pairs.sample.tolist(),
-                "region": source,
-                "region_pixels": pairs.masks.flatten(1).sum(1).tolist(),
-                "confidence": [round(float(c), 6) for c in confidence],
-                "localization": scores,
-                "faithfulness": faithful,
-                "emprt": randomised,
-                "seconds": time.perf_counter() - start,
-            }
-        )
-
-    def _faithfulness(
-        self, trainer: pl.Trainer, writer: IntrospectionWriter, pl_module: pl.LightningModule, x: torch.Tensor,
-        maps: dict[str, torch.Tensor], target: Any, step: int,
-    ) -> dict[str, dict[str, float]]:
-        """Deletion / insertion areas of the finite maps and of the references: scalars, a table, and the numbers for ``history``."""
-        if not self.faithfulness or not maps or is_token_ids(x):  # removing tokens is not defined here: images and tabular only
-            return {}
-        steps = self._faithfulness_steps(trainer, pl_module, x, len(maps))
-        if not steps:
-            return {}
-        inputs = int(x.shape[0]) * (2 + 2 * (steps - 1) * (len(maps) + 2))  # perturbed inputs of one run
-        start = time.perf_counter()
-        scores = faithfulness_scores(pl_module, x, maps, target, steps=steps, baseline=self.faithfulness_baseline,
-                                     seed=self.seed, max_batch=MAX_BATCH)
-        elapsed = time.perf_counter() - start
-        self.unit_costs.observe("faithfulness_input", elapsed, inputs)
-        self.charge(elapsed)
-        writer.scalars({self.tag("faithfulness", name, k): v for name, row in scores.items() for k, v in row.items()}, step)
-        score = "each region's mean probability of its class" if self.resolved_task == "segmentation" else "the explained class's probability"
-        baseline = "mean" if x.ndim == 2 and self.faithfulness_baseline == "blur" else self.faithfulness_baseline
-        writer.text(self.tag("faithfulness"), faithfulness_markdown(scores, step, steps=steps, baseline=baseline, score=score), step)
-        return scores
-
-    def _emprt(self, writer: IntrospectionWriter, pl_module: pl.LightningModule, x: torch.Tensor, methods: list[str],
-               target: Any, step: int) -> dict[str, float]:
-        """eMPRT of the methods whose maps were finite: the rise in map entropy from the trained to the fully
-        randomised model (a copy), the same re-initialisation at every run (seeded by ``seed``)."""
-        if not self.run_emprt or not methods or is_token_ids(x):  # token scores: the sanity check, not this curve
-            return {}
-        explain = {m: self._single_method(m) for m in methods}
-        result = emprt(pl_module, x, target, explain, generator=torch.Generator().manual_seed(self.seed), layer=None)
-        means = {m: v for m, v in result.mean.items() if math.isfinite(v)}
-        writer.scalars({self.tag("emprt", m): v for m, v in means.items()}, step)
-        return means
-
-    def _single_method(self, method: str) -> Callable[..., torch.Tensor]:
-        """``fn(model, inputs, target, layer=None)`` for eMPRT: the maps of one method, as this callback makes them
-        (its Grad-CAM / embedding layer by name, which the randomised copy shares)."""
-        def explain(model: Any, inputs: torch.Tensor, target: Any, layer: str | None = None) -> torch.Tensor:
-            maps = self._attribute(model, inputs, target, [method])
-            if method not in maps:
-                raise RuntimeError(f"Attributions: {method} gave no maps on the randomised copy of the model.")
-            return maps[method]
-        return explain
-
-    def _faithfulness_steps(self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: torch.Tensor, methods: int) -> int:
-        """The curves' steps this run: ``faithfulness_steps``, or under a budget half of them (at least 5),
-        or none (the run skips the curves; never the last run); an explicit ``faithfulness_steps`` is kept. Cost: perturbed inputs x seconds per input
-        (from earlier runs, else three timed forwards of the samples)."""
-        if self.budget is None:
-            return self.faithfulness_steps
-        if not self.unit_costs.known("faithfulness_input"):
-            sample = x.to(module_device(pl_module))
-            with introspection_mode(pl_module, grad=False):
-                self.unit_costs.observe("faithfulness_input", best_of(3, lambda: pl_module(sample)), int(x.shape[0]))
-        per_input = self.unit_costs.get("faithfulness_input", 0.0)
-
-        def option(steps: int) -> Option:
-            inputs = int(x.shape[0]) * (2 + 2 * (steps - 1) * (methods + 2)) if steps else 0
-            return Option({"faithfulness_steps": steps}, per_input * inputs)
-
-        steps = self.faithfulness_steps
-        options = [option(steps)]
-        if "faithfulness_steps" not in self._given:
-            while steps > 5:
-                steps = max(5, steps // 2)
-                options.append(option(steps))
-        chosen = self.sized(trainer, options)
-        return int(chosen.sizes["faithfulness_steps"]) if chosen is not None else 0
+        run = log_regions if self.resolved_task == "segmentation" else log_classes
+        run(self, trainer, writer, pl_module, x, y, out, methods, epoch, start)
 
     def _report_nonfinite(self, trainer: pl.Trainer, broken: list[str], n: int) -> None:
         """The base class's NaN / Inf note, naming the grids not logged at this step."""
@@ -760,7 +431,10 @@ class Attributions(IntrospectionCallback):
         self.note_nonfinite(trainer, "nonfinite", f"non-finite values (NaN / Inf) in {nonfinite_what(broken, counts, n)}",
                             f"Not logged: {skipped}", "logs these grids again once they are finite")
 
-    # ------------------------------------------------------------------------------------ rendering
+    # ------------------------------------------------------------------------------------ where: rendering
+    def _class_name(self, c: int) -> str:
+        return class_label(c, self.class_names)
+
     def _display(self, x: torch.Tensor) -> torch.Tensor:
         mean, std = self.mean, self.std
         if mean is not None and std is not None and len(mean) not in (1, x.shape[1]):
@@ -772,15 +446,17 @@ class Attributions(IntrospectionCallback):
         self, writer: IntrospectionWriter, tag: str, x: torch.Tensor, maps: torch.Tensor, method: str, step: int, *,
         captions: list[str] | None, title: str, regions: torch.Tensor | None = None, classes: torch.Tensor | None = None,
     ) -> None:
+        """One method's maps as an overlay grid (images), a bar chart (tabular) or coloured sentences (token ids)."""
         if is_token_ids(x):
-            writer.text(tag, self._token_markdown(x, maps, method, captions=captions, title=title, classes=classes), step)
+            text = token_markdown(x, maps, method, decode=self.decode, pad_token_id=self.pad_token_id, normalize=self.normalize,
+                                  class_names=self.class_names, captions=captions, title=title, classes=classes)
+            writer.text(tag, text, step)
             return
         if x.ndim == 2:
             writer.figure(tag, feature_bar_chart(maps, title=title, feature_names=self.feature_names), step)
             return
-        signed = method in SIGNED_METHODS
         cmaps = {"colormap": self.colormap, "signed_colormap": self.signed_colormap}
-        images = attribution_overlays(self._display(x), maps, signed=signed, normalize=self.normalize, alpha=self.alpha, **cmaps)
+        images = attribution_overlays(self._display(x), maps, signed=method in SIGNED_METHODS, normalize=self.normalize, alpha=self.alpha, **cmaps)
         if regions is not None:
             images = outline_regions(images, regions)
         if captions is None:  # per-class grids: fast torch grid, tiles in the main grid's order

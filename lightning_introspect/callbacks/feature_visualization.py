@@ -1,93 +1,52 @@
-"""``FeatureVisualization``: what do channels and classes respond to, and which regulariser shows it best?"""
+"""``FeatureVisualization``: what do channels and classes respond to, and which regulariser shows it best?
+
+The callback decides when (train-epoch end on its schedule, before training for ``at=0.0``, the final model
+after an early stop), what (the units :mod:`~lightning_introspect.callbacks.featviz_setup` decides on the model
+and the fixed samples) and where (TensorBoard); its arguments are checked by
+:mod:`~lightning_introspect.callbacks.featviz_arguments`, a run is :mod:`~lightning_introspect.callbacks.featviz_run`
+(the optimisation itself :func:`~lightning_introspect.methods.featviz.render.visualize_features`) and what it writes
+:mod:`~lightning_introspect.callbacks.featviz_report` (drawn by :mod:`lightning_introspect.render.featviz`).
+"""
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from typing_extensions import override
 
 from lightning_introspect._lightning import pl
-from lightning_introspect._torch.guards import introspection_mode, module_device
-from lightning_introspect._torch.hooks import layer_outputs
 from lightning_introspect._torch.layers import resolve_layers
 from lightning_introspect.callbacks.base import (
     IntrospectionCallback,
     IntrospectionInputError,
-    Option,
-    check_callable,
-    check_choice,
-    check_positive_int,
     input_gradient_problem,
 )
-from lightning_introspect.callbacks.budget import best_of
+from lightning_introspect.callbacks.featviz_arguments import check_featviz_arguments
+from lightning_introspect.callbacks.featviz_report import log_results, results_table
+from lightning_introspect.callbacks.featviz_run import optimise_settings
+from lightning_introspect.callbacks.featviz_setup import (
+    auto_layers,
+    channel_objective,
+    check_run_units,
+    choose_channels,
+    chunk_objectives,
+    chunk_size,
+    class_objective,
+    detect_task,
+)
 from lightning_introspect.callbacks.outputs import logits_only
-from lightning_introspect.callbacks.progress import IntrospectionProgress
-from lightning_introspect.methods.featviz import (
-    PARAMS,
-    PENALTIES,
-    FeatureVisualizationResult,
-    Objective,
-    channel,
-    class_logit,
-    dense_class_logit,
-    infer_latent_dim,
-    patch_token_channels,
-    stack_objectives,
-    token_channel,
-    visualize_features,
-)
-from lightning_introspect.methods.featviz.layers import (
-    PatchTokens,
-    main_conv_chain,
-    patch_token_layouts,
-    vit_blocks,
-)
+from lightning_introspect.methods.featviz import FeatureVisualizationResult, Objective
+from lightning_introspect.methods.featviz.layers import PatchTokens
 from lightning_introspect.methods.featviz_plan import (
-    REGULARIZERS,
-    channel_spread,
-    check_units,
     comparison_columns,
-    concat_results,
-    image_shape,
-    nonfinite_units,
-    optimisation_space,
     resolve_prior,
     setting_options,
-    spread_picks,
-    top_channels,
     unit_keys,
 )
-from lightning_introspect.methods.targets import dominant_class
-from lightning_introspect.methods.task import TASK_KINDS, as_masks, resolve_task
-from lightning_introspect.render.featviz import (
-    class_objective_text,
-    featviz_summary_lines,
-    featviz_table,
-    nonfinite_units_text,
-    unit_image,
-)
-
-_MAX_AUTO_CLASSES = 10
-
-
-def _float_list(value: Any, argument: str, *, length: int | None = None) -> list[float] | None:
-    if value is None:
-        return None
-    values = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else list(value)
-    try:
-        out = [float(v) for v in values]
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"Expected `{argument}` to be a number or a list of numbers, but got {value!r}.") from err
-    if length is not None and len(out) != length or not out or any(math.isnan(v) for v in out):
-        need = f"{length} numbers" if length is not None else "a number or a list of numbers"
-        raise ValueError(f"Expected `{argument}` to be {need}, but got {value!r}.")
-    return out
+from lightning_introspect.render.featviz import featviz_summary_lines
 
 
 class FeatureVisualization(IntrospectionCallback):
@@ -282,71 +241,23 @@ class FeatureVisualization(IntrospectionCallback):
         on_error: str = "warn",
     ) -> None:
         super().__init__(enabled=enabled, every_n_epochs=every_n_epochs, at=at, num_samples=num_samples, seed=seed, on_error=on_error)
-        if not (isinstance(layers, str) or (isinstance(layers, (list, tuple)) and all(isinstance(n, str) for n in layers))):
-            raise ValueError(f"Expected `layers` to be 'auto', a layer name or a list of names, but got {layers!r}.")
-        if isinstance(channels, str):
-            check_choice(channels, "channels", ("auto",))
-        elif not (isinstance(channels, (list, tuple)) and channels and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in channels)):
-            raise ValueError(f"Expected `channels` to be 'auto' or a non-empty list of channel ids (ints >= 0), but got {channels!r}.")
-        if isinstance(classes, str):
-            check_choice(classes, "classes", ("auto",))
-        elif classes is not None and not (isinstance(classes, (list, tuple)) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in classes)):
-            raise ValueError(f"Expected `classes` to be 'auto', None or a list of class ids (ints >= 0), but got {classes!r}.")
-        self.prior_module = resolve_prior(prior)
-        if regularizers is None:
-            regs = ["frequency", "transform"] + (["prior"] if self.prior_module is not None else [])
-        else:
-            if isinstance(regularizers, str) or not isinstance(regularizers, (list, tuple)):
-                raise ValueError(f"Expected `regularizers` to be a list drawn from {list(REGULARIZERS)}, but got {regularizers!r}.")
-            for r in regularizers:
-                check_choice(r, "regularizers", REGULARIZERS)
-            regs = [r for r in REGULARIZERS if r in regularizers]
-            if "prior" in regs and self.prior_module is None:
-                raise ValueError("`regularizers` contains 'prior' but no `prior` decoder was given; pass `prior` or drop 'prior'.")
-        check_positive_int(steps, "steps")
-        check_positive_int(image_size, "image_size", allow_none=True)
-        check_positive_int(num_layers, "num_layers")
-        check_positive_int(num_channels, "num_channels")
-        check_positive_int(batch_size, "batch_size", allow_none=True)
-        self.batch_size = batch_size
-        check_positive_int(latent_dim, "latent_dim", allow_none=True)
-        check_choice(frequency_param, "frequency_param", PARAMS)
-        check_choice(penalty, "penalty", PENALTIES)
-        check_choice(task, "task", TASK_KINDS)
-        if isinstance(class_region, bool) or not isinstance(class_region, (int, float)) or not 0.0 < class_region <= 1.0:
-            raise ValueError(f"Expected `class_region` to be a fraction in (0, 1], but got {class_region!r}.")
-        for argument, value in (("lr", lr), ("frequency_penalty", frequency_penalty), ("transform_strength", transform_strength), ("latent_penalty", latent_penalty)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (argument == "lr" and value == 0):
-                raise ValueError(f"Expected `{argument}` to be a {'positive' if argument == 'lr' else 'non-negative'} number, but got {value!r}.")
-        self.mean = _float_list(mean, "mean")
-        self.std = _float_list(std, "std")
-        if self.std is not None and any(s == 0 for s in self.std):
-            raise ValueError(f"Expected `std` to be non-zero, but got {std!r}.")
-        vr = _float_list(value_range, "value_range", length=2)
-        if vr is not None and not vr[0] < vr[1]:
-            raise ValueError(f"Expected `value_range` to be [low, high] with low < high, but got {value_range!r}.")
-        self.value_range = None if vr is None else (vr[0], vr[1])
-        self.layers = layers
-        self.channels = channels
-        self.classes = classes
-        self.regularizers = regs
-        self.compare = bool(compare)
-        self.steps = steps
-        self.lr = float(lr)
-        self.image_size = image_size
-        self.frequency_param = frequency_param
-        self.frequency_penalty = float(frequency_penalty)
-        self.penalty = penalty
+        args = check_featviz_arguments(
+            layers=layers, channels=channels, classes=classes, regularizers=regularizers, steps=steps, lr=lr,
+            image_size=image_size, frequency_param=frequency_param, frequency_penalty=frequency_penalty, penalty=penalty,
+            transform_strength=transform_strength, prior=prior, latent_dim=latent_dim, latent_penalty=latent_penalty,
+            mean=mean, std=std, value_range=value_range, num_layers=num_layers, num_channels=num_channels,
+            output_transform=output_transform, task=task, class_region=class_region, batch_size=batch_size,
+        )
+        self.layers, self.channels, self.classes = layers, channels, classes  # what to visualise
+        self.num_layers, self.num_channels = num_layers, num_channels
+        self.task, self.class_region, self.output_transform = task, float(class_region), output_transform
+        self.regularizers, self.compare = args.regularizers, bool(compare)  # how
+        self.steps, self.lr, self.image_size, self.batch_size = steps, float(lr), image_size, batch_size
+        self.frequency_param, self.frequency_penalty, self.penalty = frequency_param, float(frequency_penalty), penalty
         self.transform_strength = float(transform_strength)
-        self.latent_dim = latent_dim
-        self.latent_penalty = float(latent_penalty)
-        self.num_layers = num_layers
-        self.num_channels = num_channels
-        check_callable(output_transform, "output_transform")
-        self.output_transform = output_transform
-        self.task = task
-        self.class_region = float(class_region)
-        self.columns = comparison_columns(regs, self.compare)
+        self.prior_module, self.latent_dim, self.latent_penalty = args.prior_module, latent_dim, float(latent_penalty)
+        self.mean, self.std, self.value_range = args.mean, args.std, args.value_range  # the image space
+        self.columns = comparison_columns(self.regularizers, self.compare)
         self.reset()
 
     # ------------------------------------------------------------------------------ Lightning hooks
@@ -425,25 +336,8 @@ class FeatureVisualization(IntrospectionCallback):
 
     # ------------------------------------------------------------------------------------ choices
     def auto_layers(self, model: nn.Module, example: torch.Tensor) -> list[str]:
-        """``num_layers`` layers spread evenly over the network, the last one included: a vision transformer's
-        blocks whose outputs are patch tokens (:func:`vit_blocks`), else the conv layers on the main path
-        (:func:`main_conv_chain` on ``example``); without either, the hidden ``nn.Linear`` layers."""
-        blocks = vit_blocks(model, example)
-        if blocks:  # a ViT's patch embedding is a conv too, but its blocks are where the features are
-            return spread_picks(blocks, self.num_layers)
-        try:
-            convs = main_conv_chain(model, example)
-        except ValueError:  # no spatial feature map at all
-            convs = []
-        if self.resolved_task == "segmentation" and len(convs) > 1:
-            head = model.get_submodule(convs[-1])  # a 1x1 conv giving the class logits: the class images show those
-            if isinstance(head, nn.Conv2d) and head.kernel_size == (1, 1) and head.out_channels == self._num_outputs:
-                convs = convs[:-1]
-        if not convs:
-            convs = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:-1]
-        if not convs:
-            raise ValueError("`layers='auto'` found no nn.Conv2d (or hidden nn.Linear) layers; name the layers in `layers`.")
-        return spread_picks(convs, self.num_layers)
+        """``num_layers`` layers spread evenly over the network, the last one included (see ``featviz_setup``)."""
+        return auto_layers(model, example, self.num_layers, task=self.resolved_task, num_outputs=self._num_outputs)
 
     def resolve(self, model: nn.Module, example: torch.Tensor | None = None) -> list[str]:
         """Resolve ``layers`` to names (ValueError with the closest names for a bad one). ``"auto"`` needs
@@ -456,34 +350,10 @@ class FeatureVisualization(IntrospectionCallback):
         return self.layer_names
 
     def _detect_task(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> str:
-        """The task, detected once per fit from one forward pass of two samples at the data's size and their
-        labels (:func:`~lightning_introspect.methods.task.resolve_task`), and, for segmentation, the class
-        covering most pixels of the samples' masks (the background ``classes="auto"`` leaves out).
-        Call with the model returning its logits (``logits_only``)."""
+        """The task, detected once per fit (see ``featviz_setup.detect_task``); call with ``logits_only``."""
         if self.resolved_task is None:
-            _, out = layer_outputs(model, x[:2], [])
-            if self.task == "auto" and y is None:  # an image-to-image model (an autoencoder) is dense too: masks decide
-                self.resolved_task = "classification"
-            else:
-                self.resolved_task = resolve_task(self.task, out, None if y is None else y[:2])
-            self._num_outputs = int(out.shape[1]) if out.ndim >= 2 else None
-            self.background = None
-            if self.resolved_task == "segmentation" and y is not None:
-                masks = as_masks(y)
-                valid = masks[(masks >= 0) & (masks < out.shape[1])]
-                self.background = dominant_class(valid) if valid.numel() else None
+            self.resolved_task, self._num_outputs, self.background = detect_task(model, x, y, self.task)
         return self.resolved_task
-
-    def _display(self, x: torch.Tensor) -> tuple[tuple[float, float], list[float], list[float]]:
-        """(value_range, mean, std) for the optimisation, inferred from the samples where not given."""
-        return optimisation_space(x, self.mean, self.std, self.value_range)
-
-    def _input_shape(self, x: torch.Tensor) -> tuple[int, int, int]:
-        return image_shape(x, self.image_size)
-
-    def _record_shapes(self, model: nn.Module, x: torch.Tensor) -> tuple[dict[str, tuple[int, ...]], tuple[int, ...]]:
-        outs, out = layer_outputs(model, x, self.layer_names)
-        return {name: tuple(o.shape) for name, o in outs.items()}, tuple(out.shape)
 
     def validate(self, pl_module: nn.Module, x: torch.Tensor) -> None:
         """Check channels, classes and the prior against the model (one forward on 2 samples ``x``)."""
@@ -491,23 +361,7 @@ class FeatureVisualization(IntrospectionCallback):
             self._validate(pl_module, x)
 
     def _validate(self, pl_module: nn.Module, x: torch.Tensor) -> None:
-        c, h, w = self._input_shape(x)
-        probe = F.interpolate(x[:2].float(), size=(h, w), mode="bilinear", align_corners=False) if (h, w) != tuple(x.shape[-2:]) else x[:2]
-        shapes, out_shape = self._record_shapes(pl_module, probe)
-        named = {name: shapes.get(name) for name in self.layer_names}
-        three_d = [name for name, shape in named.items() if shape is not None and len(shape) == 3]
-        self.token_layouts = patch_token_layouts(pl_module, probe, three_d) if three_d else {}
-        self.classes_chosen = check_units(
-            named, out_shape, self.channels, self.classes, max_auto_classes=_MAX_AUTO_CLASSES,
-            task=self.resolved_task or "classification", background=self.background, tokens=set(self.token_layouts),
-        )
-        if self.prior_module is not None and "prior" in self.regularizers:
-            dim = self.latent_dim or infer_latent_dim(self.prior_module)
-            pdev = module_device(self.prior_module)
-            with introspection_mode(self.prior_module, grad=False):
-                decoded = self.prior_module(torch.zeros(1, dim, device=pdev))
-            if tuple(decoded.shape[1:]) != (c, h, w):
-                raise ValueError(f"Expected `prior` to decode latents of size {dim} to images of shape {(c, h, w)}, but it gives {tuple(decoded.shape[1:])}.")
+        self.token_layouts, self.classes_chosen = check_run_units(self, pl_module, x)
         self._validated = True
 
     def choose_channels(self, model: nn.Module, x: torch.Tensor) -> dict[str, list[int]]:
@@ -515,97 +369,50 @@ class FeatureVisualization(IntrospectionCallback):
         whose activation varies most over the samples and positions (patch tokens)."""
         if isinstance(self.channels, (list, tuple)):
             return {name: list(self.channels) for name in self.layer_names}
-        outs, _ = layer_outputs(model, x, self.layer_names)
-        spread = {name: channel_spread(self._as_channels(name, out)) for name, out in outs.items()}
-        self._unsettled = {name for name, v in spread.items() if not bool(torch.isfinite(v).all())}
-        return {name: top_channels(spread[name], self.num_channels) for name in self.layer_names}
-
-    def _as_channels(self, name: str, activation: torch.Tensor) -> torch.Tensor:
-        """A token layer's output as its embedding dimensions over the patch tokens ``(N, D, P)``; others as they are."""
-        layout = self.token_layouts.get(name)
-        if layout is None:
-            return activation
-        return patch_token_channels(activation, layout.prefix, sequence_first=layout.sequence_first)
+        chosen, self._unsettled = choose_channels(model, x, self.layer_names, self.token_layouts, self.num_channels)
+        return chosen
 
     def channel_objective(self, name: str, ids: Sequence[int]) -> Objective:
-        """The objective of the channel images of layer ``name``: a channel's mean activation over its positions;
-        for a token layer the embedding dimension's mean over the patch tokens
-        (:func:`~lightning_introspect.methods.featviz.objectives.token_channel`)."""
-        layout = self.token_layouts.get(name)
-        if layout is None:
-            return channel(name, list(ids))
-        return token_channel(name, list(ids), prefix=layout.prefix, sequence_first=layout.sequence_first)
+        """The objective of the channel images of layer ``name`` (a token layer: over its patch tokens)."""
+        return channel_objective(name, ids, self.token_layouts.get(name))
 
-    # ------------------------------------------------------------------------------------ the work
-    def setting_kwargs(self, setting: str, size: int) -> dict[str, Any]:
-        """``visualize_features`` keyword arguments of one column (see :func:`setting_options`)."""
-        return setting_options(
-            setting,
-            self.regularizers,
-            size,
-            frequency_param=self.frequency_param,
-            frequency_penalty=self.frequency_penalty,
-            penalty=self.penalty,
-            transform_strength=self.transform_strength,
-            prior=self.prior_module,
-            latent_dim=self.latent_dim,
-            latent_penalty=self.latent_penalty,
-        )
+    def class_objective(self, classes: Sequence[int] | None = None) -> Objective:
+        """The objective of the class images (default: every chosen class; segmentation: over ``class_region``)."""
+        return class_objective(self.classes_chosen if classes is None else classes, self.resolved_task, self.class_region)
 
     def units(self) -> list[tuple[str, Objective, int]]:
         """(unit key prefix, objective, number of images) parts of the batch."""
-        parts: list[tuple[str, Objective, int]] = []
-        for name in self.layer_names:
-            chans = self.chosen.get(name, [])
-            if chans:
-                parts.append((name, self.channel_objective(name, chans), len(chans)))
+        parts = [(name, self.channel_objective(name, self.chosen[name]), len(self.chosen[name]))
+                 for name in self.layer_names if self.chosen.get(name)]
         if self.classes_chosen:
             parts.append(("class", self.class_objective(), len(self.classes_chosen)))
         return parts
-
-    def class_objective(self, classes: Sequence[int] | None = None) -> Objective:
-        """The objective of the class images (default: every chosen class): the class logit of a classifier;
-        for segmentation the class's mean logit over the central ``class_region`` of the output
-        (:func:`~lightning_introspect.methods.featviz.objectives.dense_class_logit`)."""
-        classes = list(self.classes_chosen if classes is None else classes)
-        if self.resolved_task == "segmentation":
-            return dense_class_logit(classes, region=self.class_region)
-        return class_logit(classes)
 
     def chunk_objectives(self, size: int) -> list[tuple[Objective, int]]:
         """The images of a run split into chunks of at most ``size``: per chunk its objective and image count
         (in batch order: layer channels, then classes)."""
         units = [(name, c) for name in self.layer_names for c in self.chosen.get(name, [])]
         units += [("class", c) for c in self.classes_chosen]
-        chunks = []
-        for start in range(0, len(units), size):
-            part = units[start : start + size]
-            groups: list[tuple[str, list[int]]] = []
-            for prefix, unit in part:
-                if groups and groups[-1][0] == prefix:
-                    groups[-1][1].append(unit)
-                else:
-                    groups.append((prefix, [unit]))
-            objective = stack_objectives([
-                (self.class_objective(ids) if prefix == "class" else self.channel_objective(prefix, ids), len(ids)) for prefix, ids in groups
-            ])
-            chunks.append((objective, len(part)))
-        return chunks
+        return chunk_objectives(units, size, lambda prefix, ids: (
+            self.class_objective(ids) if prefix == "class" else self.channel_objective(prefix, ids)))
 
     def chunk_size(self, trainer: pl.Trainer) -> int:
-        """Images optimised together: ``batch_size``, else a quarter of the training batch size (at least 1):
-        one image under optimisation holds about three times the memory of a training sample (its
-        parameterisation, transforms and their gradients), so the extra memory stays near a training step's."""
-        if self.batch_size is not None:
-            return self.batch_size
-        loader = getattr(trainer, "train_dataloader", None)
-        size = getattr(loader, "batch_size", None)
-        return max(1, int(size) // 4) if isinstance(size, int) and size > 0 else 16
+        """Images optimised together: ``batch_size``, else a quarter of the training batch size (at least 1)."""
+        return chunk_size(self.batch_size, trainer)
 
     def unit_keys(self) -> list[str]:
         """``"<layer>/<channel>"`` and ``"class/<c>"`` keys, in batch order."""
         return unit_keys(self.layer_names, self.chosen, self.classes_chosen)
 
+    def setting_kwargs(self, setting: str, size: int) -> dict[str, Any]:
+        """``visualize_features`` keyword arguments of one column (see :func:`setting_options`)."""
+        return setting_options(
+            setting, self.regularizers, size, frequency_param=self.frequency_param, frequency_penalty=self.frequency_penalty,
+            penalty=self.penalty, transform_strength=self.transform_strength, prior=self.prior_module,
+            latent_dim=self.latent_dim, latent_penalty=self.latent_penalty,
+        )
+
+    # ------------------------------------------------------------------------------------ the work
     def visualize(self, trainer: pl.Trainer, pl_module: nn.Module, *, epoch: int | None = None) -> dict[str, FeatureVisualizationResult]:
         """Optimise one batch per setting (all chosen channels and classes at once) and log the grids
         (recorded under ``epoch``, default ``trainer.current_epoch``)."""
@@ -622,124 +429,28 @@ class FeatureVisualization(IntrospectionCallback):
         if any(name not in self.chosen for name in self.layer_names):
             fresh = self.choose_channels(pl_module, x)
             self.chosen.update({n: c for n, c in fresh.items() if n not in self.chosen})
-        parts = self.units()
-        if not parts:
+        if not self.units():
             self.warn_once("nothing", "FeatureVisualization has no channels or classes to visualise; set `layers`/`channels` or `classes`.")
             return {}
-        chunks = self.chunk_objectives(self.chunk_size(trainer))
-        c, h, w = self._input_shape(x)
-        value_range, mean, std = self._display(x)
-        device = module_device(pl_module)
-        if self.prior_module is not None and "prior" in self.regularizers:
-            self.prior_module.to(device)
-
-        def optimise(setting: str, steps: int) -> FeatureVisualizationResult:
-            start, parts = 0, []
-            for objective, k in chunks:  # each chunk seeded by its first image's position: a given size is deterministic
-                parts.append(visualize_features(pl_module, objective, shape=(k, c, h, w), steps=steps, lr=self.lr,
-                                                value_range=value_range, mean=mean, std=std, seed=self.seed + start,
-                                                **self.setting_kwargs(setting, min(h, w))))
-                start += k
-            return concat_results(parts)
-
-        option = self.sized(trainer, self._options(optimise))
-        if option is None:
+        run = optimise_settings(self, trainer, pl_module, x)
+        if run is None:  # the budget leaves no room for this run (noted)
             return {}
-        self.run_columns, self.run_steps = list(option.sizes["settings"]), int(option.sizes["steps"])
-        start = time.perf_counter()
-        results: dict[str, FeatureVisualizationResult] = {}
-        with IntrospectionProgress(trainer, "feature visualisation", total=len(self.run_columns)) as bar:
-            for setting in self.run_columns:
-                results[setting] = optimise(setting, self.run_steps)
-                bar.update(message=setting)
-        elapsed = time.perf_counter() - start
-        self.unit_costs.observe("setting_step", elapsed, len(self.run_columns) * self.run_steps)
-        self.charge(elapsed)
-        self.results = results
-        self.log_results(trainer, results, value_range, epoch=epoch)
+        self.results, value_range = run
+        self.log_results(trainer, self.results, value_range, epoch=epoch)
         for name in self._unsettled:  # chosen from NaN / Inf activations: choose again at the next run
             self.chosen.pop(name, None)
         self._unsettled = set()
-        return results
-
-    def _options(self, optimise: Callable[[str, int], Any]) -> list[Option]:
-        """The sizes a run may take under a budget, largest first: the configured settings and steps, then
-        only the ``all`` setting, then half the steps (not below 16); explicit arguments are kept."""
-        given = set(self._given)
-        if not self.unit_costs.known("setting_step") and self.budget is not None:
-            self._probe_step(optimise)
-        per_step = self.unit_costs.get("setting_step", 0.0)
-
-        def option(settings: list[str], steps: int) -> Option:
-            return Option({"settings": settings, "steps": steps}, per_step * len(settings) * steps)
-
-        settings, steps = list(self.columns), self.steps
-        options = [option(settings, steps)]
-        if "compare" not in given and len(settings) > 1:
-            settings = comparison_columns(self.regularizers, False)
-            options.append(option(settings, steps))
-        while "steps" not in given and steps > 16:
-            steps = max(16, steps // 2)
-            options.append(option(settings, steps))
-        return options
-
-    def _probe_step(self, optimise: Callable[[str, int], Any]) -> None:
-        """Estimate one optimisation step of one setting before the first run: the most regularised setting
-        run for 1 and for 3 steps; the difference leaves out the set-up both share."""
-        setting = self.columns[-1]
-        one, three = best_of(1, lambda: optimise(setting, 1)), best_of(1, lambda: optimise(setting, 3))
-        self.unit_costs.observe("setting_step", max((three - one) / 2, one / 4))
+        return self.results
 
     def log_results(
         self, trainer: pl.Trainer, results: dict[str, FeatureVisualizationResult], value_range: tuple[float, float], *, epoch: int | None = None
     ) -> None:
-        writer = self.writer(trainer)
-        step, epoch = trainer.global_step, trainer.current_epoch if epoch is None else epoch
-        keys = self.unit_keys()
-        scalars: dict[str, float] = {}
-        self.nonfinite = nonfinite_units(keys, results, self.run_columns)
-        for i, key in enumerate(keys):
-            tiles = torch.stack([results[s].images[i] for s in self.run_columns])
-            self.images[key] = tiles.clone()
-            if key not in self.nonfinite:  # a NaN / Inf image would be drawn as a silently wrong picture
-                writer.image(self.tag(key), unit_image(tiles, value_range), step)
-            for s in self.run_columns:
-                r = results[s]
-                obj, hf = float(r.objective[i]), float(r.high_frequency_fraction[i])
-                if s not in self.nonfinite.get(key, ()):
-                    scalars[self.tag("objective", s, key)] = obj
-                    scalars[self.tag("hf_fraction", s, key)] = hf
-                self.history.append({"epoch": epoch, "step": step, "unit": key, "setting": s, "objective": obj, "initial_objective": float(r.initial_objective[i]), "hf_fraction": hf})
-        for s in self.run_columns:
-            good = [i for i, key in enumerate(keys) if s not in self.nonfinite.get(key, ())]
-            if good:
-                scalars[self.tag("hf_fraction", s)] = float(results[s].high_frequency_fraction[good].mean())
-        writer.scalars(scalars, step)
-        writer.text(self.tag("table"), self.table(keys, results), step)
-        if self.nonfinite:
-            self._report_nonfinite(trainer)
-
-    def _report_nonfinite(self, trainer: pl.Trainer) -> None:
-        """Warn once, and note at this step, which units were not logged because of NaN / Inf values."""
-        units = nonfinite_units_text(self.nonfinite, self.run_columns)
-        self.note_nonfinite(trainer, "nonfinite", f"non-finite values (NaN / Inf) in the optimised images or final objective of {units}",
-                            "Their images and non-finite objective / hf_fraction scalars are not logged",
-                            "logs these units again once they are finite")
+        """Write a run's images, scalars and table (see ``featviz_report``)."""
+        log_results(self, trainer, results, value_range, epoch=epoch)
 
     def table(self, keys: Sequence[str], results: dict[str, FeatureVisualizationResult]) -> str:
         """A markdown table: one row per unit, objective and high-frequency fraction per setting."""
-        chosen = [self._layer_text(n) for n in self.layer_names]
-        if self.classes_chosen:
-            left_out = self.background if self.classes == "auto" else None
-            chosen.append(class_objective_text(self.classes_chosen, task=self.resolved_task or "classification", region=self.class_region, background=left_out))
-        return featviz_table(keys, results, self.run_columns, steps=self.run_steps, lr=self.lr, chosen=chosen, nonfinite=self.nonfinite)
-
-    def _layer_text(self, name: str) -> str:
-        """One layer's chosen units for the table's "Chosen" line."""
-        layout = self.token_layouts.get(name)
-        if layout is None:
-            return f"{name}: channels {self.chosen.get(name, [])}"
-        return f"{name}: embedding dimensions {self.chosen.get(name, [])} ({layout.describe()})"
+        return results_table(self, keys, results)
 
     # ---------------------------------------------------------------------------------- reporting
     @override

@@ -2,106 +2,60 @@
 lowest mean IoU (segmentation), and why they go wrong.
 
 Looking at errors is the fastest way to find out what a model has not learned; this callback shows them
-and puts numbers on the usual suspects (blur, noise, lighting, colour filters). The gathering and the
-numbers are :mod:`lightning_introspect.methods.review`, :mod:`~lightning_introspect.methods.segmentation_review`
-and :mod:`~lightning_introspect.methods.image_stats`, the galleries, tables and figures
-:mod:`lightning_introspect.render.review` and :mod:`~lightning_introspect.render.segmentation_review`; the
-segmentation path is orchestrated by :mod:`lightning_introspect.callbacks.segmentation_review`.
+and puts numbers on the usual suspects (blur, noise, lighting, colour filters). The callback decides when
+(its schedule, its hooks), what (the validation batches, the fixed subset) and where (TensorBoard); its
+arguments are checked by :mod:`~lightning_introspect.callbacks.review_arguments`, the image part (which inputs
+are images, the perturbation test, the sizes under a budget) is :mod:`~lightning_introspect.callbacks.review_images`,
+text inputs :mod:`~lightning_introspect.callbacks.review_text`, the classification report
+:mod:`~lightning_introspect.callbacks.review_report` and the segmentation path
+:mod:`~lightning_introspect.callbacks.segmentation_review`. The numbers are :mod:`lightning_introspect.methods.review`,
+:mod:`~lightning_introspect.methods.segmentation_review` and :mod:`~lightning_introspect.methods.image_stats`, the
+galleries, tables and figures :mod:`lightning_introspect.render.review` and
+:mod:`~lightning_introspect.render.segmentation_review`.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from typing_extensions import override
 
 from lightning_introspect._lightning import pl
-from lightning_introspect._torch.guards import introspection_mode, module_device
-from lightning_introspect.callbacks.base import (
-    IntrospectionCallback,
-    IntrospectionInputError,
-    Option,
-    check_callable,
-    check_choice,
-    check_positive_int,
-    split_batch,
-)
-from lightning_introspect.callbacks.budget import best_of
-from lightning_introspect.callbacks.checks import check_int
+from lightning_introspect._torch.guards import introspection_mode
+from lightning_introspect.callbacks.base import IntrospectionCallback, IntrospectionInputError, split_batch
 from lightning_introspect.callbacks.outputs import (
     LogitsSource,
     example_logits,
     extract_logits,
     extract_targets,
-    logits_only,
     validation_batches,
 )
 from lightning_introspect.callbacks.progress import IntrospectionProgress
+from lightning_introspect.callbacks.review_arguments import check_review_arguments, class_labels
+from lightning_introspect.callbacks.review_images import (
+    batch_images,
+    perturbation_inputs,
+    review_sizes,
+    subset,
+    timed_perturbations,
+)
+from lightning_introspect.callbacks.review_report import (
+    classification_report,
+    note_nonfinite_perturbation,
+    note_nonfinite_samples,
+)
+from lightning_introspect.callbacks.review_text import MAX_TOKENS, batch_tokens, sample_text
 from lightning_introspect.callbacks.segmentation_review import SegmentationReview
-from lightning_introspect.methods.image_stats import (
-    PERTURBATIONS,
-    STATISTICS,
-    is_image_batch,
-    normalize,
-    perturbation_accuracy,
-    unnormalize,
-)
+from lightning_introspect.methods.image_stats import PERTURBATIONS, STATISTICS
 from lightning_introspect.methods.review import ReviewBuffer, class_probabilities
-from lightning_introspect.methods.task import TASK_KINDS, resolve_task
-from lightning_introspect.methods.token_attribution import gradient_x_embedding
-from lightning_introspect.render.review import (
-    per_class_gallery,
-    perturbation_figure,
-    perturbation_markdown,
-    review_summary_lines,
-    statistics_figure,
-    statistics_markdown,
-    wrong_gallery,
-    wrong_markdown,
-    wrong_sentences_markdown,
-)
+from lightning_introspect.methods.task import resolve_task
+from lightning_introspect.render.review import review_summary_lines
 from lightning_introspect.render.segmentation_review import segmentation_summary_lines
 
-
-def _check_floats(values: Any, argument: str, *, low: float = 0.0, high: float = math.inf) -> list[float]:
-    try:
-        out = [float(v) for v in values]
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"Expected `{argument}` to be a list of numbers, but got {values!r}.") from err
-    for v in out:
-        if not low <= v <= high or math.isnan(v):
-            raise ValueError(f"Expected every entry of `{argument}` to be in [{low}, {high}], but got {v!r}.")
-    return out
-
-
-MAX_TOKENS = 128  # text inputs: the tokens of a wrong sample kept for its row in `top_wrong_text`
-
-
-def _subset(values: Sequence[float], k: int | None) -> list[float]:
-    """``k`` of the strengths ``values`` spread over their range (``None``: all; 1: the middle one)."""
-    values = sorted(values)
-    if k is None or k >= len(values):
-        return list(values)
-    if k <= 0:
-        return []
-    if k == 1:
-        return [values[len(values) // 2]]
-    return [values[round(i * (len(values) - 1) / (k - 1))] for i in range(k)]
-
-
-def _normalization(value: Any, argument: str) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    values = (value,) if isinstance(value, (int, float)) else tuple(value)
-    try:
-        return tuple(float(v) for v in values)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"Expected `{argument}` to be a number, a list of numbers or None, but got {value!r}.") from err
+__all__ = ["MAX_TOKENS", "Misclassifications"]
 
 
 class Misclassifications(IntrospectionCallback):
@@ -290,47 +244,18 @@ class Misclassifications(IntrospectionCallback):
         super().__init__(
             enabled=enabled, every_n_epochs=every_n_epochs, at=at, num_samples=num_samples, seed=seed, on_error=on_error
         )
-        check_choice(task, "task", TASK_KINDS)
-        check_positive_int(top_k, "top_k")
-        check_positive_int(num_bins, "num_bins")
-        check_positive_int(boundary_width, "boundary_width")
-        check_int(ignore_index, "ignore_index")
-        if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 0:
-            raise ValueError(f"Expected `per_class` to be a non-negative int, but got {per_class!r}.")
-        statistics = [statistics] if isinstance(statistics, str) else list(statistics)
-        bad = [s for s in statistics if s not in STATISTICS]
-        if bad:
-            raise ValueError(f"Expected `statistics` to be among {', '.join(map(repr, STATISTICS))}, but got {bad}.")
-        perturbations = [perturbations] if isinstance(perturbations, str) else list(perturbations)
-        bad = [p for p in perturbations if p not in PERTURBATIONS]
-        if bad:
-            raise ValueError(f"Expected `perturbations` to be among {', '.join(map(repr, PERTURBATIONS))}, but got {bad}.")
-        check_callable(output_transform, "output_transform")
-        check_callable(target_transform, "target_transform")
-        check_callable(decode, "decode")
-        self.decode = decode
-        self.task = task
-        self.top_k = top_k
-        self.per_class = per_class
-        self.ignore_index = ignore_index
-        self.boundary_width = boundary_width
-        self.statistics = statistics
-        self.num_bins = num_bins
-        self.perturbations = perturbations
-        self.strengths = {
-            "blur": _check_floats(blur_sigmas, "blur_sigmas"),
-            "noise": _check_floats(noise_stds, "noise_stds"),
-            "color": _check_floats(color_strengths, "color_strengths", high=1.0),
-        }
-        self.class_names = None if class_names is None else [str(c) for c in class_names]
-        self.output_transform = output_transform
-        self.target_transform = target_transform
-        self.mean = _normalization(mean, "mean")
-        self.std = _normalization(std, "std")
-        if (self.mean is None) != (self.std is None):
-            raise ValueError("Expected `mean` and `std` to be given together (or neither), but got only one.")
-        if self.std is not None and any(s <= 0 for s in self.std):
-            raise ValueError(f"Expected every entry of `std` to be positive, but got {list(self.std)}.")
+        args = check_review_arguments(
+            task=task, top_k=top_k, per_class=per_class, ignore_index=ignore_index, boundary_width=boundary_width,
+            statistics=statistics, num_bins=num_bins, perturbations=perturbations, blur_sigmas=blur_sigmas,
+            noise_stds=noise_stds, color_strengths=color_strengths, class_names=class_names, decode=decode,
+            output_transform=output_transform, target_transform=target_transform, mean=mean, std=std,
+        )
+        self.task, self.top_k, self.per_class, self.class_names = task, top_k, per_class, args.class_names
+        self.ignore_index, self.boundary_width = ignore_index, boundary_width  # segmentation
+        self.statistics, self.num_bins = args.statistics, num_bins
+        self.perturbations, self.strengths = args.perturbations, args.strengths
+        self.output_transform, self.target_transform, self.decode = output_transform, target_transform, decode
+        self.mean, self.std = args.mean, args.std
         self.figures = bool(figures)
         self._source = LogitsSource(output_transform)
         self._collecting = False
@@ -442,14 +367,7 @@ class Misclassifications(IntrospectionCallback):
         self._images = True  # the inputs are images: gallery, statistics and perturbation test apply
 
     def _class_labels(self, n: int) -> list[str]:
-        if self.class_names is not None:
-            if len(self.class_names) != n:
-                raise IntrospectionInputError(
-                    f"Expected `class_names` to have one entry per class ({n} from the logits' width), "
-                    f"but got {len(self.class_names)}."
-                )
-            return list(self.class_names)
-        return [str(i) for i in range(n)]
+        return class_labels(self.class_names, n)
 
     @staticmethod
     def _probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -461,6 +379,29 @@ class Misclassifications(IntrospectionCallback):
         return class_probabilities(logits)
 
     # ------------------------------------------------------------------------------ collect
+    def _begin(self, pl_module: pl.LightningModule) -> None:
+        self._reset_epoch()
+        self._source.attach(pl_module)
+        self._collecting = True
+
+    def _collect(self, outputs: Any, batch: Any, pl_module: pl.LightningModule) -> None:
+        self._collect_rows(self.batch_logits(self._source, outputs, batch, pl_module), batch)
+
+    def _collect_rows(self, logits: torch.Tensor | None, batch: Any) -> None:
+        if logits is None:
+            raise IntrospectionInputError(
+                "Misclassifications found no logits: return them from `validation_step` (a tensor, or a dict with a "
+                "'logits' key), call `self(x)` in it, or pass `output_transform`."
+            )
+        target = extract_targets(batch, self.target_transform).detach()
+        if self.resolved_task is None:  # a `trainer.validate()` without a fit: resolved at its first batch
+            self.resolved_task = resolve_task(self.task, logits, target)
+        if self.resolved_task == "segmentation":
+            self._segmentation.add(logits, target, images=lambda: batch_images(self, batch))
+            return
+        self._buffer.add(self._probabilities(logits), target.flatten(), images=lambda: batch_images(self, batch),
+                         tokens=lambda: batch_tokens(batch))
+
     def _review_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The review of the model as it is: one own pass (eval mode, no grad) over the validation data."""
         loader = self.val_dataloader(trainer)
@@ -476,51 +417,28 @@ class Misclassifications(IntrospectionCallback):
         finally:
             self._stop()
 
-    # ------------------------------------------------------------------------------- sizes (budget)
-    def _size_review(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Fix this review's sizes: as configured, or the budget's choice (see the class docstring)."""
-        self.run_sizes = {"num_samples": self.num_samples, "strengths": "all", "figures": self.figures}
-        if self.budget is None:
-            return
-        option = self.sized(trainer, self._review_options(trainer, pl_module))
-        if option is not None:  # the smallest option (tables only) costs nothing and always fits
-            self.run_sizes = dict(option.sizes)
+    def _batch_tokens(self, batch: Any) -> torch.Tensor | None:
+        """Text inputs' token ids ``(N, MAX_TOKENS)`` (padded with -1, longer texts cut), or ``None``."""
+        return batch_tokens(batch)
 
-    def _review_options(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Option]:
-        given = set(self._given)
-        per_sample = self._seconds_per_sample(trainer, pl_module) if self._images and self.perturbations else 0.0
-        figure = self.unit_costs.get("figure", 0.25)
-        most = max((len(self.strengths[kind]) for kind in self.perturbations), default=0)
+    def sample_text(self, ids: Sequence[int]) -> str:
+        """One text sample as shown: ``decode`` of its token ids (padding marks removed), else the ids."""
+        return sample_text(self.decode, ids)
 
-        def option(n: int, k: int | None, figures: bool) -> Option:
-            passes = sum(len(_subset(self.strengths[kind], k)) for kind in self.perturbations) + 1 if k != 0 and most else 0
-            seconds = per_sample * n * passes + figure * figures * (1 + bool(passes))
-            return Option({"num_samples": n, "strengths": "all" if k is None else k, "figures": figures}, seconds)
-
-        n, k, figures = self.num_samples, None, self.figures
-        options = [option(n, k, figures)]
-        if "num_samples" not in given and n > 64 and most:
-            n = max(64, n // 2)
-            options.append(option(n, k, figures))
-        if not given & {"perturbations", "blur_sigmas", "noise_stds", "color_strengths"} and most > 1:
-            n, k = (n if "num_samples" in given else min(n, 64)), 1
-            options.append(option(n, k, figures))
-        if "perturbations" not in given and most:
-            k = 0
-            options.append(option(n, k, figures))
-        if "figures" not in given and figures:
-            options.append(option(n, k, False))
-        return options
-
-    def _seconds_per_sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
-        """Seconds of one forward per image: measured in earlier perturbation tests, else by a probe batch
-        (the best of three: the first call of a model pays one-off set-up costs)."""
-        if not self.unit_costs.known("forward_sample"):
-            x, _ = self.fixed_samples(trainer)
-            probe = x[: min(128, int(x.shape[0]))].to(module_device(pl_module))
-            with introspection_mode(pl_module, grad=False):
-                self.unit_costs.observe("forward_sample", best_of(3, lambda: pl_module(probe)), int(probe.shape[0]))
-        return self.unit_costs.get("forward_sample", 0.0)
+    # ------------------------------------------------------------------------------ analyse + log
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | None = None) -> None:
+        self._stop()
+        self._last_step = int(trainer.global_step)  # reviewed at this step (also when nothing could be logged)
+        self.run_sizes = review_sizes(self, trainer, pl_module)  # as configured, or the budget's choice
+        step, epoch = int(trainer.global_step), int(trainer.current_epoch if epoch is None else epoch)
+        if self.resolved_task == "segmentation":
+            report = self._segmentation.finish(trainer, pl_module, step, epoch)
+        else:
+            report = classification_report(self, trainer, pl_module, self._buffer, step, epoch)
+        if report is not None:
+            self.report = report
+            self.history.append(report)
+            self._reset_epoch()
 
     @property
     def run_figures(self) -> bool:
@@ -530,254 +448,28 @@ class Misclassifications(IntrospectionCallback):
     def run_strengths(self) -> dict[str, list[float]]:
         """The perturbation strengths of this review, per kind."""
         k = getattr(self, "run_sizes", {}).get("strengths", "all")
-        return {kind: _subset(self.strengths[kind], None if k == "all" else k) for kind in self.perturbations}
+        return {kind: subset(self.strengths[kind], None if k == "all" else k) for kind in self.perturbations}
 
     def run_subset(self, x: torch.Tensor, y: Any) -> tuple[torch.Tensor, Any]:
         """The first ``num_samples`` of this review of the fixed subset (a prefix: results compare across sizes)."""
         n = int(getattr(self, "run_sizes", {}).get("num_samples", self.num_samples))
         return x[:n], (None if y is None else y[:n])
 
-    @contextmanager
-    def timed_perturbations(self, trainer: pl.Trainer, passes: int, n: int, calls: int) -> Iterator[IntrospectionProgress]:
-        """Time a perturbation test of ``passes`` passes over ``n`` images (``calls`` model calls in all, for
-        the progress bar): its unit cost, and the budget."""
-        start = time.perf_counter()
-        with IntrospectionProgress(trainer, "perturbation test", total=calls) as bar:
-            yield bar
-        elapsed = time.perf_counter() - start
-        self.unit_costs.observe("forward_sample", elapsed, passes * n)
-        self.charge(elapsed)
-
-    def _begin(self, pl_module: pl.LightningModule) -> None:
-        self._reset_epoch()
-        self._source.attach(pl_module)
-        self._collecting = True
-
-    def _collect(self, outputs: Any, batch: Any, pl_module: pl.LightningModule) -> None:
-        logits = self.batch_logits(self._source, outputs, batch, pl_module)
-        self._collect_rows(logits, batch)
-
-    def _collect_rows(self, logits: torch.Tensor | None, batch: Any) -> None:
-        if logits is None:
-            raise IntrospectionInputError(
-                "Misclassifications found no logits: return them from `validation_step` (a tensor, or a dict with a "
-                "'logits' key), call `self(x)` in it, or pass `output_transform`."
-            )
-        target = extract_targets(batch, self.target_transform).detach()
-        if self.resolved_task is None:  # a `trainer.validate()` without a fit: resolved at its first batch
-            self.resolved_task = resolve_task(self.task, logits, target)
-        if self.resolved_task == "segmentation":
-            self._segmentation.add(logits, target, images=lambda: self._batch_images(batch))
-            return
-        self._buffer.add(self._probabilities(logits), target.flatten(), images=lambda: self._batch_images(batch),
-                         tokens=lambda: self._batch_tokens(batch))
-
-    def _batch_tokens(self, batch: Any) -> torch.Tensor | None:
-        """Text inputs' token ids ``(N, MAX_TOKENS)`` (padded with -1, longer texts cut), or ``None``."""
-        try:
-            x = split_batch(batch)[0]
-        except ValueError:
-            return None
-        if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.dtype.is_floating_point or x.dtype == torch.bool:
-            return None
-        ids = x[:, :MAX_TOKENS].detach().long().cpu()
-        return torch.nn.functional.pad(ids, (0, MAX_TOKENS - ids.shape[1]), value=-1)
-
-    def _wrong_token_scores(self, pl_module: pl.LightningModule, rows: list[list[int]], preds: list[int]) -> list[torch.Tensor | None] | None:
-        """Gradient x embedding of each wrong sentence for its predicted class (one call per sentence length,
-        at the output of the embedding layer; :func:`~lightning_introspect.methods.token_attribution.gradient_x_embedding`),
-        or ``None`` when the model cannot be explained that way (warned once, the table keeps its text)."""
-        out: list[torch.Tensor | None] = [None] * len(rows)
-        by_length: dict[int, list[int]] = {}
-        for i, ids in enumerate(rows):
-            if ids and len(ids) < MAX_TOKENS:  # a text cut at MAX_TOKENS is not the sentence the model saw
-                by_length.setdefault(len(ids), []).append(i)
-        try:
-            with logits_only(pl_module, self.output_transform):
-                for length, members in by_length.items():
-                    sentences = torch.tensor([rows[i] for i in members], dtype=torch.long)
-                    target = torch.tensor([preds[i] for i in members], dtype=torch.long)
-                    scores = gradient_x_embedding(pl_module, sentences, target)
-                    for j, i in enumerate(members):
-                        out[i] = scores[j, :length].cpu()
-        except (ValueError, RuntimeError, IndexError) as err:
-            if self.on_error == "raise":
-                raise
-            self.warn_once("token-scores", f"Misclassifications: the token scores of the wrong texts are left out: {err}")
-            return None
-        return out
-
-    def _token_strings(self, ids: list[int]) -> list[str]:
-        """One string per token: ``decode``'s list when it returns one item per id, else the ids."""
-        if self.decode is not None:
-            got = self.decode(ids)
-            if not isinstance(got, str) and isinstance(got, Sequence) and len(got) == len(ids):
-                return [str(t) for t in got]
-        return [str(i) for i in ids]
-
-    def sample_text(self, ids: Sequence[int]) -> str:
-        """One text sample as shown: ``decode`` of its token ids (padding marks removed), else the ids."""
-        ids = [int(i) for i in ids if int(i) >= 0]
-        if self.decode is None:
-            return " ".join(map(str, ids))
-        text = self.decode(ids)
-        return text if isinstance(text, str) else " ".join(map(str, text))
-
-    def _batch_images(self, batch: Any) -> torch.Tensor | None:
-        """The batch's inputs un-normalised, or ``None`` (once they are found not to be images: warned once)."""
-        if not self._images:
-            return None
-        try:
-            x = split_batch(batch)[0]
-        except ValueError:  # a batch structure we cannot read inputs from: treat as non-image
-            x = None
-        if not is_image_batch(x):
-            self._images = False
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            kept = ("the gallery's image column, image statistics and perturbation test are skipped (the worst-image and "
-                    "boundary tables remain)" if self.resolved_task == "segmentation" else
-                    "gallery, image statistics and perturbation test are skipped (error rates per class remain)")
-            self.warn_once(
-                "non-image",
-                f"Misclassifications: the inputs ({shape}) are not images (N, C, H, W) with 1 or 3 channels; the {kept}.",
-            )
-            return None
-        return unnormalize(x, self.mean, self.std)
-
-    # ------------------------------------------------------------------------------ analyse + log
-    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | None = None) -> None:
-        self._stop()
-        self._last_step = int(trainer.global_step)  # reviewed at this step (also when nothing could be logged)
-        self._size_review(trainer, pl_module)
-        if self.resolved_task == "segmentation":
-            step, epoch = int(trainer.global_step), int(trainer.current_epoch if epoch is None else epoch)
-            seg_report = self._segmentation.finish(trainer, pl_module, step, epoch)
-            if seg_report is not None:
-                self.report = seg_report
-                self.history.append(seg_report)
-                self._reset_epoch()
-            return
-        buffer = self._buffer
-        if buffer.nonfinite:
-            self._report_nonfinite(trainer, buffer.nonfinite, buffer.seen)
-        if buffer.empty:
-            return
-        step, epoch = int(trainer.global_step), int(trainer.current_epoch if epoch is None else epoch)
-        writer = self.writer(trainer)
-        n_classes = int(buffer.num_classes or 0)
-        names = self._class_labels(n_classes)
-        report: dict[str, Any] = {"epoch": epoch, "step": step, **buffer.errors(), "wrong": buffer.wrong_rows(),
-                                  "bins": {}, "perturbations": {}, "nonfinite": buffer.nonfinite}
-        error_rate = report["error_rate"]
-        scalars = {self.tag("error_rate", "overall"): error_rate}
-        scalars.update({self.tag("error_rate", "class", n.replace("/", "_")): v
-                        for n, v in zip(names, report["per_class_error"]) if v is not None})
-        writer.text(self.tag("top_wrong"), wrong_markdown(report["wrong"], names, error_rate, report["num_samples"]), step)
-        tokens = buffer.top["tokens"] if buffer.top is not None else None
-        if tokens is not None:  # text inputs: the confidently wrong texts themselves, with their token scores
-            report["wrong_texts"] = texts = [self.sample_text(row.tolist()) for row in tokens]
-            rows = [[int(i) for i in row.tolist() if int(i) >= 0] for row in tokens]
-            scores = self._wrong_token_scores(pl_module, rows, [int(r["pred"]) for r in report["wrong"]])
-            report["wrong_token_scores"] = [None if v is None else v.tolist() for v in scores] if scores is not None else None
-            table = wrong_sentences_markdown(
-                report["wrong"], texts, names, tokens=[self._token_strings(ids) for ids in rows] if scores is not None else None, scores=scores,
-            )
-            writer.text(self.tag("top_wrong_text"), table, step)
-        top, shown_raw = buffer.top, self.mean is not None
-        self.wrong_images = top["image"] if top is not None else None
-        if self._images and top is not None and top["image"] is not None and top["image"].shape[0]:
-            writer.image(self.tag("gallery"), wrong_gallery(top, names, unnormalized=shown_raw), step)
-            if self.per_class and buffer.top_per_class:
-                gallery = per_class_gallery(buffer.top_per_class, names, self.per_class, unnormalized=shown_raw)
-                writer.image(self.tag("gallery_per_class"), gallery, step)
-        if self._images and buffer.stats:
-            report["bins"] = buffer.bins(self.num_bins)
-            for stat, binned in report["bins"].items():
-                scalars.update({self.tag("error_rate", stat, f"q{i + 1}"): r for i, r in enumerate(binned["rate"]) if r is not None})
-            writer.text(self.tag("statistics"), statistics_markdown(report["bins"], error_rate), step)
-            if self.run_figures:
-                self.figure(trainer, self.tag("statistics_figure"), lambda: statistics_figure(report["bins"], error_rate), step)
-        if self._images and self.perturbations:
-            results = self._perturbation_test(trainer, pl_module, n_classes)
-            if results:
-                report["perturbations"] = results
-                for kind, res in results.items():
-                    scalars.update({self.tag("perturbation", kind, f"{s:g}"): acc
-                                    for s, acc in zip(res["strengths"][1:], res["accuracy"][1:])})
-                writer.text(self.tag("perturbations"), perturbation_markdown(results, names), step)
-                if self.run_figures:
-                    self.figure(trainer, self.tag("perturbations_figure"), lambda: perturbation_figure(results, names), step)
-        writer.scalars(scalars, step)
-        self.report = report
-        self.history.append(report)
-        self._reset_epoch()
-
     def perturbation_inputs(self, trainer: pl.Trainer, labels: str = "labels") -> tuple[torch.Tensor, Any] | None:
-        """This review's share of the fixed subset for the perturbation test, or ``None`` (said once) when
-        there is nothing to perturb: no strengths left, no ``labels`` (or masks), or not images."""
-        if not any(self.run_strengths().values()):
-            return None
-        x, y = self.run_subset(*self.fixed_samples(trainer))
-        if y is None or not is_image_batch(x):
-            self.warn_once("perturb-no-labels", f"Misclassifications: the fixed samples have no {labels} or are not images; "
-                           "the perturbation test is skipped.")
-            return None
-        return x, y
+        """This review's share of the fixed subset for the perturbation test (see ``review_images``)."""
+        return perturbation_inputs(self, trainer, labels)
 
-    def _perturbation_test(self, trainer: pl.Trainer, pl_module: pl.LightningModule, n_classes: int) -> dict[str, Any]:
-        inputs = self.perturbation_inputs(trainer)
-        if inputs is None:
-            return {}
-        (x, y), strengths = inputs, self.run_strengths()
-        device = module_device(pl_module)
-        raw = unnormalize(x, self.mean, self.std)
-        nonfinite: list[int] = []  # samples with NaN / Inf probabilities, per call of `predict`
+    def timed_perturbations(self, trainer: pl.Trainer, passes: int, n: int, calls: int) -> AbstractContextManager[IntrospectionProgress]:
+        """Time a perturbation test (see ``review_images``): its unit cost, and the budget."""
+        return timed_perturbations(self, trainer, passes, n, calls)
 
-        progress: list[IntrospectionProgress] = []
-
-        def predict(inputs: torch.Tensor) -> torch.Tensor:
-            for bar in progress:
-                bar.update()
-            logits = extract_logits(pl_module(normalize(inputs, self.mean, self.std).to(device)), self.output_transform)
-            if logits is None:
-                raise IntrospectionInputError("Misclassifications: the model's forward output holds no logits; pass `output_transform`.")
-            probs = self._probabilities(logits)
-            if not bool(torch.isfinite(probs).all()):
-                nonfinite.append(int((~torch.isfinite(probs).all(dim=1)).sum()))
-            return probs
-
-        passes = 1 + sum(len(v) for v in strengths.values())
-        with introspection_mode(pl_module, grad=False), self.timed_perturbations(trainer, passes, int(x.shape[0]), passes) as bar:
-            progress.append(bar)
-            results = perturbation_accuracy(
-                predict, raw, y, num_classes=n_classes, strengths=strengths, seed=self.seed, noise_scale=float(raw.std()) or 1.0
-            )
-        if nonfinite:  # argmax over NaN is arbitrary: such accuracies would be silently wrong numbers
-            self._report_nonfinite_perturbation(trainer, max(nonfinite), int(x.shape[0]))
-            return {}
-        return {kind: {"strengths": r.strengths, "accuracy": r.accuracy, "per_class": r.per_class} for kind, r in results.items()}
-
-    # ------------------------------------------------------------------------- non-finite values
-    def _report_nonfinite(
-        self, trainer: pl.Trainer, k: int, total: int, *, outputs: str = "probabilities", samples: str = "samples"
-    ) -> None:
+    def _report_nonfinite(self, trainer: pl.Trainer, k: int, total: int, **words: str) -> None:
         """Warn once, and note at this step, that validation samples with NaN / Inf outputs were left out."""
-        what = f"the model's outputs ({outputs}) are non-finite (NaN / Inf) for {k} of {total} validation {samples}"
-        if k >= total:
-            action = ("Nothing of this review is logged (no gallery, error rates, statistics or perturbation test, "
-                      "no report)")
-        else:
-            action = f"Those {samples} are left out of the review (error rates, gallery, statistics; `report['nonfinite']`)"
-        self.note_nonfinite(trainer, "nonfinite", what, action, "reviews normally again once the outputs are finite")
+        note_nonfinite_samples(self, trainer, k, total, **words)
 
-    def _report_nonfinite_perturbation(
-        self, trainer: pl.Trainer, k: int, total: int, *, outputs: str = "probabilities", samples: str = "samples",
-        results: str = "accuracies",
-    ) -> None:
+    def _report_nonfinite_perturbation(self, trainer: pl.Trainer, k: int, total: int, **words: str) -> None:
         """Warn once, and note at this step, that the perturbation test's results were dropped for NaN / Inf outputs."""
-        what = (f"the model's outputs ({outputs}) in the perturbation test are non-finite (NaN / Inf) for up to "
-                f"{k} of its {total} fixed {samples}")
-        self.note_nonfinite(trainer, "nonfinite-perturbation", what, f"The perturbation test's {results} are not logged at this step")
+        note_nonfinite_perturbation(self, trainer, k, total, **words)
 
     def summary_lines(self) -> list[str]:
         """The latest review: error rate (segmentation: mean IoU), where errors concentrate, the perturbation results."""
