@@ -195,6 +195,7 @@ def test_the_default_set_serves_hf_models_returning_output_objects(tmp_path: Any
         warnings.simplefilter("always")
         trainer.fit(module, datamodule=dm)
     assert trainer.state.finished and trainer.current_epoch == 2
+    assert not [str(w.message) for w in caught if "'lrp' is skipped" in str(w.message)]
     outcome = check_each_callback_logs_or_skips_once(str(tmp_path), callbacks, caught, DOCUMENTED_TAGS)
     expected_skips = {"FeatureVisualization"} if kind == "bert" else set()  # token ids: no image to optimise
     assert {name for name, result in outcome.items() if result != "logged"} == expected_skips, outcome
@@ -206,9 +207,11 @@ def test_the_default_set_serves_hf_models_returning_output_objects(tmp_path: Any
     assert set(blocks) <= set(probes.layer_names), probes.layer_names
     assert all(f"introspect/probes/{name}/accuracy" in tags for name in probes.layer_names)
     if kind == "vit":
-        assert {"introspect/attributions/grad_cam", "introspect/attributions/saliency"} <= tags
+        # LRP through the forward recorded on the samples (torch.fx cannot trace HF models)
+        assert {"introspect/attributions/grad_cam", "introspect/attributions/saliency", "introspect/attributions/lrp"} <= tags
         attributions = next(cb for cb in callbacks if type(cb).__name__ == "Attributions")
         assert attributions.resolved_cam_layer == vit_blocks(module.net, "net.")[0]  # the block before the class-token head's last
         assert "introspect/attributions/layer/text_summary" in read_events(str(tmp_path))["text"]
     else:
-        assert {"introspect/attributions/integrated_gradients/text_summary", "introspect/attributions/saliency/text_summary"} <= tags
+        assert {"introspect/attributions/integrated_gradients/text_summary", "introspect/attributions/saliency/text_summary",
+                "introspect/attributions/lrp/text_summary"} <= tags

@@ -104,7 +104,7 @@ def _servable(model: Any, x: torch.Tensor, methods: list[str], *, output_transfo
         dropped = [m for m in methods if m in LAYER_METHODS]
         warn("tabular", f"Attributions: {dropped} need a spatial feature map; tabular inputs (N, F) skip them.")
         methods = [m for m in methods if m not in LAYER_METHODS]
-    problem = lrp_problem(model, output_transform) if "lrp" in methods else None
+    problem = lrp_problem(model, output_transform, x[:2].to(model.device)) if "lrp" in methods else None
     if problem is not None:
         warn("lrp-skipped", f"Attributions: {problem}")
         methods.remove("lrp")

@@ -66,13 +66,16 @@ def check_callable(value: Any, argument: str) -> None:
         raise ValueError(f"Expected `{argument}` to be a callable or None, but got {value!r}.")
 
 
-def lrp_problem(model: Any, output_transform: Any = None) -> str | None:
-    """Why LRP cannot run on ``model`` (the end of a warning that names the callback), or ``None``."""
+def lrp_problem(model: Any, output_transform: Any = None, sample: torch.Tensor | None = None) -> str | None:
+    """Why LRP cannot run on ``model`` (the end of a warning that names the callback), or ``None``.
+
+    ``sample`` (a couple of inputs): a model torch.fx cannot trace is recorded on it, so a model the
+    recording cannot explain either is refused here, before training, not found out mid-fit."""
     if output_transform is not None:
         return "LRP propagates through the model's own graph and cannot apply `output_transform`; 'lrp' is skipped."
     from lightning_introspect.methods.lrp import lrp_unsupported
 
-    reason = lrp_unsupported(model)  # a property of the model, known before training: not a failure
+    reason = lrp_unsupported(model, sample)  # a property of the model, known before training: not a failure
     return None if reason is None else f"'lrp' is skipped for this model: {reason}"
 
 

@@ -10,6 +10,12 @@ The package, one concern per module:
   of steps, so every operation is visible: modules, functional ``F.relu``, ``x.view``, residual ``a + b``;
   BatchNorm folding (:func:`fold_batchnorm`); the reasons a model cannot be explained
   (:func:`lrp_unsupported`).
+* :mod:`.record` - the same plan for a model torch.fx cannot trace, recorded from one forward pass on the
+  actual input (every tensor function and method seen by a torch function mode, ``torch.nn`` layers kept
+  whole by global module hooks), cached per input shape and checked against the model's output. Hugging
+  Face ``transformers`` models, which fx cannot trace, take this path (``ViTForImageClassification``,
+  ``BertForSequenceClassification``, DeiT, Swin, DistilBERT, RoBERTa; eager and SDPA attention); models fx can
+  trace keep the traced plan.
 * :mod:`.rules` - the rules as small frozen dataclasses: :class:`Epsilon`, :class:`ZPlus`,
   :class:`AlphaBeta`, :class:`Gamma`, :class:`Flat`, :class:`WSquare`, :class:`ZBox`. Each is a set of terms
   (input modifier, parameter modifier, whether the bias counts) and an output modifier with its stabiliser.
@@ -20,8 +26,8 @@ The package, one concern per module:
 * :mod:`.decompose` - the reference computation of ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``
   and ``nn.TransformerEncoder`` (their fused fast path hides the attention, and fx cannot trace their checks).
 
-Nothing of the user's model is modified: no hooks, no weight swaps, no ``.grad``; modes are restored (the
-pass runs in eval mode).
+Nothing of the user's model is modified: no hooks on it (a recording's global module hooks end with it), no
+weight swaps, no ``.grad``; modes are restored (the pass runs in eval mode).
 
 Operations: conv / linear layers, folded BatchNorm, additions, average pooling, means and scaling by
 constants get their layer's rule. Transposed convolutions (``ConvTranspose1d/2d/3d``, any stride, padding,
@@ -168,9 +174,11 @@ def lrp(
     """Layer-wise relevance propagation of each sample's target score down to its input.
 
     Args:
-        model: a ``torch.fx``-traceable model with one input tensor and one output tensor (see the package
-            docstring for the supported layers; U-Nets with transposed convolutions, upsampling and skip
-            concatenations, and transformers included). Never modified; evaluated in eval mode.
+        model: a model with one input tensor whose output is a tensor (or a dict / output object with
+            ``logits``, a tuple whose first item is one); see the package docstring for the supported layers
+            (U-Nets with transposed convolutions, upsampling and skip concatenations, and transformers
+            included). Traced with ``torch.fx``; a model fx cannot trace (Hugging Face ``transformers``) is
+            recorded from a forward pass on ``inputs`` instead. Never modified; evaluated in eval mode.
         inputs: ``(N, ...)`` floating batch, or ``(N, T)`` integer token ids for a model that embeds them with
             ``nn.Embedding``. Works inside ``torch.inference_mode()`` (the input is cloned).
         target: int, per-sample ids (list / tensor), ``"pred"``, a callable on the output, or a
@@ -201,7 +209,8 @@ def lrp(
     Raises:
         ValueError: bad ``rule`` / ``epsilon`` / ``alpha`` / ``beta`` / ``composite`` / ``attention_rule`` /
             ``at`` / ``target``.
-        TypeError: a module or operation without an LRP rule (named, with its type), or an untraceable model.
+        TypeError: a module or operation without an LRP rule (named, with its type), or a model that can be
+            neither traced nor recorded (its recorded graph must reproduce its output).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
@@ -254,7 +263,7 @@ def lrp(
     if not isinstance(inputs, torch.Tensor) or inputs.is_complex() or inputs.dtype == torch.bool:
         raise ValueError(f"Expected `inputs` to be a floating-point tensor or integer token ids, but got {getattr(inputs, 'dtype', type(inputs))}.")
     tokens = not inputs.is_floating_point()
-    plan = plan_for(model)
+    plan = plan_for(model, inputs)
     stop = None if at is None else _stop_node(plan, at)
     if tokens and at is None and not any(s.kind == "embedding" for s in plan.steps):
         raise TypeError("LRP on integer token ids needs a model that embeds them with nn.Embedding (or F.embedding); this one has none.")

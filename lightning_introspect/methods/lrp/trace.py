@@ -1,10 +1,12 @@
 """Tracing for LRP: the model's graph as a plan of propagation steps, and BatchNorm folding.
 
 The model's ``forward`` is traced once with :mod:`torch.fx` (cached per model, traced again when its
-modules change). Every node of the graph becomes a :class:`Step` whose ``kind`` says how relevance
-crosses it (a conv / linear layer, a parameter-free linear operation, a winner-take-all max, an addition,
-a rearrangement, an activation it passes through, a normalisation, a softmax, a product of input-dependent
-tensors, an attention, an embedding where relevance stops, ...). Anything without a known kind is refused
+modules change); where fx cannot trace it, :mod:`.record` writes the same kind of graph from a forward
+pass on the actual input (a fallback only: :func:`plan_for`). Every node of the graph becomes a
+:class:`Step` whose ``kind`` says how relevance crosses it (a conv / linear layer, a parameter-free linear
+operation, a winner-take-all max, an addition, a rearrangement, an activation it passes through, a
+normalisation, a softmax, a product of input-dependent tensors, an attention, an embedding where relevance
+stops, ...). Anything without a known kind is refused
 with a ``TypeError`` naming the module or operation and its type. Nothing here knows about rules.
 
 ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` are traced through
@@ -31,8 +33,8 @@ from torch import fx, nn
 from lightning_introspect._torch.guards import eval_mode, is_compiled
 from lightning_introspect.methods.lrp.decompose import DECOMPOSED, attention
 
-__all__ = ["Plan", "Step", "bn_scale_shift", "call_node", "detach", "fold_batchnorm", "fold_layer",
-           "lrp_unsupported", "op_name", "pass_value", "plan_for", "transposed_groups"]
+__all__ = ["Plan", "Step", "TraceFailed", "bn_scale_shift", "call_node", "detach", "fold_batchnorm", "fold_layer", "leaf_module",
+           "lrp_unsupported", "model_signature", "op_name", "pass_value", "plan_for", "plan_from_graph", "transposed_groups"]
 
 # --------------------------------------------------------------------------------------------------
 # What we know how to propagate through (exact types: a subclass may change forward).
@@ -238,6 +240,10 @@ def _output_source(value: Any) -> fx.Node | None:
     return None
 
 
+class TraceFailed(TypeError):
+    """torch.fx could not trace the forward symbolically (not: an operation without a rule)."""
+
+
 def _trace(model: nn.Module, outputs: dict[str, list[fx.Node]] | None = None) -> tuple[fx.Graph, dict[str, Any]]:
     before = set(model.__dict__)
     tracer = _Tracer()
@@ -247,7 +253,7 @@ def _trace(model: nn.Module, outputs: dict[str, list[fx.Node]] | None = None) ->
         if outputs is not None:
             outputs.update(tracer.module_outputs)
     except Exception as err:
-        raise TypeError(
+        raise TraceFailed(
             f"LRP needs a model whose forward torch.fx can trace symbolically; tracing {type(model).__name__} "
             f"failed: {type(err).__name__}: {err}"
         ) from err
@@ -273,6 +279,15 @@ def _fusable(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node, fx.
 def _build_plan(model: nn.Module) -> Plan:
     module_outputs: dict[str, list[fx.Node]] = {}
     graph, constants = _trace(model, module_outputs)
+    return plan_from_graph(model, graph, constants, module_outputs)
+
+
+def plan_from_graph(model: nn.Module, graph: fx.Graph, constants: dict[str, Any], module_outputs: dict[str, list[fx.Node]]) -> Plan:
+    """The plan of a graph in the tracer's form (traced here, or recorded by :mod:`.record`): one step per node.
+
+    Raises:
+        TypeError: a module or operation without a rule, or a graph that does not explain one input.
+    """
     modules = dict(model.named_modules())
     steps: list[Step] = []
     by_node: dict[fx.Node, Step] = {}
@@ -551,10 +566,12 @@ def _scale_step(node: fx.Node, modules: dict[str, nn.Module], dependent: set[fx.
     return Step(node, "scale", src=deps[0])
 
 
-_PLANS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Plan]] = weakref.WeakKeyDictionary()
+_PLANS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Plan | str]] = weakref.WeakKeyDictionary()
+_FORCE_RECORDED = False  # tests: take the recorded path (:mod:`.record`) also for models fx can trace
 
 
-def _signature(model: nn.Module) -> tuple:
+def model_signature(model: nn.Module) -> tuple:
+    """What a cached plan of ``model`` stays valid for: its modules (names and types) and its forward."""
     return (
         tuple((name, type(m)) for name, m in model.named_modules()),
         type(model).forward,
@@ -562,19 +579,92 @@ def _signature(model: nn.Module) -> tuple:
     )
 
 
-def plan_for(model: nn.Module) -> Plan:
-    signature = _signature(model)
+def _traced_plan(model: nn.Module) -> Plan:
+    """The plan traced with torch.fx (cached per model signature, a failed trace too: :class:`TraceFailed`)."""
+    signature = model_signature(model)
     cached = _PLANS.get(model)
     if cached is not None and cached[0] == signature:
+        if isinstance(cached[1], str):
+            raise TraceFailed(cached[1])
         return cached[1]
-    plan = _build_plan(model)
+    try:
+        plan = _build_plan(model)
+    except TraceFailed as err:
+        _PLANS[model] = (signature, str(err))
+        raise
     _PLANS[model] = (signature, plan)
     return plan
 
 
+@functools.cache
+def _leaf_tracer() -> _Tracer:
+    return _Tracer()
+
+
+def leaf_module(module: nn.Module, name: str) -> bool:
+    """Whether the tracer keeps ``module`` as one ``call_module`` node (``torch.nn`` layers, not containers, not
+    the transformer modules it decomposes)."""
+    return _leaf_tracer().is_leaf_module(module, name)
+
+
+def plan_for(model: nn.Module, sample: torch.Tensor | None = None) -> Plan:
+    """The plan of ``model``: traced with torch.fx (cached per model) where fx can trace the forward; otherwise
+    recorded from a forward pass on ``sample`` (:mod:`.record`, cached per input shape).
+
+    Raises:
+        TypeError: a module or operation without a rule; a forward fx cannot trace and no ``sample`` to record it
+            on, or a recording that fails (see :func:`~.record.recorded_plan`).
+    """
+    untraceable = False
+    if not _FORCE_RECORDED:
+        try:
+            return _traced_plan(model)
+        except TraceFailed as err:
+            if sample is None:
+                raise TraceFailed(f"{err} (Given an input, LRP records the forward pass instead.)") from None
+            untraceable = True
+    # imported here: record imports this module
+    from lightning_introspect.methods.lrp.record import recorded_plan
+
+    if sample is None:
+        raise TypeError("LRP records the forward pass of this model on an input, but got none.")
+    try:
+        return recorded_plan(model, sample)
+    except TypeError as err:
+        if not untraceable:
+            raise
+        raise TypeError(f"{err} [recorded from a forward pass on the input: torch.fx cannot trace {type(model).__name__}]") from err
+
+
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+_KNOWN_MODULES = (
+    *_WEIGHTED, *_BATCHNORM, *_MAXPOOL, *_AVGPOOL, *_IDENTITY_MODULES, *_ACTIVATION_MODULES, *_SMOOTH_ACTIVATION_MODULES,
+    *_NORM_MODULES, *_REARRANGE_MODULES, *_UPSAMPLE_MODULES, *_PAD_MODULES, nn.Softmax, nn.Embedding,
+)
+
+
+def _layer_problem(model: nn.Module) -> str | None:
+    """Without an input, a model fx cannot trace is judged by its layers alone: a ``torch.nn`` layer without a
+    rule is refused (containers and losses, which forward never runs through, are not layers)."""
+    leaves: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(f"{leaf}.") for leaf in leaves) or not leaf_module(module, name):
+            continue
+        leaves.append(name)
+        if isinstance(module, (*_CONTAINERS, nn.modules.loss._Loss)) or type(module) in _KNOWN_MODULES:
+            continue
+        return f"LRP has no rule for module '{name}' of type {_type_name(module)}. Supported: {_SUPPORTED_TEXT}."
+    return None
+
+
 def lrp_unsupported(model: nn.Module, sample: torch.Tensor | None = None) -> str | None:
-    """Why :func:`lrp` cannot explain ``model`` (a module or operation without a rule, a forward fx cannot
-    trace), or ``None`` when it can. Traces the model symbolically; without ``sample`` it runs no forward pass.
+    """Why :func:`lrp` cannot explain ``model`` (a module or operation without a rule, a forward that can be
+    neither traced nor recorded), or ``None`` when it can.
+
+    A model torch.fx can trace is traced symbolically; without ``sample`` no forward pass runs. A model fx
+    cannot trace (Hugging Face transformers among them) has its plan recorded from a forward pass on ``sample``
+    (:mod:`.record`); without ``sample`` only its ``torch.nn`` layers are checked, and the recording on the
+    real input decides when :func:`lrp` runs.
 
     Args:
         model: the model.
@@ -591,12 +681,18 @@ def lrp_unsupported(model: nn.Module, sample: torch.Tensor | None = None) -> str
         True
     """
     try:
-        plan = plan_for(model)
-        if sample is not None:
-            # imported here: propagate imports this module
-            from lightning_introspect.methods.lrp.propagate import check_forward
+        if sample is None:
+            if not _FORCE_RECORDED:
+                _traced_plan(model)
+                return None
+            return _layer_problem(model)
+        plan = plan_for(model, sample)
+        # imported here: propagate imports this module
+        from lightning_introspect.methods.lrp.propagate import check_forward
 
-            check_forward(plan, model, sample)
+        check_forward(plan, model, sample)
+    except TraceFailed:
+        return _layer_problem(model)
     except TypeError as err:
         return str(err)
     return None
