@@ -43,13 +43,10 @@ from torch import nn
 
 from lightning_introspect._torch.guards import fresh_input, introspection_mode
 from lightning_introspect._torch.hooks import hooks
-from lightning_introspect.methods.attribution import (
+from lightning_introspect.methods.gradients import LayerSpec, _is_token_ids, _layer_module, _model_device
+from lightning_introspect.methods.path_attribution import (
     DEFAULT_PATH_BATCH,
-    LayerSpec,
     _check_batch_size,
-    _is_token_ids,
-    _layer_module,
-    _model_device,
     _tiled_target,
     ig_alphas,
 )
