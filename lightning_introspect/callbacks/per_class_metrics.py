@@ -4,11 +4,17 @@ start, middle and end of training.
 A mean accuracy hides which classes the network learned and which it never did. This callback keeps
 per-class metrics (torchmetrics, ``average=None``) at fractions of training, compares them with the
 untrained network, and calls out the classes that improved least.
+
+The callback says when and where; its pieces: :mod:`~lightning_introspect.callbacks.per_class_arguments` (the
+argument checks), :mod:`~lightning_introspect.callbacks.per_class_collect` (the torchmetrics metrics, a batch
+checked and added, the start pass), :mod:`~lightning_introspect.callbacks.per_class_report` (snapshots kept;
+scalars, confusion image, table, summary and bars written). The maths lives in
+:mod:`lightning_introspect.methods.per_class`, the drawing in :mod:`lightning_introspect.render.per_class` and
+:mod:`lightning_introspect.render.charts`.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,54 +22,25 @@ import torch
 from typing_extensions import override
 
 from lightning_introspect._lightning import pl
-from lightning_introspect._torch.guards import introspection_mode
-from lightning_introspect.callbacks.base import (
-    IntrospectionCallback,
-    IntrospectionInputError,
-    check_callable,
-    check_choice,
-    check_positive_int,
-    split_batch,
-)
-from lightning_introspect.callbacks.checks import check_int
-from lightning_introspect.callbacks.outputs import (
-    LogitsSource,
-    example_logits,
-    extract_logits,
-    extract_targets,
-    validation_batches,
-)
+from lightning_introspect.callbacks import per_class_collect as collect
+from lightning_introspect.callbacks import per_class_report as report
+from lightning_introspect.callbacks.base import IntrospectionCallback, IntrospectionInputError
+from lightning_introspect.callbacks.outputs import LogitsSource
+from lightning_introspect.callbacks.per_class_arguments import check_per_class_arguments
 from lightning_introspect.methods.per_class import (
     METRICS,
     TASKS,
-    build_metrics,
     due_snapshots,
-    least_improved,
-    main_metric,
-    mean_iou,
     metrics_for,
-    per_class_values,
-    prepare_predictions,
-    resolve_task,
-    snapshot_fraction,
     snapshot_label,
-)
-from lightning_introspect.render.charts import bars_figure, confusion_image
-from lightning_introspect.render.per_class import (
-    per_class_summary,
-    per_class_summary_lines,
-    per_class_table,
-    snapshot_column,
 )
 
 __all__ = ["METRICS", "TASKS", "PerClassMetrics", "snapshot_label"]
 
+#: the results kept in the callback's ``state_dict`` (a resumed fit keeps its start snapshot)
+_RESULTS = ("snapshots", "mean_iou", "snapshot_epochs", "confusion", "history", "latest")
 
-def _tag_safe(name: str) -> str:
-    return str(name).replace("/", "_").replace(" ", "_")
 
-
-# ------------------------------------------------------------------------------------ callback
 class PerClassMetrics(IntrospectionCallback):
     """Per-class metrics at the start, middle and end of training (and per epoch if asked), for
     classification and segmentation.
@@ -185,36 +162,15 @@ class PerClassMetrics(IntrospectionCallback):
         on_error: str = "warn",
     ) -> None:
         super().__init__(enabled=enabled, every_n_epochs=every_n_epochs, at=at, seed=seed, on_error=on_error)
-        check_choice(task, "task", TASKS)
-        check_positive_int(num_classes, "num_classes", allow_none=True)
-        check_positive_int(least_improved, "least_improved")
-        metrics = [metrics] if isinstance(metrics, str) else list(metrics)
-        if not metrics:
-            raise ValueError(f"Expected `metrics` to name at least one of {', '.join(map(repr, METRICS))}, but got [].")
-        for m in metrics:
-            check_choice(m, "metrics", METRICS)
-        if task == "binary" and num_classes not in (None, 1, 2):
-            raise ValueError(f"Expected `num_classes` to be 1, 2 or None for task='binary', but got {num_classes!r}.")
-        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"Expected `threshold` to be a probability in [0, 1], but got {threshold!r}.")
-        check_int(ignore_index, "ignore_index")
-        check_callable(output_transform, "output_transform")
-        check_callable(target_transform, "target_transform")
-        self.task = task
-        self.num_classes = 2 if task == "binary" else num_classes
-        self.metrics = metrics
-        self.class_names = None if class_names is None else [str(c) for c in class_names]
-        if self.class_names is not None and self.num_classes is not None and len(self.class_names) != self.num_classes:
-            raise ValueError(
-                f"Expected `class_names` to have num_classes={self.num_classes} entries, but got {len(self.class_names)}."
-            )
-        self.output_transform = output_transform
-        self.target_transform = target_transform
-        self.threshold = float(threshold)
-        self.ignore_index = ignore_index
-        self.least_improved = least_improved
-        self.confusion_matrix = bool(confusion_matrix)
-        self.bar_chart = bool(bar_chart)
+        args = check_per_class_arguments(
+            task=task, num_classes=num_classes, least_improved=least_improved, metrics=metrics, threshold=threshold,
+            ignore_index=ignore_index, output_transform=output_transform, target_transform=target_transform,
+            class_names=class_names,
+        )
+        self.task, self.ignore_index, self.least_improved = task, ignore_index, least_improved
+        self.num_classes, self.metrics, self.class_names, self.threshold = args
+        self.output_transform, self.target_transform = output_transform, target_transform
+        self.confusion_matrix, self.bar_chart = bool(confusion_matrix), bool(bar_chart)
         self._num_classes_given = self.num_classes
         self._source = LogitsSource(output_transform)
         self.reset()
@@ -240,14 +196,7 @@ class PerClassMetrics(IntrospectionCallback):
 
     @override
     def extra_state(self) -> dict[str, Any]:
-        return {
-            "snapshots": self.snapshots,
-            "mean_iou": self.mean_iou,
-            "snapshot_epochs": self.snapshot_epochs,
-            "confusion": self.confusion,
-            "history": self.history,
-            "latest": self.latest,
-        }
+        return {key: getattr(self, key) for key in _RESULTS}
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -286,13 +235,8 @@ class PerClassMetrics(IntrospectionCallback):
     def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A few validation samples through the model: a wrong ``num_classes`` / ``class_names`` / label range
         is refused before training; a model without logits is skipped."""
-        if trainer.limit_val_batches == 0:
-            return
-        example = example_logits(self, trainer, pl_module)
-        if example is None:
-            return
-        batch, logits = example
-        self._prepare(logits, extract_targets(batch, self.target_transform))
+        if trainer.limit_val_batches != 0:
+            collect.check_example(self, trainer, pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -303,7 +247,7 @@ class PerClassMetrics(IntrospectionCallback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled and not self._all_disabled and not trainer.sanity_checking and self.trainer_fn(trainer) == "fit":
             self._sync_due = True  # on every rank, a disabled one too: see _end_collecting
-            self.run(trainer, self._begin_collecting, pl_module, log_seconds=False)
+            self.run(trainer, collect.begin_epoch, self, pl_module, log_seconds=False)
 
     @override
     def on_validation_batch_start(
@@ -317,7 +261,7 @@ class PerClassMetrics(IntrospectionCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if self._collecting and not self.disabled and dataloader_idx == 0:
-            self.run(trainer, self._update_from_step, outputs, batch, pl_module, log_seconds=False)
+            self.run(trainer, collect.update_from_step, self, outputs, batch, pl_module, log_seconds=False)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -349,53 +293,12 @@ class PerClassMetrics(IntrospectionCallback):
         self._sync_due = False
         self._source.detach()
 
-    # ------------------------------------------------------------------------------- metrics
-    def _metrics(self, device: torch.device) -> Any:
-        if self._metric_objs is None:
-            self._metric_objs = build_metrics(
-                self.resolved_task or self.task, self.active_metrics, int(self.num_classes or 0), threshold=self.threshold,
-                ignore_index=self.ignore_index, device=device,
-            )
-        elif self._metric_device != device:
-            self._metric_objs = self._metric_objs.to(device)
-        self._metric_device = device
-        return self._metric_objs
-
-    def _prepare(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validate shapes and ranges (``num_classes`` and the task are read from the first logits when not given)."""
-        if self.resolved_task is None:
-            self.resolved_task = resolve_task(self.task, logits.detach(), target.detach())
-        preds, target, self.num_classes = prepare_predictions(
-            logits, target, task=self.resolved_task, num_classes=self.num_classes, threshold=self.threshold,
-            ignore_index=self.ignore_index, class_names=self.class_names,
-        )
-        return preds, target
-
+    # ---------------------------------------------------------------------------- measuring
     def _update(self, logits: torch.Tensor | None, batch: Any) -> None:
-        if logits is None:
-            raise IntrospectionInputError(
-                "PerClassMetrics found no logits: return them from `validation_step` (a tensor, or a dict with a "
-                "'logits' key), call `self(x)` in it, or pass `output_transform`."
-            )
-        preds, target = self._prepare(logits, extract_targets(batch, self.target_transform))
-        self._metrics(preds.device).update(preds, target)
+        collect.update(self, logits, batch)
 
-    def _update_from_step(self, outputs: Any, batch: Any, pl_module: Any) -> None:
-        start = time.perf_counter()
-        try:
-            logits = self.batch_logits(self._source, outputs, batch, pl_module)
-            self._update(logits, batch)
-        finally:
-            self._update_seconds += time.perf_counter() - start
-
-    def _compute(self) -> tuple[dict[str, list[Any]], list[list[int]]] | None:
-        """Compute (synced across ranks by torchmetrics) and reset; ``None`` if nothing was seen."""
-        objs = self._metric_objs
-        if objs is None or not any(getattr(m, "update_count", 0) for m in objs.values()):
-            return None
-        result = objs.compute()
-        objs.reset()
-        return per_class_values(result, self.resolved_task or self.task, self.active_metrics)
+    def _compute(self) -> report.Computed | None:
+        return collect.compute(self)
 
     # ------------------------------------------------------------------------------- work
     def _start_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -405,33 +308,18 @@ class PerClassMetrics(IntrospectionCallback):
         if getattr(trainer, "val_dataloaders", None) is None or loader is None:
             self.warn_once("no-val-start", "PerClassMetrics: no validation data, so there is no start snapshot.")
             return
-        self.run(trainer, self._start_pass, trainer, pl_module, loader, log_seconds=False)
+        self.run(trainer, collect.start_pass, self, trainer, pl_module, loader, log_seconds=False)
         if self.agree(trainer):  # a rank that failed alone must not leave the others waiting in the sync
             self.run(trainer, self._store_start, trainer)
         else:
             self._all_disabled = True
 
-    def _start_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: Any) -> None:
-        if self._metric_objs is not None:
-            self._metric_objs.reset()
-        with introspection_mode(pl_module, grad=False):
-            for batch in validation_batches(trainer, loader):
-                output = pl_module(split_batch(batch)[0])
-                self._update(extract_logits(output, self.output_transform), batch)
-
     def _store_start(self, trainer: pl.Trainer) -> None:
         computed = self._compute()
         if computed is None:
             return
-        self._store("start", computed, epoch=-1, step=int(trainer.global_step))
-        self._log_snapshots(trainer, ["start"], step=int(trainer.global_step))
-
-    def _begin_collecting(self, pl_module: Any) -> None:
-        if self._metric_objs is not None:
-            self._metric_objs.reset()
-        self._source.attach(pl_module)
-        self._update_seconds = 0.0
-        self._collecting = True
+        report.store_snapshot(self, "start", computed, epoch=-1, step=int(trainer.global_step))
+        report.log_snapshots(self, trainer, ["start"], step=int(trainer.global_step))
 
     def _end_collecting(self, trainer: pl.Trainer) -> None:
         """Every rank that began the epoch comes here, a disabled one too: they agree before the sync."""
@@ -447,22 +335,18 @@ class PerClassMetrics(IntrospectionCallback):
         self.writer(trainer).scalar(self.tag("update_seconds"), self._update_seconds, step)
         if computed is None:
             return
-        values, table = computed
-        self.latest = {"epoch": epoch, "step": step, "values": values, "confusion": table}
-        if self.segmentation:
-            self.latest["mean_iou"] = miou = mean_iou(values)
-            if miou is not None and trainer.is_global_zero:
-                self.writer(trainer).scalar(self.tag("mean_iou"), miou, step)
+        values = computed[0]
+        report.keep_latest(self, trainer, computed, epoch=epoch, step=step)  # and the mean IoU curve
         due = due_snapshots(self.fraction_epochs(trainer), epoch, taken=self.snapshots)
         for key in due:
-            self._store(key, computed, epoch=epoch, step=step)
+            report.store_snapshot(self, key, computed, epoch=epoch, step=step)
         per_epoch = self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
         if per_epoch:
-            self.history.append({"epoch": epoch, "step": step, **values, **({"mean_iou": mean_iou(values)} if self.segmentation else {})})
+            self.history.append(report.history_entry(self, values, epoch=epoch, step=step))
         if due:
-            self._log_snapshots(trainer, due, step=step)
+            report.log_snapshots(self, trainer, due, step=step)
         elif per_epoch:
-            self._log_scalars(trainer, values, step)  # curves only: images and tables at the snapshots
+            report.log_scalars(self, trainer, values, step)  # curves only: images and tables at the snapshots
 
     def _end_pending(self) -> bool:
         """Whether the last validation of the fit is newer than the "end" snapshot (or there is none)."""
@@ -476,72 +360,13 @@ class PerClassMetrics(IntrospectionCallback):
         latest = self.latest
         if latest is None or not self._end_pending():
             return
-        self._store("end", (latest["values"], latest["confusion"]), epoch=latest["epoch"], step=latest["step"])
-        self._log_snapshots(trainer, ["end"], step=latest["step"])
-
-    def _store(self, key: str, computed: tuple[dict[str, list[Any]], list[list[int]]], *, epoch: int, step: int) -> None:
-        values, table = computed
-        self.snapshots[key] = {k: list(v) for k, v in values.items()}
-        if "iou" in values:
-            self.mean_iou[key] = mean_iou(values)
-        self.snapshot_epochs[key] = {"epoch": int(epoch), "step": int(step)}
-        self.confusion[key] = [list(r) for r in table]
-        self.snapshots = dict(sorted(self.snapshots.items(), key=lambda kv: self._order(kv[0])))
-        self.mean_iou = dict(sorted(self.mean_iou.items(), key=lambda kv: self._order(kv[0])))
-
-    def _order(self, key: str) -> tuple[float, int]:
-        return snapshot_fraction(key), self.snapshot_epochs.get(key, {}).get("step", 0)
-
-    # --------------------------------------------------------------------------- logging
-    def _log_scalars(self, trainer: Any, values: dict[str, list[Any]], step: int) -> None:
-        if not trainer.is_global_zero or ("scalars", step) in self._logged:
-            return
-        self._logged.add(("scalars", step))
-        names = self.names
-        scalars = {
-            self.tag(m, _tag_safe(names[i])): v
-            for m in self.active_metrics
-            if m in values
-            for i, v in enumerate(values[m])
-            if v is not None
-        }
-        self.writer(trainer).scalars(scalars, step)
-
-    def _log_confusion(self, trainer: Any, table: list[list[int]], step: int, *, title: str) -> None:
-        if not self.confusion_matrix or not trainer.is_global_zero or ("confusion", step) in self._logged:
-            return
-        self._logged.add(("confusion", step))
-        title = f"{title}, pixels" if self.segmentation else title
-        image = confusion_image(table, self.names, multilabel=self.resolved_task == "multilabel", title=title)
-        self.writer(trainer).image(self.tag("confusion"), image, step)
-
-    def _log_snapshots(self, trainer: Any, keys: list[str], *, step: int) -> None:
-        if not trainer.is_global_zero:
-            return
-        writer = self.writer(trainer)
-        for key in keys:
-            self._log_scalars(trainer, self.snapshots[key], step)
-        self._log_confusion(trainer, self.confusion[keys[-1]], step, title=self._column(keys[-1]))
-        if ("tables", step) in self._logged and "end" not in keys:
-            return
-        self._logged.add(("tables", step))
-        writer.text(self.tag("table"), self.table_markdown(), step)
-        writer.text(self.tag("summary"), self.summary_markdown(), step)
-        if self.bar_chart:
-            self.figure(trainer, self.tag("bars"), lambda: bars_figure(self.snapshots, self._shown_metrics(), self.names, self._column),
-                        step, final="end" in keys)
+        report.store_snapshot(self, "end", (latest["values"], latest["confusion"]), epoch=latest["epoch"], step=latest["step"])
+        report.log_snapshots(self, trainer, ["end"], step=latest["step"])
 
     # ---------------------------------------------------------------------------- reading
-    def _column(self, key: str) -> str:
-        return snapshot_column(key, self.snapshot_epochs)
-
     def table_markdown(self) -> str:
         """Classes x snapshots for every metric, with the change since the first snapshot, as markdown."""
-        return per_class_table(self.snapshots, self._shown_metrics(), self.names, self._column)
-
-    def _shown_metrics(self) -> list[str]:
-        """The active metrics every snapshot has (a snapshot resumed from before segmentation was known may lack IoU)."""
-        return [m for m in self.active_metrics if all(m in snap for snap in self.snapshots.values())]
+        return report.table_markdown(self)
 
     def least_improved_classes(self) -> list[tuple[str, float, float]]:
         """``(class, first value, last value)`` of the classes whose main metric improved least.
@@ -549,31 +374,12 @@ class PerClassMetrics(IntrospectionCallback):
         The main metric is ``"f1"`` if asked for, otherwise the first of ``metrics``; classes with no
         support in either snapshot are left out.
         """
-        keys = list(self.snapshots)
-        if len(keys) < 2:
-            return []
-        first, last = self.snapshots[keys[0]], self.snapshots[keys[-1]]
-        return least_improved(first, last, self._main_metric(), self.names, self.least_improved)
-
-    def _main_metric(self) -> str:
-        """IoU for segmentation (what segmentation is judged by); else ``"f1"`` if asked for, or the first metric."""
-        shown = self._shown_metrics()
-        return "iou" if self.segmentation and "iou" in shown else main_metric(shown or self.metrics)
+        return report.least_improved_classes(self)
 
     def summary_markdown(self) -> str:
         """The least-improved classes and the classes without support, as markdown."""
-        summary = per_class_summary(
-            self.snapshots, self._main_metric(), self.names, self.least_improved_classes(),
-            lowest=self.least_improved, column=self._column,
-        )
-        if not self.mean_iou:
-            return summary
-        cells = ", ".join(f"{self._column(k)}: {'n/a' if v is None else f'{v:.3f}'}" for k, v in self.mean_iou.items())
-        return f"**Mean IoU** (classes with support): {cells}\n\n{summary}"
+        return report.summary_markdown(self)
 
     def summary_lines(self) -> list[str]:
         """The main metric at start / middle / end, the classes that improved least (and the mean IoU curve)."""
-        lines = per_class_summary_lines(self.snapshots, self._shown_metrics(), self.least_improved_classes())
-        if self.mean_iou:
-            lines.append("mean IoU: " + " -> ".join("n/a" if v is None else f"{v:.3f}" for v in self.mean_iou.values()))
-        return lines
+        return report.summary_lines(self)

@@ -6,16 +6,17 @@ weights, and measures per layer how far the weights moved (relative change, cosi
 Wasserstein distance between the value distributions), drawn by depth so "inner vs outer layers" is
 visible at a glance. Layers that barely moved are named in a summary.
 
-The maths lives in :mod:`lightning_introspect.methods.weights` (histograms, distances: pure torch, batched,
-on the device), :mod:`~lightning_introspect.methods.weight_layers` (which layers, replacements) and
-:mod:`~lightning_introspect.methods.not_learning` (the verdict); tables and figures in
+The callback says when and where; its pieces: :mod:`~lightning_introspect.callbacks.weights_arguments` (the
+argument checks), :mod:`~lightning_introspect.callbacks.weights_tracking` (``W0``, replaced modules, execution
+order, the tensors of an evaluation), :mod:`~lightning_introspect.callbacks.weights_report` (histograms, drift,
+summary and figures written). The maths lives in :mod:`lightning_introspect.methods.weights` (histograms,
+distances: pure torch, batched, on the device), :mod:`~lightning_introspect.methods.weight_layers` (which layers,
+replacements) and :mod:`~lightning_introspect.methods.not_learning` (the verdict); tables and figures in
 :mod:`lightning_introspect.render.weights`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -23,56 +24,16 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_introspect._lightning import pl
-from lightning_introspect.callbacks.base import IntrospectionCallback, check_positive_int, split_batch
-from lightning_introspect.callbacks.checks import check_bool
-from lightning_introspect.loggers.adapter import IntrospectionWriter
-from lightning_introspect.methods.not_learning import not_learning_summary
-from lightning_introspect.methods.weight_layers import (
-    depth_order,
-    follow_replacements,
-    own_bias,
-    own_weight,
-    weight_layers,
-)
-from lightning_introspect.methods.weights import HistogramStats, drift, histograms
-from lightning_introspect.render.weights import (
-    drift_by_depth_figure,
-    drift_summary_markdown,
-    initial_vs_current_figure,
-    layers_table,
-    weights_summary_lines,
-)
+from lightning_introspect.callbacks import weights_report as report
+from lightning_introspect.callbacks import weights_tracking as tracking
+from lightning_introspect.callbacks.base import IntrospectionCallback
+from lightning_introspect.callbacks.weights_arguments import check_weights_arguments
+from lightning_introspect.callbacks.weights_report import write_histograms
+from lightning_introspect.methods.weight_layers import own_bias, own_weight, weight_layers
+from lightning_introspect.methods.weights import HistogramStats, histograms
+from lightning_introspect.render.weights import weights_summary_lines
 
 __all__ = ["WeightHistograms", "own_bias", "own_weight", "write_histograms"]
-
-
-def write_histograms(writer: IntrospectionWriter, hists: Mapping[str, HistogramStats], step: int) -> None:
-    """Write ``tag -> HistogramStats`` as raw histograms in one :meth:`IntrospectionWriter.histograms` call
-    (one TensorBoard event); tensors with no finite value are skipped."""
-    writer.histograms(
-        {
-            tag: (
-                h.counts.numpy(),
-                h.edges.numpy(),
-                {"min": h.min, "max": h.max, "num": float(h.num), "sum": h.sum, "sum_squares": h.sum_squares},
-            )
-            for tag, h in hists.items()
-            if h.num
-        },
-        step,
-    )
-
-
-def _plain(value: Any) -> Any:
-    """``value`` with tuples as lists and numbers as Python floats / ints: what ``torch.load(weights_only=True)``
-    reads back."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    return value
 
 
 class WeightHistograms(IntrospectionCallback):
@@ -209,30 +170,12 @@ class WeightHistograms(IntrospectionCallback):
         on_error: str = "warn",
     ) -> None:
         super().__init__(enabled=enabled, every_n_epochs=every_n_epochs, at=at, num_samples=1, seed=seed, on_error=on_error)
-        if isinstance(layers, str):
-            if not layers:
-                raise ValueError("Expected `layers` to be 'auto', a layer name, a glob or a list of those, but got ''.")
-        elif not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(n, str) and n for n in layers):
-            raise ValueError(
-                f"Expected `layers` to be 'auto', a layer name, a glob or a non-empty list of those, but got {layers!r}."
-            )
-        check_positive_int(every_n_steps, "every_n_steps", allow_none=True)
-        check_positive_int(bins, "bins")
-        check_positive_int(figures_every_n_epochs, "figures_every_n_epochs", allow_none=True)
-        for arg, value in (("include_bias", include_bias), ("include_gradients", include_gradients)):
-            check_bool(value, arg)
-        if isinstance(drift_threshold, bool) or not isinstance(drift_threshold, (int, float)) or not drift_threshold >= 0:
-            raise ValueError(f"Expected `drift_threshold` to be a non-negative float, but got {drift_threshold!r}.")
-        if not math.isfinite(drift_threshold):
-            raise ValueError(f"Expected `drift_threshold` to be a finite non-negative float, but got {drift_threshold!r}.")
-        self.layer_spec: str | list[str] = layers if isinstance(layers, str) else list(layers)
-        self.every_n_steps = every_n_steps
-        self.bins = bins
-        self.include_bias = include_bias
-        self.include_gradients = include_gradients
-        self.drift_threshold = float(drift_threshold)
-        self.figures_every_n_epochs = figures_every_n_epochs
-
+        self.layer_spec, self.drift_threshold = check_weights_arguments(
+            layers=layers, every_n_steps=every_n_steps, bins=bins, figures_every_n_epochs=figures_every_n_epochs,
+            include_bias=include_bias, include_gradients=include_gradients, drift_threshold=drift_threshold,
+        )
+        self.every_n_steps, self.bins, self.figures_every_n_epochs = every_n_steps, bins, figures_every_n_epochs
+        self.include_bias, self.include_gradients = include_bias, include_gradients
         self._modules: dict[str, nn.Module] = {}
         self._ordered = False
         self.reset()
@@ -314,68 +257,13 @@ class WeightHistograms(IntrospectionCallback):
 
     def _start(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
         """Snapshot ``W0`` (kept from the checkpoint on resume), list the layers, evaluate before the first step."""
-        if not self._modules:
-            self._modules = self.resolve(pl_module)
-        self._model = pl_module
-        weights = self._weights()
-        fresh = self._initial is None
-        if self._initial is None:
-            self._initial = {n: w.detach().to("cpu", copy=True) for n, w in weights.items()}
-        for n, w in weights.items():
-            w0 = self._initial.get(n)
-            if w0 is None or tuple(w0.shape) != tuple(w.shape):
-                self.warn_once(
-                    f"resnap-{n}",
-                    f"WeightHistograms: the checkpointed initial weights lack layer {n!r} (or its shape changed); "
-                    "its drift is measured from now on.",
-                )
-                self._initial[n] = w.detach().to("cpu", copy=True)
-        self._initial_hists = None
-        rows = [(n, type(m).__name__, tuple(weights[n].shape), weights[n].requires_grad) for n, m in self._modules.items()]
-        self.writer(trainer).text(self.tag("layers"), layers_table(rows), trainer.global_step)
+        fresh = tracking.snapshot_initial(self, pl_module)
+        report.log_layers(self, trainer)
         if fresh and trainer.global_step == 0:
             self._evaluate(trainer, epoch=-1)
 
-    def _follow_replacements(self, trainer: pl.Trainer) -> None:
-        """Track the modules now in the model when tracked ones were replaced since the last look: the new
-        modules' weights become their ``W0`` (said once per layer), and layers that are gone are dropped."""
-        if self._model is None or self._initial is None:
-            return
-        changes = follow_replacements(self._model, self._modules, self._initial, self.layer_spec)
-        if changes is None:
-            return
-        self._modules = changes.modules
-        for n in changes.gone:
-            self._initial.pop(n, None)
-            self.warn_once(
-                f"gone-{n}",
-                f"WeightHistograms: layer {n!r} was removed from the model (or no longer has a weight) at step "
-                f"{trainer.global_step}; it is no longer tracked.",
-            )
-        for n in changes.renewed:
-            weight = own_weight(self._modules[n])
-            self._initial[n] = weight.detach().to("cpu", copy=True)  # type: ignore[union-attr]
-            self.warn_once(
-                f"replaced-{n}",
-                f"WeightHistograms: layer {n!r} was replaced at step {trainer.global_step} (now a "
-                f"{type(self._modules[n]).__name__} with weight {tuple(weight.shape)}); its histograms follow the new "  # type: ignore[union-attr]
-                "module and its drift is measured from the new module's weights as they are now.",
-            )
-        self._initial_hists = None
-        self._ordered = False  # trace the depth of the new modules at the next training batch
-
     def _trace_order(self, pl_module: nn.Module, batch: Any) -> None:
-        self._ordered = True
-        try:
-            order = depth_order(pl_module, split_batch(batch)[0], list(self._modules))
-        except Exception as err:  # a model whose forward does not take the batch's inputs
-            self.warn_once(
-                "order",
-                f"WeightHistograms: could not trace the execution order ({type(err).__name__}: {err}); "
-                "the drift-by-depth figure uses registration order.",
-            )
-            return
-        self._modules = {n: self._modules[n] for n in order}
+        tracking.trace_order(self, pl_module, batch)
 
     # ------------------------------------------------------------------------------ the work
     def _step_due(self, trainer: pl.Trainer) -> bool:
@@ -391,106 +279,49 @@ class WeightHistograms(IntrospectionCallback):
         progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "batch_progress", None)
         return bool(getattr(progress, "is_last_batch", False)) and self.is_scheduled(trainer)
 
-    def _tensors(self, *, grad: bool = False) -> dict[str, torch.Tensor]:
-        """``{key: tensor}`` with keys ``<layer>`` and ``bias/<layer>`` (gradients where they exist if ``grad``)."""
-        out: dict[str, torch.Tensor] = {}
-        for n, m in self._modules.items():
-            w, b = own_weight(m), own_bias(m) if self.include_bias else None
-            for key, t in ((n, w), (f"bias/{n}", b)):
-                t = t.grad if grad and t is not None else t
-                if t is not None:
-                    out[key] = t
-        return out
-
     def _histograms(self, trainer: pl.Trainer, tensors: dict[str, torch.Tensor], *prefix: str) -> dict[str, Any]:
-        """Bin ``tensors``, write the histograms and the non-finite counts (one warning per tensor that has
-        any); return the history entry of the evaluation."""
-        hists = histograms(tensors, bins=self.bins)
-        writer, step = self.writer(trainer), trainer.global_step
-        write_histograms(writer, {self.tag(*prefix, *key.split("/", 1)): h for key, h in hists.items()}, step)
-        what = "gradient of" if prefix else "weight"
-        scalars = {self.tag(*prefix, "nonfinite"): float(sum(h.nonfinite for h in hists.values()))}
-        for key, h in hists.items():
-            if h.nonfinite:
-                scalars[self.tag(*prefix, "nonfinite", key)] = float(h.nonfinite)
-                self.warn_once(
-                    f"nonfinite-{what}-{key}",
-                    f"WeightHistograms: {what} {key!r} has {h.nonfinite} non-finite values "
-                    f"(NaN {h.nan}, +Inf {h.posinf}, -Inf {h.neginf}) at step {step}; "
-                    "they are left out of its histogram.",
-                )
-        writer.scalars(scalars, step)
-        if not prefix:
-            self.histograms = dict(hists)
-        return {
-            "step": step,
-            "epoch": trainer.current_epoch,
-            "weights": {k: h.summary() for k, h in hists.items() if not k.startswith("bias/")},
-            "bias": {k[5:]: h.summary() for k, h in hists.items() if k.startswith("bias/")},
-        }
+        """Bin ``tensors`` and write them (see ``weights_report.log_histograms``); the evaluation's history entry."""
+        return report.log_histograms(self, trainer, histograms(tensors, bins=self.bins), *prefix)
+
+    def _initial_histograms(self) -> dict[str, HistogramStats]:
+        if self._initial_hists is None:
+            self._initial_hists = histograms(self._initial or {}, bins=self.bins)
+        return self._initial_hists
 
     def _evaluate(self, trainer: pl.Trainer, *, epoch: int | None = None) -> None:
-        self._follow_replacements(trainer)
+        tracking.follow_module_replacements(self, trainer)
         if self._initial is None:
             raise RuntimeError("WeightHistograms: no initial snapshot; `on_train_start` did not run.")
         step, epoch = trainer.global_step, trainer.current_epoch if epoch is None else epoch
-        entry = self._histograms(trainer, self._tensors())
-        scalars = {}
-        for n, d in drift(self._weights(), self._initial, seed=self.seed).items():
-            for tag, series, value in (
-                ("drift", self.drift, d.relative_change),
-                ("cosine", self.cosine, d.cosine_distance),
-                ("wasserstein", self.wasserstein, d.wasserstein),
-            ):
-                scalars[self.tag(tag, n)] = value
-                series.setdefault(n, []).append(value)
-        self.writer(trainer).scalars(scalars, step)
+        entry = self._histograms(trainer, tracking.tracked_tensors(self))
+        report.log_drift(self, trainer, self._initial)
         self.steps.append(step)
         self.epochs.append(epoch)
         self.history.append({**entry, "epoch": epoch})
         self._last_step = step
 
     def _log_gradients(self, trainer: pl.Trainer) -> None:
-        self._follow_replacements(trainer)
+        tracking.follow_module_replacements(self, trainer)
         self._last_grad_step = trainer.global_step
-        grads = self._tensors(grad=True)
+        grads = tracking.tracked_tensors(self, grad=True)
         if grads:
             self.grad_history.append(self._histograms(trainer, grads, "grad"))
 
     def _epoch_end(self, trainer: pl.Trainer, epoch: int | None = None, figures: bool = False) -> None:
         # every write below joins the writer batch `run` holds around this call: one flush per epoch
         epoch = trainer.current_epoch if epoch is None else epoch
-        self._follow_replacements(trainer)
+        tracking.follow_module_replacements(self, trainer)
         if trainer.global_step != self._last_step:
             self._evaluate(trainer, epoch=epoch)
         if not self.steps:
             return
-        weights = self._weights()
-        trainable = {n: w.requires_grad for n, w in weights.items()}
-        self.summary = not_learning_summary(
-            self.drift, trainable, threshold=self.drift_threshold, epoch=epoch, step=trainer.global_step,
-            total_epochs=self.total_epochs(trainer), nonfinite={k: h.nonfinite for k, h in self.histograms.items()},
-        )
-        shapes = {n: tuple(w.shape) for n, w in weights.items()}
-        markdown = drift_summary_markdown(self.summary, shapes, trainable, self.drift, self.cosine, self.wasserstein)
-        self.writer(trainer).text(self.tag("summary"), markdown, trainer.global_step)
+        report.log_summary(self, trainer, epoch)
         if figures or self.is_due(trainer, self.figures_every_n_epochs, epoch):
             self._figures(trainer)
 
     def _figures(self, trainer: pl.Trainer) -> None:
-        step, epoch, final = trainer.global_step, self.summary.get("epoch"), self.is_final(trainer)
-        latest = {n: self.drift[n][-1] for n in self._modules if self.drift.get(n)}
-        cosine = {n: self.cosine[n][-1] for n in latest}
-        self.figure(trainer, self.tag("drift_by_depth"), lambda: drift_by_depth_figure(
-            latest, cosine, threshold=self.drift_threshold, not_learning=self.summary.get("not_learning", []),
-            frozen=self.summary.get("frozen", []), epoch=epoch,
-        ), step, final=final)
-        if self._initial_hists is None:
-            self._initial_hists = histograms(self._initial or {}, bins=self.bins)
-        initial, current = self._initial_hists, {n: self.histograms[n] for n in self._modules if n in self.histograms}
-        self.figure(trainer, self.tag("initial_vs_current"),
-                    lambda: initial_vs_current_figure(initial, current, latest, epoch=epoch), step, final=final)
-        self._figure_step = step
+        report.draw_figures(self, trainer, self._initial_histograms)
+        self._figure_step = trainer.global_step
 
     @override
     def summary_lines(self) -> list[str]:
@@ -506,7 +337,7 @@ class WeightHistograms(IntrospectionCallback):
             "drift": {k: list(v) for k, v in self.drift.items()},
             "cosine": {k: list(v) for k, v in self.cosine.items()},
             "wasserstein": {k: list(v) for k, v in self.wasserstein.items()},
-            "summary": _plain(self.summary),
+            "summary": report.plain(self.summary),
         }
         if self._initial is not None:
             state["initial"] = dict(self._initial)
