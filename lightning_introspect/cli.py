@@ -2,7 +2,8 @@
 
 ``lightning-introspect demo`` trains a small CNN on scikit-learn's digits with every introspection
 callback on and tells you where to point TensorBoard; ``--task segmentation`` trains a small U-Net on
-generated shapes instead.
+generated shapes instead, ``--task text`` a tiny transformer on generated sentences, ``--task vit`` a tiny
+vision transformer on the digits.
 """
 
 from __future__ import annotations
@@ -18,17 +19,19 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
-        help="train a small CNN on digits (or a U-Net on generated shapes) with every callback on",
+        help="train a small CNN on digits (or a U-Net on shapes, a transformer on sentences, a ViT on digits) with every "
+        "callback on",
     )
     demo.add_argument(
         "--task",
-        choices=("classification", "segmentation", "text"),
+        choices=("classification", "segmentation", "text", "vit"),  # demo.DEMO_TASKS, without importing torch for --help
         default="classification",
         help="classification: a CNN on digits; segmentation: a U-Net on generated shapes; text: a tiny transformer on "
-        "generated sentences whose label is decided by known words (default: classification)",
+        "generated sentences whose label is decided by known words; vit: a tiny vision transformer on digits "
+        "(default: classification)",
     )
     demo.add_argument("--out", default="introspect_runs", help="log root (default: ./introspect_runs)")
-    demo.add_argument("--name", default=None, help="run name under the log root (default: digits / shapes)")
+    demo.add_argument("--name", default=None, help="run name under the log root (default: digits / shapes / sentences / digits_vit)")
     demo.add_argument("--epochs", type=int, default=6, help="training epochs (default: 6)")
     demo.add_argument("--seed", type=int, default=0, help="seed for data split, init and callbacks (default: 0)")
     demo.add_argument("--accelerator", default="cpu", help="cpu | gpu | auto (default: cpu)")

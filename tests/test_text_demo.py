@@ -53,3 +53,11 @@ def test_the_text_demo_runs_every_callback_that_serves_token_ids(tmp_path: Any) 
     assert any(t.startswith("introspect/attributions/integrated_gradients") for t in texts)
     assert "introspect/sanity/verdicts/text_summary" in texts
     assert any(t.startswith("introspect/per_class/") for t in events["scalars"])
+    # the bottom-up cascade starts at the embedding (not at the blocks nearest the output, which a budget-cut
+    # or `layers=k` run keeps): randomising the embedding leaves nothing of the trained token ranking
+    scalars = events["scalars"]
+    for method in ("saliency", "input_x_gradient", "integrated_gradients"):
+        (_, at_embedding), = scalars[f"introspect/sanity/{method}/spearman_abs/bottom_up/embed"]
+        assert at_embedding < 0.3, (method, at_embedding)
+        (_, passed), = scalars[f"introspect/sanity/{method}/bottom_up_passed"]
+        assert passed > 0.0, f"{method} fails the bottom-up check"
