@@ -32,6 +32,7 @@ from lightning_introspect.errors import IntrospectionInputError
 from lightning_introspect.loggers.adapter import IntrospectionWriter
 from lightning_introspect.methods.attention import ATTENTION_METHODS, attention_problem
 from lightning_introspect.methods.attribution import LAYER_METHODS
+from lightning_introspect.methods.chunks import explain_in_chunks, explanation_rows
 from lightning_introspect.methods.class_check import DEFAULT_OTHERS, OTHER_CLASSES
 from lightning_introspect.methods.explainers import DEFAULT_METHODS, Explainer
 from lightning_introspect.methods.randomization import BN_MODES, randomization_blocks
@@ -67,6 +68,25 @@ from lightning_introspect.render.sanity import (
 )
 
 TARGET_CHOICES = ("pred", "true")
+#: the longest side of the map grids' tiles: a tile is drawn about 117 px wide (1.3 in at 90 dpi), and the
+#: grid's canvas goes through matplotlib as float64 RGBA, so 384 px tiles only cost memory (~1 GB for a grid)
+SHOWN_SIDE = 128
+
+
+def shown_inputs(inputs: torch.Tensor) -> torch.Tensor:
+    """What the map grids draw of ``inputs`` (the first image and the tile size): images whose longer side
+    exceeds :data:`SHOWN_SIDE` are shrunk to it (antialiased, first image only); anything else as it is.
+
+    Example:
+        >>> tuple(shown_inputs(torch.zeros(4, 3, 384, 256)).shape), tuple(shown_inputs(torch.zeros(4, 1, 32, 32)).shape)
+        ((1, 3, 128, 85), (4, 1, 32, 32))
+    """
+    if inputs.ndim != 4 or not inputs.is_floating_point() or max(inputs.shape[-2:]) <= SHOWN_SIDE:
+        return inputs
+    h, w = (int(v) for v in inputs.shape[-2:])
+    scale = SHOWN_SIDE / max(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return torch.nn.functional.interpolate(inputs[:1].detach().float(), size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
 class SanityChecks(IntrospectionCallback):
@@ -480,7 +500,8 @@ class SanityChecks(IntrospectionCallback):
             try:
                 with introspection_mode(model, grad=True):
                     resolved = None if layer is None else explain.resolve_layer(model, sample[:1], layer)
-                    self.unit_costs.observe("pass", best_of(2, lambda: explain(model, sample, "pred", resolved)))
+                    rows = explanation_rows(model, sample)  # in chunks, as the check explains
+                    self.unit_costs.observe("pass", best_of(2, lambda: explain_in_chunks(explain, model, sample, "pred", resolved, rows=rows)))
             except Exception:  # only an estimate: the check itself reports what fails, under the error policy
                 self.unit_costs.observe("pass", 0.0)
         per_pass, figure = self.unit_costs.get("pass", 0.0), self.unit_costs.get("figure", 0.25)
@@ -660,6 +681,7 @@ class SanityChecks(IntrospectionCallback):
     def _write(self, writer: IntrospectionWriter, report: SanityReport, inputs: torch.Tensor, step: int) -> None:
         writer.scalars({self.tag(path): value for path, value in report_scalars(report).items()}, step)
         tokens = report.input_kind == "token_ids"
+        inputs = inputs if tokens else shown_inputs(inputs)  # the maps are resized to these tiles when drawn
         for mode in report.curves:
             for metric, image in curve_figures(report, mode, plotted_metrics(report, mode, self.metrics)).items():
                 writer.image(self.tag("curve", mode, metric), image, step)

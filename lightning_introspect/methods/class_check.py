@@ -53,6 +53,7 @@ from torch import nn
 from lightning_introspect._torch.guards import private_generator
 from lightning_introspect._torch.hooks import hooks
 from lightning_introspect._torch.layers import get_layer
+from lightning_introspect.methods.chunks import DEFAULT_MEMORY_BUDGET, explain_in_chunks, explanation_rows
 from lightning_introspect.methods.explainers import (
     DEFAULT_METHODS,
     Explainer,
@@ -196,6 +197,7 @@ def class_sensitivity(
     keep_maps: int = 1,
     region: RegionTarget | None = None,
     noise: float | None = DEFAULT_NOISE,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> ClassSensitivity:
     """Compare the map for each sample's predicted class with the map for other classes.
 
@@ -220,6 +222,8 @@ def class_sensitivity(
             range, drawn from a private generator seeded by ``seed``); ``None`` skips the reference. Cost:
             one more copy of the batch in the one attribution call. Token ids: the noise is added to the
             embedding output (module docstring), in one more attribution call.
+        memory_budget: bytes one chunk of the stacked copies may hold while it is explained
+            (:func:`~lightning_introspect.methods.chunks.explanation_rows`); small inputs fit in one chunk.
 
     Returns:
         The :class:`ClassSensitivity`.
@@ -248,7 +252,8 @@ def class_sensitivity(
             classes = _other_classes(out.flatten(2).sum(-1) if out.ndim > 2 else out, list(others), seed)
         layer = explainer.resolve_layer(model, x[:1], layer)
         # Every class in one batch: the inputs repeated once per class key, each copy with its class ids
-        # (the maps are per sample, so this is the same as one call per class, with one forward pass).
+        # (the maps are per sample, so this is the same as one call per class, with fewer forward passes);
+        # explained in chunks sized to the memory budget, since the stack is several times the batch.
         keys = list(classes)
         copies = [x] * len(keys)
         tokens = is_token_ids(x)
@@ -259,11 +264,27 @@ def class_sensitivity(
             copies.append(_noisy(x, float(noise or 0.0), seed))
         else:
             classes_ids = [classes[k] for k in keys]
-        tiled = torch.cat(copies)
-        ids = torch.cat(classes_ids)
-        joint = explainer(model, tiled, ids if region is None else _tiled_region(region, ids, x.shape[0], len(keys)), layer)
         n = x.shape[0]
-        maps = {key: {name: joint[name][i * n : (i + 1) * n] for name in explainer.names} for i, key in enumerate(keys)}
+        rows = explanation_rows(model, x, memory_budget)
+        # class keys explained together: all of them when their copies fit in one chunk (one call, as for
+        # small inputs); else a few at a time, each measured against the predicted class's maps at once and
+        # then dropped (except the first `keep_maps`), so that only two keys' maps are held at a time
+        per_call = max(1, rows // max(1, n))
+        measured: dict[str, dict[str, dict[str, torch.Tensor]]] = {}  # {other: {method: {metric: (N,)}}}
+        maps: dict[str, dict[str, torch.Tensor]] = {}
+        for start in range(0, len(keys), per_call):
+            group = keys[start : start + per_call]
+            tiled = torch.cat(copies[start : start + per_call])
+            ids = torch.cat(classes_ids[start : start + per_call])
+            tiled_target = ids if region is None else _tiled_region(region, ids, n, len(group))
+            joint = explain_in_chunks(explainer, model, tiled, tiled_target, layer, rows=rows)
+            del tiled
+            maps.update({key: {name: joint[name][i * n : (i + 1) * n] for name in explainer.names} for i, key in enumerate(group)})
+            if per_call < len(keys):
+                done = [key for key in group if key != "pred"]
+                measured.update(_measure(maps, explainer.names, done, metrics))
+                for key in done:
+                    maps[key] = {name: m[:keep_maps].clone() for name, m in maps[key].items()}
         if resample and tokens:  # the same class with the noise on the embedding output (ids take none)
             keys.append(SAME)
             embedding = find_embedding(model, x, None if layer in (None, "auto") else layer)
@@ -275,11 +296,10 @@ def class_sensitivity(
     samples: dict[str, dict[str, dict[str, torch.Tensor]]] = {m: {} for m in explainer.names}
     kept: dict[str, dict[str, torch.Tensor]] = {}
     compared = list(others) + ([SAME] if resample else [])
-    pairs = [(maps["pred"][name], maps[other][name]) for name in explainer.names for other in compared]
-    sims = iter(map_similarities(pairs, metrics))
+    measured.update(_measure(maps, explainer.names, [other for other in compared if other not in measured], metrics))
     for name in explainer.names:
         for other in compared:
-            values = next(sims)
+            values = measured[other][name]
             samples[name][other] = values
             if other == SAME:
                 same_class[name] = mean_and_std(values)[0]
@@ -291,6 +311,20 @@ def class_sensitivity(
         similarity, spread, {k: v.cpu().tolist() for k, v in classes.items()}, kept, same_class,
         float(noise) if resample and noise is not None else None, samples,
     )
+
+
+def _measure(
+    maps: Mapping[str, Mapping[str, torch.Tensor]], names: Sequence[str], others: Sequence[str], metrics: Sequence[str]
+) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """``{other: {method: {metric: (N,)}}}``: each method's maps for ``others`` against its maps for the
+    predicted class, in one batched :func:`map_similarities` call."""
+    pairs = [(maps["pred"][name], maps[other][name]) for name in names for other in others]
+    sims = iter(map_similarities(pairs, metrics)) if pairs else iter(())
+    out: dict[str, dict[str, dict[str, torch.Tensor]]] = {other: {} for other in others}
+    for name in names:
+        for other in others:
+            out[other][name] = next(sims)
+    return out
 
 
 def _noisy(x: torch.Tensor, level: float, seed: int) -> torch.Tensor:

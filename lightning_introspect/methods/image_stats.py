@@ -12,7 +12,12 @@ Everything works on batches ``(N, C, H, W)`` of floats (any value range) in pure
 * :func:`error_rate_by_bin`: the error rate in each quantile bin of a statistic, so "errors
   concentrate on blurry images" is a number; :func:`mean_by_bin`: the same bins for a score (an
   image's mean IoU in segmentation);
-* :func:`perturbation_accuracy`: per-class accuracy of a classifier under each perturbation and strength.
+* :func:`perturbation_accuracy`: per-class accuracy of a classifier under each perturbation and strength,
+  the images perturbed and classified in chunks sized to a memory budget (:func:`perturbation_batch_size`).
+
+Every perturbation works image by image (the blur as weighted sums of shifted copies, each image's mean on
+its own, the noise drawn image after image from one generator), so an image comes out the same, bit for
+bit, whatever chunk of a batch it is perturbed in.
 
 Example:
     >>> x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -26,12 +31,14 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
+
+from lightning_introspect.methods.chunks import DEFAULT_MEMORY_BUDGET, chunk_slices, rows_per_chunk
 
 STATISTICS = ("sharpness", "noise", "brightness", "contrast", "saturation")
 PERTURBATIONS = ("blur", "noise", "color")
@@ -203,18 +210,32 @@ def gaussian_kernel1d(sigma: float, *, radius: int | None = None) -> torch.Tenso
     return k / k.sum()
 
 
+def _weighted_shifts(padded: torch.Tensor, k: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """``sum_t k[t] * padded[t : t + size]`` along ``dim``: a 1-D filter in elementwise operations only
+    (a product, then a sum: a fused multiply-add could round differently in vectorised and scalar loops)."""
+    out = padded.narrow(dim, 0, size) * float(k[0])
+    for t in range(1, k.numel()):
+        out += padded.narrow(dim, t, size) * float(k[t])
+    return out
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Blur each channel with a separable Gaussian of ``sigma`` pixels (replicate padding); 0 = copy."""
+    """Blur each channel with a separable Gaussian of ``sigma`` pixels (replicate padding); 0 = copy.
+
+    The two passes are weighted sums of shifted copies, not convolutions: elementwise work gives every
+    image the same bits whatever batch it is in (CPU convolution kernels change with the batch size), at
+    about the convolution's speed for these short kernels.
+    """
     if sigma < 0 or math.isnan(sigma):
         raise ValueError(f"Expected the blur `sigma` to be >= 0, but got {sigma!r}.")
     x = _check_images(x)
     if sigma == 0:
         return x.clone()
-    k = gaussian_kernel1d(sigma).to(x.device, x.dtype)
+    k = gaussian_kernel1d(sigma).to(torch.float64)  # weights as Python floats: the same in every dtype
     r = k.numel() // 2
-    c = x.shape[1]
-    out = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(F.pad(out, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    h, w = x.shape[-2:]
+    out = _weighted_shifts(F.pad(x, (r, r, 0, 0), mode="replicate"), k, w, 3)
+    return _weighted_shifts(F.pad(out, (0, 0, r, r), mode="replicate"), k, h, 2)
 
 
 def gaussian_noise(x: torch.Tensor, std: float, *, generator: torch.Generator) -> torch.Tensor:
@@ -225,7 +246,9 @@ def gaussian_noise(x: torch.Tensor, std: float, *, generator: torch.Generator) -
     if std < 0 or math.isnan(std):
         raise ValueError(f"Expected the noise `std` to be >= 0, but got {std!r}.")
     x = _check_images(x)
-    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device)
+    noise = torch.empty(x.shape, dtype=x.dtype, device=generator.device)
+    for image in noise:  # image after image: a chunk of a batch draws what the whole batch would for it
+        image.normal_(generator=generator)
     return x + std * noise.to(x.device)
 
 
@@ -245,7 +268,8 @@ def color_filter(x: torch.Tensor, strength: float) -> torch.Tensor:
     if x.shape[1] == 3:
         gray = to_gray(x)
         out = (1.0 - strength) * out + strength * gray
-    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    # each image's mean on its own: a reduction over a batch may split an image's sum differently
+    mean = torch.stack([image.mean() for image in out]).view(-1, 1, 1, 1)
     out = mean + (1.0 - strength) * (out - mean)
     if x.shape[1] == 3:
         span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(-1, 1, 1, 1)
@@ -391,6 +415,54 @@ class PerturbationResult:
     per_class: list[list[float | None]]
 
 
+#: a chunk of the perturbation test holds about this many copies of its images: the perturbed copy, the
+#: blur's padded copies and the model's activations (a small CNN's forward pass makes ~8 input sizes)
+PERTURBATION_FACTOR = 16
+
+
+def perturbation_batch_size(x: torch.Tensor, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
+    """Images of ``x`` perturbed and classified together within ``memory_budget`` bytes
+    (:data:`PERTURBATION_FACTOR` copies of an image each); every image at once when they fit.
+
+    Example:
+        >>> perturbation_batch_size(torch.zeros(512, 1, 32, 32)), perturbation_batch_size(torch.zeros(64, 3, 384, 384))
+        (512, 9)
+    """
+    row = x[:1].numel() * x.element_size()
+    return min(max(1, int(x.shape[0])), rows_per_chunk(PERTURBATION_FACTOR * row, memory_budget))
+
+
+def perturbed_chunks(x: torch.Tensor, kind: str, strength: float, *, seed: int, rows: int) -> Iterator[torch.Tensor]:
+    """``x`` under one perturbation, ``rows`` images at a time, in order. The noise comes from one private
+    generator seeded with ``seed``, drawn image by image: the images are the same whatever ``rows``.
+
+    Example:
+        >>> x = torch.rand(5, 1, 4, 4)
+        >>> whole = next(perturbed_chunks(x, "noise", 0.5, seed=0, rows=5))
+        >>> torch.equal(torch.cat(list(perturbed_chunks(x, "noise", 0.5, seed=0, rows=2))), whole)
+        True
+    """
+    gen = torch.Generator().manual_seed(int(seed)) if kind == "noise" else None
+    for part in chunk_slices(int(x.shape[0]), rows):
+        yield perturb(x[part], kind, strength, generator=gen)
+
+
+def _sweep(
+    score: Callable[[Iterable[torch.Tensor]], Any], x: torch.Tensor, strengths: Mapping[str, Sequence[float]], *, seed: int,
+    noise_scale: float, rows: int,
+) -> dict[str, list[tuple[float, Any]]]:
+    """:func:`perturbation_sweep` with ``score`` given the images as chunks of ``rows``."""
+    clean = score(x[part] for part in chunk_slices(int(x.shape[0]), rows))
+    out: dict[str, list[tuple[float, Any]]] = {}
+    for kind, values in strengths.items():
+        results = [(0.0, clean)]
+        for s in sorted({float(v) for v in values if float(v) != 0.0}):
+            strength = s * noise_scale if kind == "noise" else s
+            results.append((s, score(perturbed_chunks(x, kind, strength, seed=seed, rows=rows))))
+        out[kind] = results
+    return out
+
+
 @torch.no_grad()
 def perturbation_accuracy(
     predict: Callable[[torch.Tensor], torch.Tensor],
@@ -401,9 +473,14 @@ def perturbation_accuracy(
     strengths: Mapping[str, Sequence[float]],
     seed: int = 0,
     noise_scale: float = 1.0,
-    batch_size: int = 256,
+    batch_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> dict[str, PerturbationResult]:
     """Per-class accuracy of ``predict`` (inputs -> logits ``(N, C)``) under each perturbation and strength.
+
+    The images are perturbed and classified ``batch_size`` at a time, so the memory held at once is one
+    chunk's, not every perturbed image's; the results do not depend on the chunk size (the perturbations
+    work image by image, see the module docstring).
 
     Args:
         predict: the model; called on chunks of ``batch_size`` perturbed inputs (on ``x``'s device).
@@ -413,6 +490,8 @@ def perturbation_accuracy(
         seed: seed of the private generator of the noise (the same noise at every call).
         noise_scale: noise strengths are multiplied by it (e.g. the inputs' standard deviation, so a
             strength is a fraction of the data's spread).
+        batch_size: images per chunk; ``None``: :func:`perturbation_batch_size` of ``memory_budget``.
+        memory_budget: bytes one chunk may hold (when ``batch_size`` is ``None``).
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
@@ -425,11 +504,14 @@ def perturbation_accuracy(
     y = y.flatten().long()
     if y.numel() != x.shape[0]:
         raise ValueError(f"Expected one label per input, but got {y.numel()} labels for {x.shape[0]} inputs.")
+    rows = perturbation_batch_size(x, memory_budget) if batch_size is None else int(batch_size)
+    if rows < 1:
+        raise ValueError(f"Expected `batch_size` to be None or a positive int, but got {batch_size!r}.")
 
-    def accuracy_of(inputs: torch.Tensor) -> tuple[float, list[float | None]]:
+    def accuracy_of(chunks: Iterable[torch.Tensor]) -> tuple[float, list[float | None]]:
         preds = []
-        for start in range(0, inputs.shape[0], batch_size):
-            logits = predict(inputs[start : start + batch_size])
+        for inputs in chunks:
+            logits = predict(inputs)
             preds.append(logits.detach().float().reshape(logits.shape[0], -1).argmax(dim=1).cpu())
         pred = torch.cat(preds)
         return float((pred == y.cpu()).float().mean()), per_class_accuracy(pred, y, num_classes)
@@ -438,8 +520,8 @@ def perturbation_accuracy(
     if bad:
         raise ValueError(f"Expected `perturbations` entries to be among {', '.join(map(repr, PERTURBATIONS))}, but got {bad}.")
     return {
-        kind: PerturbationResult(kind=kind, strengths=[s for s, _ in rows], accuracy=[r[0] for _, r in rows], per_class=[r[1] for _, r in rows])
-        for kind, rows in perturbation_sweep(accuracy_of, x, strengths, seed=seed, noise_scale=noise_scale).items()
+        kind: PerturbationResult(kind=kind, strengths=[s for s, _ in rows_], accuracy=[r[0] for _, r in rows_], per_class=[r[1] for _, r in rows_])
+        for kind, rows_ in _sweep(accuracy_of, x, strengths, seed=seed, noise_scale=noise_scale, rows=rows).items()
     }
 
 
@@ -451,19 +533,13 @@ def perturbation_sweep(
 
     Every strength draws its noise from a private generator seeded with ``seed`` (the same noise pattern
     at every strength, and at every call: results compare across epochs); ``noise`` strengths are
-    multiplied by ``noise_scale``.
+    multiplied by ``noise_scale``. ``score`` gets every image at once (the images
+    :func:`perturbation_accuracy` classifies in chunks).
 
     Example:
         >>> sweep = perturbation_sweep(lambda t: float(t.std()), torch.ones(1, 1, 4, 4), {"noise": [0.5]}, seed=0, noise_scale=1.0)
         >>> [s for s, _ in sweep["noise"]], sweep["noise"][0][1]
         ([0.0, 0.5], 0.0)
     """
-    clean = score(x)
-    out: dict[str, list[tuple[float, Any]]] = {}
-    for kind, values in strengths.items():
-        rows = [(0.0, clean)]
-        for s in sorted({float(v) for v in values if float(v) != 0.0}):
-            gen = torch.Generator().manual_seed(int(seed))
-            rows.append((s, score(perturb(x, kind, s * noise_scale if kind == "noise" else s, generator=gen))))
-        out[kind] = rows
-    return out
+    return _sweep(lambda chunks: score(torch.cat(list(chunks))), x, strengths, seed=seed, noise_scale=noise_scale,
+                  rows=max(1, int(x.shape[0])))

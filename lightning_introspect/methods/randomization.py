@@ -64,6 +64,12 @@ from torch import nn
 from lightning_introspect._torch.guards import private_generator
 from lightning_introspect._torch.hooks import record_execution_order
 from lightning_introspect._torch.layers import resolve_layers
+from lightning_introspect.methods.chunks import (
+    DEFAULT_MEMORY_BUDGET,
+    chunk_slices,
+    explain_in_chunks,
+    explanation_rows,
+)
 from lightning_introspect.methods.explainers import (
     DEFAULT_METHODS,
     Explainer,
@@ -318,10 +324,14 @@ class RandomizationCurves:
         )
 
 
-def _predictions(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+def _predictions(model: nn.Module, inputs: torch.Tensor, rows: int) -> torch.Tensor:
+    """The predicted class of every sample, ``rows`` samples per forward pass."""
+    preds = []
     with torch.no_grad():
-        out = model_logits(model(inputs)).detach()
-    return out.argmax(1) if out.ndim >= 2 else out
+        for part in chunk_slices(int(inputs.shape[0]), rows):
+            out = model_logits(model(inputs[part])).detach()
+            preds.append(out.argmax(1) if out.ndim >= 2 else out)
+    return torch.cat(preds)
 
 
 def _are_blocks(layers: object) -> TypeGuard[Sequence[RandomizationBlock]]:
@@ -365,11 +375,13 @@ def randomization_curves(
     repeats: int = 1,
     progress: Callable[[str], None] | None = None,
     copy_model: bool = True,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> RandomizationCurves:
     """Randomise the model block by block (``mode``) and measure how similar every method's maps stay.
 
     After each step every method's maps are recomputed and compared with the trained model's maps
-    (the same target classes: ``target="pred"`` is fixed to the trained model's predictions).
+    (the same target classes: ``target="pred"`` is fixed to the trained model's predictions). The samples
+    are explained in chunks sized to ``memory_budget`` (:mod:`~lightning_introspect.methods.chunks`).
 
     Args:
         model: the trained model; never modified unless ``copy_model=False``.
@@ -397,6 +409,8 @@ def randomization_curves(
         copy_model: randomise a deep copy (default). ``False`` randomises ``model`` itself, for a caller
             that already works on a copy: independent mode restores every block it touches, cascading
             leaves them randomised.
+        memory_budget: bytes one chunk of samples may hold while it is explained
+            (:func:`~lightning_introspect.methods.chunks.explanation_rows`); small inputs fit in one chunk.
 
     Returns:
         The :class:`RandomizationCurves`.
@@ -431,8 +445,9 @@ def randomization_curves(
             blocks = randomization_blocks(work, x[:1], layers, bn_mode=bn_mode)  # type: ignore[arg-type]
         if order == "bottom_up":
             blocks.reverse()
-        original = explainer(work, x, fixed, layer)
-        original_pred = _predictions(work, x)
+        rows = explanation_rows(work, x, memory_budget)  # the trained model's activations: re-initialising keeps every shape
+        original = explain_in_chunks(explainer, work, x, fixed, layer, rows=rows)
+        original_pred = _predictions(work, x, rows)
         modules = dict(work.named_modules())
         # Cascading repeats start again from the trained weights; independent steps restore their own block.
         trained = {k: v.detach().clone() for k, v in work.state_dict().items()} if mode == "cascading" and repeats > 1 else None
@@ -448,8 +463,8 @@ def randomization_curves(
                     progress(f"{mode} randomisation {step}/{len(blocks)}: {block.name}{again}")
                 saved = {n: copy.deepcopy(modules[n].state_dict()) for n in block.modules} if mode == "independent" else {}
                 randomize_block(modules, block, seed=seed, bn_mode=bn_mode, repeat=repeat)
-                maps = explainer(work, x, fixed, layer)
-                unchanged.setdefault(block.name, []).append(float((_predictions(work, x) == original_pred).float().mean()))
+                maps = explain_in_chunks(explainer, work, x, fixed, layer, rows=rows)
+                unchanged.setdefault(block.name, []).append(float((_predictions(work, x, rows) == original_pred).float().mean()))
                 for name in explainer.names:
                     pending.add((name, block.name), original[name], maps[name])
                     if keep_maps and repeat == 0:
