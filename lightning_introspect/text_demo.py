@@ -124,10 +124,8 @@ def text_config(*, fast: bool = False) -> dict[str, Any]:
         "weight_histograms": {"bins": 32},
         "linear_probes": {},
         "attributions": {"decode": decode, "num_samples": 6, "every_n_epochs": 1},
-        # every block, given explicitly: under the time budget SanityChecks may otherwise keep only the two
-        # blocks nearest the output, and its bottom-up cascade would then start at the feed-forward layer, whose
-        # randomisation changes no prediction here (the residual path carries the decisive word), not at the
-        # embedding
+        # every block, given explicitly (a size given is never reduced by the budget): the whole cascade, from
+        # the embedding to the head
         "sanity_checks": {"num_samples": 8, "repeats": 1, "layers": "auto"},
     }
     if fast:

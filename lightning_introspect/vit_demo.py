@@ -175,8 +175,8 @@ def vit_config(*, fast: bool = False, mean: float = 0.0, std: float = 1.0) -> di
         "linear_probes": {},
         "attributions": {"methods": methods},
         "feature_visualization": {},
-        # every block, given explicitly: under the time budget SanityChecks may otherwise keep only the two
-        # blocks nearest the output, and its bottom-up cascade would start next to the head, not at the patches
+        # every block, given explicitly (a size given is never reduced by the budget): the demo shows the whole
+        # cascade, from the patch embedding to the head
         "sanity_checks": {"methods": methods, "layers": "auto"},
     }
     if fast:

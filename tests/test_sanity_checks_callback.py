@@ -45,7 +45,7 @@ def test_fit_is_bitwise_unchanged_and_every_tag_is_written(tmp_path):
     # once mid-fit (every_n_epochs=1, epoch 0) and once at fit end (not twice for the last epoch)
     assert [step for step, _ in cb.history] == [3, 6]
     report = cb.report
-    assert isinstance(report, SanityReport) and report.layers == ["classifier", "features.8"]
+    assert isinstance(report, SanityReport) and report.layers == ["classifier", "features.8", "features.4", "features.0"]  # top-down's first two, bottom-up's
     assert set(report.verdicts) == {"saliency", "grad_cam"} and set(report.verdicts.values()) <= {"pass", "fail", "inconclusive"}
     assert set(report.class_sensitivity_verdicts) == {"saliency", "grad_cam"}
     assert set(report.details) == {"randomization", "bottom_up", "class_least", "class_second"}
@@ -55,7 +55,7 @@ def test_fit_is_bitwise_unchanged_and_every_tag_is_written(tmp_path):
     for method in ("saliency", "grad_cam"):
         for mode in ("cascading", "bottom_up", "independent"):
             for metric in ("spearman_abs", "spearman", "ssim"):  # spearman: needed by the verdict
-                for layer in ("classifier", "features.8"):
+                for layer in ("features.0", "features.4") if mode == "bottom_up" else ("classifier", "features.8"):
                     assert f"introspect/sanity/{method}/{metric}/{mode}/{layer}" in scalars
         for what in ("score", "score_low", "score_high", "threshold", "passed", "class_score", "class_passed", "class_threshold",
                      "class_second_score", "bottom_up_score", "bottom_up_passed", "emprt"):
@@ -83,7 +83,7 @@ def test_on_demand_check_leaves_the_model_untouched_and_round_trips_state(tmp_pa
     x = torch.randn(3, 1, 32, 32)
     with pytest.warns(UserWarning, match=r"\[batchnorm\]"):
         report = cb.check(model, x)
-    assert cb.report is report and report.num_samples == 3 and report.repeats == 2 and report.layers == ["classifier"]
+    assert cb.report is report and report.num_samples == 3 and report.repeats == 2 and report.layers == ["classifier", "features.0"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert [m.training for m in model.modules()] == flags
     assert all(p.grad is None for p in model.parameters())

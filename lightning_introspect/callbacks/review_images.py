@@ -25,6 +25,7 @@ from lightning_introspect.methods.image_stats import (
     is_image_batch,
     normalize,
     perturbation_accuracy,
+    perturbation_batch_size,
     unnormalize,
 )
 
@@ -125,7 +126,8 @@ def perturbation_test(
         return probs
 
     passes = 1 + sum(len(v) for v in strengths.values())
-    with introspection_mode(pl_module, grad=False), cb.timed_perturbations(trainer, passes, int(x.shape[0]), passes) as bar:
+    calls = passes * -(-int(x.shape[0]) // perturbation_batch_size(raw))  # `predict` runs once per chunk of a pass
+    with introspection_mode(pl_module, grad=False), cb.timed_perturbations(trainer, passes, int(x.shape[0]), calls) as bar:
         progress.append(bar)
         results = perturbation_accuracy(
             predict, raw, y, num_classes=n_classes, strengths=strengths, seed=cb.seed, noise_scale=float(raw.std()) or 1.0
@@ -181,7 +183,7 @@ def seconds_per_sample(cb: Misclassifications, trainer: pl.Trainer, pl_module: p
     (the best of three: the first call of a model pays one-off set-up costs)."""
     if not cb.unit_costs.known("forward_sample"):
         x, _ = cb.fixed_samples(trainer)
-        probe = x[: min(128, int(x.shape[0]))].to(module_device(pl_module))
+        probe = x[: min(128, perturbation_batch_size(x))].to(module_device(pl_module))  # at most one chunk of the test
         with introspection_mode(pl_module, grad=False):
             cb.unit_costs.observe("forward_sample", best_of(3, lambda: pl_module(probe)), int(probe.shape[0]))
     return cb.unit_costs.get("forward_sample", 0.0)

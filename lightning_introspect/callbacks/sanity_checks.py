@@ -151,8 +151,12 @@ class SanityChecks(IntrospectionCallback):
             ``Attributions`` callback on the same trainer, else saliency, guided backprop, Grad-CAM
             and input x gradient; for token ids saliency, input x gradient and integrated gradients.
         layers: the blocks to randomise: ``"auto"`` (every parametrised layer with its following
-            normalisation layers), an int ``k`` (the ``k`` blocks nearest the output; cheaper), or a
-            list of dotted names / glob patterns (a container is one block).
+            normalisation layers), an int ``k`` (the ``k`` blocks each cascade starts from: nearest the
+            output top-down, nearest the input bottom-up; cheaper), or a list of dotted names / glob
+            patterns (a container is one block). A submodule whose parameters its parent reads without
+            calling it (``nn.MultiheadAttention.out_proj``) is randomised with its parent's block;
+            parameters held directly by the root model (a bare ``nn.Parameter`` class token or position
+            embedding) are not randomised: keep them in a submodule of their own.
         mode: ``"cascading"``, ``"independent"`` or ``"both"``.
         order: the cascade's sequence: ``"bottom_up"`` (default, see above), ``"top_down"`` or ``"both"``
             (twice the cost).
@@ -492,7 +496,7 @@ class SanityChecks(IntrospectionCallback):
         layers = self.layers
         blocks = len(randomization_blocks(model, sample[:1], layers, bn_mode=self.bn_mode))
         if not self.unit_costs.known("pass"):
-            usable = [m for m in methods if (m != "lrp" or lrp_problem(model, None) is None) and (x.ndim == 4 or m not in LAYER_METHODS)]
+            usable = [m for m in methods if (m != "lrp" or lrp_problem(model, None, sample[:2]) is None) and (x.ndim == 4 or m not in LAYER_METHODS)]
             explain = Explainer(usable or ["saliency"])
             layer = self.cam_layer if any(m in LAYER_METHODS for m in usable) else None
             if tokens:  # token scores at the embedding output
@@ -587,7 +591,7 @@ class SanityChecks(IntrospectionCallback):
                     f"SanityChecks: none of the methods {self.methods} explains token ids {tuple(inputs.shape)}; "
                     f"use {', '.join(TOKEN_METHODS)}."
                 )
-        problem = lrp_problem(model, self.output_transform) if "lrp" in methods else None
+        problem = lrp_problem(model, self.output_transform, inputs[:2].to(module_device(model))) if "lrp" in methods else None
         if problem is not None:
             self.warn_once("lrp-skipped", f"SanityChecks: {problem}")
             methods.remove("lrp")

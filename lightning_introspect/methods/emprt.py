@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_introspect.methods.chunks import explain_in_chunks, explanation_rows
 from lightning_introspect.methods.explainers import (
     Explainer,
     MethodSpec,
@@ -185,12 +186,13 @@ def _emprt_of_copy(work: nn.Module, inputs: torch.Tensor, targets: Any, explaine
         fixed = fixed_target(work, x, targets)
         layer = explainer.resolve_layer(work, x[:1], layer)
         blocks = randomization_blocks(work, x[:1], "auto", bn_mode=bn_mode)
+        rows = explanation_rows(work, x)
         if trained is None:
-            trained = explainer(work, x, fixed, layer)
+            trained = explain_in_chunks(explainer, work, x, fixed, layer, rows=rows)
         modules = dict(work.named_modules())
         for block in blocks:
             randomize_block(modules, block, seed=seed, bn_mode=bn_mode, repeat=0)
-        randomised = explainer(work, x, fixed, layer)
+        randomised = explain_in_chunks(explainer, work, x, fixed, layer, rows=rows)
     scores, means, h_trained, h_random = {}, {}, {}, {}
     for name in explainer.names:
         h0 = map_entropy(trained[name], bins=bins, absolute=absolute)

@@ -150,6 +150,16 @@ def randomization_blocks(
     order = record_execution_order(model, example_input)
     position = {name: i for i, name in enumerate(order)}
     executed = [n for n in order if _has_own_state(modules[n], bn_mode)]
+    ran = set(order)
+
+    def with_unrun(members: list[str]) -> tuple[str, ...]:
+        # A submodule whose parameters its parent reads without calling it (nn.MultiheadAttention's out_proj)
+        # never runs: it belongs to the block of that parent, or the execution order would leave it trained.
+        out = list(members)
+        for name in members:
+            prefix = name + "."
+            out += [d for d in modules if d.startswith(prefix) and d not in ran and d not in out and _has_own_state(modules[d], bn_mode)]
+        return tuple(out)
 
     if isinstance(layers, bool) or not (isinstance(layers, (str, int)) or isinstance(layers, Sequence)):
         raise ValueError(f"Expected `layers` to be 'auto', a positive int or a list of layer names, but got {layers!r}.")
@@ -161,10 +171,10 @@ def randomization_blocks(
                 current.append(name)
                 continue
             if current:
-                blocks.append(RandomizationBlock(current[0], tuple(current)))
+                blocks.append(RandomizationBlock(current[0], with_unrun(current)))
             current = [name]
         if current:
-            blocks.append(RandomizationBlock(current[0], tuple(current)))
+            blocks.append(RandomizationBlock(current[0], with_unrun(current)))
         if not blocks:
             raise ValueError("The model has no parametrised layer that runs in its forward pass; nothing to randomise.")
         blocks.reverse()
@@ -184,7 +194,7 @@ def randomization_blocks(
                 f"Expected every entry of `layers` to hold parameters that run in the forward pass (bn_mode={bn_mode!r}), "
                 f"but {name!r} has none."
             )
-        blocks.append(RandomizationBlock(name, tuple(members)))
+        blocks.append(RandomizationBlock(name, with_unrun(members)))
     blocks.sort(key=lambda b: max(position[m] for m in b.modules), reverse=True)
     return blocks
 

@@ -105,6 +105,7 @@ from torch import nn
 
 from lightning_introspect._torch.guards import private_generator
 from lightning_introspect.methods.caveats import Caveat, detect_caveats
+from lightning_introspect.methods.chunks import explain_in_chunks, explanation_rows
 from lightning_introspect.methods.class_check import (
     DEFAULT_NOISE,
     DEFAULT_OTHERS,
@@ -268,6 +269,9 @@ class SanityReport:
 
     def steps(self, curve: str = "cascading") -> list[str]:
         """The layers of one curve in the order they were randomised (input side first for ``"bottom_up"``)."""
+        for per_metric in self.curves.get(curve, {}).values():  # recorded in the order of randomisation
+            for per_layer in per_metric.values():
+                return list(per_layer)
         return list(reversed(self.layers)) if curve == "bottom_up" else list(self.layers)
 
     def curve(self, method: str, metric: str = "spearman_abs", mode: str = "cascading") -> list[float]:
@@ -622,6 +626,11 @@ def _token_settings(methods: MethodSpec, metrics: Sequence[str], verdict_metric:
     return methods, kept or ["spearman_abs", "spearman"]
 
 
+def cascading_bottom_up(mode: str, order: str) -> bool:
+    """Whether a run with ``mode`` and ``order`` computes the bottom-up cascade."""
+    return mode in ("cascading", "both") and order in ("bottom_up", "both")
+
+
 def run_sanity_checks(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -711,9 +720,14 @@ def run_sanity_checks(
         resolved_task = resolve_task(task, output, masks)
         target, described = explained_target(output, target, resolved_task)
         blocks = randomization_blocks(work, x[:1], layers, bn_mode=bn_mode)
+        # An int k keeps the k blocks a cascade starts from: for the bottom-up cascade those nearest the input
+        # (the k nearest the output, reversed, would start a "bottom-up" cascade next to the head).
+        bottom_blocks = blocks
+        if isinstance(layers, int) and not isinstance(layers, bool) and cascading_bottom_up(mode, order):
+            bottom_blocks = randomization_blocks(work, x[:1], "auto", bn_mode=bn_mode)[-layers:]
         # the references: the trained maps against a random map and the input's edges
         resolved_layer = explainer.resolve_layer(work, x[:1], layer)
-        trained_maps = explainer(work, x, fixed_target(work, x, target), resolved_layer)
+        trained_maps = explain_in_chunks(explainer, work, x, fixed_target(work, x, target), resolved_layer, rows=explanation_rows(work, x))
     ref_gen = private_generator(layer_seed(seed, "references"))
     references = {
         name: reference_similarities(trained_maps[name], x if isinstance(x, torch.Tensor) else None, metrics, generator=ref_gen)
@@ -765,7 +779,7 @@ def run_sanity_checks(
     cascading = mode in ("cascading", "both")
     if cascading and order in ("bottom_up", "both"):
         results["bottom_up"] = randomization_curves(
-            work, inputs, target, explainer, mode="cascading", order="bottom_up", layers=blocks, **common
+            work, inputs, target, explainer, mode="cascading", order="bottom_up", layers=bottom_blocks, **common
         )
         work.load_state_dict(trained_state)
     if cascading and order in ("top_down", "both"):
@@ -787,7 +801,7 @@ def run_sanity_checks(
     kept = [k for k in CURVES if k in results]
     return SanityReport(
         methods=list(explainer.names),
-        layers=[b.name for b in blocks],
+        layers=[b.name for b in blocks] + [b.name for b in bottom_blocks if b not in blocks],
         curves={k: results[k].curves for k in kept},
         curves_std={k: results[k].curves_std for k in kept},
         agreement={k: results[k].agreement for k in kept},
