@@ -60,6 +60,17 @@ BENCHMARKS: list[tuple[str, list[str], list[str], list[tuple[str, str]]]] = [
         ],
     ),
     (
+        "bench_memory.py",
+        [],
+        ["--size", "128", "--only", "none", "default"],
+        [
+            ("peak memory on 3x384x384 images (128 with --quick), default set / none", r"RATIO peak_memory_\d+px ([\d.]+)"),
+            ("the same, Attributions alone / none", r"RATIO peak_memory_\d+px_Attributions ([\d.]+)"),
+            ("the same, SanityChecks alone / none", r"RATIO peak_memory_\d+px_SanityChecks ([\d.]+)"),
+            ("the same, Misclassifications alone / none", r"RATIO peak_memory_\d+px_Misclassifications ([\d.]+)"),
+        ],
+    ),
+    (
         "bench_callback_costs.py",
         [],
         ["--size", "32"],

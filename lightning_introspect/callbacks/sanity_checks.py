@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,46 +11,30 @@ from typing_extensions import override
 from lightning_introspect._lightning import pl
 from lightning_introspect._torch.guards import introspection_mode, module_device
 from lightning_introspect._torch.layers import get_layer, resolve_layers
-from lightning_introspect._warnings import warn
 from lightning_introspect.callbacks.base import (
     IntrospectionCallback,
-    Option,
-    check_callable,
-    check_choice,
-    check_positive_int,
     input_gradient_problem,
-    lrp_problem,
-    renamed_argument,
 )
-from lightning_introspect.callbacks.budget import best_of
 from lightning_introspect.callbacks.checks import gradient_problem
 from lightning_introspect.callbacks.outputs import logits_only
 from lightning_introspect.callbacks.progress import IntrospectionProgress
+from lightning_introspect.callbacks.sanity_arguments import check_sanity_arguments
+from lightning_introspect.callbacks.sanity_methods import default_methods, servable_methods
+from lightning_introspect.callbacks.sanity_sizes import progress_total, run_options
+from lightning_introspect.callbacks.sanity_writer import write_report
 from lightning_introspect.callbacks.token_inputs import plan_token_attributions
 from lightning_introspect.errors import IntrospectionInputError
 from lightning_introspect.loggers.adapter import IntrospectionWriter
-from lightning_introspect.methods.attention import ATTENTION_METHODS, attention_problem
-from lightning_introspect.methods.attribution import LAYER_METHODS
-from lightning_introspect.methods.chunks import explain_in_chunks, explanation_rows
-from lightning_introspect.methods.class_check import DEFAULT_OTHERS, OTHER_CLASSES
-from lightning_introspect.methods.explainers import DEFAULT_METHODS, Explainer
-from lightning_introspect.methods.randomization import BN_MODES, randomization_blocks
+from lightning_introspect.methods.explainers import DEFAULT_METHODS
 from lightning_introspect.methods.sanity_report import (
     DEFAULT_TOKEN_METHODS,
     DEFAULT_VERDICT_METRIC,
-    MODES,
-    ORDER_CHOICES,
     TOKEN_VERDICT_METRICS,
-    VERDICT_METRICS,
     SanityReport,
     run_sanity_checks,
 )
-from lightning_introspect.methods.sanity_report import resolve_thresholds as _resolve_thresholds
-from lightning_introspect.methods.similarity import METRICS
-from lightning_introspect.methods.task import TASK_KINDS, resolve_task
+from lightning_introspect.methods.task import resolve_task
 from lightning_introspect.methods.token_attribution import (
-    TOKEN_METHODS,
-    find_embedding,
     is_token_ids,
 )
 from lightning_introspect.render.sanity import (
@@ -60,33 +43,8 @@ from lightning_introspect.render.sanity import (
     curve_figure,
     curve_figures,
     maps_grid,
-    plotted_metrics,
-    report_scalars,
     sanity_summary_lines,
-    token_class_maps_figure,
-    token_maps_figure,
 )
-
-TARGET_CHOICES = ("pred", "true")
-#: the longest side of the map grids' tiles: a tile is drawn about 117 px wide (1.3 in at 90 dpi), and the
-#: grid's canvas goes through matplotlib as float64 RGBA, so 384 px tiles only cost memory (~1 GB for a grid)
-SHOWN_SIDE = 128
-
-
-def shown_inputs(inputs: torch.Tensor) -> torch.Tensor:
-    """What the map grids draw of ``inputs`` (the first image and the tile size): images whose longer side
-    exceeds :data:`SHOWN_SIDE` are shrunk to it (antialiased, first image only); anything else as it is.
-
-    Example:
-        >>> tuple(shown_inputs(torch.zeros(4, 3, 384, 256)).shape), tuple(shown_inputs(torch.zeros(4, 1, 32, 32)).shape)
-        ((1, 3, 128, 85), (4, 1, 32, 32))
-    """
-    if inputs.ndim != 4 or not inputs.is_floating_point() or max(inputs.shape[-2:]) <= SHOWN_SIDE:
-        return inputs
-    h, w = (int(v) for v in inputs.shape[-2:])
-    scale = SHOWN_SIDE / max(h, w)
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    return torch.nn.functional.interpolate(inputs[:1].detach().float(), size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
 class SanityChecks(IntrospectionCallback):
@@ -276,75 +234,18 @@ class SanityChecks(IntrospectionCallback):
         class_sensitivity: bool | None = None,
     ) -> None:
         super().__init__(enabled=enabled, every_n_epochs=every_n_epochs, at=at, num_samples=num_samples, seed=seed, on_error=on_error)
-        cam_layer = renamed_argument("layer", "cam_layer", layer, cam_layer, "auto")
-        run_class_sensitivity = renamed_argument("class_sensitivity", "run_class_sensitivity", class_sensitivity, run_class_sensitivity, True)
-        if methods is not None:
-            from lightning_introspect.methods.attribution import METHODS
-
-            if isinstance(methods, str):
-                methods = [methods]
-            if not isinstance(methods, (list, tuple)) or not methods:
-                raise ValueError(f"Expected `methods` to be a non-empty list of method names or None, but got {methods!r}.")
-            for method in methods:
-                check_choice(method, "methods", list(METHODS))
-        check_choice(mode, "mode", MODES)
-        check_choice(order, "order", ORDER_CHOICES)
-        check_positive_int(resamples, "resamples")
-        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 < float(confidence) < 1.0:
-            raise ValueError(f"Expected `confidence` to be a number in (0, 1), but got {confidence!r}.")
-        check_choice(bn_mode, "bn_mode", BN_MODES)
-        check_choice(verdict_metric, "verdict_metric", VERDICT_METRICS)
-        check_choice(target, "target", TARGET_CHOICES)
-        check_choice(task, "task", TASK_KINDS)
-        check_positive_int(verdict_depth, "verdict_depth")
-        check_positive_int(repeats, "repeats")
-        if isinstance(layers, bool) or not isinstance(layers, (str, int, list, tuple)):
-            raise ValueError(f"Expected `layers` to be 'auto', a positive int or a list of layer names, but got {layers!r}.")
-        if isinstance(layers, int):
-            check_positive_int(layers, "layers")
-        if isinstance(layers, (list, tuple)) and (not layers or not all(isinstance(n, str) for n in layers)):
-            raise ValueError(f"Expected `layers` to be a non-empty list of layer names, but got {layers!r}.")
-        if not isinstance(cam_layer, str):
-            raise ValueError(f"Expected `cam_layer` to be 'auto' or a dotted layer name, but got {cam_layer!r}.")
-        others = list(DEFAULT_OTHERS) if others is None else list(others)
-        if not others:
-            raise ValueError(f"Expected `others` to list at least one of {', '.join(repr(o) for o in OTHER_CLASSES)}, but got [].")
-        for other in others:
-            check_choice(other, "others", OTHER_CLASSES)
-        metrics = list(METRICS) if metrics is None else list(metrics)
-        if not metrics:
-            raise ValueError(f"Expected `metrics` to list at least one of {', '.join(repr(m) for m in METRICS)}, but got [].")
-        for metric in metrics:
-            check_choice(metric, "metrics", METRICS)
-        self.methods = None if methods is None else list(methods)
-        self.layers = list(layers) if isinstance(layers, tuple) else layers
-        self.mode = mode
-        self.order = order
-        self.resamples = resamples
-        self.confidence = float(confidence)
-        self.run_emprt = bool(run_emprt)
-        self.thresholds = _resolve_thresholds(thresholds)
-        if thresholds is not None:  # a config written for the absolute thresholds of before must not pass silently
-            warn(
-                f"SanityChecks: `thresholds` are fractions of the way from a reference floor (the random-map similarity) to a "
-                f"ceiling since this release, no longer absolute similarities (the old defaults were {{'randomization': 0.5, "
-                f"'class_sensitivity': 0.6}}). Check that {thresholds!r} means what you intend (now {self.thresholds}); "
-                "this notice goes away in the next release.",
-                FutureWarning,
-            )
-        self.verdict_metric = verdict_metric
-        self.verdict_depth = verdict_depth
-        self.bn_mode = bn_mode
-        self.cam_layer = cam_layer
-        self.target = target
-        self.task = task
-        self.run_class_sensitivity = bool(run_class_sensitivity)
-        self.others = others
-        self.metrics = metrics
-        self.repeats = repeats
-        self.progress = bool(progress)
-        check_callable(output_transform, "output_transform")
-        self.output_transform = output_transform
+        checked = check_sanity_arguments(
+            methods=methods, layers=layers, mode=mode, order=order, thresholds=thresholds, verdict_metric=verdict_metric,
+            verdict_depth=verdict_depth, bn_mode=bn_mode, cam_layer=cam_layer, target=target, task=task,
+            run_class_sensitivity=run_class_sensitivity, others=others, metrics=metrics, repeats=repeats, resamples=resamples,
+            confidence=confidence, output_transform=output_transform, layer=layer, class_sensitivity=class_sensitivity,
+        )
+        self.methods, self.layers, self.cam_layer = checked.methods, checked.layers, checked.cam_layer
+        self.mode, self.order, self.bn_mode, self.target, self.task = mode, order, bn_mode, target, task
+        self.thresholds, self.verdict_metric, self.verdict_depth = checked.thresholds, verdict_metric, verdict_depth
+        self.run_class_sensitivity, self.others, self.metrics = checked.run_class_sensitivity, checked.others, checked.metrics
+        self.repeats, self.resamples, self.confidence = repeats, resamples, checked.confidence
+        self.run_emprt, self.progress, self.output_transform = bool(run_emprt), bool(progress), output_transform
         self._resolved_methods: list[str] | None = None
         self.reset()
 
@@ -399,17 +300,6 @@ class SanityChecks(IntrospectionCallback):
             self.warn_once("tokens", f"SanityChecks: {plan.dropped} have no token version; token ids {tuple(x.shape)} are checked with {plan.methods}.")
         return True
 
-    def _token_methods(self, methods: list[str], x: torch.Tensor) -> list[str]:
-        """The methods that explain token ids: the token defaults when ``methods`` was left at ``None``,
-        else those of ``methods`` with a token version (the others dropped with one warning)."""
-        if self.methods is None:
-            return list(DEFAULT_TOKEN_METHODS)
-        dropped = [m for m in methods if m not in TOKEN_METHODS]
-        kept = [m for m in methods if m in TOKEN_METHODS]
-        if dropped and kept:
-            self.warn_once("tokens", f"SanityChecks: {dropped} have no token version; token ids {tuple(x.shape)} are checked with {kept}.")
-        return kept
-
     def _resolve_task(self, model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> str:
         """``task`` resolved from one forward pass of ``x`` (eval mode, no gradients, global RNG forked)."""
         with logits_only(model, self.output_transform), introspection_mode(model, grad=False):
@@ -433,15 +323,7 @@ class SanityChecks(IntrospectionCallback):
             resolve_layers(model, self.layers, argument="layers")
         if self.cam_layer != "auto":
             get_layer(model, self.cam_layer, argument="cam_layer")
-        self._resolved_methods = self._default_methods(trainer)
-
-    def _default_methods(self, trainer: pl.Trainer | None = None) -> list[str]:
-        if self.methods is not None:
-            return list(self.methods)
-        for cb in getattr(trainer, "callbacks", None) or []:
-            if getattr(cb, "name", None) == "attributions" and getattr(cb, "methods", None) and getattr(cb, "enabled", True):
-                return list(cb.methods)
-        return list(DEFAULT_METHODS)
+        self._resolved_methods = default_methods(self, trainer)
 
     def _due_mid_fit(self, trainer: pl.Trainer) -> bool:
         if self.every_n_epochs is None and not self.at:
@@ -470,79 +352,17 @@ class SanityChecks(IntrospectionCallback):
         self.run_sizes = {}
         if self.budget is not None:
             with logits_only(pl_module, self.output_transform):
-                option = self.sized(trainer, self._options(pl_module, x))
+                option = self.sized(trainer, run_options(self, pl_module, x))
             if option is None:
                 return None
             self.run_sizes = dict(option.sizes)
         blocks = self.run_sizes.get("blocks")
-        total = self._progress_total(int(self.run_sizes.get("repeats", self.repeats)), blocks) if blocks else None
+        total = progress_total(self, int(self.run_sizes.get("repeats", self.repeats)), blocks) if blocks else None
         with IntrospectionProgress(trainer if self.progress else None, "sanity checks", total=total) as self._bar:
             try:
                 return self.check(pl_module, x, targets, writer=self.writer(trainer), step=trainer.global_step, trainer=trainer)
             finally:
                 self._bar, self.run_sizes = None, {}
-
-    def _options(self, model: torch.nn.Module, x: torch.Tensor) -> list[Option]:
-        """The sizes a run may take under a budget, largest first: as configured, then one repeat, then only
-        the two blocks nearest the output (the verdict reads the top ones); explicit arguments are kept.
-        Cost: attribution passes (``1 + repeats x blocks`` per mode) times one pass, probed once."""
-        given = set(self._given)
-        device = module_device(model)
-        sample = x.to(device)
-        methods = list(self._resolved_methods or DEFAULT_METHODS)
-        tokens = is_token_ids(x)
-        if tokens:
-            methods = self._token_methods(methods, x)
-        layers = self.layers
-        blocks = len(randomization_blocks(model, sample[:1], layers, bn_mode=self.bn_mode))
-        if not self.unit_costs.known("pass"):
-            usable = [m for m in methods if (m != "lrp" or lrp_problem(model, None, sample[:2]) is None) and (x.ndim == 4 or m not in LAYER_METHODS)]
-            explain = Explainer(usable or ["saliency"])
-            layer = self.cam_layer if any(m in LAYER_METHODS for m in usable) else None
-            if tokens:  # token scores at the embedding output
-                layer = find_embedding(model, sample[:1])
-            try:
-                with introspection_mode(model, grad=True):
-                    resolved = None if layer is None else explain.resolve_layer(model, sample[:1], layer)
-                    rows = explanation_rows(model, sample)  # in chunks, as the check explains
-                    self.unit_costs.observe("pass", best_of(2, lambda: explain_in_chunks(explain, model, sample, "pred", resolved, rows=rows)))
-            except Exception:  # only an estimate: the check itself reports what fails, under the error policy
-                self.unit_costs.observe("pass", 0.0)
-        per_pass, figure = self.unit_costs.get("pass", 0.0), self.unit_costs.get("figure", 0.25)
-        # class sensitivity: one call over every compared class, the reference noise copy and the prediction;
-        # the references: one pass; eMPRT: two
-        extra = (len(self.others) + 2 if self.run_class_sensitivity else 0) + 1 + (2 if self.run_emprt else 0)
-
-        def option(repeats: int, top: int | None) -> Option:
-            k = blocks if top is None else min(top, blocks)
-            sizes = {"repeats": repeats, "blocks": k, **({} if top is None else {"layers": top})}
-            return Option(sizes, per_pass * (self._steps(repeats, k) + extra) + 4 * figure)
-
-        repeats, top = self.repeats, None
-        options = [option(repeats, top)]
-        if "repeats" not in given and repeats > 1:
-            repeats = 1
-            options.append(option(repeats, top))
-        if "layers" not in given and self.layers == "auto" and blocks > 2:
-            top = 2
-            options.append(option(repeats, top))
-        return options
-
-    def _curves(self) -> int:
-        """How many full randomisation curves a run computes."""
-        return int(self.mode in ("independent", "both")) + int(self.mode != "independent") * (2 if self.order == "both" else 1)
-
-    def _progress_total(self, repeats: int, blocks: int) -> int:
-        """The progress bar's steps: class sensitivity, eMPRT, one per block and repeat of every full curve."""
-        return int(self.run_class_sensitivity) + int(self.run_emprt) + self._curves() * repeats * blocks
-
-    def _steps(self, repeats: int, blocks: int) -> int:
-        """Attribution passes of the randomisation runs: ``1 + repeats x blocks`` per full curve, and the
-        top-down verdict's ``1 + repeats x verdict_depth`` when no full top-down curve runs."""
-        passes = self._curves() * (1 + repeats * blocks)
-        if self.mode == "independent" or self.order == "bottom_up":
-            passes += 1 + repeats * min(self.verdict_depth, blocks)
-        return int(passes)
 
     def check(
         self,
@@ -582,33 +402,8 @@ class SanityChecks(IntrospectionCallback):
                 f"SanityChecks: the model has NaN / Inf weights in {broken[:5]}{' ...' if len(broken) > 5 else ''}; "
                 "attribution maps and verdicts would be meaningless, so the check is not run."
             )
-        methods = list(self._resolved_methods or DEFAULT_METHODS)
+        methods = servable_methods(self, model, inputs, list(self._resolved_methods or DEFAULT_METHODS))
         tokens = is_token_ids(inputs)
-        if tokens:
-            methods = self._token_methods(methods, inputs)
-            if not methods:
-                raise ValueError(
-                    f"SanityChecks: none of the methods {self.methods} explains token ids {tuple(inputs.shape)}; "
-                    f"use {', '.join(TOKEN_METHODS)}."
-                )
-        problem = lrp_problem(model, self.output_transform, inputs[:2].to(module_device(model))) if "lrp" in methods else None
-        if problem is not None:
-            self.warn_once("lrp-skipped", f"SanityChecks: {problem}")
-            methods.remove("lrp")
-        rollouts = [m for m in methods if m in ATTENTION_METHODS]
-        problem = attention_problem(model, inputs[:1]) if rollouts else None
-        if problem is not None:
-            self.warn_once("attention-skipped", f"SanityChecks: {rollouts} are skipped for this model: {problem}")
-            methods = [m for m in methods if m not in ATTENTION_METHODS]
-        if inputs.ndim == 2 and not tokens and any(m in LAYER_METHODS for m in methods):
-            dropped = [m for m in methods if m in LAYER_METHODS]
-            self.warn_once("tabular", f"SanityChecks: {dropped} need a spatial feature map; tabular inputs (N, F) skip them.")
-            methods = [m for m in methods if m not in LAYER_METHODS]
-            if not methods:
-                raise ValueError(
-                    f"SanityChecks: every method in `methods` ({dropped}) needs a spatial feature map, which tabular inputs "
-                    "(N, F) do not have; add e.g. 'saliency' or 'input_x_gradient'."
-                )
         layer = None if self.cam_layer == "auto" and not any(m in ("grad_cam", "guided_grad_cam") for m in methods) else self.cam_layer
         if tokens:  # the embedding layer, found by run_sanity_checks
             layer = "auto"
@@ -667,35 +462,13 @@ class SanityChecks(IntrospectionCallback):
         self.report = report
         self.history.append((int(step), report))
         if writer is not None:
-            self._log(writer, report, inputs, step)
+            write_report(writer, self.tag, report, inputs, step, self.metrics)
         return report
 
     def _advance(self, message: str) -> None:
         """One step of the check done (``message``: what runs next); shown in the trainer's progress bar."""
         if self._bar is not None:
             self._bar.update(message=message)
-
-    # ------------------------------------------------------------------------------- logging
-    def _log(self, writer: IntrospectionWriter, report: SanityReport, inputs: torch.Tensor, step: int) -> None:
-        batch = getattr(writer, "batch", None)
-        with batch() if batch is not None else contextlib.nullcontext():  # one flush for the whole check
-            self._write(writer, report, inputs, step)
-        writer.flush()
-
-    def _write(self, writer: IntrospectionWriter, report: SanityReport, inputs: torch.Tensor, step: int) -> None:
-        writer.scalars({self.tag(path): value for path, value in report_scalars(report).items()}, step)
-        tokens = report.input_kind == "token_ids"
-        inputs = inputs if tokens else shown_inputs(inputs)  # the maps are resized to these tiles when drawn
-        for mode in report.curves:
-            for metric, image in curve_figures(report, mode, plotted_metrics(report, mode, self.metrics)).items():
-                writer.image(self.tag("curve", mode, metric), image, step)
-            grid = token_maps_figure(report, mode, inputs) if tokens else maps_grid(report, mode, inputs)
-            if grid is not None:
-                writer.image(self.tag("maps", mode), grid, step)
-        class_grid = token_class_maps_figure(report, inputs) if tokens else class_maps_grid(report, inputs)
-        if class_grid is not None:
-            writer.image(self.tag("class_maps"), class_grid, step)
-        writer.text(self.tag("verdicts"), report.markdown(), step)
 
     # ------------------------------------------------------------------------------- results
     @override
