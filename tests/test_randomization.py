@@ -593,3 +593,35 @@ def test_headline_verdicts_hold_for_three_training_seeds(trained_digits, seed):
     assert report.verdicts == {"saliency": "pass", "grad_cam": "pass", "guided_backprop": "fail", "guided_grad_cam": "inconclusive"}
     between = report.details["randomization"]["guided_grad_cam"]
     assert report.details["randomization"]["grad_cam"].score < between.score < report.details["randomization"]["guided_backprop"].score
+
+
+def test_every_parameter_of_a_vit_is_randomised_by_the_blocks_the_model_s_own_and_unrun_ones_too():
+    from lightning_introspect.methods.randomization import ROOT, randomize_block
+    from tests.zoo import TinyViT
+
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    with torch.no_grad():  # "trained": every parameter away from its initial value (norms at 1 / 0, biases at 0)
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        model.cls_token.normal_(0.5, 0.1)
+    x = torch.randn(2, 1, 16, 16)
+    blocks = randomization_blocks(model, x)
+    members = [m for b in blocks for m in b.modules]
+    # the input-side block carries the model's own parameters (class token, positions); the attention's
+    # out_proj, whose weights nn.MultiheadAttention reads without calling it, goes with the attention
+    assert blocks[-1].name == "patch_embed" and ROOT in blocks[-1].modules
+    assert "encoder.self_attn.out_proj" in members
+    work, trained = copy.deepcopy(model), {k: v.clone() for k, v in model.state_dict().items()}
+    modules = dict(work.named_modules())
+    with torch.no_grad():
+        for block in blocks:
+            randomize_block(modules, block, seed=3, bn_mode="affine", repeat=0)
+    changed = {k for k, v in work.state_dict().items() if not torch.equal(v, trained[k])}
+    assert changed == set(trained), sorted(set(trained) - changed)  # nothing stays trained
+    # the model's own parameters are drawn again with their trained mean and spread, deterministically
+    assert abs(float(work.cls_token.mean()) - 0.5) < 0.1 and 0.03 < float(work.cls_token.std()) < 0.3
+    again = copy.deepcopy(model)
+    with torch.no_grad():
+        randomize_block(dict(again.named_modules()), blocks[-1], seed=3, bn_mode="affine", repeat=0)
+    assert torch.equal(again.pos_embed, work.pos_embed) and torch.equal(again.cls_token, work.cls_token)

@@ -113,8 +113,8 @@ class SanityChecks(IntrospectionCallback):
             output top-down, nearest the input bottom-up; cheaper), or a list of dotted names / glob
             patterns (a container is one block). A submodule whose parameters its parent reads without
             calling it (``nn.MultiheadAttention.out_proj``) is randomised with its parent's block;
-            parameters held directly by the root model (a bare ``nn.Parameter`` class token or position
-            embedding) are not randomised: keep them in a submodule of their own.
+            parameters held by the model itself (a bare ``nn.Parameter`` class token or position
+            embedding) go with the input-side block, drawn again from their trained mean and spread.
         mode: ``"cascading"``, ``"independent"`` or ``"both"``.
         order: the cascade's sequence: ``"bottom_up"`` (default, see above), ``"top_down"`` or ``"both"``
             (twice the cost).

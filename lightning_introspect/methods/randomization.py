@@ -89,6 +89,10 @@ ORIGINAL = "original"
 
 
 # ---------------------------------------------------------------------------------------- blocks
+#: the name of the model itself in a block's modules: its own parameters (not its children's)
+ROOT = ""
+
+
 @dataclass(frozen=True)
 class RandomizationBlock:
     """One randomisation step: ``name`` (the block's main layer) and the module names it re-initialises."""
@@ -177,6 +181,10 @@ def randomization_blocks(
             blocks.append(RandomizationBlock(current[0], with_unrun(current)))
         if not blocks:
             raise ValueError("The model has no parametrised layer that runs in its forward pass; nothing to randomise.")
+        if any(True for _ in model.parameters(recurse=False)):
+            # parameters held by the model itself (a ViT's bare class token / position embedding) are read next to
+            # the input: they go with the input-side block, or the randomised model would keep them trained
+            blocks[0] = RandomizationBlock(blocks[0].name, (*blocks[0].modules, ROOT))
         blocks.reverse()
         if isinstance(layers, int):
             if layers < 1:
@@ -257,6 +265,13 @@ def reinitialize_(module: nn.Module, *, seed: int, bn_mode: str = "affine") -> N
         with _seeded_global_rng(seed, module):
             reset_parameters()
         return
+    _redraw_own_parameters(module, seed=seed)
+
+
+@torch.no_grad()
+def _redraw_own_parameters(module: nn.Module, *, seed: int) -> None:
+    """Each parameter of ``module`` itself drawn again from a normal with its trained mean and standard
+    deviation (a private generator per parameter)."""
     for i, param in enumerate(module.parameters(recurse=False)):
         gen = private_generator(seed + i, device=param.device)
         std = float(param.float().std()) if param.numel() > 1 else 0.0
@@ -267,7 +282,9 @@ def reinitialize_(module: nn.Module, *, seed: int, bn_mode: str = "affine") -> N
 
 def randomize_block(modules: Mapping[str, nn.Module], block: RandomizationBlock, *, seed: int, bn_mode: str, repeat: int) -> None:
     """Re-initialise every module of ``block`` in place (:func:`reinitialize_`, each with its own
-    :func:`layer_seed` of ``(seed, name, repeat)``).
+    :func:`layer_seed` of ``(seed, name, repeat)``); the model's own parameters (:data:`ROOT`) are drawn
+    again from their trained mean and standard deviation (a model's ``reset_parameters`` may re-initialise
+    every layer, so it is not called).
 
     Args:
         modules: ``dict(model.named_modules())`` of the model being randomised.
@@ -277,7 +294,10 @@ def randomize_block(modules: Mapping[str, nn.Module], block: RandomizationBlock,
         repeat: the repeat index (another draw per repeat).
     """
     for name in block.modules:
-        reinitialize_(modules[name], seed=layer_seed(seed, name, repeat), bn_mode=bn_mode)
+        if name == ROOT:
+            _redraw_own_parameters(modules[name], seed=layer_seed(seed, name, repeat))
+        else:
+            reinitialize_(modules[name], seed=layer_seed(seed, name, repeat), bn_mode=bn_mode)
 
 
 # ---------------------------------------------------------------------------------------- curves
@@ -536,6 +556,7 @@ __all__ = [
     "BN_MODES",
     "ORDERS",
     "ORIGINAL",
+    "ROOT",
     "RANDOMIZATION_MODES",
     "RandomizationBlock",
     "RandomizationCurves",
