@@ -97,7 +97,25 @@ class DigitsDataModule(LightningDataModule):
         return dataset
 
 
-class DigitsCNN(LightningModule):
+class DigitsClassifier(LightningModule):
+    """Cross-entropy training on ``(images, labels)`` batches; ``validation_step`` logs ``val_loss`` and
+    ``val_acc`` and returns the logits (the demos' models subclass it)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True)
+        self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
+        return logits
+
+
+class DigitsCNN(DigitsClassifier):
     """A small CNN for 1x32x32 digits: three conv-BN-ReLU stages, global average pooling, a linear head.
 
     Layer names: ``features.0`` ... ``features.10``, ``pool``, ``flatten`` and ``classifier``;
@@ -121,19 +139,6 @@ class DigitsCNN(LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.flatten(self.pool(self.features(x))))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True)
-        self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
-        return logits
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)

@@ -22,11 +22,9 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lightning_introspect._lightning import LightningModule
-from lightning_introspect.demo import DIGIT_NAMES
+from lightning_introspect.demo import DIGIT_NAMES, DigitsClassifier
 
 #: the side the digits are upsampled to and the patch side: a 4x4 grid of patch tokens
 IMAGE_SIZE = 16
@@ -90,7 +88,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class DigitsViT(LightningModule):
+class DigitsViT(DigitsClassifier):
     """A tiny vision transformer for 1x16x16 digits.
 
     Layer names: ``patch_embed`` (the 4x4 patch convolution), ``tokens`` (class token and positions),
@@ -132,19 +130,6 @@ class DigitsViT(LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embed(x).flatten(2).transpose(1, 2)  # (N, P, D), the grid in row-major order
         return self.head(self.norm(self.blocks(self.tokens(patches)))[:, 0])
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True)
-        self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
-        return logits
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.05)
