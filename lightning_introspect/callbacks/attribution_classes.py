@@ -23,6 +23,7 @@ from lightning_introspect.methods.attribution_runs import (
     nonfinite_grids,
     skipped_grids,
 )
+from lightning_introspect.methods.chunks import explanation_rows
 from lightning_introspect.methods.targets import target_indices
 from lightning_introspect.render.attributions import attribution_captions
 
@@ -55,7 +56,8 @@ def log_classes(
     # the main target, then each class: every target in as few passes as possible
     n = x.shape[0]
     targets = [explained] + [torch.full((n,), c, dtype=torch.long) for c in classes]
-    flat = attribute_targets(lambda xs, t: cb._attribute(pl_module, xs, t.to(device), methods), x, targets, max_batch=MAX_BATCH)
+    rows = min(MAX_BATCH, explanation_rows(pl_module, x[:1].to(device)))  # large inputs: chunks within the memory budget
+    flat = attribute_targets(lambda xs, t: cb._attribute(pl_module, xs, t.to(device), methods), x, targets, max_batch=rows)
     methods = [m for m in methods if m in flat]
     split = {m: flat[m].split(n) for m in methods}
     confidence = probs.gather(1, explained.to(probs.device).view(-1, 1)).squeeze(1).cpu()

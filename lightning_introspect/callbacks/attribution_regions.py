@@ -25,6 +25,7 @@ from lightning_introspect.methods.attribution_runs import (
     region_confidence,
     region_pairs,
 )
+from lightning_introspect.methods.chunks import explanation_rows
 from lightning_introspect.methods.targets import dominant_class
 from lightning_introspect.methods.task import as_masks
 from lightning_introspect.render.attributions import localization_markdown, region_captions
@@ -64,7 +65,8 @@ def log_regions(
     if not len(both):
         writer.text(cb.tag("warnings"), f"**Step {step}:** no region of the classes {cb.targets} in the {source} masks of the fixed samples; nothing explained.", step)
         return
-    flat = attribute_pairs(lambda xs, t: cb._attribute(pl_module, xs, t, methods), x.to(pl_module.device), both, max_batch=MAX_BATCH)
+    rows = min(MAX_BATCH, explanation_rows(pl_module, x[:1].to(pl_module.device)))  # large inputs: chunks within the memory budget
+    flat = attribute_pairs(lambda xs, t: cb._attribute(pl_module, xs, t, methods), x.to(pl_module.device), both, max_batch=rows)
     methods = [m for m in methods if m in flat]
     cb.maps, cb.class_maps = {m: flat[m][: len(pairs)] for m in methods}, {}
     cb.nonfinite = broken = ([] if bool(torch.isfinite(out).all()) else ["outputs"]) + [m for m in methods if not bool(torch.isfinite(flat[m]).all())]

@@ -22,6 +22,7 @@ from lightning_introspect.callbacks.base import Option
 from lightning_introspect.callbacks.budget import best_of
 from lightning_introspect.loggers.adapter import IntrospectionWriter
 from lightning_introspect.methods.attribution_runs import faithfulness_scores
+from lightning_introspect.methods.chunks import chunk_slices, chunk_target, explanation_rows
 from lightning_introspect.methods.emprt import emprt
 from lightning_introspect.methods.token_attribution import is_token_ids
 from lightning_introspect.render.attributions import faithfulness_markdown
@@ -104,9 +105,18 @@ def log_emprt(
 def _single_method(cb: Attributions, method: str) -> Callable[..., torch.Tensor]:
     """``fn(model, inputs, target, layer=None)`` for eMPRT: the maps of one method, as the callback makes them
     (its Grad-CAM / embedding layer by name, which the randomised copy shares)."""
-    def explain(model: Any, inputs: torch.Tensor, target: Any, layer: str | None = None) -> torch.Tensor:
+    def one(model: Any, inputs: torch.Tensor, target: Any) -> torch.Tensor:
         maps = cb._attribute(model, inputs, target, [method])
         if method not in maps:
             raise RuntimeError(f"Attributions: {method} gave no maps on the randomised copy of the model.")
         return maps[method]
+
+    def explain(model: Any, inputs: torch.Tensor, target: Any, layer: str | None = None) -> torch.Tensor:
+        # large inputs in chunks within the memory budget; a target that cannot be cut: in one piece
+        n = int(inputs.shape[0])
+        parts = chunk_slices(n, explanation_rows(model, inputs[:1].to(module_device(model, inputs.device))))
+        cuts = [chunk_target(target, n, part) for part in parts]
+        if len(parts) == 1 or not all(ok for ok, _ in cuts):
+            return one(model, inputs, target)
+        return torch.cat([one(model, inputs[part], cut) for part, (_, cut) in zip(parts, cuts)])
     return explain

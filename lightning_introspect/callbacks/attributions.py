@@ -48,7 +48,7 @@ from lightning_introspect.render.attributions import (
     nonfinite_what,
     outline_regions,
 )
-from lightning_introspect.render.grid import captioned_grid
+from lightning_introspect.render.grid import captioned_grid, shown_size, shrink_images
 
 
 class Attributions(IntrospectionCallback):
@@ -106,7 +106,7 @@ class Attributions(IntrospectionCallback):
     its region target -- the class's mean probability over the explained region. Cost:
     about ``samples x 2 x (faithfulness_steps - 1) x (methods + 2)`` perturbed inputs (the curves' ends,
     the input and the baseline, run once for all maps), 128 per forward pass without gradients (8 samples,
-    4 methods, 20 steps: 1,840 inputs in 17 forwards).
+    4 methods, 20 steps: 1,840 inputs in 17 forwards; fewer per forward for large images, see below).
 
     eMPRT (``run_emprt=True``, the default): every run also measures, per method, how much more disordered
     the maps become when every layer of a copy of the model is re-initialised
@@ -116,6 +116,13 @@ class Attributions(IntrospectionCallback):
     for a random network. Cost: a copy of the model and one attribution pass per method on it (the trained
     model's maps are those the run has just logged; images and tabular inputs; token ids are checked by
     ``SanityChecks``).
+
+    Large inputs (e.g. 3x384x384): the explanations, the faithfulness curves and eMPRT's maps run a few samples
+    at a time, as many as :data:`~lightning_introspect.methods.chunks.DEFAULT_MEMORY_BUDGET` holds
+    (:func:`~lightning_introspect.methods.chunks.explanation_rows`,
+    :func:`~lightning_introspect.methods.faithfulness.perturbation_rows`): each sample is explained and scored
+    on its own, so the maps and scores are those of one pass. The grids draw images with a side over
+    :data:`~lightning_introspect.render.grid.SHOWN_SIDE` pixels shrunk to it (the tiles' size); ``maps`` keep the inputs' size.
 
     Args:
         methods: names from ``METHODS``: ``saliency``, ``input_x_gradient``, ``guided_backprop``,
@@ -418,7 +425,7 @@ class Attributions(IntrospectionCallback):
         if not self._logged_static:
             self._logged_static = True
             if x.ndim == 4:
-                writer.image_grid(self.tag("inputs"), self._display(x), step)
+                writer.image_grid(self.tag("inputs"), shrink_images(self._display(x), shown_size(*x.shape[-2:])), step)
             if self._layer_note:
                 writer.text(self.tag("layer"), self._layer_note, step)
         run = log_regions if self.resolved_task == "segmentation" else log_classes
@@ -456,7 +463,10 @@ class Attributions(IntrospectionCallback):
             writer.figure(tag, feature_bar_chart(maps, title=title, feature_names=self.feature_names), step)
             return
         cmaps = {"colormap": self.colormap, "signed_colormap": self.signed_colormap}
-        images = attribution_overlays(self._display(x), maps, signed=method in SIGNED_METHODS, normalize=self.normalize, alpha=self.alpha, **cmaps)
+        display, size = self._display(x), shown_size(*x.shape[-2:])  # large images drawn at the tiles' size
+        if maps.ndim == 4 and maps.shape[-2:] == x.shape[-2:]:
+            display, maps = shrink_images(display, size), shrink_images(maps, size)
+        images = attribution_overlays(display, maps, signed=method in SIGNED_METHODS, normalize=self.normalize, alpha=self.alpha, **cmaps)
         if regions is not None:
             images = outline_regions(images, regions)
         if captions is None:  # per-class grids: fast torch grid, tiles in the main grid's order

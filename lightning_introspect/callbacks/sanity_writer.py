@@ -11,6 +11,7 @@ import torch
 
 from lightning_introspect.loggers.adapter import IntrospectionWriter
 from lightning_introspect.methods.sanity_report import SanityReport
+from lightning_introspect.render.grid import shown_size, shrink_images
 from lightning_introspect.render.sanity import (
     class_maps_grid,
     curve_figures,
@@ -21,27 +22,22 @@ from lightning_introspect.render.sanity import (
     token_maps_figure,
 )
 
-#: the longest side of the map grids' tiles: a tile is drawn about 117 px wide (1.3 in at 90 dpi), and the
-#: grid's canvas goes through matplotlib as float64 RGBA, so 384 px tiles only cost memory (~1 GB for a grid)
-SHOWN_SIDE = 128
-
-__all__ = ["SHOWN_SIDE", "shown_inputs", "write_report"]
+__all__ = ["shown_inputs", "write_report"]
 
 
 def shown_inputs(inputs: torch.Tensor) -> torch.Tensor:
     """What the map grids draw of ``inputs`` (the first image and the tile size): images whose longer side
-    exceeds :data:`SHOWN_SIDE` are shrunk to it (antialiased, first image only); anything else as it is.
+    exceeds :data:`~lightning_introspect.render.grid.SHOWN_SIDE` are shrunk to it (first image only: the grids
+    draw one); anything else as it is.
 
     Example:
         >>> tuple(shown_inputs(torch.zeros(4, 3, 384, 256)).shape), tuple(shown_inputs(torch.zeros(4, 1, 32, 32)).shape)
         ((1, 3, 128, 85), (4, 1, 32, 32))
     """
-    if inputs.ndim != 4 or not inputs.is_floating_point() or max(inputs.shape[-2:]) <= SHOWN_SIDE:
+    if inputs.ndim != 4 or not inputs.is_floating_point():
         return inputs
-    h, w = (int(v) for v in inputs.shape[-2:])
-    scale = SHOWN_SIDE / max(h, w)
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    return torch.nn.functional.interpolate(inputs[:1].detach().float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+    size = shown_size(*(int(v) for v in inputs.shape[-2:]))
+    return inputs if size == tuple(inputs.shape[-2:]) else shrink_images(inputs[:1], size)
 
 
 def write_report(

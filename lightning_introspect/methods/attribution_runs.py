@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from lightning_introspect._torch.guards import private_generator
 from lightning_introspect.methods import localization
+from lightning_introspect.methods.chunks import chunk_slices
 from lightning_introspect.methods.faithfulness import edge_map, faithfulness_curves, random_map
 from lightning_introspect.methods.targets import RegionTarget
 
@@ -59,14 +60,16 @@ def attribute_targets(explain: Explain, x: torch.Tensor, targets: Sequence[torch
     """Explain the samples ``x`` for each of several targets in as few passes as possible.
 
     The samples are repeated once per target and explained as one batch of at most ``max_batch``
-    items (at least one target per pass); in eval mode the samples are independent, so the maps equal
-    one pass per target.
+    items (at least one target per pass; when ``max_batch`` is below the number of samples, each target
+    in consecutive chunks of ``max_batch`` samples); in eval mode the samples are independent, so the maps
+    equal one pass per target.
 
     Args:
         explain: ``(inputs, targets) -> {method: maps}`` with one map per input.
         x: the samples ``(N, ...)``.
         targets: one ``(N,)`` class-id tensor per target.
-        max_batch: the most samples x targets explained in one pass.
+        max_batch: the most samples x targets explained in one pass (e.g.
+            :func:`~lightning_introspect.methods.chunks.explanation_rows` for a memory budget).
 
     Returns:
         ``{method: maps}`` on CPU, ``(len(targets) * N, ...)`` in target order (``.split(N)`` gives one
@@ -79,13 +82,21 @@ def attribute_targets(explain: Explain, x: torch.Tensor, targets: Sequence[torch
         [2.0, 2.0, 6.0, 6.0]
     """
     n = x.shape[0]
-    per_chunk = max(1, max_batch // n)
     pieces: dict[str, list[torch.Tensor]] = {}
-    for i in range(0, len(targets), per_chunk):
-        chunk = targets[i : i + per_chunk]
-        got = explain(x.repeat(len(chunk), *([1] * (x.ndim - 1))), torch.cat(list(chunk)))
+
+    def keep(got: Mapping[str, torch.Tensor]) -> None:
         for m, v in got.items():
             pieces.setdefault(m, []).append(v.detach().cpu())
+
+    if max_batch < n:  # fewer rows than samples per pass (large inputs): each target in chunks of samples
+        for t in targets:
+            for part in chunk_slices(n, max_batch):
+                keep(explain(x[part], t[part]))
+    else:
+        per_chunk = max(1, max_batch // n)
+        for i in range(0, len(targets), per_chunk):
+            chunk = targets[i : i + per_chunk]
+            keep(explain(x.repeat(len(chunk), *([1] * (x.ndim - 1))), torch.cat(list(chunk))))
     return {m: torch.cat(p) for m, p in pieces.items() if sum(q.shape[0] for q in p) == n * len(targets)}
 
 

@@ -28,8 +28,9 @@ its mean probability over the region; a callable target's own score (it must wor
 
 Inputs are images ``(N, C, H, W)`` (a pixel is removed in all its channels) or tabular ``(N, F)`` (a
 feature is removed); other shapes raise ``ValueError``. Every perturbed input of every step and sample is
-run in a few batched forwards (``max_batch`` inputs each), in eval mode, without gradients, with every
-module's mode restored and the global RNG untouched (:func:`~lightning_introspect._torch.guards.introspection_mode`);
+run in a few batched forwards (``max_batch`` inputs each; fewer for large inputs, as many as a memory budget
+holds, :func:`perturbation_rows`: each input is scored on its own, so the chunks change no score), in eval
+mode, without gradients, with every module's mode restored and the global RNG untouched (:func:`~lightning_introspect._torch.guards.introspection_mode`);
 the only randomness (tie breaking, the random map, ROAD's noise) comes from the generator passed in.
 """
 
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_introspect._torch.guards import introspection_mode, module_device, private_generator
+from lightning_introspect.methods.chunks import DEFAULT_MEMORY_BUDGET, activation_bytes, rows_per_chunk
 from lightning_introspect.methods.targets import RegionTarget, Target, model_logits, target_indices
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "faithfulness_curves",
     "insertion_curve",
     "linear_imputation",
+    "perturbation_rows",
     "pixel_scores",
     "random_map",
     "road",
@@ -259,6 +262,22 @@ def _scores_of(
     return (torch.cat(scores), torch.cat(hits)) if scores else (torch.zeros(0), torch.zeros(0))
 
 
+def perturbation_rows(model: nn.Module, inputs: torch.Tensor, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
+    """Perturbed inputs scored together within ``memory_budget`` bytes: per input, one forward pass's
+    activations (:func:`~lightning_introspect.methods.chunks.activation_bytes`, measured on ``inputs[:1]``) and
+    what building it holds besides: the sample and its baseline gathered, the perturbed copy, and the row of
+    the order (int32 per pixel) with its mask.
+
+    Example:
+        >>> perturbation_rows(nn.Flatten(), torch.zeros(3, 1, 4, 4), memory_budget=1000)  # 64 + 3 x 64 + 16 x 5 bytes a row
+        2
+    """
+    row = inputs[:1]
+    pixels = row[0].numel() if row.ndim == 2 else row[0, 0].numel()
+    own = 3 * row.numel() * row.element_size() + pixels * (4 + 1)
+    return rows_per_chunk(activation_bytes(model, row) + own, memory_budget)
+
+
 def _check_positive(value: object, argument: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"Expected `{argument}` to be a positive int, but got {value!r}.")
@@ -278,6 +297,7 @@ def faithfulness_curves(
     generator: torch.Generator | None = None,
     max_batch: int = 128,
     kinds: Sequence[str] = ("deletion", "insertion"),
+    memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
 ) -> dict[str, dict[str, FaithfulnessResult]]:
     """The deletion and / or insertion curves of several maps of the same inputs, in one batched run.
 
@@ -299,6 +319,8 @@ def faithfulness_curves(
         generator: breaks ties in the orders (``None``: a private generator seeded with 0).
         max_batch: the most perturbed inputs in one forward.
         kinds: ``"deletion"`` and / or ``"insertion"``.
+        memory_budget: bytes one forward's perturbed inputs may hold (:func:`perturbation_rows`; large
+            images run fewer than ``max_batch`` at a time, with the same scores); ``None``: ``max_batch``.
 
     Returns:
         ``{name: {kind: FaithfulnessResult}}`` (on CPU).
@@ -323,22 +345,27 @@ def faithfulness_curves(
     generator = private_generator(0) if generator is None else generator
     state = generator.get_state()
     ranks = []
+    rank_dtype = torch.int32 if p < 2**31 else torch.int64  # only compared with the counts: half the memory of int64
     for s in scores.values():
         generator.set_state(state)
-        ranks.append(_ranks(s, generator))
+        ranks.append(_ranks(s, generator).to(rank_dtype))
     names = list(scores)
+    del scores  # the orders are drawn: only the ranks are needed while the perturbed inputs run
     fractions = torch.linspace(0.0, 1.0, steps + 1)
     counts = torch.tensor([round(k * p / steps) for k in range(steps + 1)])
     inner = steps - 1  # steps 1 .. steps-1 depend on the map; the ends (input, baseline) are shared by all maps
     deleting = torch.tensor([k == "deletion" for k in kinds])
+    x = inputs.to(module_device(model, inputs.device))
+    if memory_budget is not None:  # each perturbed input scores alone: any chunking gives the same numbers
+        max_batch = min(max_batch, perturbation_rows(model, x, memory_budget))
     with introspection_mode(model, grad=False):
-        x = inputs.to(module_device(model, inputs.device))
         base = _baseline(x, baseline, blur_sigma)
         out = _forward(model, x)
         scorer = _Scorer(out, target)
         on_input = scorer(out, torch.arange(n))[0]
         on_baseline = _scores_of(model, lambda ids: (base[ids.to(x.device)], ids), n, scorer, max_batch)[0]
         rank_d = torch.stack(ranks).to(x.device)  # (maps, N, P)
+        del ranks
         counts_d, deleting_d = counts.to(x.device), deleting.to(x.device)
 
         def build(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,38 @@ from typing import Any
 import numpy as np
 import torch
 
+#: the longest side of a grid's tiles: a captioned tile is drawn about 140 px wide, so larger tiles only cost
+#: memory (a grid of 384 px tiles and its colour maps are about ten times the size, for the same picture)
+SHOWN_SIDE = 128
+
+
+def shown_size(height: int, width: int, side: int = SHOWN_SIDE) -> tuple[int, int]:
+    """The size ``(H, W)`` images are drawn at: the longer side shrunk to ``side``, the aspect kept; smaller
+    images as they are.
+
+    Example:
+        >>> shown_size(384, 256), shown_size(32, 32)
+        ((128, 85), (32, 32))
+    """
+    if max(height, width) <= side:
+        return height, width
+    scale = side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def shrink_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Floating ``(N, C, H, W)`` images (or maps) resized to ``size``, bilinear and antialiased (a shown pixel
+    is a weighted mean of the pixels around it, so detail finer than a tile's pixels turns grey instead of
+    aliasing); anything of that size already is returned as it is.
+
+    Example:
+        >>> shrink_images(torch.ones(2, 3, 384, 256), (128, 85)).shape
+        torch.Size([2, 3, 128, 85])
+    """
+    if images.ndim != 4 or tuple(images.shape[-2:]) == tuple(size):
+        return images
+    return torch.nn.functional.interpolate(images.detach().float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+
 
 def make_grid(images: torch.Tensor, *, nrow: int = 8, padding: int = 2, pad_value: float = 1.0) -> torch.Tensor:
     """Tile ``(N, C, H, W)`` images into one ``(C, H', W')`` image, ``nrow`` images per row.
