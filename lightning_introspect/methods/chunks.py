@@ -43,9 +43,10 @@ from lightning_introspect._torch.hooks import hooks
 from lightning_introspect.methods.explainers import Explainer
 from lightning_introspect.methods.targets import RegionTarget
 
-DEFAULT_MEMORY_BUDGET = 256 * 2**20
-"""Bytes of working memory one chunk of an extra pass may hold (a training step of a small CNN on a batch of
-16 images of 3x384x384 holds about 350 MB)."""
+DEFAULT_MEMORY_BUDGET = 128 * 2**20
+"""Bytes of working memory one chunk of an extra pass may hold. A training step of a small CNN on a batch of 16
+images of 3x384x384 holds about 350 MB; with 128 MB a chunk stays well inside what training itself needs
+(benchmarks/bench_memory.py: the default set's peak 1.71x a fit without at 384 px, 1.94x with 256 MB)."""
 
 GRADIENT_FACTOR = 3
 """A gradient pass holds about this many times one forward pass's activations (measured: 2.6x for the four
