@@ -13,9 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_introspect._lightning import LightningModule, pl
+from lightning_introspect._lightning import pl
 from lightning_introspect.callbacks import attribution_classes, attribution_scores
 from lightning_introspect.callbacks.attributions import Attributions
 from lightning_introspect.methods import faithfulness
@@ -26,6 +25,7 @@ from lightning_introspect.methods.faithfulness import faithfulness_curves, pertu
 from lightning_introspect.methods.targets import RegionTarget
 from lightning_introspect.render.grid import SHOWN_SIDE, shown_size, shrink_images
 from tests.helpers import quick_trainer, read_events
+from tests.test_attributions_callback import _Generic
 
 
 def _classifier() -> nn.Module:
@@ -99,31 +99,12 @@ def test_attribute_targets_below_the_samples_is_bitwise_one_pass():
 
 
 # ------------------------------------------------------------------------------------------ the callback
-class _Module(LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = _classifier().train()
-        gen = torch.Generator().manual_seed(4)
-        self.x = torch.randn(32, 3, 16, 16, generator=gen, dtype=torch.float64)
-        self.y = torch.randint(0, 4, (32,), generator=gen)
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, idx):
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch, idx):
-        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=16)
-
-    def val_dataloader(self):
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=16)
+def _module() -> _Generic:
+    """The float64 classifier on 32 fixed samples, trained and validated on them (16 a batch)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(32, 3, 16, 16, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (32,), generator=gen)
+    return _Generic(_classifier().train(), x, y)
 
 
 def _fit(tmp_path, monkeypatch, rows: int | None) -> tuple[Attributions, list[int]]:
@@ -142,7 +123,7 @@ def _fit(tmp_path, monkeypatch, rows: int | None) -> tuple[Attributions, list[in
 
     cb._attribute = recording  # type: ignore[method-assign]
     pl.seed_everything(0, verbose=False)
-    quick_trainer(tmp_path, [cb], epochs=1).fit(_Module())
+    quick_trainer(tmp_path, [cb], epochs=1).fit(_module())
     monkeypatch.undo()
     return cb, sizes
 
@@ -176,7 +157,7 @@ def test_large_images_are_drawn_at_the_tile_size():
 
 
 def test_grids_of_large_images_are_logged_small(tmp_path):
-    module = _Module()
+    module = _module()
     gen = torch.Generator().manual_seed(5)
     module.x = torch.randn(32, 3, 192, 192, generator=gen, dtype=torch.float64)
     cb = Attributions(methods=["saliency"], num_samples=4, at=[0.0], faithfulness=False, run_emprt=False, on_error="raise")
