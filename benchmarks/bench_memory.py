@@ -11,7 +11,10 @@ the headline is ``RATIO peak_memory_384px`` (the default set / none; the target 
 The callbacks' extra passes (sanity checks, the perturbation test, feature visualisation, attributions)
 run in chunks sized to a memory budget, so their peaks stay near the training step's own.
 
-    python benchmarks/bench_memory.py [--size 384] [--epochs 2] [--batch-size 16] [--only none default SanityChecks]
+With ``--device cuda`` the fits run on the GPU and the peak allocated CUDA memory
+(``torch.cuda.max_memory_allocated``) is reported beside the peak RSS (``RATIO peak_cuda_memory_384px``).
+
+    python benchmarks/bench_memory.py [--size 384] [--epochs 2] [--batch-size 16] [--device cpu|cuda] [--only none default SanityChecks]
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ torch.set_num_threads(int(sys.argv[5]))
 from lightning_introspect._lightning import LightningModule, Trainer, pl
 from lightning_introspect.config import CALLBACKS, introspection_callbacks
 
-which, size, epochs, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+which, size, epochs, batch, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[6]
 CLASSES, TRAIN_BATCHES, VAL_BATCHES = 4, 4, 4
 
 
@@ -95,11 +98,12 @@ else:  # one callback of the default set alone, under the same budget
     callbacks = introspection_callbacks(sections)
 loggers = __import__(f"{pl.__name__}.loggers", fromlist=["TensorBoardLogger"])
 with tempfile.TemporaryDirectory() as tmp:
-    trainer = Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=loggers.TensorBoardLogger(tmp), callbacks=callbacks,
+    trainer = Trainer(max_epochs=epochs, accelerator="gpu" if device == "cuda" else "cpu", devices=1, logger=loggers.TensorBoardLogger(tmp), callbacks=callbacks,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                       log_every_n_steps=1)
     trainer.fit(Net(), train, val)
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
                   "callbacks": [type(c).__name__ for c in callbacks],
                   "skipped": {type(c).__name__: c.skip_reason for c in callbacks if getattr(c, "skip_reason", None)},
                   "own_seconds": {type(c).__name__: round(c.seconds_total, 2) for c in callbacks}}))
@@ -111,7 +115,8 @@ DEFAULT_SET = ("PerClassMetrics", "Misclassifications", "WeightHistograms", "Lin
 
 def run(which: str, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", CHILD, which, str(args.size), str(args.epochs), str(args.batch_size), str(args.threads)],
+    res = subprocess.run([sys.executable, "-c", CHILD, which, str(args.size), str(args.epochs), str(args.batch_size), str(args.threads),
+                          args.device],
                          capture_output=True, text=True)
     if res.returncode != 0:
         print(res.stderr[-3000:])
@@ -128,18 +133,25 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="+", default=None, help="configurations to run: none, default, or callback class names")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the fit on the GPU, and its peak allocated CUDA memory reported beside the peak RSS")
     args = parser.parse_args()
     configs = args.only or ["none", "default", *DEFAULT_SET]
     results = {which: run(which, args) for which in configs}
     base = results.get("none", {}).get("peak_rss_mb")
-    print(f"3x{args.size}x{args.size} images, batch {args.batch_size}, {args.epochs} epochs, CPU, {args.threads} torch threads")
-    print(f"{'configuration':24s}{'peak RSS MB':>12s}{'/ none':>8s}{'seconds':>9s}")
+    cuda = args.device == "cuda"
+    base_cuda = results.get("none", {}).get("peak_cuda_mb")
+    print(f"3x{args.size}x{args.size} images, batch {args.batch_size}, {args.epochs} epochs, {args.device}, {args.threads} torch threads")
+    print(f"{'configuration':24s}{'peak RSS MB':>12s}{'/ none':>8s}" + (f"{'CUDA MB':>10s}{'/ none':>8s}" if cuda else "") + f"{'seconds':>9s}")
     for which, res in results.items():
         ratio = f"{res['peak_rss_mb'] / base:8.2f}" if base else f"{'':8s}"
+        on_gpu = f"{res['peak_cuda_mb']:10.0f}" + (f"{res['peak_cuda_mb'] / base_cuda:8.2f}" if base_cuda else f"{'':8s}") if cuda else ""
         skipped = f"  (skipped: {res['skipped']})" if res.get("skipped") else ""
-        print(f"{which:24s}{res['peak_rss_mb']:12.0f}{ratio}{res['seconds']:9.1f}{skipped}")
+        print(f"{which:24s}{res['peak_rss_mb']:12.0f}{ratio}{on_gpu}{res['seconds']:9.1f}{skipped}")
     if base and "default" in results:
         print(f"RATIO peak_memory_{args.size}px {results['default']['peak_rss_mb'] / base:.3f}")
+        if cuda and base_cuda:
+            print(f"RATIO peak_cuda_memory_{args.size}px {results['default']['peak_cuda_mb'] / base_cuda:.3f}")
     for which, res in results.items():
         if which not in ("none", "default") and base:
             print(f"RATIO peak_memory_{args.size}px_{which} {res['peak_rss_mb'] / base:.3f}")

@@ -68,6 +68,7 @@ BENCHMARKS: list[tuple[str, list[str], list[str], list[tuple[str, str]]]] = [
             ("the same, Attributions alone / none", r"RATIO peak_memory_\d+px_Attributions ([\d.]+)"),
             ("the same, SanityChecks alone / none", r"RATIO peak_memory_\d+px_SanityChecks ([\d.]+)"),
             ("the same, Misclassifications alone / none", r"RATIO peak_memory_\d+px_Misclassifications ([\d.]+)"),
+            ("peak allocated CUDA memory on those images (--device cuda), default set / none", r"RATIO peak_cuda_memory_\d+px ([\d.]+)"),
         ],
     ),
     (
@@ -139,7 +140,7 @@ BENCHMARKS: list[tuple[str, list[str], list[str], list[tuple[str, str]]]] = [
 ]
 
 # the scripts with a --device option (bench_probes measures the sklearn thread vs torch on the CPU)
-TAKES_DEVICE = {"bench_whole_fit.py", "bench_segmentation.py", "bench_callback_costs.py", "bench_fit_overhead.py", "bench_histograms.py", "bench_attributions.py", "bench_lrp.py", "bench_featviz.py"}
+TAKES_DEVICE = {"bench_memory.py", "bench_whole_fit.py", "bench_segmentation.py", "bench_callback_costs.py", "bench_fit_overhead.py", "bench_histograms.py", "bench_attributions.py", "bench_lrp.py", "bench_featviz.py"}
 
 
 def machine_description(device: str) -> str:

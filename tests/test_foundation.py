@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_introspect._lightning import LightningModule, pl
 from lightning_introspect._torch import (
@@ -283,6 +285,47 @@ def test_fixed_samples_private_rng_and_state_round_trip(tmp_path):
     from_file = _Recorder(num_samples=5)
     from_file.load_state_dict(torch.load(path, weights_only=True))  # plain data: loads without pickled code
     assert torch.equal(from_file._samples[0], x1) and torch.equal(from_file._samples[1], y1)
+
+
+def test_fixed_samples_of_large_inputs_are_capped_by_memory_unless_num_samples_is_given():
+    """A sample set of large inputs would hold hundreds of MB all fit long (and in every checkpoint): unless
+    `num_samples` is given, the random items' inputs hold at most the memory budget, never below 8 items, and
+    are the first items of the uncapped draw; `per_class` and iterable datasets follow the same rules."""
+    from lightning_introspect.methods.chunks import DEFAULT_MEMORY_BUDGET
+
+    images = torch.rand(40, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(40) % 4
+    val = DataLoader(TensorDataset(images, labels), batch_size=8)
+    per_image = 3 * 16 * 16 * 4
+    whole, _ = draw_samples(val, 30, seed=1)
+    capped, capped_y = draw_samples(val, 30, seed=1, max_bytes=12 * per_image + 5)
+    assert capped.shape[0] == 12 and torch.equal(capped, whole[:12]) and capped_y.shape == (12,)
+    assert draw_samples(val, 30, seed=1, max_bytes=per_image)[0].shape[0] == 8  # the floor
+    assert draw_samples(val, 5, seed=1, max_bytes=per_image)[0].shape[0] == 5  # never more than asked
+    assert sorted(draw_samples(val, 30, seed=1, per_class=3, max_bytes=per_image)[1].tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(images, labels))
+
+    streamed, _ = draw_samples(DataLoader(Stream(), batch_size=8), 30, max_bytes=12 * per_image)
+    assert torch.equal(streamed, images[:12])
+
+    class Large(torch.utils.data.Dataset):  # 3x384x384 float32: 1.7 MB an image, made when read
+        def __len__(self):
+            return 300
+
+        def __getitem__(self, i):
+            return torch.full((3, 384, 384), float(i)), i % 4
+
+    large = DataLoader(Large(), batch_size=16)
+    trainer = SimpleNamespace(val_dataloaders=large)
+    default = _Recorder(num_samples=256)
+    default._given.pop("num_samples")  # as if left at its default
+    x, _ = default.fixed_samples(trainer)
+    assert x.shape[0] == DEFAULT_MEMORY_BUDGET // (3 * 384 * 384 * 4) == 56
+    given = _Recorder(num_samples=100)  # given: the user's size wins
+    assert given.fixed_samples(trainer)[0].shape[0] == 100
 
 
 def test_split_batch_kinds():

@@ -233,3 +233,35 @@ def test_perturbation_accuracy_in_chunks_equals_one_pass() -> None:
     budget = 4 * PERTURBATION_FACTOR * x[:1].numel() * 4
     assert perturbation_accuracy(predict, x, y, num_classes=3, strengths=strengths, seed=0, memory_budget=budget) == whole
     assert max(sizes) == 4
+
+
+def test_map_entropy_of_large_maps_in_chunks_equals_one_sample_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """eMPRT's entropies hold about five float64 copies of the maps: 3x384x384 maps are counted a few samples
+    at a time (the memory budget), and the entropies are those of each sample alone, bitwise."""
+    from lightning_introspect.methods import emprt
+
+    maps = torch.randn(9, 3, 384, 384, generator=torch.Generator().manual_seed(7))
+    maps[4] = 0.0  # a constant map: entropy 0
+    calls: list[int] = []
+    counted = emprt._map_entropy
+    monkeypatch.setattr(emprt, "_map_entropy", lambda m, bins, absolute: calls.append(int(m.shape[0])) or counted(m, bins, absolute))
+    whole = emprt.map_entropy(maps)
+    assert len(calls) > 1 and max(calls) < 9 and sum(calls) == 9
+    alone = torch.cat([counted(maps[i : i + 1], emprt.DEFAULT_BINS, True) for i in range(9)])
+    assert torch.equal(whole, alone) and whole[4] == 0.0
+
+
+def test_edge_map_of_a_batch_is_each_images_own() -> None:
+    """Sobel edges are computed one image at a time (no batch-sized working copies): an image's edges do not
+    depend on the batch, and the known answer of a vertical step holds for every image."""
+    from lightning_introspect.methods.faithfulness import edge_map
+
+    x = torch.rand(5, 3, 40, 30, generator=torch.Generator().manual_seed(8))
+    x[2] = 0.0
+    x[2, :, :, 15:] = 1.0  # a vertical step: |gx| = 4 per channel on the two columns around it, 0 elsewhere
+    edges = edge_map(x)
+    assert edges.shape == (5, 1, 40, 30)
+    assert all(torch.equal(edges[i : i + 1], edge_map(x[i : i + 1])) for i in range(5))
+    expected = torch.zeros(40, 30)
+    expected[:, 14:16] = 12.0
+    assert torch.equal(edges[2, 0], expected)

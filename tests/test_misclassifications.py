@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_introspect._lightning import Trainer, pl
 from lightning_introspect.callbacks.misclassifications import Misclassifications
 from lightning_introspect.methods.image_stats import error_rate_by_bin, image_statistics
+from lightning_introspect.render.grid import shown_images
 from lightning_introspect.render.review import statistics_markdown, strongest_bin
 from tests.helpers import quick_trainer, read_events
 from tests.test_per_class_metrics import TinyDigits, digits8
@@ -202,6 +203,64 @@ def test_review_buffer_keeps_the_most_confident_errors_across_batches_and_drops_
     assert buffer.bins(3)["brightness"]["rate"] == pytest.approx(b.rate)
     with pytest.raises(ValueError, match="width changed from 4 to 3"):
         buffer.add(class_probabilities(torch.zeros(2, 3)), torch.zeros(2, dtype=torch.long))
+
+
+def test_large_wrong_images_are_kept_at_the_gallerys_size_and_measured_at_their_own() -> None:
+    """Images with a side over the tiles' size are kept shrunk to it (at 384 px a kept image is 1.8 MB, at the
+    128 px tile 0.2 MB); their statistics are measured first, on the images as given: the same bins as a
+    buffer that keeps them whole, and the kept images are the whole ones shrunk."""
+    from lightning_introspect.methods.image_stats import STATISTICS
+    from lightning_introspect.methods.review import ReviewBuffer, class_probabilities
+
+    gen = torch.Generator().manual_seed(3)
+    images = torch.rand(24, 3, 300, 200, generator=gen)
+    logits, labels = torch.randn(24, 3, generator=gen) * 3, torch.randint(0, 3, (24,), generator=gen)
+    whole = ReviewBuffer(top_k=4, per_class=2, statistics=STATISTICS)
+    shown = ReviewBuffer(top_k=4, per_class=2, statistics=STATISTICS, shrink=shown_images)
+    for part in (slice(0, 10), slice(10, 24)):
+        for buffer in (whole, shown):
+            buffer.add(class_probabilities(logits[part]), labels[part], images=lambda p=part: images[p])
+    assert whole.top is not None and shown.top is not None
+    assert tuple(shown.top["image"].shape[1:]) == (3, 128, 85)
+    assert torch.allclose(shown.top["image"], shown_images(whole.top["image"]), atol=1e-6)
+    assert shown.top_per_class.keys() == whole.top_per_class.keys()
+    for cls, rows in shown.top_per_class.items():
+        assert torch.allclose(rows["image"], shown_images(whole.top_per_class[cls]["image"]), atol=1e-6)
+    assert shown.wrong_rows() == whole.wrong_rows() and shown.bins(4) == whole.bins(4)
+    assert torch.equal(shown_images(images[:2, :, :100, :100]), images[:2, :, :100, :100])  # small images as they are
+
+
+def test_fit_on_large_images_keeps_the_wrong_images_at_the_tile_size(tmp_path: Any) -> None:
+    pl.seed_everything(0, verbose=False)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(32, 3, 160, 160, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.AdaptiveAvgPool2d(1),
+                                           torch.nn.Flatten(), torch.nn.Linear(4, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, _: int) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def validation_step(self, batch: Any, _: int) -> torch.Tensor:
+            return self(batch[0])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    cb = Misclassifications(top_k=4, perturbations=[], on_error="raise")
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    trainer = quick_trainer(tmp_path, [cb], epochs=1)
+    trainer.fit(Net(), loader, loader)
+    assert cb.wrong_images is not None and tuple(cb.wrong_images.shape[1:]) == (3, 128, 128)
+    index = [row["index"] for row in cb.report["wrong"]]
+    assert torch.allclose(cb.wrong_images, shown_images(x[index]), atol=1e-6)
+    assert "introspect/misclassifications/gallery" in read_events(trainer.logger.log_dir)["images"]
 
 
 def test_unnormalize_inverts_normalize_per_channel() -> None:

@@ -131,14 +131,15 @@ def test_ssim_agrees_with_torchmetrics_and_skips_non_images():
 
 def test_batched_similarities_equal_one_call_per_pair():
     """The randomisation check measures all its map pairs in a few batched passes (a shared original map
-    ranked once, chunks bounded by a budget): the per-sample values are those of one call per pair."""
+    ranked once, chunks bounded by a budget, a pair over the budget split by samples): the per-sample values are
+    those of one call per pair."""
     gen = torch.Generator().manual_seed(2)
     shared = torch.rand(3, 2, 9, 9, generator=gen)
     shared[:, :, :3] = 0.0  # ties
     pairs = [(shared, torch.rand(3, 2, 9, 9, generator=gen)) for _ in range(4)]
     pairs += [(torch.rand(3, 10, generator=gen), torch.rand(3, 10, generator=gen))]  # not images: no SSIM
     pairs += [(shared, torch.zeros(3, 2, 9, 9)), (torch.rand(2, 1, 5, 5, generator=gen), torch.rand(2, 1, 5, 5, generator=gen))]
-    for budget in (1 << 22, 500):  # one pass per shape / several chunks
+    for budget in (1 << 22, 500, 100):  # one pass per shape / several chunks / pairs split (81 elements a sample)
         batched = map_similarities(pairs, ["spearman_abs", "spearman", "ssim"], budget=budget)
         for (a, b), got in zip(pairs, batched):
             ref = map_similarity(a, b)

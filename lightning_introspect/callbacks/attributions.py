@@ -48,7 +48,7 @@ from lightning_introspect.render.attributions import (
     nonfinite_what,
     outline_regions,
 )
-from lightning_introspect.render.grid import captioned_grid, shown_size, shrink_images
+from lightning_introspect.render.grid import captioned_grid, shown_images, shown_size, shrink_images
 
 
 class Attributions(IntrospectionCallback):
@@ -425,7 +425,7 @@ class Attributions(IntrospectionCallback):
         if not self._logged_static:
             self._logged_static = True
             if x.ndim == 4:
-                writer.image_grid(self.tag("inputs"), shrink_images(self._display(x), shown_size(*x.shape[-2:])), step)
+                writer.image_grid(self.tag("inputs"), shown_images(self._display(x)), step)
             if self._layer_note:
                 writer.text(self.tag("layer"), self._layer_note, step)
         run = log_regions if self.resolved_task == "segmentation" else log_classes

@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from lightning_introspect._lightning import CALLBACK_BASES
 from lightning_introspect._torch.guards import fork_global_rng
+from lightning_introspect._torch.memory import release_free_memory
 from lightning_introspect._warnings import warn
 from lightning_introspect.callbacks.budget import Choice, IntrospectionBudget, Option, UnitCosts
 from lightning_introspect.callbacks.checks import (
@@ -39,6 +40,7 @@ from lightning_introspect.errors import (
     IntrospectionSkipWarning,
 )
 from lightning_introspect.loggers.adapter import IntrospectionWriter, TensorBoardWriter, start_fit, writer_for
+from lightning_introspect.methods.chunks import DEFAULT_MEMORY_BUDGET
 
 if TYPE_CHECKING:
     from lightning_introspect._lightning import pl
@@ -73,6 +75,11 @@ __all__ = [  # the helpers below live in checks / data / errors; callbacks impor
 ]
 
 
+#: free heap bytes above which a run gives the allocator's free pages back to the system (a few ms): one chunk's
+#: working memory; the digits demo's runs leave less, so short fits on small inputs do not pay for it
+RELEASE_AFTER_RUN = DEFAULT_MEMORY_BUDGET
+
+
 class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
     """Base class of every lightning_introspect callback: the policies every callback shares, once.
 
@@ -102,7 +109,8 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
         at: fractions of training (0.0 = before the first step, 1.0 = the last epoch) at which to run
             as well. Resolved from ``max_epochs`` or, failing that, ``max_steps``; when both are
             unbounded only 0.0 and 1.0 (fit end) can be placed and the others are skipped with a warning.
-        num_samples: size of the fixed sample set drawn from the validation data.
+        num_samples: size of the fixed sample set drawn from the validation data; unless given, fewer for
+            large inputs (the set's inputs hold at most ``DEFAULT_MEMORY_BUDGET`` bytes, see :meth:`fixed_samples`).
         seed: seed of the callback's private random generator.
         on_error: ``"warn"`` (warn once with the traceback and disable the callback; training goes
             on) or ``"raise"`` (for tests and debugging).
@@ -423,6 +431,8 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
             self.fail(traceback.format_exc())
             return None
         finally:
+            if log_seconds:  # what a run freed goes back to the system, not into the fit's peak (large inputs only)
+                release_free_memory(min_free=RELEASE_AFTER_RUN)
             self.seconds_total += time.perf_counter() - start
 
     def fail(self, details: str) -> None:
@@ -544,14 +554,18 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
         """The callback's fixed sample set ``(inputs, targets)`` on CPU, drawn once per fit and then reused.
 
         Drawn from the validation data with the callback's private generator: ``num_samples`` random
-        items, or with ``per_class=k`` up to k items of each class. Kept in the checkpoint, so a resumed
+        items, or with ``per_class=k`` up to k items of each class. Unless ``num_samples`` was given, the
+        random items' inputs hold at most :data:`~lightning_introspect.methods.chunks.DEFAULT_MEMORY_BUDGET`
+        bytes (never fewer than 8 items): large inputs take fewer (56 of 3x384x384 float32 images), so the
+        set neither multiplies the fit's memory nor the checkpoint's size. Kept in the checkpoint, so a resumed
         fit explains the same images.
         """
         if self._samples is None:
             loader = self.val_dataloader(trainer)
             if loader is None:
                 raise RuntimeError(f"{type(self).__name__} needs validation (or training) data to draw its samples from.")
-            self._samples = draw_samples(loader, self.num_samples, seed=self.seed, per_class=per_class)
+            cap = None if "num_samples" in self._given else DEFAULT_MEMORY_BUDGET
+            self._samples = draw_samples(loader, self.num_samples, seed=self.seed, per_class=per_class, max_bytes=cap)
         x, y = self._samples
         return x, y
 

@@ -57,9 +57,13 @@ def _labels_of(item: Any) -> int | None:
 
 
 def draw_samples(
-    loader: Any, n: int, *, seed: int = 0, per_class: int | None = None
+    loader: Any, n: int, *, seed: int = 0, per_class: int | None = None, max_bytes: int | None = None, min_samples: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draw a fixed ``(inputs, targets)`` sample set from a ``DataLoader`` without touching global RNG.
+
+    ``max_bytes``: the ``n`` random inputs hold at most that many bytes (measured on the first input drawn),
+    but never fewer than ``min_samples`` (the same first samples: a smaller set is a prefix of a larger);
+    not applied with ``per_class``.
 
     Map-style datasets are indexed directly with a private generator (no loader iteration); iterable
     datasets are iterated and the first items taken. Either way under :func:`fork_global_rng`: a
@@ -68,8 +72,16 @@ def draw_samples(
     inside ``trainer.validate()``, so a later fit can differentiate through them.
     """
     with fork_global_rng(), torch.inference_mode(False):
-        x, y = _draw(loader, n, seed=seed, per_class=per_class)
+        x, y = _draw(loader, n, seed=seed, per_class=per_class, max_bytes=max_bytes, min_samples=min_samples)
         return x.detach().cpu().clone(), None if y is None else y.detach().cpu().clone()
+
+
+def _capped(n: int, first_input: Any, max_bytes: int | None, min_samples: int) -> int:
+    """``n``, or fewer so that inputs like ``first_input`` (one sample) hold at most ``max_bytes``."""
+    if max_bytes is None or not isinstance(first_input, torch.Tensor):
+        return n
+    per_sample = max(1, first_input.numel() * first_input.element_size())
+    return min(n, max(min_samples, max_bytes // per_sample))
 
 
 def example_batch(loader: Any, n: int, *, seed: int = 0) -> Any:
@@ -84,11 +96,15 @@ def example_batch(loader: Any, n: int, *, seed: int = 0) -> Any:
         return next(iter(loader))
 
 
-def _draw(loader: Any, n: int, *, seed: int, per_class: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _draw(
+    loader: Any, n: int, *, seed: int, per_class: int | None, max_bytes: int | None, min_samples: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     dataset = getattr(loader, "dataset", None)
     collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
     if dataset is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
         order = torch.randperm(len(dataset), generator=private_generator(seed)).tolist()
+        if order and max_bytes is not None and per_class is None:  # `per_class` sets the size itself
+            n = _capped(n, split_batch(collate([dataset[order[0]]]))[0][0], max_bytes, min_samples)
         if per_class is None:
             items = [dataset[i] for i in order[:n]]
         else:
@@ -107,6 +123,8 @@ def _draw(loader: Any, n: int, *, seed: int, per_class: int | None) -> tuple[tor
     chunks, seen = [], 0
     for batch in loader:
         chunks.append(batch)
+        if max_bytes is not None and seen == 0:
+            n = _capped(n, split_batch(batch)[0][0], max_bytes, min_samples)
         seen += split_batch(batch)[0].shape[0]
         if seen >= n:
             break

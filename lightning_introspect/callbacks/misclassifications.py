@@ -52,6 +52,7 @@ from lightning_introspect.callbacks.segmentation_review import SegmentationRevie
 from lightning_introspect.methods.image_stats import PERTURBATIONS, STATISTICS
 from lightning_introspect.methods.review import ReviewBuffer, class_probabilities
 from lightning_introspect.methods.task import resolve_task
+from lightning_introspect.render.grid import shown_images
 from lightning_introspect.render.review import review_summary_lines
 from lightning_introspect.render.segmentation_review import segmentation_summary_lines
 
@@ -147,7 +148,9 @@ class Misclassifications(IntrospectionCallback):
     ``epoch``, ``step``, ``num_samples`` (reviewed), ``nonfinite`` (samples left out for NaN / Inf
     outputs), ``error_rate``, ``per_class_error``, ``wrong`` (top-K rows ``{"index", "label", "pred",
     "confidence"}``), ``wrong_texts`` (text inputs: the texts of those rows), ``bins`` ``{statistic: {"edges", "counts", "errors", "rate"}}``, ``perturbations``
-    ``{kind: {"strengths", "accuracy", "per_class"}}``; ``wrong_images`` holds the top-K inputs. A
+    ``{kind: {"strengths", "accuracy", "per_class"}}``; ``wrong_images`` holds the top-K inputs (un-normalised) as the gallery shows them: images with a side over
+    :data:`~lightning_introspect.render.grid.SHOWN_SIDE` pixels shrunk to it once their statistics are measured
+    (``wrong`` gives their indices in the validation set). A
     segmentation report holds ``task`` (``"segmentation"``), ``epoch``, ``step``, ``num_samples`` (images
     reviewed), ``nonfinite``, ``unlabelled`` (images without a labelled pixel, left out), ``miou`` (the
     mean over images), ``class_iou`` (per class over every pixel), ``worst`` (rows ``{"index", "miou"}``,
@@ -362,7 +365,7 @@ class Misclassifications(IntrospectionCallback):
         self._source.detach()
 
     def _reset_epoch(self) -> None:
-        self._buffer = ReviewBuffer(top_k=self.top_k, per_class=self.per_class, statistics=self.statistics)
+        self._buffer = ReviewBuffer(top_k=self.top_k, per_class=self.per_class, statistics=self.statistics, shrink=shown_images)
         self._segmentation = SegmentationReview(self)
         self._images = True  # the inputs are images: gallery, statistics and perturbation test apply
 

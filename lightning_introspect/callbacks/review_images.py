@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "batch_images", "perturbation_inputs", "perturbation_test", "review_options", "review_sizes", "seconds_per_sample",
-    "subset", "timed_perturbations",
+    "subset", "subset_size", "timed_perturbations",
 ]
 
 
@@ -141,7 +141,7 @@ def perturbation_test(
 # ------------------------------------------------------------------------------- sizes (budget)
 def review_sizes(cb: Misclassifications, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
     """This review's sizes (``num_samples``, ``strengths``, ``figures``): as configured, or the budget's choice."""
-    sizes = {"num_samples": cb.num_samples, "strengths": "all", "figures": cb.figures}
+    sizes = {"num_samples": subset_size(cb, trainer), "strengths": "all", "figures": cb.figures}
     if cb.budget is None:
         return sizes
     option = cb.sized(trainer, review_options(cb, trainer, pl_module))
@@ -162,7 +162,7 @@ def review_options(cb: Misclassifications, trainer: pl.Trainer, pl_module: pl.Li
         seconds = per_sample * n * passes + figure * figures * (1 + bool(passes))
         return Option({"num_samples": n, "strengths": "all" if k is None else k, "figures": figures}, seconds)
 
-    n, k, figures = cb.num_samples, None, cb.figures
+    n, k, figures = subset_size(cb, trainer), None, cb.figures
     options = [option(n, k, figures)]
     if "num_samples" not in given and n > 64 and most:
         n = max(64, n // 2)
@@ -176,6 +176,14 @@ def review_options(cb: Misclassifications, trainer: pl.Trainer, pl_module: pl.Li
     if "figures" not in given and figures:
         options.append(option(n, k, False))
     return options
+
+
+def subset_size(cb: Misclassifications, trainer: pl.Trainer) -> int:
+    """The images the perturbation test has: ``num_samples``, or fewer where the validation set is smaller or the
+    fixed subset was capped by memory (large images, ``num_samples`` not given)."""
+    if not (cb._images and cb.perturbations):
+        return cb.num_samples
+    return min(cb.num_samples, int(cb.fixed_samples(trainer)[0].shape[0]))
 
 
 def seconds_per_sample(cb: Misclassifications, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:

@@ -11,6 +11,7 @@ from typing_extensions import override
 from lightning_introspect._lightning import pl
 from lightning_introspect._torch.guards import introspection_mode, module_device
 from lightning_introspect._torch.layers import get_layer, resolve_layers
+from lightning_introspect._torch.memory import release_free_memory
 from lightning_introspect.callbacks.base import (
     IntrospectionCallback,
     input_gradient_problem,
@@ -417,6 +418,7 @@ class SanityChecks(IntrospectionCallback):
                 )
                 class_check = False
             report = self._run_checks(model, inputs, targets, methods, layer, class_check)
+        release_free_memory()  # the checks' copies and maps are free: the grids are drawn without their footprint
         return self._finish(report, inputs, writer, step)
 
     @staticmethod

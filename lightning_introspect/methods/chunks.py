@@ -40,13 +40,16 @@ from torch import nn
 
 from lightning_introspect._torch.guards import introspection_mode
 from lightning_introspect._torch.hooks import hooks
+from lightning_introspect._torch.memory import release_free_memory
 from lightning_introspect.methods.explainers import Explainer
 from lightning_introspect.methods.targets import RegionTarget
 
-DEFAULT_MEMORY_BUDGET = 128 * 2**20
-"""Bytes of working memory one chunk of an extra pass may hold. A training step of a small CNN on a batch of 16
-images of 3x384x384 holds about 350 MB; with 128 MB a chunk stays well inside what training itself needs
-(benchmarks/bench_memory.py: the default set's peak 1.71x a fit without at 384 px, 1.94x with 256 MB)."""
+DEFAULT_MEMORY_BUDGET = 96 * 2**20
+"""Bytes of working memory one piece of introspection may hold: a chunk of an extra pass, a pass of map
+similarities, a callback's fixed sample set (unless ``num_samples`` is given). A training step of a small CNN on a
+batch of 16 images of 3x384x384 holds about 350 MB; with 96 MB a chunk stays well inside it
+(benchmarks/bench_memory.py at 384 px: the default set's peak about 1.4x a fit without; 1.5x with 128 MB, at the
+same speed)."""
 
 GRADIENT_FACTOR = 3
 """A gradient pass holds about this many times one forward pass's activations (measured: 2.6x for the four
@@ -186,7 +189,10 @@ def explain_in_chunks(explainer: Explainer, model: nn.Module, x: torch.Tensor, t
     cuts = [chunk_target(target, n, part) for part in slices]
     if not all(ok for ok, _ in cuts):
         return explainer(model, x, target, layer)
-    parts = [explainer(model, x[part], cut, layer) for part, (_, cut) in zip(slices, cuts)]
+    parts = []
+    for part, (_, cut) in zip(slices, cuts):
+        parts.append(explainer(model, x[part], cut, layer))
+        release_free_memory()  # a chunk's activations and gradients are free now: large, and sized unlike the next
     return {name: torch.cat([p[name] for p in parts]) for name in explainer.names}
 
 

@@ -42,7 +42,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_introspect.methods.chunks import explain_in_chunks, explanation_rows
+from lightning_introspect.methods.chunks import (
+    chunk_slices,
+    explain_in_chunks,
+    explanation_rows,
+    rows_per_chunk,
+)
 from lightning_introspect.methods.explainers import (
     Explainer,
     MethodSpec,
@@ -73,9 +78,17 @@ def map_entropy(maps: torch.Tensor, *, bins: int = DEFAULT_BINS, absolute: bool 
     """
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"Expected `bins` to be a positive int, but got {bins!r}.")
+    if maps.ndim < 2:
+        raise ValueError(f"Expected maps with a batch dimension, (N, ...), but got shape {tuple(maps.shape)}.")
+    # samples are independent: large maps are counted a few at a time (about five float64 copies of a map each)
+    rows = rows_per_chunk(5 * 8 * maps[:1].numel())
+    if maps.shape[0] > rows:
+        return torch.cat([_map_entropy(maps[part], bins, absolute) for part in chunk_slices(int(maps.shape[0]), rows)])
+    return _map_entropy(maps, bins, absolute)
+
+
+def _map_entropy(maps: torch.Tensor, bins: int, absolute: bool) -> torch.Tensor:
     m = torch.nan_to_num(maps.detach().double().cpu())
-    if m.ndim < 2:
-        raise ValueError(f"Expected maps with a batch dimension, (N, ...), but got shape {tuple(m.shape)}.")
     if m.ndim == 4:
         m = m.abs().sum(1) if absolute else m.sum(1)
     elif absolute:

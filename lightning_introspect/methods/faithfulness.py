@@ -647,9 +647,15 @@ def edge_map(inputs: torch.Tensor) -> torch.Tensor:
     if inputs.ndim != 4:
         raise ValueError("Expected images (N, C, H, W) for `edge_map`, but got tabular inputs (N, F): features have no edges.")
     x = inputs.float()
-    n, c, h, w = x.shape
     smooth, diff = torch.tensor([1.0, 2.0, 1.0]), torch.tensor([-1.0, 0.0, 1.0])
     kernels = torch.stack([torch.outer(smooth, diff), torch.outer(diff, smooth)]).unsqueeze(1).to(x.device)  # d/dx, d/dy
+    # one image at a time: the working copies of a batch of large images (padded, two gradients, their squares)
+    # would be several times the batch; and an image's edges do not depend on the batch it came in
+    return torch.cat([_edges(image, kernels) for image in x.split(1)])  # `_check_inputs`: at least one image
+
+
+def _edges(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = x.shape
     padded = F.pad(x.reshape(n * c, 1, h, w), (1, 1, 1, 1), mode="replicate")
     g = F.conv2d(padded, kernels)  # (N*C, 2, H, W)
     return g.pow(2).sum(1).sqrt().view(n, c, h, w).sum(1, keepdim=True)

@@ -3,7 +3,8 @@ batch, each sample's confidence, prediction and label, its image statistics and 
 confidently wrong samples (pure torch; no Lightning).
 
 Memory stays bounded: per sample only three numbers and the statistics are kept; images only for the
-``top_k`` most confidently wrong samples overall and ``per_class`` per true class.
+``top_k`` most confidently wrong samples overall and ``per_class`` per true class, and those (optionally)
+shrunk to the size they are shown at once their statistics are measured.
 
 Example:
     >>> import torch
@@ -73,6 +74,8 @@ class ReviewBuffer:
         top_k: the most confidently wrong samples kept (with their images) for the gallery.
         per_class: the most confidently wrong samples kept per true class (0: none).
         statistics: the :data:`~lightning_introspect.methods.image_stats.STATISTICS` measured per image.
+        shrink: applied to the images of the wrong samples before they are kept (the statistics are measured
+            on the images as given); e.g. a resize to the gallery's tile size. ``None``: kept as given.
 
     Attributes:
         seen: samples added, the non-finite ones included (the indices of :meth:`wrong_rows` count them).
@@ -82,8 +85,11 @@ class ReviewBuffer:
         top_per_class: ``{true class: rows}``.
     """
 
-    def __init__(self, *, top_k: int, per_class: int = 0, statistics: Sequence[str] = ()) -> None:
-        self.top_k, self.per_class, self.statistics = top_k, per_class, list(statistics)
+    def __init__(
+        self, *, top_k: int, per_class: int = 0, statistics: Sequence[str] = (),
+        shrink: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.top_k, self.per_class, self.statistics, self.shrink = top_k, per_class, list(statistics), shrink
         self.conf: list[torch.Tensor] = []
         self.pred: list[torch.Tensor] = []
         self.label: list[torch.Tensor] = []
@@ -156,12 +162,15 @@ class ReviewBuffer:
         if not bool(wrong.any()):
             return
         sel = wrong.nonzero().flatten()
+        kept = raw[sel.to(raw.device)].cpu() if raw is not None else None
+        if kept is not None and self.shrink is not None:
+            kept = self.shrink(kept)
         rows = {
             "conf": conf[sel],
             "pred": pred[sel],
             "label": target[sel],
             "index": index[sel],
-            "image": raw[sel.to(raw.device)].cpu() if raw is not None else None,
+            "image": kept,
             "tokens": ids[sel.to(ids.device)].cpu() if ids is not None else None,
         }
         self.top = keep_most_confident(self.top, rows, self.top_k)

@@ -34,6 +34,9 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata
 
+from lightning_introspect._torch.memory import release_free_memory
+from lightning_introspect.methods.chunks import DEFAULT_MEMORY_BUDGET
+
 METRICS: tuple[str, ...] = ("spearman_abs", "spearman", "ssim")
 
 _SSIM_K1, _SSIM_K2 = 0.01, 0.03
@@ -59,6 +62,24 @@ def _reduce_channels(maps: torch.Tensor, *, absolute: bool) -> torch.Tensor:
     if maps.ndim == 4:  # (N, C, H, W): channel-reduce like the paper
         return maps.abs().sum(1) if absolute else maps.sum(1)
     return maps.abs() if absolute else maps
+
+
+#: bytes of working memory per element of a channel-reduced map in one pass: measured at 3x384x384, SSIM holds
+#: about 120 (its moments, their blur and the SSIM expression, float32 and float64 side by side), Spearman about 90
+BYTES_PER_ELEMENT = 128
+
+#: map elements (channels reduced) a side measured in one pass, so that one pass stays within the memory budget
+DEFAULT_ELEMENTS = DEFAULT_MEMORY_BUDGET // BYTES_PER_ELEMENT
+
+
+def reduced_elements(maps: torch.Tensor) -> int:
+    """The elements of ``maps`` once channels are reduced: what one pass's working memory grows with.
+
+    Example:
+        >>> reduced_elements(torch.zeros(2, 3, 8, 8)), reduced_elements(torch.zeros(2, 5))
+        (128, 10)
+    """
+    return maps.numel() // maps.shape[1] if maps.ndim == 4 and maps.shape[1] else maps.numel()
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -228,12 +249,14 @@ def map_similarity(a: torch.Tensor, b: torch.Tensor, metrics: Sequence[str] = ME
 
 
 def map_similarities(
-    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], metrics: Sequence[str] = METRICS, *, budget: int = 1 << 22
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], metrics: Sequence[str] = METRICS, *, budget: int = DEFAULT_ELEMENTS
 ) -> list[dict[str, torch.Tensor]]:
     """:func:`map_similarity` of many ``(a, b)`` pairs in a few batched passes; the same per-sample values.
 
-    Pairs of maps of one shape are measured together (at most ``budget`` map elements a side per pass),
-    and an ``a`` tensor shared by several pairs (the same object) is ranked and filtered once.
+    Pairs of maps of one shape are measured together, at most ``budget`` elements of channel-reduced maps
+    (:func:`reduced_elements`) a side per pass (a larger pair alone), so a pass holds about
+    ``budget * BYTES_PER_ELEMENT`` bytes; an ``a`` tensor shared by several pairs (the same object) is ranked
+    and filtered once.
 
     Example:
         >>> a = torch.rand(2, 8, 8)
@@ -241,25 +264,41 @@ def map_similarities(
         [['spearman'], ['spearman']]
     """
     check_metrics(metrics)
-    out: list[dict[str, torch.Tensor]] = [{} for _ in pairs]
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (a, b) in enumerate(pairs):
         _check_pair(a, b)
         if a.ndim < 2:
             _reduce_channels(a, absolute=True)  # raises the shape error
         groups.setdefault(tuple(a.shape[1:]), []).append(i)
+    # a pair larger than the budget is measured in slices of its samples (the metrics are per sample); the slices
+    # of one `a` are made once, so pairs sharing it still share their slices
+    slices: dict[tuple[int, int], torch.Tensor] = {}
+    parts: list[list[dict[str, torch.Tensor]]] = [[] for _ in pairs]
     for indices in groups.values():
-        chunk: list[int] = []
+        chunk: list[tuple[torch.Tensor, torch.Tensor]] = []
+        results: list[dict[str, torch.Tensor]] = []
         size = 0
         for i in indices:
-            n = pairs[i][1].numel()
-            if chunk and size + n > budget:
-                _similarity_chunk([pairs[j] for j in chunk], metrics, [out[j] for j in chunk])
-                chunk, size = [], 0
-            chunk.append(i)
-            size += n
-        _similarity_chunk([pairs[j] for j in chunk], metrics, [out[j] for j in chunk])
-    return out
+            a, b = pairs[i]
+            per_sample = max(1, reduced_elements(b[:1]))
+            rows = max(1, budget // per_sample)
+            for start in range(0, max(1, b.shape[0]), rows):
+                if rows < b.shape[0]:
+                    a_part = slices.setdefault((id(a), start), a[start : start + rows])
+                    pair = (a_part, b[start : start + rows])
+                else:
+                    pair = (a, b)
+                n = reduced_elements(pair[1])
+                if chunk and size + n > budget:
+                    _similarity_chunk(chunk, metrics, results)
+                    release_free_memory()  # a full pass's working copies are free now
+                    chunk, results, size = [], [], 0
+                chunk.append(pair)
+                results.append({})
+                parts[i].append(results[-1])
+                size += n
+        _similarity_chunk(chunk, metrics, results)
+    return [p[0] if len(p) == 1 else {m: torch.cat([q[m] for q in p]) for m in p[0]} for p in parts]
 
 
 def _similarity_chunk(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], metrics: Sequence[str], out: list[dict[str, torch.Tensor]]) -> None:
@@ -299,7 +338,7 @@ def _similarity_chunk(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], metric
 
 class PendingSimilarities:
     """Map pairs queued under keys and measured with :func:`map_similarities` in batches, flushed whenever
-    ``budget`` map elements are waiting (memory stays bounded for large maps and many pairs).
+    ``budget`` elements of channel-reduced maps are waiting (memory stays bounded for large maps and many pairs).
 
     Example:
         >>> pending = PendingSimilarities(["spearman"])
@@ -309,7 +348,7 @@ class PendingSimilarities:
         [('same', [1.0, 1.0])]
     """
 
-    def __init__(self, metrics: Sequence[str], budget: int = 1 << 22) -> None:
+    def __init__(self, metrics: Sequence[str], budget: int = DEFAULT_ELEMENTS) -> None:
         check_metrics(metrics)
         self.metrics, self.budget = list(metrics), budget
         self.keys: list[Any] = []
@@ -322,7 +361,7 @@ class PendingSimilarities:
         _check_pair(a, b)
         self.keys.append(key)
         self.pairs.append((a, b))
-        self.size += b.numel()
+        self.size += reduced_elements(b)
         if self.size >= self.budget:
             self.flush()
 

@@ -43,6 +43,18 @@ def shrink_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.nn.functional.interpolate(images.detach().float(), size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
+def shown_images(images: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` images at the size they are drawn at (:func:`shown_size`): smaller ones as they are.
+
+    Example:
+        >>> shown_images(torch.ones(1, 3, 512, 256)).shape, shown_images(torch.ones(1, 1, 28, 28)).shape
+        (torch.Size([1, 3, 128, 64]), torch.Size([1, 1, 28, 28]))
+    """
+    if images.ndim != 4:
+        return images
+    return shrink_images(images, shown_size(int(images.shape[-2]), int(images.shape[-1])))
+
+
 def make_grid(images: torch.Tensor, *, nrow: int = 8, padding: int = 2, pad_value: float = 1.0) -> torch.Tensor:
     """Tile ``(N, C, H, W)`` images into one ``(C, H', W')`` image, ``nrow`` images per row.
 
