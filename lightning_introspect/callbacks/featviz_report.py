@@ -39,8 +39,10 @@ def log_results(
     scalars: dict[str, float] = {}
     cb.nonfinite = nonfinite_units(keys, results, cb.run_columns)
     for i, key in enumerate(keys):
-        tiles = torch.stack([results[s].images[i] for s in cb.run_columns])
-        cb.images[key] = tiles.clone()
+        columns = cb.run_columns
+        # one column (the budget's usual choice): the result's own image, not a copy (large images: MBs each)
+        tiles = results[columns[0]].images[i : i + 1] if len(columns) == 1 else torch.stack([results[s].images[i] for s in columns])
+        cb.images[key] = tiles
         if key not in cb.nonfinite:  # a NaN / Inf image would be drawn as a silently wrong picture
             writer.image(cb.tag(key), unit_image(tiles, value_range), step)
         for s in cb.run_columns:
