@@ -426,7 +426,7 @@ def perturbation_batch_size(x: torch.Tensor, memory_budget: int = DEFAULT_MEMORY
 
     Example:
         >>> perturbation_batch_size(torch.zeros(512, 1, 32, 32)), perturbation_batch_size(torch.zeros(64, 3, 384, 384))
-        (512, 4)
+        (512, 3)
     """
     row = x[:1].numel() * x.element_size()
     return min(max(1, int(x.shape[0])), rows_per_chunk(PERTURBATION_FACTOR * row, memory_budget))
