@@ -13,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -97,9 +97,13 @@ class DigitsDataModule(LightningDataModule):
         return dataset
 
 
-class DigitsClassifier(LightningModule):
-    """Cross-entropy training on ``(images, labels)`` batches; ``validation_step`` logs ``val_loss`` and
-    ``val_acc`` and returns the logits (the demos' models subclass it)."""
+class CrossEntropyClassifier(LightningModule):
+    """Cross-entropy training on ``(inputs, labels)`` batches (labels per sample or per pixel);
+    ``validation_step`` logs ``val_loss`` and the accuracy (:attr:`accuracy_name`) and returns the logits.
+    Every demo's model subclasses it."""
+
+    #: the name the validation accuracy is logged under
+    accuracy_name: ClassVar[str] = "val_acc"
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -111,11 +115,11 @@ class DigitsClassifier(LightningModule):
         x, y = batch
         logits = self(x)
         self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True)
-        self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
+        self.log(self.accuracy_name, (logits.argmax(1) == y).float().mean(), prog_bar=True)
         return logits
 
 
-class DigitsCNN(DigitsClassifier):
+class DigitsCNN(CrossEntropyClassifier):
     """A small CNN for 1x32x32 digits: three conv-BN-ReLU stages, global average pooling, a linear head.
 
     Layer names: ``features.0`` ... ``features.10``, ``pool``, ``flatten`` and ``classifier``;

@@ -15,11 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_introspect._lightning import LightningDataModule, LightningModule
+from lightning_introspect._lightning import LightningDataModule
+from lightning_introspect.demo import CrossEntropyClassifier
 
 SHAPE_NAMES = ["background", "square", "disc", "triangle"]
 
@@ -88,13 +88,15 @@ def _block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
 
 
-class ShapesUNet(LightningModule):
+class ShapesUNet(CrossEntropyClassifier):
     """A two-level U-Net: per-pixel logits ``(N, classes, H, W)`` from ``(N, 3, H, W)``.
 
     The first decoder stage upsamples with a transposed convolution (``up2``), the second bilinearly
     (``up1``), so both kinds of upsampling are exercised. ``bottleneck`` is the deepest feature map,
     ``dec1`` the last decoder stage and ``head`` the 1x1 classifier.
     """
+
+    accuracy_name = "val_pixel_acc"
 
     def __init__(self, num_classes: int = len(SHAPE_NAMES), width: int = 16, lr: float = 3e-3) -> None:
         super().__init__()
@@ -117,19 +119,6 @@ class ShapesUNet(LightningModule):
         d2 = self.dec2(torch.cat([self.up2(b), s2], dim=1))
         d1 = self.dec1(torch.cat([self.up1(d2), s1], dim=1))
         return self.head(d1)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True)
-        self.log("val_pixel_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
-        return logits
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)

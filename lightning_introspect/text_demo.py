@@ -17,11 +17,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_introspect._lightning import LightningDataModule, LightningModule
+from lightning_introspect._lightning import LightningDataModule
+from lightning_introspect.demo import CrossEntropyClassifier
 
 CLASS_NAMES = ["red", "green", "blue"]
 #: the decisive word of each class comes first (ids 0, 1, 2), then the filler words
@@ -70,7 +70,7 @@ class SentencesDataModule(LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.batch_size)
 
 
-class SentenceTransformer(LightningModule):
+class SentenceTransformer(CrossEntropyClassifier):
     """Token and position embeddings, one transformer encoder layer, the mean over tokens, a linear head.
 
     ``embed`` is the token embedding (where token attributions are taken), ``encoder`` the transformer
@@ -89,19 +89,6 @@ class SentenceTransformer(LightningModule):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(ids.shape[1], device=ids.device)
         return self.head(self.encoder(self.embed(ids) + self.position(positions)).mean(1))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        ids, y = batch
-        loss = F.cross_entropy(self(ids), y)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        ids, y = batch
-        logits = self(ids)
-        self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True)
-        self.log("val_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
-        return logits
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)

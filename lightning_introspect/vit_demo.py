@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_introspect.demo import DIGIT_NAMES, DigitsClassifier
+from lightning_introspect.demo import DIGIT_NAMES, CrossEntropyClassifier
 
 #: the side the digits are upsampled to and the patch side: a 4x4 grid of patch tokens
 IMAGE_SIZE = 16
@@ -88,7 +88,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class DigitsViT(DigitsClassifier):
+class DigitsViT(CrossEntropyClassifier):
     """A tiny vision transformer for 1x16x16 digits.
 
     Layer names: ``patch_embed`` (the 4x4 patch convolution), ``tokens`` (class token and positions),
