@@ -137,7 +137,11 @@ def main() -> None:
                         help="cuda: the fit on the GPU, and its peak allocated CUDA memory reported beside the peak RSS")
     args = parser.parse_args()
     configs = args.only or ["none", "default", *DEFAULT_SET]
-    results = {which: run(which, args) for which in configs}
+    results: dict[str, dict] = {}
+    for which in configs:  # one line as each finishes: a run stopped by a time limit still reports the finished ones
+        results[which] = res = run(which, args)
+        cuda_mb = f", peak CUDA {res['peak_cuda_mb']:.0f} MB" if res["peak_cuda_mb"] is not None else ""
+        print(f"{which}: peak RSS {res['peak_rss_mb']:.0f} MB{cuda_mb} ({res['seconds']:.1f} s)", flush=True)
     base = results.get("none", {}).get("peak_rss_mb")
     cuda = args.device == "cuda"
     base_cuda = results.get("none", {}).get("peak_cuda_mb")

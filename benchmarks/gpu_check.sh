@@ -1,18 +1,39 @@
 #!/usr/bin/env bash
-# The one prepared GPU run of issue #9, for a machine with a CUDA device (run from the repository root):
+# The one prepared GPU run (issues #9 and #20), for a machine with a CUDA device, from the repository root:
 #   1. the test suite's gpu-marked tests (full callback set on a CUDA model with bf16-mixed / 16-mixed,
 #      CUDA histograms equal to CPU ones);
 #   2. the demo on CUDA with every callback on, bf16-mixed;
-#   3. the benchmark suite on CUDA (--quick);
-#   4. peak allocated CUDA memory of the default set on 3x384x384 images (bench_memory.py --device cuda).
-# Writes everything under ${OUT:-gpu_check_out}; the benchmark table is the last thing printed.
-set -euo pipefail
+#   3. whole-fit overhead on CUDA: the default set against none, demo CNN and 64 px ResNet, 10 epochs;
+#   4. peak allocated CUDA memory on 3x384x384 images: the default set and each heavy callback alone, against none;
+#   5. the rest of the benchmark suite on CUDA (run_all.py --quick), last: it gets whatever time is left.
+# Each step has its own time limit inside GPU_CHECK_SECONDS (default 540) and a failed step does not stop the
+# next ones, so one short lease gives every answer it can. Logs go under ${OUT:-gpu_check_out}; steps.txt lists
+# each step's exit status and seconds. Offline machines: PYTHON names the interpreter that holds torch; wheels
+# in .whl/ (captum, for the benchmarks that compare with it) are installed first when present.
+set -uo pipefail
 OUT="${OUT:-gpu_check_out}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+TOTAL="${GPU_CHECK_SECONDS:-540}"
 mkdir -p "$OUT"
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
-export MPLBACKEND=Agg
-python -m pytest -q -m gpu -p no:cacheprovider -rs 2>&1 | tee "$OUT/pytest_gpu.txt"
-lightning-introspect demo --accelerator gpu --precision bf16-mixed --out "$OUT/demo" 2>&1 | tee "$OUT/demo.txt"
-python benchmarks/run_all.py --quick --device cuda 2>&1 | tee "$OUT/benchmarks.txt"
-# 4. peak allocated CUDA memory on 3x384x384 images, the default set against none (issue #20)
-python benchmarks/bench_memory.py --device cuda --only none default 2>&1 | tee "$OUT/memory_cuda.txt"
+export MPLBACKEND=Agg PYTHONUNBUFFERED=1
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
+if [ -d .whl ]; then "$PY" -m pip install -q --no-index --no-deps .whl/*.whl; fi
+"$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+step() {  # step NAME SECONDS COMMAND...: run within min(SECONDS, time left), log to $OUT/NAME.txt, record status and time
+    local name=$1 limit=$2; shift 2
+    local left=$((TOTAL - SECONDS)) t0=$SECONDS
+    if [ "$limit" -gt "$left" ]; then limit=$left; fi
+    if [ "$limit" -lt 20 ]; then echo "$name rc=skipped (no time left)" | tee -a "$OUT/steps.txt"; return; fi
+    echo "===== $name (at most ${limit} s): $*"
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
+    local rc=${PIPESTATUS[0]}
+    echo "$name rc=$rc seconds=$((SECONDS - t0))" | tee -a "$OUT/steps.txt"
+}
+
+step pytest_gpu 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_mixed_precision.py tests/test_weights_methods.py
+step demo 100 "$PY" -m lightning_introspect.cli demo --accelerator gpu --precision bf16-mixed --out "${DEMO_OUT:-/tmp/gpu_check_demo}"
+step whole_fit 150 "$PY" benchmarks/bench_whole_fit.py --device cuda --epochs 10 --models demo resnet64 --repeats 1
+step memory_cuda 120 "$PY" benchmarks/bench_memory.py --device cuda --only none default SanityChecks Attributions Misclassifications FeatureVisualization
+step benchmarks "$TOTAL" "$PY" benchmarks/run_all.py --quick --device cuda --skip bench_whole_fit.py bench_memory.py
+cat "$OUT/steps.txt"

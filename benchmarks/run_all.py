@@ -1,15 +1,16 @@
 """Run every benchmark in this folder, one after the other, and print one table of ratios.
 
-    python benchmarks/run_all.py [--quick] [--device cpu|cuda]
+    python benchmarks/run_all.py [--quick] [--device cpu|cuda] [--skip SCRIPT ...]
 
 Each benchmark runs in its own process; its full output is printed under a header, then a summary
 table collects the headline ratio of each one (all measured in this run, on this machine). Run by
-hand, not by CI: on 2 CPU cores the whole set takes about 15-20 minutes (``--quick``: about 6).
+hand, not by CI: on 2 CPU cores the whole set takes about 40 minutes (``--quick``: about 6).
 
 A full run also writes its tables into ``docs/performance.md``, between the generated markers
 (``<!-- run_all:<table>:begin -->`` / ``end``), with the date and a description of the machine, so
 the published numbers are always those of one run. ``--quick`` runs leave the page alone unless
-``--write-docs`` is given; ``--no-write-docs`` keeps a full run's numbers off the page.
+``--write-docs`` is given; ``--no-write-docs`` keeps a full run's numbers off the page, and so does ``--skip``
+(the skipped rows would read n/a).
 """
 
 from __future__ import annotations
@@ -236,12 +237,17 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device of the benchmarks that take one")
     parser.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=None,
                         help=f"write the tables into {os.path.relpath(DOCS_PAGE)} (default: on for full runs, off with --quick)")
+    parser.add_argument("--skip", nargs="+", default=[], choices=[b[0] for b in BENCHMARKS], metavar="SCRIPT",
+                        help="benchmark scripts to leave out (their rows read n/a), e.g. bench_whole_fit.py")
     args = parser.parse_args()
     rows: list[tuple[str, str]] = []
     costs: list[tuple[str, ...]] = []
     fits: list[tuple[str, ...]] = []
     start = time.perf_counter()
     for script, normal, quick, patterns in BENCHMARKS:
+        if script in args.skip:
+            rows.extend((label, "n/a") for label, _ in patterns)
+            continue
         cmd = [sys.executable, os.path.join(HERE, script), *(quick if args.quick else normal)]
         if script in TAKES_DEVICE:
             cmd += ["--device", args.device]
@@ -269,7 +275,7 @@ def main() -> None:
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
-    if args.write_docs if args.write_docs is not None else not args.quick:
+    if args.write_docs if args.write_docs is not None else not (args.quick or args.skip):
         write_docs(DOCS_PAGE, rows, costs, quick=args.quick, seconds=seconds, device=args.device, fits=fits)
 
 

@@ -559,3 +559,19 @@ def test_a_second_fit_starts_clean_and_validate_keeps_the_results(tmp_path):
     before = {k: dict(v) for k, v in probes.history.items()}
     trainer.validate(model, datamodule=DigitsDataModule(batch_size=32, limit=128, seed=0), verbose=False)
     assert probes.history == before and probes.best_layer in probes.layer_names
+
+
+def test_auto_layers_at_setup_run_where_the_weights_are():
+    """During ``setup`` Lightning already reports the accelerator as ``pl_module.device`` while the weights are still on
+    the CPU (seen on CUDA: "Input type (cuda) and weight type (cpu)"); ``layers='auto'`` runs its two samples where
+    the weights are. ``meta`` stands in for the accelerator: nothing can run there."""
+    from lightning_introspect.callbacks.probe_setup import resolve_probe_setup
+
+    model = DigitsCNN()
+    model._device = torch.device("meta")  # what Lightning's setup hook sets before the strategy moves the model
+    assert model.device == torch.device("meta")
+    x, y = load_digits_tensors()
+    loader = DataLoader(TensorDataset(x[:32], y[:32]), batch_size=16)
+    setup = resolve_probe_setup(model, loader, layers="auto", task="auto", token_pooling="auto", target_transform=None,
+                                seed=0, source="validation")
+    assert setup.task == "classification" and len(setup.modules) >= 2

@@ -1,13 +1,16 @@
-"""The full callback set under mixed precision: every callback runs (``on_error="raise"``) and writes its
-tags, read back from the TensorBoard event files. Attribution and the other gradient methods run in fp32
-outside autocast, so their maps are fp32 and finite.
+"""The full callback set under mixed precision and on an accelerator: every callback runs (``on_error="raise"``)
+and writes its tags, read back from the TensorBoard event files. Attribution and the other gradient methods run
+in fp32 outside autocast, so their maps are fp32 and finite.
 
-The same test runs with ``bf16-mixed`` on the CPU (always) and, marked ``gpu``, with ``bf16-mixed`` and
-``16-mixed`` on a CUDA device (``pytest -m gpu`` on a machine with one): the model trains on the GPU, the
-callbacks compute there, and what they keep (results and checkpoint state) is on the CPU."""
+The same test runs with ``bf16-mixed`` on the CPU (always), on an accelerator emulated on the CPU (always:
+:mod:`tests.emulated_device` makes every mix of host and device tensors in our code raise, as CUDA does) and,
+marked ``gpu``, with ``bf16-mixed`` and ``16-mixed`` on a CUDA device (``pytest -m gpu`` on a machine with one):
+the model trains on the device, the callbacks compute there, and what they keep (results and checkpoint state)
+is on the CPU."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -16,6 +19,7 @@ import torch
 from lightning_introspect._lightning import pl
 from lightning_introspect.config import introspection_callbacks
 from lightning_introspect.demo import DigitsCNN, DigitsDataModule, demo_config
+from tests.emulated_device import emulated_accelerator
 from tests.helpers import quick_trainer, read_events
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -41,6 +45,28 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     ],
 )
 def test_full_set_with_mixed_precision(tmp_path: Any, accelerator: str, precision: str) -> None:
+    _fit_and_check(tmp_path, accelerator, precision, device="cuda" if accelerator == "gpu" else "cpu")
+
+
+@pytest.mark.slow
+def test_full_set_on_an_emulated_accelerator(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the CUDA run above checks, without a GPU: the two host / device mix-ups the first CUDA run of this
+    test found (LinearProbes' layer search at ``setup``, where Lightning reports the device before it moves the
+    weights; LRP on the per-class targets' host samples) fail here too when undone."""
+    _fit_and_check(tmp_path, "cpu", "32-true", device="cuda", emulate=monkeypatch)
+
+
+class _DeviceSeen(pl.Callback):
+    """Where the weights are at the end of training (Lightning moves them back to the CPU at teardown)."""
+
+    def __init__(self) -> None:
+        self.devices: set[str] = set()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.devices = {p.device.type for p in pl_module.parameters()}
+
+
+def _fit_and_check(tmp_path: Any, accelerator: str, precision: str, *, device: str, emulate: pytest.MonkeyPatch | None = None) -> None:
     pl.seed_everything(0, verbose=False)
     dm = DigitsDataModule(batch_size=32, limit=64, seed=0)
     dm.setup("fit")
@@ -49,12 +75,12 @@ def test_full_set_with_mixed_precision(tmp_path: Any, accelerator: str, precisio
         cb.on_error = "raise"
         if hasattr(cb, "progress"):
             cb.progress = False
-    model = DigitsCNN()
-    trainer = quick_trainer(tmp_path, callbacks, epochs=2, precision=precision, accelerator=accelerator)
-    trainer.fit(model, datamodule=dm)
+    model, seen = DigitsCNN(), _DeviceSeen()
+    trainer = quick_trainer(tmp_path, [*callbacks, seen], epochs=2, precision=precision, accelerator=accelerator)
+    with emulated_accelerator(trainer, emulate) if emulate is not None else contextlib.nullcontext():
+        trainer.fit(model, datamodule=dm)
     assert trainer.precision == precision and trainer.global_step == 4
-    device = "cuda" if accelerator == "gpu" else "cpu"
-    assert all(p.device.type == device for p in model.parameters())  # nothing moved the model
+    assert seen.devices == {device}  # the model trained on the device, and no callback moved it
 
     cbs = {type(cb).__name__: cb for cb in callbacks}
     assert not any(cb.disabled for cb in callbacks)

@@ -15,6 +15,7 @@ classifiers, tabular MLP, dict / tuple outputs, validation steps returning the l
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from typing import Any
@@ -23,6 +24,7 @@ import pytest
 
 from lightning_introspect.callbacks.base import IntrospectionFailureWarning, IntrospectionSkipWarning
 from lightning_introspect.config import introspection_callbacks
+from tests.emulated_device import DeviceMixError, emulated_accelerator
 from tests.helpers import quick_trainer, read_events
 from tests.zoo import ZOO, ZooEntry
 
@@ -55,15 +57,19 @@ def has_tag(tags: set[str], pattern: str) -> bool:
     return any(re.fullmatch(rf"{pattern}(/text_summary)?", tag) for tag in tags)
 
 
-def fit_with_defaults(tmp_path: Any, entry: ZooEntry) -> tuple[Any, list[Any], list[warnings.WarningMessage]]:
-    """A 2-epoch fit of ``entry`` with the default set; returns the trainer, the callbacks, every warning."""
+def fit_with_defaults(
+    tmp_path: Any, entry: ZooEntry, emulate: pytest.MonkeyPatch | None = None
+) -> tuple[Any, list[Any], list[warnings.WarningMessage]]:
+    """A 2-epoch fit of ``entry`` with the default set; returns the trainer, the callbacks, every warning.
+    With ``emulate``, on the accelerator of :mod:`tests.emulated_device`."""
     model, dm = entry.build()
     callbacks = introspection_callbacks({})
     assert len(callbacks) == len(DOCUMENTED_TAGS)
     trainer = quick_trainer(tmp_path, callbacks, epochs=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(model, datamodule=dm)
+        with emulated_accelerator(trainer, emulate) if emulate is not None else contextlib.nullcontext():
+            trainer.fit(model, datamodule=dm)
     return trainer, callbacks, list(caught)
 
 
@@ -114,3 +120,15 @@ def test_default_set_logs_its_tags_or_skips_once_on_every_zoo_model(tmp_path: An
     if entry.inputs == "tokens":  # token ids are explained at the embedding output, as coloured sentences (text)
         assert outcome["Attributions"] == "logged", outcome["Attributions"]
         assert "introspect/attributions/saliency/text_summary" in read_events(str(tmp_path))["text"]
+
+
+@pytest.mark.parametrize("entry", [pytest.param(e, id=e.name) for e in ZOO if not e.slow])
+def test_default_set_on_an_emulated_accelerator(tmp_path: Any, entry: ZooEntry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zoo contract with the model on an accelerator (emulated on the CPU: our code mixing host and device tensors,
+    or calling numpy on a device tensor, raises as on CUDA), and no analysis lost to such a mix-up."""
+    trainer, callbacks, caught = fit_with_defaults(tmp_path, entry, emulate=monkeypatch)
+    assert trainer.state.finished and trainer.current_epoch == 2
+    mixups = [str(w.message) for w in caught if DeviceMixError.__name__ in str(w.message)]
+    assert not mixups, mixups
+    documented = SEGMENTATION_TAGS if entry.task == "segmentation" else DOCUMENTED_TAGS
+    check_each_callback_logs_or_skips_once(str(tmp_path), callbacks, caught, documented)

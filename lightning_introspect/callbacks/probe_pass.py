@@ -246,11 +246,15 @@ def has_compiled(model: nn.Module) -> bool:
 
 
 def device_of(module: nn.Module) -> torch.device:
-    """The device of ``module``: Lightning's ``device`` attribute, else where its parameters are."""
+    """Where ``module``'s parameters are; Lightning's ``device`` attribute only for a module without any.
+
+    The parameters come first because during ``setup`` Lightning already reports the accelerator's device
+    while the weights are still on the CPU (the strategy moves them afterwards).
+    """
+    if next(module.parameters(), None) is not None:
+        return module_device(module)
     device = getattr(module, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return module_device(module)
+    return device if isinstance(device, torch.device) else module_device(module)
 
 
 def to_device(x: Any, device: torch.device) -> Any:

@@ -72,7 +72,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from lightning_introspect._torch.guards import fresh_input, introspection_mode
+from lightning_introspect._torch.guards import fresh_input, introspection_mode, module_device
 from lightning_introspect.methods.lrp.composites import (
     PRESETS,
     Composite,
@@ -263,6 +263,7 @@ def lrp(
     if not isinstance(inputs, torch.Tensor) or inputs.is_complex() or inputs.dtype == torch.bool:
         raise ValueError(f"Expected `inputs` to be a floating-point tensor or integer token ids, but got {getattr(inputs, 'dtype', type(inputs))}.")
     tokens = not inputs.is_floating_point()
+    inputs = inputs.to(module_device(model, inputs.device))  # like the gradient methods: samples may come from the CPU
     plan = plan_for(model, inputs)
     stop = None if at is None else _stop_node(plan, at)
     if tokens and at is None and not any(s.kind == "embedding" for s in plan.steps):
