@@ -413,5 +413,15 @@ def test_drift_markdown_and_figures_show_each_layer_by_depth() -> None:
     assert [p.get_height() for p in fig.axes[1].patches] == [0.02, 0.0]
     hists = {str(i): histogram(torch.randn(50)) for i in range(20)}
     overlay = initial_vs_current_figure(hists, hists, {}, max_layers=5)
-    titles = [ax.get_title().split()[0] for ax in overlay.axes if ax.get_title()]
-    assert titles == ["0", "5", "10", "14", "19"]  # spread over depth, first and last kept
+    rows = [t.get_text().split()[0] for t in overlay.axes[0].get_yticklabels()]
+    assert rows == ["0", "5", "10", "14", "19"]  # spread over depth, first (input side, top row) and last kept
+    fill, outline = overlay.axes[0].collections  # one artist per kind for every row
+    assert len(fill.get_paths()) == len(outline.get_paths()) == 5
+    # each row on its own range [min, max] -> [0, 1], its tallest density 0.85 of a row above the row's base
+    pair = initial_vs_current_figure({"w": histogram(torch.ones(4)), "v": histogram(torch.arange(4.0))},
+                                     {"w": histogram(torch.tensor([0.0, 2.0, 2.0, 4.0])), "v": histogram(torch.arange(4.0))}, {})
+    fill, outline = pair.axes[0].collections
+    now_w = fill.get_paths()[0].vertices
+    assert now_w[:, 0].min() == 0.0 and now_w[:, 0].max() == 1.0 and now_w[:, 1].max() == pytest.approx(1.85)  # top row
+    assert outline.get_paths()[0].vertices.tolist() == [[0.25, 1.0], [0.25, 1.85]]  # constant W0 = 1 on [0, 4]
+    assert outline.get_paths()[1].vertices[:, 1].max() == pytest.approx(0.85)
