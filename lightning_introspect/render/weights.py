@@ -225,7 +225,7 @@ def _overlay_row(base: float, h0: HistogramStats, h: HistogramStats) -> tuple[fl
     finite = [v for v in (h0.min, h.min, h0.max, h.max) if math.isfinite(v)]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
     span = hi - lo if hi > lo else max(abs(hi), 1e-3)
-    densities = []
+    densities: list[np.ndarray | None] = []
     for hist in (h, h0):
         if hist.num == 0 or hist.min == hist.max:
             densities.append(None)
