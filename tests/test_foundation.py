@@ -328,6 +328,47 @@ def test_fixed_samples_of_large_inputs_are_capped_by_memory_unless_num_samples_i
     assert given.fixed_samples(trainer)[0].shape[0] == 100
 
 
+def test_fixed_sample_sets_of_a_fit_are_views_of_one_draw_equal_to_their_own_draws(tmp_path):
+    """Attributions, FeatureVisualization, Misclassifications and SanityChecks explain the first items of the same
+    permutation (same seed): one draw of the largest set serves them all, each a prefix equal to what it would
+    have drawn alone, held once in memory and once in the checkpoint."""
+    import io
+
+    from lightning_introspect.callbacks.data import shared_samples
+    from lightning_introspect.demo import DigitsCNN, DigitsDataModule
+    from lightning_introspect.methods.chunks import DEFAULT_MEMORY_BUDGET
+
+    dm = DigitsDataModule(batch_size=32, limit=64, seed=0)
+    callbacks = introspection_callbacks({"per_class_metrics": {"enabled": False}, "linear_probes": {"enabled": False},
+                                         "weight_histograms": {"enabled": False}}, budget=False)
+    trainer = quick_trainer(tmp_path, callbacks, epochs=1)
+    trainer.fit(DigitsCNN(), datamodule=dm)
+    drawing = [cb for cb in callbacks if cb.draws_samples]
+    assert sorted(type(cb).__name__ for cb in drawing) == ["Attributions", "FeatureVisualization", "Misclassifications", "SanityChecks"]
+    loader = trainer.val_dataloaders
+    storages = set()
+    for cb in drawing:
+        x, y = cb._samples
+        alone_x, alone_y = draw_samples(loader, cb.num_samples, seed=cb.seed, max_bytes=DEFAULT_MEMORY_BUDGET)
+        assert torch.equal(x, alone_x) and torch.equal(y, alone_y), type(cb).__name__
+        storages.add(x.untyped_storage().data_ptr())
+    assert len(storages) == 1
+    largest = max(cb._samples[0].shape[0] for cb in drawing)
+    one, many = io.BytesIO(), io.BytesIO()
+    torch.save({cb.state_key: cb.state_dict() for cb in drawing}, one)  # as Lightning's checkpoint holds them
+    torch.save([draw_samples(loader, cb.num_samples, seed=cb.seed, max_bytes=DEFAULT_MEMORY_BUDGET) for cb in drawing], many)
+    assert one.tell() < many.tell() and largest == 64  # FeatureVisualization's 32 and the review's 256 of 64 items
+
+    # a later, larger request draws again (earlier sets keep theirs); `wanted` makes the first draw large enough
+    data = DataLoader(TensorDataset(torch.randn(20, 3), torch.arange(20)))
+    small = shared_samples(data, 4, seed=0, max_bytes=None)[0]
+    large = shared_samples(data, 10, seed=0, max_bytes=None, wanted=[12])[0]
+    assert torch.equal(large[:4], small) and large.untyped_storage().data_ptr() != small.untyped_storage().data_ptr()
+    again = shared_samples(data, 12, seed=0, max_bytes=None)[0]
+    assert again.untyped_storage().data_ptr() == large.untyped_storage().data_ptr() and again.shape[0] == 12
+    assert not torch.equal(shared_samples(data, 4, seed=1, max_bytes=None)[0], small)  # another seed: its own draw
+
+
 def test_split_batch_kinds():
     x, y = torch.zeros(2, 3), torch.ones(2)
     assert split_batch({"image": x, "label": y})[1] is y

@@ -246,6 +246,7 @@ class Attributions(IntrospectionCallback):
 
     name = "attributions"
     sized_runs = True  # the faithfulness curves: sized by a budget
+    draws_samples = True
 
     def __init__(
         self,
@@ -330,6 +331,10 @@ class Attributions(IntrospectionCallback):
             get_layer(pl_module, self.cam_layer, argument="cam_layer")
         if self.embedding_layer != "auto":
             get_layer(pl_module, self.embedding_layer, argument="embedding_layer")
+
+    @override
+    def sample_request(self) -> int | None:
+        return None if self.per_class is not None else self.num_samples
 
     @override
     def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

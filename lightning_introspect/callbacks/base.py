@@ -32,7 +32,7 @@ from lightning_introspect.callbacks.checks import (
     lrp_problem,
     renamed_argument,
 )
-from lightning_introspect.callbacks.data import draw_samples, example_batch, split_batch
+from lightning_introspect.callbacks.data import draw_samples, example_batch, shared_samples, split_batch
 from lightning_introspect.callbacks.outputs import LogitsSource
 from lightning_introspect.errors import (
     IntrospectionFailureWarning,
@@ -123,6 +123,8 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
     rank_zero_only: ClassVar[bool] = True
     #: whether the scheduled runs are one-off analyses the budget sizes (:meth:`sized`)
     sized_runs: ClassVar[bool] = False
+    #: whether the callback draws a fixed random sample set (:meth:`fixed_samples`), shared with the others'
+    draws_samples: ClassVar[bool] = False
     #: attributes that hold live objects (hooks, writers, workers): dropped when pickled, rebuilt on use
     transient: ClassVar[tuple[str, ...]] = ()
     #: charts of TensorBoard's custom-scalars layout for tags that do not end in their item (layer, class,
@@ -557,17 +559,36 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
         items, or with ``per_class=k`` up to k items of each class. Unless ``num_samples`` was given, the
         random items' inputs hold at most :data:`~lightning_introspect.methods.chunks.DEFAULT_MEMORY_BUDGET`
         bytes (never fewer than 8 items): large inputs take fewer (56 of 3x384x384 float32 images), so the
-        set neither multiplies the fit's memory nor the checkpoint's size. Kept in the checkpoint, so a resumed
-        fit explains the same images.
+        set neither multiplies the fit's memory nor the checkpoint's size. The random sets of the callbacks of
+        one fit with the same seed and loader are prefixes of one shared draw
+        (:func:`~lightning_introspect.callbacks.data.shared_samples`): the same images as drawn alone, held
+        once. Kept in the checkpoint, so a resumed fit explains the same images.
         """
         if self._samples is None:
             loader = self.val_dataloader(trainer)
             if loader is None:
                 raise RuntimeError(f"{type(self).__name__} needs validation (or training) data to draw its samples from.")
             cap = None if "num_samples" in self._given else DEFAULT_MEMORY_BUDGET
-            self._samples = draw_samples(loader, self.num_samples, seed=self.seed, per_class=per_class, max_bytes=cap)
+            if per_class is None:  # the same permutation as the other callbacks of the fit: one draw, held once
+                wanted = [n for cb in getattr(trainer, "callbacks", ()) if (n := self._shared_request(cb, trainer, loader, cap)) is not None]
+                self._samples = shared_samples(loader, self.num_samples, seed=self.seed, max_bytes=cap, wanted=wanted)
+            else:
+                self._samples = draw_samples(loader, self.num_samples, seed=self.seed, per_class=per_class, max_bytes=cap)
         x, y = self._samples
         return x, y
+
+    def sample_request(self) -> int | None:
+        """How many random fixed samples this callback will draw (``None``: none, or drawn per class)."""
+        return self.num_samples if self.draws_samples else None
+
+    def _shared_request(self, other: Any, trainer: pl.Trainer, loader: Any, cap: int | None) -> int | None:
+        """What ``other`` will draw from the same shared draw as this callback (``None``: nothing)."""
+        if other is self or not isinstance(other, IntrospectionCallback) or not other.enabled or other.seed != self.seed:
+            return None
+        if ("num_samples" in other._given) != (cap is None) or other._samples is not None:
+            return None
+        request = other.sample_request()
+        return request if request is not None and other.val_dataloader(trainer) is loader else None
 
     def example(self, trainer: pl.Trainer, n: int = 2) -> Any:
         """A small batch of the validation (else training) data, as the loader's ``collate_fn`` builds it,

@@ -3,12 +3,15 @@ or an example batch from a loader without touching the global random state."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import weakref
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from lightning_introspect._torch.guards import fork_global_rng, private_generator
+
+MIN_SAMPLES = 8  # a fixed sample set capped by bytes keeps at least this many items
 
 _INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "input_ids", "data", "features")
 _TARGET_KEYS = ("y", "target", "targets", "label", "labels", "mask", "masks")
@@ -57,7 +60,7 @@ def _labels_of(item: Any) -> int | None:
 
 
 def draw_samples(
-    loader: Any, n: int, *, seed: int = 0, per_class: int | None = None, max_bytes: int | None = None, min_samples: int = 8
+    loader: Any, n: int, *, seed: int = 0, per_class: int | None = None, max_bytes: int | None = None, min_samples: int = MIN_SAMPLES
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draw a fixed ``(inputs, targets)`` sample set from a ``DataLoader`` without touching global RNG.
 
@@ -74,6 +77,49 @@ def draw_samples(
     with fork_global_rng(), torch.inference_mode(False):
         x, y = _draw(loader, n, seed=seed, per_class=per_class, max_bytes=max_bytes, min_samples=min_samples)
         return x.detach().cpu().clone(), None if y is None else y.detach().cpu().clone()
+
+
+# loader -> {(seed, max_bytes): (inputs, targets, n asked)}: the draws callbacks of one fit share (see shared_samples)
+_SHARED: weakref.WeakKeyDictionary[Any, dict[tuple[int, int | None], tuple[torch.Tensor, torch.Tensor | None, int]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def shared_samples(
+    loader: Any, n: int, *, seed: int, max_bytes: int | None, wanted: Sequence[int] = ()
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`draw_samples` of ``n`` random items, as views of one draw shared by every caller with the same
+    loader, seed and ``max_bytes``: several callbacks explaining the first images of the same permutation hold
+    them once (in memory and in the checkpoint, which saves a shared storage once).
+
+    The shared draw has as many items as the largest of ``n`` and ``wanted`` (what the other callbacks of the
+    fit will ask for, so that the first draw serves them all); a later, larger request draws again. Each caller gets the
+    prefix it would have drawn alone, so a set equals :func:`draw_samples`' for the same arguments.
+
+    Example:
+        >>> data = torch.utils.data.TensorDataset(torch.randn(20, 3), torch.arange(20))
+        >>> loader = torch.utils.data.DataLoader(data)
+        >>> small, _ = shared_samples(loader, 4, seed=0, max_bytes=None, wanted=[8])
+        >>> large, _ = shared_samples(loader, 8, seed=0, max_bytes=None)
+        >>> small.untyped_storage().data_ptr() == large.untyped_storage().data_ptr(), torch.equal(small, large[:4])
+        (True, True)
+    """
+    key = (int(seed), max_bytes)
+    if loader is None:
+        raise ValueError("Expected a loader to draw the samples from, but got None.")
+    try:
+        draws = _SHARED.setdefault(loader, {})
+    except TypeError:  # a loader that cannot be weakly referenced: no sharing
+        return draw_samples(loader, n, seed=seed, max_bytes=max_bytes)
+    entry = draws.get(key)
+    if entry is None or entry[2] < n:
+        size = max([n, *wanted])
+        x, y = draw_samples(loader, size, seed=seed, max_bytes=max_bytes)
+        entry = draws[key] = (x, y, size)
+    x, y, _ = entry
+    # what draw_samples(loader, n) would have kept: n, capped by the bytes of one input, at most what exists
+    count = min(_capped(n, x[0], max_bytes, MIN_SAMPLES) if len(x) else 0, len(x))
+    return x[:count], None if y is None else y[:count]
 
 
 def _capped(n: int, first_input: Any, max_bytes: int | None, min_samples: int) -> int:

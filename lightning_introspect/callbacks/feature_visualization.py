@@ -205,6 +205,7 @@ class FeatureVisualization(IntrospectionCallback):
 
     name = "featviz"
     sized_runs = True
+    draws_samples = True
 
     def __init__(
         self,

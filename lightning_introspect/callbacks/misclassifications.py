@@ -215,6 +215,7 @@ class Misclassifications(IntrospectionCallback):
     name = "misclassifications"
     rank_zero_only = True
     sized_runs = True
+    draws_samples = True
 
     def __init__(
         self,

@@ -194,6 +194,7 @@ class SanityChecks(IntrospectionCallback):
 
     name = "sanity"
     sized_runs = True
+    draws_samples = True
     # the verdicts end in their quantity, not the method: one chart each, a line per method (custom scalars)
     #: one Custom Scalars chart per quantity, a line per method (render/sanity.py `report_scalars` names them)
     scalar_charts = {
