@@ -17,7 +17,7 @@ medians, the ratio is median / median, and the range of the per-round ratios is 
 callbacks' own clocks give a steadier second reading: (median fit without + median time inside the
 callbacks) / median fit without.
 
-    python benchmarks/bench_whole_fit.py [--epochs 10 50] [--models demo resnet64] [--repeats 3] [--device cpu|cuda]
+    python benchmarks/bench_whole_fit.py [--epochs 10 50] [--models demo resnet64] [--repeats 3] [--device cpu|cuda] [--budget 0.1]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from lightning_introspect._lightning import LightningModule, Trainer, pl
 from lightning_introspect.config import introspection_callbacks
 from lightning_introspect.demo import DigitsCNN, DigitsDataModule
 
-model_name, epochs, mode, accelerator = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+model_name, epochs, mode, accelerator, budget = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 
 
 class Block(nn.Module):
@@ -71,7 +71,8 @@ dm = DigitsDataModule(seed=0, size=64 if model_name == "resnet64" else 32)
 dm.setup("fit")
 model = ResNet64() if model_name == "resnet64" else DigitsCNN()
 config = {"per_class_metrics": {"num_classes": 10}}
-callbacks = [] if mode == "none" else introspection_callbacks(config, budget=False if mode == "nobudget" else None)
+budget = False if mode == "nobudget" else (None if budget == "default" else float(budget))
+callbacks = [] if mode == "none" else introspection_callbacks(config, budget=budget)
 loggers = __import__(f"{pl.__name__}.loggers", fromlist=["TensorBoardLogger"])
 with tempfile.TemporaryDirectory() as tmp:
     trainer = Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=loggers.TensorBoardLogger(tmp),
@@ -87,8 +88,8 @@ print(json.dumps({"seconds": seconds, "params": sum(p.numel() for p in model.par
 """
 
 
-def run(model: str, epochs: int, mode: str, device: str) -> dict:
-    res = subprocess.run([sys.executable, "-c", CHILD, model, str(epochs), mode, "gpu" if device == "cuda" else "cpu"],
+def run(model: str, epochs: int, mode: str, device: str, budget: str = "default") -> dict:
+    res = subprocess.run([sys.executable, "-c", CHILD, model, str(epochs), mode, "gpu" if device == "cuda" else "cpu", budget],
                          capture_output=True, text=True)
     if res.returncode != 0:
         print(res.stderr[-3000:])
@@ -107,6 +108,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="fits per configuration for fits of up to 10 epochs")
     parser.add_argument("--long-repeats", type=int, default=1, help="fits per configuration for longer fits")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--budget", default="default",
+                        help="the default set's budget fraction (default: the package's default), e.g. 0.1 to see how far it moves the ratio")
     args = parser.parse_args()
     short = min(args.epochs)
     print(f"{'model':10s}{'epochs':>7s}{'none s':>9s}{'default s':>11s}{'ratio':>7s}{'no budget s':>13s}{'ratio':>7s}")
@@ -118,7 +121,7 @@ def main() -> None:
             fits: dict[str, list[dict]] = {mode: [] for mode in modes}
             for _ in range(max(1, repeats)):
                 for mode in modes:
-                    fits[mode].append(run(model, epochs, mode, args.device))
+                    fits[mode].append(run(model, epochs, mode, args.device, args.budget))
             none, default = median_seconds(fits["none"]), median_seconds(fits["default"])
             ratio = default / none
             per_round = sorted(d["seconds"] / n["seconds"] for n, d in zip(fits["none"], fits["default"]))
