@@ -5,7 +5,9 @@ fails only there. Here every tensor Lightning moves to the accelerator becomes a
 computed on the CPU, but reporting ``device == cuda:0`` and ``is_cuda``, and refusing what a CUDA tensor refuses:
 an operation that mixes it with a host tensor of one or more dimensions (host scalars and host index tensors are
 allowed, as on CUDA) and ``.numpy()``. ``.cpu()`` / ``.to("cpu")`` give a host tensor back; ``.to("cuda")`` and
-factories with ``device="cuda"`` give device tensors.
+factories with ``device="cuda"`` give device tensors. Only our own code is held to the rule (a mix is an error
+when ``lightning_introspect`` is on the stack): the gradients the autograd engine hands to Lightning's optimizer
+are plain tensors here although they stand for device ones.
 
 :func:`emulated_accelerator` patches a ``Trainer`` (``accelerator="cpu"``, ``precision="32-true"``) so that its
 root device is the emulated one, and the few ``torch.cuda`` entry points the code reaches (RNG state for
