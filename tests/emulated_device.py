@@ -9,7 +9,7 @@ factories with ``device="cuda"`` give device tensors. Only our own code is held 
 when ``lightning_introspect`` is on the stack): the gradients the autograd engine hands to Lightning's optimizer
 are plain tensors here although they stand for device ones.
 
-:func:`emulated_accelerator` patches a ``Trainer`` (``accelerator="cpu"``, ``precision="32-true"``) so that its
+:func:`emulated_accelerator` patches a ``Trainer`` (``accelerator="cpu"``; ``32-true`` or ``bf16-mixed``) so that its
 root device is the emulated one, and the few ``torch.cuda`` entry points the code reaches (RNG state for
 ``fork_rng``, the default generators, ``torch.Generator(device="cuda")``) so that they work on a CPU-only build.
 """
@@ -191,7 +191,7 @@ class _CpuGenerator(metaclass=_GeneratorType):
 
 @contextlib.contextmanager
 def emulated_accelerator(trainer: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Run ``trainer`` (CPU, 32-true) as if its device were ``cuda:0``, with every mix-up raising."""
+    """Run ``trainer`` (CPU accelerator) as if its device were ``cuda:0``, with every mix-up in our code raising."""
     states: dict[int, torch.Tensor] = {}
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states.get(0, torch.zeros(16, dtype=torch.uint8)))

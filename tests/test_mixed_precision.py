@@ -49,11 +49,13 @@ def test_full_set_with_mixed_precision(tmp_path: Any, accelerator: str, precisio
 
 
 @pytest.mark.slow
-def test_full_set_on_an_emulated_accelerator(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_full_set_on_an_emulated_accelerator(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, precision: str) -> None:
     """What the CUDA run above checks, without a GPU: the two host / device mix-ups the first CUDA run of this
     test found (LinearProbes' layer search at ``setup``, where Lightning reports the device before it moves the
-    weights; LRP on the per-class targets' host samples) fail here too when undone."""
-    _fit_and_check(tmp_path, "cpu", "32-true", device="cuda", emulate=monkeypatch)
+    weights; LRP on the per-class targets' host samples) fail here too when undone. (bf16-mixed: the CPU's
+    autocast, so the device tensors' dtypes are as under mixed precision; CUDA's own kernels are not emulated.)"""
+    _fit_and_check(tmp_path, "cpu", precision, device="cuda", emulate=monkeypatch)
 
 
 class _DeviceSeen(pl.Callback):
