@@ -366,6 +366,8 @@ def test_fixed_sample_sets_of_a_fit_are_views_of_one_draw_equal_to_their_own_dra
     assert torch.equal(large[:4], small) and large.untyped_storage().data_ptr() != small.untyped_storage().data_ptr()
     again = shared_samples(data, 12, seed=0, max_bytes=None)[0]
     assert again.untyped_storage().data_ptr() == large.untyped_storage().data_ptr() and again.shape[0] == 12
+    rebuilt = DataLoader(data.dataset)  # a data module's next loader over the same dataset (a DDP rank at setup)
+    assert shared_samples(rebuilt, 12, seed=0, max_bytes=None)[0].untyped_storage().data_ptr() == large.untyped_storage().data_ptr()
     assert not torch.equal(shared_samples(data, 4, seed=1, max_bytes=None)[0], small)  # another seed: its own draw
 
 

@@ -570,7 +570,7 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 raise RuntimeError(f"{type(self).__name__} needs validation (or training) data to draw its samples from.")
             cap = None if "num_samples" in self._given else DEFAULT_MEMORY_BUDGET
             if per_class is None:  # the same permutation as the other callbacks of the fit: one draw, held once
-                wanted = [n for cb in getattr(trainer, "callbacks", ()) if (n := self._shared_request(cb, trainer, loader, cap)) is not None]
+                wanted = [n for cb in getattr(trainer, "callbacks", ()) if (n := self._shared_request(cb, cap)) is not None]
                 self._samples = shared_samples(loader, self.num_samples, seed=self.seed, max_bytes=cap, wanted=wanted)
             else:
                 self._samples = draw_samples(loader, self.num_samples, seed=self.seed, per_class=per_class, max_bytes=cap)
@@ -581,14 +581,14 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
         """How many random fixed samples this callback will draw (``None``: none, or drawn per class)."""
         return self.num_samples if self.draws_samples else None
 
-    def _shared_request(self, other: Any, trainer: pl.Trainer, loader: Any, cap: int | None) -> int | None:
-        """What ``other`` will draw from the same shared draw as this callback (``None``: nothing)."""
+    def _shared_request(self, other: Any, cap: int | None) -> int | None:
+        """What ``other`` will draw from the same shared draw as this callback (``None``: nothing). Every
+        callback draws from :meth:`val_dataloader`'s data, so the seed and the cap decide."""
         if other is self or not isinstance(other, IntrospectionCallback) or not other.enabled or other.seed != self.seed:
             return None
         if ("num_samples" in other._given) != (cap is None) or other._samples is not None:
             return None
-        request = other.sample_request()
-        return request if request is not None and other.val_dataloader(trainer) is loader else None
+        return other.sample_request()
 
     def example(self, trainer: pl.Trainer, n: int = 2) -> Any:
         """A small batch of the validation (else training) data, as the loader's ``collate_fn`` builds it,

@@ -79,7 +79,8 @@ def draw_samples(
         return x.detach().cpu().clone(), None if y is None else y.detach().cpu().clone()
 
 
-# loader -> {(seed, max_bytes): (inputs, targets, n asked)}: the draws callbacks of one fit share (see shared_samples)
+# dataset (or loader) -> {(seed, max_bytes): (inputs, targets, n asked)}: the draws the callbacks of a fit share (see
+# shared_samples); keyed by the dataset, which stays one object when a data module builds a new loader per call
 _SHARED: weakref.WeakKeyDictionary[Any, dict[tuple[int, int | None], tuple[torch.Tensor, torch.Tensor | None, int]]] = (
     weakref.WeakKeyDictionary()
 )
@@ -89,7 +90,7 @@ def shared_samples(
     loader: Any, n: int, *, seed: int, max_bytes: int | None, wanted: Sequence[int] = ()
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`draw_samples` of ``n`` random items, as views of one draw shared by every caller with the same
-    loader, seed and ``max_bytes``: several callbacks explaining the first images of the same permutation hold
+    dataset (the loader's), seed and ``max_bytes``: several callbacks explaining the first images of the same permutation hold
     them once (in memory and in the checkpoint, which saves a shared storage once).
 
     The shared draw has as many items as the largest of ``n`` and ``wanted`` (what the other callbacks of the
@@ -107,9 +108,10 @@ def shared_samples(
     key = (int(seed), max_bytes)
     if loader is None:
         raise ValueError("Expected a loader to draw the samples from, but got None.")
+    source = getattr(loader, "dataset", None)
     try:
-        draws = _SHARED.setdefault(loader, {})
-    except TypeError:  # a loader that cannot be weakly referenced: no sharing
+        draws = _SHARED.setdefault(loader if source is None else source, {})
+    except TypeError:  # a dataset or loader that cannot be weakly referenced: no sharing
         return draw_samples(loader, n, seed=seed, max_bytes=max_bytes)
     entry = draws.get(key)
     if entry is None or entry[2] < n:
