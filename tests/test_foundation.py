@@ -358,6 +358,11 @@ def test_fixed_sample_sets_of_a_fit_are_views_of_one_draw_equal_to_their_own_dra
     torch.save({cb.state_key: cb.state_dict() for cb in drawing}, one)  # as Lightning's checkpoint holds them
     torch.save([draw_samples(loader, cb.num_samples, seed=cb.seed, max_bytes=DEFAULT_MEMORY_BUDGET) for cb in drawing], many)
     assert one.tell() < many.tell() and largest == 64  # FeatureVisualization's 32 and the review's 256 of 64 items
+    from lightning_introspect.callbacks import data as sample_data
+
+    assert len(sample_data._SHARED) == 1
+    drawing[0].setup(trainer, trainer.lightning_module, "fit")  # the next fit draws its own: nothing kept for it
+    assert len(sample_data._SHARED) == 0
 
     # a later, larger request draws again (earlier sets keep theirs); `wanted` makes the first draw large enough
     data = DataLoader(TensorDataset(torch.randn(20, 3), torch.arange(20)))

@@ -32,7 +32,13 @@ from lightning_introspect.callbacks.checks import (
     lrp_problem,
     renamed_argument,
 )
-from lightning_introspect.callbacks.data import draw_samples, example_batch, shared_samples, split_batch
+from lightning_introspect.callbacks.data import (
+    draw_samples,
+    example_batch,
+    forget_shared_samples,
+    shared_samples,
+    split_batch,
+)
 from lightning_introspect.callbacks.outputs import LogitsSource
 from lightning_introspect.errors import (
     IntrospectionFailureWarning,
@@ -199,6 +205,7 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
             self.skip_reason = None
             self.seconds_total = 0.0
             self._samples = None
+            forget_shared_samples()  # a new fit draws its own
             self._warned = set()
             self._writer_cache = None
             self.budget_choice = None

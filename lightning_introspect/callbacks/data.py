@@ -86,6 +86,12 @@ _SHARED: weakref.WeakKeyDictionary[Any, dict[tuple[int, int | None], tuple[torch
 )
 
 
+def forget_shared_samples() -> None:
+    """Drop the shared draws: each fit draws its own (called at the ``setup`` of every fit), and a data set kept
+    after its fit does not keep a sample set alive with it."""
+    _SHARED.clear()
+
+
 def shared_samples(
     loader: Any, n: int, *, seed: int, max_bytes: int | None, wanted: Sequence[int] = ()
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
