@@ -6,8 +6,8 @@ computed on the CPU, but reporting ``device == cuda:0`` and ``is_cuda``, and ref
 an operation that mixes it with a host tensor of one or more dimensions (host scalars and host index tensors are
 allowed, as on CUDA) and ``.numpy()``. ``.cpu()`` / ``.to("cpu")`` give a host tensor back; ``.to("cuda")`` and
 factories with ``device="cuda"`` give device tensors. Only our own code is held to the rule (a mix is an error
-when ``lightning_introspect`` is on the stack): the gradients the autograd engine hands to Lightning's optimizer
-are plain tensors here although they stand for device ones.
+when the nearest caller outside torch is ``lightning_introspect``, not Lightning): the gradients the autograd
+engine hands to Lightning's optimizer are plain tensors here although they stand for device ones.
 
 :func:`emulated_accelerator` patches a ``Trainer`` (``accelerator="cpu"``; ``32-true`` or ``bf16-mixed``) so that its
 root device is the emulated one, and the few ``torch.cuda`` entry points the code reaches (RNG state for
@@ -31,6 +31,7 @@ import lightning_introspect
 
 DEVICE = torch.device("cuda", 0)
 PACKAGE = os.path.dirname(lightning_introspect.__file__) + os.sep
+LIGHTNING = (f"{os.sep}pytorch_lightning{os.sep}", f"{os.sep}lightning{os.sep}", f"{os.sep}lightning_fabric{os.sep}")
 
 
 class OnDevice(torch.Tensor):
@@ -49,6 +50,16 @@ class OnDevice(torch.Tensor):
 
 class DeviceMixError(RuntimeError):
     """What CUDA raises: an operation on tensors of two devices, or numpy of a device tensor."""
+
+
+#: the messages of :class:`DeviceMixError` (CUDA's wording), also when a callback contains the error and warns
+MIXUP_TEXTS = ("found at least two devices", "device type tensor to numpy", "device type for generator")
+
+
+def mixups(messages: Any) -> list[str]:
+    """The messages (or ``warnings.WarningMessage`` records) that report a host / device mix-up."""
+    texts = [str(getattr(m, "message", m)) for m in messages]
+    return [t for t in texts if any(part in t for part in MIXUP_TEXTS)]
 
 
 def _is_device(value: Any) -> bool:
@@ -95,12 +106,17 @@ _TRANSFER_METHODS = {torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.cpu, torch
 
 
 def _called_from_package() -> bool:
-    """Whether lightning_introspect is on the stack: outside it, gradients the autograd engine makes (Lightning's
-    optimizer step) are plain tensors although they stand for device ones, so only our own code is held to the rule."""
+    """Whether the operation comes from lightning_introspect: the nearest caller outside torch is ours, not
+    Lightning's. Lightning's own work (its optimizer step gets the gradients the autograd engine makes, plain
+    tensors here although they stand for device ones; its model transfer) is not held to the rule, also when our
+    code started the fit (the demo)."""
     frame = sys._getframe(2)
     while frame is not None:
-        if PACKAGE in frame.f_code.co_filename:
+        name = frame.f_code.co_filename
+        if PACKAGE in name:
             return True
+        if any(part in name for part in LIGHTNING):
+            return False
         frame = frame.f_back  # type: ignore[assignment]
     return False
 

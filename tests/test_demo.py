@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from lightning_introspect.cli import main
 from lightning_introspect.config import CALLBACKS
 from tests.helpers import read_events
@@ -53,3 +55,30 @@ def test_segmentation_demo_fast_logs_the_segmentation_analyses(tmp_path, capsys)
     ):
         assert wanted in tags, (wanted, sorted(t for t in tags if "seconds" not in t))
     assert any(t.startswith("introspect/misclassifications/segmentation/") for t in tags), sorted(tags)
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation", "text", "vit"])
+def test_every_demo_on_an_emulated_accelerator(tmp_path, monkeypatch, task):
+    """Each demo's full callback set (attention rollout, token attributions and AttnLRP on the transformers,
+    the segmentation analyses on the U-Net) with the model on an accelerator emulated on the CPU
+    (:mod:`tests.emulated_device`): no analysis lost to a host / device mix-up in our code."""
+    import warnings
+
+    from lightning_introspect import _lightning
+    from lightning_introspect.demo import run_demo
+    from lightning_introspect.errors import IntrospectionFailureWarning
+    from tests.emulated_device import emulated_accelerator, mixups
+
+    fit = _lightning.Trainer.fit
+
+    def emulated_fit(trainer, *args, **kwargs):
+        with emulated_accelerator(trainer, monkeypatch):
+            return fit(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(_lightning.Trainer, "fit", emulated_fit)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_demo(task=task, out=str(tmp_path), epochs=2, fast=True)
+    problems = mixups(caught) + [str(w.message) for w in caught if issubclass(w.category, IntrospectionFailureWarning)]
+    assert not problems, problems
+    assert result["trainer"].state.finished

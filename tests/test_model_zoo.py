@@ -24,7 +24,7 @@ import pytest
 
 from lightning_introspect.callbacks.base import IntrospectionFailureWarning, IntrospectionSkipWarning
 from lightning_introspect.config import introspection_callbacks
-from tests.emulated_device import DeviceMixError, emulated_accelerator
+from tests.emulated_device import emulated_accelerator, mixups
 from tests.helpers import quick_trainer, read_events
 from tests.zoo import ZOO, ZooEntry
 
@@ -128,7 +128,7 @@ def test_default_set_on_an_emulated_accelerator(tmp_path: Any, entry: ZooEntry, 
     or calling numpy on a device tensor, raises as on CUDA), and no analysis lost to such a mix-up."""
     trainer, callbacks, caught = fit_with_defaults(tmp_path, entry, emulate=monkeypatch)
     assert trainer.state.finished and trainer.current_epoch == 2
-    mixups = [str(w.message) for w in caught if DeviceMixError.__name__ in str(w.message)]
-    assert not mixups, mixups
+    found = mixups(caught)
+    assert not found, found
     documented = SEGMENTATION_TAGS if entry.task == "segmentation" else DOCUMENTED_TAGS
     check_each_callback_logs_or_skips_once(str(tmp_path), callbacks, caught, documented)
