@@ -97,9 +97,9 @@ def _host(value: Any) -> Any:
     return torch.device("cpu") if _is_device(value) and not isinstance(value, torch.Tensor) else value
 
 
-# operations that may take host tensors beside device ones on CUDA: indices, copies, transfers
+# operations that may take host tensors beside device ones on CUDA: indices and copies (transfers: _transfer)
 _MIXING_ALLOWED = {
-    torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.copy_, torch.Tensor.to, torch.Tensor.index_put_,
+    torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.copy_, torch.Tensor.index_put_,
     torch.Tensor.new_tensor, torch.Tensor.set_,
 }
 _TRANSFER_METHODS = {torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.cpu, torch.Tensor.type_as}

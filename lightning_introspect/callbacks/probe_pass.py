@@ -251,10 +251,8 @@ def device_of(module: nn.Module) -> torch.device:
     The parameters come first because during ``setup`` Lightning already reports the accelerator's device
     while the weights are still on the CPU (the strategy moves them afterwards).
     """
-    if next(module.parameters(), None) is not None:
-        return module_device(module)
     device = getattr(module, "device", None)
-    return device if isinstance(device, torch.device) else module_device(module)
+    return module_device(module, default=device if isinstance(device, torch.device) else "cpu")
 
 
 def to_device(x: Any, device: torch.device) -> Any:
