@@ -226,6 +226,21 @@ def test_the_sanity_check_under_a_tiny_budget_runs_one_repeat_of_the_two_blocks_
     # the bottom-up cascade (the default order) randomises the two blocks nearest the input, not those by the head
     assert cb.report.steps("bottom_up") == ["features.0", "features.4"]
     assert cb.run_sizes == {}  # the sizes hold for that run only
+    assert cb.unit_costs.get("report", 0.0) > 0  # its report's writing, measured: the next run's estimate
+
+
+def test_a_figures_cost_is_its_own_measure_else_the_dearest_of_its_budgets_members() -> None:
+    from lightning_introspect.callbacks import PerClassMetrics, SanityChecks, WeightHistograms
+
+    check, per_class, weights = SanityChecks(), PerClassMetrics(num_classes=3), WeightHistograms()
+    assert check.figure_seconds() == 0.25  # nothing measured, no budget: a cautious guess
+    IntrospectionBudget(0.5).attach([check, per_class, weights])
+    assert check.figure_seconds() == 0.25
+    per_class.unit_costs.observe("figure", 0.04)
+    weights.unit_costs.observe("figure", 0.06)
+    assert check.figure_seconds() == 0.06  # the same machine drew the others' figures
+    check.unit_costs.observe("figure", 0.01)
+    assert check.figure_seconds() == 0.01
 
 
 def _probe_fit(tmp_path: Any, budget: float | None, **probes: Any) -> Any:
@@ -262,3 +277,25 @@ def test_probe_evaluations_between_the_at_fractions_are_extras_under_a_budget(tm
     # an explicit schedule is kept whatever the budget
     kept = _probe_fit(tmp_path / "kept", 1e-4, every_n_epochs=1)
     assert sorted(k for k in kept.history if isinstance(k, int)) == [0, 1, 2, 3] and kept.thinned_epochs == []
+
+
+def test_under_a_budget_the_start_run_of_attributions_explains_only_and_the_last_run_scores_its_maps(tmp_path: Any) -> None:
+    """Before the first step the fit's length is unknown: the untrained model's maps are logged, without the
+    faithfulness curves and eMPRT that the budget cannot judge yet; the last run has both, at their smallest."""
+    from lightning_introspect._lightning import Trainer, pl
+    from lightning_introspect.callbacks.attributions import Attributions
+    from lightning_introspect.demo import DigitsCNN, DigitsDataModule
+
+    pl.seed_everything(0, verbose=False)
+    cb = Attributions(methods=["saliency", "grad_cam"], num_samples=4, at=(0.0, 1.0), every_n_epochs=None)
+    IntrospectionBudget(1e-4).attach([cb])
+    trainer = Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False, enable_model_summary=False,
+                      enable_progress_bar=False, limit_train_batches=2, limit_val_batches=1, default_root_dir=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(DigitsCNN(), datamodule=DigitsDataModule(limit=64))
+    start, last = cb.history[0], cb.history[-1]
+    assert start["epoch"] == -1 and start["faithfulness"] == {} and start["emprt"] == {}
+    assert set(last["faithfulness"]) >= {"saliency", "grad_cam"} and set(last["emprt"]) == {"saliency", "grad_cam"}
+    notes = [c.note for name, _, c in cb.budget.choices if name == "Attributions"]
+    assert "faithfulness_steps=0, emprt=False" in notes[0] and "faithfulness_steps=5, emprt=True" in notes[-1]

@@ -134,6 +134,9 @@ def test_optimised_inputs_beat_the_starting_noise(trained_digits):
             assert res.trace[-4:].mean() > res.trace[:4].mean() + 5.0
             assert res.images.min() >= 0.0 and res.images.max() <= 1.0
             assert torch.allclose(res.model_inputs, (res.images - dm.mean) / dm.std, atol=1e-5)
+            # the images are held once: the model's view of them is computed on demand, not kept beside them
+            held = sum(v.numel() * v.element_size() for v in vars(res).values() if isinstance(v, torch.Tensor))
+            assert held < 1.2 * res.images.numel() * res.images.element_size()
             # the stored final objective is the model's on those images
             assert torch.allclose(objective_values(model, obj, res.images, mean=dm.mean, std=dm.std), res.objective, atol=1e-3)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
 import warnings
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
@@ -249,6 +251,52 @@ def test_on_error_raise_surfaces_cause(tmp_path):
     train, val = _loaders()
     with pytest.raises(RuntimeError, match="introspection exploded"):
         quick_trainer(tmp_path, [cb], epochs=2).fit(_Model(), train, val)
+
+
+class _Cycles(IntrospectionCallback):
+    """Each run leaves a reference cycle behind (as a matplotlib figure does) and records the collector's state."""
+
+    name = "cycles"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.left: list[weakref.ref] = []
+        self.collector_on: list[bool] = []
+        self.freed: list[bool] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.active(trainer):
+            self.run(trainer, self._work)
+            self.freed.append(self.left[-1]() is None)  # right after the run: nobody called gc.collect()
+
+    def _work(self):
+        self.collector_on.append(gc.isenabled())
+        node: dict = {}
+        node["self"] = node  # unreachable after the run; only the cyclic collector can free it
+        self.left.append(weakref.ref(_Cell(node)))
+
+
+class _Cell:
+    def __init__(self, node):
+        self.node, node["cell"] = node, self
+
+
+def test_a_run_pauses_the_collector_and_frees_its_cycles_young(tmp_path):
+    """Inside a run the cyclic collector is paused (no full collection of the user's process can start
+    there); when the run returns, one young collection has freed what it left unreachable, and the
+    collector is on again. A collector the user switched off stays off."""
+    cb = _Cycles()
+    train, val = _loaders()
+    quick_trainer(tmp_path, [cb], epochs=2).fit(_Model(), train, val)
+    assert cb.collector_on == [False, False] and cb.freed == [True, True] and gc.isenabled()
+
+    cb = _Cycles()
+    gc.disable()
+    try:
+        quick_trainer(tmp_path, [cb], epochs=1).fit(_Model(), train, val)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize(

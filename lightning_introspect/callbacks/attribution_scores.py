@@ -62,19 +62,26 @@ def log_faithfulness(
 
 def _faithfulness_steps(cb: Attributions, trainer: pl.Trainer, pl_module: pl.LightningModule, x: torch.Tensor, methods: int) -> int:
     """The curves' steps this run: ``faithfulness_steps``, or under a budget half of them (at least 5), or none
-    (the run skips the curves; never the last run); an explicit ``faithfulness_steps`` is kept. Cost: perturbed
-    inputs x seconds per input (from earlier runs, else three timed forwards of the samples)."""
+    (the run skips the curves; never the last run); an explicit ``faithfulness_steps`` is kept. eMPRT is sized
+    with them: a run the budget leaves without curves leaves it out too (:attr:`Attributions.emprt_now`), and
+    so does a run before the first training step, which explains the samples only (the fit's length is not
+    known yet; the maps of the untrained model are what that run is for). Cost: perturbed inputs x seconds
+    per input (from earlier runs, else three timed forwards of the samples), plus eMPRT's last time (else a
+    gradient pass per method, as three forwards)."""
     if cb.budget is None:
         return cb.faithfulness_steps
     if not cb.unit_costs.known("faithfulness_input"):
         sample = x.to(module_device(pl_module))
         with introspection_mode(pl_module, grad=False):
             cb.unit_costs.observe("faithfulness_input", best_of(3, lambda: pl_module(sample)), int(x.shape[0]))
-    per_input = cb.unit_costs.get("faithfulness_input", 0.0)
+    per_input, n = cb.unit_costs.get("faithfulness_input", 0.0), int(x.shape[0])
+    randomised = cb.run_emprt and not is_token_ids(x)
+    emprt_seconds = cb.unit_costs.get("emprt", 3 * per_input * n * methods) if randomised else 0.0
 
-    def option(steps: int) -> Option:
-        inputs = int(x.shape[0]) * (2 + 2 * (steps - 1) * (methods + 2)) if steps else 0
-        return Option({"faithfulness_steps": steps}, per_input * inputs)
+    def option(steps: int, with_emprt: bool = True) -> Option:
+        inputs = n * (2 + 2 * (steps - 1) * (methods + 2)) if steps else 0
+        sizes: dict[str, Any] = {"faithfulness_steps": steps, **({"emprt": with_emprt} if randomised else {})}
+        return Option(sizes, per_input * inputs + (emprt_seconds if with_emprt else 0.0))
 
     steps = cb.faithfulness_steps
     options = [option(steps)]
@@ -82,7 +89,10 @@ def _faithfulness_steps(cb: Attributions, trainer: pl.Trainer, pl_module: pl.Lig
         while steps > 5:
             steps = max(5, steps // 2)
             options.append(option(steps))
+        if cb.budget.projection(trainer) is None and not cb.is_final(trainer):
+            options.append(option(0, False))  # before the first step: the untrained model's maps only
     chosen = cb.sized(trainer, options)
+    cb.emprt_now = bool(chosen.sizes.get("emprt", True)) if chosen is not None else False
     return int(chosen.sizes["faithfulness_steps"]) if chosen is not None else 0
 
 
@@ -93,10 +103,11 @@ def log_emprt(
     """eMPRT of the methods whose maps were finite: the rise in map entropy from the trained to the fully
     randomised model (a copy), the same re-initialisation at every run (seeded by ``seed``). ``maps`` are the
     trained model's maps of ``x`` for ``target``, which the run has already made: only the copy is explained."""
-    if not cb.run_emprt or not maps or is_token_ids(x):  # token scores: the sanity check, not this curve
+    if not cb.run_emprt or not cb.emprt_now or not maps or is_token_ids(x):  # token scores: the sanity check, not this curve
         return {}
     explain = {m: _single_method(cb, m) for m in maps}
-    result = emprt(pl_module, x, target, explain, generator=torch.Generator().manual_seed(cb.seed), layer=None, trained_maps=maps)
+    with cb.unit_costs.timed("emprt"):  # the budget's estimate of the next run
+        result = emprt(pl_module, x, target, explain, generator=torch.Generator().manual_seed(cb.seed), layer=None, trained_maps=maps)
     means = {m: v for m, v in result.mean.items() if math.isfinite(v)}
     writer.scalars({cb.tag("emprt", m): v for m, v in means.items()}, step)
     return means

@@ -164,8 +164,11 @@ class Attributions(IntrospectionCallback):
             edge-detector map (see "Faithfulness" above); ``False`` saves their forward passes.
         faithfulness_steps: removal steps per curve (each curve has ``faithfulness_steps + 1`` points). Under
             a budget (``introspection_callbacks``) a run may use half of them (not below 5) or none, unless
-            given explicitly; the steps used are in the run's ``faithfulness`` table.
+            given explicitly; the steps used are in the run's ``faithfulness`` table. A run before the first
+            training step explains the samples without curves or eMPRT under a budget (the fit's length is
+            not known yet), and the last run always has both.
         run_emprt: log eMPRT at every run (see "eMPRT" above); ``False`` saves its model copy and passes.
+            Under a budget eMPRT is sized with the faithfulness curves: a run without curves has none.
         faithfulness_baseline: what a removed pixel becomes: ``"blur"`` (the image blurred with a Gaussian of
             ``max(H, W) / 16`` pixels; tabular inputs use ``"mean"``), ``"mean"`` (the fixed samples' mean per
             channel / feature) or ``"zero"``.
@@ -323,6 +326,7 @@ class Attributions(IntrospectionCallback):
         self._logged_static = False
         self._layer_note: str | None = None
         self.resolved_embedding_layer: str | None = None
+        self.emprt_now = True  # whether the current run measures eMPRT (a budget may leave it out)
 
     # ------------------------------------------------------------------------------ Lightning hooks
     @override
@@ -417,6 +421,7 @@ class Attributions(IntrospectionCallback):
     def _log_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         start = time.perf_counter()
         self._last_epoch = trainer.current_epoch if epoch >= 0 else None
+        self.emprt_now = True  # unless the budget's sizing of this run's faithfulness curves leaves it out
         self._last_step = step = int(trainer.global_step)
         x, y = self.fixed_samples(trainer, per_class=self.per_class)
         with introspection_mode(pl_module, grad=False):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import torch
 from typing_extensions import override
 
+from lightning_introspect._collector import collector_paused
 from lightning_introspect._lightning import CALLBACK_BASES
 from lightning_introspect._torch.guards import fork_global_rng
 from lightning_introspect._torch.memory import release_free_memory
@@ -401,11 +402,20 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if self.budget is not None:
             self.budget.record(seconds)
 
+    def figure_seconds(self) -> float:
+        """What one figure costs to draw and write: as measured in this callback's runs, else in another member
+        of its budget (the same machine and matplotlib; the dearest of them), else a cautious 0.25 s."""
+        if self.unit_costs.known("figure"):
+            return self.unit_costs.get("figure", 0.25)
+        members = self.budget.members if self.budget is not None else []
+        seen = [cb.unit_costs.get("figure", 0.0) for cb in members if cb.unit_costs.known("figure")]
+        return max(seen) if seen else 0.25
+
     def figure(self, trainer: pl.Trainer, tag: str, build: Callable[[], Any], step: int, *, final: bool = True) -> bool:
         """Build and write a figure. A figure of a run before the last (``final=False``) is an extra: under a
         :attr:`budget` it is drawn only when the allowance covers it. Returns whether it was written."""
         if not final and self.budget is not None:
-            if not self.budget.affords(trainer, self, self.unit_costs.get("figure", 0.25)):
+            if not self.budget.affords(trainer, self, self.figure_seconds()):
                 return False
         start = time.perf_counter()
         self.writer(trainer).figure(tag, build(), step)
@@ -432,7 +442,9 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
             if not log_seconds:
                 return fn(*args, **kwargs)
             writer = self.writer(trainer)
-            with writer.batch():  # the call's scalars, histograms and seconds: one event, one flush
+            # the call's scalars, histograms and seconds: one event, one flush; its figures' reference cycles
+            # freed young, without a full collection of the user's process
+            with collector_paused(), writer.batch():
                 result = fn(*args, **kwargs)
                 writer.scalar(self.tag("seconds"), time.perf_counter() - start, trainer.global_step)
             return result

@@ -154,7 +154,7 @@ def review_options(cb: Misclassifications, trainer: pl.Trainer, pl_module: pl.Li
     arguments given explicitly are kept."""
     given = set(cb._given)
     per_sample = seconds_per_sample(cb, trainer, pl_module) if cb._images and cb.perturbations else 0.0
-    figure = cb.unit_costs.get("figure", 0.25)
+    figure = cb.figure_seconds()
     most = max((len(cb.strengths[kind]) for kind in cb.perturbations), default=0)
 
     def option(n: int, k: int | None, figures: bool) -> Option:

@@ -465,7 +465,8 @@ class SanityChecks(IntrospectionCallback):
         self.report = report
         self.history.append((int(step), report))
         if writer is not None:
-            write_report(writer, self.tag, report, inputs, step, self.metrics)
+            with self.unit_costs.timed("report"):  # the next run's estimate (sanity_sizes.run_options)
+                write_report(writer, self.tag, report, inputs, step, self.metrics)
         return report
 
     def _advance(self, message: str) -> None:

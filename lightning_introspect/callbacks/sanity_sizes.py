@@ -60,7 +60,8 @@ def run_options(cb: SanityChecks, model: torch.nn.Module, x: torch.Tensor) -> li
     blocks = len(randomization_blocks(model, sample[:1], cb.layers, bn_mode=cb.bn_mode))
     if not cb.unit_costs.known("pass"):
         _time_one_pass(cb, model, sample, methods, tokens)
-    per_pass, figure = cb.unit_costs.get("pass", 0.0), cb.unit_costs.get("figure", 0.25)
+    # the report's figures and grids: as its last writing took, else four figures at what figures cost here
+    per_pass, report = cb.unit_costs.get("pass", 0.0), cb.unit_costs.get("report", 4 * cb.figure_seconds())
     # class sensitivity: one call over every compared class, the reference noise copy and the prediction;
     # the references: one pass; eMPRT: two
     extra = (len(cb.others) + 2 if cb.run_class_sensitivity else 0) + 1 + (2 if cb.run_emprt else 0)
@@ -68,7 +69,7 @@ def run_options(cb: SanityChecks, model: torch.nn.Module, x: torch.Tensor) -> li
     def option(repeats: int, top: int | None) -> Option:
         k = blocks if top is None else min(top, blocks)
         sizes = {"repeats": repeats, "blocks": k, **({} if top is None else {"layers": top})}
-        return Option(sizes, per_pass * (attribution_passes(cb, repeats, k) + extra) + 4 * figure)
+        return Option(sizes, per_pass * (attribution_passes(cb, repeats, k) + extra) + report)
 
     repeats, top = cb.repeats, None
     options = [option(repeats, top)]

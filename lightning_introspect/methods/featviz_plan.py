@@ -299,7 +299,7 @@ def concat_results(parts: Sequence[FeatureVisualizationResult]) -> FeatureVisual
 
     Example:
         >>> r = lambda n: FeatureVisualizationResult(torch.zeros(n, 1, 2, 2), torch.zeros(n), torch.zeros(n),
-        ...                                          torch.zeros(3, n), torch.zeros(n), torch.zeros(n, 1, 2, 2))
+        ...                                          torch.zeros(3, n), torch.zeros(n))
         >>> joined = concat_results([r(2), r(1)])
         >>> tuple(joined.images.shape), tuple(joined.trace.shape)
         ((3, 1, 2, 2), (3, 3))
@@ -313,7 +313,8 @@ def concat_results(parts: Sequence[FeatureVisualizationResult]) -> FeatureVisual
         initial_objective=torch.cat([p.initial_objective for p in parts]),
         trace=torch.cat([p.trace for p in parts], dim=1),
         high_frequency_fraction=torch.cat([p.high_frequency_fraction for p in parts]),
-        model_inputs=torch.cat([p.model_inputs for p in parts]),
         latents=None if any(lat is None for lat in latents) else torch.cat([lat for lat in latents if lat is not None]),
         settings=dict(parts[0].settings),
+        input_mean=parts[0].input_mean,  # one normalisation for every part of a run
+        input_std=parts[0].input_std,
     )
