@@ -206,19 +206,25 @@ def test_a_run_sized_by_the_budget_equals_a_run_configured_with_those_sizes(tmp_
         assert torch.equal(image, again.images[key])
 
 
-def test_the_sanity_check_under_a_tiny_budget_runs_one_repeat_of_the_two_blocks_each_cascade_starts_from(tmp_path: Any) -> None:
+def _tiny_budget_fit(tmp_path: Any, cb: Any, *, epochs: int) -> Any:
+    """Fit the demo CNN a few batches with ``cb`` alone under a budget far too small for anything."""
     from lightning_introspect._lightning import Trainer, pl
-    from lightning_introspect.callbacks.sanity_checks import SanityChecks
     from lightning_introspect.demo import DigitsCNN, DigitsDataModule
 
     pl.seed_everything(0, verbose=False)
-    cb = SanityChecks(methods=["saliency", "grad_cam"], num_samples=4)
     IntrospectionBudget(1e-4).attach([cb])
-    trainer = Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False, enable_model_summary=False,
+    trainer = Trainer(max_epochs=epochs, callbacks=[cb], logger=False, enable_checkpointing=False, enable_model_summary=False,
                       enable_progress_bar=False, limit_train_batches=2, limit_val_batches=1, default_root_dir=str(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(DigitsCNN(), datamodule=DigitsDataModule(limit=64))
+    return cb
+
+
+def test_the_sanity_check_under_a_tiny_budget_runs_one_repeat_of_the_two_blocks_each_cascade_starts_from(tmp_path: Any) -> None:
+    from lightning_introspect.callbacks.sanity_checks import SanityChecks
+
+    cb = _tiny_budget_fit(tmp_path, SanityChecks(methods=["saliency", "grad_cam"], num_samples=4), epochs=1)
     choice = cb.budget_choice
     assert choice is not None and choice.reduced and "never skipped" in choice.note  # the fit-end check is the last run
     assert choice.option is not None and choice.option.sizes["repeats"] == 1 and choice.option.sizes["layers"] == 2
@@ -282,18 +288,10 @@ def test_probe_evaluations_between_the_at_fractions_are_extras_under_a_budget(tm
 def test_under_a_budget_the_start_run_of_attributions_explains_only_and_the_last_run_scores_its_maps(tmp_path: Any) -> None:
     """Before the first step the fit's length is unknown: the untrained model's maps are logged, without the
     faithfulness curves and eMPRT that the budget cannot judge yet; the last run has both, at their smallest."""
-    from lightning_introspect._lightning import Trainer, pl
     from lightning_introspect.callbacks.attributions import Attributions
-    from lightning_introspect.demo import DigitsCNN, DigitsDataModule
 
-    pl.seed_everything(0, verbose=False)
     cb = Attributions(methods=["saliency", "grad_cam"], num_samples=4, at=(0.0, 1.0), every_n_epochs=None)
-    IntrospectionBudget(1e-4).attach([cb])
-    trainer = Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False, enable_model_summary=False,
-                      enable_progress_bar=False, limit_train_batches=2, limit_val_batches=1, default_root_dir=str(tmp_path))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(DigitsCNN(), datamodule=DigitsDataModule(limit=64))
+    _tiny_budget_fit(tmp_path, cb, epochs=2)
     start, last = cb.history[0], cb.history[-1]
     assert start["epoch"] == -1 and start["faithfulness"] == {} and start["emprt"] == {}
     assert set(last["faithfulness"]) >= {"saliency", "grad_cam"} and set(last["emprt"]) == {"saliency", "grad_cam"}
