@@ -39,7 +39,6 @@ from lightning_introspect.methods.token_attribution import (
     is_token_ids,
 )
 from lightning_introspect.render.sanity import (
-    annotated_grid,
     class_maps_grid,
     curve_figure,
     curve_figures,
@@ -490,4 +489,4 @@ class SanityChecks(IntrospectionCallback):
             self.report = SanityReport.from_dict(state["report"])
 
 
-__all__ = ["SanityChecks", "annotated_grid", "class_maps_grid", "curve_figure", "curve_figures", "maps_grid"]
+__all__ = ["SanityChecks", "class_maps_grid", "curve_figure", "curve_figures", "maps_grid"]

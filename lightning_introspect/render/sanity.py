@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from lightning_introspect.methods.randomization import ORIGINAL
 from lightning_introspect.methods.sanity_report import SanityReport
 from lightning_introspect.methods.similarity import map_similarities
+from lightning_introspect.render.grid import captioned_grid
 from lightning_introspect.render.heatmap import colorize, normalize_maps, to_display
 
 PASSED = {"pass": 1.0, "inconclusive": 0.5, "fail": 0.0}
@@ -211,7 +212,7 @@ def maps_grid(report: SanityReport, mode: str, inputs: torch.Tensor) -> Any:
     ncol = len(methods) + (first is not None)
     labels = [ORIGINAL] + [f"{'→ ' if mode != 'independent' else ''}{name}" for name in report.steps(mode)]
     title = f"{CURVE_TITLES.get(mode, mode)} randomisation (rows: {CURVE_ROWS.get(mode, mode)})"
-    return annotated_grid(torch.stack(images), captions, nrow=ncol, row_labels=labels, title=title)
+    return captioned_grid(torch.stack(images), captions, nrow=ncol, row_labels=labels, title=title)
 
 
 def class_maps_grid(report: SanityReport, inputs: torch.Tensor) -> Any:
@@ -246,7 +247,7 @@ def class_maps_grid(report: SanityReport, inputs: torch.Tensor) -> Any:
                 captions.append("")
     _fill_captions(captions, slots, pairs)
     ncol = len(methods) + (first is not None)
-    return annotated_grid(torch.stack(images), captions, nrow=ncol, row_labels=labels, title="class sensitivity (first sample)")
+    return captioned_grid(torch.stack(images), captions, nrow=ncol, row_labels=labels, title="class sensitivity (first sample)")
 
 
 def _heat_strips(
@@ -324,53 +325,6 @@ def token_class_maps_figure(report: SanityReport, ids: torch.Tensor) -> Any:
     return _heat_strips(rows, methods, ids[0], "class sensitivity: token scores of sentence #0", signed)
 
 
-def annotated_grid(
-    images: torch.Tensor,
-    captions: Sequence[str],
-    *,
-    nrow: int,
-    row_labels: Sequence[str] = (),
-    title: str = "",
-    cell_inches: float = 1.3,
-    dpi: int = 90,
-) -> Any:
-    """Tile ``(N, 3, H, W)`` images in [0, 1] into one picture with a caption under each tile and a label
-    per row, drawn on ONE matplotlib axes (a subplot per tile costs ~60 ms each; grids of methods x
-    layers get large). Returns HWC uint8."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from lightning_introspect.loggers.adapter import figure_to_array
-
-    n, _, h, w = images.shape
-    ncol = max(1, min(nrow, n))
-    nrows = math.ceil(n / ncol)
-    pad, band = max(2, w // 16), max(6, h // 4)  # gap between tiles, caption band under each row
-    canvas = torch.ones(3, nrows * (h + band) + pad, ncol * (w + pad) + pad)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        top, left = pad + r * (h + band), pad + c * (w + pad)
-        canvas[:, top : top + h, left : left + w] = images[i].clamp(0, 1)
-    label_in = 0.9 if row_labels else 0.1
-    fig_w = cell_inches * ncol + label_in
-    fig_h = cell_inches * nrows * (h + band) / (w + pad) + 0.35
-    fig = plt.figure(figsize=(fig_w, fig_h), dpi=dpi)
-    ax = fig.add_axes((label_in / fig_w, 0.0, 1 - label_in / fig_w, 1 - 0.35 / fig_h))
-    ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest", aspect="auto")
-    ax.set_axis_off()
-    for i, text in enumerate(captions[:n]):
-        if text:
-            r, c = divmod(i, ncol)
-            ax.text(pad + c * (w + pad) + w / 2, pad + r * (h + band) + h + band * 0.45, text, ha="center", va="center", fontsize=6.5)
-    for r, text in enumerate(list(row_labels)[:nrows]):
-        ax.text(-pad, pad + r * (h + band) + h / 2, text, ha="right", va="center", fontsize=7, rotation=0)
-    if title:
-        fig.suptitle(title, fontsize=8.5, y=1 - 0.12 / fig_h)
-    return figure_to_array(fig)
-
-
 def _verdict_of(report: SanityReport, mode: str, method: str) -> str:
     if mode == "bottom_up":
         detail = report.details.get("bottom_up", {}).get(method)
@@ -440,7 +394,6 @@ __all__ = [
     "CURVE_TITLES",
     "METRIC_LABELS",
     "PASSED",
-    "annotated_grid",
     "class_maps_grid",
     "curve_figure",
     "curve_figures",
