@@ -49,22 +49,28 @@ def main() -> None:
     profiler = cProfile.Profile()
     depth = [0]
 
+    inside: set[tuple[int, str]] = set()  # (callback, hook) being timed: a super() call is not counted again
+
     def timed(hook: str, fn: Any) -> Any:
         @functools.wraps(fn)
         def wrapper(self: Any, *a: Any, **k: Any) -> Any:
+            key = (id(self), hook)
+            if key in inside:
+                return fn(self, *a, **k)
+            inside.add(key)
             start = time.perf_counter()
             try:
                 return fn(self, *a, **k)
             finally:
-                key = (type(self).__name__, hook)
-                seconds[key] += time.perf_counter() - start
-                calls[key] += 1
+                inside.discard(key)
+                seconds[(type(self).__name__, hook)] += time.perf_counter() - start
+                calls[(type(self).__name__, hook)] += 1
         return wrapper
 
-    for cls in {c for c in _subclasses(base.IntrospectionCallback)}:
+    for cls in _subclasses(base.IntrospectionCallback):
         for hook in HOOKS:
             own = next((k.__dict__[hook] for k in cls.__mro__ if hook in k.__dict__ and k is not pl.Callback), None)
-            if own is not None and own is not getattr(pl.Callback, hook, None):
+            if own is not None:
                 setattr(cls, hook, timed(hook, own))
 
     run = base.IntrospectionCallback.run
