@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lightning_introspect.callbacks import budget as budget_module
+from lightning_introspect.callbacks.base import FIGURE_GUESS
 from lightning_introspect.callbacks.budget import IntrospectionBudget, Option
 from lightning_introspect.config import IntrospectionConfig, introspection_callbacks
 from tests.helpers import read_events
@@ -239,9 +240,9 @@ def test_a_figures_cost_is_its_own_measure_else_the_dearest_of_its_budgets_membe
     from lightning_introspect.callbacks import PerClassMetrics, SanityChecks, WeightHistograms
 
     check, per_class, weights = SanityChecks(), PerClassMetrics(num_classes=3), WeightHistograms()
-    assert check.figure_seconds() == 0.25  # nothing measured, no budget: a cautious guess
+    assert check.figure_seconds() == FIGURE_GUESS  # nothing measured, no budget: a cautious guess
     IntrospectionBudget(0.5).attach([check, per_class, weights])
-    assert check.figure_seconds() == 0.25
+    assert check.figure_seconds() == FIGURE_GUESS
     per_class.unit_costs.observe("figure", 0.04)
     weights.unit_costs.observe("figure", 0.06)
     assert check.figure_seconds() == 0.06  # the same machine drew the others' figures

@@ -477,32 +477,19 @@ def test_confusion_image_colours_cells_by_row_share_and_prints_counts() -> None:
         confusion_image([], ["a"])
 
 
-def test_bar_polygons_draw_the_same_pixels_as_axes_bar() -> None:
-    import numpy as np
-    from matplotlib.collections import PolyCollection
-    from matplotlib.figure import Figure
+def test_bars_chart_groups_the_snapshots_per_class_and_marks_missing_support() -> None:
+    from lightning_introspect.render.charts import bars_chart
 
-    from lightning_introspect.loggers.adapter import figure_to_array
-    from lightning_introspect.render.charts import bar_polygons, bars_figure
-
-    heights = [0.2, 0.9, 0.0, 0.55]
-    images = []
-    for use_bar in (True, False):
-        fig = Figure(figsize=(3, 2))
-        ax = fig.subplots()
-        if use_bar:
-            ax.bar(np.arange(4) + 0.1, heights, 0.3, alpha=0.6)
-        else:
-            bars = PolyCollection(bar_polygons(np.arange(4) + 0.1, heights, 0.3), facecolors="C0", edgecolors="none", alpha=0.6)
-            bars.sticky_edges.y.append(0.0)
-            ax.add_collection(bars)
-            ax.autoscale_view()
-        images.append(figure_to_array(fig))
-    assert np.array_equal(images[0], images[1])
-    snaps = {"start": {"f1": [0.1, None]}, "end": {"f1": [0.8, 0.4]}}
-    fig = bars_figure(snaps, ["f1"], ["a", "b"])
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["start", "end"]
-    assert len(fig.axes[0].collections) == 2
+    snaps = {"start": {"f1": [0.1, None], "recall": [0.2, 0.3]}, "end": {"f1": [0.8, None], "recall": [0.9, 0.4]}}
+    chart = bars_chart(snaps, ["f1", "recall"], ["a", "b"], column=str.upper)
+    assert chart.labels() == ["START", "END"]
+    f1, recall = chart.panels
+    start, end = f1.series
+    assert start.x == pytest.approx((-0.2, 0.8)) and end.x == pytest.approx((0.2, 1.2))  # side by side per class
+    assert start.y[0] == 0.1 and math.isnan(start.y[1]) and recall.series[1].y == (0.9, 0.4)
+    assert [n[2] for n in f1.notes] == ["no support"] and not recall.notes
+    assert [t for _, t in f1.xticks] == ["a", "b"] and f1.ylabel == "f1"
+    assert chart.render().shape[2] == 3
 
 
 # ------------------------------------------------------------------------------- pure per-class pieces

@@ -339,7 +339,7 @@ def test_best_layer_auto_solver_and_label_check():
 
 
 def test_probe_table_and_figure_show_the_numbers_by_depth():
-    from lightning_introspect.render.probes import accuracy_vs_depth_figure, probe_table
+    from lightning_introspect.render.probes import accuracy_vs_depth_chart, probe_table
 
     order = ["conv", "block", "head"]
     acc, f1 = {"head": 0.95, "conv": 0.4, "block": 0.8}, {"head": 0.94, "conv": 0.3, "block": 0.7}
@@ -348,8 +348,9 @@ def test_probe_table_and_figure_show_the_numbers_by_depth():
     assert rows[0] == "| input (baseline) | 0 | 0.300 | 0.250 | | |"
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["`conv`", "`block`", "`head` **best**"]
     assert rows[1].endswith("| 0.500 | -0.100 |") and rows[3].endswith("| 0.200 | +0.750 |")
-    fig = accuracy_vs_depth_figure(5, acc, order=order, init={"conv": 0.5, "head": 0.2}, input_accuracy=0.3)
-    now, init, base = fig.axes[0].get_lines()
-    assert list(now.get_xdata()) == [1, 2, 3] and list(now.get_ydata()) == [0.4, 0.8, 0.95]
-    assert list(init.get_xdata()) == [1, 3] and list(init.get_ydata()) == [0.5, 0.2]
-    assert list(base.get_ydata()) == [0.3, 0.3]
+    chart = accuracy_vs_depth_chart(5, acc, order=order, init={"conv": 0.5, "head": 0.2}, input_accuracy=0.3)
+    now, init, base = chart.panels[0].series
+    assert now.x == (1, 2, 3) and now.y == (0.4, 0.8, 0.95)
+    assert init.x == (1, 3) and init.y == (0.5, 0.2) and init.dash == "dashed"
+    assert base.kind == "hline" and base.y == (0.3,)
+    assert [t for _, t in chart.panels[0].xticks] == order and chart.labels() == ["epoch 5", "init", "raw input"]

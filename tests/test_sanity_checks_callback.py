@@ -174,9 +174,11 @@ def test_constructor_types_work_with_lightning_cli_yaml():
     assert cb.mode == "both" and cb.bn_mode == "keep" and cb.num_samples == 4
 
 
-def test_curve_figures_on_one_reused_figure_equal_fresh_figures():
-    """All metrics of a mode are drawn on one reused figure: the images are those of a fresh figure each."""
-    from lightning_introspect.callbacks.sanity_checks import curve_figure, curve_figures
+def test_curve_charts_draw_the_reports_similarities_per_method():
+    """Each metric's chart holds every method's curve (1 at the original model, then the report's similarity
+    per randomised block), its +-std band and, for the verdict's metric, the method's threshold."""
+    from lightning_introspect.callbacks.sanity_checks import curve_figures
+    from lightning_introspect.render.sanity import curve_chart
 
     torch.manual_seed(0)
     cb = SanityChecks(methods=["saliency", "grad_cam"], num_samples=3, layers=3, repeats=2, progress=False)
@@ -185,12 +187,24 @@ def test_curve_figures_on_one_reused_figure_equal_fresh_figures():
         report = cb.check(DigitsCNN(width=8).eval(), torch.randn(3, 1, 32, 32))
     metrics = ["spearman_abs", "spearman", "ssim"]
     assert list(report.curves) == ["bottom_up"]  # the default order
-    reused = curve_figures(report, "bottom_up", metrics)
-    assert list(reused) == metrics
+    steps = report.steps("bottom_up")
     for metric in metrics:
-        fresh = curve_figure(report, "bottom_up", metric)
-        assert fresh.shape == reused[metric].shape and (fresh == reused[metric]).all(), metric
-    assert not (reused["spearman"] == reused["ssim"]).all()
+        chart = curve_chart(report, "bottom_up", metric)
+        panel = chart.panels[0]
+        assert [t for _, t in panel.xticks][1:] == steps
+        lines = [s for s in panel.series if s.kind == "line"]
+        assert [s.label.split(" (")[0] for s in lines] == ["saliency", "grad_cam"]
+        for method, line in zip(["saliency", "grad_cam"], lines):
+            curve = report.curves["bottom_up"][method][metric]
+            assert line.y == pytest.approx((1.0, *(curve[name] for name in steps)))
+            band = next(s for s in panel.series if s.kind == "band" and s.color == line.color)
+            std = report.curves_std["bottom_up"][method][metric]
+            assert band.y2[1:] == pytest.approx(tuple(curve[n] + std[n] for n in steps))
+        thresholds = [s for s in panel.series if s.kind == "hline"]
+        verdict_metric = {report.details["bottom_up"][m].metric for m in ["saliency", "grad_cam"]}
+        assert bool(thresholds) == (metric in verdict_metric)
+    images = curve_figures(report, "bottom_up", metrics)
+    assert list(images) == metrics and not (images["spearman"] == images["ssim"]).all()
 
 
 def _hand_report() -> SanityReport:

@@ -391,9 +391,9 @@ def test_not_learning_needs_a_second_epoch_or_the_last_one() -> None:
 def test_drift_markdown_and_figures_show_each_layer_by_depth() -> None:
     from lightning_introspect.methods.weights import histogram
     from lightning_introspect.render.weights import (
-        drift_by_depth_figure,
+        drift_by_depth_chart,
         drift_summary_markdown,
-        initial_vs_current_figure,
+        initial_vs_current_chart,
     )
 
     summary = {"epoch": 2, "step": 8, "checked": True, "threshold": 1e-3, "not_learning": ["b"], "frozen": ["b"],
@@ -408,20 +408,20 @@ def test_drift_markdown_and_figures_show_each_layer_by_depth() -> None:
         "| 0 | `a` | (3, 4) | 0.4 | 0.02 | 0.01 |  |",
         "| 2 | `b` | (5,) | 0 | 0 | 0 | **not learning**, frozen |",
     ]
-    fig = drift_by_depth_figure({"a": 0.4, "b": 0.0}, {"a": 0.02, "b": 0.0}, threshold=1e-3, not_learning=["b"])
-    assert [p.get_height() for p in fig.axes[0].patches] == [0.4, 0.0]
-    assert [p.get_height() for p in fig.axes[1].patches] == [0.02, 0.0]
+    chart = drift_by_depth_chart({"a": 0.4, "b": 0.0}, {"a": 0.02, "b": 0.0}, threshold=1e-3, not_learning=["b"])
+    relative, threshold, marks = chart.panels[0].series
+    assert relative.y == (0.4, 0.0) and chart.panels[1].series[0].y == (0.02, 0.0)
+    assert relative.colors == ("#1f77b4", "#d62728") and threshold.y == (1e-3,) and marks.x == (1.0,)
     hists = {str(i): histogram(torch.randn(50)) for i in range(20)}
-    overlay = initial_vs_current_figure(hists, hists, {}, max_layers=5)
-    rows = [t.get_text().split()[0] for t in overlay.axes[0].get_yticklabels()]
+    overlay = initial_vs_current_chart(hists, hists, {}, max_layers=5)
+    rows = [label.split()[0] for _, label in overlay.panels[0].yticks or []]
     assert rows == ["0", "5", "10", "14", "19"]  # spread over depth, first (input side, top row) and last kept
-    fill, outline = overlay.axes[0].collections  # one artist per kind for every row
-    assert len(fill.get_paths()) == len(outline.get_paths()) == 5
+    shapes = overlay.panels[0].series
+    assert [s.alpha > 0 for s in shapes] == [True, False] * 5  # per row: the current density filled, the initial outlined
     # each row on its own range [min, max] -> [0, 1], its tallest density 0.85 of a row above the row's base
-    pair = initial_vs_current_figure({"w": histogram(torch.ones(4)), "v": histogram(torch.arange(4.0))},
-                                     {"w": histogram(torch.tensor([0.0, 2.0, 2.0, 4.0])), "v": histogram(torch.arange(4.0))}, {})
-    fill, outline = pair.axes[0].collections
-    now_w = fill.get_paths()[0].vertices
-    assert now_w[:, 0].min() == 0.0 and now_w[:, 0].max() == 1.0 and now_w[:, 1].max() == pytest.approx(1.85)  # top row
-    assert outline.get_paths()[0].vertices.tolist() == [[0.25, 1.0], [0.25, 1.85]]  # constant W0 = 1 on [0, 4]
-    assert outline.get_paths()[1].vertices[:, 1].max() == pytest.approx(0.85)
+    pair = initial_vs_current_chart({"w": histogram(torch.ones(4)), "v": histogram(torch.arange(4.0))},
+                                    {"w": histogram(torch.tensor([0.0, 2.0, 2.0, 4.0])), "v": histogram(torch.arange(4.0))}, {})
+    now_w, init_w, _, init_v = pair.panels[0].series
+    assert min(now_w.x) == 0.0 and max(now_w.x) == 1.0 and max(now_w.y) == pytest.approx(1.85)  # top row
+    assert list(zip(init_w.x, init_w.y)) == [(0.25, 1.0), (0.25, 1.85)]  # constant W0 = 1 on [0, 4]
+    assert max(init_v.y) == pytest.approx(0.85)

@@ -48,6 +48,10 @@ from lightning_introspect.errors import (
 )
 from lightning_introspect.loggers.adapter import IntrospectionWriter, TensorBoardWriter, start_fit, writer_for
 from lightning_introspect.methods.chunks import DEFAULT_MEMORY_BUDGET
+from lightning_introspect.render.plot import Chart
+
+#: seconds one chart is assumed to cost before any was measured (a PIL chart and its PNG take 10-40 ms)
+FIGURE_GUESS = 0.05
 
 if TYPE_CHECKING:
     from lightning_introspect._lightning import pl
@@ -403,22 +407,27 @@ class IntrospectionCallback(*CALLBACK_BASES):  # type: ignore[misc]
             self.budget.record(seconds)
 
     def figure_seconds(self) -> float:
-        """What one figure costs to draw and write: as measured in this callback's runs, else in another member
-        of its budget (the same machine and matplotlib; the dearest of them), else a cautious 0.25 s."""
+        """What one chart costs to draw and write: as measured in this callback's runs, else in another member
+        of its budget (the same machine; the dearest of them), else a cautious :data:`FIGURE_GUESS`."""
         if self.unit_costs.known("figure"):
-            return self.unit_costs.get("figure", 0.25)
+            return self.unit_costs.get("figure", FIGURE_GUESS)
         members = self.budget.members if self.budget is not None else []
         seen = [cb.unit_costs.get("figure", 0.0) for cb in members if cb.unit_costs.known("figure")]
-        return max(seen) if seen else 0.25
+        return max(seen) if seen else FIGURE_GUESS
 
     def figure(self, trainer: pl.Trainer, tag: str, build: Callable[[], Any], step: int, *, final: bool = True) -> bool:
-        """Build and write a figure. A figure of a run before the last (``final=False``) is an extra: under a
-        :attr:`budget` it is drawn only when the allowance covers it. Returns whether it was written."""
+        """Build and write a figure: ``build()`` returns a :class:`~lightning_introspect.render.plot.Chart` (written
+        as an image) or a matplotlib figure. A figure of a run before the last (``final=False``) is an extra:
+        under a :attr:`budget` it is drawn only when the allowance covers it. Returns whether it was written."""
         if not final and self.budget is not None:
             if not self.budget.affords(trainer, self, self.figure_seconds()):
                 return False
         start = time.perf_counter()
-        self.writer(trainer).figure(tag, build(), step)
+        built = build()
+        if isinstance(built, Chart):
+            self.writer(trainer).image(tag, built.render(), step)
+        else:
+            self.writer(trainer).figure(tag, built, step)
         elapsed = time.perf_counter() - start
         self.unit_costs.observe("figure", elapsed)
         self.charge(elapsed)

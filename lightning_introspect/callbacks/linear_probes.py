@@ -33,7 +33,7 @@ from lightning_introspect.callbacks.probe_pass import (
 )
 from lightning_introspect.callbacks.probe_report import (
     INIT_KEY,
-    depth_figure,
+    depth_chart,
     evaluation_table,
     latest_summary_lines,
 )
@@ -602,7 +602,7 @@ class LinearProbes(IntrospectionCallback):
 
     def _write_figure(self, trainer: pl.Trainer, key: int, step: int, *, final: bool = True) -> None:
         """The accuracy-vs-depth figure of epoch ``key``; before the last epoch an extra the budget may leave out."""
-        build = functools.partial(depth_figure, self._evaluations, key, order=self.layer_names)
+        build = functools.partial(depth_chart, self._evaluations, key, order=self.layer_names)
         if self.figure(trainer, self.tag("accuracy_vs_depth"), build, step, final=final):
             self._figure_key = key
 

@@ -11,7 +11,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from lightning_introspect.methods.per_class import least_improved, main_metric, mean_iou, snapshot_fraction
-from lightning_introspect.render.charts import bars_figure, confusion_image
+from lightning_introspect.render.charts import bars_chart, confusion_image
 from lightning_introspect.render.per_class import (
     per_class_summary,
     per_class_summary_lines,
@@ -116,7 +116,7 @@ def log_snapshots(cb: PerClassMetrics, trainer: Any, keys: list[str], *, step: i
     writer.text(cb.tag("table"), table_markdown(cb), step)
     writer.text(cb.tag("summary"), summary_markdown(cb), step)
     if cb.bar_chart:
-        cb.figure(trainer, cb.tag("bars"), lambda: bars_figure(cb.snapshots, _shown_metrics(cb), cb.names, partial(_column, cb)),
+        cb.figure(trainer, cb.tag("bars"), lambda: bars_chart(cb.snapshots, _shown_metrics(cb), cb.names, partial(_column, cb)),
                   step, final="end" in keys)
 
 

@@ -1,18 +1,18 @@
 """What :class:`~lightning_introspect.callbacks.linear_probes.LinearProbes` shows of its evaluations: the record of
 :class:`~lightning_introspect.methods.probes.ProbeEvaluations` (accuracy and macro-F1 per evaluation, the best
-layer, the baselines) as the table, the accuracy-vs-depth figure and the summary lines of
+layer, the baselines) as the table, the accuracy-vs-depth chart and the summary lines of
 :mod:`lightning_introspect.render.probes`. The callback decides when and where they are written.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from lightning_introspect.methods.probe_capture import INPUT_KEY
 from lightning_introspect.methods.probes import ProbeEvaluations
+from lightning_introspect.render.plot import Chart
 from lightning_introspect.render.probes import (
-    accuracy_vs_depth_figure,
+    accuracy_vs_depth_chart,
     probe_summary_lines,
     probe_table,
 )
@@ -20,7 +20,7 @@ from lightning_introspect.render.probes import (
 #: the key of the probes on the model as initialised (fitted once, at fit start)
 INIT_KEY = "init"
 
-__all__ = ["INIT_KEY", "depth_figure", "evaluation_table", "input_accuracy", "latest_summary_lines"]
+__all__ = ["INIT_KEY", "depth_chart", "evaluation_table", "input_accuracy", "latest_summary_lines"]
 
 
 def input_accuracy(evaluations: ProbeEvaluations) -> float | None:
@@ -57,9 +57,9 @@ def evaluation_table(evaluations: ProbeEvaluations, key: int | str | None, *, or
     return notes + "\n\n" + table if notes else table
 
 
-def depth_figure(evaluations: ProbeEvaluations, key: int, *, order: Sequence[str]) -> Any:
-    """The accuracy-vs-depth figure of epoch ``key``, with the init curve and the input baseline."""
-    return accuracy_vs_depth_figure(
+def depth_chart(evaluations: ProbeEvaluations, key: int, *, order: Sequence[str]) -> Chart:
+    """The accuracy-vs-depth chart of epoch ``key``, with the init curve and the input baseline."""
+    return accuracy_vs_depth_chart(
         key, evaluations.history[key], order=order, init=evaluations.history.get(INIT_KEY),
         input_accuracy=input_accuracy(evaluations),
     )

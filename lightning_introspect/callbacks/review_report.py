@@ -13,9 +13,9 @@ from lightning_introspect.callbacks.review_images import perturbation_test
 from lightning_introspect.callbacks.review_text import log_wrong_texts
 from lightning_introspect.render.review import (
     per_class_gallery,
-    perturbation_figure,
+    perturbation_chart,
     perturbation_markdown,
-    statistics_figure,
+    statistics_chart,
     statistics_markdown,
     wrong_gallery,
     wrong_markdown,
@@ -64,7 +64,7 @@ def classification_report(
             scalars.update({cb.tag("error_rate", stat, f"q{i + 1}"): r for i, r in enumerate(binned["rate"]) if r is not None})
         writer.text(cb.tag("statistics"), statistics_markdown(report["bins"], error_rate), step)
         if cb.run_figures:
-            cb.figure(trainer, cb.tag("statistics_figure"), lambda: statistics_figure(report["bins"], error_rate), step)
+            cb.figure(trainer, cb.tag("statistics_figure"), lambda: statistics_chart(report["bins"], error_rate), step)
     if cb._images and cb.perturbations:
         results = perturbation_test(cb, trainer, pl_module, n_classes)
         if results:
@@ -74,7 +74,7 @@ def classification_report(
                                 for s, acc in zip(res["strengths"][1:], res["accuracy"][1:])})
             writer.text(cb.tag("perturbations"), perturbation_markdown(results, names), step)
             if cb.run_figures:
-                cb.figure(trainer, cb.tag("perturbations_figure"), lambda: perturbation_figure(results, names), step)
+                cb.figure(trainer, cb.tag("perturbations_figure"), lambda: perturbation_chart(results, names), step)
     writer.scalars(scalars, step)
     return report
 

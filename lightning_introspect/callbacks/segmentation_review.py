@@ -20,7 +20,7 @@ from lightning_introspect.methods.image_stats import normalize, unnormalize
 from lightning_introspect.methods.per_class import check_label_range
 from lightning_introspect.methods.segmentation_review import SegmentationReviewBuffer, perturbation_iou
 from lightning_introspect.methods.task import as_masks
-from lightning_introspect.render.review import perturbation_figure, statistics_figure
+from lightning_introspect.render.review import perturbation_chart, statistics_chart
 from lightning_introspect.render.segmentation_review import (
     boundary_markdown,
     iou_perturbation_markdown,
@@ -95,8 +95,8 @@ class SegmentationReview:
                 scalars.update({self.tag("miou_by", stat, f"q{i + 1}"): v for i, v in enumerate(binned["miou"]) if v is not None})
             writer.text(self.tag("statistics"), miou_statistics_markdown(report["bins"], report["miou"]), step)
             if cb.run_figures:
-                cb.figure(trainer, self.tag("statistics_figure"), lambda: statistics_figure(
-                    report["bins"], report["miou"], value="miou", label="mean IoU per image", color="tab:green"), step)
+                cb.figure(trainer, self.tag("statistics_figure"), lambda: statistics_chart(
+                    report["bins"], report["miou"], value="miou", label="mean IoU per image", color="#2ca02c"), step)
         if cb._images and cb.perturbations:
             results = self._perturbation_test(trainer, pl_module, len(names))
             if results:
@@ -106,7 +106,7 @@ class SegmentationReview:
                                     for s, v in zip(res["strengths"][1:], res["miou"][1:]) if v is not None})
                 writer.text(self.tag("perturbations"), iou_perturbation_markdown(results, names), step)
                 if cb.run_figures:
-                    cb.figure(trainer, self.tag("perturbations_figure"), lambda: perturbation_figure(
+                    cb.figure(trainer, self.tag("perturbations_figure"), lambda: perturbation_chart(
                         results, names, value="miou", label="IoU (mean: black)"), step)
         writer.scalars(scalars, step)
         return report

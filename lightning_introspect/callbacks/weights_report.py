@@ -16,9 +16,9 @@ import torch
 from lightning_introspect.methods.not_learning import not_learning_summary
 from lightning_introspect.methods.weights import HistogramStats, drift
 from lightning_introspect.render.weights import (
-    drift_by_depth_figure,
+    drift_by_depth_chart,
     drift_summary_markdown,
-    initial_vs_current_figure,
+    initial_vs_current_chart,
     layers_table,
 )
 
@@ -126,10 +126,10 @@ def draw_figures(cb: WeightHistograms, trainer: pl.Trainer, initial_histograms: 
     step, epoch, final = trainer.global_step, cb.summary.get("epoch"), cb.is_final(trainer)
     latest = {n: cb.drift[n][-1] for n in cb._modules if cb.drift.get(n)}
     cosine = {n: cb.cosine[n][-1] for n in latest}
-    cb.figure(trainer, cb.tag("drift_by_depth"), lambda: drift_by_depth_figure(
+    cb.figure(trainer, cb.tag("drift_by_depth"), lambda: drift_by_depth_chart(
         latest, cosine, threshold=cb.drift_threshold, not_learning=cb.summary.get("not_learning", []),
         frozen=cb.summary.get("frozen", []), epoch=epoch,
     ), step, final=final)
     initial, current = initial_histograms(), {n: cb.histograms[n] for n in cb._modules if n in cb.histograms}
     cb.figure(trainer, cb.tag("initial_vs_current"),
-              lambda: initial_vs_current_figure(initial, current, latest, epoch=epoch), step, final=final)
+              lambda: initial_vs_current_chart(initial, current, latest, epoch=epoch), step, final=final)

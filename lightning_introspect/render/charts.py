@@ -1,11 +1,12 @@
-"""Charts drawn from numbers: the confusion matrix image and grouped bar charts (tensors / lists in,
-images and figures out; no logging, no Lightning). Every bar chart of the package goes through
-:func:`bar_polygons`, so bars look the same everywhere."""
+"""Charts drawn from numbers: the confusion matrix image and the grouped per-class bar chart (a
+:class:`~lightning_introspect.render.plot.Chart`); lists in, images and charts out, no logging, no Lightning."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from lightning_introspect.render.plot import Chart, color, text_image
 
 
 def short_label(text: object, max_chars: int = 24) -> str:
@@ -21,16 +22,6 @@ def short_label(text: object, max_chars: int = 24) -> str:
         return flat
     head = (max_chars - 1) // 2
     return flat[:head] + "…" + flat[len(flat) - (max_chars - 1 - head):]
-
-
-def _text_image(text: str, font: Any, *, angle: int = 0, fill: tuple[int, int, int] = (0, 0, 0)) -> Any:
-    """``text`` on a transparent PIL image, rotated by ``angle`` degrees (counter-clockwise)."""
-    from PIL import Image, ImageDraw
-
-    left, top, right, bottom = font.getbbox(text)
-    image = Image.new("RGBA", (max(1, right - left + 2), max(1, bottom - top + 2)), (255, 255, 255, 0))
-    ImageDraw.Draw(image).text((1 - left, 1 - top), text, fill=fill, font=font)
-    return image.rotate(angle, expand=True) if angle else image
 
 
 def confusion_image(
@@ -71,15 +62,15 @@ def confusion_image(
     rgb = (matplotlib.colormaps["Blues"](np.clip(shares, 0.0, 1.0))[..., :3] * 255.0 + 0.5).astype(np.uint8)
     grid = np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
 
-    col_labels = [_text_image(c, font) for c in cols]
+    col_labels = [text_image(c, font) for c in cols]
     rotate = max(im.width for im in col_labels) > cell - 2
     if rotate:
         col_labels = [im.rotate(90, expand=True) for im in col_labels]
-    row_labels = [_text_image(r, font) for r in rows]
-    xlabel = _text_image("count share" if multilabel else "predicted", label_font)
-    ylabel = _text_image("label" if multilabel else "true", label_font, angle=90)
-    title_im = _text_image(title or "confusion matrix", label_font)
-    bar_ticks = [_text_image(f"{v:.1f}", font) for v in np.linspace(0.0, 1.0, 6)]
+    row_labels = [text_image(r, font) for r in rows]
+    xlabel = text_image("count share" if multilabel else "predicted", label_font)
+    ylabel = text_image("label" if multilabel else "true", label_font, angle=90)
+    title_im = text_image(title or "confusion matrix", label_font)
+    bar_ticks = [text_image(f"{v:.1f}", font) for v in np.linspace(0.0, 1.0, 6)]
 
     gap, tick = 6, 4
     grid_h, grid_w = n_rows * cell, n_cols * cell
@@ -127,60 +118,31 @@ def confusion_image(
     return np.asarray(image).copy()
 
 
-def bar_polygons(x: Any, heights: Any, width: float) -> Any:
-    """Corner vertices ``(N, 4, 2)`` of bars centred at ``x`` with ``heights`` (from 0) and ``width``."""
-    import numpy as np
-
-    x0 = np.asarray(x, dtype=np.float64) - width / 2
-    h = np.asarray(heights, dtype=np.float64)
-    verts = np.zeros((x0.shape[0], 4, 2))
-    verts[:, :2, 0] = x0[:, None]
-    verts[:, 2:, 0] = (x0 + width)[:, None]
-    verts[:, 1:3, 1] = h[:, None]
-    return verts
-
-
-def bars_figure(
+def bars_chart(
     snapshots: Mapping[str, Mapping[str, Sequence[Any]]],
     metrics: Sequence[str],
     names: Sequence[str],
     column: Callable[[str], str] = str,
-) -> Any:
-    """Grouped bar chart: one panel per metric, classes on x, one bar per snapshot (no bar = no support).
+) -> Chart:
+    """Grouped bar chart: one panel per metric, classes on x, one bar per snapshot (no bar = no support, and
+    a note where the last snapshot has none).
 
-    The bars of one snapshot in one panel are a single ``PolyCollection`` (the same pixels as ``ax.bar``,
-    without one ``Rectangle`` artist per bar), and the figure is a plain ``Figure`` (no pyplot state).
+    Example:
+        >>> chart = bars_chart({"start": {"f1": [0.1, None]}, "end": {"f1": [0.8, 0.4]}}, ["f1"], ["a", "b"])
+        >>> chart.labels(), chart.panels[0].series[1].y
+        (['start', 'end'], (0.8, 0.4))
     """
-    import numpy as np
-    from matplotlib.collections import PolyCollection
-    from matplotlib.figure import Figure
-
     keys = list(snapshots)
     n = len(names)
-    fig = Figure(figsize=(max(5.0, 0.5 * n * max(1, len(keys)) / 2 + 2), 2.2 * len(metrics)))
-    axes = fig.subplots(len(metrics), 1, squeeze=False)
+    chart = Chart(width=int(100 * max(5.0, 0.5 * n * max(1, len(keys)) / 2 + 2)), panel_height=150)
     width = 0.8 / max(1, len(keys))
-    x = np.arange(n)
-    handles = []
-    for ax, m in zip(axes[:, 0], metrics):
+    ticks = [(i, short_label(name)) for i, name in enumerate(names)]
+    for m in metrics:
+        panel = chart.panel(ylim=(0.0, 1.05), ylabel=m, xticks=ticks)
         for j, k in enumerate(keys):
-            vals = np.array([np.nan if v is None else v for v in snapshots[k][m]], dtype=np.float64)
-            bars = PolyCollection(bar_polygons(x + (j - (len(keys) - 1) / 2) * width, np.nan_to_num(vals, nan=0.0), width),
-                                  facecolors=f"C{j % 10}", edgecolors="none", alpha=0.9 if j == len(keys) - 1 else 0.6,
-                                  label=column(k))
-            ax.add_collection(bars)
-            if ax is axes[0, 0]:
-                handles.append(bars)
-        last = snapshots[keys[-1]][m] if keys else []
-        for i, v in enumerate(last):
+            panel.bars([i + (j - (len(keys) - 1) / 2) * width for i in range(n)], snapshots[k][m], width=width,
+                       color=color(j), alpha=0.9 if j == len(keys) - 1 else 0.6, label=column(k))
+        for i, v in enumerate(snapshots[keys[-1]][m] if keys else []):
             if v is None:
-                ax.text(i, 0.5, "no support", rotation=90, ha="center", va="center", fontsize=6, color="gray")
-        ax.autoscale_view()
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel(m, fontsize=8)
-        ax.set_xticks(x, [short_label(n) for n in names], fontsize=7)
-    fig.legend(handles, [str(h.get_label()) for h in handles], fontsize=7, ncol=max(1, min(4, len(keys))),
-               loc="upper center", frameon=False)
-    top = 1.0 - 0.35 / fig.get_figheight()
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.05, top=top, hspace=0.35)
-    return fig
+                panel.note(i, 0.5, "no support", angle=90)
+    return chart

@@ -1,5 +1,6 @@
-"""Linear-probe results as a person reads them: a markdown table, the accuracy-vs-depth figure and a
-short plain-text summary (numbers in, strings and matplotlib figures out; no logging, no Lightning).
+"""Linear-probe results as a person reads them: a markdown table, the accuracy-vs-depth chart and a
+short plain-text summary (numbers in, strings and :class:`~lightning_introspect.render.plot.Chart` s out; no
+logging, no Lightning).
 
 Every function takes the probe accuracies of one evaluation as ``{layer: accuracy}`` and ``order``, the
 probed layers in execution order: a layer's depth is its position there (1 = the first probed layer;
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from lightning_introspect.render.plot import Chart
 
 
 def _depth(name: str, order: Sequence[str]) -> int:
@@ -67,15 +70,15 @@ def probe_table(
     return "\n".join(lines)
 
 
-def accuracy_vs_depth_figure(
+def accuracy_vs_depth_chart(
     epoch: int | str,
     accuracy: Mapping[str, float],
     *,
     order: Sequence[str],
     init: Mapping[str, float] | None = None,
     input_accuracy: float | None = None,
-) -> Any:
-    """The probe accuracy by layer depth (a matplotlib ``Figure``), with the init curve and the raw-input line.
+) -> Chart:
+    """The probe accuracy by layer depth, with the init curve and the raw-input line.
 
     Args:
         epoch: the evaluation's label in the legend and title.
@@ -85,31 +88,22 @@ def accuracy_vs_depth_figure(
         input_accuracy: the raw-input baseline (a dotted horizontal line).
 
     Example:
-        >>> fig = accuracy_vs_depth_figure(2, {"a": 0.6, "b": 0.9}, order=["a", "b"], input_accuracy=0.5)
-        >>> [line.get_label() for line in fig.axes[0].get_lines()]
-        ['epoch 2', 'raw input']
+        >>> chart = accuracy_vs_depth_chart(2, {"a": 0.6, "b": 0.9}, order=["a", "b"], input_accuracy=0.5)
+        >>> chart.labels(), chart.panels[0].series[0].y
+        (['epoch 2', 'raw input'], (0.6, 0.9))
     """
-    from matplotlib.figure import Figure
-
     names = _by_depth(accuracy, order)
     depth = [_depth(n, order) + 1 for n in names]
-    fig = Figure(figsize=(max(4.0, 0.9 * len(names) + 2), 3.4), dpi=90)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot(depth, [accuracy[n] for n in names], "o-", color="tab:blue", label=f"epoch {epoch}")
+    chart = Chart(title=f"Linear probes, epoch {epoch}", xlabel="layer (execution order)",
+                  width=int(90 * max(4.0, 0.9 * len(names) + 2)), panel_height=190)
+    panel = chart.panel(ylabel="probe test accuracy", xticks=list(zip(depth, names)))
+    panel.line(depth, [accuracy[n] for n in names], color="#1f77b4", label=f"epoch {epoch}")
     if init:
         pts = [(_depth(n, order) + 1, init[n]) for n in names if n in init]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--", color="tab:gray", label="init")
+        panel.line([p[0] for p in pts], [p[1] for p in pts], color="#7f7f7f", marker="s", dash="dashed", label="init")
     if input_accuracy is not None:
-        ax.axhline(input_accuracy, color="tab:orange", linestyle=":", label="raw input")
-    ax.set_xticks(depth)
-    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-    ax.set_xlabel("layer (execution order)")
-    ax.set_ylabel("probe test accuracy")
-    ax.set_title(f"Linear probes, epoch {epoch}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.3)  # fixed: tight_layout costs more than drawing
-    return fig
+        panel.hline(input_accuracy, color="#ff7f0e", dash="dotted", width=1.5, label="raw input")
+    return chart
 
 
 def probe_summary_lines(

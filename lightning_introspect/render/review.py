@@ -1,7 +1,7 @@
 """The misclassification review as a person reads it: galleries of confidently wrong images, markdown
 tables of the wrong examples, of error rates by image statistic and of accuracy under perturbations,
-their figures and a few plain-text lines (tensors and numbers in, images, strings and matplotlib figures
-out; no logging, no Lightning).
+their charts and a few plain-text lines (tensors and numbers in, images, strings and
+:class:`~lightning_introspect.render.plot.Chart` s out; no logging, no Lightning).
 
 ``bins`` is ``{statistic: {"edges", "counts", "errors", "rate"}}`` (one entry per quantile bin, ``rate``
 ``None`` for an empty bin) and ``results`` is ``{kind: {"strengths", "accuracy", "per_class"}}`` with the
@@ -17,10 +17,9 @@ from typing import Any
 import torch
 
 from lightning_introspect.loggers.adapter import markdown_cell
-from lightning_introspect.render.charts import bar_polygons
-from lightning_introspect.render.figures import set_margins
 from lightning_introspect.render.grid import captioned_grid
 from lightning_introspect.render.heatmap import to_display
+from lightning_introspect.render.plot import Chart, color
 
 _KIND_LABEL = {"blur": "blur sigma", "noise": "noise std", "color": "colour filter"}
 
@@ -200,39 +199,29 @@ def statistics_markdown(bins: Mapping[str, Mapping[str, Any]], overall: float) -
     return "\n".join(lines)
 
 
-def statistics_figure(
+def statistics_chart(
     bins: Mapping[str, Mapping[str, Any]], overall: float, *, value: str = "rate", label: str = "error rate",
-    color: str = "tab:red",
-) -> Any:
-    """Bar chart per statistic: error rate (or ``bins[stat][value]``, named ``label``) in each quantile bin,
-    the overall value dashed.
+    color: str = "#d62728",
+) -> Chart:
+    """Bars per statistic, one panel each: the error rate (or ``bins[stat][value]``, named ``label``) in each
+    quantile bin, the overall value dashed.
 
-    A plain ``Figure`` (no pyplot state); each panel's bars are one ``PolyCollection``.
+    Example:
+        >>> bins = {"brightness": {"rate": [0.1, None, 0.3]}, "contrast": {"rate": [0.2, 0.2, 0.2]}}
+        >>> chart = statistics_chart(bins, 0.2)
+        >>> [p.ylabel for p in chart.panels], chart.panels[0].series[0].y
+        (['brightness', 'contrast'], (0.1, 0.0, 0.3))
     """
-    from matplotlib.collections import PolyCollection
-    from matplotlib.figure import Figure
-
     stats = list(bins)
-    fig = Figure(figsize=(2.6 * max(1, len(stats)), 2.6))
-    axes = fig.subplots(1, max(1, len(stats)), squeeze=False)
-    for ax, stat in zip(axes[0], stats):
-        b = bins[stat]
-        rates = [0.0 if r is None else r for r in b[value]]
-        bars = PolyCollection(bar_polygons(range(len(rates)), rates, 0.8), facecolors=color, edgecolors="none",
-                              alpha=0.7)
-        bars.sticky_edges.y.append(0.0)  # no margin below zero, as with ``ax.bar``
-        ax.add_collection(bars)
-        ax.axhline(overall, color="black", linestyle="--", linewidth=1)
-        if max(rates, default=0.0) > 0 or overall > 0:
-            ax.autoscale_view()
-        else:  # nothing above zero: the symmetric range ``ax.bar`` falls back to
-            ax.set_ylim(-0.055, 0.055)
-        ax.set_xticks(range(len(rates)), [f"q{i + 1}" for i in range(len(rates))], fontsize=7)
-        ax.set_title(stat, fontsize=8)
-        ax.tick_params(axis="y", labelsize=7)
-    axes[0][0].set_ylabel(label, fontsize=8)
-    set_margins(fig, left=0.55, bottom=0.35, top=0.3)
-    return fig
+    lengths = {len(bins[stat][value]) for stat in stats}
+    chart = Chart(title=f"{label} per quantile bin (q1 = lowest values; overall dashed)", shared_x=len(lengths) <= 1,
+                  width=max(360, 60 * max(lengths, default=1) + 160), panel_height=90, legend=False)
+    for stat in stats:
+        rates = [0.0 if r is None else r for r in bins[stat][value]]
+        panel = chart.panel(ylabel=stat, xticks=[(i, f"q{i + 1}") for i in range(len(rates))])
+        panel.bars(range(len(rates)), rates, color=color, alpha=0.7)
+        panel.hline(overall, color="#000000", width=1.0)
+    return chart
 
 
 def perturbation_markdown(results: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> str:
@@ -260,32 +249,28 @@ def perturbation_markdown(results: Mapping[str, Mapping[str, Any]], names: Seque
     return "\n".join(lines)
 
 
-def perturbation_figure(
+def perturbation_chart(
     results: Mapping[str, Mapping[str, Any]], names: Sequence[str], *, value: str = "accuracy", label: str = "accuracy",
-) -> Any:
-    """Accuracy (or ``results[kind][value]``, named ``label``) vs strength, one panel per perturbation: a thin
-    line per class, the overall in black (``None`` values are gaps)."""
-    import matplotlib
-    from matplotlib.figure import Figure
+) -> Chart:
+    """Accuracy (or ``results[kind][value]``, named ``label``) vs strength, one panel per perturbation with its
+    own strength axis: a thin line per class (in the legend up to 20 classes), the overall thick and black
+    (``None`` values are gaps).
 
-    kinds = list(results)
-    fig = Figure(figsize=(3.0 * len(kinds) + 1.2, 2.8))
-    axes = fig.subplots(1, len(kinds), squeeze=False)
-    cmap = matplotlib.colormaps["tab20" if len(names) > 10 else "tab10"]
-    for ax, kind in zip(axes[0], kinds):
-        res = results[kind]
-        s = res["strengths"]
+    Example:
+        >>> res = {"blur": {"strengths": [0.0, 1.0], "accuracy": [0.9, 0.5], "per_class": [[1.0, 0.8], [0.6, None]]}}
+        >>> chart = perturbation_chart(res, ["cat", "dog"])
+        >>> chart.labels(), chart.panels[0].series[-1].y
+        (['cat', 'dog', 'all'], (0.9, 0.5))
+    """
+    chart = Chart(shared_x=False, width=max(420, 130 * max((len(r["strengths"]) for r in results.values()), default=1)),
+                  panel_height=120)
+    for kind, res in results.items():
+        strengths = res["strengths"]
+        panel = chart.panel(ylim=(-0.02, 1.02), ylabel=label, xlabel=_KIND_LABEL.get(kind, kind),
+                            xticks=[(v, f"{v:g}") for v in strengths])
         for c, name in enumerate(names):
-            ys = [None if per[c] is None else per[c] for per in res["per_class"]]
-            if all(v is None for v in ys):
-                continue
-            ax.plot(s, [float("nan") if v is None else v for v in ys], color=cmap(c % cmap.N), linewidth=0.9,
-                    alpha=0.8, label=name)
-        ax.plot(s, [float("nan") if v is None else v for v in res[value]], color="black", linewidth=2.2, label="all")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel(_KIND_LABEL.get(kind, kind), fontsize=8)
-        ax.tick_params(labelsize=7)
-    axes[0][0].set_ylabel(label, fontsize=8)
-    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    set_margins(fig, left=0.55, right=1.2, bottom=0.45, top=0.15, wspace=0.25)
-    return fig
+            ys = [per[c] for per in res["per_class"]]
+            if any(v is not None for v in ys):
+                panel.line(strengths, ys, color=color(c), marker=None, width=0.9, label=str(name) if len(names) <= 20 else None)
+        panel.line(strengths, res[value], color="#000000", marker=None, width=2.2, label="all")
+    return chart

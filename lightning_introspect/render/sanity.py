@@ -19,6 +19,7 @@ from lightning_introspect.methods.sanity_report import SanityReport
 from lightning_introspect.methods.similarity import map_similarities
 from lightning_introspect.render.grid import captioned_grid
 from lightning_introspect.render.heatmap import colorize, normalize_maps, to_display
+from lightning_introspect.render.plot import Chart, color
 
 PASSED = {"pass": 1.0, "inconclusive": 0.5, "fail": 0.0}
 """The ``.../passed`` scalar of each verdict."""
@@ -332,61 +333,41 @@ def _verdict_of(report: SanityReport, mode: str, method: str) -> str:
     return report.verdicts.get(method, "?")
 
 
+def curve_chart(report: SanityReport, mode: str, metric: str) -> Chart:
+    """The similarity-vs-layer curves of one mode and metric: one line per method (its verdict in the legend),
+    a band of +-1 standard deviation over the repeats, and the method's own threshold dashed in its colour.
+    """
+    steps = report.steps(mode)
+    xs = [ORIGINAL, *steps]
+    chart = Chart(title=f"{CURVE_TITLES.get(mode, mode)} randomisation ({CURVE_ROWS.get(mode, mode)})",
+                  width=int(90 * max(4.5, 0.7 * len(xs) + 2.5)), panel_height=190)
+    panel = chart.panel(ylabel=METRIC_LABELS.get(metric, metric), xticks=list(enumerate(xs)))
+    lowest = 0.0
+    for i, method in enumerate(report.methods):
+        values = report.curves.get(mode, {}).get(method, {}).get(metric)
+        if not values:
+            continue
+        ys = [1.0] + [values.get(name, math.nan) for name in steps]
+        std = [0.0] + [report.curves_std.get(mode, {}).get(method, {}).get(metric, {}).get(name, 0.0) for name in steps]
+        lo, hi = [y - d for y, d in zip(ys, std)], [y + d for y, d in zip(ys, std)]
+        panel.band(range(len(xs)), lo, hi, color=color(i))
+        panel.line(range(len(xs)), ys, color=color(i), label=f"{method} ({_verdict_of(report, mode, method)})")
+        lowest = min(lowest, min((v for v in lo if math.isfinite(v)), default=0.0))
+        detail = report.details.get("bottom_up" if mode == "bottom_up" else "randomization", {}).get(method)
+        if detail is not None and detail.metric == metric and mode != "independent":  # its own relative threshold
+            panel.hline(detail.threshold, color=color(i), width=0.8)
+    panel.ylim = (min(-0.1, lowest - 0.05), 1.05)
+    return chart
+
+
 def curve_figure(report: SanityReport, mode: str, metric: str) -> Any:
-    """HWC uint8 image of the similarity-vs-layer curves of one mode and metric (one line per method)."""
-    return curve_figures(report, mode, [metric])[metric]
+    """HWC uint8 image of :func:`curve_chart`."""
+    return curve_chart(report, mode, metric).render()
 
 
 def curve_figures(report: SanityReport, mode: str, metrics: Sequence[str]) -> dict[str, Any]:
-    """:func:`curve_figure` for several metrics of one mode, drawn on ONE reused matplotlib figure: the axes,
-    ticks, tick labels and title are made once, only the lines, band, threshold, limits and legend change
-    per metric (about half the cost of a fresh figure each)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from lightning_introspect.loggers.adapter import figure_to_array
-
-    steps = report.steps(mode)
-    xs = [ORIGINAL, *steps]
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(xs) + 2.5), 3.4), dpi=90)
-    out: dict[str, Any] = {}
-    try:
-        ax.set_xticks(range(len(xs)))
-        ax.set_xticklabels(xs, rotation=35, ha="right", fontsize=7)
-        # y given: the title sits where matplotlib puts it anyway (no ticks on top) without the per-draw
-        # search for overlapping tick labels
-        ax.set_title(f"{CURVE_TITLES.get(mode, mode)} randomisation ({CURVE_ROWS.get(mode, mode)})", fontsize=9, y=1.0)
-        fig.subplots_adjust(left=0.13, right=0.98, top=0.9, bottom=0.3)  # fixed layout: tight_layout costs more than the plot
-        for metric in metrics:
-            ax.set_prop_cycle(None)  # every figure starts at the first colour
-            artists: list[Any] = []
-            lowest = 0.0
-            for method in report.methods:
-                values = report.curves.get(mode, {}).get(method, {}).get(metric)
-                if not values:
-                    continue
-                ys = [1.0] + [values.get(name, float("nan")) for name in steps]
-                std = [0.0] + [report.curves_std.get(mode, {}).get(method, {}).get(metric, {}).get(name, 0.0) for name in steps]
-                line = ax.plot(range(len(xs)), ys, marker="o", label=f"{method} ({_verdict_of(report, mode, method)})")[0]
-                lo = [y - s for y, s in zip(ys, std)]
-                band = ax.fill_between(range(len(xs)), lo, [y + s for y, s in zip(ys, std)], color=line.get_color(), alpha=0.15)
-                artists += [line, band]
-                lowest = min(lowest, min(v for v in lo if math.isfinite(v)))
-                detail = report.details.get("bottom_up" if mode == "bottom_up" else "randomization", {}).get(method)
-                if detail is not None and detail.metric == metric and mode != "independent":  # its own relative threshold
-                    artists.append(ax.axhline(detail.threshold, color=line.get_color(), ls="--", lw=0.8))
-            ax.set_ylim(min(-0.1, lowest - 0.05), 1.05)
-            ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=8)
-            if any(isinstance(a, matplotlib.lines.Line2D) and not str(a.get_label()).startswith("_") for a in artists):
-                artists.append(ax.legend(fontsize=6, loc="lower left"))
-            out[metric] = figure_to_array(fig, close=False)
-            for artist in artists:
-                artist.remove()
-    finally:
-        plt.close(fig)
-    return out
+    """:func:`curve_figure` of each metric of one mode: ``{metric: HWC uint8 image}``."""
+    return {metric: curve_figure(report, mode, metric) for metric in metrics}
 
 
 __all__ = [
@@ -395,6 +376,7 @@ __all__ = [
     "METRIC_LABELS",
     "PASSED",
     "class_maps_grid",
+    "curve_chart",
     "curve_figure",
     "curve_figures",
     "input_image",

@@ -1,6 +1,6 @@
-"""Weight drift as a person reads it: markdown tables, the drift-by-depth figure, the initial-vs-current
-histogram overlay and a short plain-text summary (numbers and histograms in, strings and matplotlib
-figures out; no logging, no Lightning).
+"""Weight drift as a person reads it: markdown tables, the drift-by-depth chart, the initial-vs-current
+histogram overlay and a short plain-text summary (numbers and histograms in, strings and
+:class:`~lightning_introspect.render.plot.Chart` s out; no logging, no Lightning).
 
 ``summary`` below is the dictionary of
 :func:`~lightning_introspect.methods.not_learning.not_learning_summary`; layers are listed from input to
@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lightning_introspect.render.plot import Chart
+
 if TYPE_CHECKING:
     from lightning_introspect.methods.weights import HistogramStats
 
-#: layers shown in the initial-vs-current overlay figure (spread over depth)
+#: layers shown in the initial-vs-current overlay (spread over depth)
 MAX_OVERLAYS = 16
 
 
@@ -103,7 +105,7 @@ def drift_summary_markdown(
     return head + "\n".join(rows)
 
 
-def drift_by_depth_figure(
+def drift_by_depth_chart(
     relative: Mapping[str, float],
     cosine: Mapping[str, float],
     *,
@@ -111,8 +113,8 @@ def drift_by_depth_figure(
     not_learning: Sequence[str] = (),
     frozen: Sequence[str] = (),
     epoch: Any = None,
-) -> Any:
-    """Relative change and cosine distance per layer by depth: two bar charts (a matplotlib ``Figure``).
+) -> Chart:
+    """Relative change and cosine distance per layer by depth: two bar panels over the layers.
 
     Args:
         relative: ``{layer: ||W - W0|| / ||W0||}`` in depth order.
@@ -123,51 +125,42 @@ def drift_by_depth_figure(
         epoch: the epoch named in the title.
 
     Example:
-        >>> fig = drift_by_depth_figure({"a": 0.5, "b": 0.0}, {"a": 0.1, "b": 0.0}, threshold=1e-3, not_learning=["b"])
-        >>> len(fig.axes)
-        2
+        >>> chart = drift_by_depth_chart({"a": 0.5, "b": 0.0}, {"a": 0.1, "b": 0.0}, threshold=1e-3, not_learning=["b"])
+        >>> [panel.series[0].y for panel in chart.panels]
+        [(0.5, 0.0), (0.1, 0.0)]
     """
-    from matplotlib.figure import Figure
-
     names = list(relative)
     flagged, fixed = set(not_learning), set(frozen)
     colors = ["#d62728" if n in flagged else "#7f7f7f" if n in fixed else "#1f77b4" for n in names]
-    width = min(24.0, max(6.5, 0.3 * len(names) + 2.5))
-    fig = Figure(figsize=(width, 5.6), dpi=80)
-    longest = max((len(n) for n in names), default=1)
-    fig.subplots_adjust(left=0.8 / width + 0.04, right=0.98, top=0.88, bottom=min(0.45, 0.05 + 0.011 * longest), hspace=0.12)
-    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+    step = max(1, math.ceil(len(names) / 60))
     x = list(range(len(names)))
-    ax1.bar(x, [v if math.isfinite(v) else 0.0 for v in relative.values()], color=colors)
-    ax1.axhline(threshold, color="#d62728", linestyle="--", linewidth=0.8)
+    ticks = [(i, names[i]) for i in x[::step]]
+    chart = Chart(
+        title=f"Drift from initialisation by depth (input -> output), epoch {epoch}\n"
+        f"red x: not learning (< {threshold:g}, dashed), grey: frozen",
+        width=int(80 * min(24.0, max(6.5, 0.3 * len(names) + 2.5))), panel_height=150,
+    )
+    top = chart.panel(ylabel="||W - W0|| / ||W0||", xticks=ticks)
+    top.bars(x, [v if math.isfinite(v) else 0.0 for v in relative.values()], colors=colors)
+    top.hline(threshold, color="#d62728", width=0.8)
     low = [i for i, n in enumerate(names) if n in flagged or n in fixed]
     if low:  # a zero-height bar is invisible: mark the flagged / frozen layers on the axis
-        ax1.scatter(low, [0.0] * len(low), marker="x", color=[colors[i] for i in low], zorder=3, clip_on=False)
-    ax1.set_ylabel("||W - W0|| / ||W0||")
-    ax1.set_title(
-        f"Drift from initialisation by depth (input -> output), epoch {epoch}\n"
-        f"red x: not learning (< {threshold:g}, dashed), grey: frozen",
-        fontsize=9,
-    )
-    ax2.bar(x, [v if math.isfinite(v) else 0.0 for v in (cosine[n] for n in names)], color=colors)
-    ax2.set_ylabel("1 - cos(W, W0)")
-    step = max(1, math.ceil(len(names) / 60))
-    ax2.set_xticks(x[::step])
-    ax2.set_xticklabels(names[::step], rotation=90, fontsize=7)
-    return fig
+        top.markers(low, [0.0] * len(low), colors=[colors[i] for i in low])
+    bottom = chart.panel(ylabel="1 - cos(W, W0)", xticks=ticks)
+    bottom.bars(x, [v if math.isfinite(v) else 0.0 for v in (cosine[n] for n in names)], colors=colors)
+    return chart
 
 
-def initial_vs_current_figure(
+def initial_vs_current_chart(
     initial: Mapping[str, HistogramStats],
     current: Mapping[str, HistogramStats],
     drift: Mapping[str, float],
     *,
     epoch: Any = None,
     max_layers: int = MAX_OVERLAYS,
-) -> Any:
+) -> Chart:
     """The initial (black outline) and current (blue) weight histogram of each layer, as densities: one row
-    per layer in depth order, each on its own value range (named in its label), all in one Axes (a grid of
-    panels costs about 25 ms per panel to draw, at every figure epoch).
+    per layer in depth order, each on its own value range (named in its label), all in one panel.
 
     Args:
         initial: ``{layer: histogram of W0}``.
@@ -181,45 +174,33 @@ def initial_vs_current_figure(
         >>> import torch
         >>> from lightning_introspect.methods.weights import histogram
         >>> w0 = torch.randn(100)
-        >>> fig = initial_vs_current_figure({"a": histogram(w0)}, {"a": histogram(w0 * 2)}, {"a": 1.0})
-        >>> fig.axes[0].get_yticklabels()[0].get_text().split("  ")[:2]
+        >>> chart = initial_vs_current_chart({"a": histogram(w0)}, {"a": histogram(w0 * 2)}, {"a": 1.0})
+        >>> chart.panels[0].yticks[0][1].split("  ")[:2]
         ['a', 'drift 1']
     """
-    from matplotlib.collections import LineCollection, PolyCollection
-    from matplotlib.figure import Figure
-
     names = [n for n in current if n in initial]
     if len(names) > max_layers:
         picks = sorted({round(i * (len(names) - 1) / (max_layers - 1)) for i in range(max_layers)})
         names = [names[i] for i in picks]
     rows = max(1, len(names))
-    height = 0.42 * rows + 0.9
-    fig = Figure(figsize=(9.6, height), dpi=80)
-    fig.subplots_adjust(left=0.34, right=0.98, bottom=0.35 / height, top=1 - 0.5 / height)
-    ax = fig.add_subplot()
-    now: list[np.ndarray] = []
-    init: list[np.ndarray] = []
-    labels = []
+    chart = Chart(title=f"Weight distribution: initial (black) vs current (blue), epoch {epoch}",
+                  xlabel="each row: its layer's own value range [min, max] (in its label)",
+                  width=768, panel_height=34 * rows, legend=False)
+    labels: list[tuple[float, str]] = []
+    panel = chart.panel(ylim=(-0.1, float(rows)), xlim=(-0.05, 1.05), yticks=labels, grid=False)
     for row, n in enumerate(names):
         base = float(rows - 1 - row)  # the first (input side) layer on top
-        lo, hi, shapes = _overlay_row(base, initial[n], current[n])
-        now.append(shapes[0])
-        init.append(shapes[1])
-        labels.append(f"{n}  drift {format_value(drift.get(n, math.nan))}  [{lo:.3g}, {hi:.3g}]")
-    # two collections for every row: one artist each to lay out and draw, whatever the number of layers
-    ax.add_collection(PolyCollection(now, facecolors="#1f77b4", edgecolors="#1f77b4", alpha=0.5), autolim=False)
-    ax.add_collection(LineCollection(init, colors="#333333", linewidths=1.0), autolim=False)
-    ax.set_yticks([rows - 1 - r + 0.4 for r in range(len(names))], labels, fontsize=7)
-    ax.set_ylim(-0.1, rows)
-    ax.set_xlim(-0.05, 1.05)
-    ax.set_xticks([])
-    ax.set_xlabel("each row: its layer's own value range [min, max] (in its label)", fontsize=7)
-    ax.set_title(f"Weight distribution: initial (black) vs current (blue), epoch {epoch}", fontsize=9)
-    return fig
+        lo, hi, (now, init) = _overlay_row(base, initial[n], current[n])
+        if len(now):
+            panel.polygon(now[:, 0].tolist(), now[:, 1].tolist(), color="#1f77b4", alpha=0.5, width=1.0)
+        if len(init):
+            panel.polygon(init[:, 0].tolist(), init[:, 1].tolist(), color="#333333", alpha=0.0, width=1.0)
+        labels.append((base + 0.4, f"{n}  drift {format_value(drift.get(n, math.nan))}  [{lo:.3g}, {hi:.3g}]"))
+    return chart
 
 
 def _overlay_row(base: float, h0: HistogramStats, h: HistogramStats) -> tuple[float, float, list[np.ndarray]]:
-    """One layer's row of :func:`initial_vs_current_figure` at height ``base``: its value range and the outline
+    """One layer's row of :func:`initial_vs_current_chart` at height ``base``: its value range and the outline
     ``(k, 2)`` of the current and of the initial density, each scaled to the row (a constant tensor, e.g. norm
     weights at init, is a vertical line at its value)."""
     finite = [v for v in (h0.min, h.min, h0.max, h.max) if math.isfinite(v)]
