@@ -490,6 +490,9 @@ def test_bars_chart_groups_the_snapshots_per_class_and_marks_missing_support() -
     assert [n[2] for n in f1.notes] == ["no support"] and not recall.notes
     assert [t for _, t in f1.xticks] == ["a", "b"] and f1.ylabel == "f1"
     assert chart.render().shape[2] == 3
+    many = bars_chart({"end": {"f1": [0.5] * 1000}}, ["f1"], [f"class {i}" for i in range(1000)])
+    assert many.width == 4000 and len(many.panels[0].xticks) == 100 and many.panels[0].xticks[1] == (10, "class 10")
+    assert many.render().shape[1] == 4000  # 1000 classes: thinner bars, not a 50,000-pixel image
 
 
 # ------------------------------------------------------------------------------- pure per-class pieces

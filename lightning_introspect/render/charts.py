@@ -8,6 +8,9 @@ from typing import Any
 
 from lightning_introspect.render.plot import Chart, color, text_image
 
+#: the widest per-class bar chart in pixels (with hundreds of classes the bars get thinner, not the image wider)
+MAX_BARS_WIDTH = 4000
+
 
 def short_label(text: object, max_chars: int = 24) -> str:
     """A class name as a chart can show it: whitespace runs (newlines included) become one space, and a
@@ -134,9 +137,10 @@ def bars_chart(
     """
     keys = list(snapshots)
     n = len(names)
-    chart = Chart(width=int(100 * max(5.0, 0.5 * n * max(1, len(keys)) / 2 + 2)), panel_height=150)
+    # ~25 px per bar, up to MAX_BARS_WIDTH px; beyond 100 classes every k-th class is named
+    chart = Chart(width=min(MAX_BARS_WIDTH, int(100 * max(5.0, 0.5 * n * max(1, len(keys)) / 2 + 2))), panel_height=150)
     width = 0.8 / max(1, len(keys))
-    ticks = [(i, short_label(name)) for i, name in enumerate(names)]
+    ticks = [(i, short_label(names[i])) for i in range(0, n, max(1, -(-n // 100)))]
     for m in metrics:
         panel = chart.panel(ylim=(0.0, 1.05), ylabel=m, xticks=ticks)
         for j, k in enumerate(keys):
