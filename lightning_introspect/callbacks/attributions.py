@@ -470,7 +470,7 @@ class Attributions(IntrospectionCallback):
             writer.text(tag, text, step)
             return
         if x.ndim == 2:
-            writer.figure(tag, feature_bar_chart(maps, title=title, feature_names=self.feature_names), step)
+            writer.image(tag, feature_bar_chart(maps, title=title, feature_names=self.feature_names).render(), step)
             return
         cmaps = {"colormap": self.colormap, "signed_colormap": self.signed_colormap}
         display, size = self._display(x), shown_size(*x.shape[-2:])  # large images drawn at the tiles' size

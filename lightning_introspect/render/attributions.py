@@ -12,6 +12,7 @@ import torch
 
 from lightning_introspect.methods.attribution_runs import FAITHFULNESS_REFERENCES
 from lightning_introspect.render.heatmap import colorize, normalize_maps, overlay, to_display
+from lightning_introspect.render.plot import Chart
 
 
 def class_label(c: int, class_names: Sequence[str] | None) -> str:
@@ -224,34 +225,25 @@ def attribution_overlays(
     return overlay(display, heat, alpha=alpha)
 
 
-def feature_bar_chart(maps: torch.Tensor, *, title: str, max_features: int = 40, feature_names: Sequence[str] | None = None) -> Any:
-    """Mean ``|attribution|`` per feature of tabular maps ``(N, F)`` as a matplotlib bar chart (the
-    ``max_features`` strongest features, in feature order, when there are more), each bar labelled with
-    its name from ``feature_names`` (its index where no name is given).
+def feature_bar_chart(maps: torch.Tensor, *, title: str, max_features: int = 40, feature_names: Sequence[str] | None = None) -> Chart:
+    """Mean ``|attribution|`` per feature of tabular maps ``(N, F)`` as a bar chart (the ``max_features``
+    strongest features, in feature order, when there are more), each bar labelled with its name from
+    ``feature_names`` (its index where no name is given).
 
     Example:
-        >>> fig = feature_bar_chart(torch.tensor([[1.0, -3.0]]), title="saliency", feature_names=["age", "income"])
-        >>> [t.get_text() for t in fig.axes[0].get_xticklabels()]
-        ['age', 'income']
+        >>> chart = feature_bar_chart(torch.tensor([[1.0, -3.0]]), title="saliency", feature_names=["age", "income"])
+        >>> [name for _, name in chart.panels[0].xticks], chart.panels[0].series[0].y
+        (['age', 'income'], (1.0, 3.0))
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     importance = maps.detach().float().abs().mean(dim=0)
     idx = torch.arange(importance.numel())
     if importance.numel() > max_features:
         idx = importance.topk(max_features).indices.sort().values
-    fig, ax = plt.subplots(figsize=(max(3.0, 0.25 * idx.numel() + 1.0), 2.6))
-    ax.bar(range(idx.numel()), importance[idx].numpy(), color="#4c72b0")
-    ax.set_xticks(range(idx.numel()))
-    ax.set_xticklabels([class_label(int(i), feature_names) for i in idx], fontsize=6, rotation=90)
-    ax.set_xlabel("feature")
-    ax.set_ylabel("mean |attribution|")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
+    chart = Chart(title=title, xlabel="feature", width=int(100 * max(3.0, 0.25 * idx.numel() + 1.0)), panel_height=150,
+                  legend=False)
+    panel = chart.panel(ylabel="mean |attribution|", xticks=[(i, class_label(int(f), feature_names)) for i, f in enumerate(idx)])
+    panel.bars(range(idx.numel()), importance[idx].tolist(), color="#4c72b0")
+    return chart
 
 
 def grid_list(grids: Sequence[str], class_counts: Mapping[str, int]) -> str:
