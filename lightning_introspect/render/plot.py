@@ -295,12 +295,13 @@ def _render(chart: Chart) -> np.ndarray:
     plot_w = width - left - right_pad
 
     title_lines = chart.title.split("\n") if chart.title else []
+    title_h = title_font.getbbox("Ag")[3] + 3 * s
     entries: list[tuple[str, Series]] = []
     if chart.legend:
         for label in chart.labels():
             entries.append((label, next(x for p in panels for x in p.series if x.label == label)))
     legend = _legend_rows(entries, label_font, width)
-    top = s * math.ceil((6 * s + len(title_lines) * (title_font.getbbox("Ag")[3] + 3 * s) + len(legend) * line_h + 6 * s) / s)
+    top = s * math.ceil((6 * s + len(title_lines) * title_h + len(legend) * line_h + 6 * s) / s)
     gap, panel_h = 10 * s, chart.panel_height * s
     below = [axis.height(line_h, s) if axis is not None else 0 for axis in axes]
     height = top + sum(panel_h + b for b in below) + (len(panels) - 1) * gap + 8 * s
@@ -311,7 +312,7 @@ def _render(chart: Chart) -> np.ndarray:
     y_cursor = 6 * s
     for line in title_lines:
         draw.text((width / 2, y_cursor), line, fill=black, font=title_font, anchor="ma")
-        y_cursor += title_font.getbbox("Ag")[3] + 3 * s
+        y_cursor += title_h
     for row in legend:
         x_cursor = (width - sum(w for _, _, w in row)) / 2
         mid = y_cursor + line_h / 2
@@ -383,15 +384,21 @@ class _XAxis:
 
     def left_needed(self, right: float, s: int) -> int:
         """The left margin that keeps every slanted label inside the image (its tick at left + f * (plot width - 1))."""
+        if self.level:  # level labels are centred under ticks half a category from the edge
+            return 0
         need = 0
         for (x, _), im in zip(self.ticks, self.images):
             f = self.fraction(x)
-            if not self.level and f < 1.0:
+            if f < 1.0:
                 need = max(need, min(math.ceil((4 * s + im.width - 3 * s - f * (right - 1)) / (1.0 - f)), int(right) // 2))
         return need
 
+    def tick_band(self, s: int) -> int:
+        """The height of the tick marks and their labels under the axis."""
+        return max((im.height for im in self.images), default=0) + (8 * s if self.ticks else 0)
+
     def height(self, line_h: int, s: int) -> int:
-        return max((im.height for im in self.images), default=0) + (8 * s if self.ticks else 0) + (line_h if self.label else 0)
+        return self.tick_band(s) + (line_h if self.label else 0)
 
     def draw(self, image: Any, draw: Any, left: int, plot_w: int, axis_y: int, label_font: Any, s: int) -> None:
         for (x, _), im in zip(self.ticks, self.images):
@@ -400,8 +407,7 @@ class _XAxis:
             paste_x = gx - im.width / 2 if self.level else gx - im.width + 3 * s
             image.paste(im, (int(paste_x), int(axis_y + 6 * s)), im)
         if self.label:
-            below = max((im.height for im in self.images), default=0) + (8 * s if self.ticks else 0)
-            draw.text((left + plot_w / 2, axis_y + below), self.label, fill=(0, 0, 0), font=label_font, anchor="ma")
+            draw.text((left + plot_w / 2, axis_y + self.tick_band(s)), self.label, fill=(0, 0, 0), font=label_font, anchor="ma")
 
 
 def _mapper(
